@@ -1,0 +1,2 @@
+//! InferFlux: an LLM inference server with a paged KV cache and unified batching.
+pub mod model;
