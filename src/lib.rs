@@ -1,2 +1,13 @@
-//! InferFlux: an LLM inference server with a paged KV cache and unified batching.
+//! InferFlux: an LLM inference server with a paged KV cache, unified batching and an
+//! OpenAI-compatible API. See docs/DeveloperGuide.md for the layout.
+
+pub mod actors;
+pub mod config;
+pub mod http;
+pub mod kv;
 pub mod model;
+pub mod sampling;
+pub mod scheduler;
+pub mod server;
+pub mod stop;
+pub mod telemetry;

@@ -1,1 +1,177 @@
-fn main() {}
+//! `inferctl`: the InferFlux command-line client.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Client for an InferFlux server")]
+struct Cli {
+    /// Server base URL.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:8080",
+        env = "INFERFLUX_URL"
+    )]
+    url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Complete a prompt with /v1/completions.
+    Completion {
+        prompt: String,
+        /// Stream tokens as they are generated (SSE).
+        #[arg(long)]
+        stream: bool,
+        /// Write the raw SSE events to FILE (implies --stream).
+        #[arg(long, value_name = "FILE")]
+        dump_sse: Option<PathBuf>,
+        #[arg(long, default_value_t = 16)]
+        max_tokens: u32,
+        #[arg(long)]
+        temperature: Option<f64>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long)]
+        seed: Option<i64>,
+        /// Stop string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Model name (default: the server's only model).
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// List the served models.
+    Models,
+    /// Operator commands.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Print the server's InferFlux metrics (Prometheus text, comments dropped).
+    Metrics,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let client = reqwest::Client::new();
+    let base = cli.url.trim_end_matches('/');
+    match cli.command {
+        Command::Completion {
+            prompt,
+            stream,
+            dump_sse,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+            model,
+        } => {
+            let stream = stream || dump_sse.is_some();
+            let mut body = json!({ "prompt": prompt, "max_tokens": max_tokens, "stream": stream });
+            for (key, value) in [
+                ("temperature", temperature.map(|t| json!(t))),
+                ("top_p", top_p.map(|t| json!(t))),
+                ("seed", seed.map(|s| json!(s))),
+                ("model", model.map(|m| json!(m))),
+            ] {
+                if let Some(v) = value {
+                    body[key] = v;
+                }
+            }
+            if !stop.is_empty() {
+                body["stop"] = json!(stop);
+            }
+            let resp = client
+                .post(format!("{base}/v1/completions"))
+                .json(&body)
+                .send()
+                .await
+                .with_context(|| format!("POST {base}/v1/completions"))?;
+            let status = resp.status();
+            if !status.is_success() {
+                bail!(
+                    "server answered {status}: {}",
+                    resp.text().await.unwrap_or_default()
+                );
+            }
+            if stream {
+                let mut dump = match &dump_sse {
+                    Some(path) => Some(
+                        std::fs::File::create(path)
+                            .with_context(|| format!("creating {}", path.display()))?,
+                    ),
+                    None => None,
+                };
+                let mut events = resp.bytes_stream().eventsource();
+                let mut out = std::io::stdout();
+                while let Some(event) = events.next().await {
+                    let event = event.context("reading the event stream")?;
+                    if let Some(f) = dump.as_mut() {
+                        writeln!(f, "data: {}\n", event.data)?;
+                    }
+                    if event.data == "[DONE]" {
+                        break;
+                    }
+                    let v: serde_json::Value =
+                        serde_json::from_str(&event.data).context("parsing an SSE chunk")?;
+                    if let Some(err) = v.get("error") {
+                        bail!("server error mid-stream: {err}");
+                    }
+                    if let Some(text) = v["choices"][0]["text"].as_str() {
+                        write!(out, "{text}")?;
+                        out.flush()?;
+                    }
+                }
+                writeln!(out)?;
+            } else {
+                let v: serde_json::Value = resp.json().await?;
+                println!("{}", v["choices"][0]["text"].as_str().unwrap_or_default());
+                eprintln!(
+                    "finish_reason={} usage={}",
+                    v["choices"][0]["finish_reason"], v["usage"]
+                );
+            }
+        }
+        Command::Models => {
+            let v: serde_json::Value = client
+                .get(format!("{base}/v1/models"))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Command::Admin {
+            command: AdminCommand::Metrics,
+        } => {
+            let text = client
+                .get(format!("{base}/metrics"))
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            for line in text.lines().filter(|l| l.starts_with("inferflux_")) {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! `ModelExecutor`: the model, its device and the page tensors, on a thread of its own.
+//!
+//! Runs on a `SyncArbiter` because burn calls block; the async arbiters never wait on a kernel.
+//! Samples on the host from the returned logits rows.
+
+use std::panic::AssertUnwindSafe;
+
+use actix::prelude::*;
+use burn::prelude::Backend;
+
+use crate::kv::SeqId;
+use crate::model::{Llama, PagedKvCache, SequenceChunk};
+use crate::sampling;
+use crate::scheduler::PlannedChunk;
+
+/// A step failed on the device; every sequence in it is failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("model step failed: {0}")]
+pub struct ExecutorError(pub String);
+
+/// Fields are boxed because actors must be `Unpin` and burn's tensor types need not be.
+pub struct ModelExecutor<B: Backend> {
+    model: Box<Llama<B>>,
+    cache: Box<PagedKvCache<B>>,
+}
+
+impl<B: Backend> ModelExecutor<B> {
+    pub fn new(model: Llama<B>, cache: PagedKvCache<B>) -> Self {
+        Self {
+            model: Box::new(model),
+            cache: Box::new(cache),
+        }
+    }
+
+    /// Runs one planned step and samples a token for every chunk that wants one.
+    pub fn run_step(&mut self, plan: &[PlannedChunk]) -> Result<Vec<(SeqId, u32)>, ExecutorError> {
+        let chunks: Vec<SequenceChunk> = plan
+            .iter()
+            .map(|c| SequenceChunk {
+                tokens: c.tokens.clone(),
+                start_pos: c.start_pos,
+                block_table: c.block_table.clone(),
+                wants_logits: c.wants_logits,
+            })
+            .collect();
+        let (model, cache) = (&*self.model, &mut *self.cache);
+        let logits = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let t = model.forward(cache, &chunks);
+            let [rows, vocab] = t.dims();
+            t.into_data().to_vec::<f32>().map(|v| (rows, vocab, v))
+        }))
+        .map_err(|p| ExecutorError(panic_message(p)))?
+        .map_err(|e| ExecutorError(format!("{e:?}")))?;
+        let (_, vocab, values) = logits;
+        Ok(plan
+            .iter()
+            .filter(|c| c.wants_logits)
+            .zip(values.chunks_exact(vocab))
+            .map(|(c, row)| (c.seq, sampling::sample(row, &c.sampling, c.generated_index)))
+            .collect())
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+impl<B: Backend> Actor for ModelExecutor<B> {
+    type Context = SyncContext<Self>;
+}
+
+/// Compute one step of the batch plan; the reply holds one sampled token per sequence whose
+/// chunk wanted logits, in plan order.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<(SeqId, u32)>, ExecutorError>")]
+pub struct ExecuteStep {
+    pub step: u64,
+    pub plan: Vec<PlannedChunk>,
+}
+
+impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
+    type Result = Result<Vec<(SeqId, u32)>, ExecutorError>;
+
+    fn handle(&mut self, msg: ExecuteStep, _: &mut SyncContext<Self>) -> Self::Result {
+        let tokens: usize = msg.plan.iter().map(|c| c.tokens.len()).sum();
+        let span = tracing::debug_span!("step", step = msg.step, seqs = msg.plan.len(), tokens);
+        let _enter = span.enter();
+        let started = std::time::Instant::now();
+        let result = self.run_step(&msg.plan);
+        metrics::histogram!("inferflux_step_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("inferflux_batched_tokens_per_step").record(tokens as f64);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "step failed");
+        }
+        result
+    }
+}

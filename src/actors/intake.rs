@@ -1,0 +1,307 @@
+//! `RequestIntake`: validates a completion request into a [`ValidRequest`], tokenizes it, gives
+//! it a `request_id`, and owns its output stream. Only valid, tokenized requests reach the
+//! scheduler.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::scheduler::{Cancel, Enqueue, Scheduler};
+use super::stop_detector::{StopSequenceDetector, StreamEvent, Track, Untrack};
+use crate::http::error::ApiError;
+use crate::http::types::{CompletionRequest, Prompt, StopParam};
+use crate::kv::SeqId;
+use crate::sampling::SamplingParams;
+use crate::scheduler::Sequence;
+use crate::stop::StopParams;
+
+/// OpenAI's default `max_tokens` for completions.
+pub const DEFAULT_MAX_TOKENS: usize = 16;
+/// Most stop strings per request (OpenAI's limit).
+pub const MAX_STOP_STRINGS: usize = 4;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Limits a request is checked against.
+#[derive(Debug, Clone)]
+pub struct IntakeLimits {
+    pub model_name: String,
+    /// Prompt plus `max_tokens` may not exceed this.
+    pub max_context: usize,
+    /// Tokens the whole KV pool can hold; a longer sequence could never run.
+    pub kv_capacity_tokens: usize,
+    pub vocab_size: usize,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// A request that passed validation and tokenization.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: StopParams,
+    pub stream: bool,
+    pub client: String,
+}
+
+/// Parses and checks `req`; every error names the offending field.
+pub fn validate(
+    req: CompletionRequest,
+    tokenizer: &Tokenizer,
+    limits: &IntakeLimits,
+) -> Result<ValidRequest, ApiError> {
+    if let Some(model) = &req.model {
+        if model != &limits.model_name {
+            return Err(ApiError::model_not_found(model));
+        }
+    }
+    if let Some(n) = req.n {
+        if n != 1 {
+            return Err(ApiError::invalid(
+                Some("n".into()),
+                "only n = 1 is supported",
+            ));
+        }
+    }
+    let prompt_ids = match req.prompt {
+        Prompt::Text(text) => tokenizer
+            .encode(text.as_str(), true)
+            .map_err(|e| {
+                ApiError::invalid(
+                    Some("prompt".into()),
+                    format!("cannot tokenize prompt: {e}"),
+                )
+            })?
+            .get_ids()
+            .to_vec(),
+        Prompt::Tokens(ids) => {
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= limits.vocab_size) {
+                return Err(ApiError::invalid(
+                    Some("prompt".into()),
+                    format!(
+                        "token id {bad} is outside the vocabulary (size {})",
+                        limits.vocab_size
+                    ),
+                ));
+            }
+            ids
+        }
+        Prompt::Batch(_) => return Err(ApiError::invalid(
+            Some("prompt".into()),
+            "prompt must be a string or a list of token ids; batches of prompts are not supported",
+        )),
+    };
+    if prompt_ids.is_empty() {
+        return Err(ApiError::invalid(Some("prompt".into()), "prompt is empty"));
+    }
+    let max_tokens = match req.max_tokens {
+        None => DEFAULT_MAX_TOKENS,
+        Some(m) if m >= 1 => m as usize,
+        Some(m) => {
+            return Err(ApiError::invalid(
+                Some("max_tokens".into()),
+                format!("max_tokens must be at least 1, got {m}"),
+            ))
+        }
+    };
+    let limit = limits.max_context.min(limits.kv_capacity_tokens);
+    if prompt_ids.len().saturating_add(max_tokens) > limit {
+        return Err(ApiError::invalid(
+            Some("max_tokens".into()),
+            format!(
+                "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the prompt, {max_tokens} for the completion).",
+                prompt_ids.len() + max_tokens,
+                prompt_ids.len()
+            ),
+        ));
+    }
+    let temperature = req.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            Some("temperature".into()),
+            format!("temperature must be in [0, 2], got {temperature}"),
+        ));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            Some("top_p".into()),
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(StopParam::One(s)) => vec![s],
+        Some(StopParam::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid(
+            Some("stop".into()),
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
+                stop.len()
+            ),
+        ));
+    }
+    if stop
+        .iter()
+        .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
+        return Err(ApiError::invalid(
+            Some("stop".into()),
+            format!("stop strings must be 1 to {MAX_STOP_BYTES} bytes long"),
+        ));
+    }
+    let seed = req.seed.map(|s| s as u64).unwrap_or_else(rand::random);
+    Ok(ValidRequest {
+        prompt_ids,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            seed,
+        },
+        stop: StopParams {
+            stop,
+            eos_token_ids: limits.eos_token_ids.clone(),
+            max_tokens,
+        },
+        stream: req.stream,
+        client: req.user.unwrap_or_else(|| "anonymous".into()),
+    })
+}
+
+/// Cancels the request when dropped before [`CancelOnDrop::disarm`]: a client that goes away
+/// drops its response stream, and this frees its sequence at once.
+pub struct CancelOnDrop {
+    seq: SeqId,
+    scheduler: Option<Addr<Scheduler>>,
+}
+
+impl CancelOnDrop {
+    pub fn disarm(&mut self) {
+        self.scheduler = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.scheduler.take() {
+            s.do_send(Cancel { seq: self.seq });
+        }
+    }
+}
+
+/// An accepted request: its id, its events, and the guard that cancels it if dropped.
+pub struct Submitted {
+    pub request_id: String,
+    pub prompt_tokens: usize,
+    pub stream: bool,
+    pub events: UnboundedReceiver<StreamEvent>,
+    pub guard: CancelOnDrop,
+}
+
+pub struct RequestIntake {
+    tokenizer: Arc<Tokenizer>,
+    limits: IntakeLimits,
+    scheduler: Addr<Scheduler>,
+    detector: Addr<StopSequenceDetector>,
+    next_seq: Arc<AtomicU64>,
+}
+
+impl RequestIntake {
+    pub fn new(
+        tokenizer: Arc<Tokenizer>,
+        limits: IntakeLimits,
+        scheduler: Addr<Scheduler>,
+        detector: Addr<StopSequenceDetector>,
+    ) -> Self {
+        Self {
+            tokenizer,
+            limits,
+            scheduler,
+            detector,
+            next_seq: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+impl Actor for RequestIntake {
+    type Context = Context<Self>;
+}
+
+/// A completion request as the HTTP layer parsed it.
+#[derive(Message)]
+#[rtype(result = "Result<Submitted, ApiError>")]
+pub struct SubmitCompletion {
+    pub request: CompletionRequest,
+}
+
+impl Handler<SubmitCompletion> for RequestIntake {
+    type Result = ResponseFuture<Result<Submitted, ApiError>>;
+
+    fn handle(&mut self, msg: SubmitCompletion, _: &mut Context<Self>) -> Self::Result {
+        let arrival = Instant::now();
+        let valid = validate(msg.request, &self.tokenizer, &self.limits);
+        let seq = SeqId(self.next_seq.fetch_add(1, Ordering::Relaxed));
+        let request_id = format!("cmpl-{:016x}{:08x}", rand::random::<u64>(), seq.0);
+        let (scheduler, detector) = (self.scheduler.clone(), self.detector.clone());
+        let model = self.limits.model_name.clone();
+        Box::pin(async move {
+            let valid = valid.inspect_err(|e| {
+                metrics::counter!("inferflux_requests_rejected_total", "status" => e.status.to_string()).increment(1);
+            })?;
+            let (tx, rx) = unbounded_channel();
+            let prompt_tokens = valid.prompt_ids.len();
+            tracing::info!(
+                request_id = %request_id, seq = %seq, client = %valid.client, model = %model,
+                prompt_tokens, max_tokens = valid.max_tokens, stream = valid.stream, "request accepted"
+            );
+            detector
+                .send(Track {
+                    seq,
+                    request_id: request_id.clone(),
+                    params: valid.stop.clone(),
+                    events: tx,
+                    prompt_tokens,
+                    arrival,
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("stop detector unreachable: {e}")))?;
+            let sequence = Sequence {
+                id: seq,
+                tokens: valid.prompt_ids,
+                prompt_len: prompt_tokens,
+                computed: 0,
+                max_tokens: valid.max_tokens,
+                sampling: valid.sampling,
+            };
+            match scheduler.send(Enqueue { seq: sequence }).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    detector.do_send(Untrack { seq });
+                    metrics::counter!("inferflux_requests_rejected_total", "status" => "429")
+                        .increment(1);
+                    return Err(ApiError::queue_full());
+                }
+                Err(e) => return Err(ApiError::internal(format!("scheduler unreachable: {e}"))),
+            }
+            metrics::counter!("inferflux_requests_total").increment(1);
+            Ok(Submitted {
+                request_id,
+                prompt_tokens,
+                stream: valid.stream,
+                events: rx,
+                guard: CancelOnDrop {
+                    seq,
+                    scheduler: Some(scheduler),
+                },
+            })
+        })
+    }
+}

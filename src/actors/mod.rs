@@ -1,0 +1,16 @@
+//! The five actors of the serving pipeline, one per file, each with its messages beside it.
+//!
+//! ```text
+//! HTTP -> RequestIntake -> Scheduler <-> KvPageManager
+//!                            |  ExecuteStep (batch plan)
+//!                            v
+//!                          ModelExecutor -> (tokens) -> StopSequenceDetector -> client stream
+//! ```
+//! Each actor is a thin shell over a plain struct (`SchedulerCore`, `PagePool`, `Llama`,
+//! `StopDetector`) that tests drive synchronously.
+
+pub mod executor;
+pub mod intake;
+pub mod kv_pages;
+pub mod scheduler;
+pub mod stop_detector;

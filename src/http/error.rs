@@ -1,0 +1,95 @@
+//! OpenAI error JSON (`{"error": {"message", "type", "param", "code"}}`) with the matching status.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+/// An error a client sees. Built by validation and by the actors; mapped to HTTP once, here.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(param: impl Into<Option<String>>, message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.into(),
+            code: None,
+        }
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            status: 404,
+            message: format!("The model `{model}` does not exist."),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self {
+            status: 413,
+            message: format!("Request body is larger than {limit} bytes."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+        }
+    }
+
+    pub fn queue_full() -> Self {
+        Self {
+            status: 429,
+            message: "The server is at capacity; retry later.".into(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("queue_full"),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: 500,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: &'a Option<String>,
+            code: &'a Option<&'static str>,
+        }
+        serde_json::json!({ "error": Inner {
+            message: &self.message, kind: self.kind, param: &self.param, code: &self.code } })
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut resp = HttpResponse::build(self.status_code());
+        if self.status == 429 {
+            resp.insert_header(("Retry-After", "1"));
+        }
+        resp.json(self.body())
+    }
+}

@@ -1,0 +1,215 @@
+//! The HTTP surface: OpenAI-compatible `/v1/completions` (JSON or SSE), `/v1/models`, `/health`
+//! and Prometheus `/metrics`. Handlers parse, hand the request to intake, and render its events.
+
+pub mod error;
+pub mod types;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix::Addr;
+use actix_web::{web, HttpResponse};
+use bytes::Bytes;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::actors::intake::{RequestIntake, SubmitCompletion, Submitted};
+use crate::actors::stop_detector::StreamEvent;
+use crate::stop::FinishReason;
+use error::ApiError;
+use types::{CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub intake: Addr<RequestIntake>,
+    pub model_name: String,
+    pub max_context: usize,
+    pub metrics: PrometheusHandle,
+    pub max_body_bytes: usize,
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/completions", web::post().to(completions))
+        .route("/v1/models", web::get().to(models))
+        .route("/health", web::get().to(health))
+        .route("/metrics", web::get().to(metrics_text));
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn models(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: state.model_name.clone(),
+            object: "model".into(),
+            created: 0,
+            owned_by: "inferflux".into(),
+            max_model_len: state.max_context,
+        }],
+    })
+}
+
+async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+/// Parses the body ourselves so that every JSON mistake becomes OpenAI error JSON with a 400.
+fn parse_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        let param = msg
+            .split('`')
+            .nth(1)
+            .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"))
+            .map(str::to_string);
+        ApiError::invalid(param, format!("invalid request body: {msg}"))
+    })
+}
+
+async fn completions(state: web::Data<AppState>, body: Bytes) -> Result<HttpResponse, ApiError> {
+    if body.len() > state.max_body_bytes {
+        return Err(ApiError::too_large(state.max_body_bytes));
+    }
+    let request = parse_request(&body)?;
+    let submitted = state
+        .intake
+        .send(SubmitCompletion { request })
+        .await
+        .map_err(|e| ApiError::internal(format!("intake unreachable: {e}")))??;
+    let model = state.model_name.clone();
+    if submitted.stream {
+        Ok(HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header(("Cache-Control", "no-cache"))
+            .insert_header(("X-Request-Id", submitted.request_id.clone()))
+            .streaming(sse_stream(submitted, model)))
+    } else {
+        collect(submitted, model).await
+    }
+}
+
+fn stop_reason(reason: &FinishReason) -> Option<serde_json::Value> {
+    match reason {
+        FinishReason::StopString(s) => Some(serde_json::Value::String(s.clone())),
+        FinishReason::StopToken(id) => Some(serde_json::Value::from(*id)),
+        FinishReason::Length => None,
+    }
+}
+
+fn chunk(
+    id: &str,
+    model: &str,
+    created: u64,
+    text: String,
+    finish: Option<&FinishReason>,
+) -> CompletionResponse {
+    CompletionResponse {
+        id: id.to_string(),
+        object: "text_completion".into(),
+        created,
+        model: model.to_string(),
+        choices: vec![CompletionChoice {
+            index: 0,
+            text,
+            logprobs: None,
+            finish_reason: finish.map(|f| f.as_openai().to_string()),
+            stop_reason: finish.and_then(stop_reason),
+        }],
+        usage: None,
+    }
+}
+
+fn sse_event(value: &impl serde::Serialize) -> Bytes {
+    let json = serde_json::to_string(value).unwrap_or_else(|_| "{}".into());
+    Bytes::from(format!("data: {json}\n\n"))
+}
+
+/// `data: {chunk}` per text delta, the finish reason on the last chunk, then `data: [DONE]`.
+/// The stream owns the cancel guard: if the client disconnects, actix drops the stream and the
+/// request is cancelled.
+fn sse_stream(
+    submitted: Submitted,
+    model: String,
+) -> impl futures::Stream<Item = Result<Bytes, actix_web::Error>> {
+    let created = unix_now();
+    futures::stream::unfold(Some(submitted), move |state| {
+        let model = model.clone();
+        async move {
+            let mut sub = state?;
+            let bytes = match sub.events.recv().await {
+                Some(StreamEvent::Text(text)) => {
+                    let b = sse_event(&chunk(&sub.request_id, &model, created, text, None));
+                    return Some((Ok(b), Some(sub)));
+                }
+                Some(StreamEvent::Finished { reason, .. }) => {
+                    let last = sse_event(&chunk(
+                        &sub.request_id,
+                        &model,
+                        created,
+                        String::new(),
+                        Some(&reason),
+                    ));
+                    [last, Bytes::from_static(b"data: [DONE]\n\n")].concat()
+                }
+                Some(StreamEvent::Error(message)) => {
+                    let err = ApiError::internal(message);
+                    [
+                        sse_event(&err.body()),
+                        Bytes::from_static(b"data: [DONE]\n\n"),
+                    ]
+                    .concat()
+                }
+                None => {
+                    let err = ApiError::internal("request ended without a result");
+                    [
+                        sse_event(&err.body()),
+                        Bytes::from_static(b"data: [DONE]\n\n"),
+                    ]
+                    .concat()
+                }
+            };
+            sub.guard.disarm();
+            Some((Ok(Bytes::from(bytes)), None))
+        }
+    })
+}
+
+async fn collect(mut sub: Submitted, model: String) -> Result<HttpResponse, ApiError> {
+    let mut text = String::new();
+    while let Some(event) = sub.events.recv().await {
+        match event {
+            StreamEvent::Text(t) => text.push_str(&t),
+            StreamEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                sub.guard.disarm();
+                let mut resp = chunk(&sub.request_id, &model, unix_now(), text, Some(&reason));
+                resp.usage = Some(Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                });
+                return Ok(HttpResponse::Ok()
+                    .insert_header(("X-Request-Id", sub.request_id.clone()))
+                    .json(resp));
+            }
+            StreamEvent::Error(message) => {
+                sub.guard.disarm();
+                return Err(ApiError::internal(message));
+            }
+        }
+    }
+    Err(ApiError::internal("request ended without a result"))
+}

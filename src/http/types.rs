@@ -1,0 +1,85 @@
+//! OpenAI request and response shapes for `/v1/completions`.
+
+use serde::{Deserialize, Serialize};
+
+/// `prompt`: one string, or one list of token ids.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+    /// Batches of prompts are refused with a clear error rather than half-served.
+    Batch(Vec<serde_json::Value>),
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum StopParam {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The body of `POST /v1/completions`. Unknown fields are refused (400 naming the field), never
+/// silently ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopParam>,
+    #[serde(default)]
+    pub stream: bool,
+    pub n: Option<i64>,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: Option<String>,
+    /// The stop string or token id that ended the sequence (vLLM's `stop_reason`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<serde_json::Value>,
+}
+
+/// A whole response (`stream: false`) or one SSE chunk (`stream: true`); both are
+/// `object: "text_completion"` in OpenAI's API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+    pub max_model_len: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}

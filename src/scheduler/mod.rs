@@ -1,0 +1,359 @@
+//! Scheduling policy as a plain struct: waiting and running queues, and one batch plan per step.
+//!
+//! Each step spends a token budget: first one decode token (or the next prompt chunk) for every
+//! running sequence, oldest first, then prompt chunks of waiting sequences in arrival order while
+//! the budget, `max_running` and KV pages last (continuous batching with chunked prefill). When a
+//! running sequence cannot get a page, the most recently admitted one is preempted: its pages are
+//! released and it waits again at the front with every token it had, to be recomputed; its
+//! output does not change.
+
+use std::collections::VecDeque;
+
+use crate::config::SchedulerConfig;
+use crate::kv::SeqId;
+use crate::sampling::SamplingParams;
+
+/// A sequence as the scheduler tracks it.
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    pub id: SeqId,
+    /// Prompt followed by every generated token.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Tokens whose K/V are in the cache.
+    pub computed: usize,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+impl Sequence {
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// One sequence's work in a step, before pages are granted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub seq: SeqId,
+    /// Tokens the cache must hold after the step.
+    pub total_tokens: usize,
+    /// Whether it is running already (must be served, or something preempted).
+    pub running: bool,
+}
+
+/// One sequence's work in a step, with its pages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedChunk {
+    pub seq: SeqId,
+    pub tokens: Vec<u32>,
+    pub start_pos: usize,
+    pub block_table: Vec<u32>,
+    pub wants_logits: bool,
+    pub sampling: SamplingParams,
+    /// Index of the token this chunk samples among the generated ones.
+    pub generated_index: usize,
+}
+
+/// What the scheduler decided after a step's tokens came back.
+#[derive(Debug, Default, PartialEq)]
+pub struct StepOutcome {
+    /// `(seq, token)` for every sampled token, in plan order.
+    pub tokens: Vec<(SeqId, u32)>,
+    /// Sequences that reached `max_tokens` and left the running set.
+    pub finished: Vec<SeqId>,
+}
+
+#[derive(Debug)]
+pub struct SchedulerCore {
+    config: SchedulerConfig,
+    waiting: VecDeque<Sequence>,
+    /// In admission order: the last one is preempted first.
+    running: Vec<Sequence>,
+    preemptions: u64,
+}
+
+impl SchedulerCore {
+    pub fn new(config: SchedulerConfig) -> Self {
+        Self {
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+        }
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Queues a new sequence; hands it back when the waiting queue is full.
+    pub fn enqueue(&mut self, seq: Sequence) -> Result<(), Sequence> {
+        if self.waiting.len() >= self.config.max_waiting {
+            return Err(seq);
+        }
+        self.waiting.push_back(seq);
+        Ok(())
+    }
+
+    /// Forgets a sequence (finished, cancelled or failed). Returns whether it was known.
+    pub fn remove(&mut self, id: SeqId) -> bool {
+        let before = self.waiting.len() + self.running.len();
+        self.waiting.retain(|s| s.id != id);
+        self.running.retain(|s| s.id != id);
+        before != self.waiting.len() + self.running.len()
+    }
+
+    fn chunk_len(seq: &Sequence, budget: usize) -> usize {
+        (seq.tokens.len() - seq.computed).min(budget)
+    }
+
+    /// The sequences that would run this step, running ones first, within the token budget.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let mut budget = self.config.max_batched_tokens;
+        let mut out = Vec::new();
+        for seq in &self.running {
+            let n = Self::chunk_len(seq, budget);
+            if n == 0 {
+                break;
+            }
+            budget -= n;
+            out.push(Candidate {
+                seq: seq.id,
+                total_tokens: seq.computed + n,
+                running: true,
+            });
+        }
+        let slots = self.config.max_running.saturating_sub(self.running.len());
+        for seq in self.waiting.iter().take(slots) {
+            let n = Self::chunk_len(seq, budget);
+            if n == 0 {
+                break;
+            }
+            budget -= n;
+            out.push(Candidate {
+                seq: seq.id,
+                total_tokens: seq.computed + n,
+                running: false,
+            });
+        }
+        out
+    }
+
+    /// Turns granted candidates into the step's plan. `grants[i]` is the block table of
+    /// `candidates[i]`, or `None` when its pages could not be had. Waiting sequences with pages
+    /// are admitted. If a running sequence went without, the newest running sequence is
+    /// preempted and returned, so that its pages can be released.
+    pub fn plan(
+        &mut self,
+        candidates: &[Candidate],
+        grants: Vec<Option<Vec<u32>>>,
+    ) -> (Vec<PlannedChunk>, Option<SeqId>) {
+        let mut plan = Vec::new();
+        let mut starved = false;
+        for (cand, grant) in candidates.iter().zip(grants) {
+            let Some(block_table) = grant else {
+                starved |= cand.running;
+                continue;
+            };
+            if !cand.running {
+                let Some(pos) = self.waiting.iter().position(|s| s.id == cand.seq) else {
+                    continue;
+                };
+                let seq = self.waiting.remove(pos).expect("position is valid");
+                self.running.push(seq);
+            }
+            let Some(seq) = self.running.iter().find(|s| s.id == cand.seq) else {
+                continue;
+            };
+            plan.push(PlannedChunk {
+                seq: seq.id,
+                tokens: seq.tokens[seq.computed..cand.total_tokens].to_vec(),
+                start_pos: seq.computed,
+                block_table,
+                wants_logits: cand.total_tokens == seq.tokens.len(),
+                sampling: seq.sampling,
+                generated_index: seq.generated(),
+            });
+        }
+        let victim = if starved { self.preempt_newest() } else { None };
+        if let Some(v) = victim {
+            plan.retain(|c| c.seq != v);
+        }
+        (plan, victim)
+    }
+
+    fn preempt_newest(&mut self) -> Option<SeqId> {
+        let mut seq = self.running.pop()?;
+        seq.computed = 0;
+        self.preemptions += 1;
+        let id = seq.id;
+        self.waiting.push_front(seq);
+        Some(id)
+    }
+
+    /// Records a finished step: advances `computed` for every planned chunk and appends sampled
+    /// tokens. Sequences removed while the step ran are skipped.
+    pub fn complete(&mut self, plan: &[PlannedChunk], sampled: &[(SeqId, u32)]) -> StepOutcome {
+        let mut outcome = StepOutcome::default();
+        for chunk in plan {
+            if let Some(seq) = self.running.iter_mut().find(|s| s.id == chunk.seq) {
+                seq.computed = chunk.start_pos + chunk.tokens.len();
+            }
+        }
+        for &(id, token) in sampled {
+            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
+                continue;
+            };
+            seq.tokens.push(token);
+            outcome.tokens.push((id, token));
+            if seq.generated() >= seq.max_tokens {
+                outcome.finished.push(id);
+            }
+        }
+        for id in &outcome.finished {
+            self.remove(*id);
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::PagePool;
+
+    fn seq(id: u64, prompt: usize, max_tokens: usize) -> Sequence {
+        Sequence {
+            id: SeqId(id),
+            tokens: (0..prompt as u32).collect(),
+            prompt_len: prompt,
+            computed: 0,
+            max_tokens,
+            sampling: SamplingParams::default(),
+        }
+    }
+
+    /// Runs steps against a real page pool with a fake model that samples `1000 + generated`.
+    fn run(core: &mut SchedulerCore, pool: &mut PagePool, steps: usize) -> Vec<Vec<PlannedChunk>> {
+        let mut plans = Vec::new();
+        for _ in 0..steps {
+            if !core.has_work() {
+                break;
+            }
+            let cands = core.candidates();
+            let grants = cands
+                .iter()
+                .map(|c| {
+                    pool.reserve(c.seq, c.total_tokens)
+                        .ok()
+                        .map(<[u32]>::to_vec)
+                })
+                .collect();
+            let (plan, victim) = core.plan(&cands, grants);
+            if let Some(v) = victim {
+                pool.release(v);
+            }
+            let sampled: Vec<(SeqId, u32)> = plan
+                .iter()
+                .filter(|c| c.wants_logits)
+                .map(|c| (c.seq, 1000 + c.generated_index as u32))
+                .collect();
+            for id in core.complete(&plan, &sampled).finished {
+                pool.release(id);
+            }
+            pool.check_invariants().unwrap();
+            plans.push(plan);
+        }
+        plans
+    }
+
+    #[test]
+    fn unified_batch_chunks_long_prompts_and_keeps_decoding() {
+        let cfg = SchedulerConfig {
+            max_batched_tokens: 8,
+            max_running: 4,
+            max_waiting: 8,
+        };
+        let mut core = SchedulerCore::new(cfg);
+        let mut pool = PagePool::new(64, 4);
+        core.enqueue(seq(1, 3, 10)).unwrap();
+        let first = run(&mut core, &mut pool, 1);
+        assert_eq!(first[0][0].tokens.len(), 3);
+        core.enqueue(seq(2, 20, 2)).unwrap();
+        let plans = run(&mut core, &mut pool, 4);
+        for plan in &plans {
+            assert_eq!(
+                plan[0].seq,
+                SeqId(1),
+                "the running stream decodes every step"
+            );
+            assert_eq!(plan[0].tokens.len(), 1);
+            assert!(plan.iter().map(|c| c.tokens.len()).sum::<usize>() <= 8);
+        }
+        // 20 prompt tokens at 7 per step: chunks of 7, 7, 6, the last one samples.
+        let chunks: Vec<(usize, bool)> = plans
+            .iter()
+            .filter_map(|p| p.get(1))
+            .map(|c| (c.tokens.len(), c.wants_logits))
+            .collect();
+        assert_eq!(&chunks[..3], &[(7, false), (7, false), (6, true)]);
+    }
+
+    #[test]
+    fn unified_batch_preemption_keeps_outputs_and_frees_pages() {
+        let cfg = SchedulerConfig {
+            max_batched_tokens: 64,
+            max_running: 4,
+            max_waiting: 8,
+        };
+        let mut core = SchedulerCore::new(cfg);
+        // 6 pages of 2 tokens: three sequences of 3 + 6 tokens cannot all fit.
+        let mut pool = PagePool::new(6, 2);
+        for id in 1..=3 {
+            core.enqueue(seq(id, 3, 6)).unwrap();
+        }
+        let plans = run(&mut core, &mut pool, 200);
+        assert!(!core.has_work(), "everything finished");
+        assert!(
+            core.preemptions() > 0,
+            "the pool was too small, something was preempted"
+        );
+        assert_eq!(pool.free_pages(), 6);
+        // Every sequence sampled generated indices 0..6 exactly once each.
+        for id in 1..=3 {
+            let mut idx: Vec<usize> = plans
+                .iter()
+                .flatten()
+                .filter(|c| c.seq == SeqId(id) && c.wants_logits)
+                .map(|c| c.generated_index)
+                .collect();
+            idx.dedup();
+            assert_eq!(idx, (0..6).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn full_waiting_queue_hands_the_request_back() {
+        let cfg = SchedulerConfig {
+            max_batched_tokens: 8,
+            max_running: 1,
+            max_waiting: 1,
+        };
+        let mut core = SchedulerCore::new(cfg);
+        core.enqueue(seq(1, 3, 1)).unwrap();
+        assert_eq!(core.enqueue(seq(2, 3, 1)).unwrap_err().id, SeqId(2));
+    }
+}
