@@ -149,8 +149,7 @@ impl Settings {
         match file {
             Some(path) => builder = builder.add_source(config::File::from(path).required(true)),
             None => {
-                builder = builder
-                    .add_source(config::File::with_name("config/inferflux.toml").required(false))
+                builder = builder.add_source(config::File::with_name("config/inferflux.toml").required(false))
             }
         }
         let env: config::Map<String, String> = env
@@ -199,10 +198,7 @@ impl Settings {
         };
         positive("kv.page_size", self.kv.page_size)?;
         positive("kv.num_pages", self.kv.num_pages)?;
-        positive(
-            "scheduler.max_batched_tokens",
-            self.scheduler.max_batched_tokens,
-        )?;
+        positive("scheduler.max_batched_tokens", self.scheduler.max_batched_tokens)?;
         positive("scheduler.max_running", self.scheduler.max_running)?;
         positive("server.max_body_bytes", self.server.max_body_bytes)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -240,8 +236,7 @@ mod tests {
             ("INFERFLUX__SERVER__PORT", "9100"),
             ("INFERFLUX__KV__NUM_PAGES", "77"),
         ]);
-        let s =
-            Settings::load_with_env(Some(&file), &CliOverrides::default(), vars.clone()).unwrap();
+        let s = Settings::load_with_env(Some(&file), &CliOverrides::default(), vars.clone()).unwrap();
         assert_eq!((s.server.port, s.server.host.as_str()), (9100, "0.0.0.0"));
         assert_eq!((s.kv.page_size, s.kv.num_pages), (32, 77));
         let cli = CliOverrides {

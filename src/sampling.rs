@@ -108,10 +108,7 @@ mod tests {
         let b: Vec<u32> = (0..40).map(|n| sample(&logits, &p, n)).collect();
         assert_eq!(a, b);
         let q = SamplingParams { seed: 8, ..p };
-        assert_ne!(
-            a,
-            (0..40).map(|n| sample(&logits, &q, n)).collect::<Vec<_>>()
-        );
+        assert_ne!(a, (0..40).map(|n| sample(&logits, &q, n)).collect::<Vec<_>>());
         let narrow = SamplingParams { top_p: 1e-6, ..p };
         assert!((0..40).all(|n| sample(&logits, &narrow, n) == argmax(&logits)));
     }

@@ -149,9 +149,6 @@ pub fn start(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
-            .app_data(web::PayloadConfig::new(
-                state.max_body_bytes.saturating_add(1),
-            ))
             .configure(http::routes)
     })
     .listen(listener)?

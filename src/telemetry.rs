@@ -6,8 +6,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Latency buckets for LLM serving: from milliseconds (inter-token) to minutes (long requests).
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0, 160.0, 640.0,
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+    80.0, 160.0, 640.0,
 ];
 /// Buckets for tokens per step.
 pub const TOKEN_BUCKETS: &[f64] = &[
@@ -22,16 +22,13 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Suffix("_per_step".into()), TOKEN_BUCKETS)
-                })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_per_step".into()), TOKEN_BUCKETS))
                 .expect("bucket lists are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder was installed first, in which case ours stays unused.
             let _ = metrics::set_global_recorder(recorder);
-            metrics::gauge!("inferflux_build_info", "version" => env!("CARGO_PKG_VERSION"))
-                .set(1.0);
+            metrics::gauge!("inferflux_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()

@@ -60,9 +60,7 @@ fn block_table(seq: usize, n_seqs: usize, tokens: usize) -> Vec<u32> {
 fn logits_rows(t: burn::tensor::Tensor<B, 2>) -> Vec<Vec<f32>> {
     let [rows, cols] = t.dims();
     let v = t.into_data().to_vec::<f32>().unwrap();
-    (0..rows)
-        .map(|r| v[r * cols..(r + 1) * cols].to_vec())
-        .collect()
+    (0..rows).map(|r| v[r * cols..(r + 1) * cols].to_vec()).collect()
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -82,10 +80,7 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
         .zip(want)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(
-        worst <= 1e-4,
-        "{what}: max |logit - transformers| = {worst}"
-    );
+    assert!(worst <= 1e-4, "{what}: max |logit - transformers| = {worst}");
 }
 
 /// Greedy decoding of every prompt at once: one batched prefill (each prompt cut into chunks of
@@ -94,11 +89,7 @@ fn greedy_batched(model: &Llama<B>, goldens: &Goldens, chunk: usize) -> Vec<Vec<
     let mut cache = new_cache(model);
     let n = goldens.prompts.len();
     let steps = goldens.prompts[0].greedy_ids.len();
-    let mut seqs: Vec<Vec<u32>> = goldens
-        .prompts
-        .iter()
-        .map(|p| p.input_ids.clone())
-        .collect();
+    let mut seqs: Vec<Vec<u32>> = goldens.prompts.iter().map(|p| p.input_ids.clone()).collect();
     let total_max = seqs.iter().map(|s| s.len()).max().unwrap() + steps;
     let tables: Vec<Vec<u32>> = (0..n).map(|i| block_table(i, n, total_max)).collect();
     let mut computed = vec![0usize; n];
@@ -153,11 +144,7 @@ fn check_fixture(name: &str) {
         let rows = logits_rows(model.forward(&mut cache, &[chunk]));
         assert_close(&rows[0], &p.last_logits, &format!("{name} {:?}", p.prompt));
     }
-    let want: Vec<Vec<u32>> = goldens
-        .prompts
-        .iter()
-        .map(|p| p.greedy_ids.clone())
-        .collect();
+    let want: Vec<Vec<u32>> = goldens.prompts.iter().map(|p| p.greedy_ids.clone()).collect();
     assert_eq!(
         greedy_batched(&model, &goldens, usize::MAX),
         want,

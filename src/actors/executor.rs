@@ -90,8 +90,7 @@ impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
         let _enter = span.enter();
         let started = std::time::Instant::now();
         let result = self.run_step(&msg.plan);
-        metrics::histogram!("inferflux_step_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("inferflux_step_duration_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("inferflux_batched_tokens_per_step").record(tokens as f64);
         if let Err(e) = &result {
             tracing::error!(error = %e, "step failed");

@@ -62,21 +62,13 @@ pub fn validate(
     }
     if let Some(n) = req.n {
         if n != 1 {
-            return Err(ApiError::invalid(
-                Some("n".into()),
-                "only n = 1 is supported",
-            ));
+            return Err(ApiError::invalid(Some("n".into()), "only n = 1 is supported"));
         }
     }
     let prompt_ids = match req.prompt {
         Prompt::Text(text) => tokenizer
             .encode(text.as_str(), true)
-            .map_err(|e| {
-                ApiError::invalid(
-                    Some("prompt".into()),
-                    format!("cannot tokenize prompt: {e}"),
-                )
-            })?
+            .map_err(|e| ApiError::invalid(Some("prompt".into()), format!("cannot tokenize prompt: {e}")))?
             .get_ids()
             .to_vec(),
         Prompt::Tokens(ids) => {
@@ -91,10 +83,12 @@ pub fn validate(
             }
             ids
         }
-        Prompt::Batch(_) => return Err(ApiError::invalid(
-            Some("prompt".into()),
-            "prompt must be a string or a list of token ids; batches of prompts are not supported",
-        )),
+        Prompt::Batch(_) => {
+            return Err(ApiError::invalid(
+                Some("prompt".into()),
+                "prompt must be a string or a list of token ids; batches of prompts are not supported",
+            ))
+        }
     };
     if prompt_ids.is_empty() {
         return Err(ApiError::invalid(Some("prompt".into()), "prompt is empty"));
@@ -148,10 +142,7 @@ pub fn validate(
             ),
         ));
     }
-    if stop
-        .iter()
-        .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
-    {
+    if stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
         return Err(ApiError::invalid(
             Some("stop".into()),
             format!("stop strings must be 1 to {MAX_STOP_BYTES} bytes long"),
@@ -254,7 +245,8 @@ impl Handler<SubmitCompletion> for RequestIntake {
         let model = self.limits.model_name.clone();
         Box::pin(async move {
             let valid = valid.inspect_err(|e| {
-                metrics::counter!("inferflux_requests_rejected_total", "status" => e.status.to_string()).increment(1);
+                metrics::counter!("inferflux_requests_rejected_total", "status" => e.status.to_string())
+                    .increment(1);
             })?;
             let (tx, rx) = unbounded_channel();
             let prompt_tokens = valid.prompt_ids.len();
@@ -285,8 +277,7 @@ impl Handler<SubmitCompletion> for RequestIntake {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     detector.do_send(Untrack { seq });
-                    metrics::counter!("inferflux_requests_rejected_total", "status" => "429")
-                        .increment(1);
+                    metrics::counter!("inferflux_requests_rejected_total", "status" => "429").increment(1);
                     return Err(ApiError::queue_full());
                 }
                 Err(e) => return Err(ApiError::internal(format!("scheduler unreachable: {e}"))),

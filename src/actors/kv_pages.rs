@@ -48,11 +48,7 @@ impl Handler<ReserveStep> for KvPageManager {
                 if !c.running && !admitting {
                     return None;
                 }
-                let grant = self
-                    .pool
-                    .reserve(c.seq, c.total_tokens)
-                    .ok()
-                    .map(<[u32]>::to_vec);
+                let grant = self.pool.reserve(c.seq, c.total_tokens).ok().map(<[u32]>::to_vec);
                 admitting &= c.running || grant.is_some();
                 grant
             })

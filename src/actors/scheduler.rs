@@ -88,9 +88,7 @@ impl Scheduler {
                             plan: plan.clone(),
                         })
                         .await
-                        .unwrap_or_else(|e| {
-                            Err(ExecutorError(format!("executor unreachable: {e}")))
-                        });
+                        .unwrap_or_else(|e| Err(ExecutorError(format!("executor unreachable: {e}"))));
                     (plan, result)
                 })
             })
@@ -103,11 +101,7 @@ impl Scheduler {
         ctx.spawn(fut);
     }
 
-    fn finish_step(
-        &mut self,
-        plan: &[PlannedChunk],
-        result: Result<Vec<(SeqId, u32)>, ExecutorError>,
-    ) {
+    fn finish_step(&mut self, plan: &[PlannedChunk], result: Result<Vec<(SeqId, u32)>, ExecutorError>) {
         match result {
             Ok(sampled) => {
                 let outcome = self.core.complete(plan, &sampled);

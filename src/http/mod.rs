@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use actix::Addr;
 use actix_web::{web, HttpResponse};
 use bytes::Bytes;
+use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::actors::intake::{RequestIntake, SubmitCompletion, Submitted};
@@ -76,10 +77,21 @@ fn parse_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     })
 }
 
-async fn completions(state: web::Data<AppState>, body: Bytes) -> Result<HttpResponse, ApiError> {
-    if body.len() > state.max_body_bytes {
-        return Err(ApiError::too_large(state.max_body_bytes));
+/// Reads the body up to the configured limit, answering 413 as OpenAI error JSON past it.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid(None, format!("cannot read request body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        body.extend_from_slice(&chunk);
     }
+    Ok(body.freeze())
+}
+
+async fn completions(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.max_body_bytes).await?;
     let request = parse_request(&body)?;
     let submitted = state
         .intake
@@ -163,19 +175,11 @@ fn sse_stream(
                 }
                 Some(StreamEvent::Error(message)) => {
                     let err = ApiError::internal(message);
-                    [
-                        sse_event(&err.body()),
-                        Bytes::from_static(b"data: [DONE]\n\n"),
-                    ]
-                    .concat()
+                    [sse_event(&err.body()), Bytes::from_static(b"data: [DONE]\n\n")].concat()
                 }
                 None => {
                     let err = ApiError::internal("request ended without a result");
-                    [
-                        sse_event(&err.body()),
-                        Bytes::from_static(b"data: [DONE]\n\n"),
-                    ]
-                    .concat()
+                    [sse_event(&err.body()), Bytes::from_static(b"data: [DONE]\n\n")].concat()
                 }
             };
             sub.guard.disarm();

@@ -132,10 +132,7 @@ mod tests {
     fn paged_kv_reserve_is_all_or_nothing() {
         let mut pool = PagePool::new(4, 16);
         assert_eq!(pool.reserve(SeqId(1), 33).unwrap().len(), 3);
-        assert_eq!(
-            pool.reserve(SeqId(2), 17),
-            Err(NoSpace { needed: 2, free: 1 })
-        );
+        assert_eq!(pool.reserve(SeqId(2), 17), Err(NoSpace { needed: 2, free: 1 }));
         assert_eq!(pool.free_pages(), 1);
         assert_eq!(
             pool.reserve(SeqId(1), 48).unwrap().len(),

@@ -97,8 +97,8 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Parses and validates `config.json` text.
     pub fn from_json(text: &str) -> Result<Self, ModelError> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
         let architecture = raw
             .architectures
             .first()
@@ -121,10 +121,7 @@ impl LlamaConfig {
                 "attention_bias / mlp_bias = true (supported: false)".into(),
             ));
         }
-        let rope_type = raw
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_type.clone());
+        let rope_type = raw.rope_parameters.as_ref().and_then(|p| p.rope_type.clone());
         let scaled = match &raw.rope_scaling {
             None | Some(serde_json::Value::Null) => false,
             Some(_) => true,
@@ -168,21 +165,16 @@ impl LlamaConfig {
     fn validate(&self) -> Result<(), ModelError> {
         let bad = |msg: String| Err(ModelError::Config(msg));
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
-            return bad(
-                "num_attention_heads, num_key_value_heads and num_hidden_layers must be > 0".into(),
-            );
+            return bad("num_attention_heads, num_key_value_heads and num_hidden_layers must be > 0".into());
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!(
-                "head_dim ({}) must be even for RoPE",
-                self.head_dim
-            ));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
         }
         Ok(())
     }

@@ -203,23 +203,13 @@ impl<B: Backend> Llama<B> {
             .clone()
             .select(0, positions.clone())
             .unsqueeze_dim::<3>(1);
-        let sin = self
-            .rope_sin
-            .clone()
-            .select(0, positions)
-            .unsqueeze_dim::<3>(1);
+        let sin = self.rope_sin.clone().select(0, positions).unsqueeze_dim::<3>(1);
 
         let mut x = self.embed.clone().select(0, int_tensor(tokens, dev));
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &layer.attn_norm);
-            let q = h
-                .clone()
-                .matmul(layer.wq.clone())
-                .reshape([t_total, nh, hd]);
-            let k = h
-                .clone()
-                .matmul(layer.wk.clone())
-                .reshape([t_total, nkv, hd]);
+            let q = h.clone().matmul(layer.wq.clone()).reshape([t_total, nh, hd]);
+            let k = h.clone().matmul(layer.wk.clone()).reshape([t_total, nkv, hd]);
             let v = h.matmul(layer.wv.clone());
             let q = rotate_half_rope(q, &cos, &sin);
             let k = rotate_half_rope(k, &cos, &sin).reshape([t_total, nkv * hd]);
@@ -234,9 +224,7 @@ impl<B: Backend> Llama<B> {
         }
         let x = self.rms_norm(x, &self.final_norm);
         let rows = int_tensor(logit_rows, dev);
-        x.select(0, rows)
-            .matmul(self.lm_head.clone())
-            .cast(DType::F32)
+        x.select(0, rows).matmul(self.lm_head.clone()).cast(DType::F32)
     }
 
     /// Attention of each sequence's queries over its whole context, read through its slots.
@@ -324,13 +312,7 @@ fn causal_mask<B: Backend>(
     let mut values = Vec::with_capacity(group * q_len * ctx);
     for _ in 0..group {
         for j in 0..q_len {
-            values.extend((0..ctx).map(|l| {
-                if l <= start + j {
-                    0.0f32
-                } else {
-                    f32::NEG_INFINITY
-                }
-            }));
+            values.extend((0..ctx).map(|l| if l <= start + j { 0.0f32 } else { f32::NEG_INFINITY }));
         }
     }
     Some(Tensor::from_data(
@@ -360,11 +342,7 @@ fn rope_tables(head_dim: usize, max_pos: usize, theta: f64) -> (Vec<f32>, Vec<f3
 }
 
 /// `x * cos + rotate_half(x) * sin`, where rotate_half pairs element `i` with `i + d/2`.
-fn rotate_half_rope<B: Backend>(
-    x: Tensor<B, 3>,
-    cos: &Tensor<B, 3>,
-    sin: &Tensor<B, 3>,
-) -> Tensor<B, 3> {
+fn rotate_half_rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
     let [t, heads, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..t, 0..heads, 0..half]);

@@ -55,8 +55,7 @@ mod embedded {
     pub const GENERATION_CONFIG: &str =
         include_str!("../../tests/fixtures/tiny-llama/generation_config.json");
     pub const TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/tiny-llama/tokenizer.json");
-    pub const TOKENIZER_CONFIG: &str =
-        include_str!("../../tests/fixtures/tiny-llama/tokenizer_config.json");
+    pub const TOKENIZER_CONFIG: &str = include_str!("../../tests/fixtures/tiny-llama/tokenizer_config.json");
     pub const WEIGHTS: &[u8] = include_bytes!("../../tests/fixtures/tiny-llama/model.safetensors");
 }
 
@@ -107,9 +106,8 @@ impl ModelFiles {
                 };
                 let optional = |name: &str| dir.join(name).exists().then(|| read(name)).transpose();
                 let tokenizer_path = dir.join("tokenizer.json");
-                let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
-                    ModelError::Tokenizer(format!("{}: {e}", tokenizer_path.display()))
-                })?;
+                let tokenizer = Tokenizer::from_file(&tokenizer_path)
+                    .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
                 let name = dir
                     .canonicalize()
                     .ok()

@@ -54,10 +54,7 @@ impl CheckpointBytes {
 
     fn buffers(&self) -> Vec<(String, &[u8])> {
         match self {
-            CheckpointBytes::Mapped(m) => m
-                .iter()
-                .map(|(p, m)| (p.display().to_string(), &m[..]))
-                .collect(),
+            CheckpointBytes::Mapped(m) => m.iter().map(|(p, m)| (p.display().to_string(), &m[..])).collect(),
             CheckpointBytes::Static(s) => s.iter().map(|(n, b)| (n.to_string(), *b)).collect(),
         }
     }
@@ -66,8 +63,8 @@ impl CheckpointBytes {
     pub fn index(&self) -> Result<WeightIndex<'_>, ModelError> {
         let mut tensors = HashMap::new();
         for (name, bytes) in self.buffers() {
-            let st = SafeTensors::deserialize(bytes)
-                .map_err(|e| ModelError::Weights(format!("{name}: {e}")))?;
+            let st =
+                SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(format!("{name}: {e}")))?;
             for (tensor_name, view) in st.tensors() {
                 tensors.insert(
                     tensor_name,
@@ -106,12 +103,7 @@ impl<'a> WeightIndex<'a> {
     }
 
     /// Reads `name`, checks its shape and converts it to `target`.
-    pub fn read(
-        &self,
-        name: &str,
-        shape: &[usize],
-        target: DType,
-    ) -> Result<TensorData, ModelError> {
+    pub fn read(&self, name: &str, shape: &[usize], target: DType) -> Result<TensorData, ModelError> {
         let t = self
             .tensors
             .get(name)

@@ -256,11 +256,7 @@ mod tests {
             let cands = core.candidates();
             let grants = cands
                 .iter()
-                .map(|c| {
-                    pool.reserve(c.seq, c.total_tokens)
-                        .ok()
-                        .map(<[u32]>::to_vec)
-                })
+                .map(|c| pool.reserve(c.seq, c.total_tokens).ok().map(<[u32]>::to_vec))
                 .collect();
             let (plan, victim) = core.plan(&cands, grants);
             if let Some(v) = victim {
@@ -295,11 +291,7 @@ mod tests {
         core.enqueue(seq(2, 20, 2)).unwrap();
         let plans = run(&mut core, &mut pool, 4);
         for plan in &plans {
-            assert_eq!(
-                plan[0].seq,
-                SeqId(1),
-                "the running stream decodes every step"
-            );
+            assert_eq!(plan[0].seq, SeqId(1), "the running stream decodes every step");
             assert_eq!(plan[0].tokens.len(), 1);
             assert!(plan.iter().map(|c| c.tokens.len()).sum::<usize>() <= 8);
         }

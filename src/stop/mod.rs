@@ -140,10 +140,7 @@ impl StopDetector {
         let keep = self.longest_stop_prefix_suffix();
         let release = self.pending.len() - keep;
         let text: String = self.pending.drain(..release).collect();
-        Ok(Delta {
-            text,
-            finished: None,
-        })
+        Ok(Delta { text, finished: None })
     }
 
     /// Earliest stop string in the pending text: (byte offset, the stop).
@@ -216,11 +213,7 @@ mod tests {
 
     #[test]
     fn stop_sequences_cut_before_the_stop_and_never_leak_it() {
-        let (deltas, finish) = run(
-            "The quick brown fox jumps over the lazy dog",
-            &["fox j"],
-            1000,
-        );
+        let (deltas, finish) = run("The quick brown fox jumps over the lazy dog", &["fox j"], 1000);
         assert_eq!(deltas.concat(), "The quick brown ");
         assert_eq!(finish, Some(FinishReason::StopString("fox j".into())));
         let (deltas, _) = run("The quick brown fox jumps", &["brown fox", "quick"], 1000);

@@ -1,0 +1,101 @@
+//! Starts a real `inferfluxd` stack on port 0 in a background thread, for black-box HTTP tests.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::sync::mpsc;
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use inferflux::config::{DeviceKind, Settings};
+
+pub struct TestServer {
+    pub base: String,
+}
+
+/// Serves the embedded tiny model on the CPU with `tweak` applied to the default settings.
+pub fn start(tweak: impl FnOnce(&mut Settings) + Send + 'static) -> TestServer {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut settings = Settings::default();
+        settings.model.device = DeviceKind::Cpu;
+        tweak(&mut settings);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        actix_web::rt::System::new().block_on(async move {
+            let running =
+                inferflux::server::start(&settings, listener, inferflux::telemetry::metrics_handle())
+                    .unwrap();
+            tx.send(running.addr).unwrap();
+            running.server.await.unwrap();
+        });
+    });
+    let addr = rx.recv().expect("server started");
+    TestServer {
+        base: format!("http://{addr}"),
+    }
+}
+
+/// What a streamed completion delivered.
+#[derive(Debug)]
+pub struct Streamed {
+    pub text: String,
+    pub chunks: Vec<serde_json::Value>,
+    pub done: bool,
+}
+
+impl Streamed {
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.chunks.last()?["choices"][0]["finish_reason"].as_str()
+    }
+}
+
+pub async fn stream_completion(base: &str, body: serde_json::Value) -> Streamed {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut events = resp.bytes_stream().eventsource();
+    let mut out = Streamed {
+        text: String::new(),
+        chunks: Vec::new(),
+        done: false,
+    };
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        assert!(!out.done, "nothing may follow [DONE]");
+        if event.data == "[DONE]" {
+            out.done = true;
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+        assert!(v.get("error").is_none(), "error event: {v}");
+        assert_eq!(v["object"], "text_completion");
+        out.text.push_str(v["choices"][0]["text"].as_str().unwrap());
+        out.chunks.push(v);
+    }
+    out
+}
+
+#[derive(serde::Deserialize)]
+pub struct Goldens {
+    pub prompts: Vec<GoldenPrompt>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct GoldenPrompt {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_text: String,
+}
+
+pub fn goldens() -> Goldens {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tiny-llama/goldens.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
