@@ -236,3 +236,40 @@ async fn http_health_models_and_metrics() {
         assert!(metrics.contains(name), "missing {name} in /metrics");
     }
 }
+
+#[tokio::test]
+async fn http_inferctl_streams_and_dumps_sse() {
+    let base = server().base.clone();
+    let p = &goldens().prompts[1];
+    let dump = std::env::temp_dir().join(format!("inferctl-sse-{}.txt", std::process::id()));
+    let (prompt, dump_arg) = (p.prompt.clone(), dump.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_inferctl"))
+            .args([
+                "--url",
+                &base,
+                "completion",
+                &prompt,
+                "--stream",
+                "--max-tokens",
+                "24",
+                "--temperature",
+                "0",
+            ])
+            .arg("--dump-sse")
+            .arg(&dump_arg)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n", p.greedy_text)
+    );
+    let sse = std::fs::read_to_string(&dump).unwrap();
+    assert!(sse.trim_end().ends_with("data: [DONE]"), "{sse}");
+    assert!(sse.matches("data: {").count() > 2);
+    let _ = std::fs::remove_file(dump);
+}
