@@ -9,12 +9,7 @@ use futures::StreamExt;
 use serde_json::json;
 
 async fn free_pages(base: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::metrics_text(base).await;
     text.lines()
         .find_map(|l| l.strip_prefix("inferflux_kv_free_pages "))
         .map_or(-1.0, |v| v.trim().parse().unwrap())
@@ -49,12 +44,7 @@ async fn paged_kv_disconnect_frees_pages() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(base).await;
     assert!(
         metrics.contains("inferflux_requests_cancelled_total"),
         "the cancel was counted"

@@ -71,12 +71,7 @@ async fn http_eight_concurrent_streams_match_solo() {
         assert_eq!(got.text, solo[i], "concurrent stream {i} ({:?})", prompts[i]);
         assert_eq!(got.finish_reason(), Some("length"));
     }
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&base).await;
     assert!(
         metrics.contains("inferflux_num_preemptions_total"),
         "the small pool forced preemption"
@@ -219,12 +214,7 @@ async fn http_health_models_and_metrics() {
         .unwrap();
     assert_eq!(models["data"][0]["id"], "inferflux-tiny-llama");
     stream_completion(base, greedy("Hello")).await;
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&base).await;
     for name in [
         "inferflux_requests_total",
         "inferflux_num_requests_running",

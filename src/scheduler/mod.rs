@@ -124,20 +124,10 @@ impl SchedulerCore {
     pub fn candidates(&self) -> Vec<Candidate> {
         let mut budget = self.config.max_batched_tokens;
         let mut out = Vec::new();
-        for seq in &self.running {
-            let n = Self::chunk_len(seq, budget);
-            if n == 0 {
-                break;
-            }
-            budget -= n;
-            out.push(Candidate {
-                seq: seq.id,
-                total_tokens: seq.computed + n,
-                running: true,
-            });
-        }
         let slots = self.config.max_running.saturating_sub(self.running.len());
-        for seq in self.waiting.iter().take(slots) {
+        let running = self.running.iter().map(|s| (s, true));
+        let waiting = self.waiting.iter().take(slots).map(|s| (s, false));
+        for (seq, running) in running.chain(waiting) {
             let n = Self::chunk_len(seq, budget);
             if n == 0 {
                 break;
@@ -146,7 +136,7 @@ impl SchedulerCore {
             out.push(Candidate {
                 seq: seq.id,
                 total_tokens: seq.computed + n,
-                running: false,
+                running,
             });
         }
         out
