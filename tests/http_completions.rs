@@ -214,7 +214,7 @@ async fn http_health_models_and_metrics() {
         .unwrap();
     assert_eq!(models["data"][0]["id"], "inferflux-tiny-llama");
     stream_completion(base, greedy("Hello")).await;
-    let metrics = common::metrics_text(&base).await;
+    let metrics = common::metrics_text(base).await;
     for name in [
         "inferflux_requests_total",
         "inferflux_num_requests_running",
