@@ -200,6 +200,7 @@ impl Settings {
         positive("kv.num_pages", self.kv.num_pages)?;
         positive("scheduler.max_batched_tokens", self.scheduler.max_batched_tokens)?;
         positive("scheduler.max_running", self.scheduler.max_running)?;
+        positive("scheduler.max_waiting", self.scheduler.max_waiting)?;
         positive("server.max_body_bytes", self.server.max_body_bytes)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::BadValue {

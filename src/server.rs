@@ -141,7 +141,9 @@ pub fn start(
     let state = AppState {
         intake,
         model_name: model_name.clone(),
-        max_context: files.max_context,
+        max_context: files
+            .max_context
+            .min(settings.kv.num_pages * settings.kv.page_size),
         metrics,
         max_body_bytes: settings.server.max_body_bytes,
     };

@@ -92,8 +92,13 @@ impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
         let result = self.run_step(&msg.plan);
         metrics::histogram!("inferflux_step_duration_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("inferflux_batched_tokens_per_step").record(tokens as f64);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "step failed");
+        match &result {
+            Ok(sampled) => tracing::debug!(
+                sampled = sampled.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "step done"
+            ),
+            Err(e) => tracing::error!(error = %e, "step failed"),
         }
         result
     }

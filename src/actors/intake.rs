@@ -86,7 +86,7 @@ pub fn validate(
         Prompt::Batch(_) => {
             return Err(ApiError::invalid(
                 Some("prompt".into()),
-                "prompt must be a string or a list of token ids; batches of prompts are not supported",
+                "prompt must be a string or a list of token ids (integers from 0); batches of prompts are not supported",
             ))
         }
     };
@@ -244,10 +244,7 @@ impl Handler<SubmitCompletion> for RequestIntake {
         let (scheduler, detector) = (self.scheduler.clone(), self.detector.clone());
         let model = self.limits.model_name.clone();
         Box::pin(async move {
-            let valid = valid.inspect_err(|e| {
-                metrics::counter!("inferflux_requests_rejected_total", "status" => e.status.to_string())
-                    .increment(1);
-            })?;
+            let valid = valid?;
             let (tx, rx) = unbounded_channel();
             let prompt_tokens = valid.prompt_ids.len();
             tracing::info!(
@@ -277,7 +274,6 @@ impl Handler<SubmitCompletion> for RequestIntake {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     detector.do_send(Untrack { seq });
-                    metrics::counter!("inferflux_requests_rejected_total", "status" => "429").increment(1);
                     return Err(ApiError::queue_full());
                 }
                 Err(e) => return Err(ApiError::internal(format!("scheduler unreachable: {e}"))),

@@ -29,7 +29,8 @@ impl Actor for KvPageManager {
 }
 
 /// Grow the block tables of a step's candidates. Running sequences are each tried; waiting ones
-/// in order until the first that does not fit (first come, first served).
+/// in order until the first that does not fit (first come, first served), and none at all once
+/// a running one went without.
 #[derive(Message)]
 #[rtype(result = "Vec<Option<Vec<u32>>>")]
 pub struct ReserveStep {
@@ -49,7 +50,8 @@ impl Handler<ReserveStep> for KvPageManager {
                     return None;
                 }
                 let grant = self.pool.reserve(c.seq, c.total_tokens).ok().map(<[u32]>::to_vec);
-                admitting &= c.running || grant.is_some();
+                // A running sequence that starved will preempt someone: admit nobody new.
+                admitting &= grant.is_some();
                 grant
             })
             .collect();

@@ -91,6 +91,17 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, Api
 }
 
 async fn completions(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let result = handle_completion(state, payload).await;
+    if let Err(e) = &result {
+        metrics::counter!("inferflux_requests_rejected_total", "status" => e.status.to_string()).increment(1);
+    }
+    result
+}
+
+async fn handle_completion(
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let body = read_body(payload, state.max_body_bytes).await?;
     let request = parse_request(&body)?;
     let submitted = state
