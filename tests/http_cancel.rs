@@ -23,12 +23,7 @@ async fn paged_kv_disconnect_frees_pages() {
     });
     let base = &server.base;
     let body = json!({ "prompt": "Once upon a time in a land far away", "max_tokens": 200, "temperature": 0, "stream": true });
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = common::post_completion(base, &body).await;
     let mut stream = resp.bytes_stream();
     stream.next().await.unwrap().unwrap();
     assert!(free_pages(base).await < 64.0, "the running stream holds pages");

@@ -84,15 +84,7 @@ async fn http_non_streaming_response_has_usage_and_same_text() {
     let p = &goldens().prompts[0];
     let mut body = greedy(&p.prompt);
     body["stream"] = json!(false);
-    let v: serde_json::Value = reqwest::Client::new()
-        .post(format!("{base}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = common::post_completion(base, &body).await.json().await.unwrap();
     assert_eq!(v["choices"][0]["text"], p.greedy_text.as_str());
     assert_eq!(v["usage"]["prompt_tokens"], p.input_ids.len());
     assert_eq!(v["usage"]["completion_tokens"], 24);

@@ -33,14 +33,21 @@ impl<B: Backend> ModelExecutor<B> {
     }
 
     /// Runs one planned step and samples a token for every chunk that wants one.
-    pub fn run_step(&mut self, plan: &[PlannedChunk]) -> Result<Vec<(SeqId, u32)>, ExecutorError> {
+    pub fn run_step(&mut self, plan: Vec<PlannedChunk>) -> Result<Vec<(SeqId, u32)>, ExecutorError> {
+        // The plan's vectors move into the model's chunks; only what sampling needs stays.
+        let mut samplers = Vec::new();
         let chunks: Vec<SequenceChunk> = plan
-            .iter()
-            .map(|c| SequenceChunk {
-                tokens: c.tokens.clone(),
-                start_pos: c.start_pos,
-                block_table: c.block_table.clone(),
-                wants_logits: c.wants_logits,
+            .into_iter()
+            .map(|c| {
+                if c.wants_logits {
+                    samplers.push((c.seq, c.sampling, c.generated_index));
+                }
+                SequenceChunk {
+                    tokens: c.tokens,
+                    start_pos: c.start_pos,
+                    block_table: c.block_table,
+                    wants_logits: c.wants_logits,
+                }
             })
             .collect();
         let (model, cache) = (&*self.model, &mut *self.cache);
@@ -52,11 +59,10 @@ impl<B: Backend> ModelExecutor<B> {
         .map_err(|p| ExecutorError(panic_message(p)))?
         .map_err(|e| ExecutorError(format!("{e:?}")))?;
         let (_, vocab, values) = logits;
-        Ok(plan
-            .iter()
-            .filter(|c| c.wants_logits)
+        Ok(samplers
+            .into_iter()
             .zip(values.chunks_exact(vocab))
-            .map(|(c, row)| (c.seq, sampling::sample(row, &c.sampling, c.generated_index)))
+            .map(|((seq, params, n), row)| (seq, sampling::sample(row, &params, n)))
             .collect())
     }
 }
@@ -89,7 +95,7 @@ impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
         let span = tracing::debug_span!("step", step = msg.step, seqs = msg.plan.len(), tokens);
         let _enter = span.enter();
         let started = std::time::Instant::now();
-        let result = self.run_step(&msg.plan);
+        let result = self.run_step(msg.plan);
         metrics::histogram!("inferflux_step_duration_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("inferflux_batched_tokens_per_step").record(tokens as f64);
         match &result {

@@ -78,33 +78,31 @@ impl Scheduler {
                     }
                 };
                 let executor = act.executor.clone();
+                let progress: Vec<(SeqId, usize)> = plan.iter().map(PlannedChunk::progress).collect();
                 actix::fut::wrap_future(async move {
                     if plan.is_empty() {
-                        return (plan, Ok(Vec::new()));
+                        return (progress, Ok(Vec::new()));
                     }
                     let result = executor
-                        .send(ExecuteStep {
-                            step,
-                            plan: plan.clone(),
-                        })
+                        .send(ExecuteStep { step, plan })
                         .await
                         .unwrap_or_else(|e| Err(ExecutorError(format!("executor unreachable: {e}"))));
-                    (plan, result)
+                    (progress, result)
                 })
             })
-            .map(|(plan, result), act, ctx| {
+            .map(|(progress, result), act, ctx| {
                 act.step_in_flight = false;
-                act.finish_step(&plan, result);
+                act.finish_step(&progress, result);
                 act.publish();
                 act.maybe_step(ctx);
             });
         ctx.spawn(fut);
     }
 
-    fn finish_step(&mut self, plan: &[PlannedChunk], result: Result<Vec<(SeqId, u32)>, ExecutorError>) {
+    fn finish_step(&mut self, progress: &[(SeqId, usize)], result: Result<Vec<(SeqId, u32)>, ExecutorError>) {
         match result {
             Ok(sampled) => {
-                let outcome = self.core.complete(plan, &sampled);
+                let outcome = self.core.complete(progress, &sampled);
                 if !outcome.tokens.is_empty() {
                     self.detector.do_send(StepTokens {
                         tokens: outcome.tokens,
@@ -115,11 +113,11 @@ impl Scheduler {
                 }
             }
             Err(e) => {
-                for chunk in plan {
-                    if self.core.remove(chunk.seq) {
-                        self.kv.do_send(Release { seq: chunk.seq });
+                for &(seq, _) in progress {
+                    if self.core.remove(seq) {
+                        self.kv.do_send(Release { seq });
                         self.detector.do_send(FailSequence {
-                            seq: chunk.seq,
+                            seq,
                             message: e.to_string(),
                         });
                     }

@@ -7,7 +7,7 @@
 //! released and it waits again at the front with every token it had, to be recomputed; its
 //! output does not change.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use crate::config::SchedulerConfig;
 use crate::kv::SeqId;
@@ -53,6 +53,14 @@ pub struct PlannedChunk {
     pub sampling: SamplingParams,
     /// Index of the token this chunk samples among the generated ones.
     pub generated_index: usize,
+}
+
+impl PlannedChunk {
+    /// `(seq, tokens in the cache once the step ran)`: all `complete` needs, so the plan itself
+    /// can move to the executor without a copy.
+    pub fn progress(&self) -> (SeqId, usize) {
+        (self.seq, self.start_pos + self.tokens.len())
+    }
 }
 
 /// What the scheduler decided after a step's tokens came back.
@@ -153,6 +161,8 @@ impl SchedulerCore {
     ) -> (Vec<PlannedChunk>, Option<SeqId>) {
         let mut plan = Vec::new();
         let mut starved = false;
+        let mut index: HashMap<SeqId, usize> =
+            self.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
         for (cand, grant) in candidates.iter().zip(grants) {
             let Some(block_table) = grant else {
                 starved |= cand.running;
@@ -163,9 +173,10 @@ impl SchedulerCore {
                     continue;
                 };
                 let seq = self.waiting.remove(pos).expect("position is valid");
+                index.insert(seq.id, self.running.len());
                 self.running.push(seq);
             }
-            let Some(seq) = self.running.iter().find(|s| s.id == cand.seq) else {
+            let Some(seq) = index.get(&cand.seq).map(|&i| &self.running[i]) else {
                 continue;
             };
             plan.push(PlannedChunk {
@@ -196,17 +207,19 @@ impl SchedulerCore {
 
     /// Records a finished step: advances `computed` for every planned chunk and appends sampled
     /// tokens. Sequences removed while the step ran are skipped.
-    pub fn complete(&mut self, plan: &[PlannedChunk], sampled: &[(SeqId, u32)]) -> StepOutcome {
+    pub fn complete(&mut self, progress: &[(SeqId, usize)], sampled: &[(SeqId, u32)]) -> StepOutcome {
         let mut outcome = StepOutcome::default();
-        for chunk in plan {
-            if let Some(seq) = self.running.iter_mut().find(|s| s.id == chunk.seq) {
-                seq.computed = chunk.start_pos + chunk.tokens.len();
+        let index: HashMap<SeqId, usize> = self.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+        for (id, computed) in progress {
+            if let Some(&i) = index.get(id) {
+                self.running[i].computed = *computed;
             }
         }
         for &(id, token) in sampled {
-            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
+            let Some(&i) = index.get(&id) else {
                 continue;
             };
+            let seq = &mut self.running[i];
             seq.tokens.push(token);
             outcome.tokens.push((id, token));
             if seq.generated() >= seq.max_tokens {
@@ -257,7 +270,8 @@ mod tests {
                 .filter(|c| c.wants_logits)
                 .map(|c| (c.seq, 1000 + c.generated_index as u32))
                 .collect();
-            for id in core.complete(&plan, &sampled).finished {
+            let progress: Vec<_> = plan.iter().map(PlannedChunk::progress).collect();
+            for id in core.complete(&progress, &sampled).finished {
                 pool.release(id);
             }
             pool.check_invariants().unwrap();

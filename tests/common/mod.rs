@@ -48,13 +48,18 @@ impl Streamed {
     }
 }
 
-pub async fn stream_completion(base: &str, body: serde_json::Value) -> Streamed {
-    let resp = reqwest::Client::new()
+/// POSTs `body` to `/v1/completions`.
+pub async fn post_completion(base: &str, body: &serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
         .post(format!("{base}/v1/completions"))
-        .json(&body)
+        .json(body)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+pub async fn stream_completion(base: &str, body: serde_json::Value) -> Streamed {
+    let resp = post_completion(base, &body).await;
     assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut events = resp.bytes_stream().eventsource();
