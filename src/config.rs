@@ -72,6 +72,8 @@ pub struct KvConfig {
     pub page_size: usize,
     /// Pages in the pool (shared by all sequences).
     pub num_pages: usize,
+    /// Reuse the K/V of full pages shared by prompts (automatic prefix caching).
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for KvConfig {
@@ -79,6 +81,7 @@ impl Default for KvConfig {
         Self {
             page_size: 16,
             num_pages: 1024,
+            enable_prefix_caching: true,
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::actors::scheduler::Scheduler;
 use crate::actors::stop_detector::{ConnectScheduler, StopSequenceDetector};
 use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
+use crate::kv::BlockHasher;
 use crate::model::{Llama, ModelError, ModelFiles, ModelSource, PagedKvCache};
 use crate::scheduler::SchedulerCore;
 
@@ -118,11 +119,15 @@ pub fn start(
         .served_name
         .clone()
         .unwrap_or_else(|| files.name.clone());
-    let kv = KvPageManager::new(settings.kv.num_pages, settings.kv.page_size).start();
+    let prefix_caching = settings.kv.enable_prefix_caching;
+    let kv = KvPageManager::new(settings.kv.num_pages, settings.kv.page_size, prefix_caching).start();
     let detector = StopSequenceDetector::new(files.tokenizer.clone()).start();
+    // K/V depend on the weights and the backend's numerics besides the tokens: both salt the keys.
+    let hasher = prefix_caching
+        .then(|| BlockHasher::new(&format!("{}/{backend:?}", files.name), settings.kv.page_size));
     let scheduler = Scheduler::new(
-        SchedulerCore::new(settings.scheduler.clone()),
-        kv,
+        SchedulerCore::new(settings.scheduler.clone(), hasher),
+        kv.clone(),
         executor,
         detector.clone(),
     )
@@ -140,6 +145,7 @@ pub fn start(
         .set(1.0);
     let state = AppState {
         intake,
+        kv,
         model_name: model_name.clone(),
         max_context: files
             .max_context

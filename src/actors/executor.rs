@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use actix::prelude::*;
 use burn::prelude::Backend;
 
-use crate::kv::SeqId;
+use crate::kv::{PageCopy, SeqId};
 use crate::model::{Llama, PagedKvCache, SequenceChunk};
 use crate::sampling;
 use crate::scheduler::PlannedChunk;
@@ -36,6 +36,7 @@ impl<B: Backend> ModelExecutor<B> {
     pub fn run_step(&mut self, plan: Vec<PlannedChunk>) -> Result<Vec<(SeqId, u32)>, ExecutorError> {
         // The plan's vectors move into the model's chunks; only what sampling needs stays.
         let mut samplers = Vec::new();
+        let copies: Vec<PageCopy> = plan.iter().flat_map(|c| c.page_copies.iter().copied()).collect();
         let chunks: Vec<SequenceChunk> = plan
             .into_iter()
             .map(|c| {
@@ -52,6 +53,11 @@ impl<B: Backend> ModelExecutor<B> {
             .collect();
         let (model, cache) = (&*self.model, &mut *self.cache);
         let logits = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            // Copies first, in grant order: a page freed by one copy's source can only be the
+            // destination of a later one.
+            for c in &copies {
+                cache.copy_page(c.src, c.dst);
+            }
             let t = model.forward(cache, &chunks);
             let [rows, vocab] = t.dims();
             t.into_data().to_vec::<f32>().map(|v| (rows, vocab, v))

@@ -262,14 +262,7 @@ impl Handler<SubmitCompletion> for RequestIntake {
                 })
                 .await
                 .map_err(|e| ApiError::internal(format!("stop detector unreachable: {e}")))?;
-            let sequence = Sequence {
-                id: seq,
-                tokens: valid.prompt_ids,
-                prompt_len: prompt_tokens,
-                computed: 0,
-                max_tokens: valid.max_tokens,
-                sampling: valid.sampling,
-            };
+            let sequence = Sequence::new(seq, valid.prompt_ids, valid.max_tokens, valid.sampling);
             match scheduler.send(Enqueue { seq: sequence }).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {

@@ -1,38 +1,54 @@
-//! `KvPageManager`: owns the page pool and every block table.
+//! `KvPageManager`: owns the page pool, every block table and the prefix cache.
 
 use actix::prelude::*;
 
-use crate::kv::{PagePool, SeqId};
-use crate::scheduler::Candidate;
+use crate::kv::{CachedPrefix, Grant, PagePool, PoolStats, SeqId};
+use crate::scheduler::{Candidate, PageCommit};
+
+/// How many of the longest cached prefixes `/admin/kv` lists.
+const REPORTED_PREFIXES: usize = 8;
 
 pub struct KvPageManager {
     pool: PagePool,
+    prefix_caching: bool,
 }
 
 impl KvPageManager {
-    pub fn new(num_pages: usize, page_size: usize) -> Self {
+    pub fn new(num_pages: usize, page_size: usize, prefix_caching: bool) -> Self {
         Self {
             pool: PagePool::new(num_pages, page_size),
+            prefix_caching,
         }
     }
 
     fn publish(&self) {
-        let total = self.pool.num_pages() as f64;
-        let free = self.pool.free_pages() as f64;
-        metrics::gauge!("inferflux_kv_cache_usage_perc").set((total - free) / total);
-        metrics::gauge!("inferflux_kv_free_pages").set(free);
+        let pool = &self.pool;
+        let total = pool.num_pages() as f64;
+        metrics::gauge!("inferflux_kv_cache_usage_perc").set(pool.used_pages() as f64 / total);
+        metrics::gauge!("inferflux_kv_free_pages").set(pool.free_pages() as f64);
+        metrics::gauge!("inferflux_kv_used_pages").set(pool.used_pages() as f64);
+        metrics::gauge!("inferflux_kv_cached_pages").set(pool.cached_pages() as f64);
+        let stats = pool.stats();
+        metrics::counter!("inferflux_prefix_cache_queries_total").absolute(stats.queried_tokens);
+        metrics::counter!("inferflux_prefix_cache_hits_total").absolute(stats.hit_tokens);
+        metrics::counter!("inferflux_kv_evicted_pages_total").absolute(stats.evicted_pages);
+        metrics::counter!("inferflux_kv_copied_pages_total").absolute(stats.copied_pages);
     }
 }
 
 impl Actor for KvPageManager {
     type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        self.publish();
+    }
 }
 
-/// Grow the block tables of a step's candidates. Running sequences are each tried; waiting ones
-/// in order until the first that does not fit (first come, first served), and none at all once
-/// a running one went without.
+/// Get pages for a step's candidates. Running sequences are each tried; waiting ones in order
+/// until the first that does not fit (first come, first served), and none at all once a running
+/// one went without.
 #[derive(Message)]
-#[rtype(result = "Vec<Option<Vec<u32>>>")]
+#[rtype(result = "Vec<Option<Grant>>")]
 pub struct ReserveStep {
     pub candidates: Vec<Candidate>,
 }
@@ -49,7 +65,7 @@ impl Handler<ReserveStep> for KvPageManager {
                 if !c.running && !admitting {
                     return None;
                 }
-                let grant = self.pool.reserve(c.seq, c.total_tokens).ok().map(<[u32]>::to_vec);
+                let grant = c.reserve(&mut self.pool).ok();
                 // A running sequence that starved will preempt someone: admit nobody new.
                 admitting &= grant.is_some();
                 grant
@@ -57,6 +73,23 @@ impl Handler<ReserveStep> for KvPageManager {
             .collect();
         self.publish();
         MessageResult(grants)
+    }
+}
+
+/// Pages a finished step filled; they join the prefix cache.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CommitPages {
+    pub commits: Vec<PageCommit>,
+}
+
+impl Handler<CommitPages> for KvPageManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: CommitPages, _: &mut Context<Self>) {
+        for c in msg.commits {
+            self.pool.commit(c.seq, c.first, &c.hashes);
+        }
     }
 }
 
@@ -77,15 +110,77 @@ impl Handler<Release> for KvPageManager {
     }
 }
 
-/// Pool occupancy, for tests and admin views.
+/// The pool as `/admin/kv` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct KvReportBody {
+    pub page_size: usize,
+    pub num_pages: usize,
+    /// Pages held by running sequences.
+    pub used_pages: usize,
+    /// Unreferenced pages kept for prefix reuse.
+    pub cached_pages: usize,
+    pub free_pages: usize,
+    /// `used_pages / num_pages`.
+    pub usage: f64,
+    pub prefix_caching: bool,
+    pub prefix_cache_queried_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+    /// `hit / queried` tokens since start (0 before any query).
+    pub prefix_cache_hit_rate: f64,
+    pub evicted_pages: u64,
+    pub copied_pages: u64,
+    pub largest_cached_prefixes: Vec<CachedPrefix>,
+}
+
+/// Snapshot of the pool for operators.
 #[derive(Message)]
-#[rtype(result = "(usize, usize)")]
-pub struct PoolUsage;
+#[rtype(result = "KvReportBody")]
+pub struct KvReport;
 
-impl Handler<PoolUsage> for KvPageManager {
-    type Result = MessageResult<PoolUsage>;
+impl Handler<KvReport> for KvPageManager {
+    type Result = MessageResult<KvReport>;
 
-    fn handle(&mut self, _: PoolUsage, _: &mut Context<Self>) -> Self::Result {
-        MessageResult((self.pool.free_pages(), self.pool.num_pages()))
+    fn handle(&mut self, _: KvReport, _: &mut Context<Self>) -> Self::Result {
+        let pool = &self.pool;
+        let PoolStats {
+            queried_tokens,
+            hit_tokens,
+            evicted_pages,
+            copied_pages,
+        } = pool.stats();
+        MessageResult(KvReportBody {
+            page_size: pool.page_size(),
+            num_pages: pool.num_pages(),
+            used_pages: pool.used_pages(),
+            cached_pages: pool.cached_pages(),
+            free_pages: pool.free_pages(),
+            usage: pool.used_pages() as f64 / pool.num_pages() as f64,
+            prefix_caching: self.prefix_caching,
+            prefix_cache_queried_tokens: queried_tokens,
+            prefix_cache_hit_tokens: hit_tokens,
+            prefix_cache_hit_rate: if queried_tokens == 0 {
+                0.0
+            } else {
+                hit_tokens as f64 / queried_tokens as f64
+            },
+            evicted_pages,
+            copied_pages,
+            largest_cached_prefixes: pool.largest_prefixes(REPORTED_PREFIXES),
+        })
+    }
+}
+
+/// Forget every cached prefix; replies with the number of keys dropped.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct ResetPrefixCache;
+
+impl Handler<ResetPrefixCache> for KvPageManager {
+    type Result = usize;
+
+    fn handle(&mut self, _: ResetPrefixCache, _: &mut Context<Self>) -> usize {
+        let dropped = self.pool.reset_prefix_cache();
+        self.publish();
+        dropped
     }
 }

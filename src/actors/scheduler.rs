@@ -4,8 +4,8 @@
 use actix::prelude::*;
 
 use super::executor::{ExecuteStep, ExecutorError};
-use super::kv_pages::{KvPageManager, Release, ReserveStep};
-use super::stop_detector::{FailSequence, StepTokens, StopSequenceDetector, Untrack};
+use super::kv_pages::{CommitPages, KvPageManager, Release, ReserveStep};
+use super::stop_detector::{FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
 use crate::kv::SeqId;
 use crate::scheduler::{PlannedChunk, SchedulerCore, Sequence};
 
@@ -65,6 +65,9 @@ impl Scheduler {
                 let plan = match reserved {
                     Ok((candidates, grants)) => {
                         let (plan, victim) = act.core.plan(&candidates, grants);
+                        for (seq, cached_tokens) in act.core.take_admissions() {
+                            act.detector.do_send(PrefixCached { seq, cached_tokens });
+                        }
                         if let Some(seq) = victim {
                             tracing::info!(seq = %seq, "preempted for KV pages (recompute)");
                             metrics::counter!("inferflux_num_preemptions_total").increment(1);
@@ -103,6 +106,11 @@ impl Scheduler {
         match result {
             Ok(sampled) => {
                 let outcome = self.core.complete(progress, &sampled);
+                if !outcome.commits.is_empty() {
+                    self.kv.do_send(CommitPages {
+                        commits: outcome.commits,
+                    });
+                }
                 if !outcome.tokens.is_empty() {
                     self.detector.do_send(StepTokens {
                         tokens: outcome.tokens,

@@ -23,6 +23,8 @@ pub enum StreamEvent {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens served from the prefix cache.
+        cached_tokens: usize,
     },
     /// The request failed after it was accepted; the stream ends.
     Error(String),
@@ -33,6 +35,7 @@ struct Tracked {
     detector: StopDetector,
     events: UnboundedSender<StreamEvent>,
     prompt_tokens: usize,
+    cached_tokens: usize,
     arrival: Instant,
     first_token: Option<Instant>,
 }
@@ -89,6 +92,7 @@ impl StopSequenceDetector {
                 request_id = %t.request_id,
                 finish_reason = reason.as_openai(),
                 prompt_tokens = t.prompt_tokens,
+                cached_tokens = t.cached_tokens,
                 completion_tokens,
                 e2e_ms = now.duration_since(t.arrival).as_millis() as u64,
                 "request finished"
@@ -101,6 +105,7 @@ impl StopSequenceDetector {
                 reason,
                 prompt_tokens: t.prompt_tokens,
                 completion_tokens,
+                cached_tokens: t.cached_tokens,
             });
             self.end(seq);
         } else if !alive || t.events.is_closed() {
@@ -149,6 +154,7 @@ impl Handler<Track> for StopSequenceDetector {
                 detector,
                 events: msg.events,
                 prompt_tokens: msg.prompt_tokens,
+                cached_tokens: 0,
                 arrival: msg.arrival,
                 first_token: None,
             },
@@ -200,6 +206,24 @@ impl Handler<FailSequence> for StopSequenceDetector {
         if let Some(t) = self.streams.remove(&msg.seq) {
             metrics::counter!("inferflux_request_failure_total").increment(1);
             let _ = t.events.send(StreamEvent::Error(msg.message));
+        }
+    }
+}
+
+/// A sequence was admitted; `cached_tokens` of its prompt came from the prefix cache. Sent by
+/// the scheduler before the sequence's first tokens, so the final usage can report it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PrefixCached {
+    pub seq: SeqId,
+    pub cached_tokens: usize,
+}
+
+impl Handler<PrefixCached> for StopSequenceDetector {
+    type Result = ();
+    fn handle(&mut self, msg: PrefixCached, _: &mut Context<Self>) {
+        if let Some(t) = self.streams.get_mut(&msg.seq) {
+            t.cached_tokens = msg.cached_tokens.min(t.prompt_tokens);
         }
     }
 }

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
+use inferflux::actors::kv_pages::KvReportBody;
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -63,6 +64,15 @@ enum Command {
 enum AdminCommand {
     /// Print the server's InferFlux metrics (Prometheus text, comments dropped).
     Metrics,
+    /// Show the KV page pool and prefix cache (`GET /admin/kv`).
+    Kv {
+        /// Forget every cached prefix first (`POST /admin/kv/reset_prefix_cache`).
+        #[arg(long)]
+        reset_prefix_cache: bool,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[tokio::main]
@@ -172,6 +182,61 @@ async fn main() -> anyhow::Result<()> {
                 println!("{line}");
             }
         }
+        Command::Admin {
+            command:
+                AdminCommand::Kv {
+                    reset_prefix_cache,
+                    json,
+                },
+        } => {
+            if reset_prefix_cache {
+                let v: serde_json::Value = client
+                    .post(format!("{base}/admin/kv/reset_prefix_cache"))
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
+                println!("prefix cache reset: {} keys dropped", v["dropped_keys"]);
+            }
+            let resp = client
+                .get(format!("{base}/admin/kv"))
+                .send()
+                .await?
+                .error_for_status()?;
+            if json {
+                let v: serde_json::Value = resp.json().await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_kv(&resp.json().await?);
+            }
+        }
     }
     Ok(())
+}
+
+fn print_kv(r: &KvReportBody) {
+    println!(
+        "pages         {} used, {} cached, {} free of {} ({} tokens each)",
+        r.used_pages, r.cached_pages, r.free_pages, r.num_pages, r.page_size
+    );
+    println!("usage         {:.1}%", r.usage * 100.0);
+    println!(
+        "prefix cache  {} ({} of {} tokens hit, {:.1}%)",
+        if r.prefix_caching { "on" } else { "off" },
+        r.prefix_cache_hit_tokens,
+        r.prefix_cache_queried_tokens,
+        r.prefix_cache_hit_rate * 100.0
+    );
+    println!(
+        "pages moved   {} evicted, {} copied on write",
+        r.evicted_pages, r.copied_pages
+    );
+    if !r.largest_cached_prefixes.is_empty() {
+        println!("largest cached prefixes:");
+        println!("  {:>8}  {:>4}  key", "tokens", "refs");
+        for p in &r.largest_cached_prefixes {
+            println!("  {:>8}  {:>4}  {}", p.tokens, p.ref_count, p.hash);
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The HTTP surface: OpenAI-compatible `/v1/completions` (JSON or SSE), `/v1/models`, `/health`
 //! and Prometheus `/metrics`. Handlers parse, hand the request to intake, and render its events.
 
+pub mod admin;
 pub mod error;
 pub mod types;
 
@@ -13,15 +14,19 @@ use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::actors::intake::{RequestIntake, SubmitCompletion, Submitted};
+use crate::actors::kv_pages::KvPageManager;
 use crate::actors::stop_detector::StreamEvent;
 use crate::stop::FinishReason;
 use error::ApiError;
-use types::{CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage};
+use types::{
+    CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, PromptTokensDetails, Usage,
+};
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub intake: Addr<RequestIntake>,
+    pub kv: Addr<KvPageManager>,
     pub model_name: String,
     pub max_context: usize,
     pub metrics: PrometheusHandle,
@@ -32,7 +37,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/completions", web::post().to(completions))
         .route("/v1/models", web::get().to(models))
         .route("/health", web::get().to(health))
-        .route("/metrics", web::get().to(metrics_text));
+        .route("/metrics", web::get().to(metrics_text))
+        .route("/admin/kv", web::get().to(admin::kv_report))
+        .route(
+            "/admin/kv/reset_prefix_cache",
+            web::post().to(admin::reset_prefix_cache),
+        );
 }
 
 fn unix_now() -> u64 {
@@ -208,6 +218,7 @@ async fn collect(mut sub: Submitted, model: String) -> Result<HttpResponse, ApiE
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
                 sub.guard.disarm();
                 let mut resp = chunk(&sub.request_id, &model, unix_now(), text, Some(&reason));
@@ -215,6 +226,7 @@ async fn collect(mut sub: Submitted, model: String) -> Result<HttpResponse, ApiE
                     prompt_tokens,
                     completion_tokens,
                     total_tokens: prompt_tokens + completion_tokens,
+                    prompt_tokens_details: Some(PromptTokensDetails { cached_tokens }),
                 });
                 return Ok(HttpResponse::Ok()
                     .insert_header(("X-Request-Id", sub.request_id.clone()))

@@ -43,6 +43,15 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// Breakdown of the prompt tokens, as OpenAI reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose K/V came from the prefix cache instead of being computed.
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

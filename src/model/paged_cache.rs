@@ -75,6 +75,20 @@ impl<B: Backend> PagedKvCache<B> {
         cache.v = Some(cv);
     }
 
+    /// Copies every layer's K/V of page `src` into page `dst` (copy-on-write of a shared page).
+    pub fn copy_page(&mut self, src: u32, dst: u32) {
+        let ps = self.page_size;
+        let (src, dst) = (src as usize * ps, dst as usize * ps);
+        for cache in &mut self.layers {
+            for t in [&mut cache.k, &mut cache.v] {
+                let whole = t.take().expect("layer cache present between writes");
+                let width = whole.dims()[1];
+                let rows = whole.clone().slice([src..src + ps, 0..width]);
+                *t = Some(whole.slice_assign([dst..dst + ps, 0..width], rows));
+            }
+        }
+    }
+
     /// Reads the K and V rows at `slots` of `layer`, in slot-list order: `[n, kv_dim]` each.
     pub fn gather(&self, layer: usize, slots: Tensor<B, 1, Int>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let cache = &self.layers[layer];

@@ -6,11 +6,15 @@
 //! running sequence cannot get a page, the most recently admitted one is preempted: its pages are
 //! released and it waits again at the front with every token it had, to be recomputed; its
 //! output does not change.
+//!
+//! Sequences carry the keys of their full pages ([`BlockHash`]); a sequence being admitted offers
+//! them to the page pool, which hands back the longest cached prefix so those tokens are not
+//! computed again. Pages that a step completed are committed back to the cache.
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::config::SchedulerConfig;
-use crate::kv::SeqId;
+use crate::kv::{BlockHash, BlockHasher, Grant, NoSpace, PageCopy, PagePool, SeqId};
 use crate::sampling::SamplingParams;
 
 /// A sequence as the scheduler tracks it.
@@ -24,9 +28,27 @@ pub struct Sequence {
     pub computed: usize,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// Keys of every full page of `tokens` (empty when prefix caching is off).
+    pub block_hashes: Vec<BlockHash>,
+    /// Prompt tokens served from the prefix cache at first admission (`usage.cached_tokens`).
+    pub cached_tokens: Option<usize>,
 }
 
 impl Sequence {
+    /// A new sequence of prompt tokens, nothing computed yet.
+    pub fn new(id: SeqId, prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            computed: 0,
+            max_tokens,
+            sampling,
+            block_hashes: Vec::new(),
+            cached_tokens: None,
+        }
+    }
+
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
@@ -36,10 +58,41 @@ impl Sequence {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     pub seq: SeqId,
-    /// Tokens the cache must hold after the step.
-    pub total_tokens: usize,
     /// Whether it is running already (must be served, or something preempted).
     pub running: bool,
+    /// Tokens in the cache before the step.
+    pub computed: usize,
+    /// Tokens the step computes (fewer when a prefix hit leaves fewer to do).
+    pub chunk: usize,
+    /// All tokens of the sequence.
+    pub len: usize,
+    /// Page keys to look up in the prefix cache (admissions only).
+    pub prefix: Vec<BlockHash>,
+}
+
+impl Candidate {
+    /// Gets the candidate's pages from the pool: a running sequence grows its block table, a
+    /// waiting one is admitted with whatever prefix the cache holds. All or nothing.
+    pub fn reserve(&self, pool: &mut PagePool) -> Result<Grant, NoSpace> {
+        if self.running || self.computed > 0 {
+            let table = pool.reserve(self.seq, self.computed + self.chunk)?;
+            return Ok(Grant {
+                block_table: table.to_vec(),
+                cached_tokens: self.computed,
+                copies: Vec::new(),
+            });
+        }
+        pool.admit(self.seq, &self.prefix, self.len, self.chunk)
+    }
+}
+
+/// Full pages a step completed, for the prefix cache: pages `first..first + hashes.len()` of
+/// `seq`'s block table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PageCommit {
+    pub seq: SeqId,
+    pub first: usize,
+    pub hashes: Vec<BlockHash>,
 }
 
 /// One sequence's work in a step, with its pages.
@@ -53,6 +106,8 @@ pub struct PlannedChunk {
     pub sampling: SamplingParams,
     /// Index of the token this chunk samples among the generated ones.
     pub generated_index: usize,
+    /// Pages to copy before the step writes (copy-on-write of a shared prefix page).
+    pub page_copies: Vec<PageCopy>,
 }
 
 impl PlannedChunk {
@@ -70,25 +125,38 @@ pub struct StepOutcome {
     pub tokens: Vec<(SeqId, u32)>,
     /// Sequences that reached `max_tokens` and left the running set.
     pub finished: Vec<SeqId>,
+    /// Pages the step filled, to offer to the prefix cache.
+    pub commits: Vec<PageCommit>,
 }
 
 #[derive(Debug)]
 pub struct SchedulerCore {
     config: SchedulerConfig,
+    /// Keys pages for prefix caching; `None` turns it off.
+    hasher: Option<BlockHasher>,
     waiting: VecDeque<Sequence>,
     /// In admission order: the last one is preempted first.
     running: Vec<Sequence>,
     preemptions: u64,
+    /// `(seq, cached prompt tokens)` of first admissions since the last `take_admissions`.
+    admissions: Vec<(SeqId, usize)>,
 }
 
 impl SchedulerCore {
-    pub fn new(config: SchedulerConfig) -> Self {
+    pub fn new(config: SchedulerConfig, hasher: Option<BlockHasher>) -> Self {
         Self {
             config,
+            hasher,
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            admissions: Vec::new(),
         }
+    }
+
+    /// First admissions of the last plan and their prefix-cache hits.
+    pub fn take_admissions(&mut self) -> Vec<(SeqId, usize)> {
+        std::mem::take(&mut self.admissions)
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -108,9 +176,12 @@ impl SchedulerCore {
     }
 
     /// Queues a new sequence; hands it back when the waiting queue is full.
-    pub fn enqueue(&mut self, seq: Sequence) -> Result<(), Sequence> {
+    pub fn enqueue(&mut self, mut seq: Sequence) -> Result<(), Sequence> {
         if self.waiting.len() >= self.config.max_waiting {
             return Err(seq);
+        }
+        if let Some(h) = &self.hasher {
+            h.extend(&mut seq.block_hashes, &seq.tokens);
         }
         self.waiting.push_back(seq);
         Ok(())
@@ -143,28 +214,35 @@ impl SchedulerCore {
             budget -= n;
             out.push(Candidate {
                 seq: seq.id,
-                total_tokens: seq.computed + n,
                 running,
+                computed: seq.computed,
+                chunk: n,
+                len: seq.tokens.len(),
+                prefix: if running || seq.computed > 0 {
+                    Vec::new()
+                } else {
+                    seq.block_hashes.clone()
+                },
             });
         }
         out
     }
 
-    /// Turns granted candidates into the step's plan. `grants[i]` is the block table of
-    /// `candidates[i]`, or `None` when its pages could not be had. Waiting sequences with pages
-    /// are admitted. If a running sequence went without, the newest running sequence is
-    /// preempted and returned, so that its pages can be released.
+    /// Turns granted candidates into the step's plan. `grants[i]` holds the pages of
+    /// `candidates[i]`, or `None` when they could not be had. Waiting sequences with pages
+    /// are admitted, starting after their cached prefix. If a running sequence went without,
+    /// the newest running sequence is preempted and returned, so that its pages can be released.
     pub fn plan(
         &mut self,
         candidates: &[Candidate],
-        grants: Vec<Option<Vec<u32>>>,
+        grants: Vec<Option<Grant>>,
     ) -> (Vec<PlannedChunk>, Option<SeqId>) {
         let mut plan = Vec::new();
         let mut starved = false;
         let mut index: HashMap<SeqId, usize> =
             self.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
         for (cand, grant) in candidates.iter().zip(grants) {
-            let Some(block_table) = grant else {
+            let Some(grant) = grant else {
                 starved |= cand.running;
                 continue;
             };
@@ -172,21 +250,28 @@ impl SchedulerCore {
                 let Some(pos) = self.waiting.iter().position(|s| s.id == cand.seq) else {
                     continue;
                 };
-                let seq = self.waiting.remove(pos).expect("position is valid");
+                let mut seq = self.waiting.remove(pos).expect("position is valid");
+                seq.computed = grant.cached_tokens;
+                if seq.cached_tokens.is_none() {
+                    seq.cached_tokens = Some(grant.cached_tokens);
+                    self.admissions.push((seq.id, grant.cached_tokens));
+                }
                 index.insert(seq.id, self.running.len());
                 self.running.push(seq);
             }
             let Some(seq) = index.get(&cand.seq).map(|&i| &self.running[i]) else {
                 continue;
             };
+            let end = (seq.computed + cand.chunk).min(seq.tokens.len());
             plan.push(PlannedChunk {
                 seq: seq.id,
-                tokens: seq.tokens[seq.computed..cand.total_tokens].to_vec(),
+                tokens: seq.tokens[seq.computed..end].to_vec(),
                 start_pos: seq.computed,
-                block_table,
-                wants_logits: cand.total_tokens == seq.tokens.len(),
+                block_table: grant.block_table,
+                wants_logits: end == seq.tokens.len(),
                 sampling: seq.sampling,
                 generated_index: seq.generated(),
+                page_copies: grant.copies,
             });
         }
         let victim = if starved { self.preempt_newest() } else { None };
@@ -212,7 +297,18 @@ impl SchedulerCore {
         let index: HashMap<SeqId, usize> = self.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
         for (id, computed) in progress {
             if let Some(&i) = index.get(id) {
-                self.running[i].computed = *computed;
+                let seq = &mut self.running[i];
+                let page_size = self.hasher.as_ref().map_or(1, BlockHasher::page_size);
+                let (was, now) = (seq.computed / page_size, *computed / page_size);
+                seq.computed = *computed;
+                let now = now.min(seq.block_hashes.len());
+                if now > was {
+                    outcome.commits.push(PageCommit {
+                        seq: *id,
+                        first: was,
+                        hashes: seq.block_hashes[was..now].to_vec(),
+                    });
+                }
             }
         }
         for &(id, token) in sampled {
@@ -221,6 +317,9 @@ impl SchedulerCore {
             };
             let seq = &mut self.running[i];
             seq.tokens.push(token);
+            if let Some(h) = &self.hasher {
+                h.extend(&mut seq.block_hashes, &seq.tokens);
+            }
             outcome.tokens.push((id, token));
             if seq.generated() >= seq.max_tokens {
                 outcome.finished.push(id);
@@ -239,14 +338,12 @@ mod tests {
     use crate::kv::PagePool;
 
     fn seq(id: u64, prompt: usize, max_tokens: usize) -> Sequence {
-        Sequence {
-            id: SeqId(id),
-            tokens: (0..prompt as u32).collect(),
-            prompt_len: prompt,
-            computed: 0,
+        Sequence::new(
+            SeqId(id),
+            (0..prompt as u32).collect(),
             max_tokens,
-            sampling: SamplingParams::default(),
-        }
+            SamplingParams::default(),
+        )
     }
 
     /// Runs steps against a real page pool with a fake model that samples `1000 + generated`.
@@ -257,10 +354,7 @@ mod tests {
                 break;
             }
             let cands = core.candidates();
-            let grants = cands
-                .iter()
-                .map(|c| pool.reserve(c.seq, c.total_tokens).ok().map(<[u32]>::to_vec))
-                .collect();
+            let grants = cands.iter().map(|c| c.reserve(pool).ok()).collect();
             let (plan, victim) = core.plan(&cands, grants);
             if let Some(v) = victim {
                 pool.release(v);
@@ -271,7 +365,11 @@ mod tests {
                 .map(|c| (c.seq, 1000 + c.generated_index as u32))
                 .collect();
             let progress: Vec<_> = plan.iter().map(PlannedChunk::progress).collect();
-            for id in core.complete(&progress, &sampled).finished {
+            let outcome = core.complete(&progress, &sampled);
+            for c in &outcome.commits {
+                pool.commit(c.seq, c.first, &c.hashes);
+            }
+            for id in outcome.finished {
                 pool.release(id);
             }
             pool.check_invariants().unwrap();
@@ -287,7 +385,7 @@ mod tests {
             max_running: 4,
             max_waiting: 8,
         };
-        let mut core = SchedulerCore::new(cfg);
+        let mut core = SchedulerCore::new(cfg, None);
         let mut pool = PagePool::new(64, 4);
         core.enqueue(seq(1, 3, 10)).unwrap();
         let first = run(&mut core, &mut pool, 1);
@@ -315,7 +413,7 @@ mod tests {
             max_running: 4,
             max_waiting: 8,
         };
-        let mut core = SchedulerCore::new(cfg);
+        let mut core = SchedulerCore::new(cfg, None);
         // 6 pages of 2 tokens: three sequences of 3 + 6 tokens cannot all fit.
         let mut pool = PagePool::new(6, 2);
         for id in 1..=3 {
@@ -348,7 +446,7 @@ mod tests {
             max_running: 1,
             max_waiting: 1,
         };
-        let mut core = SchedulerCore::new(cfg);
+        let mut core = SchedulerCore::new(cfg, None);
         core.enqueue(seq(1, 3, 1)).unwrap();
         assert_eq!(core.enqueue(seq(2, 3, 1)).unwrap_err().id, SeqId(2));
     }

@@ -114,3 +114,31 @@ pub async fn metrics_text(base: &str) -> String {
         .await
         .unwrap()
 }
+
+/// `GET /admin/kv`.
+pub async fn kv_report(base: &str) -> inferflux::actors::kv_pages::KvReportBody {
+    reqwest::get(format!("{base}/admin/kv"))
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits (up to 10 s) until no block table holds a page, and returns the final report.
+pub async fn wait_until_no_page_is_referenced(base: &str) -> inferflux::actors::kv_pages::KvReportBody {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let report = kv_report(base).await;
+        if report.used_pages == 0 {
+            return report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pages still referenced after every request ended: {report:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
