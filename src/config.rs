@@ -70,10 +70,15 @@ pub struct ModelConfig {
 pub struct KvConfig {
     /// Tokens per KV page.
     pub page_size: usize,
-    /// Pages in the pool (shared by all sequences).
+    /// Pages in the pool (shared by all sequences); 0 sizes the pool from `memory_fraction`.
     pub num_pages: usize,
+    /// With `num_pages = 0`: the share of the device memory left free after loading the weights
+    /// that the pool takes.
+    pub memory_fraction: f64,
     /// Reuse the K/V of full pages shared by prompts (automatic prefix caching).
     pub enable_prefix_caching: bool,
+    /// Host memory for the K/V of sequences preempted with `scheduler.preemption = "swap"`.
+    pub swap_space_mib: usize,
 }
 
 impl Default for KvConfig {
@@ -81,9 +86,23 @@ impl Default for KvConfig {
         Self {
             page_size: 16,
             num_pages: 1024,
+            memory_fraction: 0.5,
             enable_prefix_caching: true,
+            swap_space_mib: 4096,
         }
     }
+}
+
+/// What a sequence preempted for KV pages does with its K/V.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PreemptionMode {
+    /// Drop them and compute them again on resumption (a prefix-cache hit makes that cheap).
+    #[default]
+    Recompute,
+    /// Copy them to host memory (within `kv.swap_space_mib`) and back on resumption; falls back
+    /// to recompute when the swap space is full.
+    Swap,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -95,6 +114,8 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Most requests waiting for admission; more get 429.
     pub max_waiting: usize,
+    /// `recompute` or `swap`.
+    pub preemption: PreemptionMode,
 }
 
 impl Default for SchedulerConfig {
@@ -103,6 +124,7 @@ impl Default for SchedulerConfig {
             max_batched_tokens: 512,
             max_running: 64,
             max_waiting: 1024,
+            preemption: PreemptionMode::Recompute,
         }
     }
 }
@@ -200,7 +222,12 @@ impl Settings {
             }
         };
         positive("kv.page_size", self.kv.page_size)?;
-        positive("kv.num_pages", self.kv.num_pages)?;
+        if !(self.kv.memory_fraction > 0.0 && self.kv.memory_fraction <= 1.0) {
+            return Err(ConfigError::BadValue {
+                key: "kv.memory_fraction",
+                message: "must be in (0, 1]".into(),
+            });
+        }
         positive("scheduler.max_batched_tokens", self.scheduler.max_batched_tokens)?;
         positive("scheduler.max_running", self.scheduler.max_running)?;
         positive("scheduler.max_waiting", self.scheduler.max_waiting)?;

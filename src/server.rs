@@ -10,7 +10,7 @@ use burn::prelude::Backend;
 use burn::tensor::DType;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::actors::executor::ModelExecutor;
+use crate::actors::executor::{DiscardSwapped, ExecuteStep, ModelExecutor};
 use crate::actors::intake::{IntakeLimits, RequestIntake};
 use crate::actors::kv_pages::KvPageManager;
 use crate::actors::scheduler::Scheduler;
@@ -30,6 +30,8 @@ pub enum StartError {
     NoCuda(String),
     #[error("cannot bind: {0}")]
     Io(#[from] std::io::Error),
+    #[error("kv.num_pages = 0 sizes the pool from free memory, but {0}")]
+    PoolSize(String),
 }
 
 /// Which backend serves, decided once at start.
@@ -102,7 +104,7 @@ pub fn start(
     }
     let executor = match backend {
         ChosenBackend::Cpu => {
-            start_executor::<burn::backend::Flex>(&files, settings, Default::default(), DType::F32)?
+            start_executor::<burn::backend::Flex>(&files, settings, backend, Default::default(), DType::F32)?
         }
         ChosenBackend::Cuda => {
             let index = files.checkpoint.index()?;
@@ -111,7 +113,7 @@ pub fn start(
                 _ => DType::F16,
             };
             drop(index);
-            start_executor::<burn::backend::Cuda>(&files, settings, Default::default(), dtype)?
+            start_executor::<burn::backend::Cuda>(&files, settings, backend, Default::default(), dtype)?
         }
     };
     let model_name = settings
@@ -120,7 +122,9 @@ pub fn start(
         .clone()
         .unwrap_or_else(|| files.name.clone());
     let prefix_caching = settings.kv.enable_prefix_caching;
-    let kv = KvPageManager::new(settings.kv.num_pages, settings.kv.page_size, prefix_caching).start();
+    let num_pages = executor.num_pages;
+    let swap_pages = settings.kv.swap_space_mib.saturating_mul(1 << 20) / executor.page_bytes;
+    let kv = KvPageManager::new(num_pages, settings.kv.page_size, prefix_caching, swap_pages).start();
     let detector = StopSequenceDetector::new(files.tokenizer.clone()).start();
     // K/V depend on the weights and the backend's numerics besides the tokens: both salt the keys.
     let hasher = prefix_caching
@@ -128,15 +132,17 @@ pub fn start(
     let scheduler = Scheduler::new(
         SchedulerCore::new(settings.scheduler.clone(), hasher),
         kv.clone(),
-        executor,
+        executor.step,
+        executor.discard,
         detector.clone(),
+        settings.scheduler.preemption,
     )
     .start();
     detector.do_send(ConnectScheduler(scheduler.clone().recipient()));
     let limits = IntakeLimits {
         model_name: model_name.clone(),
         max_context: files.max_context,
-        kv_capacity_tokens: settings.kv.num_pages * settings.kv.page_size,
+        kv_capacity_tokens: num_pages * settings.kv.page_size,
         vocab_size: files.config.vocab_size,
         eos_token_ids: files.special.eos_token_ids.clone(),
     };
@@ -147,9 +153,7 @@ pub fn start(
         intake,
         kv,
         model_name: model_name.clone(),
-        max_context: files
-            .max_context
-            .min(settings.kv.num_pages * settings.kv.page_size),
+        max_context: files.max_context.min(num_pages * settings.kv.page_size),
         metrics,
         max_body_bytes: settings.server.max_body_bytes,
     };
@@ -165,22 +169,70 @@ pub fn start(
     Ok(Running { server, addr })
 }
 
+/// The executor's mailboxes and the pool it allocated.
+struct ExecutorHandle {
+    step: Recipient<ExecuteStep>,
+    discard: Recipient<DiscardSwapped>,
+    num_pages: usize,
+    /// Bytes of K and V of one page over all layers.
+    page_bytes: usize,
+}
+
+/// Free memory of the device serving the model, in bytes.
+fn free_memory(cuda: bool) -> Result<usize, String> {
+    if cuda {
+        let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| format!("{e:?}"))?;
+        return ctx
+            .mem_get_info()
+            .map(|(free, _)| free)
+            .map_err(|e| format!("{e:?}"));
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| e.to_string())?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| "/proc/meminfo has no MemAvailable".into())
+}
+
 fn start_executor<B: Backend>(
     files: &ModelFiles,
     settings: &Settings,
+    backend: ChosenBackend,
     device: B::Device,
     dtype: DType,
-) -> Result<Recipient<crate::actors::executor::ExecuteStep>, StartError> {
+) -> Result<ExecutorHandle, StartError> {
     let started = std::time::Instant::now();
     let index = files.checkpoint.index()?;
     let model = Llama::<B>::load(&files.config, &index, &device, dtype)?;
     drop(index);
     let c = &files.config;
+    let kv_dim = c.num_kv_heads * c.head_dim;
+    let page_bytes = 2 * c.num_layers * settings.kv.page_size * kv_dim * dtype.size();
+    let num_pages = match settings.kv.num_pages {
+        0 => {
+            let free = free_memory(backend == ChosenBackend::Cuda)
+                .map_err(|e| StartError::PoolSize(format!("free memory is unknown: {e}")))?;
+            let pages = (free as f64 * settings.kv.memory_fraction) as usize / page_bytes;
+            if pages == 0 {
+                return Err(StartError::PoolSize(format!("{free} free bytes hold no page")));
+            }
+            tracing::info!(
+                free_bytes = free,
+                fraction = settings.kv.memory_fraction,
+                pages,
+                "KV pool sized from free memory"
+            );
+            pages
+        }
+        n => n,
+    };
     let cache = PagedKvCache::<B>::new(
         c.num_layers,
-        settings.kv.num_pages,
+        num_pages,
         settings.kv.page_size,
-        c.num_kv_heads * c.head_dim,
+        kv_dim,
         &device,
         dtype,
     );
@@ -188,8 +240,9 @@ fn start_executor<B: Backend>(
         backend = B::name(&device),
         ?dtype,
         layers = c.num_layers,
-        kv_pages = settings.kv.num_pages,
+        kv_pages = num_pages,
         page_size = settings.kv.page_size,
+        kv_bytes = num_pages * page_bytes,
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -202,5 +255,10 @@ fn start_executor<B: Backend>(
             .and_then(|mut s| s.take())
             .expect("the executor is created once")
     });
-    Ok(addr.recipient())
+    Ok(ExecutorHandle {
+        step: addr.clone().recipient(),
+        discard: addr.recipient(),
+        num_pages,
+        page_bytes,
+    })
 }

@@ -8,8 +8,10 @@ use std::panic::AssertUnwindSafe;
 use actix::prelude::*;
 use burn::prelude::Backend;
 
+use std::collections::HashMap;
+
 use crate::kv::{PageCopy, SeqId};
-use crate::model::{Llama, PagedKvCache, SequenceChunk};
+use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
 use crate::sampling;
 use crate::scheduler::PlannedChunk;
 
@@ -22,6 +24,15 @@ pub struct ExecutorError(pub String);
 pub struct ModelExecutor<B: Backend> {
     model: Box<Llama<B>>,
     cache: Box<PagedKvCache<B>>,
+    /// K/V of preempted sequences swapped out to host memory, until they resume or end.
+    swapped: HashMap<SeqId, HostPages>,
+}
+
+/// Copy a preempted sequence's pages to host memory before anything else in the step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwapOut {
+    pub seq: SeqId,
+    pub pages: Vec<u32>,
 }
 
 impl<B: Backend> ModelExecutor<B> {
@@ -29,11 +40,24 @@ impl<B: Backend> ModelExecutor<B> {
         Self {
             model: Box::new(model),
             cache: Box::new(cache),
+            swapped: HashMap::new(),
         }
     }
 
-    /// Runs one planned step and samples a token for every chunk that wants one.
-    pub fn run_step(&mut self, plan: Vec<PlannedChunk>) -> Result<Vec<(SeqId, u32)>, ExecutorError> {
+    /// Runs one planned step and samples a token for every chunk that wants one. Before the
+    /// model runs: swap-outs (their pages may be reused from the next step on), then page copies
+    /// in grant order, then swap-ins.
+    pub fn run_step(
+        &mut self,
+        swap_out: Option<SwapOut>,
+        plan: Vec<PlannedChunk>,
+    ) -> Result<Vec<(SeqId, u32)>, ExecutorError> {
+        let cache_ps = self.cache.page_size();
+        let restores: Vec<(SeqId, Vec<u32>)> = plan
+            .iter()
+            .filter(|c| c.swap_in)
+            .map(|c| (c.seq, c.block_table[..c.start_pos.div_ceil(cache_ps)].to_vec()))
+            .collect();
         // The plan's vectors move into the model's chunks; only what sampling needs stays.
         let mut samplers = Vec::new();
         let copies: Vec<PageCopy> = plan.iter().flat_map(|c| c.page_copies.iter().copied()).collect();
@@ -51,19 +75,34 @@ impl<B: Backend> ModelExecutor<B> {
                 }
             })
             .collect();
-        let (model, cache) = (&*self.model, &mut *self.cache);
+        let (model, cache, swapped) = (&*self.model, &mut *self.cache, &mut self.swapped);
         let logits = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            // Copies first, in grant order: a page freed by one copy's source can only be the
-            // destination of a later one.
+            if let Some(out) = swap_out {
+                swapped.insert(out.seq, cache.read_pages(&out.pages));
+            }
+            // In grant order: a page freed by one copy's source can only be the destination of
+            // a later one.
             for c in &copies {
                 cache.copy_page(c.src, c.dst);
             }
+            for (seq, pages) in restores {
+                let host = swapped
+                    .remove(&seq)
+                    .ok_or_else(|| format!("no swapped K/V for sequence {seq}"))?;
+                cache.write_pages(&pages, host);
+            }
+            if chunks.is_empty() {
+                return Ok((0, 1, Vec::new()));
+            }
             let t = model.forward(cache, &chunks);
             let [rows, vocab] = t.dims();
-            t.into_data().to_vec::<f32>().map(|v| (rows, vocab, v))
+            t.into_data()
+                .to_vec::<f32>()
+                .map(|v| (rows, vocab, v))
+                .map_err(|e| format!("{e:?}"))
         }))
         .map_err(|p| ExecutorError(panic_message(p)))?
-        .map_err(|e| ExecutorError(format!("{e:?}")))?;
+        .map_err(ExecutorError)?;
         let (_, vocab, values) = logits;
         Ok(samplers
             .into_iter()
@@ -90,6 +129,7 @@ impl<B: Backend> Actor for ModelExecutor<B> {
 #[rtype(result = "Result<Vec<(SeqId, u32)>, ExecutorError>")]
 pub struct ExecuteStep {
     pub step: u64,
+    pub swap_out: Option<SwapOut>,
     pub plan: Vec<PlannedChunk>,
 }
 
@@ -101,7 +141,7 @@ impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
         let span = tracing::debug_span!("step", step = msg.step, seqs = msg.plan.len(), tokens);
         let _enter = span.enter();
         let started = std::time::Instant::now();
-        let result = self.run_step(msg.plan);
+        let result = self.run_step(msg.swap_out, msg.plan);
         metrics::histogram!("inferflux_step_duration_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("inferflux_batched_tokens_per_step").record(tokens as f64);
         match &result {
@@ -113,5 +153,20 @@ impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
             Err(e) => tracing::error!(error = %e, "step failed"),
         }
         result
+    }
+}
+
+/// A swapped-out sequence ended before resuming: drop its host copy.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DiscardSwapped {
+    pub seq: SeqId,
+}
+
+impl<B: Backend> Handler<DiscardSwapped> for ModelExecutor<B> {
+    type Result = ();
+
+    fn handle(&mut self, msg: DiscardSwapped, _: &mut SyncContext<Self>) {
+        self.swapped.remove(&msg.seq);
     }
 }

@@ -2,7 +2,7 @@
 
 use actix::prelude::*;
 
-use crate::kv::{CachedPrefix, Grant, PagePool, PoolStats, SeqId};
+use crate::kv::{CachedPrefix, Grant, PagePool, PoolStats, SeqId, SwapSpace};
 use crate::scheduler::{Candidate, PageCommit};
 
 /// How many of the longest cached prefixes `/admin/kv` lists.
@@ -11,13 +11,16 @@ const REPORTED_PREFIXES: usize = 8;
 pub struct KvPageManager {
     pool: PagePool,
     prefix_caching: bool,
+    swap: SwapSpace,
 }
 
 impl KvPageManager {
-    pub fn new(num_pages: usize, page_size: usize, prefix_caching: bool) -> Self {
+    /// `swap_pages`: how many pages of K/V host memory may hold for swapped-out sequences.
+    pub fn new(num_pages: usize, page_size: usize, prefix_caching: bool, swap_pages: usize) -> Self {
         Self {
             pool: PagePool::new(num_pages, page_size),
             prefix_caching,
+            swap: SwapSpace::new(swap_pages),
         }
     }
 
@@ -33,6 +36,9 @@ impl KvPageManager {
         metrics::counter!("inferflux_prefix_cache_hits_total").absolute(stats.hit_tokens);
         metrics::counter!("inferflux_kv_evicted_pages_total").absolute(stats.evicted_pages);
         metrics::counter!("inferflux_kv_copied_pages_total").absolute(stats.copied_pages);
+        metrics::gauge!("inferflux_kv_swap_used_pages").set(self.swap.used_pages() as f64);
+        metrics::counter!("inferflux_kv_swapped_out_pages_total").absolute(self.swap.swapped_out_total());
+        metrics::counter!("inferflux_kv_swapped_in_pages_total").absolute(self.swap.swapped_in_total());
     }
 }
 
@@ -68,6 +74,9 @@ impl Handler<ReserveStep> for KvPageManager {
                 let grant = c.reserve(&mut self.pool).ok();
                 // A running sequence that starved will preempt someone: admit nobody new.
                 admitting &= grant.is_some();
+                if grant.is_some() && c.resumes_from_host() {
+                    self.swap.swap_in(c.seq);
+                }
                 grant
             })
             .collect();
@@ -104,9 +113,36 @@ impl Handler<Release> for KvPageManager {
     type Result = ();
 
     fn handle(&mut self, msg: Release, _: &mut Context<Self>) {
+        self.swap.forget(msg.seq);
         let freed = self.pool.release(msg.seq);
         tracing::debug!(seq = %msg.seq, freed, "released KV pages");
         self.publish();
+    }
+}
+
+/// A running sequence was preempted for pages. With `swap`, and room in the swap space, its
+/// pages holding `computed_tokens` are lent to the executor to copy out (the reply lists them)
+/// before they go back to the pool; otherwise they are just released, to be recomputed.
+#[derive(Message)]
+#[rtype(result = "Option<Vec<u32>>")]
+pub struct Preempt {
+    pub seq: SeqId,
+    pub computed_tokens: usize,
+    pub swap: bool,
+}
+
+impl Handler<Preempt> for KvPageManager {
+    type Result = Option<Vec<u32>>;
+
+    fn handle(&mut self, msg: Preempt, _: &mut Context<Self>) -> Self::Result {
+        let pages = self.pool.pages_for(msg.computed_tokens);
+        let swapped = msg.swap
+            && self.pool.block_table(msg.seq).is_some_and(|t| t.len() >= pages)
+            && self.swap.swap_out(msg.seq, pages);
+        let out = swapped.then(|| self.pool.block_table(msg.seq).map(|t| t[..pages].to_vec()));
+        self.pool.release(msg.seq);
+        self.publish();
+        out.flatten()
     }
 }
 
@@ -129,6 +165,11 @@ pub struct KvReportBody {
     pub prefix_cache_hit_rate: f64,
     pub evicted_pages: u64,
     pub copied_pages: u64,
+    /// Host-memory budget for swapped-out sequences, in pages.
+    pub swap_capacity_pages: usize,
+    pub swap_used_pages: usize,
+    pub swapped_out_pages: u64,
+    pub swapped_in_pages: u64,
     pub largest_cached_prefixes: Vec<CachedPrefix>,
 }
 
@@ -165,6 +206,10 @@ impl Handler<KvReport> for KvPageManager {
             },
             evicted_pages,
             copied_pages,
+            swap_capacity_pages: self.swap.capacity_pages(),
+            swap_used_pages: self.swap.used_pages(),
+            swapped_out_pages: self.swap.swapped_out_total(),
+            swapped_in_pages: self.swap.swapped_in_total(),
             largest_cached_prefixes: pool.largest_prefixes(REPORTED_PREFIXES),
         })
     }

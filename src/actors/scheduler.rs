@@ -3,9 +3,10 @@
 
 use actix::prelude::*;
 
-use super::executor::{ExecuteStep, ExecutorError};
-use super::kv_pages::{CommitPages, KvPageManager, Release, ReserveStep};
+use super::executor::{DiscardSwapped, ExecuteStep, ExecutorError, SwapOut};
+use super::kv_pages::{CommitPages, KvPageManager, Preempt, Release, ReserveStep};
 use super::stop_detector::{FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
+use crate::config::PreemptionMode;
 use crate::kv::SeqId;
 use crate::scheduler::{PlannedChunk, SchedulerCore, Sequence};
 
@@ -13,9 +14,19 @@ pub struct Scheduler {
     core: SchedulerCore,
     kv: Addr<KvPageManager>,
     executor: Recipient<ExecuteStep>,
+    discard_swapped: Recipient<DiscardSwapped>,
     detector: Addr<StopSequenceDetector>,
+    preemption: PreemptionMode,
     step_in_flight: bool,
     steps: u64,
+}
+
+/// What came back from one step.
+struct StepResult {
+    progress: Vec<(SeqId, usize)>,
+    /// The sequence preempted in this step, and whether its K/V went to host memory.
+    preempted: Option<(SeqId, bool)>,
+    sampled: Result<Vec<(SeqId, u32)>, ExecutorError>,
 }
 
 impl Scheduler {
@@ -23,13 +34,17 @@ impl Scheduler {
         core: SchedulerCore,
         kv: Addr<KvPageManager>,
         executor: Recipient<ExecuteStep>,
+        discard_swapped: Recipient<DiscardSwapped>,
         detector: Addr<StopSequenceDetector>,
+        preemption: PreemptionMode,
     ) -> Self {
         Self {
             core,
             kv,
             executor,
+            discard_swapped,
             detector,
+            preemption,
             step_in_flight: false,
             steps: 0,
         }
@@ -40,7 +55,8 @@ impl Scheduler {
         metrics::gauge!("inferflux_num_requests_waiting").set(self.core.num_waiting() as f64);
     }
 
-    /// Starts the next step unless one is running or nothing is left to do.
+    /// Starts the next step unless one is running or nothing is left to do: reserve pages,
+    /// plan, settle a preemption with the page manager, execute.
     fn maybe_step(&mut self, ctx: &mut Context<Self>) {
         if self.step_in_flight || !self.core.has_work() {
             return;
@@ -62,50 +78,78 @@ impl Scheduler {
         };
         let fut = actix::fut::wrap_future::<_, Self>(reserve)
             .then(move |reserved, act, _| {
-                let plan = match reserved {
-                    Ok((candidates, grants)) => {
-                        let (plan, victim) = act.core.plan(&candidates, grants);
-                        for (seq, cached_tokens) in act.core.take_admissions() {
-                            act.detector.do_send(PrefixCached { seq, cached_tokens });
-                        }
-                        if let Some(seq) = victim {
-                            tracing::info!(seq = %seq, "preempted for KV pages (recompute)");
-                            metrics::counter!("inferflux_num_preemptions_total").increment(1);
-                            act.kv.do_send(Release { seq });
-                        }
-                        plan
-                    }
+                let (plan, victim) = match reserved {
+                    Ok((candidates, grants)) => act.core.plan(&candidates, grants),
                     Err(e) => {
                         tracing::error!(error = %e, "KV page manager unreachable");
-                        Vec::new()
+                        (Vec::new(), None)
                     }
                 };
-                let executor = act.executor.clone();
+                for (seq, cached_tokens) in act.core.take_admissions() {
+                    act.detector.do_send(PrefixCached { seq, cached_tokens });
+                }
+                let preempt = victim.map(|seq| Preempt {
+                    seq,
+                    computed_tokens: act.core.preempted_tokens(seq),
+                    swap: act.preemption == PreemptionMode::Swap,
+                });
+                let (kv, executor) = (act.kv.clone(), act.executor.clone());
                 let progress: Vec<(SeqId, usize)> = plan.iter().map(PlannedChunk::progress).collect();
                 actix::fut::wrap_future(async move {
-                    if plan.is_empty() {
-                        return (progress, Ok(Vec::new()));
+                    let mut swap_out = None;
+                    let mut preempted = None;
+                    if let Some(p) = preempt {
+                        let seq = p.seq;
+                        let pages = kv.send(p).await.ok().flatten();
+                        preempted = Some((seq, pages.is_some()));
+                        swap_out = pages.map(|pages| SwapOut { seq, pages });
                     }
-                    let result = executor
-                        .send(ExecuteStep { step, plan })
-                        .await
-                        .unwrap_or_else(|e| Err(ExecutorError(format!("executor unreachable: {e}"))));
-                    (progress, result)
+                    let sampled = if plan.is_empty() && swap_out.is_none() {
+                        Ok(Vec::new())
+                    } else {
+                        executor
+                            .send(ExecuteStep { step, swap_out, plan })
+                            .await
+                            .unwrap_or_else(|e| Err(ExecutorError(format!("executor unreachable: {e}"))))
+                    };
+                    StepResult {
+                        progress,
+                        preempted,
+                        sampled,
+                    }
                 })
             })
-            .map(|(progress, result), act, ctx| {
+            .map(|result, act, ctx| {
                 act.step_in_flight = false;
-                act.finish_step(&progress, result);
+                act.finish_step(result);
                 act.publish();
                 act.maybe_step(ctx);
             });
         ctx.spawn(fut);
     }
 
-    fn finish_step(&mut self, progress: &[(SeqId, usize)], result: Result<Vec<(SeqId, u32)>, ExecutorError>) {
-        match result {
+    fn finish_step(&mut self, result: StepResult) {
+        let StepResult {
+            progress,
+            preempted,
+            sampled,
+        } = result;
+        if let Some((seq, swapped)) = preempted {
+            let swapped = swapped && sampled.is_ok();
+            let mode = if swapped { "swap" } else { "recompute" };
+            tracing::info!(seq = %seq, mode, "preempted for KV pages");
+            metrics::counter!("inferflux_num_preemptions_total", "mode" => mode).increment(1);
+            if swapped && self.core.is_waiting(seq) {
+                self.core.settle_swapped(seq);
+            } else if preempted.is_some_and(|(_, s)| s) {
+                // Cancelled while being swapped out, or the swap-out failed: drop the host copy.
+                self.kv.do_send(Release { seq });
+                self.discard_swapped.do_send(DiscardSwapped { seq });
+            }
+        }
+        match sampled {
             Ok(sampled) => {
-                let outcome = self.core.complete(progress, &sampled);
+                let outcome = self.core.complete(&progress, &sampled);
                 if !outcome.commits.is_empty() {
                     self.kv.do_send(CommitPages {
                         commits: outcome.commits,
@@ -121,7 +165,7 @@ impl Scheduler {
                 }
             }
             Err(e) => {
-                for &(seq, _) in progress {
+                for &(seq, _) in &progress {
                     if self.core.remove(seq) {
                         self.kv.do_send(Release { seq });
                         self.detector.do_send(FailSequence {
@@ -132,6 +176,20 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Forgets a sequence that ended early; returns whether it was known.
+    fn drop_sequence(&mut self, seq: SeqId) -> bool {
+        let swapped = self.core.is_swapped(seq);
+        if !self.core.remove(seq) {
+            return false;
+        }
+        self.kv.do_send(Release { seq });
+        if swapped {
+            self.discard_swapped.do_send(DiscardSwapped { seq });
+        }
+        self.publish();
+        true
     }
 }
 
@@ -173,12 +231,10 @@ impl Handler<Cancel> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: Cancel, _: &mut Context<Self>) {
-        if self.core.remove(msg.seq) {
+        if self.drop_sequence(msg.seq) {
             tracing::info!(seq = %msg.seq, "request cancelled");
             metrics::counter!("inferflux_requests_cancelled_total").increment(1);
-            self.kv.do_send(Release { seq: msg.seq });
             self.detector.do_send(Untrack { seq: msg.seq });
-            self.publish();
         }
     }
 }
@@ -194,9 +250,6 @@ impl Handler<SequenceFinished> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: SequenceFinished, _: &mut Context<Self>) {
-        if self.core.remove(msg.seq) {
-            self.kv.do_send(Release { seq: msg.seq });
-            self.publish();
-        }
+        self.drop_sequence(msg.seq);
     }
 }

@@ -5,9 +5,11 @@
 
 pub mod block_hash;
 pub mod pool;
+pub mod swap;
 
 pub use block_hash::{BlockHash, BlockHasher};
 pub use pool::{CachedPrefix, Grant, NoSpace, PageCopy, PagePool, PoolStats};
+pub use swap::SwapSpace;
 
 /// A sequence known to the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

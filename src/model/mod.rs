@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 pub use config::LlamaConfig;
 pub use llama::{Llama, SequenceChunk};
-pub use paged_cache::PagedKvCache;
+pub use paged_cache::{HostPages, PagedKvCache};
 use tokenizers::Tokenizer;
 pub use weights::{CheckpointBytes, WeightIndex};
 

@@ -8,6 +8,13 @@
 use burn::prelude::*;
 use burn::tensor::DType;
 
+/// K/V of some pages, copied to host memory: one `(k, v)` per layer, `[pages * page_size,
+/// kv_dim]` each, in the cache's dtype.
+pub struct HostPages {
+    pages: usize,
+    layers: Vec<(TensorData, TensorData)>,
+}
+
 struct LayerCache<B: Backend> {
     k: Option<Tensor<B, 2>>,
     v: Option<Tensor<B, 2>>,
@@ -87,6 +94,54 @@ impl<B: Backend> PagedKvCache<B> {
                 *t = Some(whole.slice_assign([dst..dst + ps, 0..width], rows));
             }
         }
+    }
+
+    /// Slot ids of `pages`, in order.
+    fn slots_of(&self, pages: &[u32]) -> Vec<i32> {
+        let ps = self.page_size as i32;
+        pages
+            .iter()
+            .flat_map(|&p| (0..ps).map(move |i| p as i32 * ps + i))
+            .collect()
+    }
+
+    /// Copies every layer's K/V of `pages` to host memory (swap-out).
+    pub fn read_pages(&self, pages: &[u32]) -> HostPages {
+        let slots = self.slots_of(pages);
+        let device = self.device();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(slots.clone(), [slots.len()]), &device);
+        let layers = (0..self.layers.len())
+            .map(|layer| {
+                let (k, v) = self.gather(layer, index.clone());
+                (k.into_data(), v.into_data())
+            })
+            .collect();
+        HostPages {
+            pages: pages.len(),
+            layers,
+        }
+    }
+
+    /// Writes K/V saved by `read_pages` into `pages` (swap-in); `pages` may be fewer than were
+    /// saved only if the caller gave fewer, never more.
+    pub fn write_pages(&mut self, pages: &[u32], host: HostPages) {
+        debug_assert_eq!(
+            pages.len(),
+            host.pages,
+            "swap-in into as many pages as were saved"
+        );
+        let slots = self.slots_of(pages);
+        let device = self.device();
+        for (layer, (k, v)) in host.layers.into_iter().enumerate() {
+            let (kd, vd) = (k.dtype, v.dtype);
+            let k = Tensor::<B, 2>::from_data(k, (&device, kd));
+            let v = Tensor::<B, 2>::from_data(v, (&device, vd));
+            self.write(layer, &slots, k, v);
+        }
+    }
+
+    fn device(&self) -> B::Device {
+        self.layers[0].k.as_ref().expect("layer cache present").device()
     }
 
     /// Reads the K and V rows at `slots` of `layer`, in slot-list order: `[n, kv_dim]` each.

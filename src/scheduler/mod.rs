@@ -32,6 +32,8 @@ pub struct Sequence {
     pub block_hashes: Vec<BlockHash>,
     /// Prompt tokens served from the prefix cache at first admission (`usage.cached_tokens`).
     pub cached_tokens: Option<usize>,
+    /// `computed` when last preempted, restored if its K/V were swapped out rather than dropped.
+    preempted_computed: usize,
 }
 
 impl Sequence {
@@ -46,6 +48,7 @@ impl Sequence {
             sampling,
             block_hashes: Vec::new(),
             cached_tokens: None,
+            preempted_computed: 0,
         }
     }
 
@@ -71,10 +74,15 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// A waiting sequence whose K/V wait in host memory (swapped out when preempted).
+    pub fn resumes_from_host(&self) -> bool {
+        !self.running && self.computed > 0
+    }
+
     /// Gets the candidate's pages from the pool: a running sequence grows its block table, a
     /// waiting one is admitted with whatever prefix the cache holds. All or nothing.
     pub fn reserve(&self, pool: &mut PagePool) -> Result<Grant, NoSpace> {
-        if self.running || self.computed > 0 {
+        if self.running || self.resumes_from_host() {
             let table = pool.reserve(self.seq, self.computed + self.chunk)?;
             return Ok(Grant {
                 block_table: table.to_vec(),
@@ -108,6 +116,9 @@ pub struct PlannedChunk {
     pub generated_index: usize,
     /// Pages to copy before the step writes (copy-on-write of a shared prefix page).
     pub page_copies: Vec<PageCopy>,
+    /// The sequence resumes from host memory: restore its first `start_pos` tokens' K/V into
+    /// its block table before the step.
+    pub swap_in: bool,
 }
 
 impl PlannedChunk {
@@ -246,11 +257,13 @@ impl SchedulerCore {
                 starved |= cand.running;
                 continue;
             };
+            let mut swap_in = false;
             if !cand.running {
                 let Some(pos) = self.waiting.iter().position(|s| s.id == cand.seq) else {
                     continue;
                 };
                 let mut seq = self.waiting.remove(pos).expect("position is valid");
+                swap_in = seq.computed > 0;
                 seq.computed = grant.cached_tokens;
                 if seq.cached_tokens.is_none() {
                     seq.cached_tokens = Some(grant.cached_tokens);
@@ -272,6 +285,7 @@ impl SchedulerCore {
                 sampling: seq.sampling,
                 generated_index: seq.generated(),
                 page_copies: grant.copies,
+                swap_in,
             });
         }
         let victim = if starved { self.preempt_newest() } else { None };
@@ -281,13 +295,41 @@ impl SchedulerCore {
         (plan, victim)
     }
 
+    /// Moves the newest running sequence to the front of the queue, to be recomputed unless
+    /// `settle_preemption` says its K/V were swapped out.
     fn preempt_newest(&mut self) -> Option<SeqId> {
         let mut seq = self.running.pop()?;
+        seq.preempted_computed = seq.computed;
         seq.computed = 0;
         self.preemptions += 1;
         let id = seq.id;
         self.waiting.push_front(seq);
         Some(id)
+    }
+
+    /// Tokens whose K/V a just-preempted sequence had.
+    pub fn preempted_tokens(&self, id: SeqId) -> usize {
+        self.waiting
+            .iter()
+            .find(|s| s.id == id)
+            .map_or(0, |s| s.preempted_computed)
+    }
+
+    /// The victim's K/V went to host memory: it resumes where it stopped instead of from zero.
+    pub fn settle_swapped(&mut self, id: SeqId) {
+        if let Some(s) = self.waiting.iter_mut().find(|s| s.id == id) {
+            s.computed = s.preempted_computed;
+        }
+    }
+
+    /// Whether `id` is in the waiting queue.
+    pub fn is_waiting(&self, id: SeqId) -> bool {
+        self.waiting.iter().any(|s| s.id == id)
+    }
+
+    /// Whether `id` waits with its K/V in host memory.
+    pub fn is_swapped(&self, id: SeqId) -> bool {
+        self.waiting.iter().any(|s| s.id == id && s.computed > 0)
     }
 
     /// Records a finished step: advances `computed` for every planned chunk and appends sampled
@@ -384,6 +426,7 @@ mod tests {
             max_batched_tokens: 8,
             max_running: 4,
             max_waiting: 8,
+            ..Default::default()
         };
         let mut core = SchedulerCore::new(cfg, None);
         let mut pool = PagePool::new(64, 4);
@@ -412,6 +455,7 @@ mod tests {
             max_batched_tokens: 64,
             max_running: 4,
             max_waiting: 8,
+            ..Default::default()
         };
         let mut core = SchedulerCore::new(cfg, None);
         // 6 pages of 2 tokens: three sequences of 3 + 6 tokens cannot all fit.
@@ -445,6 +489,7 @@ mod tests {
             max_batched_tokens: 8,
             max_running: 1,
             max_waiting: 1,
+            ..Default::default()
         };
         let mut core = SchedulerCore::new(cfg, None);
         core.enqueue(seq(1, 3, 1)).unwrap();
