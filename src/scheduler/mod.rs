@@ -185,7 +185,7 @@ impl SchedulerCore {
                 start_pos: seq.computed,
                 block_table,
                 wants_logits: cand.total_tokens == seq.tokens.len(),
-                sampling: seq.sampling,
+                sampling: seq.sampling.clone(),
                 generated_index: seq.generated(),
             });
         }
