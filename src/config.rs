@@ -21,6 +21,7 @@ pub struct Settings {
     pub model: ModelConfig,
     pub kv: KvConfig,
     pub scheduler: SchedulerConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
 }
 
@@ -129,6 +130,26 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// Per-request limits that intake enforces (400 naming the field beyond them).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most `stop` strings in one request (OpenAI allows 4). The detector's work per token grows
+    /// with it.
+    pub max_stop_strings: usize,
+    /// Longest `stop` string, in UTF-8 bytes; text up to this long may be held back per sequence.
+    pub max_stop_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_stop_strings: 4,
+            max_stop_bytes: 256,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -232,6 +253,7 @@ impl Settings {
         positive("scheduler.max_running", self.scheduler.max_running)?;
         positive("scheduler.max_waiting", self.scheduler.max_waiting)?;
         positive("server.max_body_bytes", self.server.max_body_bytes)?;
+        positive("limits.max_stop_bytes", self.limits.max_stop_bytes)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::BadValue {
                 key: "log.format",
@@ -279,6 +301,26 @@ mod tests {
         assert_eq!(s.server.port, 9200);
         assert_eq!(s.model.device, DeviceKind::Cpu);
         assert_eq!(s.scheduler, SchedulerConfig::default());
+    }
+
+    #[test]
+    fn stop_sequences_limits_come_from_file_and_env() {
+        let s = Settings::load_with_env(None, &CliOverrides::default(), env(&[])).unwrap();
+        assert_eq!(s.limits, LimitsConfig::default());
+        assert_eq!(s.limits.max_stop_strings, 4, "OpenAI's limit by default");
+        let vars = env(&[
+            ("INFERFLUX__LIMITS__MAX_STOP_STRINGS", "8"),
+            ("INFERFLUX__LIMITS__MAX_STOP_BYTES", "32"),
+        ]);
+        let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
+        assert_eq!((s.limits.max_stop_strings, s.limits.max_stop_bytes), (8, 32));
+        let err = Settings::load_with_env(
+            None,
+            &CliOverrides::default(),
+            env(&[("INFERFLUX__LIMITS__MAX_STOP_BYTES", "0")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("limits.max_stop_bytes"), "{err}");
     }
 
     #[test]

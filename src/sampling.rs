@@ -2,17 +2,28 @@
 //!
 //! The random draw for the `n`-th generated token depends only on `(seed, n)`, never on batch
 //! composition or on how often a sequence was preempted, so the same seed gives the same text.
+//!
+//! `min_tokens` is enforced here, as vLLM does: the stop token ids and EOS cannot be sampled
+//! before it, so the detector never has to discard a stop the model wanted.
+
+use std::borrow::Cow;
+use std::sync::Arc;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// Sampling settings of one request, validated by intake.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Sampling settings of one request, validated by intake. Cloned into every step's plan, so the
+/// id list is shared rather than copied.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
     pub temperature: f32,
     /// Nucleus mass in (0, 1].
     pub top_p: f32,
     pub seed: u64,
+    /// Generated tokens during which `min_tokens_banned` cannot be sampled.
+    pub min_tokens: usize,
+    /// EOS ids and `stop_token_ids`.
+    pub min_tokens_banned: Arc<[u32]>,
 }
 
 impl Default for SamplingParams {
@@ -21,6 +32,8 @@ impl Default for SamplingParams {
             temperature: 1.0,
             top_p: 1.0,
             seed: 0,
+            min_tokens: 0,
+            min_tokens_banned: Arc::from([]),
         }
     }
 }
@@ -30,6 +43,8 @@ const GREEDY_BELOW: f32 = 1e-5;
 
 /// Picks the token for generated index `n` of a sequence.
 pub fn sample(logits: &[f32], params: &SamplingParams, n: usize) -> u32 {
+    let logits = mask_before_min_tokens(logits, params, n);
+    let logits = &logits[..];
     if params.temperature < GREEDY_BELOW {
         return argmax(logits);
     }
@@ -62,6 +77,20 @@ pub fn sample(logits: &[f32], params: &SamplingParams, n: usize) -> u32 {
         draw -= p;
     }
     probs.last().map_or(0, |p| p.0)
+}
+
+/// The logits with the banned ids at −inf while `n < min_tokens`; borrowed otherwise.
+fn mask_before_min_tokens<'a>(logits: &'a [f32], params: &SamplingParams, n: usize) -> Cow<'a, [f32]> {
+    if n >= params.min_tokens || params.min_tokens_banned.is_empty() {
+        return Cow::Borrowed(logits);
+    }
+    let mut masked = logits.to_vec();
+    for &id in params.min_tokens_banned.iter() {
+        if let Some(l) = masked.get_mut(id as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    Cow::Owned(masked)
 }
 
 /// Index of the largest logit; the lowest index wins a tie, as `torch.argmax`.
@@ -103,13 +132,34 @@ mod tests {
             temperature: 0.8,
             top_p: 1.0,
             seed: 7,
+            ..Default::default()
         };
         let a: Vec<u32> = (0..40).map(|n| sample(&logits, &p, n)).collect();
         let b: Vec<u32> = (0..40).map(|n| sample(&logits, &p, n)).collect();
         assert_eq!(a, b);
-        let q = SamplingParams { seed: 8, ..p };
+        let q = SamplingParams { seed: 8, ..p.clone() };
         assert_ne!(a, (0..40).map(|n| sample(&logits, &q, n)).collect::<Vec<_>>());
         let narrow = SamplingParams { top_p: 1e-6, ..p };
         assert!((0..40).all(|n| sample(&logits, &narrow, n) == argmax(&logits)));
+    }
+
+    #[test]
+    fn stop_sequences_min_tokens_masks_stop_ids_then_lets_them_through() {
+        let logits = [0.0, 1.0, 9.0, 8.0, 2.0];
+        let p = SamplingParams {
+            temperature: 0.0,
+            min_tokens: 3,
+            min_tokens_banned: Arc::from([2u32, 3]),
+            ..Default::default()
+        };
+        assert_eq!(sample(&logits, &p, 0), 4, "2 and 3 banned before min_tokens");
+        assert_eq!(sample(&logits, &p, 2), 4);
+        assert_eq!(sample(&logits, &p, 3), 2, "allowed from min_tokens on");
+        let hot = SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..p
+        };
+        assert!((0..200).all(|n| n >= 3 || ![2, 3].contains(&sample(&logits, &hot, n))));
     }
 }

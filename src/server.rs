@@ -145,6 +145,8 @@ pub fn start(
         kv_capacity_tokens: num_pages * settings.kv.page_size,
         vocab_size: files.config.vocab_size,
         eos_token_ids: files.special.eos_token_ids.clone(),
+        max_stop_strings: settings.limits.max_stop_strings,
+        max_stop_bytes: settings.limits.max_stop_bytes,
     };
     let intake = RequestIntake::new(files.tokenizer.clone(), limits, scheduler, detector).start();
     metrics::gauge!("inferflux_model_info", "model" => model_name.clone(), "backend" => format!("{backend:?}").to_lowercase())

@@ -21,10 +21,6 @@ use crate::stop::StopParams;
 
 /// OpenAI's default `max_tokens` for completions.
 pub const DEFAULT_MAX_TOKENS: usize = 16;
-/// Most stop strings per request (OpenAI's limit).
-pub const MAX_STOP_STRINGS: usize = 4;
-/// Longest stop string, in bytes.
-pub const MAX_STOP_BYTES: usize = 256;
 
 /// Limits a request is checked against.
 #[derive(Debug, Clone)]
@@ -36,6 +32,10 @@ pub struct IntakeLimits {
     pub kv_capacity_tokens: usize,
     pub vocab_size: usize,
     pub eos_token_ids: Vec<u32>,
+    /// Most `stop` strings per request (`limits.max_stop_strings`).
+    pub max_stop_strings: usize,
+    /// Longest `stop` string in bytes (`limits.max_stop_bytes`).
+    pub max_stop_bytes: usize,
 }
 
 /// A request that passed validation and tokenization.
@@ -128,26 +128,25 @@ pub fn validate(
             format!("top_p must be in (0, 1], got {top_p}"),
         ));
     }
-    let stop = match req.stop {
-        None => Vec::new(),
-        Some(StopParam::One(s)) => vec![s],
-        Some(StopParam::Many(v)) => v,
+    let stop = validate_stop(req.stop, limits)?;
+    let stop_token_ids = validate_stop_token_ids(req.stop_token_ids.unwrap_or_default(), limits)?;
+    let min_tokens = match req.min_tokens {
+        None => 0,
+        Some(m) if (0..=max_tokens as i64).contains(&m) => m as usize,
+        Some(m) => {
+            return Err(ApiError::invalid(
+                Some("min_tokens".into()),
+                format!("min_tokens must be between 0 and max_tokens ({max_tokens}), got {m}"),
+            ))
+        }
     };
-    if stop.len() > MAX_STOP_STRINGS {
-        return Err(ApiError::invalid(
-            Some("stop".into()),
-            format!(
-                "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
-                stop.len()
-            ),
-        ));
-    }
-    if stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
-        return Err(ApiError::invalid(
-            Some("stop".into()),
-            format!("stop strings must be 1 to {MAX_STOP_BYTES} bytes long"),
-        ));
-    }
+    // As vLLM: EOS is banned before min_tokens even with ignore_eos.
+    let banned: Vec<u32> = limits
+        .eos_token_ids
+        .iter()
+        .chain(&stop_token_ids)
+        .copied()
+        .collect();
     let seed = req.seed.map(|s| s as u64).unwrap_or_else(rand::random);
     Ok(ValidRequest {
         prompt_ids,
@@ -156,15 +155,69 @@ pub fn validate(
             temperature: temperature as f32,
             top_p: top_p as f32,
             seed,
+            min_tokens,
+            min_tokens_banned: banned.into(),
         },
         stop: StopParams {
             stop,
+            stop_token_ids,
             eos_token_ids: limits.eos_token_ids.clone(),
+            ignore_eos: req.ignore_eos,
+            min_tokens,
             max_tokens,
+            include_stop_str_in_output: req.include_stop_str_in_output,
         },
         stream: req.stream,
         client: req.user.unwrap_or_else(|| "anonymous".into()),
     })
+}
+
+/// `stop`: one string or a list, each nonempty, within the configured count and length.
+fn validate_stop(stop: Option<StopParam>, limits: &IntakeLimits) -> Result<Vec<String>, ApiError> {
+    let stop = match stop {
+        None => Vec::new(),
+        Some(StopParam::One(s)) => vec![s],
+        Some(StopParam::Many(v)) => v,
+    };
+    let bad = |message: String| Err(ApiError::invalid(Some("stop".into()), message));
+    if stop.len() > limits.max_stop_strings {
+        return bad(format!(
+            "at most {} stop strings are allowed, got {}",
+            limits.max_stop_strings,
+            stop.len()
+        ));
+    }
+    if let Some(s) = stop
+        .iter()
+        .find(|s| s.is_empty() || s.len() > limits.max_stop_bytes)
+    {
+        return bad(format!(
+            "stop strings must be 1 to {} bytes long, got one of {} bytes",
+            limits.max_stop_bytes,
+            s.len()
+        ));
+    }
+    Ok(stop)
+}
+
+/// `stop_token_ids`: every id inside the vocabulary.
+fn validate_stop_token_ids(ids: Vec<i64>, limits: &IntakeLimits) -> Result<Vec<u32>, ApiError> {
+    ids.into_iter()
+        .map(|id| {
+            u32::try_from(id)
+                .ok()
+                .filter(|&id| (id as usize) < limits.vocab_size)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        Some("stop_token_ids".into()),
+                        format!(
+                            "token id {id} is outside the vocabulary (size {})",
+                            limits.vocab_size
+                        ),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// Cancels the request when dropped before [`CancelOnDrop::disarm`]: a client that goes away

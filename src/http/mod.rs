@@ -135,7 +135,8 @@ fn stop_reason(reason: &FinishReason) -> Option<serde_json::Value> {
     match reason {
         FinishReason::StopString(s) => Some(serde_json::Value::String(s.clone())),
         FinishReason::StopToken(id) => Some(serde_json::Value::from(*id)),
-        FinishReason::Length => None,
+        // vLLM reports EOS as `stop_reason: null`: only requested stops are named.
+        FinishReason::Eos(_) | FinishReason::Length => None,
     }
 }
 

@@ -32,6 +32,16 @@ pub struct CompletionRequest {
     pub top_p: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<StopParam>,
+    /// vLLM: token ids that end the sequence (reported as `stop_reason`).
+    pub stop_token_ids: Option<Vec<i64>>,
+    /// vLLM: keep generating past the model's EOS token.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// vLLM: tokens generated before any stop may end the sequence.
+    pub min_tokens: Option<i64>,
+    /// vLLM: keep the matched stop string (or stop token's text) in the output.
+    #[serde(default)]
+    pub include_stop_str_in_output: bool,
     #[serde(default)]
     pub stream: bool,
     pub n: Option<i64>,

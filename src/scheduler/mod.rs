@@ -187,9 +187,9 @@ impl SchedulerCore {
     }
 
     /// Queues a new sequence; hands it back when the waiting queue is full.
-    pub fn enqueue(&mut self, mut seq: Sequence) -> Result<(), Sequence> {
+    pub fn enqueue(&mut self, mut seq: Sequence) -> Result<(), Box<Sequence>> {
         if self.waiting.len() >= self.config.max_waiting {
-            return Err(seq);
+            return Err(Box::new(seq));
         }
         if let Some(h) = &self.hasher {
             h.extend(&mut seq.block_hashes, &seq.tokens);
@@ -282,7 +282,7 @@ impl SchedulerCore {
                 start_pos: seq.computed,
                 block_table: grant.block_table,
                 wants_logits: end == seq.tokens.len(),
-                sampling: seq.sampling,
+                sampling: seq.sampling.clone(),
                 generated_index: seq.generated(),
                 page_copies: grant.copies,
                 swap_in,
