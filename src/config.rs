@@ -276,6 +276,22 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_file_lists_the_defaults() {
+        let text = include_str!("../config/inferflux.toml");
+        let from_file: Settings = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(
+            from_file,
+            Settings::default(),
+            "config/inferflux.toml drifted from the defaults"
+        );
+    }
+
+    #[test]
     fn layers_apply_in_order() {
         let dir = std::env::temp_dir().join(format!("inferflux-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
