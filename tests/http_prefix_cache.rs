@@ -113,6 +113,24 @@ async fn paged_kv_prefix_hits_are_reported_and_change_no_output() {
         .unwrap();
     assert_eq!(hits as u64, report.prefix_cache_hit_tokens);
 
+    // The operator's view through inferctl agrees with /admin/kv.
+    let url = base.to_string();
+    let table = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_inferctl"))
+            .args(["--url", &url, "admin", "kv"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    let hit_line = format!(
+        "prefix cache  on ({} of {} tokens hit",
+        report.prefix_cache_hit_tokens, report.prefix_cache_queried_tokens
+    );
+    assert!(table.contains(&hit_line), "{table}");
+
     // After a reset nothing is reused, and the output is still the same.
     let reset: Value = reqwest::Client::new()
         .post(format!("{base}/admin/kv/reset_prefix_cache"))

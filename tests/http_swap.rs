@@ -73,3 +73,35 @@ async fn paged_kv_full_swap_space_falls_back_to_recompute() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn paged_kv_pool_sized_from_free_memory() {
+    let server = common::start(|s| {
+        s.kv.num_pages = 0;
+        // A sliver of this machine's free memory: a few hundred pages of the tiny model.
+        s.kv.memory_fraction = 1e-4;
+    });
+    let report = common::kv_report(&server.base).await;
+    assert!(report.num_pages > 0, "{report:?}");
+    let free = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: usize = free
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    // 2 layers x (K + V) x 16 tokens x 32 values x 4 bytes per page.
+    let page_bytes = 2 * 2 * 16 * 32 * 4;
+    let expected = (kib * 1024) as f64 * 1e-4 / page_bytes as f64;
+    let ratio = report.num_pages as f64 / expected;
+    assert!(
+        (0.5..2.0).contains(&ratio),
+        "{} pages, about {expected:.0} expected",
+        report.num_pages
+    );
+    let p = &common::goldens().prompts[0];
+    let body = serde_json::json!({ "prompt": p.prompt, "max_tokens": 24, "temperature": 0, "stream": true });
+    assert_eq!(
+        common::stream_completion(&server.base, body).await.text,
+        p.greedy_text
+    );
+}
