@@ -1,6 +1,7 @@
-//! The Llama forward pass held to transformers' numbers: last-position logits within 1e-4 (f32)
-//! and 24-token greedy continuations token-identical, through the paged cache, whole-prompt,
-//! chunked and batched.
+//! The decoder forward pass held to transformers' numbers for every supported architecture:
+//! last-position logits within 1e-4 (f32) and 24-token greedy continuations token-identical,
+//! through the paged cache, whole-prompt, chunked and batched, for plain prompts and for
+//! chat-template prompts.
 
 use burn::backend::Flex;
 use burn::tensor::DType;
@@ -12,18 +13,23 @@ type B = Flex;
 #[derive(Deserialize)]
 struct Goldens {
     prompts: Vec<GoldenPrompt>,
+    /// Conversations rendered by `apply_chat_template` (fixtures with a chat template).
+    #[serde(default)]
+    chat: Vec<GoldenPrompt>,
 }
 
 #[derive(Deserialize)]
 struct GoldenPrompt {
-    prompt: String,
+    /// Plain prompts only; chat entries are held to their token ids.
+    #[serde(default)]
+    prompt: Option<String>,
     input_ids: Vec<u32>,
     last_logits: Vec<f32>,
     greedy_ids: Vec<u32>,
 }
 
 const PAGE_SIZE: usize = 4;
-const NUM_PAGES: usize = 256;
+const NUM_PAGES: usize = 1024;
 
 fn fixture(name: &str) -> (Llama<B>, ModelFiles, Goldens) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -85,11 +91,11 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 
 /// Greedy decoding of every prompt at once: one batched prefill (each prompt cut into chunks of
 /// `chunk` tokens), then batched decode steps.
-fn greedy_batched(model: &Llama<B>, goldens: &Goldens, chunk: usize) -> Vec<Vec<u32>> {
+fn greedy_batched(model: &Llama<B>, cases: &[&GoldenPrompt], chunk: usize) -> Vec<Vec<u32>> {
     let mut cache = new_cache(model);
-    let n = goldens.prompts.len();
-    let steps = goldens.prompts[0].greedy_ids.len();
-    let mut seqs: Vec<Vec<u32>> = goldens.prompts.iter().map(|p| p.input_ids.clone()).collect();
+    let n = cases.len();
+    let steps = cases[0].greedy_ids.len();
+    let mut seqs: Vec<Vec<u32>> = cases.iter().map(|p| p.input_ids.clone()).collect();
     let total_max = seqs.iter().map(|s| s.len()).max().unwrap() + steps;
     let tables: Vec<Vec<u32>> = (0..n).map(|i| block_table(i, n, total_max)).collect();
     let mut computed = vec![0usize; n];
@@ -126,14 +132,17 @@ fn greedy_batched(model: &Llama<B>, goldens: &Goldens, chunk: usize) -> Vec<Vec<
 
 fn check_fixture(name: &str) {
     let (model, files, goldens) = fixture(name);
-    for p in &goldens.prompts {
-        let ids = files
-            .tokenizer
-            .encode(p.prompt.as_str(), true)
-            .unwrap()
-            .get_ids()
-            .to_vec();
-        assert_eq!(ids, p.input_ids, "tokenization of {:?}", p.prompt);
+    let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().chain(&goldens.chat).collect();
+    for p in &cases {
+        if let Some(prompt) = &p.prompt {
+            let ids = files
+                .tokenizer
+                .encode(prompt.as_str(), true)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            assert_eq!(ids, p.input_ids, "tokenization of {prompt:?}");
+        }
         let mut cache = new_cache(&model);
         let chunk = SequenceChunk {
             tokens: p.input_ids.clone(),
@@ -142,16 +151,16 @@ fn check_fixture(name: &str) {
             wants_logits: true,
         };
         let rows = logits_rows(model.forward(&mut cache, &[chunk]));
-        assert_close(&rows[0], &p.last_logits, &format!("{name} {:?}", p.prompt));
+        assert_close(&rows[0], &p.last_logits, &format!("{name} {:?}", p.input_ids));
     }
-    let want: Vec<Vec<u32>> = goldens.prompts.iter().map(|p| p.greedy_ids.clone()).collect();
+    let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
     assert_eq!(
-        greedy_batched(&model, &goldens, usize::MAX),
+        greedy_batched(&model, &cases, usize::MAX),
         want,
         "{name}: batched greedy"
     );
     assert_eq!(
-        greedy_batched(&model, &goldens, 7),
+        greedy_batched(&model, &cases, 7),
         want,
         "{name}: chunked prefill (7) greedy"
     );
@@ -165,4 +174,24 @@ fn paged_kv_llama_f32_matches_transformers() {
 #[test]
 fn paged_kv_llama_bf16_sharded_tied_matches_transformers() {
     check_fixture("tiny-llama-tied-bf16");
+}
+
+#[test]
+fn model_llama3_rope_scaling_head_dim_tied_matches_transformers() {
+    check_fixture("tiny-llama3");
+}
+
+#[test]
+fn model_mistral_sliding_window_matches_transformers() {
+    check_fixture("tiny-mistral");
+}
+
+#[test]
+fn model_qwen2_qkv_bias_matches_transformers() {
+    check_fixture("tiny-qwen2");
+}
+
+#[test]
+fn model_qwen3_qk_norm_matches_transformers() {
+    check_fixture("tiny-qwen3");
 }

@@ -1,6 +1,8 @@
-//! The parts of a Hugging Face `config.json` that the Llama forward pass needs.
+//! The parts of a Hugging Face `config.json` that the decoder forward pass needs.
 //!
-//! Unknown architectures fail at load with an error that names them; everything the forward
+//! Llama, Mistral, Qwen2 and Qwen3 are one decoder with a few switches (attention biases, q/k
+//! norms, a sliding window, Llama 3 RoPE scaling). Unknown architectures and settings the forward
+//! pass does not implement fail at load with an error that names them; everything the forward
 //! pass depends on is checked here, once, so that `llama.rs` can trust its shapes.
 
 use serde::Deserialize;
@@ -8,7 +10,15 @@ use serde::Deserialize;
 use super::ModelError;
 
 /// Architectures whose forward pass `llama.rs` implements.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+];
+
+/// RoPE frequency schemes implemented (`rope_type`).
+pub const SUPPORTED_ROPE_TYPES: &[&str] = &["default", "llama3"];
 
 /// `config.json` as written by `transformers` (4.x puts `rope_theta` at the top level, 5.x inside
 /// `rope_parameters`).
@@ -38,14 +48,40 @@ struct RawConfig {
     attention_bias: bool,
     #[serde(default)]
     mlp_bias: bool,
+    /// Mistral: attend to at most this many latest positions (`null`: no window).
+    sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: whether `sliding_window` applies at all.
+    use_sliding_window: Option<bool>,
+    quantization_config: Option<serde_json::Value>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<EosTokenIds>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `rope_parameters` (transformers 5) or `rope_scaling` (4.x, with `type` as an older spelling).
+#[derive(Debug, Clone, Default, Deserialize)]
 struct RopeParameters {
     rope_theta: Option<f64>,
     rope_type: Option<String>,
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+}
+
+/// How RoPE frequencies are derived from `rope_theta`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `theta^(-2i/d)`.
+    Default,
+    /// Llama 3.1+: low frequencies divided by `factor`, high ones kept, smooth in between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
 }
 
 /// `eos_token_id` may be one id or a list of ids.
@@ -89,7 +125,16 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
+    /// Bias on the q/k/v projections (Qwen2; Llama and Qwen3 with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama and Qwen3 with `attention_bias`).
+    pub o_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Each position attends to itself and the `w - 1` before it (Mistral).
+    pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -110,34 +155,77 @@ impl LlamaConfig {
                 SUPPORTED_ARCHITECTURES.join(", ")
             )));
         }
+        let unsupported = |what: String| Err(ModelError::Unsupported(what));
         if raw.hidden_act != "silu" {
-            return Err(ModelError::Unsupported(format!(
-                "hidden_act `{}` (supported: silu)",
-                raw.hidden_act
-            )));
+            return unsupported(format!("hidden_act `{}` (supported: silu)", raw.hidden_act));
         }
-        if raw.attention_bias || raw.mlp_bias {
-            return Err(ModelError::Unsupported(
-                "attention_bias / mlp_bias = true (supported: false)".into(),
-            ));
+        if raw.mlp_bias {
+            return unsupported("mlp_bias = true (supported: false)".into());
         }
-        let rope_type = raw.rope_parameters.as_ref().and_then(|p| p.rope_type.clone());
-        let scaled = match &raw.rope_scaling {
-            None | Some(serde_json::Value::Null) => false,
-            Some(_) => true,
+        if raw.quantization_config.is_some() {
+            return unsupported(
+                "quantization_config (quantized checkpoints; supported: f32, f16, bf16 weights)".into(),
+            );
+        }
+        let (qkv_bias, o_bias, qk_norm) = match architecture.as_str() {
+            "Qwen2ForCausalLM" => (true, false, false),
+            "Qwen3ForCausalLM" => (raw.attention_bias, raw.attention_bias, true),
+            "MistralForCausalLM" => (false, false, false),
+            _ => (raw.attention_bias, raw.attention_bias, false),
         };
-        if scaled || rope_type.as_deref().is_some_and(|t| t != "default") {
-            return Err(ModelError::Unsupported(format!(
-                "rope scaling `{}` (supported: default)",
-                rope_type.unwrap_or_else(|| "rope_scaling".into())
-            )));
+        let sliding_window = match architecture.as_str() {
+            "MistralForCausalLM" => raw.sliding_window,
+            _ if raw.use_sliding_window == Some(true) => {
+                return unsupported(format!(
+                    "use_sliding_window = true for {architecture} (per-layer windows; supported: false)"
+                ));
+            }
+            _ => None,
+        };
+        if sliding_window == Some(0) {
+            return Err(ModelError::Config("sliding_window must be > 0".into()));
         }
-        let rope_theta = raw
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_theta)
-            .or(raw.rope_theta)
-            .unwrap_or(10000.0);
+        let rope = raw.rope_parameters.clone().or_else(|| {
+            raw.rope_scaling
+                .as_ref()
+                .and_then(|v| serde_json::from_value::<RopeParameters>(v.clone()).ok())
+        });
+        if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) && rope.is_none() {
+            return Err(ModelError::Config("rope_scaling is not an object".into()));
+        }
+        let rope = rope.unwrap_or_default();
+        let rope_type = rope
+            .rope_type
+            .clone()
+            .or(rope.legacy_type.clone())
+            .unwrap_or_else(|| "default".into());
+        let rope_scaling = match rope_type.as_str() {
+            "default" => RopeScaling::Default,
+            "llama3" => {
+                let need = |v: Option<f64>, name: &str| {
+                    v.ok_or_else(|| ModelError::Config(format!("rope type llama3 needs `{name}`")))
+                };
+                RopeScaling::Llama3 {
+                    factor: need(rope.factor, "factor")?,
+                    low_freq_factor: need(rope.low_freq_factor, "low_freq_factor")?,
+                    high_freq_factor: need(rope.high_freq_factor, "high_freq_factor")?,
+                    original_max_position_embeddings: rope.original_max_position_embeddings.ok_or_else(
+                        || {
+                            ModelError::Config(
+                                "rope type llama3 needs `original_max_position_embeddings`".into(),
+                            )
+                        },
+                    )?,
+                }
+            }
+            other => {
+                return unsupported(format!(
+                    "rope type `{other}` (supported: {})",
+                    SUPPORTED_ROPE_TYPES.join(", ")
+                ))
+            }
+        };
+        let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(10000.0);
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         let head_dim = raw
             .head_dim
@@ -154,7 +242,12 @@ impl LlamaConfig {
             max_position_embeddings: raw.max_position_embeddings,
             rms_norm_eps: raw.rms_norm_eps,
             rope_theta,
+            rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings,
+            qkv_bias,
+            o_bias,
+            qk_norm,
+            sliding_window,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: raw.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),
         };
@@ -213,11 +306,43 @@ mod tests {
     }
 
     #[test]
-    fn rope_scaling_is_refused_not_ignored() {
+    fn unsupported_rope_scaling_is_refused_not_ignored() {
         let text = BASE.replace(
+            "\"rope_theta\"",
+            "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4.0},\"rope_theta\"",
+        );
+        let err = LlamaConfig::from_json(&text).unwrap_err().to_string();
+        assert!(err.contains("yarn") && err.contains("llama3"), "{err}");
+        let partial = BASE.replace(
             "\"rope_theta\"",
             "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0},\"rope_theta\"",
         );
-        assert!(LlamaConfig::from_json(&text).is_err());
+        let err = LlamaConfig::from_json(&partial).unwrap_err().to_string();
+        assert!(err.contains("low_freq_factor"), "{err}");
+    }
+
+    #[test]
+    fn architecture_switches() {
+        let qwen2 = LlamaConfig::from_json(&BASE.replace("LlamaForCausalLM", "Qwen2ForCausalLM")).unwrap();
+        assert!(qwen2.qkv_bias && !qwen2.o_bias && !qwen2.qk_norm);
+        let qwen3 = LlamaConfig::from_json(&BASE.replace("LlamaForCausalLM", "Qwen3ForCausalLM")).unwrap();
+        assert!(qwen3.qk_norm && !qwen3.qkv_bias);
+        let mistral = BASE
+            .replace("LlamaForCausalLM", "MistralForCausalLM")
+            .replace("\"vocab_size\"", "\"sliding_window\":8,\"vocab_size\"");
+        assert_eq!(LlamaConfig::from_json(&mistral).unwrap().sliding_window, Some(8));
+        let windowed_qwen = BASE
+            .replace("LlamaForCausalLM", "Qwen2ForCausalLM")
+            .replace("\"vocab_size\"", "\"use_sliding_window\":true,\"vocab_size\"");
+        let err = LlamaConfig::from_json(&windowed_qwen).unwrap_err().to_string();
+        assert!(err.contains("use_sliding_window"), "{err}");
+        let llama3 = BASE.replace(
+            "\"rope_theta\":500000.0",
+            "\"rope_parameters\":{\"rope_type\":\"llama3\",\"rope_theta\":500000.0,\"factor\":8.0,\
+             \"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}",
+        );
+        let c = LlamaConfig::from_json(&llama3).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
     }
 }

@@ -1,5 +1,6 @@
-//! The Llama decoder in burn, computing one step of a unified batch: prompt chunks and decode
-//! tokens of many sequences in one pass.
+//! The Llama-family decoder in burn (Llama, Mistral, Qwen2, Qwen3: see [`LlamaConfig`] for the
+//! switches), computing one step of a unified batch: prompt chunks and decode tokens of many
+//! sequences in one pass.
 //!
 //! Projections and the MLP run once over all tokens of the step (`[T, hidden]`); attention runs
 //! per sequence and reads K/V from the paged cache through that sequence's slot list, so the
@@ -9,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{DType, TensorData};
 
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, RopeScaling};
 use super::paged_cache::PagedKvCache;
 use super::weights::WeightIndex;
 use super::ModelError;
@@ -40,6 +41,11 @@ struct LlamaLayer<B: Backend> {
     wk: Tensor<B, 2>,
     wv: Tensor<B, 2>,
     wo: Tensor<B, 2>,
+    /// `[q_dim]`, `[kv_dim]`, `[kv_dim]` when the checkpoint has q/k/v biases.
+    qkv_bias: Option<[Tensor<B, 1>; 3]>,
+    o_bias: Option<Tensor<B, 1>>,
+    /// Per-head RMSNorm gains `[head_dim]` of queries and keys (Qwen3).
+    qk_norm: Option<[Tensor<B, 1>; 2]>,
     mlp_norm: Tensor<B, 1>,
     w_gate: Tensor<B, 2>,
     w_up: Tensor<B, 2>,
@@ -50,9 +56,11 @@ struct LlamaLayer<B: Backend> {
 struct AttentionPlan<B: Backend> {
     q_start: usize,
     q_len: usize,
+    /// Keys this chunk can see: positions `end - ctx_len .. end` (all of them, or the sliding
+    /// window's reach).
     ctx_len: usize,
     ctx_slots: Tensor<B, 1, Int>,
-    /// Additive causal mask `[group * q_len, ctx_len]`; `None` for a single query token.
+    /// Additive mask `[group * q_len, ctx_len]`; `None` when every query sees every key.
     mask: Option<Tensor<B, 2>>,
 }
 
@@ -99,7 +107,33 @@ impl<B: Backend> Llama<B> {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
+            let attn = format!("{p}.self_attn");
+            let qkv_bias = if c.qkv_bias {
+                Some([
+                    vector(&format!("{attn}.q_proj.bias"), q_dim)?,
+                    vector(&format!("{attn}.k_proj.bias"), kv_dim)?,
+                    vector(&format!("{attn}.v_proj.bias"), kv_dim)?,
+                ])
+            } else {
+                None
+            };
+            let o_bias = if c.o_bias {
+                Some(vector(&format!("{attn}.o_proj.bias"), h)?)
+            } else {
+                None
+            };
+            let qk_norm = if c.qk_norm {
+                Some([
+                    vector(&format!("{attn}.q_norm.weight"), c.head_dim)?,
+                    vector(&format!("{attn}.k_norm.weight"), c.head_dim)?,
+                ])
+            } else {
+                None
+            };
             layers.push(LlamaLayer {
+                qkv_bias,
+                o_bias,
+                qk_norm,
                 attn_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
                 wq: linear(&format!("{p}.self_attn.q_proj.weight"), q_dim, h)?,
                 wk: linear(&format!("{p}.self_attn.k_proj.weight"), kv_dim, h)?,
@@ -121,7 +155,8 @@ impl<B: Backend> Llama<B> {
         } else {
             linear("lm_head.weight", c.vocab_size, h)?
         };
-        let (cos, sin) = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta);
+        let inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, &c.rope_scaling);
+        let (cos, sin) = rope_tables(&inv_freq, c.max_position_embeddings);
         let table = |v: Vec<f32>| {
             Tensor::<B, 2>::from_data(
                 TensorData::new(v, [c.max_position_embeddings, c.head_dim]),
@@ -178,18 +213,23 @@ impl<B: Backend> Llama<B> {
             if chunk.wants_logits {
                 logit_rows.push((tokens.len() - 1) as i32);
             }
-            let ctx_len = chunk.end_pos();
-            let ctx_slots: Vec<i32> = (0..ctx_len)
+            // With a sliding window, the first query sees nothing before `start - (w - 1)`.
+            let ctx_start = c
+                .sliding_window
+                .map_or(0, |w| chunk.start_pos.saturating_sub(w - 1));
+            let ctx_slots: Vec<i32> = (ctx_start..chunk.end_pos())
                 .map(|p| slot_of(&chunk.block_table, page_size, p))
                 .collect();
             plans.push(AttentionPlan {
                 q_start,
                 q_len: chunk.tokens.len(),
-                ctx_len,
+                ctx_len: ctx_slots.len(),
                 ctx_slots: int_tensor(ctx_slots, dev),
-                mask: causal_mask(
+                mask: attention_mask(
+                    ctx_start,
                     chunk.start_pos,
                     chunk.tokens.len(),
+                    c.sliding_window,
                     c.group_size(),
                     dev,
                     self.dtype,
@@ -208,14 +248,33 @@ impl<B: Backend> Llama<B> {
         let mut x = self.embed.clone().select(0, int_tensor(tokens, dev));
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &layer.attn_norm);
-            let q = h.clone().matmul(layer.wq.clone()).reshape([t_total, nh, hd]);
-            let k = h.clone().matmul(layer.wk.clone()).reshape([t_total, nkv, hd]);
-            let v = h.matmul(layer.wv.clone());
+            let mut q = h.clone().matmul(layer.wq.clone());
+            let mut k = h.clone().matmul(layer.wk.clone());
+            let mut v = h.matmul(layer.wv.clone());
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                q = q + bq.clone().unsqueeze_dim::<2>(0);
+                k = k + bk.clone().unsqueeze_dim::<2>(0);
+                v = v + bv.clone().unsqueeze_dim::<2>(0);
+            }
+            let mut q = q.reshape([t_total, nh, hd]);
+            let mut k = k.reshape([t_total, nkv, hd]);
+            if let Some([nq, nk]) = &layer.qk_norm {
+                q = self
+                    .rms_norm(q.reshape([t_total * nh, hd]), nq)
+                    .reshape([t_total, nh, hd]);
+                k = self
+                    .rms_norm(k.reshape([t_total * nkv, hd]), nk)
+                    .reshape([t_total, nkv, hd]);
+            }
             let q = rotate_half_rope(q, &cos, &sin);
             let k = rotate_half_rope(k, &cos, &sin).reshape([t_total, nkv * hd]);
             cache.write(layer_idx, &slots, k, v);
             let attn = self.attention(cache, layer_idx, q, &plans);
-            x = x + attn.matmul(layer.wo.clone());
+            let mut out = attn.matmul(layer.wo.clone());
+            if let Some(bo) = &layer.o_bias {
+                out = out + bo.clone().unsqueeze_dim::<2>(0);
+            }
+            x = x + out;
 
             let h = self.rms_norm(x.clone(), &layer.mlp_norm);
             let gate = silu(h.clone().matmul(layer.w_gate.clone()));
@@ -296,23 +355,30 @@ fn int_tensor<B: Backend>(values: Vec<i32>, device: &B::Device) -> Tensor<B, 1, 
     Tensor::from_data(TensorData::new(values, [n]), device)
 }
 
-/// `-inf` where query `j` (at `start + j`) would see a later position, for every query head of a
-/// KV group (rows ordered head-major, as `attention` lays them out).
-fn causal_mask<B: Backend>(
+/// `-inf` where query `j` (at `start + j`) must not see key position `ctx_start + l`: a later
+/// position, or one `window` or more behind it. Rows are ordered head-major for every query head
+/// of a KV group, as `attention` lays them out. `None` when every query sees every key.
+fn attention_mask<B: Backend>(
+    ctx_start: usize,
     start: usize,
     q_len: usize,
+    window: Option<usize>,
     group: usize,
     device: &B::Device,
     dtype: DType,
 ) -> Option<Tensor<B, 2>> {
-    if q_len <= 1 {
+    let ctx_end = start + q_len;
+    let visible = |q: usize, k: usize| k <= q && window.is_none_or(|w| q - k < w);
+    let all_visible = (start..ctx_end).all(|q| visible(q, ctx_start) && visible(q, ctx_end - 1));
+    if all_visible {
         return None;
     }
-    let ctx = start + q_len;
+    let ctx = ctx_end - ctx_start;
     let mut values = Vec::with_capacity(group * q_len * ctx);
     for _ in 0..group {
-        for j in 0..q_len {
-            values.extend((0..ctx).map(|l| if l <= start + j { 0.0f32 } else { f32::NEG_INFINITY }));
+        for q in start..ctx_end {
+            values
+                .extend((ctx_start..ctx_end).map(|k| if visible(q, k) { 0.0f32 } else { f32::NEG_INFINITY }));
         }
     }
     Some(Tensor::from_data(
@@ -321,17 +387,48 @@ fn causal_mask<B: Backend>(
     ))
 }
 
-/// cos/sin tables `[max_pos, head_dim]` computed in f32 as transformers' default RoPE does.
-fn rope_tables(head_dim: usize, max_pos: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
+/// RoPE inverse frequencies in f32, as transformers computes them (`_compute_default_rope_parameters`
+/// and `_compute_llama3_parameters`).
+fn rope_inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
+    let base: Vec<f32> = (0..head_dim / 2)
         .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
         .collect();
+    match *scaling {
+        RopeScaling::Default => base,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let (factor, low, high) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+            let old_len = original_max_position_embeddings as f32;
+            let (low_wavelen, high_wavelen) = (old_len / low, old_len / high);
+            base.into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old_len / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// cos/sin tables `[max_pos, head_dim]` computed in f32 as transformers does.
+fn rope_tables(inv_freq: &[f32], max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+    let head_dim = inv_freq.len() * 2;
     let mut cos = Vec::with_capacity(max_pos * head_dim);
     let mut sin = Vec::with_capacity(max_pos * head_dim);
     for p in 0..max_pos {
         for _ in 0..2 {
-            for f in &inv_freq {
+            for f in inv_freq {
                 let angle = p as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
