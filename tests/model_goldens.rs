@@ -5,7 +5,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::DType;
-use inferflux::model::{Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::model::{ChatMessage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
 use serde::Deserialize;
 
 type B = Flex;
@@ -23,9 +23,22 @@ struct GoldenPrompt {
     /// Plain prompts only; chat entries are held to their token ids.
     #[serde(default)]
     prompt: Option<String>,
+    /// Chat entries only: the conversation and what `apply_chat_template` made of it.
+    #[serde(default)]
+    messages: Vec<GoldenMessage>,
+    #[serde(default)]
+    add_generation_prompt: bool,
+    #[serde(default)]
+    rendered: Option<String>,
     input_ids: Vec<u32>,
     last_logits: Vec<f32>,
     greedy_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct GoldenMessage {
+    role: String,
+    content: String,
 }
 
 const PAGE_SIZE: usize = 4;
@@ -194,4 +207,33 @@ fn model_qwen2_qkv_bias_matches_transformers() {
 #[test]
 fn model_qwen3_qk_norm_matches_transformers() {
     check_fixture("tiny-qwen3");
+}
+
+/// Every conversation of every chat fixture renders to transformers' text and token ids.
+#[test]
+fn chat_template_renders_like_transformers_apply_chat_template() {
+    for name in ["tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"] {
+        let (_, files, goldens) = fixture(name);
+        let template = files.chat_template.as_ref().expect("fixture has a chat template");
+        assert!(goldens.chat.len() >= 4, "{name}: conversations");
+        for (i, chat) in goldens.chat.iter().enumerate() {
+            let messages: Vec<ChatMessage> = chat
+                .messages
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect();
+            let text = template.render(&messages, chat.add_generation_prompt).unwrap();
+            assert_eq!(Some(&text), chat.rendered.as_ref(), "{name} conversation {i}");
+            let ids = files
+                .tokenizer
+                .encode(text.as_str(), false)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            assert_eq!(ids, chat.input_ids, "{name} conversation {i}: token ids");
+        }
+    }
 }

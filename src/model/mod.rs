@@ -3,6 +3,7 @@
 //! [`ModelFiles`] is what was read from disk (or from the binary, for the embedded tiny model);
 //! [`Llama`] is the forward pass on a burn backend. Nothing here knows about requests.
 
+pub mod chat;
 pub mod config;
 pub mod llama;
 pub mod paged_cache;
@@ -11,6 +12,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::LlamaConfig;
 pub use llama::{Llama, SequenceChunk};
 pub use paged_cache::{HostPages, PagedKvCache};
@@ -37,6 +39,15 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// Prefixes a config or support problem with the file it was found in.
+    fn in_file(self, file: &Path) -> Self {
+        match self {
+            ModelError::Config(m) => ModelError::Config(format!("{}: {m}", file.display())),
+            ModelError::Unsupported(m) => ModelError::Unsupported(format!("{}: {m}", file.display())),
+            other => other,
+        }
+    }
+
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         ModelError::Io {
             path: path.to_path_buf(),
@@ -85,6 +96,8 @@ pub struct ModelFiles {
     /// Context length: the smaller of `max_position_embeddings` and the tokenizer's limit.
     pub max_context: usize,
     pub checkpoint: CheckpointBytes,
+    /// The chat template, when the checkpoint has one (`/v1/chat/completions` needs it).
+    pub chat_template: Option<Arc<ChatTemplate>>,
 }
 
 impl ModelFiles {
@@ -95,9 +108,11 @@ impl ModelFiles {
                 embedded::CONFIG,
                 Some(embedded::GENERATION_CONFIG.to_string()),
                 Some(embedded::TOKENIZER_CONFIG.to_string()),
+                None,
                 Tokenizer::from_bytes(embedded::TOKENIZER)
                     .map_err(|e| ModelError::Tokenizer(e.to_string()))?,
                 CheckpointBytes::Static(vec![("embedded:model.safetensors", embedded::WEIGHTS)]),
+                Path::new("embedded:"),
             ),
             ModelSource::Dir(dir) => {
                 let read = |name: &str| -> Result<String, ModelError> {
@@ -118,22 +133,28 @@ impl ModelFiles {
                     &read("config.json")?,
                     optional("generation_config.json")?,
                     optional("tokenizer_config.json")?,
+                    optional("chat_template.jinja")?,
                     tokenizer,
                     CheckpointBytes::open_dir(dir)?,
+                    dir,
                 )
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn from_parts(
         name: String,
         config_json: &str,
         generation_config: Option<String>,
         tokenizer_config: Option<String>,
+        chat_template_jinja: Option<String>,
         tokenizer: Tokenizer,
         checkpoint: CheckpointBytes,
+        origin: &Path,
     ) -> Result<Self, ModelError> {
-        let config = LlamaConfig::from_json(config_json)?;
+        let config =
+            LlamaConfig::from_json(config_json).map_err(|e| e.in_file(&origin.join("config.json")))?;
         let mut eos_token_ids = config.eos_token_ids.clone();
         let mut bos_token_id = config.bos_token_id;
         if let Some(text) = generation_config {
@@ -149,13 +170,20 @@ impl ModelFiles {
             }
         }
         let mut max_context = config.max_position_embeddings;
-        if let Some(text) = tokenizer_config {
-            let tc: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::Config(format!("tokenizer_config.json: {e}")))?;
-            if let Some(limit) = tc.get("model_max_length").and_then(|m| m.as_u64()) {
-                max_context = max_context.min(limit as usize);
-            }
+        let tokenizer_config: Option<serde_json::Value> = tokenizer_config
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| ModelError::Config(format!("tokenizer_config.json: {e}")))?;
+        if let Some(limit) = tokenizer_config
+            .as_ref()
+            .and_then(|tc| tc.get("model_max_length"))
+            .and_then(|m| m.as_u64())
+        {
+            max_context = max_context.min(limit as usize);
         }
+        let chat_template =
+            ChatTemplate::from_checkpoint(tokenizer_config.as_ref(), chat_template_jinja.as_deref(), origin)?
+                .map(Arc::new);
         if tokenizer.get_vocab_size(true) > config.vocab_size {
             return Err(ModelError::Tokenizer(format!(
                 "tokenizer has {} tokens but the model's vocab_size is {}",
@@ -173,6 +201,7 @@ impl ModelFiles {
             },
             max_context,
             checkpoint,
+            chat_template,
         })
     }
 }
