@@ -643,6 +643,107 @@ mod tests {
     }
 
     #[test]
+    fn unified_batch_2000_token_prompt_is_chunked_while_streams_decode_every_step() {
+        let cfg = SchedulerConfig {
+            max_batched_tokens: 64,
+            max_running: 8,
+            max_waiting: 8,
+            ..Default::default()
+        };
+        let mut core = SchedulerCore::new(cfg, None);
+        let mut pool = PagePool::new(1024, 16);
+        for id in 1..=3 {
+            core.enqueue(seq(id, 5, 200)).unwrap();
+        }
+        run(&mut core, &mut pool, 2);
+        core.enqueue(seq(9, 2000, 4).with_client(Arc::from("other"), 0)).unwrap();
+        let mut prefill_steps = 0;
+        loop {
+            let plan = &run(&mut core, &mut pool, 1)[0];
+            // Each stream decodes one token in every step, ahead of the prompt chunk.
+            let streams: Vec<_> = plan[..3].iter().map(|c| (c.seq.0, c.tokens.len())).collect();
+            assert_eq!(streams, vec![(1, 1), (2, 1), (3, 1)]);
+            let long = plan.iter().find(|c| c.seq == SeqId(9)).expect("the prompt gets a chunk");
+            assert_eq!(long.tokens.len(), (2000 - long.start_pos).min(61));
+            prefill_steps += 1;
+            if long.wants_logits {
+                break;
+            }
+        }
+        assert_eq!(prefill_steps, 2000usize.div_ceil(61));
+    }
+
+    #[test]
+    fn unified_batch_late_client_is_served_before_the_backlog() {
+        let cfg = SchedulerConfig {
+            max_batched_tokens: 64,
+            max_running: 2,
+            max_waiting: 100,
+            ..Default::default()
+        };
+        let mut core = SchedulerCore::new(cfg, None);
+        let mut pool = PagePool::new(256, 4);
+        let (a, b): (ClientId, ClientId) = (Arc::from("a"), Arc::from("b"));
+        for id in 0..50 {
+            core.enqueue(seq(id, 6, 4).with_client(a.clone(), 0)).unwrap();
+        }
+        run(&mut core, &mut pool, 3);
+        for id in 100..105 {
+            core.enqueue(seq(id, 6, 4).with_client(b.clone(), 0)).unwrap();
+        }
+        let mut finished = Vec::new();
+        let mut min_jain = f64::MAX;
+        while core.has_work() {
+            let before: Vec<SeqId> = core.running_index.keys().copied().collect();
+            run(&mut core, &mut pool, 1);
+            finished.extend(before.into_iter().filter(|s| !core.running_index.contains_key(s)));
+            if core.clients().iter().any(|c| c.client == "b" && c.waiting + c.running > 0) {
+                min_jain = min_jain.min(core.fairness_index());
+            }
+        }
+        let last_b = finished.iter().rposition(|s| s.0 >= 100).unwrap();
+        let a_after_b = finished.len() - 1 - last_b;
+        assert!(a_after_b >= 35, "B's requests were interleaved early: {finished:?}");
+        // A newcomer waits a little at first; it is served as much as A while both have work.
+        assert!(core.fairness_index() > 0.0);
+        assert!(min_jain >= 0.5, "{min_jain}");
+    }
+
+    #[test]
+    fn unified_batch_remove_works_in_every_state() {
+        let cfg = SchedulerConfig {
+            max_batched_tokens: 64,
+            max_running: 4,
+            max_waiting: 8,
+            ..Default::default()
+        };
+        let mut core = SchedulerCore::new(cfg, None);
+        // 4 pages of 2: two sequences of 3 prompt tokens fit, growing ones preempt.
+        let mut pool = PagePool::new(4, 2);
+        for id in 1..=3 {
+            core.enqueue(seq(id, 3, 8)).unwrap();
+        }
+        let mut saw_preempted = false;
+        for _ in 0..6 {
+            run(&mut core, &mut pool, 1);
+            saw_preempted |= core.num_preempted() > 0;
+        }
+        assert!(saw_preempted);
+        for id in 1..=3 {
+            let waiting = core.is_waiting(SeqId(id));
+            assert!(core.remove(SeqId(id)), "seq {id} (waiting: {waiting})");
+            if !waiting {
+                pool.release(SeqId(id));
+            }
+            assert!(!core.remove(SeqId(id)));
+        }
+        assert!(!core.has_work());
+        assert_eq!((core.num_waiting(), core.num_preempted()), (0, 0));
+        assert!(core.clients().iter().all(|c| c.waiting + c.running == 0));
+        pool.check_invariants().unwrap();
+    }
+
+    #[test]
     fn full_waiting_queue_hands_the_request_back() {
         let cfg = SchedulerConfig {
             max_batched_tokens: 8,
