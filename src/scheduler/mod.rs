@@ -656,14 +656,18 @@ mod tests {
             core.enqueue(seq(id, 5, 200)).unwrap();
         }
         run(&mut core, &mut pool, 2);
-        core.enqueue(seq(9, 2000, 4).with_client(Arc::from("other"), 0)).unwrap();
+        core.enqueue(seq(9, 2000, 4).with_client(Arc::from("other"), 0))
+            .unwrap();
         let mut prefill_steps = 0;
         loop {
             let plan = &run(&mut core, &mut pool, 1)[0];
             // Each stream decodes one token in every step, ahead of the prompt chunk.
             let streams: Vec<_> = plan[..3].iter().map(|c| (c.seq.0, c.tokens.len())).collect();
             assert_eq!(streams, vec![(1, 1), (2, 1), (3, 1)]);
-            let long = plan.iter().find(|c| c.seq == SeqId(9)).expect("the prompt gets a chunk");
+            let long = plan
+                .iter()
+                .find(|c| c.seq == SeqId(9))
+                .expect("the prompt gets a chunk");
             assert_eq!(long.tokens.len(), (2000 - long.start_pos).min(61));
             prefill_steps += 1;
             if long.wants_logits {
@@ -697,13 +701,20 @@ mod tests {
             let before: Vec<SeqId> = core.running_index.keys().copied().collect();
             run(&mut core, &mut pool, 1);
             finished.extend(before.into_iter().filter(|s| !core.running_index.contains_key(s)));
-            if core.clients().iter().any(|c| c.client == "b" && c.waiting + c.running > 0) {
+            if core
+                .clients()
+                .iter()
+                .any(|c| c.client == "b" && c.waiting + c.running > 0)
+            {
                 min_jain = min_jain.min(core.fairness_index());
             }
         }
         let last_b = finished.iter().rposition(|s| s.0 >= 100).unwrap();
         let a_after_b = finished.len() - 1 - last_b;
-        assert!(a_after_b >= 35, "B's requests were interleaved early: {finished:?}");
+        assert!(
+            a_after_b >= 35,
+            "B's requests were interleaved early: {finished:?}"
+        );
         // A newcomer waits a little at first; it is served as much as A while both have work.
         assert!(core.fairness_index() > 0.0);
         assert!(min_jain >= 0.5, "{min_jain}");
