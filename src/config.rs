@@ -348,6 +348,33 @@ mod tests {
     }
 
     #[test]
+    fn unified_batch_client_weights_from_file_and_env() {
+        let dir = std::env::temp_dir().join(format!("inferflux-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("w.toml");
+        std::fs::write(
+            &file,
+            "[scheduler]\nclient_weights = { \"alice\" = 2.0, \"key-0a1b2c3d\" = 0.5 }\n",
+        )
+        .unwrap();
+        let vars = env(&[("INFERFLUX__SCHEDULER__CLIENT_WEIGHTS__BOB", "3")]);
+        let s = Settings::load_with_env(Some(&file), &CliOverrides::default(), vars).unwrap();
+        let w = &s.scheduler.client_weights;
+        assert_eq!(
+            (w.get("alice"), w.get("key-0a1b2c3d"), w.get("bob")),
+            (Some(&2.0), Some(&0.5), Some(&3.0)),
+            "{w:?}"
+        );
+        let err = Settings::load_with_env(
+            None,
+            &CliOverrides::default(),
+            env(&[("INFERFLUX__SCHEDULER__CLIENT_WEIGHTS__BOB", "0")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("scheduler.client_weights"), "{err}");
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let err = Settings::load_with_env(
             None,

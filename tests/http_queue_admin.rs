@@ -110,6 +110,26 @@ async fn unified_batch_http_drain_refuses_new_requests_and_finishes_running_ones
     assert_eq!(ok.status(), 200);
     let (status, v) = post(&base, "/admin/drain", Some(json!({ "drian": true }))).await;
     assert_eq!(status, 400, "{v}");
+
+    // inferctl shows the queue and the per-client table.
+    for (args, expect) in [
+        (vec!["admin", "queue"], "draining      no"),
+        (vec!["admin", "metrics"], "fairness (Jain's index)"),
+        (vec!["admin", "metrics"], "anonymous"),
+    ] {
+        let base = base.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_inferctl"))
+                .args(["--url", &base])
+                .args(&args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.contains(expect), "{stdout}");
+    }
 }
 
 #[tokio::test]
