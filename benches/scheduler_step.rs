@@ -96,7 +96,9 @@ fn bench(c: &mut Criterion) {
     let mut summary = Vec::new();
     for running in [16usize, 256, 1024] {
         let mut h = Harness::new(running);
-        assert_eq!(h.core.num_running(), running, "steady state reached");
+        // Steady state: those that finished last step are replaced and wait for the next one.
+        assert_eq!(h.core.num_running() + h.core.num_waiting(), running);
+        assert!(h.core.num_running() >= running * 3 / 4, "steady state reached");
         // A plain timing first, for the per-sequence summary below.
         let steps = 200_000 / running;
         let t = Instant::now();
