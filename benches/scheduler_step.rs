@@ -28,7 +28,8 @@ struct Harness {
 impl Harness {
     fn new(running: usize) -> Self {
         let config = SchedulerConfig {
-            max_batched_tokens: running + 4 * PROMPT,
+            // About running / 48 finish per step; their replacements need about `running` prompt tokens.
+            max_batched_tokens: 2 * running + 4 * PROMPT,
             max_running: running,
             max_waiting: 4 * running,
             ..Default::default()
