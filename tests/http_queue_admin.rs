@@ -138,7 +138,7 @@ async fn unified_batch_http_stream_keeps_decoding_during_a_long_prefill() {
     // which takes 15 steps. The stream must get a token in (nearly) every step meanwhile.
     let server = start(|s| s.scheduler.max_batched_tokens = 16);
     let base = server.base.clone();
-    const STREAM_TOKENS: u64 = 40;
+    const STREAM_TOKENS: u64 = 80;
     let stream_body = json!({ "prompt": "Once upon a time", "max_tokens": STREAM_TOKENS, "temperature": 0, "stream": true, "ignore_eos": true, "user": "streamer" });
     let resp = post_completion(&base, &stream_body).await;
     let mut events = resp.bytes_stream().eventsource();
