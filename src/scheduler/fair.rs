@@ -203,7 +203,7 @@ impl FairShare {
         std::mem::take(&mut self.served)
     }
 
-    /// Waiting sequences (preempted ones excluded) per client, for the queue depth gauges.
+    /// Every tracked client and its state (for the queue depth gauges).
     pub fn clients(&self) -> impl Iterator<Item = (&ClientId, &ClientState)> {
         self.clients.iter()
     }
