@@ -1,6 +1,7 @@
 //! Layered configuration: built-in defaults < TOML file < `INFERFLUX__SECTION__KEY` env vars <
 //! command-line flags. Every key is documented in docs/AdminGuide.md.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -117,6 +118,12 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// `recompute` or `swap`.
     pub preemption: PreemptionMode,
+    /// Weighted fair share per client identity (`key-<8 hex>` for an API key, else the `user`
+    /// field, else `anonymous`); unlisted clients weigh 1.0.
+    pub client_weights: HashMap<String, f64>,
+    /// Half-life, in steps, of the recent served tokens behind Jain's fairness index; a client
+    /// counts as active while it has work or such tokens left.
+    pub fairness_half_life_steps: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -126,6 +133,8 @@ impl Default for SchedulerConfig {
             max_running: 64,
             max_waiting: 1024,
             preemption: PreemptionMode::Recompute,
+            client_weights: HashMap::new(),
+            fairness_half_life_steps: 64,
         }
     }
 }
@@ -252,6 +261,21 @@ impl Settings {
         positive("scheduler.max_batched_tokens", self.scheduler.max_batched_tokens)?;
         positive("scheduler.max_running", self.scheduler.max_running)?;
         positive("scheduler.max_waiting", self.scheduler.max_waiting)?;
+        positive(
+            "scheduler.fairness_half_life_steps",
+            self.scheduler.fairness_half_life_steps,
+        )?;
+        if let Some((client, w)) = self
+            .scheduler
+            .client_weights
+            .iter()
+            .find(|(_, w)| !(w.is_finite() && **w > 0.0))
+        {
+            return Err(ConfigError::BadValue {
+                key: "scheduler.client_weights",
+                message: format!("the weight of `{client}` must be a positive number, got {w}"),
+            });
+        }
         positive("server.max_body_bytes", self.server.max_body_bytes)?;
         positive("limits.max_stop_bytes", self.limits.max_stop_bytes)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -337,6 +361,33 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("limits.max_stop_bytes"), "{err}");
+    }
+
+    #[test]
+    fn unified_batch_client_weights_from_file_and_env() {
+        let dir = std::env::temp_dir().join(format!("inferflux-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("w.toml");
+        std::fs::write(
+            &file,
+            "[scheduler]\nclient_weights = { \"alice\" = 2.0, \"key-0a1b2c3d\" = 0.5 }\n",
+        )
+        .unwrap();
+        let vars = env(&[("INFERFLUX__SCHEDULER__CLIENT_WEIGHTS__BOB", "3")]);
+        let s = Settings::load_with_env(Some(&file), &CliOverrides::default(), vars).unwrap();
+        let w = &s.scheduler.client_weights;
+        assert_eq!(
+            (w.get("alice"), w.get("key-0a1b2c3d"), w.get("bob")),
+            (Some(&2.0), Some(&0.5), Some(&3.0)),
+            "{w:?}"
+        );
+        let err = Settings::load_with_env(
+            None,
+            &CliOverrides::default(),
+            env(&[("INFERFLUX__SCHEDULER__CLIENT_WEIGHTS__BOB", "0")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("scheduler.client_weights"), "{err}");
     }
 
     #[test]

@@ -148,12 +148,13 @@ pub fn start(
         max_stop_strings: settings.limits.max_stop_strings,
         max_stop_bytes: settings.limits.max_stop_bytes,
     };
-    let intake = RequestIntake::new(files.tokenizer.clone(), limits, scheduler, detector).start();
+    let intake = RequestIntake::new(files.tokenizer.clone(), limits, scheduler.clone(), detector).start();
     metrics::gauge!("inferflux_model_info", "model" => model_name.clone(), "backend" => format!("{backend:?}").to_lowercase())
         .set(1.0);
     let state = AppState {
         intake,
         kv,
+        scheduler,
         model_name: model_name.clone(),
         max_context: files.max_context.min(num_pages * settings.kv.page_size),
         metrics,

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use super::scheduler::{Cancel, Enqueue, Scheduler};
+use super::scheduler::{Cancel, Enqueue, EnqueueError, Scheduler};
 use super::stop_detector::{StopSequenceDetector, StreamEvent, Track, Untrack};
 use crate::http::error::ApiError;
 use crate::http::types::{CompletionRequest, Prompt, StopParam};
@@ -46,7 +46,9 @@ pub struct ValidRequest {
     pub sampling: SamplingParams,
     pub stop: StopParams,
     pub stream: bool,
+    /// Fair-share identity: `key-<hash>` of the API key, else `user`, else "anonymous".
     pub client: String,
+    pub priority: i64,
 }
 
 /// Parses and checks `req`; every error names the offending field.
@@ -169,7 +171,17 @@ pub fn validate(
         },
         stream: req.stream,
         client: req.user.unwrap_or_else(|| "anonymous".into()),
+        priority: req.priority.unwrap_or(0),
     })
+}
+
+/// The fair-share identity of an API key: `key-` and the first 8 hex digits of its SHA-256, so
+/// that logs, metrics and `/admin/queue` never show the key itself.
+pub fn api_key_client(key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("key-{hex}")
 }
 
 /// `stop`: one string or a list, each nonempty, within the configured count and length.
@@ -284,6 +296,8 @@ impl Actor for RequestIntake {
 #[rtype(result = "Result<Submitted, ApiError>")]
 pub struct SubmitCompletion {
     pub request: CompletionRequest,
+    /// The client identity of the request's API key ([`api_key_client`]), when it sent one.
+    pub key_client: Option<String>,
 }
 
 impl Handler<SubmitCompletion> for RequestIntake {
@@ -291,7 +305,12 @@ impl Handler<SubmitCompletion> for RequestIntake {
 
     fn handle(&mut self, msg: SubmitCompletion, _: &mut Context<Self>) -> Self::Result {
         let arrival = Instant::now();
-        let valid = validate(msg.request, &self.tokenizer, &self.limits);
+        let valid = validate(msg.request, &self.tokenizer, &self.limits).map(|mut v| {
+            if let Some(client) = msg.key_client {
+                v.client = client;
+            }
+            v
+        });
         let seq = SeqId(self.next_seq.fetch_add(1, Ordering::Relaxed));
         let request_id = format!("cmpl-{:016x}{:08x}", rand::random::<u64>(), seq.0);
         let (scheduler, detector) = (self.scheduler.clone(), self.detector.clone());
@@ -302,7 +321,8 @@ impl Handler<SubmitCompletion> for RequestIntake {
             let prompt_tokens = valid.prompt_ids.len();
             tracing::info!(
                 request_id = %request_id, seq = %seq, client = %valid.client, model = %model,
-                prompt_tokens, max_tokens = valid.max_tokens, stream = valid.stream, "request accepted"
+                prompt_tokens, max_tokens = valid.max_tokens, stream = valid.stream,
+                priority = valid.priority, "request accepted"
             );
             detector
                 .send(Track {
@@ -315,12 +335,21 @@ impl Handler<SubmitCompletion> for RequestIntake {
                 })
                 .await
                 .map_err(|e| ApiError::internal(format!("stop detector unreachable: {e}")))?;
-            let sequence = Sequence::new(seq, valid.prompt_ids, valid.max_tokens, valid.sampling);
-            match scheduler.send(Enqueue { seq: sequence }).await {
+            let sequence = Sequence::new(seq, valid.prompt_ids, valid.max_tokens, valid.sampling)
+                .with_client(Arc::from(valid.client.as_str()), valid.priority);
+            let enqueue = Enqueue {
+                seq: sequence,
+                request_id: request_id.clone(),
+            };
+            match scheduler.send(enqueue).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => {
+                Ok(Err(e)) => {
                     detector.do_send(Untrack { seq });
-                    return Err(ApiError::queue_full());
+                    tracing::info!(request_id = %request_id, client = %valid.client, reason = %e, "request refused");
+                    return Err(match e {
+                        EnqueueError::QueueFull => ApiError::queue_full(),
+                        EnqueueError::Draining => ApiError::draining(),
+                    });
                 }
                 Err(e) => return Err(ApiError::internal(format!("scheduler unreachable: {e}"))),
             }

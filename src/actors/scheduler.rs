@@ -1,14 +1,18 @@
 //! `Scheduler`: the step loop. One step in flight at a time: reserve pages for the candidates,
 //! plan, execute, hand the sampled tokens to the stop detector, repeat while there is work.
+//! It also knows each sequence's `request_id` (for `/admin/requests/{id}/cancel`) and whether
+//! the server is draining (no new requests admitted).
+
+use std::collections::{HashMap, HashSet};
 
 use actix::prelude::*;
 
 use super::executor::{DiscardSwapped, ExecuteStep, ExecutorError, SwapOut};
 use super::kv_pages::{CommitPages, KvPageManager, Preempt, Release, ReserveStep};
-use super::stop_detector::{FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
+use super::stop_detector::{Abort, FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
 use crate::config::PreemptionMode;
 use crate::kv::SeqId;
-use crate::scheduler::{PlannedChunk, SchedulerCore, Sequence};
+use crate::scheduler::{ClientId, ClientReport, PlannedChunk, SchedulerCore, Sequence};
 
 pub struct Scheduler {
     core: SchedulerCore,
@@ -19,6 +23,13 @@ pub struct Scheduler {
     preemption: PreemptionMode,
     step_in_flight: bool,
     steps: u64,
+    /// `request_id` -> sequence, and back, for every sequence the core holds.
+    by_request: HashMap<String, SeqId>,
+    request_of: HashMap<SeqId, String>,
+    /// New requests are refused (503) while set; what runs or waits finishes.
+    draining: bool,
+    /// Clients with a queue depth gauge, so that one that left is set back to 0.
+    gauged_clients: HashSet<ClientId>,
 }
 
 /// What came back from one step.
@@ -47,12 +58,49 @@ impl Scheduler {
             preemption,
             step_in_flight: false,
             steps: 0,
+            by_request: HashMap::new(),
+            request_of: HashMap::new(),
+            draining: false,
+            gauged_clients: HashSet::new(),
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         metrics::gauge!("inferflux_num_requests_running").set(self.core.num_running() as f64);
         metrics::gauge!("inferflux_num_requests_waiting").set(self.core.num_waiting() as f64);
+        metrics::gauge!("inferflux_num_requests_preempted").set(self.core.num_preempted() as f64);
+        metrics::gauge!("inferflux_fairness_jain_index").set(self.core.fairness_index());
+        let mut seen = HashSet::new();
+        for (client, depth) in self.core.client_depths() {
+            metrics::gauge!("inferflux_client_queue_depth", "client" => client.to_string()).set(depth as f64);
+            seen.insert(client.clone());
+        }
+        for gone in self.gauged_clients.difference(&seen) {
+            metrics::gauge!("inferflux_client_queue_depth", "client" => gone.to_string()).set(0.0);
+        }
+        self.gauged_clients = seen;
+    }
+
+    /// Forgets the request id of a sequence that left the core.
+    fn forget(&mut self, seq: SeqId) {
+        if let Some(id) = self.request_of.remove(&seq) {
+            self.by_request.remove(&id);
+        }
+    }
+
+    /// What `/admin/queue` shows.
+    fn report(&self) -> QueueReportBody {
+        QueueReportBody {
+            running: self.core.num_running(),
+            waiting: self.core.num_waiting(),
+            preempted: self.core.num_preempted(),
+            swapped: self.core.num_swapped(),
+            draining: self.draining,
+            steps: self.steps,
+            preemptions_total: self.core.preemptions(),
+            fairness_index: self.core.fairness_index(),
+            clients: self.core.clients(),
+        }
     }
 
     /// Starts the next step unless one is running or nothing is left to do: reserve pages,
@@ -85,8 +133,17 @@ impl Scheduler {
                         (Vec::new(), None)
                     }
                 };
-                for (seq, cached_tokens) in act.core.take_admissions() {
-                    act.detector.do_send(PrefixCached { seq, cached_tokens });
+                for a in act.core.take_admissions() {
+                    metrics::histogram!("inferflux_client_wait_seconds", "client" => a.client.to_string())
+                        .record(a.waited.as_secs_f64());
+                    act.detector.do_send(PrefixCached {
+                        seq: a.seq,
+                        cached_tokens: a.cached_tokens,
+                    });
+                }
+                for (client, tokens) in act.core.take_served() {
+                    metrics::counter!("inferflux_client_tokens_served_total", "client" => client.to_string())
+                        .increment(tokens);
                 }
                 let preempt = victim.map(|seq| Preempt {
                     seq,
@@ -161,12 +218,14 @@ impl Scheduler {
                     });
                 }
                 for seq in outcome.finished {
+                    self.forget(seq);
                     self.kv.do_send(Release { seq });
                 }
             }
             Err(e) => {
                 for &(seq, _) in &progress {
                     if self.core.remove(seq) {
+                        self.forget(seq);
                         self.kv.do_send(Release { seq });
                         self.detector.do_send(FailSequence {
                             seq,
@@ -184,6 +243,7 @@ impl Scheduler {
         if !self.core.remove(seq) {
             return false;
         }
+        self.forget(seq);
         self.kv.do_send(Release { seq });
         if swapped {
             self.discard_swapped.do_send(DiscardSwapped { seq });
@@ -197,23 +257,37 @@ impl Actor for Scheduler {
     type Context = Context<Self>;
 }
 
-/// The waiting queue is full; the request is refused (429).
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("waiting queue is full")]
-pub struct QueueFull;
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EnqueueError {
+    /// The waiting queue is full (429).
+    #[error("waiting queue is full")]
+    QueueFull,
+    /// An operator drains the server (503).
+    #[error("the server is draining")]
+    Draining,
+}
 
 /// Admit a new, already tokenized sequence.
 #[derive(Message)]
-#[rtype(result = "Result<(), QueueFull>")]
+#[rtype(result = "Result<(), EnqueueError>")]
 pub struct Enqueue {
     pub seq: Sequence,
+    /// The id the client was given, for `/admin/requests/{id}/cancel`.
+    pub request_id: String,
 }
 
 impl Handler<Enqueue> for Scheduler {
-    type Result = Result<(), QueueFull>;
+    type Result = Result<(), EnqueueError>;
 
     fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
-        self.core.enqueue(msg.seq).map_err(|_| QueueFull)?;
+        if self.draining {
+            return Err(EnqueueError::Draining);
+        }
+        let seq = msg.seq.id;
+        self.core.enqueue(msg.seq).map_err(|_| EnqueueError::QueueFull)?;
+        self.request_of.insert(seq, msg.request_id.clone());
+        self.by_request.insert(msg.request_id, seq);
         self.publish();
         self.maybe_step(ctx);
         Ok(())
@@ -251,5 +325,82 @@ impl Handler<SequenceFinished> for Scheduler {
 
     fn handle(&mut self, msg: SequenceFinished, _: &mut Context<Self>) {
         self.drop_sequence(msg.seq);
+    }
+}
+
+/// An operator cancels a request by its id: the sequence leaves at once, its pages are freed, and
+/// its client gets `finish_reason: "abort"`. Replies whether the id was known.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct CancelRequest {
+    pub request_id: String,
+}
+
+impl Handler<CancelRequest> for Scheduler {
+    type Result = bool;
+
+    fn handle(&mut self, msg: CancelRequest, _: &mut Context<Self>) -> bool {
+        let Some(&seq) = self.by_request.get(&msg.request_id) else {
+            return false;
+        };
+        if !self.drop_sequence(seq) {
+            return false;
+        }
+        tracing::info!(request_id = %msg.request_id, seq = %seq, "request cancelled by an operator");
+        metrics::counter!("inferflux_requests_cancelled_total").increment(1);
+        self.detector.do_send(Abort { seq });
+        true
+    }
+}
+
+/// Start (`drain: true`) or stop draining; replies with the queue afterwards.
+#[derive(Message)]
+#[rtype(result = "QueueReportBody")]
+pub struct Drain {
+    pub drain: bool,
+}
+
+impl Handler<Drain> for Scheduler {
+    type Result = MessageResult<Drain>;
+
+    fn handle(&mut self, msg: Drain, _: &mut Context<Self>) -> Self::Result {
+        if self.draining != msg.drain {
+            tracing::info!(draining = msg.drain, "drain state changed by an operator");
+        }
+        self.draining = msg.drain;
+        metrics::gauge!("inferflux_draining").set(if msg.drain { 1.0 } else { 0.0 });
+        MessageResult(self.report())
+    }
+}
+
+/// The queues as `/admin/queue` shows them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QueueReportBody {
+    pub running: usize,
+    /// Waiting sequences, preempted ones included.
+    pub waiting: usize,
+    /// Waiting sequences that were preempted and resume first.
+    pub preempted: usize,
+    /// Preempted sequences whose K/V wait in host memory.
+    pub swapped: usize,
+    pub draining: bool,
+    /// Steps started since the server started.
+    pub steps: u64,
+    pub preemptions_total: u64,
+    /// Jain's index over the recent clients' served tokens divided by their weights.
+    pub fairness_index: f64,
+    pub clients: Vec<ClientReport>,
+}
+
+/// A snapshot of the queues.
+#[derive(Message)]
+#[rtype(result = "QueueReportBody")]
+pub struct QueueReport;
+
+impl Handler<QueueReport> for Scheduler {
+    type Result = MessageResult<QueueReport>;
+
+    fn handle(&mut self, _: QueueReport, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.report())
     }
 }

@@ -227,3 +227,27 @@ impl Handler<PrefixCached> for StopSequenceDetector {
         }
     }
 }
+
+/// An operator cancelled the sequence (the scheduler already dropped it): its client gets the
+/// text so far and a last event with `finish_reason: "abort"`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Abort {
+    pub seq: SeqId,
+}
+
+impl Handler<Abort> for StopSequenceDetector {
+    type Result = ();
+    fn handle(&mut self, msg: Abort, _: &mut Context<Self>) {
+        if let Some(t) = self.streams.remove(&msg.seq) {
+            let completion_tokens = t.detector.generated_tokens();
+            tracing::info!(request_id = %t.request_id, completion_tokens, "request aborted");
+            let _ = t.events.send(StreamEvent::Finished {
+                reason: FinishReason::Abort,
+                prompt_tokens: t.prompt_tokens,
+                completion_tokens,
+                cached_tokens: t.cached_tokens,
+            });
+        }
+    }
+}

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use inferflux::actors::kv_pages::KvReportBody;
+use inferflux::actors::scheduler::QueueReportBody;
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -62,8 +63,22 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum AdminCommand {
-    /// Print the server's InferFlux metrics (Prometheus text, comments dropped).
+    /// Print the server's InferFlux metrics (Prometheus text, comments dropped), then the
+    /// queue depth and fair share per client as a table.
     Metrics,
+    /// Show the scheduler's queues, per-client share and drain state (`GET /admin/queue`).
+    Queue {
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop admitting new requests (`POST /admin/drain`); `--resume` admits them again.
+    Drain {
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Cancel a request by its id (`POST /admin/requests/{id}/cancel`).
+    Cancel { request_id: String },
     /// Show the KV page pool and prefix cache (`GET /admin/kv`).
     Kv {
         /// Forget every cached prefix first (`POST /admin/kv/reset_prefix_cache`).
@@ -181,6 +196,52 @@ async fn main() -> anyhow::Result<()> {
             for line in text.lines().filter(|l| l.starts_with("inferflux_")) {
                 println!("{line}");
             }
+            println!();
+            print_fairness_table(&text);
+        }
+        Command::Admin {
+            command: AdminCommand::Queue { json },
+        } => {
+            let resp = client
+                .get(format!("{base}/admin/queue"))
+                .send()
+                .await?
+                .error_for_status()?;
+            if json {
+                let v: serde_json::Value = resp.json().await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_queue(&resp.json().await?);
+            }
+        }
+        Command::Admin {
+            command: AdminCommand::Drain { resume },
+        } => {
+            let report: QueueReportBody = client
+                .post(format!("{base}/admin/drain"))
+                .json(&json!({ "drain": !resume }))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            print_queue(&report);
+        }
+        Command::Admin {
+            command: AdminCommand::Cancel { request_id },
+        } => {
+            let resp = client
+                .post(format!("{base}/admin/requests/{request_id}/cancel"))
+                .send()
+                .await?;
+            let status = resp.status();
+            if !status.is_success() {
+                bail!(
+                    "server answered {status}: {}",
+                    resp.text().await.unwrap_or_default()
+                );
+            }
+            println!("cancelled {request_id}");
         }
         Command::Admin {
             command:
@@ -238,5 +299,91 @@ fn print_kv(r: &KvReportBody) {
         for p in &r.largest_cached_prefixes {
             println!("  {:>8}  {:>4}  {}", p.tokens, p.ref_count, p.hash);
         }
+    }
+}
+
+fn print_queue(r: &QueueReportBody) {
+    println!(
+        "requests      {} running, {} waiting ({} preempted, {} swapped out)",
+        r.running, r.waiting, r.preempted, r.swapped
+    );
+    println!("draining      {}", if r.draining { "yes" } else { "no" });
+    println!("steps         {} ({} preemptions)", r.steps, r.preemptions_total);
+    println!(
+        "fairness      {:.3} (Jain's index, 1 = shares equal to weights)",
+        r.fairness_index
+    );
+    if !r.clients.is_empty() {
+        println!(
+            "  {:<24}  {:>6}  {:>7}  {:>7}  {:>12}  {:>12}",
+            "client", "weight", "waiting", "running", "recent tok", "virtual time"
+        );
+        for c in &r.clients {
+            println!(
+                "  {:<24}  {:>6.2}  {:>7}  {:>7}  {:>12.1}  {:>12.1}",
+                c.client, c.weight, c.waiting, c.running, c.recent_tokens, c.virtual_time
+            );
+        }
+    }
+}
+
+/// The value of `name{client="…"}` lines, by client.
+fn per_client(text: &str, name: &str) -> Vec<(String, f64)> {
+    let prefix = format!("{name}{{client=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (client, value) = rest.split_once("\"}")?;
+            Some((client.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn print_fairness_table(text: &str) {
+    let gauge = |name: &str| {
+        text.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}"));
+    println!("{:<28}  {:>10}", "queue", "value");
+    for (label, name) in [
+        ("running", "inferflux_num_requests_running"),
+        ("waiting", "inferflux_num_requests_waiting"),
+        ("preempted", "inferflux_num_requests_preempted"),
+        ("fairness (Jain's index)", "inferflux_fairness_jain_index"),
+    ] {
+        println!("{label:<28}  {:>10}", show(gauge(name)));
+    }
+    let depth = per_client(text, "inferflux_client_queue_depth");
+    let served = per_client(text, "inferflux_client_tokens_served_total");
+    let waits = per_client(text, "inferflux_client_wait_seconds_sum");
+    let admitted = per_client(text, "inferflux_client_wait_seconds_count");
+    let mut clients: Vec<&String> = depth.iter().chain(&served).map(|(c, _)| c).collect();
+    clients.sort();
+    clients.dedup();
+    if clients.is_empty() {
+        return;
+    }
+    let find = |v: &[(String, f64)], c: &str| v.iter().find(|(k, _)| k == c).map(|(_, x)| *x);
+    println!();
+    println!(
+        "{:<24}  {:>11}  {:>14}  {:>13}",
+        "client", "queue depth", "tokens served", "mean wait (s)"
+    );
+    for c in clients {
+        let mean_wait = match (find(&waits, c), find(&admitted, c)) {
+            (Some(sum), Some(n)) if n > 0.0 => format!("{:.3}", sum / n),
+            _ => "-".into(),
+        };
+        println!(
+            "{c:<24}  {:>11}  {:>14}  {mean_wait:>13}",
+            show(find(&depth, c)),
+            show(find(&served, c)),
+        );
     }
 }

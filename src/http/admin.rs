@@ -5,6 +5,7 @@ use actix_web::{web, HttpResponse};
 use super::error::ApiError;
 use super::AppState;
 use crate::actors::kv_pages::{KvReport, ResetPrefixCache};
+use crate::actors::scheduler::{CancelRequest, Drain, QueueReport};
 
 /// `GET /admin/kv`: page counts, usage, prefix-cache hit rate and the largest cached prefixes.
 pub async fn kv_report(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -25,4 +26,63 @@ pub async fn reset_prefix_cache(state: web::Data<AppState>) -> Result<HttpRespon
         .map_err(|e| ApiError::internal(format!("KV page manager unreachable: {e}")))?;
     tracing::info!(dropped_keys = dropped, "prefix cache reset by an operator");
     Ok(HttpResponse::Ok().json(serde_json::json!({ "dropped_keys": dropped })))
+}
+
+fn scheduler_gone(e: actix::MailboxError) -> ApiError {
+    ApiError::internal(format!("scheduler unreachable: {e}"))
+}
+
+/// `GET /admin/queue`: running, waiting, preempted and swapped sequences, the drain flag, and
+/// every recent client's depth, virtual time and share.
+pub async fn queue_report(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let report = state.scheduler.send(QueueReport).await.map_err(scheduler_gone)?;
+    Ok(HttpResponse::Ok().json(report))
+}
+
+/// The body of `POST /admin/drain`; no body means `{"drain": true}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    pub drain: bool,
+}
+
+/// `POST /admin/drain`: stop admitting new requests (503) while what runs or waits finishes;
+/// `{"drain": false}` resumes. Replies with the queue.
+pub async fn drain(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let drain = if body.iter().all(u8::is_ascii_whitespace) {
+        true
+    } else {
+        serde_json::from_slice::<DrainRequest>(&body)
+            .map_err(|e| ApiError::invalid(Some("drain".into()), format!("invalid request body: {e}")))?
+            .drain
+    };
+    let report = state
+        .scheduler
+        .send(Drain { drain })
+        .await
+        .map_err(scheduler_gone)?;
+    Ok(HttpResponse::Ok().json(report))
+}
+
+/// `POST /admin/requests/{request_id}/cancel`: the request leaves within one step, its pages are
+/// freed and its client gets `finish_reason: "abort"`. 404 for an id that is not queued or
+/// running.
+pub async fn cancel_request(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let request_id = path.into_inner();
+    let known = state
+        .scheduler
+        .send(CancelRequest {
+            request_id: request_id.clone(),
+        })
+        .await
+        .map_err(scheduler_gone)?;
+    if !known {
+        return Err(ApiError::not_found(format!(
+            "No queued or running request has the id `{request_id}`."
+        )));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "id": request_id, "cancelled": true })))
 }

@@ -56,6 +56,26 @@ impl ApiError {
         }
     }
 
+    pub fn draining() -> Self {
+        Self {
+            status: 503,
+            message: "The server is draining and admits no new requests; retry on another replica.".into(),
+            kind: "service_unavailable_error",
+            param: None,
+            code: Some("draining"),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: 404,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("not_found"),
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
             status: 500,

@@ -8,13 +8,14 @@ pub mod types;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix::Addr;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::actors::intake::{RequestIntake, SubmitCompletion, Submitted};
+use crate::actors::intake::{api_key_client, RequestIntake, SubmitCompletion, Submitted};
 use crate::actors::kv_pages::KvPageManager;
+use crate::actors::scheduler::Scheduler;
 use crate::actors::stop_detector::StreamEvent;
 use crate::stop::FinishReason;
 use error::ApiError;
@@ -27,6 +28,7 @@ use types::{
 pub struct AppState {
     pub intake: Addr<RequestIntake>,
     pub kv: Addr<KvPageManager>,
+    pub scheduler: Addr<Scheduler>,
     pub model_name: String,
     pub max_context: usize,
     pub metrics: PrometheusHandle,
@@ -42,6 +44,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/admin/kv/reset_prefix_cache",
             web::post().to(admin::reset_prefix_cache),
+        )
+        .route("/admin/queue", web::get().to(admin::queue_report))
+        .route("/admin/drain", web::post().to(admin::drain))
+        .route(
+            "/admin/requests/{request_id}/cancel",
+            web::post().to(admin::cancel_request),
         );
 }
 
@@ -100,8 +108,22 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, Api
     Ok(body.freeze())
 }
 
-async fn completions(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    let result = handle_completion(state, payload).await;
+/// The client identity of an `Authorization: Bearer <key>` header, if there is one.
+fn key_client(req: &HttpRequest) -> Option<String> {
+    let value = req.headers().get("authorization")?.to_str().ok()?;
+    let key = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?;
+    let key = key.trim();
+    (!key.is_empty()).then(|| api_key_client(key))
+}
+
+async fn completions(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let result = handle_completion(key_client(&req), state, payload).await;
     if let Err(e) = &result {
         metrics::counter!("inferflux_requests_rejected_total", "status" => e.status.to_string()).increment(1);
     }
@@ -109,6 +131,7 @@ async fn completions(state: web::Data<AppState>, payload: web::Payload) -> Resul
 }
 
 async fn handle_completion(
+    key_client: Option<String>,
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -116,7 +139,7 @@ async fn handle_completion(
     let request = parse_request(&body)?;
     let submitted = state
         .intake
-        .send(SubmitCompletion { request })
+        .send(SubmitCompletion { request, key_client })
         .await
         .map_err(|e| ApiError::internal(format!("intake unreachable: {e}")))??;
     let model = state.model_name.clone();
@@ -136,7 +159,7 @@ fn stop_reason(reason: &FinishReason) -> Option<serde_json::Value> {
         FinishReason::StopString(s) => Some(serde_json::Value::String(s.clone())),
         FinishReason::StopToken(id) => Some(serde_json::Value::from(*id)),
         // vLLM reports EOS as `stop_reason: null`: only requested stops are named.
-        FinishReason::Eos(_) | FinishReason::Length => None,
+        FinishReason::Eos(_) | FinishReason::Length | FinishReason::Abort => None,
     }
 }
 

@@ -45,7 +45,10 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stream: bool,
     pub n: Option<i64>,
+    /// Who the request counts against for fair sharing when no API key is sent.
     pub user: Option<String>,
+    /// vLLM: lower is served sooner, among the same client's waiting requests (default 0).
+    pub priority: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -33,6 +33,9 @@ pub enum FinishReason {
     Eos(u32),
     /// `max_tokens` were generated.
     Length,
+    /// An operator cancelled the request (`POST /admin/requests/{id}/cancel`); vLLM reports
+    /// aborted requests as `finish_reason: "abort"`.
+    Abort,
 }
 
 impl FinishReason {
@@ -41,6 +44,7 @@ impl FinishReason {
         match self {
             FinishReason::StopString(_) | FinishReason::StopToken(_) | FinishReason::Eos(_) => "stop",
             FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
         }
     }
 }

@@ -1,0 +1,142 @@
+//! Batch invariance over HTTP: at temperature 0 on the CPU f32 backend, 16 requests of mixed
+//! lengths give token-identical output sent alone or all at once, with chunked prefill on or off,
+//! prefix caching on or off, and a KV pool so small that preemption happens (recompute and swap).
+
+mod common;
+
+use common::{goldens, start, stream_completion};
+use inferflux::config::{PreemptionMode, Settings};
+use serde_json::json;
+
+const MAX_TOKENS: usize = 24;
+
+/// The five golden prompts (text) and eleven token-id prompts from 3 to 220 tokens.
+fn prompts() -> Vec<serde_json::Value> {
+    let mut out: Vec<serde_json::Value> = goldens().prompts.iter().map(|p| json!(p.prompt)).collect();
+    for (k, len) in [3usize, 9, 17, 31, 48, 64, 90, 120, 150, 180, 220]
+        .into_iter()
+        .enumerate()
+    {
+        let ids: Vec<u32> = (0..len).map(|i| ((i * 37 + k * 11) % 370 + 10) as u32).collect();
+        out.push(json!(ids));
+    }
+    assert_eq!(out.len(), 16);
+    out
+}
+
+fn body(prompt: &serde_json::Value) -> serde_json::Value {
+    json!({ "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true, "ignore_eos": true })
+}
+
+async fn all_at_once(base: &str, prompts: &[serde_json::Value]) -> Vec<String> {
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (base, body) = (base.to_string(), body(p));
+            tokio::spawn(async move { stream_completion(&base, body).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        let got = h.await.unwrap();
+        assert_eq!(got.finish_reason(), Some("length"));
+        out.push(got.text);
+    }
+    out
+}
+
+async fn queue(base: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}/admin/queue"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn unified_batch_http_outputs_are_batch_invariant() {
+    let prompts = prompts();
+    // Reference: each request alone on a default server.
+    let reference = start(|_| {});
+    let mut solo = Vec::new();
+    for p in &prompts {
+        solo.push(stream_completion(&reference.base, body(p)).await.text);
+    }
+    for (p, text) in goldens().prompts.iter().zip(&solo) {
+        assert_eq!(text, &p.greedy_text, "solo vs transformers for {:?}", p.prompt);
+    }
+    let same_config = all_at_once(&reference.base, &prompts).await;
+    assert_eq!(same_config, solo, "all at once vs alone");
+
+    type Tweak = fn(&mut Settings);
+    let configs: [(&str, Tweak, bool); 5] = [
+        (
+            "chunked prefill, prefix caching",
+            |s| s.scheduler.max_batched_tokens = 16,
+            false,
+        ),
+        (
+            "chunked prefill, no prefix caching",
+            |s| {
+                s.scheduler.max_batched_tokens = 16;
+                s.kv.enable_prefix_caching = false;
+            },
+            false,
+        ),
+        (
+            "no chunking (budget above the longest prompt), no prefix caching",
+            |s| {
+                s.scheduler.max_batched_tokens = 256;
+                s.kv.enable_prefix_caching = false;
+            },
+            false,
+        ),
+        (
+            "tiny pool, recompute preemption",
+            |s| {
+                s.kv.num_pages = 64;
+                s.kv.page_size = 4;
+                s.scheduler.max_batched_tokens = 32;
+            },
+            true,
+        ),
+        (
+            "tiny pool, swap preemption, no prefix caching",
+            |s| {
+                s.kv.num_pages = 64;
+                s.kv.page_size = 4;
+                s.kv.enable_prefix_caching = false;
+                s.scheduler.max_batched_tokens = 48;
+                s.scheduler.preemption = PreemptionMode::Swap;
+            },
+            true,
+        ),
+    ];
+    for (name, tweak, preempts) in configs {
+        let server = start(tweak);
+        let got = all_at_once(&server.base, &prompts).await;
+        for (i, (g, s)) in got.iter().zip(&solo).enumerate() {
+            assert_eq!(g, s, "{name}: request {i} differs from its solo output");
+        }
+        // A second wave, with the prefix cache (if on) warm.
+        assert_eq!(
+            all_at_once(&server.base, &prompts).await,
+            solo,
+            "{name}: second wave"
+        );
+        let q = queue(&server.base).await;
+        if preempts {
+            assert!(
+                q["preemptions_total"].as_u64().unwrap() > 0,
+                "{name}: no preemption: {q}"
+            );
+        }
+        assert_eq!(
+            (q["running"].as_u64(), q["waiting"].as_u64()),
+            (Some(0), Some(0)),
+            "{q}"
+        );
+        common::wait_until_no_page_is_referenced(&server.base).await;
+    }
+}

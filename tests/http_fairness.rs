@@ -1,0 +1,104 @@
+//! Fair sharing over HTTP: a backlog of one client does not hold up another client's requests.
+//! In its own test binary so that the process-wide metrics belong to this one server.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::start;
+use inferflux::actors::intake::api_key_client;
+use serde_json::json;
+
+async fn queue(base: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}/admin/queue"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn unified_batch_http_late_client_is_served_before_the_backlog() {
+    let server = start(|s| {
+        s.scheduler.max_running = 2;
+        s.scheduler.fairness_half_life_steps = 32;
+    });
+    let base = server.base.clone();
+    // A authenticates with an API key; B names itself with `user`.
+    let key_a = "sk-test-alice-0123456789";
+    let client_a = api_key_client(key_a);
+    assert!(client_a.starts_with("key-") && client_a.len() == 12, "{client_a}");
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let send = |who: &'static str, i: usize| {
+        let (base, order) = (base.clone(), order.clone());
+        let mut body = json!({ "prompt": format!("Request {i} from {who}"), "max_tokens": 8, "temperature": 0, "ignore_eos": true });
+        let mut req = reqwest::Client::new().post(format!("{base}/v1/completions"));
+        if who == "a" {
+            req = req.bearer_auth(key_a);
+        } else {
+            body["user"] = json!("b");
+        }
+        tokio::spawn(async move {
+            let resp = req.json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let v: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(v["choices"][0]["finish_reason"], "length");
+            order.lock().unwrap().push(who);
+        })
+    };
+    let mut handles: Vec<_> = (0..50).map(|i| send("a", i)).collect();
+    // Wait until A's backlog is queued.
+    loop {
+        let q = queue(&base).await;
+        if q["waiting"].as_u64().unwrap() + q["running"].as_u64().unwrap() >= 45 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    handles.extend((0..5).map(|i| send("b", i)));
+    let mut jain_while_both = Vec::new();
+    while order.lock().unwrap().iter().filter(|w| **w == "b").count() < 5 {
+        let q = queue(&base).await;
+        let clients = q["clients"].as_array().unwrap();
+        let has_work =
+            |c: &serde_json::Value| c["waiting"].as_u64().unwrap() + c["running"].as_u64().unwrap() > 0;
+        if clients.len() == 2 && clients.iter().all(has_work) {
+            jain_while_both.push(q["fairness_index"].as_f64().unwrap());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let a_left = 50 - order.lock().unwrap().iter().filter(|w| **w == "a").count();
+    assert!(
+        a_left >= 35,
+        "B's 5 requests were served before A's backlog: {a_left} of A's left"
+    );
+    let metrics = common::metrics_text(&base).await;
+    let jain = metric(&metrics, "inferflux_fairness_jain_index").unwrap();
+    for h in handles {
+        h.await.unwrap();
+    }
+    // While both had work the index rose toward 1 (B is served as much as A); right after B's
+    // last request it still reflects B's recent share.
+    let best = jain_while_both.iter().copied().fold(0.0, f64::max);
+    assert!(
+        best > 0.8,
+        "fairness index while both were active: {jain_while_both:?}"
+    );
+    assert!(jain > 0.8, "fairness index when B was done: {jain}");
+    let served_b = metric(&metrics, "inferflux_client_tokens_served_total{client=\"b\"}").unwrap();
+    let served_a = metric(
+        &metrics,
+        &format!("inferflux_client_tokens_served_total{{client=\"{client_a}\"}}"),
+    );
+    assert!(served_b >= 5.0 * 8.0, "{served_b}");
+    assert!(served_a.unwrap() > 0.0);
+    assert!(!metrics.contains(key_a), "the API key never shows in the metrics");
+    assert!(metrics.contains("inferflux_client_wait_seconds_count{client=\"b\"} 5"));
+    assert!(metrics.contains("inferflux_client_queue_depth{client=\"b\"}"));
+}
