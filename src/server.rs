@@ -159,6 +159,8 @@ pub fn start(
         max_context: files.max_context.min(num_pages * settings.kv.page_size),
         metrics,
         max_body_bytes: settings.server.max_body_bytes,
+        chat_template: files.chat_template.clone(),
+        tokenizer: files.tokenizer.clone(),
     };
     let addr = listener.local_addr()?;
     let server = HttpServer::new(move || {
@@ -179,6 +181,21 @@ struct ExecutorHandle {
     num_pages: usize,
     /// Bytes of K and V of one page over all layers.
     page_bytes: usize,
+}
+
+/// The process's peak resident memory (`VmHWM`), to show that loading held one copy of the
+/// weights; `None` where `/proc` is missing.
+fn peak_rss_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<usize>()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Free memory of the device serving the model, in bytes.
@@ -247,6 +264,7 @@ fn start_executor<B: Backend>(
         page_size = settings.kv.page_size,
         kv_bytes = num_pages * page_bytes,
         load_ms = started.elapsed().as_millis() as u64,
+        peak_rss_mib = peak_rss_bytes().map(|b| b >> 20),
         "model loaded"
     );
     // One executor thread owns the device; the slot holds the model between its creation here

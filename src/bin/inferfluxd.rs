@@ -31,8 +31,18 @@ struct Args {
     device: Option<DeviceKind>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// Errors end the process with one line on stderr (the whole cause chain) and exit status 1.
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("inferfluxd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let cli = CliOverrides {
         model: args.model,
         host: args.host,

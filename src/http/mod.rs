@@ -2,6 +2,7 @@
 //! and Prometheus `/metrics`. Handlers parse, hand the request to intake, and render its events.
 
 pub mod admin;
+pub mod chat;
 pub mod error;
 pub mod types;
 
@@ -33,10 +34,23 @@ pub struct AppState {
     pub max_context: usize,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
+    /// Renders chat messages into a prompt; `None` when the model has no template.
+    pub chat_template: Option<std::sync::Arc<crate::model::ChatTemplate>>,
+    pub tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
+}
+
+/// Which OpenAI object a request's events are shaped into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// `text_completion` with `choices[].text`.
+    Completion,
+    /// `chat.completion` / `chat.completion.chunk` with `message` / `delta`.
+    Chat,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/completions", web::post().to(completions))
+        .route("/v1/chat/completions", web::post().to(chat::chat_completions))
         .route("/v1/models", web::get().to(models))
         .route("/health", web::get().to(health))
         .route("/metrics", web::get().to(metrics_text))
@@ -53,7 +67,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         );
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -83,7 +97,7 @@ async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// Parses the body ourselves so that every JSON mistake becomes OpenAI error JSON with a 400.
-fn parse_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+pub(crate) fn parse_request<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
         let param = msg
@@ -96,7 +110,7 @@ fn parse_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
 }
 
 /// Reads the body up to the configured limit, answering 413 as OpenAI error JSON past it.
-async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::invalid(None, format!("cannot read request body: {e}")))?;
@@ -109,7 +123,7 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, Api
 }
 
 /// The client identity of an `Authorization: Bearer <key>` header, if there is one.
-fn key_client(req: &HttpRequest) -> Option<String> {
+pub(crate) fn key_client(req: &HttpRequest) -> Option<String> {
     let value = req.headers().get("authorization")?.to_str().ok()?;
     let key = value
         .strip_prefix("Bearer ")
@@ -136,25 +150,33 @@ async fn handle_completion(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(payload, state.max_body_bytes).await?;
-    let request = parse_request(&body)?;
+    let request: CompletionRequest = parse_request(&body)?;
     let submitted = state
         .intake
         .send(SubmitCompletion { request, key_client })
         .await
         .map_err(|e| ApiError::internal(format!("intake unreachable: {e}")))??;
-    let model = state.model_name.clone();
+    respond(submitted, state.model_name.clone(), Shape::Completion).await
+}
+
+/// The SSE stream or the whole JSON answer of an accepted request.
+pub(crate) async fn respond(
+    submitted: Submitted,
+    model: String,
+    shape: Shape,
+) -> Result<HttpResponse, ApiError> {
     if submitted.stream {
         Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
             .insert_header(("Cache-Control", "no-cache"))
             .insert_header(("X-Request-Id", submitted.request_id.clone()))
-            .streaming(sse_stream(submitted, model)))
+            .streaming(sse_stream(submitted, model, shape)))
     } else {
-        collect(submitted, model).await
+        collect(submitted, model, shape).await
     }
 }
 
-fn stop_reason(reason: &FinishReason) -> Option<serde_json::Value> {
+pub(crate) fn stop_reason(reason: &FinishReason) -> Option<serde_json::Value> {
     match reason {
         FinishReason::StopString(s) => Some(serde_json::Value::String(s.clone())),
         FinishReason::StopToken(id) => Some(serde_json::Value::from(*id)),
@@ -197,25 +219,30 @@ fn sse_event(value: &impl serde::Serialize) -> Bytes {
 fn sse_stream(
     submitted: Submitted,
     model: String,
+    shape: Shape,
 ) -> impl futures::Stream<Item = Result<Bytes, actix_web::Error>> {
     let created = unix_now();
-    futures::stream::unfold(Some(submitted), move |state| {
+    // A chat stream opens with the assistant's role, as OpenAI's does.
+    let opening = (shape == Shape::Chat).then(|| {
+        Ok(sse_event(&chat::chunk(
+            &submitted.request_id,
+            &model,
+            created,
+            chat::opening_delta(),
+            None,
+        )))
+    });
+    let events = futures::stream::unfold(Some(submitted), move |state| {
         let model = model.clone();
         async move {
             let mut sub = state?;
             let bytes = match sub.events.recv().await {
                 Some(StreamEvent::Text(text)) => {
-                    let b = sse_event(&chunk(&sub.request_id, &model, created, text, None));
+                    let b = shaped_chunk(shape, &sub.request_id, &model, created, Some(text), None);
                     return Some((Ok(b), Some(sub)));
                 }
                 Some(StreamEvent::Finished { reason, .. }) => {
-                    let last = sse_event(&chunk(
-                        &sub.request_id,
-                        &model,
-                        created,
-                        String::new(),
-                        Some(&reason),
-                    ));
+                    let last = shaped_chunk(shape, &sub.request_id, &model, created, None, Some(&reason));
                     [last, Bytes::from_static(b"data: [DONE]\n\n")].concat()
                 }
                 Some(StreamEvent::Error(message)) => {
@@ -230,10 +257,32 @@ fn sse_stream(
             sub.guard.disarm();
             Some((Ok(Bytes::from(bytes)), None))
         }
-    })
+    });
+    futures::stream::iter(opening).chain(events)
 }
 
-async fn collect(mut sub: Submitted, model: String) -> Result<HttpResponse, ApiError> {
+/// One SSE event: a text delta (`text`), or the last chunk with the finish reason.
+fn shaped_chunk(
+    shape: Shape,
+    id: &str,
+    model: &str,
+    created: u64,
+    text: Option<String>,
+    finish: Option<&FinishReason>,
+) -> Bytes {
+    match shape {
+        Shape::Completion => sse_event(&chunk(id, model, created, text.unwrap_or_default(), finish)),
+        Shape::Chat => {
+            let delta = crate::http::types::ChatDelta {
+                role: None,
+                content: text,
+            };
+            sse_event(&chat::chunk(id, model, created, delta, finish))
+        }
+    }
+}
+
+async fn collect(mut sub: Submitted, model: String, shape: Shape) -> Result<HttpResponse, ApiError> {
     let mut text = String::new();
     while let Some(event) = sub.events.recv().await {
         match event {
@@ -245,16 +294,22 @@ async fn collect(mut sub: Submitted, model: String) -> Result<HttpResponse, ApiE
                 cached_tokens,
             } => {
                 sub.guard.disarm();
-                let mut resp = chunk(&sub.request_id, &model, unix_now(), text, Some(&reason));
-                resp.usage = Some(Usage {
+                let usage = Usage {
                     prompt_tokens,
                     completion_tokens,
                     total_tokens: prompt_tokens + completion_tokens,
                     prompt_tokens_details: Some(PromptTokensDetails { cached_tokens }),
+                };
+                let mut ok = HttpResponse::Ok();
+                ok.insert_header(("X-Request-Id", sub.request_id.clone()));
+                return Ok(match shape {
+                    Shape::Completion => {
+                        let mut resp = chunk(&sub.request_id, &model, unix_now(), text, Some(&reason));
+                        resp.usage = Some(usage);
+                        ok.json(resp)
+                    }
+                    Shape::Chat => ok.json(chat::whole(&sub.request_id, &model, text, &reason, usage)),
                 });
-                return Ok(HttpResponse::Ok()
-                    .insert_header(("X-Request-Id", sub.request_id.clone()))
-                    .json(resp));
             }
             StreamEvent::Error(message) => {
                 sub.guard.disarm();

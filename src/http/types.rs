@@ -105,3 +105,113 @@ pub struct ModelList {
     pub object: String,
     pub data: Vec<ModelCard>,
 }
+
+/// `content` of a chat message: a string, or OpenAI's list of parts (only `text` parts are
+/// accepted; they are joined with newlines, as vLLM does for string templates).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ChatContent {
+    Text(String),
+    Parts(Vec<ChatContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ChatContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessageIn {
+    pub role: String,
+    /// `null` is allowed (an assistant turn that only called tools); it renders as "".
+    pub content: Option<ChatContent>,
+    pub name: Option<String>,
+}
+
+/// The body of `POST /v1/chat/completions`: OpenAI's fields plus the vLLM extensions that
+/// `/v1/completions` takes. Unknown fields are refused (400 naming the field).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessageIn>,
+    /// Deprecated by OpenAI in favour of `max_completion_tokens`; either works.
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopParam>,
+    pub stop_token_ids: Option<Vec<i64>>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+    pub min_tokens: Option<i64>,
+    #[serde(default)]
+    pub include_stop_str_in_output: bool,
+    #[serde(default)]
+    pub stream: bool,
+    pub n: Option<i64>,
+    pub user: Option<String>,
+    pub priority: Option<i64>,
+    /// vLLM: end the prompt where the assistant's answer starts (default true).
+    pub add_generation_prompt: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatMessageOut {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<serde_json::Value>,
+}
+
+/// `object: "chat.completion"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+/// What a stream chunk adds to the assistant message.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ChatDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<serde_json::Value>,
+}
+
+/// `object: "chat.completion.chunk"`: one SSE event of a streamed chat completion.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+}

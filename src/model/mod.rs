@@ -22,12 +22,9 @@ pub use weights::{CheckpointBytes, WeightIndex};
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The message already holds the cause, so it is not chained as a `source` (one line).
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("invalid model config: {0}")]
     Config(String),
     #[error("unsupported model: {0}")]
@@ -48,10 +45,10 @@ impl ModelError {
         }
     }
 
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, error: std::io::Error) -> Self {
         ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 }

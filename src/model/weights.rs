@@ -62,13 +62,20 @@ impl CheckpointBytes {
     /// Parses the safetensors headers of every file into one name -> tensor index.
     pub fn index(&self) -> Result<WeightIndex<'_>, ModelError> {
         let mut tensors = HashMap::new();
-        for (name, bytes) in self.buffers() {
+        let buffers = self.buffers();
+        let files = buffers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        for (name, bytes) in buffers.iter().map(|(n, b)| (n.clone(), *b)) {
             let st =
                 SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights(format!("{name}: {e}")))?;
             for (tensor_name, view) in st.tensors() {
                 tensors.insert(
                     tensor_name,
                     HostTensor {
+                        file: name.clone(),
                         dtype: view.dtype(),
                         shape: view.shape().to_vec(),
                         bytes: view.data(),
@@ -76,12 +83,14 @@ impl CheckpointBytes {
                 );
             }
         }
-        Ok(WeightIndex { tensors })
+        Ok(WeightIndex { tensors, files })
     }
 }
 
 /// One tensor as it lies in the checkpoint.
 pub struct HostTensor<'a> {
+    /// The file it came from, for error messages.
+    pub file: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub bytes: &'a [u8],
@@ -90,6 +99,8 @@ pub struct HostTensor<'a> {
 /// Every tensor of a checkpoint by name.
 pub struct WeightIndex<'a> {
     tensors: HashMap<String, HostTensor<'a>>,
+    /// Every checkpoint file, for error messages.
+    files: String,
 }
 
 impl<'a> WeightIndex<'a> {
@@ -107,11 +118,11 @@ impl<'a> WeightIndex<'a> {
         let t = self
             .tensors
             .get(name)
-            .ok_or_else(|| ModelError::Weights(format!("missing tensor `{name}`")))?;
+            .ok_or_else(|| ModelError::Weights(format!("{}: missing tensor `{name}`", self.files)))?;
         if t.shape != shape {
             return Err(ModelError::Weights(format!(
-                "tensor `{name}` has shape {:?}, expected {shape:?}",
-                t.shape
+                "{}: tensor `{name}` has shape {:?}, config.json implies {shape:?}",
+                t.file, t.shape
             )));
         }
         Ok(convert(to_f32(name, t)?, shape.to_vec(), target))

@@ -1,0 +1,172 @@
+//! `POST /v1/chat/completions`: the model's chat template renders the messages into prompt
+//! tokens, then the request runs exactly as a completion and is answered in OpenAI's chat shapes.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::error::ApiError;
+use super::types::{
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatContent, ChatDelta, ChatMessageOut, CompletionRequest, Prompt, Usage,
+};
+use super::{key_client, parse_request, read_body, respond, stop_reason, unix_now, AppState, Shape};
+use crate::actors::intake::SubmitCompletion;
+use crate::model::ChatMessage;
+use crate::stop::FinishReason;
+
+pub async fn chat_completions(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let result = handle(key_client(&req), state, payload).await;
+    if let Err(e) = &result {
+        metrics::counter!("inferflux_requests_rejected_total", "status" => e.status.to_string()).increment(1);
+    }
+    result
+}
+
+async fn handle(
+    key_client: Option<String>,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let chat: ChatCompletionRequest = parse_request(&body)?;
+    let prompt_ids = render_prompt(&state, &chat)?;
+    // OpenAI's default is "until the context is full"; intake still checks the sum.
+    let max_tokens = chat
+        .max_completion_tokens
+        .or(chat.max_tokens)
+        .unwrap_or_else(|| state.max_context.saturating_sub(prompt_ids.len()).max(1) as i64);
+    let request = CompletionRequest {
+        model: chat.model,
+        prompt: Prompt::Tokens(prompt_ids),
+        max_tokens: Some(max_tokens),
+        temperature: chat.temperature,
+        top_p: chat.top_p,
+        seed: chat.seed,
+        stop: chat.stop,
+        stop_token_ids: chat.stop_token_ids,
+        ignore_eos: chat.ignore_eos,
+        min_tokens: chat.min_tokens,
+        include_stop_str_in_output: chat.include_stop_str_in_output,
+        stream: chat.stream,
+        n: chat.n,
+        user: chat.user,
+        priority: chat.priority,
+    };
+    let submitted = state
+        .intake
+        .send(SubmitCompletion { request, key_client })
+        .await
+        .map_err(|e| ApiError::internal(format!("intake unreachable: {e}")))??;
+    respond(submitted, state.model_name.clone(), Shape::Chat).await
+}
+
+/// The prompt token ids of the conversation, as transformers' `apply_chat_template(tokenize=True)`
+/// makes them: the rendered text encoded without adding special tokens (the template has them).
+fn render_prompt(state: &AppState, chat: &ChatCompletionRequest) -> Result<Vec<u32>, ApiError> {
+    let template = state.chat_template.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            Some("messages".into()),
+            "this model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions",
+        )
+    })?;
+    if chat.messages.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages".into()),
+            "messages must not be empty",
+        ));
+    }
+    let messages = chat
+        .messages
+        .iter()
+        .map(|m| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(ChatContent::Text(t)) => t.clone(),
+                Some(ChatContent::Parts(parts)) => parts
+                    .iter()
+                    .map(|p| match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => Ok(t.as_str()),
+                        (kind, _) => Err(ApiError::invalid(
+                            Some("messages".into()),
+                            format!("content parts of type `{kind}` are not supported (only `text`)"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join("\n"),
+            };
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let text = template
+        .render(&messages, chat.add_generation_prompt.unwrap_or(true))
+        .map_err(|e| ApiError::invalid(Some("messages".into()), e.to_string()))?;
+    let encoding = state.tokenizer.encode(text.as_str(), false).map_err(|e| {
+        ApiError::invalid(
+            Some("messages".into()),
+            format!("cannot tokenize the rendered chat: {e}"),
+        )
+    })?;
+    Ok(encoding.get_ids().to_vec())
+}
+
+/// The first delta of a chat stream: the assistant's role and no text yet.
+pub(crate) fn opening_delta() -> ChatDelta {
+    ChatDelta {
+        role: Some("assistant".into()),
+        content: Some(String::new()),
+    }
+}
+
+pub(crate) fn chunk(
+    id: &str,
+    model: &str,
+    created: u64,
+    delta: ChatDelta,
+    finish: Option<&FinishReason>,
+) -> ChatCompletionChunk {
+    ChatCompletionChunk {
+        id: id.to_string(),
+        object: "chat.completion.chunk".into(),
+        created,
+        model: model.to_string(),
+        choices: vec![ChatChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason: finish.map(|f| f.as_openai().to_string()),
+            stop_reason: finish.and_then(stop_reason),
+        }],
+    }
+}
+
+pub(crate) fn whole(
+    id: &str,
+    model: &str,
+    text: String,
+    reason: &FinishReason,
+    usage: Usage,
+) -> ChatCompletionResponse {
+    ChatCompletionResponse {
+        id: id.to_string(),
+        object: "chat.completion".into(),
+        created: unix_now(),
+        model: model.to_string(),
+        choices: vec![ChatChoice {
+            index: 0,
+            message: ChatMessageOut {
+                role: "assistant".into(),
+                content: text,
+            },
+            logprobs: None,
+            finish_reason: Some(reason.as_openai().to_string()),
+            stop_reason: stop_reason(reason),
+        }],
+        usage,
+    }
+}
