@@ -45,15 +45,6 @@ async fn all_at_once(base: &str, prompts: &[serde_json::Value]) -> Vec<String> {
     out
 }
 
-async fn queue(base: &str) -> serde_json::Value {
-    reqwest::get(format!("{base}/admin/queue"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn unified_batch_http_outputs_are_batch_invariant() {
     let prompts = prompts();
@@ -125,7 +116,7 @@ async fn unified_batch_http_outputs_are_batch_invariant() {
             solo,
             "{name}: second wave"
         );
-        let q = queue(&server.base).await;
+        let q = common::queue_report(&server.base).await;
         if preempts {
             assert!(
                 q["preemptions_total"].as_u64().unwrap() > 0,

@@ -9,15 +9,6 @@ use common::start;
 use inferflux::actors::intake::api_key_client;
 use serde_json::json;
 
-async fn queue(base: &str) -> serde_json::Value {
-    reqwest::get(format!("{base}/admin/queue"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
@@ -55,7 +46,7 @@ async fn unified_batch_http_late_client_is_served_before_the_backlog() {
     let mut handles: Vec<_> = (0..50).map(|i| send("a", i)).collect();
     // Wait until A's backlog is queued.
     loop {
-        let q = queue(&base).await;
+        let q = common::queue_report(&base).await;
         if q["waiting"].as_u64().unwrap() + q["running"].as_u64().unwrap() >= 45 {
             break;
         }
@@ -64,7 +55,7 @@ async fn unified_batch_http_late_client_is_served_before_the_backlog() {
     handles.extend((0..5).map(|i| send("b", i)));
     let mut jain_while_both = Vec::new();
     while order.lock().unwrap().iter().filter(|w| **w == "b").count() < 5 {
-        let q = queue(&base).await;
+        let q = common::queue_report(&base).await;
         let clients = q["clients"].as_array().unwrap();
         let has_work =
             |c: &serde_json::Value| c["waiting"].as_u64().unwrap() + c["running"].as_u64().unwrap() > 0;

@@ -10,15 +10,6 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::json;
 
-async fn queue(base: &str) -> serde_json::Value {
-    reqwest::get(format!("{base}/admin/queue"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn post(base: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
     let mut req = reqwest::Client::new().post(format!("{base}{path}"));
     if let Some(b) = body {
@@ -58,7 +49,7 @@ async fn unified_batch_http_cancel_by_request_id_aborts_and_frees_pages() {
     assert!(done, "the stream ends with [DONE]");
     assert_eq!(last["choices"][0]["finish_reason"], "abort", "{last}");
     common::wait_until_no_page_is_referenced(base).await;
-    let q = queue(base).await;
+    let q = common::queue_report(base).await;
     assert_eq!(
         (q["running"].as_u64(), q["waiting"].as_u64()),
         (Some(0), Some(0)),
@@ -85,7 +76,7 @@ async fn unified_batch_http_drain_refuses_new_requests_and_finishes_running_ones
         tokio::spawn(async move { common::stream_completion(&base, body).await })
     };
     // Wait until it is admitted.
-    while queue(&base).await["running"].as_u64() == Some(0) {
+    while common::queue_report(&base).await["running"].as_u64() == Some(0) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let (status, v) = post(&base, "/admin/drain", None).await;
@@ -101,11 +92,11 @@ async fn unified_batch_http_drain_refuses_new_requests_and_finishes_running_ones
         "what ran before the drain finished unchanged"
     );
     assert_eq!(got.finish_reason(), Some("length"));
-    assert_eq!(queue(&base).await["draining"], true);
+    assert_eq!(common::queue_report(&base).await["draining"], true);
 
     let (status, _) = post(&base, "/admin/drain", Some(json!({ "drain": false }))).await;
     assert_eq!(status, 200);
-    assert_eq!(queue(&base).await["draining"], false);
+    assert_eq!(common::queue_report(&base).await["draining"], false);
     let ok = post_completion(&base, &json!({ "prompt": "hello", "max_tokens": 4 })).await;
     assert_eq!(ok.status(), 200);
     let (status, v) = post(&base, "/admin/drain", Some(json!({ "drian": true }))).await;
@@ -143,18 +134,21 @@ async fn unified_batch_http_stream_keeps_decoding_during_a_long_prefill() {
     let resp = post_completion(&base, &stream_body).await;
     let mut events = resp.bytes_stream().eventsource();
     events.next().await.unwrap().unwrap();
-    let stream_start = queue(&base).await["steps"].as_u64().unwrap();
+    let stream_start = common::queue_report(&base).await["steps"].as_u64().unwrap();
     let long: Vec<u32> = (0..220).map(|i| (i * 13 % 370 + 10) as u32).collect();
     let long_req = {
         let base = base.clone();
         let body =
             json!({ "prompt": long, "max_tokens": 2, "temperature": 0, "stream": true, "user": "bulk" });
         tokio::spawn(async move {
-            let submitted = queue(&base).await["steps"].as_u64().unwrap();
+            let submitted = common::queue_report(&base).await["steps"].as_u64().unwrap();
             let resp = post_completion(&base, &body).await;
             let mut events = resp.bytes_stream().eventsource();
             events.next().await.unwrap().unwrap();
-            (submitted, queue(&base).await["steps"].as_u64().unwrap())
+            (
+                submitted,
+                common::queue_report(&base).await["steps"].as_u64().unwrap(),
+            )
         })
     };
     let mut last = serde_json::Value::Null;
@@ -165,7 +159,7 @@ async fn unified_batch_http_stream_keeps_decoding_during_a_long_prefill() {
         }
         last = serde_json::from_str(&e.data).unwrap();
     }
-    let stream_end = queue(&base).await["steps"].as_u64().unwrap();
+    let stream_end = common::queue_report(&base).await["steps"].as_u64().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     let (submitted, first_token) = long_req.await.unwrap();
     assert!(

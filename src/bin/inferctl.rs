@@ -202,17 +202,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Admin {
             command: AdminCommand::Queue { json },
         } => {
-            let resp = client
-                .get(format!("{base}/admin/queue"))
-                .send()
-                .await?
-                .error_for_status()?;
-            if json {
-                let v: serde_json::Value = resp.json().await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_queue(&resp.json().await?);
-            }
+            show_report(&client, &format!("{base}/admin/queue"), json, print_queue).await?;
         }
         Command::Admin {
             command: AdminCommand::Drain { resume },
@@ -260,18 +250,24 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
                 println!("prefix cache reset: {} keys dropped", v["dropped_keys"]);
             }
-            let resp = client
-                .get(format!("{base}/admin/kv"))
-                .send()
-                .await?
-                .error_for_status()?;
-            if json {
-                let v: serde_json::Value = resp.json().await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_kv(&resp.json().await?);
-            }
+            show_report(&client, &format!("{base}/admin/kv"), json, print_kv).await?;
         }
+    }
+    Ok(())
+}
+
+/// GETs an admin report and prints it as raw JSON (`--json`) or as `table` does.
+async fn show_report<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    url: &str,
+    json: bool,
+    table: fn(&T),
+) -> anyhow::Result<()> {
+    let v: serde_json::Value = client.get(url).send().await?.error_for_status()?.json().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        table(&serde_json::from_value(v)?);
     }
     Ok(())
 }

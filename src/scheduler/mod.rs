@@ -538,6 +538,17 @@ mod tests {
     use super::*;
     use crate::kv::PagePool;
 
+    /// A scheduler without prefix caching and with these limits.
+    fn core_with(max_batched_tokens: usize, max_running: usize, max_waiting: usize) -> SchedulerCore {
+        let cfg = SchedulerConfig {
+            max_batched_tokens,
+            max_running,
+            max_waiting,
+            ..Default::default()
+        };
+        SchedulerCore::new(cfg, None)
+    }
+
     fn seq(id: u64, prompt: usize, max_tokens: usize) -> Sequence {
         Sequence::new(
             SeqId(id),
@@ -581,13 +592,7 @@ mod tests {
 
     #[test]
     fn unified_batch_chunks_long_prompts_and_keeps_decoding() {
-        let cfg = SchedulerConfig {
-            max_batched_tokens: 8,
-            max_running: 4,
-            max_waiting: 8,
-            ..Default::default()
-        };
-        let mut core = SchedulerCore::new(cfg, None);
+        let mut core = core_with(8, 4, 8);
         let mut pool = PagePool::new(64, 4);
         core.enqueue(seq(1, 3, 10)).unwrap();
         let first = run(&mut core, &mut pool, 1);
@@ -610,13 +615,7 @@ mod tests {
 
     #[test]
     fn unified_batch_preemption_keeps_outputs_and_frees_pages() {
-        let cfg = SchedulerConfig {
-            max_batched_tokens: 64,
-            max_running: 4,
-            max_waiting: 8,
-            ..Default::default()
-        };
-        let mut core = SchedulerCore::new(cfg, None);
+        let mut core = core_with(64, 4, 8);
         // 6 pages of 2 tokens: three sequences of 3 + 6 tokens cannot all fit.
         let mut pool = PagePool::new(6, 2);
         for id in 1..=3 {
@@ -644,13 +643,7 @@ mod tests {
 
     #[test]
     fn unified_batch_2000_token_prompt_is_chunked_while_streams_decode_every_step() {
-        let cfg = SchedulerConfig {
-            max_batched_tokens: 64,
-            max_running: 8,
-            max_waiting: 8,
-            ..Default::default()
-        };
-        let mut core = SchedulerCore::new(cfg, None);
+        let mut core = core_with(64, 8, 8);
         let mut pool = PagePool::new(1024, 16);
         for id in 1..=3 {
             core.enqueue(seq(id, 5, 200)).unwrap();
@@ -679,13 +672,7 @@ mod tests {
 
     #[test]
     fn unified_batch_late_client_is_served_before_the_backlog() {
-        let cfg = SchedulerConfig {
-            max_batched_tokens: 64,
-            max_running: 2,
-            max_waiting: 100,
-            ..Default::default()
-        };
-        let mut core = SchedulerCore::new(cfg, None);
+        let mut core = core_with(64, 2, 100);
         let mut pool = PagePool::new(256, 4);
         let (a, b): (ClientId, ClientId) = (Arc::from("a"), Arc::from("b"));
         for id in 0..50 {
@@ -722,13 +709,7 @@ mod tests {
 
     #[test]
     fn unified_batch_remove_works_in_every_state() {
-        let cfg = SchedulerConfig {
-            max_batched_tokens: 64,
-            max_running: 4,
-            max_waiting: 8,
-            ..Default::default()
-        };
-        let mut core = SchedulerCore::new(cfg, None);
+        let mut core = core_with(64, 4, 8);
         // 4 pages of 2: two sequences of 3 prompt tokens fit, growing ones preempt.
         let mut pool = PagePool::new(4, 2);
         for id in 1..=3 {
@@ -756,13 +737,7 @@ mod tests {
 
     #[test]
     fn full_waiting_queue_hands_the_request_back() {
-        let cfg = SchedulerConfig {
-            max_batched_tokens: 8,
-            max_running: 1,
-            max_waiting: 1,
-            ..Default::default()
-        };
-        let mut core = SchedulerCore::new(cfg, None);
+        let mut core = core_with(8, 1, 1);
         core.enqueue(seq(1, 3, 1)).unwrap();
         assert_eq!(core.enqueue(seq(2, 3, 1)).unwrap_err().id, SeqId(2));
     }

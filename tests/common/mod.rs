@@ -142,3 +142,13 @@ pub async fn wait_until_no_page_is_referenced(base: &str) -> inferflux::actors::
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// `GET /admin/queue`.
+pub async fn queue_report(base: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}/admin/queue"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
