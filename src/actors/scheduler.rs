@@ -133,6 +133,11 @@ impl Scheduler {
                         (Vec::new(), None)
                     }
                 };
+                for seq in act.core.take_orphaned_grants() {
+                    // Cancelled or finished while its grant was on the way.
+                    tracing::debug!(seq = %seq, "releasing a grant nobody can use");
+                    act.kv.do_send(Release { seq });
+                }
                 for a in act.core.take_admissions() {
                     metrics::histogram!("inferflux_client_wait_seconds", "client" => a.client.to_string())
                         .record(a.waited.as_secs_f64());

@@ -200,6 +200,9 @@ pub struct SchedulerCore {
     preemptions: u64,
     /// First admissions since the last `take_admissions`.
     admissions: Vec<Admission>,
+    /// Sequences granted pages in the last plan but gone by then (cancelled or finished while
+    /// the grant was on its way): their pages must be released, or they would leak.
+    orphaned_grants: Vec<SeqId>,
 }
 
 impl SchedulerCore {
@@ -220,10 +223,16 @@ impl SchedulerCore {
             fair,
             preemptions: 0,
             admissions: Vec::new(),
+            orphaned_grants: Vec::new(),
         }
     }
 
     /// First admissions of the last plan, their prefix-cache hits and waits.
+    /// Grants of the last plan that no known sequence can use; release their pages.
+    pub fn take_orphaned_grants(&mut self) -> Vec<SeqId> {
+        std::mem::take(&mut self.orphaned_grants)
+    }
+
     pub fn take_admissions(&mut self) -> Vec<Admission> {
         std::mem::take(&mut self.admissions)
     }
@@ -392,6 +401,7 @@ impl SchedulerCore {
             let mut swap_in = false;
             if !cand.running {
                 let Some(mut seq) = self.waiting.remove(&cand.seq) else {
+                    self.orphaned_grants.push(cand.seq);
                     continue;
                 };
                 let key = (!self.unpreempt(seq.id)).then(|| seq.queue_key());
@@ -417,6 +427,7 @@ impl SchedulerCore {
                 .get(&cand.seq)
                 .and_then(|o| self.running.get(o))
             else {
+                self.orphaned_grants.push(cand.seq);
                 continue;
             };
             let end = (seq.computed + cand.chunk).min(seq.tokens.len());
@@ -568,8 +579,8 @@ mod tests {
             let cands = core.candidates();
             let grants = cands.iter().map(|c| c.reserve(pool).ok()).collect();
             let (plan, victim) = core.plan(&cands, grants);
-            if let Some(v) = victim {
-                pool.release(v);
+            for seq in victim.into_iter().chain(core.take_orphaned_grants()) {
+                pool.release(seq);
             }
             let sampled: Vec<(SeqId, u32)> = plan
                 .iter()
@@ -705,6 +716,39 @@ mod tests {
         // B was served about as much as A while both had work (FIFO would give about 0.5).
         let jain = jain_when_b_done.unwrap();
         assert!(jain > 0.9, "{jain}");
+    }
+
+    /// The race the random-traffic HTTP test found: a sequence is cancelled after its candidate
+    /// was listed but before the page manager granted it. The grant must come back as orphaned
+    /// so its pages are released, for a waiting and for a running sequence.
+    #[test]
+    fn paged_kv_grant_for_a_sequence_cancelled_meanwhile_is_released() {
+        let mut core = core_with(64, 4, 8);
+        let mut pool = PagePool::new(16, 2);
+        core.enqueue(seq(1, 3, 8)).unwrap();
+        core.enqueue(seq(2, 3, 8)).unwrap();
+        run(&mut core, &mut pool, 1);
+        core.enqueue(seq(3, 5, 8)).unwrap();
+        let cands = core.candidates();
+        assert!(
+            core.remove(SeqId(1)) && core.remove(SeqId(3)),
+            "cancelled: one running, one waiting"
+        );
+        // The releases of the cancel reached the pool before the grants were made.
+        pool.release(SeqId(1));
+        pool.release(SeqId(3));
+        let grants = cands.iter().map(|c| c.reserve(&mut pool).ok()).collect();
+        let (plan, _) = core.plan(&cands, grants);
+        assert_eq!(plan.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![SeqId(2)]);
+        let mut orphans = core.take_orphaned_grants();
+        orphans.sort();
+        assert_eq!(orphans, vec![SeqId(1), SeqId(3)]);
+        for o in orphans {
+            pool.release(o);
+        }
+        pool.release(SeqId(2));
+        assert_eq!(pool.used_pages(), 0, "no page is left to a forgotten sequence");
+        pool.check_invariants().unwrap();
     }
 
     #[test]
