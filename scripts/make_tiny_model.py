@@ -111,15 +111,22 @@ def write_tokenizer_files(tok: Tokenizer, out: str) -> None:
         f.write("\n")
 
 
+# The size of every fixture: big enough to exercise GQA and multi-layer code paths, small enough
+# to commit.
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
 def build_model(tok: Tokenizer, tied: bool, seed: int) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_SHAPE,
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         initializer_range=0.15,
@@ -434,12 +441,7 @@ def ids_of(tok: Tokenizer, names):
 def build_arch_model(arch: str, spec: dict, tok: Tokenizer):
     common = dict(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_SHAPE,
         rms_norm_eps=1e-5,
         initializer_range=0.15,
         tie_word_embeddings=spec["tied"],

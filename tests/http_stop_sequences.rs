@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
-use common::{goldens, post_completion, start, stream_completion, GoldenPrompt, TestServer};
+use common::{goldens, post_completion, start, stream_completion, tokenizer, GoldenPrompt, TestServer};
 use serde_json::{json, Value};
-use tokenizers::Tokenizer;
 
 /// One server for this file, with room for every test's sequences at once.
 fn server() -> &'static TestServer {
@@ -22,19 +21,6 @@ fn server() -> &'static TestServer {
             s.limits.max_stop_bytes = 256;
         })
     })
-}
-
-fn tokenizer() -> Arc<Tokenizer> {
-    static TOKENIZER: OnceLock<Arc<Tokenizer>> = OnceLock::new();
-    TOKENIZER
-        .get_or_init(|| {
-            let path = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/tiny-llama/tokenizer.json"
-            );
-            Arc::new(Tokenizer::from_file(path).unwrap())
-        })
-        .clone()
 }
 
 /// The text `tokenizers`' `DecodeStream` releases for each greedy token (empty while held).

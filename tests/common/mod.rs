@@ -152,3 +152,17 @@ pub async fn queue_report(base: &str) -> serde_json::Value {
         .await
         .unwrap()
 }
+
+/// The embedded model's tokenizer (the `tiny-llama` fixture), loaded once per test binary.
+pub fn tokenizer() -> std::sync::Arc<tokenizers::Tokenizer> {
+    static TOKENIZER: std::sync::OnceLock<std::sync::Arc<tokenizers::Tokenizer>> = std::sync::OnceLock::new();
+    TOKENIZER
+        .get_or_init(|| {
+            let path = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/tiny-llama/tokenizer.json"
+            );
+            std::sync::Arc::new(tokenizers::Tokenizer::from_file(path).unwrap())
+        })
+        .clone()
+}
