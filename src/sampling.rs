@@ -24,6 +24,32 @@ pub struct SamplingParams {
     pub min_tokens: usize,
     /// EOS ids and `stop_token_ids`.
     pub min_tokens_banned: Arc<[u32]>,
+    /// Keep only the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Drop tokens whose probability is below `min_p` times the largest; 0 keeps all.
+    pub min_p: f32,
+    /// OpenAI's penalties over the generated tokens (0 = off).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// transformers' penalty over prompt and generated tokens (1 = off).
+    pub repetition_penalty: f32,
+    /// Added to the logits of these token ids before anything else.
+    pub logit_bias: Arc<[(u32, f32)]>,
+    /// Report the chosen token's log probability and this many alternatives; `None` reports
+    /// nothing.
+    pub logprobs: Option<usize>,
+}
+
+/// Most alternatives a request may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The log probabilities of one sampled token, by token id; the stop detector adds the text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledLogprobs {
+    /// Log probability of the chosen token.
+    pub logprob: f32,
+    /// The most likely tokens, most likely first, as `(id, logprob)`.
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +60,13 @@ impl Default for SamplingParams {
             seed: 0,
             min_tokens: 0,
             min_tokens_banned: Arc::from([]),
+            top_k: 0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Arc::from([]),
+            logprobs: None,
         }
     }
 }

@@ -15,7 +15,7 @@ use super::stop_detector::{StopSequenceDetector, StreamEvent, Track, Untrack};
 use crate::http::error::ApiError;
 use crate::http::types::{CompletionRequest, Prompt, StopParam};
 use crate::kv::SeqId;
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 use crate::scheduler::Sequence;
 use crate::stop::StopParams;
 
@@ -117,7 +117,7 @@ pub fn validate(
         ));
     }
     let temperature = req.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
+    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
         return Err(ApiError::invalid(
             Some("temperature".into()),
             format!("temperature must be in [0, 2], got {temperature}"),
@@ -128,6 +128,43 @@ pub fn validate(
         return Err(ApiError::invalid(
             Some("top_p".into()),
             format!("top_p must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let top_k = match req.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k >= 1 => usize::try_from(k).unwrap_or(usize::MAX).min(limits.vocab_size),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                Some("top_k".into()),
+                format!("top_k must be -1 (off) or at least 1, got {k}"),
+            ))
+        }
+    };
+    let min_p = in_range("min_p", req.min_p, 0.0, 0.0..=1.0)?;
+    let presence_penalty = in_range("presence_penalty", req.presence_penalty, 0.0, -2.0..=2.0)?;
+    let frequency_penalty = in_range("frequency_penalty", req.frequency_penalty, 0.0, -2.0..=2.0)?;
+    let repetition_penalty = in_range("repetition_penalty", req.repetition_penalty, 1.0, 0.0..=2.0)?;
+    if repetition_penalty <= 0.0 {
+        return Err(ApiError::invalid(
+            Some("repetition_penalty".into()),
+            format!("repetition_penalty must be in (0, 2], got {repetition_penalty}"),
+        ));
+    }
+    let logit_bias = validate_logit_bias(req.logit_bias.unwrap_or_default(), limits)?;
+    let logprobs = match req.logprobs {
+        None => None,
+        Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                Some("logprobs".into()),
+                format!("logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+            ))
+        }
+    };
+    if req.stream_options.is_some() && !req.stream {
+        return Err(ApiError::invalid(
+            Some("stream_options".into()),
+            "stream_options is only allowed when stream is true",
         ));
     }
     let stop = validate_stop(req.stop, limits)?;
@@ -159,6 +196,13 @@ pub fn validate(
             seed,
             min_tokens,
             min_tokens_banned: banned.into(),
+            top_k,
+            min_p: min_p as f32,
+            presence_penalty: presence_penalty as f32,
+            frequency_penalty: frequency_penalty as f32,
+            repetition_penalty: repetition_penalty as f32,
+            logit_bias,
+            logprobs,
         },
         stop: StopParams {
             stop,
@@ -182,6 +226,57 @@ pub fn api_key_client(key: &str) -> String {
     let digest = sha2::Sha256::digest(key.as_bytes());
     let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
     format!("key-{hex}")
+}
+
+/// `value` (or `default` when absent) if it is a finite number within `range`.
+fn in_range(
+    param: &str,
+    value: Option<f64>,
+    default: f64,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<f64, ApiError> {
+    let v = value.unwrap_or(default);
+    if v.is_finite() && range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid(
+            Some(param.into()),
+            format!(
+                "{param} must be between {} and {}, got {v}",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
+}
+
+/// `logit_bias`: token-id strings inside the vocabulary, biases in [-100, 100].
+fn validate_logit_bias(
+    bias: std::collections::HashMap<String, f64>,
+    limits: &IntakeLimits,
+) -> Result<Arc<[(u32, f32)]>, ApiError> {
+    let bad = |message: String| ApiError::invalid(Some("logit_bias".into()), message);
+    let mut out = bias
+        .into_iter()
+        .map(|(key, b)| {
+            let id = key
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < limits.vocab_size)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "logit_bias keys must be token ids below {}, got `{key}`",
+                        limits.vocab_size
+                    ))
+                })?;
+            if !(b.is_finite() && (-100.0..=100.0).contains(&b)) {
+                return Err(bad(format!("logit_bias values must be in [-100, 100], got {b}")));
+            }
+            Ok((id, b as f32))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort_by_key(|p| p.0);
+    Ok(out.into())
 }
 
 /// `stop`: one string or a list, each nonempty, within the configured count and length.

@@ -13,11 +13,34 @@ use super::scheduler::SequenceFinished;
 use crate::kv::SeqId;
 use crate::stop::{FinishReason, StopDetector, StopParams};
 
+/// A token as a client sees it in `logprobs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenText {
+    pub id: u32,
+    /// The token decoded on its own (lossy where it is part of a UTF-8 character).
+    pub text: String,
+    /// The token's own bytes (a byte-fallback token is its one byte).
+    pub bytes: Vec<u8>,
+}
+
+/// One generated token's log probability and its most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: TokenText,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(TokenText, f32)>,
+}
+
 /// What a request's stream receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    /// Final text, in order.
-    Text(String),
+    /// Final text, in order, with the logprobs (when asked for) of the tokens sampled since the
+    /// previous event. Every generated token's logprobs arrive exactly once, in order.
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The last event of a successful request.
     Finished {
         reason: FinishReason,
@@ -25,6 +48,8 @@ pub enum StreamEvent {
         completion_tokens: usize,
         /// Prompt tokens served from the prefix cache.
         cached_tokens: usize,
+        /// Logprobs of the tokens not yet reported by a `Text` event.
+        logprobs: Vec<TokenLogprob>,
     },
     /// The request failed after it was accepted; the stream ends.
     Error(String),
@@ -84,7 +109,13 @@ impl StopSequenceDetector {
         };
         let mut alive = true;
         if !delta.text.is_empty() {
-            alive = t.events.send(StreamEvent::Text(delta.text)).is_ok();
+            alive = t
+                .events
+                .send(StreamEvent::Text {
+                    text: delta.text,
+                    logprobs: Vec::new(),
+                })
+                .is_ok();
         }
         if let Some(reason) = delta.finished {
             let completion_tokens = t.detector.generated_tokens();
@@ -106,6 +137,7 @@ impl StopSequenceDetector {
                 prompt_tokens: t.prompt_tokens,
                 completion_tokens,
                 cached_tokens: t.cached_tokens,
+                logprobs: Vec::new(),
             });
             self.end(seq);
         } else if !alive || t.events.is_closed() {
@@ -247,6 +279,7 @@ impl Handler<Abort> for StopSequenceDetector {
                 prompt_tokens: t.prompt_tokens,
                 completion_tokens,
                 cached_tokens: t.cached_tokens,
+                logprobs: Vec::new(),
             });
         }
     }

@@ -38,12 +38,27 @@ async fn handle(
         .max_completion_tokens
         .or(chat.max_tokens)
         .unwrap_or_else(|| state.max_context.saturating_sub(prompt_ids.len()).max(1) as i64);
+    if chat.top_logprobs.is_some() && !chat.logprobs {
+        return Err(ApiError::invalid(
+            Some("top_logprobs".into()),
+            "top_logprobs needs logprobs: true",
+        ));
+    }
     let request = CompletionRequest {
         model: chat.model,
         prompt: Prompt::Tokens(prompt_ids),
         max_tokens: Some(max_tokens),
         temperature: chat.temperature,
         top_p: chat.top_p,
+        top_k: chat.top_k,
+        min_p: chat.min_p,
+        presence_penalty: chat.presence_penalty,
+        frequency_penalty: chat.frequency_penalty,
+        repetition_penalty: chat.repetition_penalty,
+        logit_bias: chat.logit_bias,
+        stream_options: chat.stream_options,
+        logprobs: chat.logprobs.then(|| chat.top_logprobs.unwrap_or(0)),
+        echo: false,
         seed: chat.seed,
         stop: chat.stop,
         stop_token_ids: chat.stop_token_ids,

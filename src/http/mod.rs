@@ -237,7 +237,7 @@ fn sse_stream(
         async move {
             let mut sub = state?;
             let bytes = match sub.events.recv().await {
-                Some(StreamEvent::Text(text)) => {
+                Some(StreamEvent::Text { text, .. }) => {
                     let b = shaped_chunk(shape, &sub.request_id, &model, created, Some(text), None);
                     return Some((Ok(b), Some(sub)));
                 }
@@ -286,12 +286,13 @@ async fn collect(mut sub: Submitted, model: String, shape: Shape) -> Result<Http
     let mut text = String::new();
     while let Some(event) = sub.events.recv().await {
         match event {
-            StreamEvent::Text(t) => text.push_str(&t),
+            StreamEvent::Text { text: t, .. } => text.push_str(&t),
             StreamEvent::Finished {
                 reason,
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
+                ..
             } => {
                 sub.guard.disarm();
                 let usage = Usage {

@@ -30,6 +30,20 @@ pub struct CompletionRequest {
     pub max_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    /// vLLM: sample only among the `top_k` most likely tokens (-1 or 0: all).
+    pub top_k: Option<i64>,
+    /// vLLM: drop tokens less likely than `min_p` times the most likely one.
+    pub min_p: Option<f64>,
+    /// OpenAI: subtracted once from the logit of every token already generated.
+    pub presence_penalty: Option<f64>,
+    /// OpenAI: subtracted from a token's logit per time it was generated.
+    pub frequency_penalty: Option<f64>,
+    /// transformers/vLLM: divides positive (multiplies negative) logits of tokens in the prompt or output.
+    pub repetition_penalty: Option<f64>,
+    /// OpenAI: token id (as a string) → bias added to its logit, in [-100, 100].
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// Streaming options; only allowed with `stream: true`.
+    pub stream_options: Option<StreamOptions>,
     pub seed: Option<i64>,
     pub stop: Option<StopParam>,
     /// vLLM: token ids that end the sequence (reported as `stop_reason`).
@@ -49,6 +63,20 @@ pub struct CompletionRequest {
     pub user: Option<String>,
     /// vLLM: lower is served sooner, among the same client's waiting requests (default 0).
     pub priority: Option<i64>,
+    /// Completions: the log probability of each generated token and of this many alternatives (0..=20).
+    pub logprobs: Option<i64>,
+    /// Completions: the answer's text starts with the prompt.
+    #[serde(default)]
+    pub echo: bool,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` (and empty `choices`) before `data: [DONE]`.
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -143,6 +171,20 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    /// vLLM: sample only among the `top_k` most likely tokens (-1 or 0: all).
+    pub top_k: Option<i64>,
+    /// vLLM: drop tokens less likely than `min_p` times the most likely one.
+    pub min_p: Option<f64>,
+    /// OpenAI: subtracted once from the logit of every token already generated.
+    pub presence_penalty: Option<f64>,
+    /// OpenAI: subtracted from a token's logit per time it was generated.
+    pub frequency_penalty: Option<f64>,
+    /// transformers/vLLM: divides positive (multiplies negative) logits of tokens in the prompt or output.
+    pub repetition_penalty: Option<f64>,
+    /// OpenAI: token id (as a string) → bias added to its logit, in [-100, 100].
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// Streaming options; only allowed with `stream: true`.
+    pub stream_options: Option<StreamOptions>,
     pub seed: Option<i64>,
     pub stop: Option<StopParam>,
     pub stop_token_ids: Option<Vec<i64>>,
@@ -158,6 +200,11 @@ pub struct ChatCompletionRequest {
     pub priority: Option<i64>,
     /// vLLM: end the prompt where the assistant's answer starts (default true).
     pub add_generation_prompt: Option<bool>,
+    /// Return the log probability of each generated token.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// With `logprobs`: this many alternatives per token (0..=20).
+    pub top_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
