@@ -4,14 +4,10 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::error::ApiError;
-use super::types::{
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatContent, ChatDelta, ChatMessageOut, CompletionRequest, Prompt, Usage,
-};
-use super::{key_client, parse_request, read_body, respond, stop_reason, unix_now, AppState, Shape};
-use crate::actors::intake::SubmitCompletion;
+use super::respond::{respond, submit_choices, Answer, Shape};
+use super::types::{ChatCompletionRequest, ChatContent, CompletionRequest, Prompt};
+use super::{key_client, parse_request, read_body, AppState};
 use crate::model::ChatMessage;
-use crate::stop::FinishReason;
 
 pub async fn chat_completions(
     req: HttpRequest,
@@ -70,12 +66,15 @@ async fn handle(
         user: chat.user,
         priority: chat.priority,
     };
-    let submitted = state
-        .intake
-        .send(SubmitCompletion { request, key_client })
-        .await
-        .map_err(|e| ApiError::internal(format!("intake unreachable: {e}")))??;
-    respond(submitted, state.model_name.clone(), Shape::Chat).await
+    let answer = Answer {
+        shape: Shape::Chat,
+        model: state.model_name.clone(),
+        include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        logprobs: request.logprobs.is_some(),
+        echo: None,
+    };
+    let submitted = submit_choices(&state, request, key_client).await?;
+    respond(submitted, answer).await
 }
 
 /// The prompt token ids of the conversation, as transformers' `apply_chat_template(tokenize=True)`
@@ -128,60 +127,4 @@ fn render_prompt(state: &AppState, chat: &ChatCompletionRequest) -> Result<Vec<u
         )
     })?;
     Ok(encoding.get_ids().to_vec())
-}
-
-/// The first delta of a chat stream: the assistant's role and no text yet.
-pub(crate) fn opening_delta() -> ChatDelta {
-    ChatDelta {
-        role: Some("assistant".into()),
-        content: Some(String::new()),
-    }
-}
-
-pub(crate) fn chunk(
-    id: &str,
-    model: &str,
-    created: u64,
-    delta: ChatDelta,
-    finish: Option<&FinishReason>,
-) -> ChatCompletionChunk {
-    ChatCompletionChunk {
-        id: id.to_string(),
-        object: "chat.completion.chunk".into(),
-        created,
-        model: model.to_string(),
-        choices: vec![ChatChunkChoice {
-            index: 0,
-            delta,
-            logprobs: None,
-            finish_reason: finish.map(|f| f.as_openai().to_string()),
-            stop_reason: finish.and_then(stop_reason),
-        }],
-    }
-}
-
-pub(crate) fn whole(
-    id: &str,
-    model: &str,
-    text: String,
-    reason: &FinishReason,
-    usage: Usage,
-) -> ChatCompletionResponse {
-    ChatCompletionResponse {
-        id: id.to_string(),
-        object: "chat.completion".into(),
-        created: unix_now(),
-        model: model.to_string(),
-        choices: vec![ChatChoice {
-            index: 0,
-            message: ChatMessageOut {
-                role: "assistant".into(),
-                content: text,
-            },
-            logprobs: None,
-            finish_reason: Some(reason.as_openai().to_string()),
-            stop_reason: stop_reason(reason),
-        }],
-        usage,
-    }
 }

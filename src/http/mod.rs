@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod chat;
 pub mod error;
+pub mod respond;
 pub mod types;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,15 +15,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::actors::intake::{api_key_client, RequestIntake, SubmitCompletion, Submitted};
+use crate::actors::intake::{api_key_client, RequestIntake};
 use crate::actors::kv_pages::KvPageManager;
 use crate::actors::scheduler::Scheduler;
-use crate::actors::stop_detector::StreamEvent;
 use crate::stop::FinishReason;
 use error::ApiError;
-use types::{
-    CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, PromptTokensDetails, Usage,
-};
+use respond::{echo_text, respond, submit_choices, Answer, Shape};
+use types::{CompletionRequest, ModelCard, ModelList};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -37,15 +36,6 @@ pub struct AppState {
     /// Renders chat messages into a prompt; `None` when the model has no template.
     pub chat_template: Option<std::sync::Arc<crate::model::ChatTemplate>>,
     pub tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
-}
-
-/// Which OpenAI object a request's events are shaped into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Shape {
-    /// `text_completion` with `choices[].text`.
-    Completion,
-    /// `chat.completion` / `chat.completion.chunk` with `message` / `delta`.
-    Chat,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -151,29 +141,21 @@ async fn handle_completion(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(payload, state.max_body_bytes).await?;
     let request: CompletionRequest = parse_request(&body)?;
-    let submitted = state
-        .intake
-        .send(SubmitCompletion { request, key_client })
-        .await
-        .map_err(|e| ApiError::internal(format!("intake unreachable: {e}")))??;
-    respond(submitted, state.model_name.clone(), Shape::Completion).await
-}
-
-/// The SSE stream or the whole JSON answer of an accepted request.
-pub(crate) async fn respond(
-    submitted: Submitted,
-    model: String,
-    shape: Shape,
-) -> Result<HttpResponse, ApiError> {
-    if submitted.stream {
-        Ok(HttpResponse::Ok()
-            .content_type("text/event-stream")
-            .insert_header(("Cache-Control", "no-cache"))
-            .insert_header(("X-Request-Id", submitted.request_id.clone()))
-            .streaming(sse_stream(submitted, model, shape)))
-    } else {
-        collect(submitted, model, shape).await
+    if request.echo && request.logprobs.is_some() {
+        return Err(ApiError::invalid(
+            Some("echo".into()),
+            "echo with logprobs is not supported (it would need the prompt's logprobs)",
+        ));
     }
+    let answer = Answer {
+        shape: Shape::Completion,
+        model: state.model_name.clone(),
+        include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        logprobs: request.logprobs.is_some(),
+        echo: request.echo.then(|| echo_text(&state, &request)).transpose()?,
+    };
+    let submitted = submit_choices(&state, request, key_client).await?;
+    respond(submitted, answer).await
 }
 
 pub(crate) fn stop_reason(reason: &FinishReason) -> Option<serde_json::Value> {
@@ -183,140 +165,4 @@ pub(crate) fn stop_reason(reason: &FinishReason) -> Option<serde_json::Value> {
         // vLLM reports EOS as `stop_reason: null`: only requested stops are named.
         FinishReason::Eos(_) | FinishReason::Length | FinishReason::Abort => None,
     }
-}
-
-fn chunk(
-    id: &str,
-    model: &str,
-    created: u64,
-    text: String,
-    finish: Option<&FinishReason>,
-) -> CompletionResponse {
-    CompletionResponse {
-        id: id.to_string(),
-        object: "text_completion".into(),
-        created,
-        model: model.to_string(),
-        choices: vec![CompletionChoice {
-            index: 0,
-            text,
-            logprobs: None,
-            finish_reason: finish.map(|f| f.as_openai().to_string()),
-            stop_reason: finish.and_then(stop_reason),
-        }],
-        usage: None,
-    }
-}
-
-fn sse_event(value: &impl serde::Serialize) -> Bytes {
-    let json = serde_json::to_string(value).unwrap_or_else(|_| "{}".into());
-    Bytes::from(format!("data: {json}\n\n"))
-}
-
-/// `data: {chunk}` per text delta, the finish reason on the last chunk, then `data: [DONE]`.
-/// The stream owns the cancel guard: if the client disconnects, actix drops the stream and the
-/// request is cancelled.
-fn sse_stream(
-    submitted: Submitted,
-    model: String,
-    shape: Shape,
-) -> impl futures::Stream<Item = Result<Bytes, actix_web::Error>> {
-    let created = unix_now();
-    // A chat stream opens with the assistant's role, as OpenAI's does.
-    let opening = (shape == Shape::Chat).then(|| {
-        Ok(sse_event(&chat::chunk(
-            &submitted.request_id,
-            &model,
-            created,
-            chat::opening_delta(),
-            None,
-        )))
-    });
-    let events = futures::stream::unfold(Some(submitted), move |state| {
-        let model = model.clone();
-        async move {
-            let mut sub = state?;
-            let bytes = match sub.events.recv().await {
-                Some(StreamEvent::Text { text, .. }) => {
-                    let b = shaped_chunk(shape, &sub.request_id, &model, created, Some(text), None);
-                    return Some((Ok(b), Some(sub)));
-                }
-                Some(StreamEvent::Finished { reason, .. }) => {
-                    let last = shaped_chunk(shape, &sub.request_id, &model, created, None, Some(&reason));
-                    [last, Bytes::from_static(b"data: [DONE]\n\n")].concat()
-                }
-                Some(StreamEvent::Error(message)) => {
-                    let err = ApiError::internal(message);
-                    [sse_event(&err.body()), Bytes::from_static(b"data: [DONE]\n\n")].concat()
-                }
-                None => {
-                    let err = ApiError::internal("request ended without a result");
-                    [sse_event(&err.body()), Bytes::from_static(b"data: [DONE]\n\n")].concat()
-                }
-            };
-            sub.guard.disarm();
-            Some((Ok(Bytes::from(bytes)), None))
-        }
-    });
-    futures::stream::iter(opening).chain(events)
-}
-
-/// One SSE event: a text delta (`text`), or the last chunk with the finish reason.
-fn shaped_chunk(
-    shape: Shape,
-    id: &str,
-    model: &str,
-    created: u64,
-    text: Option<String>,
-    finish: Option<&FinishReason>,
-) -> Bytes {
-    match shape {
-        Shape::Completion => sse_event(&chunk(id, model, created, text.unwrap_or_default(), finish)),
-        Shape::Chat => {
-            let delta = crate::http::types::ChatDelta {
-                role: None,
-                content: text,
-            };
-            sse_event(&chat::chunk(id, model, created, delta, finish))
-        }
-    }
-}
-
-async fn collect(mut sub: Submitted, model: String, shape: Shape) -> Result<HttpResponse, ApiError> {
-    let mut text = String::new();
-    while let Some(event) = sub.events.recv().await {
-        match event {
-            StreamEvent::Text { text: t, .. } => text.push_str(&t),
-            StreamEvent::Finished {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-                cached_tokens,
-                ..
-            } => {
-                sub.guard.disarm();
-                let usage = Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                    total_tokens: prompt_tokens + completion_tokens,
-                    prompt_tokens_details: Some(PromptTokensDetails { cached_tokens }),
-                };
-                let mut ok = HttpResponse::Ok();
-                ok.insert_header(("X-Request-Id", sub.request_id.clone()));
-                return Ok(match shape {
-                    Shape::Completion => {
-                        let mut resp = chunk(&sub.request_id, &model, unix_now(), text, Some(&reason));
-                        resp.usage = Some(usage);
-                        ok.json(resp)
-                    }
-                    Shape::Chat => ok.json(chat::whole(&sub.request_id, &model, text, &reason, usage)),
-                });
-            }
-            StreamEvent::Error(message) => {
-                sub.guard.disarm();
-                return Err(ApiError::internal(message));
-            }
-        }
-    }
-    Err(ApiError::internal("request ended without a result"))
 }

@@ -95,11 +95,45 @@ pub struct PromptTokensDetails {
     pub cached_tokens: usize,
 }
 
+/// Completions' `logprobs`, in OpenAI's legacy shape: parallel lists, one entry per token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// Per token: the alternatives asked for plus the chosen token, text → logprob.
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Per token: its offset in characters into the choice's text (which starts with the
+    /// prompt under `echo`).
+    pub text_offset: Vec<usize>,
+}
+
+/// Chat's `logprobs`: one entry per token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+    /// The most likely tokens, most likely first (`top_logprobs` of them).
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
-    pub logprobs: Option<serde_json::Value>,
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<String>,
     /// The stop string or token id that ended the sequence (vLLM's `stop_reason`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,7 +251,7 @@ pub struct ChatMessageOut {
 pub struct ChatChoice {
     pub index: u32,
     pub message: ChatMessageOut,
-    pub logprobs: Option<serde_json::Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<serde_json::Value>,
@@ -247,7 +281,7 @@ pub struct ChatDelta {
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
-    pub logprobs: Option<serde_json::Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<serde_json::Value>,
@@ -261,4 +295,7 @@ pub struct ChatCompletionChunk {
     pub created: u64,
     pub model: String,
     pub choices: Vec<ChatChunkChoice>,
+    /// Only on the last chunk, with `stream_options.include_usage` (and empty `choices`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }

@@ -37,14 +37,23 @@ pub fn start(tweak: impl FnOnce(&mut Settings) + Send + 'static) -> TestServer {
 /// What a streamed completion delivered.
 #[derive(Debug)]
 pub struct Streamed {
+    /// Choice 0's text.
     pub text: String,
+    /// Every choice's text, by `index`.
+    pub texts: Vec<String>,
+    /// Chunks with choices (the usage chunk is kept apart).
     pub chunks: Vec<serde_json::Value>,
+    /// The `usage` of the last chunk (`stream_options.include_usage`).
+    pub usage: Option<serde_json::Value>,
     pub done: bool,
 }
 
 impl Streamed {
+    /// Choice 0's finish reason.
     pub fn finish_reason(&self) -> Option<&str> {
-        self.chunks.last()?["choices"][0]["finish_reason"].as_str()
+        self.chunks.iter().rev().find_map(|c| {
+            c["choices"].as_array()?.iter().find(|ch| ch["index"] == 0)?["finish_reason"].as_str()
+        })
     }
 }
 
@@ -65,7 +74,9 @@ pub async fn stream_completion(base: &str, body: serde_json::Value) -> Streamed 
     let mut events = resp.bytes_stream().eventsource();
     let mut out = Streamed {
         text: String::new(),
+        texts: Vec::new(),
         chunks: Vec::new(),
+        usage: None,
         done: false,
     };
     while let Some(event) = events.next().await {
@@ -78,9 +89,22 @@ pub async fn stream_completion(base: &str, body: serde_json::Value) -> Streamed 
         let v: serde_json::Value = serde_json::from_str(&event.data).unwrap();
         assert!(v.get("error").is_none(), "error event: {v}");
         assert_eq!(v["object"], "text_completion");
-        out.text.push_str(v["choices"][0]["text"].as_str().unwrap());
+        assert!(out.usage.is_none(), "the usage chunk is the last before [DONE]");
+        let choices = v["choices"].as_array().unwrap();
+        if choices.is_empty() {
+            out.usage = Some(v["usage"].clone());
+            continue;
+        }
+        for c in choices {
+            let i = c["index"].as_u64().unwrap() as usize;
+            if out.texts.len() <= i {
+                out.texts.resize(i + 1, String::new());
+            }
+            out.texts[i].push_str(c["text"].as_str().unwrap());
+        }
         out.chunks.push(v);
     }
+    out.text = out.texts.first().cloned().unwrap_or_default();
     out
 }
 
