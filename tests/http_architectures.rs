@@ -175,8 +175,8 @@ async fn chat_errors_are_openai_json() {
         (&server.base, json!({ "messages": [] }), "messages"),
         (
             &server.base,
-            json!({ "messages": [{ "role": "user", "content": "a" }], "logit_bias": {} }),
-            "logit_bias",
+            json!({ "messages": [{ "role": "user", "content": "a" }], "tools": [] }),
+            "tools",
         ),
         (
             &server.base,
