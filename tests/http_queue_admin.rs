@@ -26,7 +26,9 @@ async fn unified_batch_http_cancel_by_request_id_aborts_and_frees_pages() {
         s.kv.page_size = 4;
     });
     let base = &server.base;
-    let body = json!({ "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": true, "ignore_eos": true });
+    // Two choices share the request id; cancelling it aborts both.
+    let body = json!({ "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": true,
+                       "ignore_eos": true, "n": 2 });
     let resp = post_completion(base, &body).await;
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     let mut events = resp.bytes_stream().eventsource();
@@ -36,7 +38,7 @@ async fn unified_batch_http_cancel_by_request_id_aborts_and_frees_pages() {
 
     let (status, v) = post(base, &format!("/admin/requests/{id}/cancel"), None).await;
     assert_eq!((status, v["cancelled"].as_bool()), (200, Some(true)), "{v}");
-    let mut last = serde_json::Value::Null;
+    let mut finished = [None, None];
     let mut done = false;
     while let Some(e) = events.next().await {
         let e = e.unwrap();
@@ -44,10 +46,14 @@ async fn unified_batch_http_cancel_by_request_id_aborts_and_frees_pages() {
             done = true;
             break;
         }
-        last = serde_json::from_str(&e.data).unwrap();
+        let chunk: serde_json::Value = serde_json::from_str(&e.data).unwrap();
+        let choice = &chunk["choices"][0];
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finished[choice["index"].as_u64().unwrap() as usize] = Some(reason.to_string());
+        }
     }
     assert!(done, "the stream ends with [DONE]");
-    assert_eq!(last["choices"][0]["finish_reason"], "abort", "{last}");
+    assert_eq!(finished, [Some("abort".into()), Some("abort".into())]);
     common::wait_until_no_page_is_referenced(base).await;
     let q = common::queue_report(base).await;
     assert_eq!(

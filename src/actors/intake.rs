@@ -393,6 +393,9 @@ pub struct SubmitCompletion {
     pub request: CompletionRequest,
     /// The client identity of the request's API key ([`api_key_client`]), when it sent one.
     pub key_client: Option<String>,
+    /// The id to use instead of a new one: the later choices of an `n > 1` request share the
+    /// first one's.
+    pub request_id: Option<String>,
 }
 
 impl Handler<SubmitCompletion> for RequestIntake {
@@ -407,7 +410,9 @@ impl Handler<SubmitCompletion> for RequestIntake {
             v
         });
         let seq = SeqId(self.next_seq.fetch_add(1, Ordering::Relaxed));
-        let request_id = format!("cmpl-{:016x}{:08x}", rand::random::<u64>(), seq.0);
+        let request_id = msg
+            .request_id
+            .unwrap_or_else(|| format!("cmpl-{:016x}{:08x}", rand::random::<u64>(), seq.0));
         let (scheduler, detector) = (self.scheduler.clone(), self.detector.clone());
         let model = self.limits.model_name.clone();
         Box::pin(async move {

@@ -24,7 +24,8 @@ pub struct Scheduler {
     step_in_flight: bool,
     steps: u64,
     /// `request_id` -> sequence, and back, for every sequence the core holds.
-    by_request: HashMap<String, SeqId>,
+    /// (The choices of an `n > 1` request share one id.)
+    by_request: HashMap<String, Vec<SeqId>>,
     request_of: HashMap<SeqId, String>,
     /// New requests are refused (503) while set; what runs or waits finishes.
     draining: bool,
@@ -84,7 +85,12 @@ impl Scheduler {
     /// Forgets the request id of a sequence that left the core.
     fn forget(&mut self, seq: SeqId) {
         if let Some(id) = self.request_of.remove(&seq) {
-            self.by_request.remove(&id);
+            if let Some(seqs) = self.by_request.get_mut(&id) {
+                seqs.retain(|&s| s != seq);
+                if seqs.is_empty() {
+                    self.by_request.remove(&id);
+                }
+            }
         }
     }
 
@@ -292,7 +298,7 @@ impl Handler<Enqueue> for Scheduler {
         let seq = msg.seq.id;
         self.core.enqueue(msg.seq).map_err(|_| EnqueueError::QueueFull)?;
         self.request_of.insert(seq, msg.request_id.clone());
-        self.by_request.insert(msg.request_id, seq);
+        self.by_request.entry(msg.request_id).or_default().push(seq);
         self.publish();
         self.maybe_step(ctx);
         Ok(())
@@ -333,8 +339,8 @@ impl Handler<SequenceFinished> for Scheduler {
     }
 }
 
-/// An operator cancels a request by its id: the sequence leaves at once, its pages are freed, and
-/// its client gets `finish_reason: "abort"`. Replies whether the id was known.
+/// An operator cancels a request by its id: its sequences (one per choice) leave at once, their
+/// pages are freed, and the client gets `finish_reason: "abort"`. Replies whether the id was known.
 #[derive(Message)]
 #[rtype(result = "bool")]
 pub struct CancelRequest {
@@ -345,16 +351,18 @@ impl Handler<CancelRequest> for Scheduler {
     type Result = bool;
 
     fn handle(&mut self, msg: CancelRequest, _: &mut Context<Self>) -> bool {
-        let Some(&seq) = self.by_request.get(&msg.request_id) else {
-            return false;
-        };
-        if !self.drop_sequence(seq) {
-            return false;
+        let seqs = self.by_request.get(&msg.request_id).cloned().unwrap_or_default();
+        let mut cancelled = false;
+        for seq in seqs {
+            if !self.drop_sequence(seq) {
+                continue;
+            }
+            tracing::info!(request_id = %msg.request_id, seq = %seq, "request cancelled by an operator");
+            metrics::counter!("inferflux_requests_cancelled_total").increment(1);
+            self.detector.do_send(Abort { seq });
+            cancelled = true;
         }
-        tracing::info!(request_id = %msg.request_id, seq = %seq, "request cancelled by an operator");
-        metrics::counter!("inferflux_requests_cancelled_total").increment(1);
-        self.detector.do_send(Abort { seq });
-        true
+        cancelled
     }
 }
 

@@ -47,7 +47,8 @@ pub(crate) struct Answer {
 
 /// Submits the `n` choices of `request` to intake, in choice order. Choice 0 keeps the
 /// request's seed, so `n` does not change the first choice; choice `i` gets a seed derived from
-/// it. If a later choice is refused, the earlier ones are cancelled as their guards drop.
+/// it. All choices share the first one's request id (logs, `/admin/requests/{id}/cancel`). If a
+/// later choice is refused, the earlier ones are cancelled as their guards drop.
 pub(crate) async fn submit_choices(
     state: &AppState,
     mut request: CompletionRequest,
@@ -69,6 +70,7 @@ pub(crate) async fn submit_choices(
             .send(SubmitCompletion {
                 request: choice,
                 key_client: key_client.clone(),
+                request_id: submitted.first().map(|s: &Submitted| s.request_id.clone()),
             })
             .await
             .map_err(|e| ApiError::internal(format!("intake unreachable: {e}")))??;
