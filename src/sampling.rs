@@ -153,7 +153,12 @@ pub fn process_logits<'a>(
             apply_repetition_penalty(&mut w, params.repetition_penalty, &h.tokens);
         }
         if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
-            apply_presence_frequency(&mut w, params.presence_penalty, params.frequency_penalty, h.generated());
+            apply_presence_frequency(
+                &mut w,
+                params.presence_penalty,
+                params.frequency_penalty,
+                h.generated(),
+            );
         }
     }
     Cow::Owned(w)
@@ -258,7 +263,9 @@ pub fn raw_logprobs(logits: &[f32], token: u32, k: usize) -> SampledLogprobs {
         top.truncate(k);
     }
     SampledLogprobs {
-        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| logprob(l)),
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| logprob(l)),
         top: top.into_iter().map(|(id, l)| (id, logprob(l))).collect(),
     }
 }
@@ -350,17 +357,28 @@ mod tests {
 
     /// `tests/fixtures/sampling_goldens.json`, written by `scripts/make_sampling_goldens.py`.
     fn goldens() -> Vec<serde_json::Value> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sampling_goldens.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/sampling_goldens.json"
+        );
         let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         doc["cases"].as_array().unwrap().clone()
     }
 
     fn floats(v: &serde_json::Value) -> Vec<f32> {
-        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
     }
 
     fn ids(v: &serde_json::Value) -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     }
 
     fn kept_ids(w: &[f32], params: &SamplingParams) -> Vec<u32> {
@@ -392,7 +410,11 @@ mod tests {
                 ..greedy()
             };
             let ours = process_logits(&logits, &p, 0, Some(&h));
-            assert_close(&ours, &floats(&case["repetition_penalized"]), "repetition_penalized");
+            assert_close(
+                &ours,
+                &floats(&case["repetition_penalized"]),
+                "repetition_penalized",
+            );
         }
         assert!(saw_repeat, "the goldens test a token seen twice");
     }
@@ -412,23 +434,39 @@ mod tests {
             let theirs: Vec<f32> = scaled.iter().map(|l| (l - max).exp()).collect();
             let mut ours = kept_tokens(&logits, &warm);
             ours.sort_by_key(|p| p.0);
-            assert_close(&ours.iter().map(|p| p.1).collect::<Vec<_>>(), &theirs, "temperature");
+            assert_close(
+                &ours.iter().map(|p| p.1).collect::<Vec<_>>(),
+                &theirs,
+                "temperature",
+            );
             let f = |k: &str| case[k].as_f64().unwrap() as f32;
             let top_k = SamplingParams {
                 top_k: case["top_k"].as_u64().unwrap() as usize,
                 ..warm.clone()
             };
-            assert_eq!(kept_ids(&logits, &top_k), ids(&case["top_k_kept"]), "case {i} top_k");
+            assert_eq!(
+                kept_ids(&logits, &top_k),
+                ids(&case["top_k_kept"]),
+                "case {i} top_k"
+            );
             let top_p = SamplingParams {
                 top_p: f("top_p"),
                 ..warm.clone()
             };
-            assert_eq!(kept_ids(&logits, &top_p), ids(&case["top_p_kept"]), "case {i} top_p");
+            assert_eq!(
+                kept_ids(&logits, &top_p),
+                ids(&case["top_p_kept"]),
+                "case {i} top_p"
+            );
             let min_p = SamplingParams {
                 min_p: f("min_p"),
                 ..warm.clone()
             };
-            assert_eq!(kept_ids(&logits, &min_p), ids(&case["min_p_kept"]), "case {i} min_p");
+            assert_eq!(
+                kept_ids(&logits, &min_p),
+                ids(&case["min_p_kept"]),
+                "case {i} min_p"
+            );
             let c = &case["chain"];
             let chain = SamplingParams {
                 top_k: c["top_k"].as_u64().unwrap() as usize,
@@ -453,7 +491,11 @@ mod tests {
                 let top_ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
                 assert_eq!(top_ids, order[..k]);
                 for &(id, l) in &lp.top {
-                    assert!((l - theirs[id as usize]).abs() <= 1e-5, "{id}: {l} vs {}", theirs[id as usize]);
+                    assert!(
+                        (l - theirs[id as usize]).abs() <= 1e-5,
+                        "{id}: {l} vs {}",
+                        theirs[id as usize]
+                    );
                 }
             }
             // Raw means raw: bias, penalties and temperature leave the logprobs alone.
@@ -508,7 +550,10 @@ mod tests {
             ..greedy()
         };
         let h = history(&[3], &[]);
-        assert_eq!(&process_logits(&logits, &p, 0, Some(&h))[..], &[1.0, 2.0, 3.0, 1.0, 0.5]);
+        assert_eq!(
+            &process_logits(&logits, &p, 0, Some(&h))[..],
+            &[1.0, 2.0, 3.0, 1.0, 0.5]
+        );
     }
 
     #[test]
@@ -517,7 +562,10 @@ mod tests {
         let h = history(&[1, 1], &[1]);
         for p in [greedy(), SamplingParams::default()] {
             assert!(matches!(process_logits(&logits, &p, 0, None), Cow::Borrowed(_)));
-            assert!(matches!(process_logits(&logits, &p, 0, Some(&h)), Cow::Borrowed(_)));
+            assert!(matches!(
+                process_logits(&logits, &p, 0, Some(&h)),
+                Cow::Borrowed(_)
+            ));
             assert_eq!(sample(&logits, &p, 0, None).logprobs, None);
         }
     }
@@ -534,8 +582,22 @@ mod tests {
         for seed in 0..50 {
             for n in 0..4 {
                 let case = |p: SamplingParams| token(&logits, &p, n);
-                assert_eq!(case(SamplingParams { top_k: 1, ..hot(seed) }), best, "top_k 1 is greedy");
-                assert_eq!(case(SamplingParams { min_p: 1.0, ..hot(seed) }), best, "min_p 1 keeps the max");
+                assert_eq!(
+                    case(SamplingParams {
+                        top_k: 1,
+                        ..hot(seed)
+                    }),
+                    best,
+                    "top_k 1 is greedy"
+                );
+                assert_eq!(
+                    case(SamplingParams {
+                        min_p: 1.0,
+                        ..hot(seed)
+                    }),
+                    best,
+                    "min_p 1 keeps the max"
+                );
                 let bias = |b: f32| SamplingParams {
                     logit_bias: Arc::from([(17u32, b)]),
                     ..hot(seed)
@@ -554,7 +616,10 @@ mod tests {
     }
 
     fn any_logits() -> impl Strategy<Value = Vec<f32>> {
-        prop::collection::vec(prop_oneof![-20.0f32..20.0, (-3i32..3).prop_map(|i| i as f32)], 1..200)
+        prop::collection::vec(
+            prop_oneof![-20.0f32..20.0, (-3i32..3).prop_map(|i| i as f32)],
+            1..200,
+        )
     }
 
     proptest! {

@@ -153,7 +153,7 @@ async fn http_bad_input_gets_openai_error_json() {
         ),
         (r#"{"prompt": "hi", "stop": ""}"#.into(), 400, Some("stop")),
         (
-            r#"{"prompt": "hi", "frequency_penalty": 1}"#.into(),
+            r#"{"prompt": "hi", "frequency_penalty": 3}"#.into(),
             400,
             Some("frequency_penalty"),
         ),

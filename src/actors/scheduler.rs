@@ -47,7 +47,9 @@ fn accepted(sampled: Vec<SampledToken>, kept: &[(SeqId, u32)]) -> Vec<SampledTok
     sampled
         .into_iter()
         .filter(|s| {
-            let hit = kept.peek().is_some_and(|&&(seq, token)| (seq, token) == (s.seq, s.token));
+            let hit = kept
+                .peek()
+                .is_some_and(|&&(seq, token)| (seq, token) == (s.seq, s.token));
             if hit {
                 kept.next();
             }

@@ -326,11 +326,18 @@ mod tests {
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     fn tokenizer() -> Arc<Tokenizer> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama/tokenizer.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-llama/tokenizer.json"
+        );
         Arc::new(Tokenizer::from_file(path).unwrap())
     }
 
-    fn track(det: &Addr<StopSequenceDetector>, seq: u64, params: StopParams) -> UnboundedReceiver<StreamEvent> {
+    fn track(
+        det: &Addr<StopSequenceDetector>,
+        seq: u64,
+        params: StopParams,
+    ) -> UnboundedReceiver<StreamEvent> {
         let (tx, rx) = unbounded_channel();
         det.do_send(Track {
             seq: SeqId(seq),
@@ -366,7 +373,9 @@ mod tests {
     }
 
     /// Events up to and including the last one; `(text, logprob counts per event, all logprobs)`.
-    async fn drain(rx: &mut UnboundedReceiver<StreamEvent>) -> (String, Vec<usize>, Vec<TokenLogprob>, usize) {
+    async fn drain(
+        rx: &mut UnboundedReceiver<StreamEvent>,
+    ) -> (String, Vec<usize>, Vec<TokenLogprob>, usize) {
         let (mut text, mut counts, mut all) = (String::new(), Vec::new(), Vec::new());
         loop {
             match rx.recv().await.expect("a last event") {
@@ -406,7 +415,10 @@ mod tests {
         assert_eq!(text, " naïve über");
         assert_eq!(all.len(), completion_tokens, "every generated token once");
         assert_eq!(completion_tokens, ids.len());
-        assert!(counts.iter().any(|&c| c == 2), "a held character carries both tokens: {counts:?}");
+        assert!(
+            counts.contains(&2),
+            "a held character carries both tokens: {counts:?}"
+        );
         for (i, (lp, &id)) in all.iter().zip(&ids).enumerate() {
             assert_eq!(lp.token, TokenText::new(&tok, id), "token {i}");
             assert_eq!(lp.logprob, -(i as f32), "in order");

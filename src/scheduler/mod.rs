@@ -803,14 +803,23 @@ mod tests {
             .unwrap();
         core.enqueue(seq(2, 3, 6)).unwrap();
         let plans = run(&mut core, &mut pool, 60);
-        assert!(core.preemptions() > 0, "the pool was too small, something was preempted");
+        assert!(
+            core.preemptions() > 0,
+            "the pool was too small, something was preempted"
+        );
         let chunks: Vec<&PlannedChunk> = plans.iter().flatten().collect();
-        assert!(chunks.iter().any(|c| c.seq == SeqId(1) && !c.wants_logits), "a prefill chunk");
+        assert!(
+            chunks.iter().any(|c| c.seq == SeqId(1) && !c.wants_logits),
+            "a prefill chunk"
+        );
         let mut sampled = 0;
         for c in chunks {
             match (c.seq, c.wants_logits) {
                 (SeqId(1), true) => {
-                    let h = c.history.as_ref().expect("a penalised sampling chunk has its history");
+                    let h = c
+                        .history
+                        .as_ref()
+                        .expect("a penalised sampling chunk has its history");
                     let generated: Vec<u32> = (0..c.generated_index as u32).map(|i| 1000 + i).collect();
                     assert_eq!(h.prompt_len, 6);
                     assert_eq!(&h.tokens[..6], &[7, 8, 9, 10, 11, 12]);

@@ -52,7 +52,10 @@ mod tests {
     use super::*;
 
     fn fixture() -> Tokenizer {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama/tokenizer.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-llama/tokenizer.json"
+        );
         Tokenizer::from_file(path).unwrap()
     }
 
@@ -62,7 +65,11 @@ mod tests {
         let id = |s: &str| t.token_to_id(s).unwrap();
         assert_eq!(token_text(&t, id("Ġthe")), (" the".to_string(), b" the".to_vec()));
         assert_eq!(token_text(&t, id("he")), ("he".to_string(), b"he".to_vec()));
-        assert_eq!(token_text(&t, 2), ("</s>".to_string(), b"</s>".to_vec()), "special tokens are shown");
+        assert_eq!(
+            token_text(&t, 2),
+            ("</s>".to_string(), b"</s>".to_vec()),
+            "special tokens are shown"
+        );
         // "aÃ": `a` and the first byte of a two-byte character.
         let (text, bytes) = token_text(&t, id("aÃ"));
         assert_eq!(text, "a\u{FFFD}");
