@@ -5,6 +5,9 @@
 //!
 //! `min_tokens` is enforced here, as vLLM does: the stop token ids and EOS cannot be sampled
 //! before it, so the detector never has to discard a stop the model wanted.
+//!
+//! Logprobs are those of the raw model logits (vLLM's default `raw_logprobs`): what the model
+//! predicted, not what bias, penalties and temperature made of it.
 
 use std::borrow::Cow;
 use std::sync::Arc;
