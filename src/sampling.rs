@@ -5,6 +5,9 @@
 //!
 //! `min_tokens` is enforced here, as vLLM does: the stop token ids and EOS cannot be sampled
 //! before it, so the detector never has to discard a stop the model wanted.
+//!
+//! Logprobs are those of the raw model logits (vLLM's default `raw_logprobs`): what the model
+//! predicted, not what bias, penalties and temperature made of it.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -74,22 +77,146 @@ impl Default for SamplingParams {
 /// Temperatures below this are treated as greedy (as vLLM does).
 const GREEDY_BELOW: f32 = 1e-5;
 
-/// Picks the token for generated index `n` of a sequence.
-pub fn sample(logits: &[f32], params: &SamplingParams, n: usize) -> u32 {
-    let logits = mask_before_min_tokens(logits, params, n);
-    let logits = &logits[..];
-    if params.temperature < GREEDY_BELOW {
-        return argmax(logits);
+impl SamplingParams {
+    /// Whether a penalty needs the sequence's token history.
+    pub fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f32)> = logits
+}
+
+/// The tokens a sequence holds when its next token is sampled: the prompt, then every generated
+/// token. Planned only for requests with a penalty on, so the common path copies nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenHistory {
+    pub tokens: Arc<[u32]>,
+    pub prompt_len: usize,
+}
+
+impl TokenHistory {
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len.min(self.tokens.len())..]
+    }
+}
+
+/// One sampled token, with its logprobs when the request asked for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprobs: Option<SampledLogprobs>,
+}
+
+/// Picks the token for generated index `n` of a sequence. `history` must be given when
+/// [`SamplingParams::has_penalties`]; it is ignored otherwise.
+///
+/// Processors, in vLLM's and transformers' order: `logit_bias`, the `min_tokens` mask,
+/// `repetition_penalty`, presence/frequency penalties, then temperature (greedy takes the argmax
+/// of the processed logits), `top_k`, `top_p`, `min_p`. Logprobs are of the raw logits.
+pub fn sample(logits: &[f32], params: &SamplingParams, n: usize, history: Option<&TokenHistory>) -> Sampled {
+    debug_assert!(history.is_some() || !params.has_penalties());
+    let processed = process_logits(logits, params, n, history);
+    let token = if params.temperature < GREEDY_BELOW {
+        argmax(&processed)
+    } else {
+        draw(&kept_tokens(&processed, params), params.seed, n)
+    };
+    Sampled {
+        token,
+        logprobs: params.logprobs.map(|k| raw_logprobs(logits, token, k)),
+    }
+}
+
+/// The logits after everything that may change the argmax (bias, `min_tokens`, penalties);
+/// borrowed untouched when none of them applies, so the plain path copies nothing.
+pub fn process_logits<'a>(
+    logits: &'a [f32],
+    params: &SamplingParams,
+    n: usize,
+    history: Option<&TokenHistory>,
+) -> Cow<'a, [f32]> {
+    let mask = n < params.min_tokens && !params.min_tokens_banned.is_empty();
+    let penalized = history.filter(|_| params.has_penalties());
+    if params.logit_bias.is_empty() && !mask && penalized.is_none() {
+        return Cow::Borrowed(logits);
+    }
+    let mut w = logits.to_vec();
+    for &(id, bias) in params.logit_bias.iter() {
+        if let Some(l) = w.get_mut(id as usize) {
+            *l += bias;
+        }
+    }
+    if mask {
+        for &id in params.min_tokens_banned.iter() {
+            if let Some(l) = w.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if let Some(h) = penalized {
+        if params.repetition_penalty != 1.0 {
+            apply_repetition_penalty(&mut w, params.repetition_penalty, &h.tokens);
+        }
+        if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+            apply_presence_frequency(
+                &mut w,
+                params.presence_penalty,
+                params.frequency_penalty,
+                h.generated(),
+            );
+        }
+    }
+    Cow::Owned(w)
+}
+
+/// transformers' `RepetitionPenaltyLogitsProcessor`: once per distinct token of `tokens`, a
+/// positive logit is divided by `penalty`, any other multiplied by it.
+pub fn apply_repetition_penalty(w: &mut [f32], penalty: f32, tokens: &[u32]) {
+    let mut seen = tokens.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    for id in seen {
+        if let Some(l) = w.get_mut(id as usize) {
+            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        }
+    }
+}
+
+/// OpenAI's penalties: `logit -= frequency * count + presence` for every token generated
+/// `count > 0` times.
+pub fn apply_presence_frequency(w: &mut [f32], presence: f32, frequency: f32, generated: &[u32]) {
+    let mut sorted = generated.to_vec();
+    sorted.sort_unstable();
+    for run in sorted.chunk_by(|a, b| a == b) {
+        if let Some(l) = w.get_mut(run[0] as usize) {
+            *l -= frequency * run.len() as f32 + presence;
+        }
+    }
+}
+
+/// The tokens a draw may pick, with unnormalised probabilities `exp((l - max) / temperature)`, in
+/// the order the draw walks them: by id, or most likely first (lower id on a tie) once `top_k` or
+/// `top_p` sorted them. `top_k` keeps exactly `k` tokens, `top_p` the smallest most-likely-first
+/// prefix whose mass reaches `top_p` of what `top_k` kept, `min_p` those at least `min_p` times
+/// as likely as the most likely one (transformers' order of warpers). Tokens of probability 0
+/// (masked) are dropped.
+pub fn kept_tokens(w: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
+    let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let temperature = params.temperature.max(GREEDY_BELOW);
+    let mut probs: Vec<(u32, f32)> = w
         .iter()
         .enumerate()
-        .map(|(i, &l)| (i as u32, ((l - max) / params.temperature).exp()))
+        .map(|(i, &l)| (i as u32, ((l - max) / temperature).exp()))
         .collect();
-    let total: f32 = probs.iter().map(|p| p.1).sum();
+    let likelier = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let top_k = params.top_k > 0 && params.top_k < probs.len();
+    if top_k {
+        probs.select_nth_unstable_by(params.top_k - 1, likelier);
+        probs.truncate(params.top_k);
+    }
+    if top_k || params.top_p < 1.0 {
+        probs.sort_by(likelier);
+    }
     if params.top_p < 1.0 {
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let total: f32 = probs.iter().map(|p| p.1).sum();
         let mut mass = 0.0;
         let keep = probs
             .iter()
@@ -100,30 +227,50 @@ pub fn sample(logits: &[f32], params: &SamplingParams, n: usize) -> u32 {
             .map_or(probs.len(), |i| i + 1);
         probs.truncate(keep);
     }
-    let kept: f32 = probs.iter().map(|p| p.1).sum();
-    let mut rng = StdRng::seed_from_u64(mix(params.seed, n as u64));
-    let mut draw = rng.random::<f32>() * kept;
-    for &(id, p) in &probs {
+    // The most likely token has probability exp(0) = 1 here, and every cut above keeps it.
+    probs.retain(|p| p.1 > 0.0 && p.1 >= params.min_p);
+    probs
+}
+
+/// Draws from `kept` with the RNG of `(seed, n)`.
+fn draw(kept: &[(u32, f32)], seed: u64, n: usize) -> u32 {
+    let total: f32 = kept.iter().map(|p| p.1).sum();
+    let mut rng = StdRng::seed_from_u64(mix(seed, n as u64));
+    let mut draw = rng.random::<f32>() * total;
+    for &(id, p) in kept {
         if draw < p {
             return id;
         }
         draw -= p;
     }
-    probs.last().map_or(0, |p| p.0)
+    // Rounding left the draw past the end.
+    kept.last().map_or(0, |p| p.0)
 }
 
-/// The logits with the banned ids at −inf while `n < min_tokens`; borrowed otherwise.
-fn mask_before_min_tokens<'a>(logits: &'a [f32], params: &SamplingParams, n: usize) -> Cow<'a, [f32]> {
-    if n >= params.min_tokens || params.min_tokens_banned.is_empty() {
-        return Cow::Borrowed(logits);
-    }
-    let mut masked = logits.to_vec();
-    for &id in params.min_tokens_banned.iter() {
-        if let Some(l) = masked.get_mut(id as usize) {
-            *l = f32::NEG_INFINITY;
+/// Log-softmax of the raw logits (before bias, penalties and temperature: vLLM's default
+/// `raw_logprobs`) for `token` and the `k` most likely ids (lower id on a tie), computed in f64
+/// as `l - max - ln Σ exp(l - max)`.
+pub fn raw_logprobs(logits: &[f32], token: u32, k: usize) -> SampledLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    let logprob = |l: f32| (l as f64 - lse) as f32;
+    // Most likely first; ids arrive ascending, so an equal logit already held keeps its place.
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if top.len() == k && top.last().is_none_or(|&(_, worst)| l <= worst) {
+            continue;
         }
+        let at = top.partition_point(|&(_, held)| held >= l);
+        top.insert(at, (i as u32, l));
+        top.truncate(k);
     }
-    Cow::Owned(masked)
+    SampledLogprobs {
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| logprob(l)),
+        top: top.into_iter().map(|(id, l)| (id, logprob(l))).collect(),
+    }
 }
 
 /// Index of the largest logit; the lowest index wins a tie, as `torch.argmax`.
@@ -148,14 +295,29 @@ fn mix(seed: u64, n: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn greedy() -> SamplingParams {
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+
+    fn token(logits: &[f32], params: &SamplingParams, n: usize) -> u32 {
+        sample(logits, params, n, None).token
+    }
+
+    fn history(prompt: &[u32], generated: &[u32]) -> TokenHistory {
+        TokenHistory {
+            tokens: prompt.iter().chain(generated).copied().collect(),
+            prompt_len: prompt.len(),
+        }
+    }
 
     #[test]
     fn greedy_takes_first_maximum() {
-        let p = SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        };
-        assert_eq!(sample(&[0.1, 3.0, 3.0, -1.0], &p, 0), 1);
+        assert_eq!(token(&[0.1, 3.0, 3.0, -1.0], &greedy(), 0), 1);
     }
 
     #[test]
@@ -167,13 +329,13 @@ mod tests {
             seed: 7,
             ..Default::default()
         };
-        let a: Vec<u32> = (0..40).map(|n| sample(&logits, &p, n)).collect();
-        let b: Vec<u32> = (0..40).map(|n| sample(&logits, &p, n)).collect();
+        let a: Vec<u32> = (0..40).map(|n| token(&logits, &p, n)).collect();
+        let b: Vec<u32> = (0..40).map(|n| token(&logits, &p, n)).collect();
         assert_eq!(a, b);
         let q = SamplingParams { seed: 8, ..p.clone() };
-        assert_ne!(a, (0..40).map(|n| sample(&logits, &q, n)).collect::<Vec<_>>());
+        assert_ne!(a, (0..40).map(|n| token(&logits, &q, n)).collect::<Vec<_>>());
         let narrow = SamplingParams { top_p: 1e-6, ..p };
-        assert!((0..40).all(|n| sample(&logits, &narrow, n) == argmax(&logits)));
+        assert!((0..40).all(|n| token(&logits, &narrow, n) == argmax(&logits)));
     }
 
     #[test]
@@ -185,14 +347,306 @@ mod tests {
             min_tokens_banned: Arc::from([2u32, 3]),
             ..Default::default()
         };
-        assert_eq!(sample(&logits, &p, 0), 4, "2 and 3 banned before min_tokens");
-        assert_eq!(sample(&logits, &p, 2), 4);
-        assert_eq!(sample(&logits, &p, 3), 2, "allowed from min_tokens on");
+        assert_eq!(token(&logits, &p, 0), 4, "2 and 3 banned before min_tokens");
+        assert_eq!(token(&logits, &p, 2), 4);
+        assert_eq!(token(&logits, &p, 3), 2, "allowed from min_tokens on");
         let hot = SamplingParams {
             temperature: 1.0,
             seed: 3,
             ..p
         };
-        assert!((0..200).all(|n| n >= 3 || ![2, 3].contains(&sample(&logits, &hot, n))));
+        assert!((0..200).all(|n| n >= 3 || ![2, 3].contains(&token(&logits, &hot, n))));
+    }
+
+    /// `tests/fixtures/sampling_goldens.json`, written by `scripts/make_sampling_goldens.py`.
+    fn goldens() -> Vec<serde_json::Value> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/sampling_goldens.json"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        doc["cases"].as_array().unwrap().clone()
+    }
+
+    fn floats(v: &serde_json::Value) -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    }
+
+    fn ids(v: &serde_json::Value) -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    fn kept_ids(w: &[f32], params: &SamplingParams) -> Vec<u32> {
+        let mut ids: Vec<u32> = kept_tokens(w, params).into_iter().map(|p| p.0).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
+        assert_eq!(ours.len(), theirs.len(), "{what}");
+        for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+            assert!((a - b).abs() <= 1e-5, "{what}[{i}]: ours {a}, transformers {b}");
+        }
+    }
+
+    #[test]
+    fn sampling_repetition_penalty_matches_transformers() {
+        let mut saw_repeat = false;
+        for case in goldens() {
+            let logits = floats(&case["logits"]);
+            let (prompt, generated) = (ids(&case["prompt"]), ids(&case["generated"]));
+            let h = history(&prompt, &generated);
+            let mut distinct = h.tokens.to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            saw_repeat |= distinct.len() < h.tokens.len();
+            let p = SamplingParams {
+                repetition_penalty: case["repetition_penalty"].as_f64().unwrap() as f32,
+                ..greedy()
+            };
+            let ours = process_logits(&logits, &p, 0, Some(&h));
+            assert_close(
+                &ours,
+                &floats(&case["repetition_penalized"]),
+                "repetition_penalized",
+            );
+        }
+        assert!(saw_repeat, "the goldens test a token seen twice");
+    }
+
+    #[test]
+    fn sampling_warpers_keep_what_transformers_keeps() {
+        for (i, case) in goldens().iter().enumerate() {
+            let logits = floats(&case["logits"]);
+            let temperature = case["temperature"].as_f64().unwrap() as f32;
+            let warm = SamplingParams {
+                temperature,
+                ..Default::default()
+            };
+            // Temperature: our unnormalised probabilities against exp(scaled - max) of transformers'.
+            let scaled = floats(&case["temperature_scaled"]);
+            let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let theirs: Vec<f32> = scaled.iter().map(|l| (l - max).exp()).collect();
+            let mut ours = kept_tokens(&logits, &warm);
+            ours.sort_by_key(|p| p.0);
+            assert_close(
+                &ours.iter().map(|p| p.1).collect::<Vec<_>>(),
+                &theirs,
+                "temperature",
+            );
+            let f = |k: &str| case[k].as_f64().unwrap() as f32;
+            let top_k = SamplingParams {
+                top_k: case["top_k"].as_u64().unwrap() as usize,
+                ..warm.clone()
+            };
+            assert_eq!(
+                kept_ids(&logits, &top_k),
+                ids(&case["top_k_kept"]),
+                "case {i} top_k"
+            );
+            let top_p = SamplingParams {
+                top_p: f("top_p"),
+                ..warm.clone()
+            };
+            assert_eq!(
+                kept_ids(&logits, &top_p),
+                ids(&case["top_p_kept"]),
+                "case {i} top_p"
+            );
+            let min_p = SamplingParams {
+                min_p: f("min_p"),
+                ..warm.clone()
+            };
+            assert_eq!(
+                kept_ids(&logits, &min_p),
+                ids(&case["min_p_kept"]),
+                "case {i} min_p"
+            );
+            let c = &case["chain"];
+            let chain = SamplingParams {
+                top_k: c["top_k"].as_u64().unwrap() as usize,
+                top_p: c["top_p"].as_f64().unwrap() as f32,
+                min_p: c["min_p"].as_f64().unwrap() as f32,
+                ..warm
+            };
+            assert_eq!(kept_ids(&logits, &chain), ids(&c["kept"]), "case {i} chain");
+        }
+    }
+
+    #[test]
+    fn sampling_raw_logprobs_match_torch_log_softmax() {
+        for case in goldens() {
+            let logits = floats(&case["logits"]);
+            let theirs = floats(&case["log_softmax"]);
+            let mut order: Vec<u32> = (0..theirs.len() as u32).collect();
+            order.sort_by(|&a, &b| theirs[b as usize].total_cmp(&theirs[a as usize]).then(a.cmp(&b)));
+            for k in [0, 1, 5, MAX_TOP_LOGPROBS] {
+                let lp = raw_logprobs(&logits, 7, k);
+                assert!((lp.logprob - theirs[7]).abs() <= 1e-5);
+                let top_ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+                assert_eq!(top_ids, order[..k]);
+                for &(id, l) in &lp.top {
+                    assert!(
+                        (l - theirs[id as usize]).abs() <= 1e-5,
+                        "{id}: {l} vs {}",
+                        theirs[id as usize]
+                    );
+                }
+            }
+            // Raw means raw: bias, penalties and temperature leave the logprobs alone.
+            let p = SamplingParams {
+                temperature: 0.3,
+                repetition_penalty: 1.5,
+                logit_bias: Arc::from([(3u32, 50.0)]),
+                logprobs: Some(2),
+                ..Default::default()
+            };
+            let h = history(&ids(&case["prompt"]), &ids(&case["generated"]));
+            let s = sample(&logits, &p, 0, Some(&h));
+            assert_eq!(s.token, 3, "+50 forces token 3");
+            let lp = s.logprobs.unwrap();
+            assert!((lp.logprob - theirs[3]).abs() <= 1e-5);
+            assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), order[..2]);
+        }
+    }
+
+    #[test]
+    fn sampling_presence_and_frequency_penalties_by_hand() {
+        let logits = [1.0, 2.0, 3.0, -1.0, 0.5];
+        // Prompt tokens (4, 4) are not penalised; generated: 1 once, 2 three times.
+        let h = history(&[4, 4], &[2, 1, 2, 2]);
+        let p = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..greedy()
+        };
+        let w = process_logits(&logits, &p, 4, Some(&h));
+        assert_eq!(&w[..], &[1.0, 2.0 - 0.25 - 0.5, 3.0 - 0.75 - 0.5, -1.0, 0.5]);
+        // Negative values reward repeats.
+        let p = SamplingParams {
+            presence_penalty: -2.0,
+            frequency_penalty: -1.0,
+            ..greedy()
+        };
+        let w = process_logits(&logits, &p, 4, Some(&h));
+        assert_eq!(&w[..], &[1.0, 2.0 + 1.0 + 2.0, 3.0 + 3.0 + 2.0, -1.0, 0.5]);
+        assert_eq!(sample(&logits, &p, 4, Some(&h)).token, 2);
+        // Repetition counts the prompt too, once per distinct token, whatever the sign.
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..greedy()
+        };
+        let w = process_logits(&logits, &p, 4, Some(&h));
+        assert_eq!(&w[..], &[1.0, 1.0, 1.5, -1.0, 0.25]);
+        // Order: bias first, then the penalty sees the biased logit.
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            logit_bias: Arc::from([(3u32, 3.0)]),
+            ..greedy()
+        };
+        let h = history(&[3], &[]);
+        assert_eq!(
+            &process_logits(&logits, &p, 0, Some(&h))[..],
+            &[1.0, 2.0, 3.0, 1.0, 0.5]
+        );
+    }
+
+    #[test]
+    fn sampling_everything_off_borrows_the_row() {
+        let logits = [0.5, 2.0, -1.0];
+        let h = history(&[1, 1], &[1]);
+        for p in [greedy(), SamplingParams::default()] {
+            assert!(matches!(process_logits(&logits, &p, 0, None), Cow::Borrowed(_)));
+            assert!(matches!(
+                process_logits(&logits, &p, 0, Some(&h)),
+                Cow::Borrowed(_)
+            ));
+            assert_eq!(sample(&logits, &p, 0, None).logprobs, None);
+        }
+    }
+
+    #[test]
+    fn sampling_table_of_forced_and_trivial_cases() {
+        let logits: Vec<f32> = (0..40).map(|i| ((i * 7919) % 113) as f32 / 10.0 - 5.0).collect();
+        let best = argmax(&logits);
+        let hot = |seed| SamplingParams {
+            temperature: 1.5,
+            seed,
+            ..Default::default()
+        };
+        for seed in 0..50 {
+            for n in 0..4 {
+                let case = |p: SamplingParams| token(&logits, &p, n);
+                assert_eq!(
+                    case(SamplingParams {
+                        top_k: 1,
+                        ..hot(seed)
+                    }),
+                    best,
+                    "top_k 1 is greedy"
+                );
+                assert_eq!(
+                    case(SamplingParams {
+                        min_p: 1.0,
+                        ..hot(seed)
+                    }),
+                    best,
+                    "min_p 1 keeps the max"
+                );
+                let bias = |b: f32| SamplingParams {
+                    logit_bias: Arc::from([(17u32, b)]),
+                    ..hot(seed)
+                };
+                assert_eq!(case(bias(100.0)), 17, "+100 forces");
+                assert_ne!(case(bias(-100.0)), 17, "-100 bans");
+                let banned = SamplingParams {
+                    logit_bias: Arc::from([(best, -100.0)]),
+                    ..greedy()
+                };
+                assert_ne!(case(banned), best);
+            }
+        }
+        // Something other than the max is drawn when nothing cuts the tail.
+        assert!((0..50).any(|seed| token(&logits, &hot(seed), 0) != best));
+    }
+
+    fn any_logits() -> impl Strategy<Value = Vec<f32>> {
+        prop::collection::vec(
+            prop_oneof![-20.0f32..20.0, (-3i32..3).prop_map(|i| i as f32)],
+            1..200,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Greedy with every processor off is the plain argmax (lowest id on a tie), and so is
+        /// `top_k = 1` at any temperature; `min_p = 1` keeps only maxima.
+        #[test]
+        fn sampling_trivial_settings_are_greedy(logits in any_logits(), seed in any::<u64>(), n in 0usize..1000,
+                                                temperature in 0.05f32..2.0) {
+            let best = argmax(&logits);
+            prop_assert_eq!(token(&logits, &greedy(), n), best);
+            let hot = SamplingParams { temperature, seed, ..Default::default() };
+            prop_assert_eq!(token(&logits, &SamplingParams { top_k: 1, ..hot.clone() }, n), best);
+            let max = logits[best as usize];
+            let kept = kept_tokens(&logits, &SamplingParams { min_p: 1.0, ..hot.clone() });
+            prop_assert!(kept.iter().all(|p| logits[p.0 as usize] == max));
+            let lp = raw_logprobs(&logits, best, MAX_TOP_LOGPROBS);
+            prop_assert_eq!(lp.top.len(), logits.len().min(MAX_TOP_LOGPROBS));
+            prop_assert_eq!(lp.top[0].0, best);
+            prop_assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            let all = raw_logprobs(&logits, best, logits.len());
+            let mass: f64 = all.top.iter().map(|t| (t.1 as f64).exp()).sum();
+            prop_assert!((mass - 1.0).abs() < 1e-4, "{}", mass);
+        }
     }
 }

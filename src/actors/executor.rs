@@ -12,8 +12,16 @@ use std::collections::HashMap;
 
 use crate::kv::{PageCopy, SeqId};
 use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
-use crate::sampling;
+use crate::sampling::{self, SampledLogprobs};
 use crate::scheduler::PlannedChunk;
+
+/// A token sampled for a sequence in a step, with its logprobs when the request asked for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub seq: SeqId,
+    pub token: u32,
+    pub logprobs: Option<SampledLogprobs>,
+}
 
 /// A step failed on the device; every sequence in it is failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,7 +59,7 @@ impl<B: Backend> ModelExecutor<B> {
         &mut self,
         swap_out: Option<SwapOut>,
         plan: Vec<PlannedChunk>,
-    ) -> Result<Vec<(SeqId, u32)>, ExecutorError> {
+    ) -> Result<Vec<SampledToken>, ExecutorError> {
         let cache_ps = self.cache.page_size();
         let restores: Vec<(SeqId, Vec<u32>)> = plan
             .iter()
@@ -65,7 +73,7 @@ impl<B: Backend> ModelExecutor<B> {
             .into_iter()
             .map(|c| {
                 if c.wants_logits {
-                    samplers.push((c.seq, c.sampling, c.generated_index));
+                    samplers.push((c.seq, c.sampling, c.generated_index, c.history));
                 }
                 SequenceChunk {
                     tokens: c.tokens,
@@ -107,7 +115,14 @@ impl<B: Backend> ModelExecutor<B> {
         Ok(samplers
             .into_iter()
             .zip(values.chunks_exact(vocab))
-            .map(|((seq, params, n), row)| (seq, sampling::sample(row, &params, n)))
+            .map(|((seq, params, n, history), row)| {
+                let s = sampling::sample(row, &params, n, history.as_ref());
+                SampledToken {
+                    seq,
+                    token: s.token,
+                    logprobs: s.logprobs,
+                }
+            })
             .collect())
     }
 }
@@ -126,7 +141,7 @@ impl<B: Backend> Actor for ModelExecutor<B> {
 /// Compute one step of the batch plan; the reply holds one sampled token per sequence whose
 /// chunk wanted logits, in plan order.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<(SeqId, u32)>, ExecutorError>")]
+#[rtype(result = "Result<Vec<SampledToken>, ExecutorError>")]
 pub struct ExecuteStep {
     pub step: u64,
     pub swap_out: Option<SwapOut>,
@@ -134,7 +149,7 @@ pub struct ExecuteStep {
 }
 
 impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
-    type Result = Result<Vec<(SeqId, u32)>, ExecutorError>;
+    type Result = Result<Vec<SampledToken>, ExecutorError>;
 
     fn handle(&mut self, msg: ExecuteStep, _: &mut SyncContext<Self>) -> Self::Result {
         let tokens: usize = msg.plan.iter().map(|c| c.tokens.len()).sum();

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use actix::prelude::*;
 
-use super::executor::{DiscardSwapped, ExecuteStep, ExecutorError, SwapOut};
+use super::executor::{DiscardSwapped, ExecuteStep, ExecutorError, SampledToken, SwapOut};
 use super::kv_pages::{CommitPages, KvPageManager, Preempt, Release, ReserveStep};
 use super::stop_detector::{Abort, FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
 use crate::config::PreemptionMode;
@@ -38,7 +38,25 @@ struct StepResult {
     progress: Vec<(SeqId, usize)>,
     /// The sequence preempted in this step, and whether its K/V went to host memory.
     preempted: Option<(SeqId, bool)>,
-    sampled: Result<Vec<(SeqId, u32)>, ExecutorError>,
+    sampled: Result<Vec<SampledToken>, ExecutorError>,
+}
+
+/// The sampled tokens the core kept (`kept`: those of sequences still running, in order), with
+/// their logprobs. A sequence samples at most once per step, so matching in order is exact.
+fn accepted(sampled: Vec<SampledToken>, kept: &[(SeqId, u32)]) -> Vec<SampledToken> {
+    let mut kept = kept.iter().peekable();
+    sampled
+        .into_iter()
+        .filter(|s| {
+            let hit = kept
+                .peek()
+                .is_some_and(|&&(seq, token)| (seq, token) == (s.seq, s.token));
+            if hit {
+                kept.next();
+            }
+            hit
+        })
+        .collect()
 }
 
 impl Scheduler {
@@ -217,7 +235,8 @@ impl Scheduler {
         }
         match sampled {
             Ok(sampled) => {
-                let outcome = self.core.complete(&progress, &sampled);
+                let pairs: Vec<(SeqId, u32)> = sampled.iter().map(|s| (s.seq, s.token)).collect();
+                let outcome = self.core.complete(&progress, &pairs);
                 if !outcome.commits.is_empty() {
                     self.kv.do_send(CommitPages {
                         commits: outcome.commits,
@@ -225,7 +244,7 @@ impl Scheduler {
                 }
                 if !outcome.tokens.is_empty() {
                     self.detector.do_send(StepTokens {
-                        tokens: outcome.tokens,
+                        tokens: accepted(sampled, &outcome.tokens),
                     });
                 }
                 for seq in outcome.finished {
@@ -415,5 +434,28 @@ impl Handler<QueueReport> for Scheduler {
 
     fn handle(&mut self, _: QueueReport, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.report())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::SampledLogprobs;
+
+    #[test]
+    fn sampling_logprobs_follow_the_tokens_the_core_kept() {
+        let tok = |seq: u64, token: u32| SampledToken {
+            seq: SeqId(seq),
+            token,
+            logprobs: Some(SampledLogprobs {
+                logprob: -(seq as f32),
+                top: Vec::new(),
+            }),
+        };
+        let sampled = vec![tok(1, 5), tok(2, 5), tok(3, 9), tok(4, 1)];
+        // Sequences 2 and 4 were cancelled while the step ran.
+        let kept = [(SeqId(1), 5), (SeqId(3), 9)];
+        assert_eq!(accepted(sampled.clone(), &kept), vec![tok(1, 5), tok(3, 9)]);
+        assert_eq!(accepted(sampled, &[]), vec![]);
     }
 }

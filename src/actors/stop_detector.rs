@@ -1,5 +1,9 @@
 //! `StopSequenceDetector`: turns each sequence's sampled tokens into text deltas for its client,
 //! and ends the sequence on a stop string, an EOS token or `max_tokens`.
+//!
+//! Logprobs (when asked for) are queued per token and ride on the next event: a `Text`, or the
+//! `Finished` (also on an abort) for what no text carried, so each generated token's logprobs
+//! reach the client exactly once, in order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,8 +13,11 @@ use actix::prelude::*;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::executor::SampledToken;
 use super::scheduler::SequenceFinished;
 use crate::kv::SeqId;
+use crate::sampling::SampledLogprobs;
+use crate::stop::token_text::token_text;
 use crate::stop::{FinishReason, StopDetector, StopParams};
 
 /// A token as a client sees it in `logprobs`.
@@ -30,6 +37,28 @@ pub struct TokenLogprob {
     pub logprob: f32,
     /// Most likely first.
     pub top: Vec<(TokenText, f32)>,
+}
+
+impl TokenText {
+    pub fn new(tokenizer: &Tokenizer, id: u32) -> Self {
+        let (text, bytes) = token_text(tokenizer, id);
+        Self { id, text, bytes }
+    }
+}
+
+impl TokenLogprob {
+    /// The sampler's ids with their text.
+    pub fn new(tokenizer: &Tokenizer, token: u32, sampled: SampledLogprobs) -> Self {
+        Self {
+            token: TokenText::new(tokenizer, token),
+            logprob: sampled.logprob,
+            top: sampled
+                .top
+                .into_iter()
+                .map(|(id, l)| (TokenText::new(tokenizer, id), l))
+                .collect(),
+        }
+    }
 }
 
 /// What a request's stream receives.
@@ -63,6 +92,8 @@ struct Tracked {
     cached_tokens: usize,
     arrival: Instant,
     first_token: Option<Instant>,
+    /// Logprobs of tokens no event has carried yet.
+    logprobs: Vec<TokenLogprob>,
 }
 
 pub struct StopSequenceDetector {
@@ -87,10 +118,13 @@ impl StopSequenceDetector {
         }
     }
 
-    fn on_token(&mut self, seq: SeqId, token: u32) {
+    fn on_token(&mut self, seq: SeqId, token: u32, logprobs: Option<SampledLogprobs>) {
         let Some(t) = self.streams.get_mut(&seq) else {
             return;
         };
+        if let Some(l) = logprobs {
+            t.logprobs.push(TokenLogprob::new(&self.tokenizer, token, l));
+        }
         let now = Instant::now();
         if t.first_token.is_none() {
             t.first_token = Some(now);
@@ -113,7 +147,7 @@ impl StopSequenceDetector {
                 .events
                 .send(StreamEvent::Text {
                     text: delta.text,
-                    logprobs: Vec::new(),
+                    logprobs: std::mem::take(&mut t.logprobs),
                 })
                 .is_ok();
         }
@@ -137,7 +171,7 @@ impl StopSequenceDetector {
                 prompt_tokens: t.prompt_tokens,
                 completion_tokens,
                 cached_tokens: t.cached_tokens,
-                logprobs: Vec::new(),
+                logprobs: std::mem::take(&mut t.logprobs),
             });
             self.end(seq);
         } else if !alive || t.events.is_closed() {
@@ -189,23 +223,24 @@ impl Handler<Track> for StopSequenceDetector {
                 cached_tokens: 0,
                 arrival: msg.arrival,
                 first_token: None,
+                logprobs: Vec::new(),
             },
         );
     }
 }
 
-/// The tokens sampled in one step, in plan order.
+/// The tokens sampled in one step, in plan order, with their logprobs when asked for.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct StepTokens {
-    pub tokens: Vec<(SeqId, u32)>,
+    pub tokens: Vec<SampledToken>,
 }
 
 impl Handler<StepTokens> for StopSequenceDetector {
     type Result = ();
     fn handle(&mut self, msg: StepTokens, _: &mut Context<Self>) {
-        for (seq, token) in msg.tokens {
-            self.on_token(seq, token);
+        for s in msg.tokens {
+            self.on_token(s.seq, s.token, s.logprobs);
         }
     }
 }
@@ -279,8 +314,140 @@ impl Handler<Abort> for StopSequenceDetector {
                 prompt_tokens: t.prompt_tokens,
                 completion_tokens,
                 cached_tokens: t.cached_tokens,
-                logprobs: Vec::new(),
+                logprobs: t.logprobs,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    fn tokenizer() -> Arc<Tokenizer> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-llama/tokenizer.json"
+        );
+        Arc::new(Tokenizer::from_file(path).unwrap())
+    }
+
+    fn track(
+        det: &Addr<StopSequenceDetector>,
+        seq: u64,
+        params: StopParams,
+    ) -> UnboundedReceiver<StreamEvent> {
+        let (tx, rx) = unbounded_channel();
+        det.do_send(Track {
+            seq: SeqId(seq),
+            request_id: format!("req-{seq}"),
+            params,
+            events: tx,
+            prompt_tokens: 3,
+            arrival: Instant::now(),
+        });
+        rx
+    }
+
+    /// The sampler's logprobs of the `i`-th token: recognisable values.
+    fn fake(i: usize, id: u32) -> SampledLogprobs {
+        SampledLogprobs {
+            logprob: -(i as f32),
+            top: vec![(id, -(i as f32)), (2, -9.5)],
+        }
+    }
+
+    fn send(det: &Addr<StopSequenceDetector>, seq: u64, ids: &[u32], with_logprobs: bool) {
+        det.do_send(StepTokens {
+            tokens: ids
+                .iter()
+                .enumerate()
+                .map(|(i, &token)| SampledToken {
+                    seq: SeqId(seq),
+                    token,
+                    logprobs: with_logprobs.then(|| fake(i, token)),
+                })
+                .collect(),
+        });
+    }
+
+    /// Events up to and including the last one; `(text, logprob counts per event, all logprobs)`.
+    async fn drain(
+        rx: &mut UnboundedReceiver<StreamEvent>,
+    ) -> (String, Vec<usize>, Vec<TokenLogprob>, usize) {
+        let (mut text, mut counts, mut all) = (String::new(), Vec::new(), Vec::new());
+        loop {
+            match rx.recv().await.expect("a last event") {
+                StreamEvent::Text { text: t, logprobs } => {
+                    text.push_str(&t);
+                    counts.push(logprobs.len());
+                    all.extend(logprobs);
+                }
+                StreamEvent::Finished {
+                    completion_tokens,
+                    logprobs,
+                    ..
+                } => {
+                    counts.push(logprobs.len());
+                    all.extend(logprobs);
+                    return (text, counts, all, completion_tokens);
+                }
+                StreamEvent::Error(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[actix_web::test]
+    async fn sampling_logprobs_reach_the_client_once_each_in_order() {
+        let tok = tokenizer();
+        let det = StopSequenceDetector::new(tok.clone()).start();
+        // " naïve über": "aÃ" + "¯" and "Ã" + "¼" are characters split over two tokens.
+        let ids = tok.encode(" naïve über", false).unwrap().get_ids().to_vec();
+        let params = StopParams {
+            max_tokens: ids.len(),
+            eos_token_ids: vec![2],
+            ..Default::default()
+        };
+        let mut rx = track(&det, 1, params.clone());
+        send(&det, 1, &ids, true);
+        let (text, counts, all, completion_tokens) = drain(&mut rx).await;
+        assert_eq!(text, " naïve über");
+        assert_eq!(all.len(), completion_tokens, "every generated token once");
+        assert_eq!(completion_tokens, ids.len());
+        assert!(
+            counts.contains(&2),
+            "a held character carries both tokens: {counts:?}"
+        );
+        for (i, (lp, &id)) in all.iter().zip(&ids).enumerate() {
+            assert_eq!(lp.token, TokenText::new(&tok, id), "token {i}");
+            assert_eq!(lp.logprob, -(i as f32), "in order");
+            assert_eq!(lp.top[0], (lp.token.clone(), -(i as f32)));
+            assert_eq!(lp.top[1].0.text, "</s>");
+        }
+        assert_eq!(all[1].token.text, "a\u{FFFD}");
+        assert_eq!(all[1].token.bytes, vec![b'a', 0xC3]);
+
+        // Not asked for: no logprobs anywhere.
+        let mut rx = track(&det, 2, params.clone());
+        send(&det, 2, &ids, false);
+        let (text, counts, _, _) = drain(&mut rx).await;
+        assert_eq!(text, " naïve über");
+        assert!(counts.iter().all(|&c| c == 0));
+
+        // A stop string holds the text; an abort hands over the logprobs nothing carried.
+        let stop = StopParams {
+            stop: vec![" naïve!".into()],
+            max_tokens: 20,
+            ..params
+        };
+        let mut rx = track(&det, 3, stop);
+        send(&det, 3, &ids[..4], true);
+        det.send(Abort { seq: SeqId(3) }).await.unwrap();
+        let (text, counts, all, completion_tokens) = drain(&mut rx).await;
+        assert_eq!(text, "");
+        assert_eq!(counts, vec![4]);
+        assert_eq!(completion_tokens, 4);
+        assert_eq!(all.iter().map(|l| l.token.id).collect::<Vec<_>>(), ids[..4]);
     }
 }

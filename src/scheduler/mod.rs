@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::SchedulerConfig;
 use crate::kv::{BlockHash, BlockHasher, Grant, NoSpace, PageCopy, PagePool, SeqId};
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, TokenHistory};
 pub use fair::{ClientId, ClientReport};
 use fair::{FairShare, QueueKey};
 
@@ -147,6 +147,9 @@ pub struct PlannedChunk {
     pub sampling: SamplingParams,
     /// Index of the token this chunk samples among the generated ones.
     pub generated_index: usize,
+    /// Every token of the sequence, for the penalties: only on a chunk that samples with a
+    /// penalty on, so other chunks copy nothing.
+    pub history: Option<TokenHistory>,
     /// Pages to copy before the step writes (copy-on-write of a shared prefix page).
     pub page_copies: Vec<PageCopy>,
     /// The sequence resumes from host memory: restore its first `start_pos` tokens' K/V into
@@ -431,14 +434,21 @@ impl SchedulerCore {
                 continue;
             };
             let end = (seq.computed + cand.chunk).min(seq.tokens.len());
+            let wants_logits = end == seq.tokens.len();
+            // The token sampled next follows all of `tokens`: they are its whole history.
+            let history = (wants_logits && seq.sampling.has_penalties()).then(|| TokenHistory {
+                tokens: Arc::from(&seq.tokens[..]),
+                prompt_len: seq.prompt_len,
+            });
             plan.push(PlannedChunk {
                 seq: seq.id,
                 tokens: seq.tokens[seq.computed..end].to_vec(),
                 start_pos: seq.computed,
                 block_table: grant.block_table,
-                wants_logits: end == seq.tokens.len(),
+                wants_logits,
                 sampling: seq.sampling.clone(),
                 generated_index: seq.generated(),
+                history,
                 page_copies: grant.copies,
                 swap_in,
             });
@@ -777,6 +787,49 @@ mod tests {
         assert_eq!((core.num_waiting(), core.num_preempted()), (0, 0));
         assert!(core.clients().iter().all(|c| c.waiting + c.running == 0));
         pool.check_invariants().unwrap();
+    }
+
+    /// Penalties need the token history: planned only for a chunk that samples with a penalty
+    /// on, and then it is the prompt plus every token generated so far, also after a preemption.
+    #[test]
+    fn sampling_history_is_planned_only_for_penalised_sampling_chunks() {
+        let mut core = core_with(4, 4, 8);
+        let mut pool = PagePool::new(6, 2);
+        let penalised = SamplingParams {
+            repetition_penalty: 1.2,
+            ..SamplingParams::default()
+        };
+        core.enqueue(Sequence::new(SeqId(1), vec![7, 8, 9, 10, 11, 12], 6, penalised))
+            .unwrap();
+        core.enqueue(seq(2, 3, 6)).unwrap();
+        let plans = run(&mut core, &mut pool, 60);
+        assert!(
+            core.preemptions() > 0,
+            "the pool was too small, something was preempted"
+        );
+        let chunks: Vec<&PlannedChunk> = plans.iter().flatten().collect();
+        assert!(
+            chunks.iter().any(|c| c.seq == SeqId(1) && !c.wants_logits),
+            "a prefill chunk"
+        );
+        let mut sampled = 0;
+        for c in chunks {
+            match (c.seq, c.wants_logits) {
+                (SeqId(1), true) => {
+                    let h = c
+                        .history
+                        .as_ref()
+                        .expect("a penalised sampling chunk has its history");
+                    let generated: Vec<u32> = (0..c.generated_index as u32).map(|i| 1000 + i).collect();
+                    assert_eq!(h.prompt_len, 6);
+                    assert_eq!(&h.tokens[..6], &[7, 8, 9, 10, 11, 12]);
+                    assert_eq!(h.generated(), &generated[..]);
+                    sampled += 1;
+                }
+                _ => assert_eq!(c.history, None, "{:?}", (c.seq, c.wants_logits)),
+            }
+        }
+        assert!(sampled >= 6);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 pub mod decode;
 pub mod matcher;
+pub mod token_text;
 
 use std::sync::Arc;
 
