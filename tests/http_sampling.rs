@@ -2,8 +2,8 @@
 //! bans, penalties see the prompt (repetition) or only the output (presence/frequency) and leave
 //! a greedy continuation alone until it repeats, `top_k = 1` and `min_p = 1` are greedy, and
 //! penalised seeded sampling stays the same under batching and preemption (recompute and swap).
-//! Logprob shaping in the responses is not asserted here (the detector's events are, in
-//! `src/actors/stop_detector.rs`); asking for them must not change the text.
+//! Logprobs in both OpenAI shapes match transformers' log-softmax of the golden logits, and
+//! streamed logprobs equal non-streamed ones.
 
 mod common;
 
@@ -270,4 +270,93 @@ async fn sampling_http_penalised_sampling_is_batch_and_preemption_invariant() {
             "{mode:?}: {queue}"
         );
     }
+}
+
+/// log-softmax of `logits` at every index, in f64.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits.iter().map(|&l| l as f64 - max - sum.ln()).collect()
+}
+
+#[tokio::test]
+async fn sampling_logprobs_match_transformers_and_streams_agree() {
+    let base = &server().base;
+    for (p, logits) in goldens().prompts.iter().zip(last_logits()) {
+        let want = log_softmax(&logits);
+        let body = with(greedy(json!(p.input_ids), 6), json!({ "logprobs": 3 }));
+        let resp = post_completion(base, &body).await;
+        assert_eq!(resp.status(), 200);
+        let v: Value = resp.json().await.unwrap();
+        let lp = &v["choices"][0]["logprobs"];
+        let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            assert_eq!(lp[key].as_array().unwrap().len(), n, "{key}: {lp}");
+        }
+        // The first token is transformers' greedy one, with its log-softmax.
+        let first = lp["token_logprobs"][0].as_f64().unwrap();
+        let greedy_id = p.greedy_ids[0] as usize;
+        assert!(
+            (first - want[greedy_id]).abs() < 1e-3,
+            "{first} vs {}",
+            want[greedy_id]
+        );
+        // Its alternatives: the 3 best of transformers' distribution (plus the chosen one, which
+        // is among them under greedy).
+        let mut best: Vec<f64> = want.clone();
+        best.sort_by(|a, b| b.total_cmp(a));
+        let mut got: Vec<f64> = lp["top_logprobs"][0]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        got.sort_by(|a, b| b.total_cmp(a));
+        assert!(got.len() <= 3, "{got:?}");
+        for (g, w) in got.iter().zip(&best) {
+            assert!((g - w).abs() < 1e-3, "{got:?} vs {:?}", &best[..3]);
+        }
+        for x in lp["token_logprobs"].as_array().unwrap() {
+            assert!(x.as_f64().unwrap() <= 0.0);
+        }
+        let offsets: Vec<u64> = lp["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+
+        // Streamed: the same entries, each exactly once, in order (within float noise: the
+        // second run reads its prompt from the prefix cache, in other chunk shapes).
+        let streamed = stream_completion(base, with(body.clone(), json!({ "stream": true }))).await;
+        let streamed_lps: Vec<Value> = streamed
+            .chunks
+            .iter()
+            .filter(|c| !c["choices"][0]["logprobs"].is_null())
+            .flat_map(|c| {
+                c["choices"][0]["logprobs"]["token_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        let whole: Vec<f64> = lp["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(streamed_lps.len(), whole.len());
+        for (s, w) in streamed_lps.iter().zip(&whole) {
+            assert!((s.as_f64().unwrap() - w).abs() < 1e-4, "{s} vs {w}");
+        }
+    }
+    // Not asked: null.
+    let v: Value = post_completion(base, &greedy("Hi", 2))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(v["choices"][0]["logprobs"].is_null());
 }

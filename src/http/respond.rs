@@ -344,7 +344,8 @@ impl SseWriter {
         logprobs: &[TokenLogprob],
         finish: Option<&FinishReason>,
     ) -> Bytes {
-        let asked = self.answer.logprobs && !(logprobs.is_empty() && finish.is_none());
+        // A chunk without tokens (chat's opening, a last chunk with nothing left) has `null`.
+        let asked = self.answer.logprobs && !logprobs.is_empty();
         match self.answer.shape {
             Shape::Chat => sse_event(&ChatCompletionChunk {
                 id: self.id.clone(),
