@@ -5,7 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::error::ApiError;
 use super::respond::{respond, submit_choices, Answer, Shape};
-use super::types::{ChatCompletionRequest, ChatContent, CompletionRequest, Prompt};
+use super::types::{ChatCompletionRequest, ChatContent, ChatMessageIn, CompletionRequest, Prompt};
 use super::{key_client, parse_request, read_body, AppState};
 use crate::model::ChatMessage;
 
@@ -80,20 +80,36 @@ async fn handle(
 /// The prompt token ids of the conversation, as transformers' `apply_chat_template(tokenize=True)`
 /// makes them: the rendered text encoded without adding special tokens (the template has them).
 fn render_prompt(state: &AppState, chat: &ChatCompletionRequest) -> Result<Vec<u32>, ApiError> {
+    let text = render_chat_text(state, &chat.messages, chat.add_generation_prompt.unwrap_or(true))?;
+    let encoding = state.tokenizer.encode(text.as_str(), false).map_err(|e| {
+        ApiError::invalid(
+            Some("messages".into()),
+            format!("cannot tokenize the rendered chat: {e}"),
+        )
+    })?;
+    Ok(encoding.get_ids().to_vec())
+}
+
+/// The conversation rendered by the model's chat template (shared with `/tokenize`, so that its
+/// ids are the ones a chat request uses).
+pub(crate) fn render_chat_text(
+    state: &AppState,
+    messages: &[ChatMessageIn],
+    add_generation_prompt: bool,
+) -> Result<String, ApiError> {
     let template = state.chat_template.as_ref().ok_or_else(|| {
         ApiError::invalid(
             Some("messages".into()),
             "this model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions",
         )
     })?;
-    if chat.messages.is_empty() {
+    if messages.is_empty() {
         return Err(ApiError::invalid(
             Some("messages".into()),
             "messages must not be empty",
         ));
     }
-    let messages = chat
-        .messages
+    let messages = messages
         .iter()
         .map(|m| {
             let content = match &m.content {
@@ -117,14 +133,7 @@ fn render_prompt(state: &AppState, chat: &ChatCompletionRequest) -> Result<Vec<u
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let text = template
-        .render(&messages, chat.add_generation_prompt.unwrap_or(true))
-        .map_err(|e| ApiError::invalid(Some("messages".into()), e.to_string()))?;
-    let encoding = state.tokenizer.encode(text.as_str(), false).map_err(|e| {
-        ApiError::invalid(
-            Some("messages".into()),
-            format!("cannot tokenize the rendered chat: {e}"),
-        )
-    })?;
-    Ok(encoding.get_ids().to_vec())
+    template
+        .render(&messages, add_generation_prompt)
+        .map_err(|e| ApiError::invalid(Some("messages".into()), e.to_string()))
 }

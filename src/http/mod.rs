@@ -5,6 +5,7 @@ pub mod admin;
 pub mod chat;
 pub mod error;
 pub mod respond;
+pub mod tokenize;
 pub mod types;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -42,6 +43,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/completions", web::post().to(completions))
         .route("/v1/chat/completions", web::post().to(chat::chat_completions))
         .route("/v1/models", web::get().to(models))
+        .route("/tokenize", web::post().to(tokenize::tokenize))
+        .route("/detokenize", web::post().to(tokenize::detokenize))
         .route("/health", web::get().to(health))
         .route("/metrics", web::get().to(metrics_text))
         .route("/admin/kv", web::get().to(admin::kv_report))
