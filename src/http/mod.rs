@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod chat;
 pub mod error;
+pub mod openapi;
 pub mod types;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -54,6 +55,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/models", web::get().to(models))
         .route("/health", web::get().to(health))
         .route("/metrics", web::get().to(metrics_text))
+        .route("/openapi.json", web::get().to(openapi::openapi))
         .route("/admin/kv", web::get().to(admin::kv_report))
         .route(
             "/admin/kv/reset_prefix_cache",
@@ -64,7 +66,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/admin/requests/{request_id}/cancel",
             web::post().to(admin::cancel_request),
-        );
+        )
+        .default_service(web::to(openapi::no_route));
 }
 
 pub(crate) fn unix_now() -> u64 {
