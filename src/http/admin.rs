@@ -3,7 +3,7 @@
 use actix_web::{web, HttpResponse};
 
 use super::error::ApiError;
-use super::AppState;
+use super::{parse_request, read_body, AppState};
 use crate::actors::kv_pages::{KvReport, ResetPrefixCache};
 use crate::actors::scheduler::{CancelRequest, Drain, QueueReport};
 
@@ -47,13 +47,18 @@ pub struct DrainRequest {
 }
 
 /// `POST /admin/drain`: stop admitting new requests (503) while what runs or waits finishes;
-/// `{"drain": false}` resumes. Replies with the queue.
-pub async fn drain(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+/// `{"drain": false}` resumes. Replies with the queue. The body is read as the API's bodies are
+/// (`server.max_body_bytes`), so that a large one is a 413 in OpenAI error JSON too.
+pub async fn drain(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.max_body_bytes).await?;
     let drain = if body.iter().all(u8::is_ascii_whitespace) {
         true
     } else {
-        serde_json::from_slice::<DrainRequest>(&body)
-            .map_err(|e| ApiError::invalid(Some("drain".into()), format!("invalid request body: {e}")))?
+        parse_request::<DrainRequest>(&body)
+            .map_err(|e| ApiError {
+                param: e.param.or_else(|| Some("drain".into())),
+                ..e
+            })?
             .drain
     };
     let report = state

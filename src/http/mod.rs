@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod chat;
 pub mod error;
+pub mod openapi;
 pub mod respond;
 pub mod tokenize;
 pub mod types;
@@ -47,6 +48,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/detokenize", web::post().to(tokenize::detokenize))
         .route("/health", web::get().to(health))
         .route("/metrics", web::get().to(metrics_text))
+        .route("/openapi.json", web::get().to(openapi::openapi))
         .route("/admin/kv", web::get().to(admin::kv_report))
         .route(
             "/admin/kv/reset_prefix_cache",
@@ -57,7 +59,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/admin/requests/{request_id}/cancel",
             web::post().to(admin::cancel_request),
-        );
+        )
+        .default_service(web::to(openapi::no_route));
 }
 
 pub(crate) fn unix_now() -> u64 {
