@@ -183,6 +183,16 @@ async fn chat_errors_are_openai_json() {
             json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": {"url": "x"} }] }] }),
             "messages",
         ),
+        (
+            &server.base,
+            json!({ "messages": [{ "role": "user", "content": [{ "type": "text" }] }] }),
+            "messages",
+        ),
+        (
+            &server.base,
+            json!({ "messages": [{ "role": "user", "content": [{ "type": "text", "text": "hi", "cache_control": {} }] }] }),
+            "messages",
+        ),
     ];
     for (base, body, param) in cases {
         let resp = reqwest::Client::new()

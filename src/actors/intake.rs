@@ -259,9 +259,9 @@ fn validate_logit_bias(
     let mut out = bias
         .into_iter()
         .map(|(key, b)| {
-            let id = key
-                .parse::<u32>()
-                .ok()
+            let id = Some(key.as_str())
+                .filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|k| k.parse::<u32>().ok())
                 .filter(|&id| (id as usize) < limits.vocab_size)
                 .ok_or_else(|| {
                     bad(format!(

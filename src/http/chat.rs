@@ -118,7 +118,18 @@ pub(crate) fn render_chat_text(
                 Some(ChatContent::Parts(parts)) => parts
                     .iter()
                     .map(|p| match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => Ok(t.as_str()),
+                        ("text", Some(t)) if p.other.is_empty() => Ok(t.as_str()),
+                        ("text", None) => Err(ApiError::invalid(
+                            Some("messages".into()),
+                            "a content part of type `text` needs a `text` string",
+                        )),
+                        ("text", Some(_)) => Err(ApiError::invalid(
+                            Some("messages".into()),
+                            format!(
+                                "unknown field `{}` in a content part (only `type` and `text`)",
+                                p.other.keys().next().map_or("", String::as_str)
+                            ),
+                        )),
                         (kind, _) => Err(ApiError::invalid(
                             Some("messages".into()),
                             format!("content parts of type `{kind}` are not supported (only `text`)"),

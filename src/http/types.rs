@@ -182,6 +182,10 @@ pub struct ChatContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
+    /// Any other key; refused with a message naming it (kept here rather than denied by serde,
+    /// whose error inside an untagged enum would not name the field).
+    #[serde(flatten)]
+    pub other: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
