@@ -2,8 +2,10 @@
 //! and Prometheus `/metrics`. Handlers parse, hand the request to intake, and render its events.
 
 pub mod admin;
+pub mod auth;
 pub mod chat;
 pub mod error;
+pub mod probes;
 pub mod types;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -31,6 +33,8 @@ pub struct AppState {
     pub kv: Addr<KvPageManager>,
     pub scheduler: Addr<Scheduler>,
     pub model_name: String,
+    /// `cpu` or `cuda`, for `/version`.
+    pub backend: &'static str,
     pub max_context: usize,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
@@ -53,6 +57,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/chat/completions", web::post().to(chat::chat_completions))
         .route("/v1/models", web::get().to(models))
         .route("/health", web::get().to(health))
+        .route("/ready", web::get().to(probes::ready))
+        .route("/version", web::get().to(probes::version))
         .route("/metrics", web::get().to(metrics_text))
         .route("/admin/kv", web::get().to(admin::kv_report))
         .route(
@@ -124,12 +130,7 @@ pub(crate) async fn read_body(mut payload: web::Payload, limit: usize) -> Result
 
 /// The client identity of an `Authorization: Bearer <key>` header, if there is one.
 pub(crate) fn key_client(req: &HttpRequest) -> Option<String> {
-    let value = req.headers().get("authorization")?.to_str().ok()?;
-    let key = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))?;
-    let key = key.trim();
-    (!key.is_empty()).then(|| api_key_client(key))
+    auth::bearer_token(req.headers()).map(api_key_client)
 }
 
 async fn completions(
