@@ -174,3 +174,41 @@ impl ResponseError for ApiError {
         resp.json(self.body())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(e: &ApiError, name: &str) -> Option<String> {
+        let resp = e.error_response();
+        resp.headers().get(name).map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn auth_and_retry_headers_follow_the_status() {
+        assert_eq!(
+            header(&ApiError::queue_full(), "retry-after").as_deref(),
+            Some("1")
+        );
+        assert_eq!(header(&ApiError::draining(), "retry-after").as_deref(), Some("5"));
+        assert_eq!(
+            header(&ApiError::not_ready("x"), "retry-after").as_deref(),
+            Some("5")
+        );
+        for e in [
+            ApiError::missing_api_key(),
+            ApiError::invalid_api_key(),
+            ApiError::missing_admin_token(),
+        ] {
+            assert_eq!(e.status, 401);
+            assert_eq!(header(&e, "www-authenticate").as_deref(), Some("Bearer"));
+        }
+        let forbidden = ApiError::invalid_admin_token();
+        assert_eq!((forbidden.status, forbidden.kind), (403, "permission_error"));
+        let plain = ApiError::invalid(None, "bad");
+        assert_eq!(
+            (header(&plain, "retry-after"), header(&plain, "www-authenticate")),
+            (None, None)
+        );
+    }
+}
