@@ -24,6 +24,7 @@ pub struct Settings {
     pub scheduler: SchedulerConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -177,13 +178,71 @@ impl Default for LogConfig {
     }
 }
 
+/// Who may call what. Empty lists and tokens leave the routes open, as before auth existed.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer keys for `/v1/*`, `/tokenize` and `/detokenize`; empty leaves them open.
+    pub api_keys: Vec<String>,
+    /// Bearer token for `/admin/*`; empty leaves them open. Opens nothing else.
+    pub admin_token: String,
+    /// `/metrics` needs an API key or the admin token.
+    pub protect_metrics: bool,
+}
+
+/// Redacts the secrets so that no `{:?}` of the settings can leak them.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("api_keys", &format_args!("<{} redacted>", self.api_keys.len()))
+            .field(
+                "admin_token",
+                &format_args!(
+                    "{}",
+                    if self.admin_token.is_empty() {
+                        "<unset>"
+                    } else {
+                        "<redacted>"
+                    }
+                ),
+            )
+            .field("protect_metrics", &self.protect_metrics)
+            .finish()
+    }
+}
+
+/// Env vars that hold secrets, read verbatim: `try_parsing` would turn `007` into 7 and `1e3`
+/// into 1000.
+const ENV_API_KEYS: &str = "INFERFLUX__AUTH__API_KEYS";
+const ENV_ADMIN_TOKEN: &str = "INFERFLUX__AUTH__ADMIN_TOKEN";
+
 /// Values from the command line, the top layer.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct CliOverrides {
     pub model: Option<PathBuf>,
     pub host: Option<String>,
     pub port: Option<u16>,
     pub device: Option<DeviceKind>,
+    /// `--api-key`, repeatable: replaces the configured list when given.
+    pub api_keys: Option<Vec<String>>,
+    pub admin_token: Option<String>,
+}
+
+/// Redacts the secrets, as [`AuthConfig`]'s does.
+impl std::fmt::Debug for CliOverrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CliOverrides")
+            .field("model", &self.model)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("device", &self.device)
+            .field(
+                "api_keys",
+                &self.api_keys.as_ref().map(|k| format!("<{} redacted>", k.len())),
+            )
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Settings {
@@ -207,10 +266,12 @@ impl Settings {
                 builder = builder.add_source(config::File::with_name("config/inferflux.toml").required(false))
             }
         }
-        let env: config::Map<String, String> = env
+        let mut env: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("INFERFLUX__"))
             .collect();
+        let env_api_keys = env.remove(ENV_API_KEYS);
+        let env_admin_token = env.remove(ENV_ADMIN_TOKEN);
         builder = builder.add_source(
             config::Environment::with_prefix("INFERFLUX")
                 .prefix_separator("__")
@@ -218,6 +279,14 @@ impl Settings {
                 .try_parsing(true)
                 .source(Some(env)),
         );
+        // The secrets as overrides set before the flags' ones, so that the flags still win.
+        if let Some(keys) = env_api_keys {
+            let keys: Vec<String> = keys.split(',').map(|k| k.trim().to_string()).collect();
+            builder = builder.set_override("auth.api_keys", keys)?;
+        }
+        if let Some(token) = env_admin_token {
+            builder = builder.set_override("auth.admin_token", token)?;
+        }
         if let Some(model) = &cli.model {
             builder = builder.set_override("model.path", model.display().to_string())?;
         }
@@ -234,6 +303,12 @@ impl Settings {
                 DeviceKind::Cuda => "cuda",
             };
             builder = builder.set_override("model.device", name)?;
+        }
+        if let Some(keys) = &cli.api_keys {
+            builder = builder.set_override("auth.api_keys", keys.clone())?;
+        }
+        if let Some(token) = &cli.admin_token {
+            builder = builder.set_override("auth.admin_token", token.clone())?;
         }
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
@@ -282,6 +357,44 @@ impl Settings {
             return Err(ConfigError::BadValue {
                 key: "log.format",
                 message: "must be `text` or `json`".into(),
+            });
+        }
+        self.auth.validate()
+    }
+}
+
+impl AuthConfig {
+    /// Every secret is a nonempty run of visible ASCII (what a `Bearer` header can carry), the
+    /// admin token is not also an API key, and `protect_metrics` has something to check against.
+    /// Messages name the entry, never its value.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let usable = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+        if let Some(i) = self.api_keys.iter().position(|k| !usable(k)) {
+            return Err(ConfigError::BadValue {
+                key: "auth.api_keys",
+                message: format!(
+                    "entry {} of {} is empty or holds spaces or non-ASCII characters",
+                    i + 1,
+                    self.api_keys.len()
+                ),
+            });
+        }
+        if !self.admin_token.is_empty() && !usable(&self.admin_token) {
+            return Err(ConfigError::BadValue {
+                key: "auth.admin_token",
+                message: "holds spaces or non-ASCII characters".into(),
+            });
+        }
+        if !self.admin_token.is_empty() && self.api_keys.contains(&self.admin_token) {
+            return Err(ConfigError::BadValue {
+                key: "auth.admin_token",
+                message: "is also listed in auth.api_keys; the admin token must open /admin/* only".into(),
+            });
+        }
+        if self.protect_metrics && self.api_keys.is_empty() && self.admin_token.is_empty() {
+            return Err(ConfigError::BadValue {
+                key: "auth.protect_metrics",
+                message: "needs auth.api_keys or auth.admin_token to check against".into(),
             });
         }
         Ok(())
@@ -388,6 +501,90 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("scheduler.client_weights"), "{err}");
+    }
+
+    #[test]
+    fn auth_keys_from_file_env_and_flags() {
+        let dir = std::env::temp_dir().join(format!("inferflux-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.toml");
+        std::fs::write(
+            &file,
+            "[auth]\napi_keys = [\"f1\", \"f2\", \"f3\"]\nadmin_token = \"file-admin\"\n",
+        )
+        .unwrap();
+        let none = CliOverrides::default();
+        let s = Settings::load_with_env(Some(&file), &none, env(&[])).unwrap();
+        assert_eq!(
+            (s.auth.api_keys.len(), s.auth.admin_token.as_str()),
+            (3, "file-admin")
+        );
+
+        // A comma-separated list replaces the file's; secrets stay verbatim (no number parsing).
+        let vars = env(&[
+            ("INFERFLUX__AUTH__API_KEYS", "sk-a, 007,1e3"),
+            ("INFERFLUX__AUTH__ADMIN_TOKEN", "0042"),
+            ("INFERFLUX__AUTH__PROTECT_METRICS", "true"),
+        ]);
+        let s = Settings::load_with_env(Some(&file), &none, vars.clone()).unwrap();
+        assert_eq!(s.auth.api_keys, ["sk-a", "007", "1e3"]);
+        assert_eq!(s.auth.admin_token, "0042");
+        assert!(s.auth.protect_metrics);
+        let s = Settings::load_with_env(None, &none, env(&[("INFERFLUX__AUTH__API_KEYS", "12345")])).unwrap();
+        assert_eq!(s.auth.api_keys, ["12345"], "one numeric key is still a list");
+
+        // `--api-key` replaces the list, `--admin-token` the token.
+        let cli = CliOverrides {
+            api_keys: Some(vec!["cli-1".into()]),
+            admin_token: Some("cli-admin".into()),
+            ..Default::default()
+        };
+        let s = Settings::load_with_env(Some(&file), &cli, vars).unwrap();
+        assert_eq!(s.auth.api_keys, ["cli-1"]);
+        assert_eq!(s.auth.admin_token, "cli-admin");
+
+        // Neither Debug shows a secret.
+        let shown = format!("{s:?} {cli:?}");
+        for secret in ["cli-1", "cli-admin"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+
+    #[test]
+    fn auth_bad_secrets_name_the_key_not_the_value() {
+        let load =
+            |pairs: &[(&str, &str)]| Settings::load_with_env(None, &CliOverrides::default(), env(pairs));
+        for (vars, key) in [
+            (&[("INFERFLUX__AUTH__API_KEYS", "good,")][..], "auth.api_keys"),
+            (&[("INFERFLUX__AUTH__API_KEYS", "")][..], "auth.api_keys"),
+            (&[("INFERFLUX__AUTH__API_KEYS", "has space")][..], "auth.api_keys"),
+            (
+                &[("INFERFLUX__AUTH__ADMIN_TOKEN", "tab\tbed")][..],
+                "auth.admin_token",
+            ),
+            (
+                &[
+                    ("INFERFLUX__AUTH__API_KEYS", "shared-secret"),
+                    ("INFERFLUX__AUTH__ADMIN_TOKEN", "shared-secret"),
+                ][..],
+                "auth.admin_token",
+            ),
+            (
+                &[("INFERFLUX__AUTH__PROTECT_METRICS", "true")][..],
+                "auth.protect_metrics",
+            ),
+        ] {
+            let err = load(vars).unwrap_err().to_string();
+            assert!(err.contains(key), "{vars:?}: {err}");
+            for (_, value) in vars {
+                let value = value.trim_matches(',');
+                assert!(
+                    value.is_empty() || value == "true" || !err.contains(value),
+                    "{err}"
+                );
+            }
+        }
     }
 
     #[test]

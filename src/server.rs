@@ -41,6 +41,15 @@ pub enum ChosenBackend {
     Cuda,
 }
 
+impl ChosenBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChosenBackend::Cpu => "cpu",
+            ChosenBackend::Cuda => "cuda",
+        }
+    }
+}
+
 /// Whether a CUDA device can be used: the driver and NVRTC libraries load, the driver
 /// initialises and reports a device. Never panics on a machine without CUDA.
 pub fn probe_cuda() -> Result<usize, String> {
@@ -149,23 +158,34 @@ pub fn start(
         max_stop_bytes: settings.limits.max_stop_bytes,
     };
     let intake = RequestIntake::new(files.tokenizer.clone(), limits, scheduler.clone(), detector).start();
-    metrics::gauge!("inferflux_model_info", "model" => model_name.clone(), "backend" => format!("{backend:?}").to_lowercase())
+    metrics::gauge!("inferflux_model_info", "model" => model_name.clone(), "backend" => backend.as_str())
         .set(1.0);
     let state = AppState {
         intake,
         kv,
         scheduler,
         model_name: model_name.clone(),
+        backend: backend.as_str(),
         max_context: files.max_context.min(num_pages * settings.kv.page_size),
         metrics,
         max_body_bytes: settings.server.max_body_bytes,
         chat_template: files.chat_template.clone(),
         tokenizer: files.tokenizer.clone(),
     };
+    let auth = web::Data::new(http::auth::Auth::new(&settings.auth));
+    // Counts only: the keys and token never reach a log.
+    tracing::info!(
+        api_keys = settings.auth.api_keys.len(),
+        admin_token = !settings.auth.admin_token.is_empty(),
+        protect_metrics = settings.auth.protect_metrics,
+        "auth configured"
+    );
     let addr = listener.local_addr()?;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
+            .app_data(auth.clone())
+            .wrap(actix_web::middleware::from_fn(http::auth::guard))
             .configure(http::routes)
     })
     .listen(listener)?

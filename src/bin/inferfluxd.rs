@@ -11,7 +11,8 @@ use inferflux::config::{CliOverrides, DeviceKind, Settings};
 ///
 /// Settings come from built-in defaults, then config/inferflux.toml (or --config), then
 /// INFERFLUX__SECTION__KEY environment variables, then these flags.
-#[derive(Parser, Debug)]
+// No `Debug`: the arguments hold secrets.
+#[derive(Parser)]
 #[command(version, about)]
 struct Args {
     /// TOML config file (default: config/inferflux.toml when it exists).
@@ -29,6 +30,18 @@ struct Args {
     /// Compute device: auto (CUDA when a GPU answers, else CPU), cpu or cuda.
     #[arg(long, value_enum)]
     device: Option<DeviceKind>,
+    /// API key that /v1/*, /tokenize and /detokenize require as `Authorization: Bearer KEY`;
+    /// repeat for several. Replaces auth.api_keys when given.
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "INFERFLUX_API_KEY",
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// Bearer token that /admin/* requires (replaces auth.admin_token).
+    #[arg(long, value_name = "TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 /// Errors end the process with one line on stderr (the whole cause chain) and exit status 1.
@@ -48,6 +61,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         host: args.host,
         port: args.port,
         device: args.device,
+        api_keys: (!args.api_keys.is_empty()).then_some(args.api_keys),
+        admin_token: args.admin_token,
     };
     let settings = Settings::load(args.config.as_deref(), &cli)?;
     inferflux::telemetry::init_logging(&settings.log.level, settings.log.format == "json");
@@ -58,4 +73,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         let running = inferflux::server::start(&settings, listener, metrics)?;
         running.server.await.context("HTTP server")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_flags_repeat_and_replace() {
+        let args = Args::try_parse_from([
+            "inferfluxd",
+            "--api-key",
+            "sk-1",
+            "--api-key",
+            "sk-2",
+            "--admin-token",
+            "adm",
+        ])
+        .unwrap();
+        assert_eq!(args.api_keys, ["sk-1", "sk-2"]);
+        assert_eq!(args.admin_token.as_deref(), Some("adm"));
+    }
 }

@@ -66,6 +66,60 @@ impl ApiError {
         }
     }
 
+    /// 503 from `/ready` when the server cannot take traffic for a reason other than draining.
+    pub fn not_ready(message: impl Into<String>) -> Self {
+        Self {
+            status: 503,
+            message: message.into(),
+            kind: "service_unavailable_error",
+            param: None,
+            code: Some("not_ready"),
+        }
+    }
+
+    /// 401 for `/v1/*` without a usable `Authorization: Bearer` header.
+    pub fn missing_api_key() -> Self {
+        Self::unauthorized(
+            "You didn't provide an API key. You need to provide your API key in an Authorization \
+             header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            "invalid_api_key",
+        )
+    }
+
+    /// 401 for a key that is not configured; the key itself is never echoed.
+    pub fn invalid_api_key() -> Self {
+        Self::unauthorized("Incorrect API key provided.", "invalid_api_key")
+    }
+
+    /// 401 for `/admin/*` without a bearer token.
+    pub fn missing_admin_token() -> Self {
+        Self::unauthorized(
+            "This admin route needs the admin token in an Authorization header (Authorization: Bearer ADMIN_TOKEN).",
+            "missing_admin_token",
+        )
+    }
+
+    /// 403 for `/admin/*` with a token that is not the admin token (an API key included).
+    pub fn invalid_admin_token() -> Self {
+        Self {
+            status: 403,
+            message: "The bearer token is not the admin token.".into(),
+            kind: "permission_error",
+            param: None,
+            code: Some("invalid_admin_token"),
+        }
+    }
+
+    fn unauthorized(message: &str, code: &'static str) -> Self {
+        Self {
+            status: 401,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some(code),
+        }
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self {
             status: 404,
@@ -107,9 +161,54 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
-        if self.status == 429 {
-            resp.insert_header(("Retry-After", "1"));
+        // A full queue clears as requests finish; a draining replica stays so: retry it slower.
+        let header = match self.status {
+            429 => Some(("Retry-After", "1")),
+            503 => Some(("Retry-After", "5")),
+            401 => Some(("WWW-Authenticate", "Bearer")),
+            _ => None,
+        };
+        if let Some(header) = header {
+            resp.insert_header(header);
         }
         resp.json(self.body())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(e: &ApiError, name: &str) -> Option<String> {
+        let resp = e.error_response();
+        resp.headers().get(name).map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn auth_and_retry_headers_follow_the_status() {
+        assert_eq!(
+            header(&ApiError::queue_full(), "retry-after").as_deref(),
+            Some("1")
+        );
+        assert_eq!(header(&ApiError::draining(), "retry-after").as_deref(), Some("5"));
+        assert_eq!(
+            header(&ApiError::not_ready("x"), "retry-after").as_deref(),
+            Some("5")
+        );
+        for e in [
+            ApiError::missing_api_key(),
+            ApiError::invalid_api_key(),
+            ApiError::missing_admin_token(),
+        ] {
+            assert_eq!(e.status, 401);
+            assert_eq!(header(&e, "www-authenticate").as_deref(), Some("Bearer"));
+        }
+        let forbidden = ApiError::invalid_admin_token();
+        assert_eq!((forbidden.status, forbidden.kind), (403, "permission_error"));
+        let plain = ApiError::invalid(None, "bad");
+        assert_eq!(
+            (header(&plain, "retry-after"), header(&plain, "www-authenticate")),
+            (None, None)
+        );
     }
 }

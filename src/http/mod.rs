@@ -2,11 +2,13 @@
 //! and Prometheus `/metrics`. Handlers parse, hand the request to intake, and render its events.
 
 pub mod admin;
+pub mod auth;
 pub mod chat;
 pub mod error;
 pub mod openapi;
 pub mod respond;
 pub mod tokenize;
+pub mod probes;
 pub mod types;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -32,6 +34,8 @@ pub struct AppState {
     pub kv: Addr<KvPageManager>,
     pub scheduler: Addr<Scheduler>,
     pub model_name: String,
+    /// `cpu` or `cuda`, for `/version`.
+    pub backend: &'static str,
     pub max_context: usize,
     pub metrics: PrometheusHandle,
     pub max_body_bytes: usize,
@@ -47,6 +51,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/tokenize", web::post().to(tokenize::tokenize))
         .route("/detokenize", web::post().to(tokenize::detokenize))
         .route("/health", web::get().to(health))
+        .route("/ready", web::get().to(probes::ready))
+        .route("/version", web::get().to(probes::version))
         .route("/metrics", web::get().to(metrics_text))
         .route("/openapi.json", web::get().to(openapi::openapi))
         .route("/admin/kv", web::get().to(admin::kv_report))
@@ -120,12 +126,7 @@ pub(crate) async fn read_body(mut payload: web::Payload, limit: usize) -> Result
 
 /// The client identity of an `Authorization: Bearer <key>` header, if there is one.
 pub(crate) fn key_client(req: &HttpRequest) -> Option<String> {
-    let value = req.headers().get("authorization")?.to_str().ok()?;
-    let key = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))?;
-    let key = key.trim();
-    (!key.is_empty()).then(|| api_key_client(key))
+    auth::bearer_token(req.headers()).map(api_key_client)
 }
 
 async fn completions(
