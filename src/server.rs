@@ -166,6 +166,7 @@ pub fn start(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
+            .wrap(actix_web::middleware::from_fn(http::metrics_mw::count_requests))
             .configure(http::routes)
     })
     .listen(listener)?

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod chat;
 pub mod error;
+pub mod metrics_mw;
 pub mod respond;
 pub mod types;
 
