@@ -186,6 +186,7 @@ pub fn start(
             .app_data(web::Data::new(state.clone()))
             .app_data(auth.clone())
             .wrap(actix_web::middleware::from_fn(http::auth::guard))
+            .wrap(actix_web::middleware::from_fn(http::metrics_mw::count_requests))
             .configure(http::routes)
     })
     .listen(listener)?

@@ -153,12 +153,14 @@ impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
 
     fn handle(&mut self, msg: ExecuteStep, _: &mut SyncContext<Self>) -> Self::Result {
         let tokens: usize = msg.plan.iter().map(|c| c.tokens.len()).sum();
-        let span = tracing::debug_span!("step", step = msg.step, seqs = msg.plan.len(), tokens);
+        let seqs = msg.plan.len();
+        let span = tracing::debug_span!("step", step = msg.step, seqs = seqs, tokens);
         let _enter = span.enter();
         let started = std::time::Instant::now();
         let result = self.run_step(msg.swap_out, msg.plan);
         metrics::histogram!("inferflux_step_duration_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("inferflux_batched_tokens_per_step").record(tokens as f64);
+        metrics::histogram!("inferflux_batch_size").record(seqs as f64);
         match &result {
             Ok(sampled) => tracing::debug!(
                 sampled = sampled.len(),

@@ -91,7 +91,11 @@ struct Tracked {
     prompt_tokens: usize,
     cached_tokens: usize,
     arrival: Instant,
+    /// When the scheduler first admitted it (queue time ends, prefill starts).
+    scheduled: Option<Instant>,
     first_token: Option<Instant>,
+    /// The previous token's arrival, for the inter-token latency.
+    last_token: Option<Instant>,
     /// Logprobs of tokens no event has carried yet.
     logprobs: Vec<TokenLogprob>,
 }
@@ -130,7 +134,15 @@ impl StopSequenceDetector {
             t.first_token = Some(now);
             metrics::histogram!("inferflux_time_to_first_token_seconds")
                 .record(now.duration_since(t.arrival).as_secs_f64());
+            let scheduled = t.scheduled.unwrap_or(t.arrival);
+            metrics::histogram!("inferflux_request_prefill_time_seconds")
+                .record(now.duration_since(scheduled).as_secs_f64());
         }
+        if let Some(last) = t.last_token {
+            metrics::histogram!("inferflux_inter_token_latency_seconds")
+                .record(now.duration_since(last).as_secs_f64());
+        }
+        t.last_token = Some(now);
         metrics::counter!("inferflux_generation_tokens_total").increment(1);
         let delta = match t.detector.push(token) {
             Ok(d) => d,
@@ -166,6 +178,11 @@ impl StopSequenceDetector {
                 .increment(1);
             metrics::histogram!("inferflux_e2e_request_latency_seconds")
                 .record(now.duration_since(t.arrival).as_secs_f64());
+            let first = t.first_token.unwrap_or(now);
+            metrics::histogram!("inferflux_request_decode_time_seconds")
+                .record(now.duration_since(first).as_secs_f64());
+            metrics::histogram!("inferflux_request_prompt_tokens").record(t.prompt_tokens as f64);
+            metrics::histogram!("inferflux_request_generation_tokens").record(completion_tokens as f64);
             let _ = t.events.send(StreamEvent::Finished {
                 reason,
                 prompt_tokens: t.prompt_tokens,
@@ -222,7 +239,9 @@ impl Handler<Track> for StopSequenceDetector {
                 prompt_tokens: msg.prompt_tokens,
                 cached_tokens: 0,
                 arrival: msg.arrival,
+                scheduled: None,
                 first_token: None,
+                last_token: None,
                 logprobs: Vec::new(),
             },
         );
@@ -278,7 +297,8 @@ impl Handler<FailSequence> for StopSequenceDetector {
 }
 
 /// A sequence was admitted; `cached_tokens` of its prompt came from the prefix cache. Sent by
-/// the scheduler before the sequence's first tokens, so the final usage can report it.
+/// the scheduler before the sequence's first tokens, so the final usage can report it; its
+/// first arrival also ends the request's queue time.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct PrefixCached {
@@ -291,6 +311,14 @@ impl Handler<PrefixCached> for StopSequenceDetector {
     fn handle(&mut self, msg: PrefixCached, _: &mut Context<Self>) {
         if let Some(t) = self.streams.get_mut(&msg.seq) {
             t.cached_tokens = msg.cached_tokens.min(t.prompt_tokens);
+            // A preempted sequence is admitted again; queue time and prompt tokens count once.
+            if t.scheduled.is_none() {
+                let now = Instant::now();
+                t.scheduled = Some(now);
+                metrics::histogram!("inferflux_request_queue_time_seconds")
+                    .record(now.duration_since(t.arrival).as_secs_f64());
+                metrics::counter!("inferflux_prompt_tokens_total").increment(t.prompt_tokens as u64);
+            }
         }
     }
 }

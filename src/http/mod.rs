@@ -5,10 +5,11 @@ pub mod admin;
 pub mod auth;
 pub mod chat;
 pub mod error;
+pub mod metrics_mw;
 pub mod openapi;
+pub mod probes;
 pub mod respond;
 pub mod tokenize;
-pub mod probes;
 pub mod types;
 
 use std::time::{SystemTime, UNIX_EPOCH};
