@@ -215,6 +215,9 @@ impl std::fmt::Debug for AuthConfig {
 /// into 1000.
 const ENV_API_KEYS: &str = "INFERFLUX__AUTH__API_KEYS";
 const ENV_ADMIN_TOKEN: &str = "INFERFLUX__AUTH__ADMIN_TOKEN";
+/// Short spellings of `log.level` and `log.format`, as operators expect of a daemon.
+const ENV_LOG: &str = "INFERFLUX_LOG";
+const ENV_LOG_FORMAT: &str = "INFERFLUX_LOG_FORMAT";
 
 /// Values from the command line, the top layer.
 #[derive(Clone, Default)]
@@ -268,8 +271,10 @@ impl Settings {
         }
         let mut env: config::Map<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("INFERFLUX__"))
+            .filter(|(k, _)| k.starts_with("INFERFLUX__") || k == ENV_LOG || k == ENV_LOG_FORMAT)
             .collect();
+        let env_log = env.remove(ENV_LOG);
+        let env_log_format = env.remove(ENV_LOG_FORMAT);
         let env_api_keys = env.remove(ENV_API_KEYS);
         let env_admin_token = env.remove(ENV_ADMIN_TOKEN);
         builder = builder.add_source(
@@ -286,6 +291,14 @@ impl Settings {
         }
         if let Some(token) = env_admin_token {
             builder = builder.set_override("auth.admin_token", token)?;
+        }
+        // The short log variables are the env layer's most specific spelling: they win over
+        // `INFERFLUX__LOG__*`.
+        if let Some(level) = env_log {
+            builder = builder.set_override("log.level", level)?;
+        }
+        if let Some(format) = env_log_format {
+            builder = builder.set_override("log.format", format)?;
         }
         if let Some(model) = &cli.model {
             builder = builder.set_override("model.path", model.display().to_string())?;
@@ -454,6 +467,28 @@ mod tests {
         assert_eq!(s.server.port, 9200);
         assert_eq!(s.model.device, DeviceKind::Cpu);
         assert_eq!(s.scheduler, SchedulerConfig::default());
+    }
+
+    #[test]
+    fn logs_short_env_vars_win_over_the_layered_ones() {
+        let none = CliOverrides::default();
+        let s = Settings::load_with_env(None, &none, env(&[])).unwrap();
+        assert_eq!((s.log.level.as_str(), s.log.format.as_str()), ("info", "text"));
+        let vars = env(&[
+            ("INFERFLUX__LOG__LEVEL", "warn"),
+            ("INFERFLUX__LOG__FORMAT", "text"),
+            ("INFERFLUX_LOG", "inferflux=debug"),
+            ("INFERFLUX_LOG_FORMAT", "json"),
+        ]);
+        let s = Settings::load_with_env(None, &none, vars).unwrap();
+        assert_eq!(
+            (s.log.level.as_str(), s.log.format.as_str()),
+            ("inferflux=debug", "json")
+        );
+        let s = Settings::load_with_env(None, &none, env(&[("INFERFLUX__LOG__FORMAT", "json")])).unwrap();
+        assert_eq!(s.log.format, "json");
+        let err = Settings::load_with_env(None, &none, env(&[("INFERFLUX_LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(err.to_string().contains("log.format"), "{err}");
     }
 
     #[test]

@@ -171,6 +171,7 @@ pub fn start(
         max_body_bytes: settings.server.max_body_bytes,
         chat_template: files.chat_template.clone(),
         tokenizer: files.tokenizer.clone(),
+        started: std::time::Instant::now(),
     };
     let auth = web::Data::new(http::auth::Auth::new(&settings.auth));
     // Counts only: the keys and token never reach a log.
@@ -187,6 +188,10 @@ pub fn start(
             .app_data(auth.clone())
             .wrap(actix_web::middleware::from_fn(http::auth::guard))
             .wrap(actix_web::middleware::from_fn(http::metrics_mw::count_requests))
+            // Outermost: the id and span exist before auth or counting look at the request.
+            .wrap(actix_web::middleware::from_fn(
+                http::request_context::request_context,
+            ))
             .configure(http::routes)
     })
     .listen(listener)?

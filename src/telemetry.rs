@@ -238,8 +238,15 @@ pub fn init_logging(level: &str, json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
+    // JSON: the event's fields at the top level, and the `request{request_id, client, model}`
+    // span it belongs to under `span`, so `jq 'select(.span.request_id == "…")'` follows one.
     let _ = if json {
-        builder.json().try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
     } else {
         builder.try_init()
     };

@@ -25,6 +25,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/admin/kv"),
     ("post", "/admin/kv/reset_prefix_cache"),
     ("get", "/admin/queue"),
+    ("get", "/admin/metrics"),
     ("post", "/admin/drain"),
     ("post", "/admin/requests/{request_id}/cancel"),
 ];

@@ -111,8 +111,12 @@ async fn unified_batch_http_drain_refuses_new_requests_and_finishes_running_ones
     // inferctl shows the queue and the per-client table.
     for (args, expect) in [
         (vec!["admin", "queue"], "draining      no"),
-        (vec!["admin", "metrics"], "fairness (Jain's index)"),
-        (vec!["admin", "metrics"], "anonymous"),
+        (
+            vec!["admin", "metrics", "--prometheus"],
+            "fairness (Jain's index)",
+        ),
+        (vec!["admin", "metrics", "--prometheus"], "anonymous"),
+        (vec!["admin", "metrics"], "fairness      "),
     ] {
         let base = base.clone();
         let out = tokio::task::spawn_blocking(move || {

@@ -393,9 +393,14 @@ pub struct SubmitCompletion {
     pub request: CompletionRequest,
     /// The client identity of the request's API key ([`api_key_client`]), when it sent one.
     pub key_client: Option<String>,
-    /// The id to use instead of a new one: the later choices of an `n > 1` request share the
-    /// first one's.
+    /// The id to use instead of a new one: the HTTP request's id, shared by the choices of an
+    /// `n > 1` request.
     pub request_id: Option<String>,
+    /// The HTTP request's `request{request_id, client, model}` span; intake records the client
+    /// it settles on, and every actor logs about the request under it.
+    pub span: tracing::Span,
+    /// Choice 0 of its request: records the client in the span (once, so text logs show it once).
+    pub first_choice: bool,
 }
 
 impl Handler<SubmitCompletion> for RequestIntake {
@@ -403,6 +408,7 @@ impl Handler<SubmitCompletion> for RequestIntake {
 
     fn handle(&mut self, msg: SubmitCompletion, _: &mut Context<Self>) -> Self::Result {
         let arrival = Instant::now();
+        let record_client = msg.key_client.is_none() && msg.first_choice;
         let valid = validate(msg.request, &self.tokenizer, &self.limits).map(|mut v| {
             if let Some(client) = msg.key_client {
                 v.client = client;
@@ -414,20 +420,26 @@ impl Handler<SubmitCompletion> for RequestIntake {
             .request_id
             .unwrap_or_else(|| format!("cmpl-{:016x}{:08x}", rand::random::<u64>(), seq.0));
         let (scheduler, detector) = (self.scheduler.clone(), self.detector.clone());
-        let model = self.limits.model_name.clone();
         Box::pin(async move {
             let valid = valid?;
             let (tx, rx) = unbounded_channel();
             let prompt_tokens = valid.prompt_ids.len();
+            let span = msg.span;
+            // With an API key the HTTP layer already recorded it (it is the client); the later
+            // choices of an `n > 1` request share the first one's.
+            if record_client {
+                span.record("client", valid.client.as_str());
+            }
             tracing::info!(
-                request_id = %request_id, seq = %seq, client = %valid.client, model = %model,
+                parent: &span,
+                seq = %seq,
                 prompt_tokens, max_tokens = valid.max_tokens, stream = valid.stream,
                 priority = valid.priority, "request accepted"
             );
             detector
                 .send(Track {
                     seq,
-                    request_id: request_id.clone(),
+                    span: span.clone(),
                     params: valid.stop.clone(),
                     events: tx,
                     prompt_tokens,
@@ -440,12 +452,13 @@ impl Handler<SubmitCompletion> for RequestIntake {
             let enqueue = Enqueue {
                 seq: sequence,
                 request_id: request_id.clone(),
+                span: span.clone(),
             };
             match scheduler.send(enqueue).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     detector.do_send(Untrack { seq });
-                    tracing::info!(request_id = %request_id, client = %valid.client, reason = %e, "request refused");
+                    tracing::info!(parent: &span, reason = %e, "request refused");
                     return Err(match e {
                         EnqueueError::QueueFull => ApiError::queue_full(),
                         EnqueueError::Draining => ApiError::draining(),

@@ -4,6 +4,7 @@
 //! the server is draining (no new requests admitted).
 
 use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 use actix::prelude::*;
 
@@ -12,6 +13,7 @@ use super::kv_pages::{CommitPages, KvPageManager, Preempt, Release, ReserveStep}
 use super::stop_detector::{Abort, FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
 use crate::config::PreemptionMode;
 use crate::kv::SeqId;
+use crate::scheduler::throughput::{Throughput, ThroughputWindow};
 use crate::scheduler::{ClientId, ClientReport, PlannedChunk, SchedulerCore, Sequence};
 
 pub struct Scheduler {
@@ -27,15 +29,21 @@ pub struct Scheduler {
     /// (The choices of an `n > 1` request share one id.)
     by_request: HashMap<String, Vec<SeqId>>,
     request_of: HashMap<SeqId, String>,
+    /// Each sequence's request span, parent of the log lines about it.
+    spans: HashMap<SeqId, tracing::Span>,
     /// New requests are refused (503) while set; what runs or waits finishes.
     draining: bool,
     /// Clients with a queue depth gauge, so that one that left is set back to 0.
     gauged_clients: HashSet<ClientId>,
+    /// Tokens and requests per second over the last minute, for `/admin/metrics`.
+    throughput: ThroughputWindow,
 }
 
 /// What came back from one step.
 struct StepResult {
     progress: Vec<(SeqId, usize)>,
+    /// Tokens of prompts (and of recomputed sequences) the step ran, decode tokens excluded.
+    prefill_tokens: usize,
     /// The sequence preempted in this step, and whether its K/V went to host memory.
     preempted: Option<(SeqId, bool)>,
     sampled: Result<Vec<SampledToken>, ExecutorError>,
@@ -79,8 +87,10 @@ impl Scheduler {
             steps: 0,
             by_request: HashMap::new(),
             request_of: HashMap::new(),
+            spans: HashMap::new(),
             draining: false,
             gauged_clients: HashSet::new(),
+            throughput: ThroughputWindow::new(Instant::now()),
         }
     }
 
@@ -102,6 +112,7 @@ impl Scheduler {
 
     /// Forgets the request id of a sequence that left the core.
     fn forget(&mut self, seq: SeqId) {
+        self.spans.remove(&seq);
         if let Some(id) = self.request_of.remove(&seq) {
             if let Some(seqs) = self.by_request.get_mut(&id) {
                 seqs.retain(|&s| s != seq);
@@ -110,6 +121,11 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// The request span of `seq`, or a disabled one once it is gone.
+    fn span_of(&self, seq: SeqId) -> tracing::Span {
+        self.spans.get(&seq).cloned().unwrap_or_else(tracing::Span::none)
     }
 
     /// What `/admin/queue` shows.
@@ -181,6 +197,11 @@ impl Scheduler {
                 });
                 let (kv, executor) = (act.kv.clone(), act.executor.clone());
                 let progress: Vec<(SeqId, usize)> = plan.iter().map(PlannedChunk::progress).collect();
+                let prefill_tokens = plan
+                    .iter()
+                    .filter(|c| !(c.tokens.len() == 1 && c.wants_logits && c.generated_index > 0))
+                    .map(|c| c.tokens.len())
+                    .sum();
                 actix::fut::wrap_future(async move {
                     let mut swap_out = None;
                     let mut preempted = None;
@@ -200,6 +221,7 @@ impl Scheduler {
                     };
                     StepResult {
                         progress,
+                        prefill_tokens,
                         preempted,
                         sampled,
                     }
@@ -217,13 +239,14 @@ impl Scheduler {
     fn finish_step(&mut self, result: StepResult) {
         let StepResult {
             progress,
+            prefill_tokens,
             preempted,
             sampled,
         } = result;
         if let Some((seq, swapped)) = preempted {
             let swapped = swapped && sampled.is_ok();
             let mode = if swapped { "swap" } else { "recompute" };
-            tracing::info!(seq = %seq, mode, "preempted for KV pages");
+            tracing::info!(parent: &self.span_of(seq), seq = %seq, mode, "preempted for KV pages");
             metrics::counter!("inferflux_num_preemptions_total", "mode" => mode).increment(1);
             if swapped && self.core.is_waiting(seq) {
                 self.core.settle_swapped(seq);
@@ -237,6 +260,12 @@ impl Scheduler {
             Ok(sampled) => {
                 let pairs: Vec<(SeqId, u32)> = sampled.iter().map(|s| (s.seq, s.token)).collect();
                 let outcome = self.core.complete(&progress, &pairs);
+                self.throughput.record_step(
+                    Instant::now(),
+                    prefill_tokens as u64,
+                    outcome.tokens.len() as u64,
+                    outcome.finished.len() as u64,
+                );
                 if !outcome.commits.is_empty() {
                     self.kv.do_send(CommitPages {
                         commits: outcome.commits,
@@ -305,6 +334,8 @@ pub struct Enqueue {
     pub seq: Sequence,
     /// The id the client was given, for `/admin/requests/{id}/cancel`.
     pub request_id: String,
+    /// The request's span, parent of the log lines about this sequence.
+    pub span: tracing::Span,
 }
 
 impl Handler<Enqueue> for Scheduler {
@@ -317,6 +348,7 @@ impl Handler<Enqueue> for Scheduler {
         let seq = msg.seq.id;
         self.core.enqueue(msg.seq).map_err(|_| EnqueueError::QueueFull)?;
         self.request_of.insert(seq, msg.request_id.clone());
+        self.spans.insert(seq, msg.span);
         self.by_request.entry(msg.request_id).or_default().push(seq);
         self.publish();
         self.maybe_step(ctx);
@@ -335,8 +367,9 @@ impl Handler<Cancel> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: Cancel, _: &mut Context<Self>) {
+        let span = self.span_of(msg.seq);
         if self.drop_sequence(msg.seq) {
-            tracing::info!(seq = %msg.seq, "request cancelled");
+            tracing::info!(parent: &span, seq = %msg.seq, "request cancelled");
             metrics::counter!("inferflux_requests_cancelled_total").increment(1);
             self.detector.do_send(Untrack { seq: msg.seq });
         }
@@ -354,7 +387,9 @@ impl Handler<SequenceFinished> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: SequenceFinished, _: &mut Context<Self>) {
-        self.drop_sequence(msg.seq);
+        if self.drop_sequence(msg.seq) {
+            self.throughput.record_finished(Instant::now());
+        }
     }
 }
 
@@ -373,10 +408,11 @@ impl Handler<CancelRequest> for Scheduler {
         let seqs = self.by_request.get(&msg.request_id).cloned().unwrap_or_default();
         let mut cancelled = false;
         for seq in seqs {
+            let span = self.span_of(seq);
             if !self.drop_sequence(seq) {
                 continue;
             }
-            tracing::info!(request_id = %msg.request_id, seq = %seq, "request cancelled by an operator");
+            tracing::info!(parent: &span, seq = %seq, "request cancelled by an operator");
             metrics::counter!("inferflux_requests_cancelled_total").increment(1);
             self.detector.do_send(Abort { seq });
             cancelled = true;
@@ -402,6 +438,19 @@ impl Handler<Drain> for Scheduler {
         self.draining = msg.drain;
         metrics::gauge!("inferflux_draining").set(if msg.drain { 1.0 } else { 0.0 });
         MessageResult(self.report())
+    }
+}
+
+/// Rates over the last minute, for `/admin/metrics`.
+#[derive(Message)]
+#[rtype(result = "Throughput")]
+pub struct ThroughputReport;
+
+impl Handler<ThroughputReport> for Scheduler {
+    type Result = MessageResult<ThroughputReport>;
+
+    fn handle(&mut self, _: ThroughputReport, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.throughput.snapshot(Instant::now()))
     }
 }
 

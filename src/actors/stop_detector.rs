@@ -85,7 +85,8 @@ pub enum StreamEvent {
 }
 
 struct Tracked {
-    request_id: String,
+    /// The request's `request{request_id, client, model}` span: every log line about it.
+    span: tracing::Span,
     detector: StopDetector,
     events: UnboundedSender<StreamEvent>,
     prompt_tokens: usize,
@@ -132,6 +133,12 @@ impl StopSequenceDetector {
         let now = Instant::now();
         if t.first_token.is_none() {
             t.first_token = Some(now);
+            tracing::info!(
+                parent: &t.span,
+                ttft_ms = now.duration_since(t.arrival).as_secs_f64() * 1000.0,
+                cached_tokens = t.cached_tokens,
+                "first token"
+            );
             metrics::histogram!("inferflux_time_to_first_token_seconds")
                 .record(now.duration_since(t.arrival).as_secs_f64());
             let scheduled = t.scheduled.unwrap_or(t.arrival);
@@ -147,7 +154,7 @@ impl StopSequenceDetector {
         let delta = match t.detector.push(token) {
             Ok(d) => d,
             Err(e) => {
-                tracing::error!(request_id = %t.request_id, error = %e, "detokenization failed");
+                tracing::error!(parent: &t.span, error = %e, "detokenization failed");
                 let _ = t.events.send(StreamEvent::Error(e.to_string()));
                 self.end(seq);
                 return;
@@ -166,7 +173,7 @@ impl StopSequenceDetector {
         if let Some(reason) = delta.finished {
             let completion_tokens = t.detector.generated_tokens();
             tracing::info!(
-                request_id = %t.request_id,
+                parent: &t.span,
                 finish_reason = reason.as_openai(),
                 prompt_tokens = t.prompt_tokens,
                 cached_tokens = t.cached_tokens,
@@ -192,7 +199,7 @@ impl StopSequenceDetector {
             });
             self.end(seq);
         } else if !alive || t.events.is_closed() {
-            tracing::info!(request_id = %t.request_id, "client gone; cancelling");
+            tracing::info!(parent: &t.span, "client gone; cancelling");
             self.end(seq);
         }
     }
@@ -219,7 +226,8 @@ impl Handler<ConnectScheduler> for StopSequenceDetector {
 #[rtype(result = "()")]
 pub struct Track {
     pub seq: SeqId,
-    pub request_id: String,
+    /// The request's span, parent of every log line about it.
+    pub span: tracing::Span,
     pub params: StopParams,
     pub events: UnboundedSender<StreamEvent>,
     pub prompt_tokens: usize,
@@ -233,7 +241,7 @@ impl Handler<Track> for StopSequenceDetector {
         self.streams.insert(
             msg.seq,
             Tracked {
-                request_id: msg.request_id,
+                span: msg.span,
                 detector,
                 events: msg.events,
                 prompt_tokens: msg.prompt_tokens,
@@ -336,7 +344,7 @@ impl Handler<Abort> for StopSequenceDetector {
     fn handle(&mut self, msg: Abort, _: &mut Context<Self>) {
         if let Some(t) = self.streams.remove(&msg.seq) {
             let completion_tokens = t.detector.generated_tokens();
-            tracing::info!(request_id = %t.request_id, completion_tokens, "request aborted");
+            tracing::info!(parent: &t.span, completion_tokens, "request aborted");
             let _ = t.events.send(StreamEvent::Finished {
                 reason: FinishReason::Abort,
                 prompt_tokens: t.prompt_tokens,
@@ -369,7 +377,7 @@ mod tests {
         let (tx, rx) = unbounded_channel();
         det.do_send(Track {
             seq: SeqId(seq),
-            request_id: format!("req-{seq}"),
+            span: tracing::Span::none(),
             params,
             events: tx,
             prompt_tokens: 3,

@@ -4,8 +4,9 @@ use actix_web::{web, HttpResponse};
 
 use super::error::ApiError;
 use super::{parse_request, read_body, AppState};
-use crate::actors::kv_pages::{KvReport, ResetPrefixCache};
-use crate::actors::scheduler::{CancelRequest, Drain, QueueReport};
+use crate::actors::kv_pages::{KvReport, KvReportBody, ResetPrefixCache};
+use crate::actors::scheduler::{CancelRequest, Drain, QueueReport, QueueReportBody, ThroughputReport};
+use crate::scheduler::throughput::Throughput;
 
 /// `GET /admin/kv`: page counts, usage, prefix-cache hit rate and the largest cached prefixes.
 pub async fn kv_report(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -37,6 +38,45 @@ fn scheduler_gone(e: actix::MailboxError) -> ApiError {
 pub async fn queue_report(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let report = state.scheduler.send(QueueReport).await.map_err(scheduler_gone)?;
     Ok(HttpResponse::Ok().json(report))
+}
+
+/// What `GET /admin/metrics` answers: the state an operator checks first, in one JSON object.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MetricsSnapshot {
+    pub model: String,
+    /// `cpu` or `cuda`.
+    pub backend: String,
+    pub uptime_seconds: f64,
+    /// Queue depth, running sequences, drain state and per-client fair share.
+    pub queue: QueueReportBody,
+    /// The page pool and prefix cache (the largest cached prefixes are in `/admin/kv`).
+    pub kv: KvReportBody,
+    /// Tokens and requests per second over the last minute.
+    pub throughput: Throughput,
+}
+
+/// `GET /admin/metrics`: one snapshot of queues, fair share, KV pool and last-minute throughput.
+pub async fn metrics_snapshot(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let queue = state.scheduler.send(QueueReport).await.map_err(scheduler_gone)?;
+    let throughput = state
+        .scheduler
+        .send(ThroughputReport)
+        .await
+        .map_err(scheduler_gone)?;
+    let mut kv = state
+        .kv
+        .send(KvReport)
+        .await
+        .map_err(|e| ApiError::internal(format!("KV page manager unreachable: {e}")))?;
+    kv.largest_cached_prefixes.clear();
+    Ok(HttpResponse::Ok().json(MetricsSnapshot {
+        model: state.model_name.clone(),
+        backend: state.backend.to_string(),
+        uptime_seconds: state.started.elapsed().as_secs_f64(),
+        queue,
+        kv,
+        throughput,
+    }))
 }
 
 /// The body of `POST /admin/drain`; no body means `{"drain": true}`.

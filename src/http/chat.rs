@@ -4,9 +4,10 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::error::ApiError;
+use super::request_context::RequestContext;
 use super::respond::{respond, submit_choices, Answer, Shape};
 use super::types::{ChatCompletionRequest, ChatContent, ChatMessageIn, CompletionRequest, Prompt};
-use super::{key_client, parse_request, read_body, AppState};
+use super::{parse_request, read_body, AppState};
 use crate::model::ChatMessage;
 
 pub async fn chat_completions(
@@ -14,7 +15,7 @@ pub async fn chat_completions(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let result = handle(key_client(&req), state, payload).await;
+    let result = handle(RequestContext::of(&req), state, payload).await;
     if let Err(e) = &result {
         metrics::counter!("inferflux_requests_rejected_total", "status" => e.status.to_string()).increment(1);
     }
@@ -22,7 +23,7 @@ pub async fn chat_completions(
 }
 
 async fn handle(
-    key_client: Option<String>,
+    ctx: RequestContext,
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -72,8 +73,9 @@ async fn handle(
         include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: request.logprobs.is_some(),
         echo: None,
+        stats: ctx.stats.clone(),
     };
-    let submitted = submit_choices(&state, request, key_client).await?;
+    let submitted = submit_choices(&state, request, &ctx).await?;
     respond(submitted, answer).await
 }
 

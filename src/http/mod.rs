@@ -8,6 +8,7 @@ pub mod error;
 pub mod metrics_mw;
 pub mod openapi;
 pub mod probes;
+pub mod request_context;
 pub mod respond;
 pub mod tokenize;
 pub mod types;
@@ -43,6 +44,8 @@ pub struct AppState {
     /// Renders chat messages into a prompt; `None` when the model has no template.
     pub chat_template: Option<std::sync::Arc<crate::model::ChatTemplate>>,
     pub tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
+    /// When the server started, for `/admin/metrics`' uptime.
+    pub started: std::time::Instant,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -62,6 +65,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::post().to(admin::reset_prefix_cache),
         )
         .route("/admin/queue", web::get().to(admin::queue_report))
+        .route("/admin/metrics", web::get().to(admin::metrics_snapshot))
         .route("/admin/drain", web::post().to(admin::drain))
         .route(
             "/admin/requests/{request_id}/cancel",
@@ -135,7 +139,8 @@ async fn completions(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let result = handle_completion(key_client(&req), state, payload).await;
+    let ctx = request_context::RequestContext::of(&req);
+    let result = handle_completion(ctx, state, payload).await;
     if let Err(e) = &result {
         metrics::counter!("inferflux_requests_rejected_total", "status" => e.status.to_string()).increment(1);
     }
@@ -143,7 +148,7 @@ async fn completions(
 }
 
 async fn handle_completion(
-    key_client: Option<String>,
+    ctx: request_context::RequestContext,
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -161,8 +166,9 @@ async fn handle_completion(
         include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: request.logprobs.is_some(),
         echo: request.echo.then(|| echo_text(&state, &request)).transpose()?,
+        stats: ctx.stats.clone(),
     };
-    let submitted = submit_choices(&state, request, key_client).await?;
+    let submitted = submit_choices(&state, request, &ctx).await?;
     respond(submitted, answer).await
 }
 

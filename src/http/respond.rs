@@ -5,11 +5,14 @@
 //! are merged by choice index. Dropping the answer (a client that hangs up) drops every
 //! sequence's cancel guard, so all of them stop at once.
 
+use std::sync::Arc;
+
 use actix_web::{web, HttpResponse};
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 
 use super::error::ApiError;
+use super::request_context::{RequestContext, RequestStats};
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatLogprobs,
     ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionLogprobs,
@@ -43,16 +46,18 @@ pub(crate) struct Answer {
     pub logprobs: bool,
     /// Completions with `echo`: the prompt text every choice starts with.
     pub echo: Option<String>,
+    /// Usage and time to first token, for the request's access log line.
+    pub stats: Arc<RequestStats>,
 }
 
 /// Submits the `n` choices of `request` to intake, in choice order. Choice 0 keeps the
 /// request's seed, so `n` does not change the first choice; choice `i` gets a seed derived from
-/// it. All choices share the first one's request id (logs, `/admin/requests/{id}/cancel`). If a
+/// it. All choices share the HTTP request's id (logs, `/admin/requests/{id}/cancel`). If a
 /// later choice is refused, the earlier ones are cancelled as their guards drop.
 pub(crate) async fn submit_choices(
     state: &AppState,
     mut request: CompletionRequest,
-    key_client: Option<String>,
+    ctx: &RequestContext,
 ) -> Result<Vec<Submitted>, ApiError> {
     let n = request.n.take().unwrap_or(1);
     if !(1..=MAX_CHOICES).contains(&n) {
@@ -69,8 +74,10 @@ pub(crate) async fn submit_choices(
             .intake
             .send(SubmitCompletion {
                 request: choice,
-                key_client: key_client.clone(),
-                request_id: submitted.first().map(|s: &Submitted| s.request_id.clone()),
+                key_client: ctx.key_client.clone(),
+                request_id: Some(ctx.request_id.clone()),
+                span: tracing::Span::current(),
+                first_choice: i == 0,
             })
             .await
             .map_err(|e| ApiError::internal(format!("intake unreachable: {e}")))??;
@@ -98,13 +105,10 @@ pub(crate) async fn respond(subs: Vec<Submitted>, answer: Answer) -> Result<Http
         Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
             .insert_header(("Cache-Control", "no-cache"))
-            .insert_header(("X-Request-Id", request_id.clone()))
             .streaming(sse_stream(subs, answer, request_id)))
     } else {
         let body = collect(subs, &answer, &request_id).await?;
-        Ok(HttpResponse::Ok()
-            .insert_header(("X-Request-Id", request_id))
-            .json(body))
+        Ok(HttpResponse::Ok().json(body))
     }
 }
 
@@ -118,12 +122,13 @@ struct ChoiceResult {
     cached_tokens: usize,
 }
 
-async fn collect_choice(mut sub: Submitted) -> Result<ChoiceResult, ApiError> {
+async fn collect_choice(mut sub: Submitted, stats: &RequestStats) -> Result<ChoiceResult, ApiError> {
     let mut text = String::new();
     let mut logprobs = Vec::new();
     while let Some(event) = sub.events.recv().await {
         match event {
             StreamEvent::Text { text: t, logprobs: l } => {
+                stats.first_token();
                 text.push_str(&t);
                 logprobs.extend(l);
             }
@@ -156,10 +161,14 @@ async fn collect_choice(mut sub: Submitted) -> Result<ChoiceResult, ApiError> {
 
 /// Waits for every choice; the first failure fails the request (and cancels the rest).
 async fn collect(subs: Vec<Submitted>, answer: &Answer, id: &str) -> Result<serde_json::Value, ApiError> {
-    let results = futures::future::try_join_all(subs.into_iter().map(collect_choice)).await?;
+    let results =
+        futures::future::try_join_all(subs.into_iter().map(|s| collect_choice(s, &answer.stats))).await?;
     let mut usage = UsageSum::default();
     for r in &results {
         usage.add(r.prompt_tokens, r.completion_tokens, r.cached_tokens);
+        answer
+            .stats
+            .add_usage(r.prompt_tokens, r.completion_tokens, r.cached_tokens);
     }
     let created = unix_now();
     let body = match answer.shape {
@@ -303,6 +312,7 @@ impl SseWriter {
     fn on_event(&mut self, index: usize, event: StreamEvent) -> (Bytes, bool) {
         match event {
             StreamEvent::Text { text, logprobs } => {
+                self.answer.stats.first_token();
                 let delta = ChatDelta {
                     role: None,
                     content: Some(text),
@@ -317,6 +327,9 @@ impl SseWriter {
                 logprobs,
             } => {
                 self.usage.add(prompt_tokens, completion_tokens, cached_tokens);
+                self.answer
+                    .stats
+                    .add_usage(prompt_tokens, completion_tokens, cached_tokens);
                 let mut out = vec![self.chunk(index, ChatDelta::default(), &logprobs, Some(&reason))];
                 self.unfinished -= 1;
                 let done = self.unfinished == 0;

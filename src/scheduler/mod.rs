@@ -17,6 +17,7 @@
 //! computed again. Pages that a step completed are committed back to the cache.
 
 pub mod fair;
+pub mod throughput;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;

@@ -3,6 +3,7 @@
 use clap::Subcommand;
 use inferflux::actors::kv_pages::KvReportBody;
 use inferflux::actors::scheduler::QueueReportBody;
+use inferflux::http::admin::MetricsSnapshot;
 use serde_json::json;
 
 use crate::client::Api;
@@ -10,9 +11,28 @@ use crate::error::{CliError, Result};
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
-    /// Print the server's InferFlux metrics (Prometheus text, comments dropped), then the
-    /// queue depth and fair share per client as a table.
-    Metrics,
+    /// Show queues, fair share, KV pool and last-minute throughput (`GET /admin/metrics`).
+    Metrics {
+        /// Refresh every SECS seconds (default 2) until interrupted, redrawing the screen.
+        #[arg(
+            long,
+            value_name = "SECS",
+            num_args = 0..=1,
+            default_missing_value = "2",
+            value_parser = positive_seconds
+        )]
+        watch: Option<f64>,
+        /// With --watch: stop after N refreshes.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+        /// Print the raw JSON instead of a table.
+        #[arg(long, conflicts_with = "prometheus")]
+        json: bool,
+        /// Print the InferFlux lines of the Prometheus scrape (`/metrics`) and a per-client
+        /// table built from them instead.
+        #[arg(long)]
+        prometheus: bool,
+    },
     /// Show the scheduler's queues, per-client share and drain state (`GET /admin/queue`).
     Queue {
         /// Print the raw JSON instead of a table.
@@ -39,18 +59,16 @@ pub enum AdminCommand {
 
 pub async fn run(api: &Api, command: AdminCommand) -> Result<()> {
     match command {
-        AdminCommand::Metrics => {
-            let text = api
-                .get("/metrics")
-                .await?
-                .text()
-                .await
-                .map_err(|e| CliError::server(format!("reading /metrics: {e}")))?;
-            for line in text.lines().filter(|l| l.starts_with("inferflux_")) {
-                println!("{line}");
+        AdminCommand::Metrics {
+            watch,
+            count,
+            json,
+            prometheus,
+        } => {
+            if let Some(secs) = watch {
+                return watch_metrics(api, secs, count, json, prometheus).await;
             }
-            println!();
-            print_fairness_table(&text);
+            show_metrics(api, json, prometheus).await?;
         }
         AdminCommand::Queue { json } => show_report(api, "/admin/queue", json, print_queue).await?,
         AdminCommand::Drain { resume } => {
@@ -77,6 +95,86 @@ pub async fn run(api: &Api, command: AdminCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--watch`'s interval: a positive, finite number of seconds (clap reports anything else as a
+/// usage error, exit 2).
+fn positive_seconds(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("expected a positive number of seconds, got `{s}`")),
+    }
+}
+
+/// One rendering of the metrics: the snapshot as a table or JSON, or the Prometheus lines.
+async fn show_metrics(api: &Api, json: bool, prometheus: bool) -> Result<()> {
+    if !prometheus {
+        return show_report(api, "/admin/metrics", json, print_snapshot).await;
+    }
+    let text = api
+        .get("/metrics")
+        .await?
+        .text()
+        .await
+        .map_err(|e| CliError::server(format!("reading /metrics: {e}")))?;
+    for line in text.lines().filter(|l| l.starts_with("inferflux_")) {
+        println!("{line}");
+    }
+    println!();
+    print_fairness_table(&text);
+    Ok(())
+}
+
+/// `--watch`: redraw every `secs` seconds, `count` times or until interrupted. A failed fetch
+/// ends the watch with its error, as a single call would.
+async fn watch_metrics(api: &Api, secs: f64, count: Option<u64>, json: bool, prometheus: bool) -> Result<()> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut shown = 0u64;
+    loop {
+        if tty {
+            // Clear the screen and go home, as `watch` does.
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("every {secs}s: {}  (Ctrl-C to stop)\n", api.base());
+        show_metrics(api, json, prometheus).await?;
+        shown += 1;
+        if count.is_some_and(|n| shown >= n) {
+            return Ok(());
+        }
+        if !tty {
+            println!();
+        }
+        tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+    }
+}
+
+fn print_snapshot(s: &MetricsSnapshot) {
+    println!(
+        "model         {} on {}, up {}",
+        s.model,
+        s.backend,
+        uptime(s.uptime_seconds)
+    );
+    let t = &s.throughput;
+    println!(
+        "throughput    {:.1} generated tok/s, {:.1} prompt tok/s, {:.2} finished req/s, {:.1} steps/s (last {:.0}s)",
+        t.generation_tokens_per_second,
+        t.prompt_tokens_per_second,
+        t.finished_requests_per_second,
+        t.steps_per_second,
+        t.window_seconds
+    );
+    print_queue(&s.queue);
+    print_kv(&s.kv);
+}
+
+fn uptime(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T> {

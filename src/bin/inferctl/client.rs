@@ -22,6 +22,11 @@ impl Api {
         }
     }
 
+    /// The server's base URL, as given (no trailing slash).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub async fn get(&self, path: &str) -> Result<Response> {
         let url = format!("{}{path}", self.base);
         self.send(self.http.get(&url), &url).await
