@@ -8,6 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+
 use common::{post_completion, start, stream_completion};
 use inferflux::http::admin::MetricsSnapshot;
 use serde_json::{json, Value};
@@ -63,30 +66,27 @@ async fn observability_request_id_is_taken_from_the_client_and_returned() {
     assert!(header(&resp).starts_with("req-"));
 
     // An operator cancels by the client's id.
-    let slow = json!({ "prompt": "hello", "max_tokens": 400, "ignore_eos": true, "stream": true });
-    let b = base.clone();
-    let running = tokio::spawn(async move {
-        post_with_id(&b, "/v1/completions", Some("cancel-me"), slow)
-            .await
-            .text()
-            .await
-            .unwrap()
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let resp = reqwest::Client::new()
-            .post(format!("{base}/admin/requests/cancel-me/cancel"))
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == 200 {
+    let slow = json!({ "prompt": "hello", "max_tokens": 200, "ignore_eos": true, "stream": true });
+    let resp = post_with_id(base, "/v1/completions", Some("cancel-me"), slow).await;
+    let mut events = resp.bytes_stream().eventsource();
+    let first: Value = serde_json::from_str(&events.next().await.unwrap().unwrap().data).unwrap();
+    assert_eq!(first["id"], "cancel-me");
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/admin/requests/cancel-me/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut reasons = Vec::new();
+    while let Some(e) = events.next().await {
+        let e = e.unwrap();
+        if e.data == "[DONE]" {
             break;
         }
-        assert!(Instant::now() < deadline, "the request never became cancellable");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let chunk: Value = serde_json::from_str(&e.data).unwrap();
+        reasons.extend(chunk["choices"][0]["finish_reason"].as_str().map(str::to_string));
     }
-    let text = running.await.unwrap();
-    assert!(text.contains("\"finish_reason\":\"abort\""), "{text}");
+    assert_eq!(reasons, ["abort"]);
     common::wait_until_no_page_is_referenced(base).await;
 }
 
