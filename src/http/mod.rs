@@ -43,6 +43,8 @@ pub struct AppState {
     /// Renders chat messages into a prompt; `None` when the model has no template.
     pub chat_template: Option<std::sync::Arc<crate::model::ChatTemplate>>,
     pub tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
+    /// The test-only fault hook; `None` unless `INFERFLUX_FAULT_INJECTION=1` (then `/admin/fault`).
+    pub fault: Option<std::sync::Arc<crate::actors::fault::FaultInjector>>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -67,6 +69,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/admin/requests/{request_id}/cancel",
             web::post().to(admin::cancel_request),
         )
+        // Test-only, kept out of the OpenAPI document: 404 unless INFERFLUX_FAULT_INJECTION=1.
+        .route("/admin/fault", web::post().to(admin::fault))
         .default_service(web::to(openapi::no_route));
 }
 
