@@ -27,7 +27,11 @@ impl Drop for Daemon {
 
 /// A port nobody listens on now (bound and released).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts `inferfluxd` on the embedded model and waits until `/health` answers.
@@ -37,7 +41,10 @@ async fn spawn(grace_seconds: u64, faults: bool) -> Daemon {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferfluxd"));
     cmd.args(["--port", &port.to_string(), "--device", "cpu", "--config"])
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/inferflux.toml"))
-        .env("INFERFLUX__SERVER__SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
+        .env(
+            "INFERFLUX__SERVER__SHUTDOWN_GRACE_SECONDS",
+            grace_seconds.to_string(),
+        )
         .env_remove("INFERFLUX_API_KEY")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
@@ -59,7 +66,11 @@ async fn spawn(grace_seconds: u64, faults: bool) -> Daemon {
                 return daemon;
             }
         }
-        assert!(Instant::now() < deadline, "inferfluxd did not start; see {:?}", daemon.log);
+        assert!(
+            Instant::now() < deadline,
+            "inferfluxd did not start; see {:?}",
+            daemon.log
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -79,7 +90,11 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "inferfluxd still runs; see {:?}", self.log);
+            assert!(
+                Instant::now() < deadline,
+                "inferfluxd still runs; see {:?}",
+                self.log
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -102,7 +117,11 @@ impl Daemon {
                 assert!(r.headers().contains_key("retry-after"));
                 return;
             }
-            assert!(Instant::now() < deadline, "/ready never went 503; see {:?}", self.log);
+            assert!(
+                Instant::now() < deadline,
+                "/ready never went 503; see {:?}",
+                self.log
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -123,15 +142,13 @@ fn long_stream() -> Value {
 
 /// Starts a slow stream, returns its events once the first has arrived.
 async fn started_stream(d: &Daemon, step_delay_ms: u64) -> BoxStream<'static, String> {
-    let armed = d.post("/admin/fault", &json!({ "step_delay_ms": step_delay_ms })).await;
+    let armed = d
+        .post("/admin/fault", &json!({ "step_delay_ms": step_delay_ms }))
+        .await;
     assert_eq!(armed.status(), 200);
     let resp = d.post("/v1/completions", &long_stream()).await;
     assert_eq!(resp.status(), 200);
-    let mut events = resp
-        .bytes_stream()
-        .eventsource()
-        .map(|e| e.unwrap().data)
-        .boxed();
+    let mut events = resp.bytes_stream().eventsource().map(|e| e.unwrap().data).boxed();
     let first: Value = serde_json::from_str(&events.next().await.unwrap()).unwrap();
     assert_eq!(first["object"], "text_completion", "{first}");
     events
@@ -199,7 +216,10 @@ async fn shutdown_grace_over_cancels_streams_with_an_error() {
     );
     assert!(rest.finish_reason.is_none());
     assert!(rest.done, "[DONE] still ends the stream");
-    assert!(signalled.elapsed() < Duration::from_secs(8), "cut at the grace, not at the end");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(8),
+        "cut at the grace, not at the end"
+    );
     let status = d.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "exit status {status:?}; see {:?}", d.log);
 }
@@ -210,7 +230,10 @@ async fn shutdown_idle_server_exits_at_once_and_fault_hook_is_off_by_default() {
     let resp = d.post("/admin/fault", &json!({ "kind": "panic" })).await;
     assert_eq!(resp.status(), 404);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("INFERFLUX_FAULT_INJECTION"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("INFERFLUX_FAULT_INJECTION"));
     d.sigterm();
     let status = d.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "exit status {status:?}; see {:?}", d.log);

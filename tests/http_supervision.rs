@@ -82,7 +82,11 @@ async fn stream_until_end(resp: reqwest::Response) -> Failed {
 /// One fault of `kind` hits a stream on its 15th step while another request waits (one
 /// sequence runs at a time); returns what the stream saw.
 async fn fault_mid_stream(base: &str, kind: &str) -> Failed {
-    arm(base, json!({ "kind": kind, "after_steps": 15, "step_delay_ms": 20 })).await;
+    arm(
+        base,
+        json!({ "kind": kind, "after_steps": 15, "step_delay_ms": 20 }),
+    )
+    .await;
     let stream = post(base, "/v1/completions", &greedy(200, true)).await;
     let waiter = tokio::spawn({
         let base = base.to_string();
@@ -95,7 +99,10 @@ async fn fault_mid_stream(base: &str, kind: &str) -> Failed {
         if q["running"] == 1 && q["waiting"] == 1 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the second request never queued: {q}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second request never queued: {q}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let failed = stream_until_end(stream).await;
@@ -124,7 +131,10 @@ async fn supervision_executor_failure_mid_stream_errors_the_client_and_restarts(
 
     for (n, kind) in ["error", "panic"].into_iter().enumerate() {
         let failed = fault_mid_stream(base, kind).await;
-        assert!(!failed.text.is_empty(), "{kind}: tokens streamed before the fault");
+        assert!(
+            !failed.text.is_empty(),
+            "{kind}: tokens streamed before the fault"
+        );
         let error = failed.error.unwrap_or_else(|| panic!("{kind}: no error event"));
         assert_eq!(error["error"]["type"], "server_error", "{error}");
         let message = error["error"]["message"].as_str().unwrap();
@@ -134,7 +144,11 @@ async fn supervision_executor_failure_mid_stream_errors_the_client_and_restarts(
         let metrics = common::metrics_text(base).await;
         assert_eq!(restarts(&metrics), n as u64 + 1, "{kind}: one restart counted");
         assert!(metrics.contains("# HELP inferflux_executor_restarts_total"));
-        assert_eq!(greedy_text(base).await, before, "{kind}: same greedy text after the restart");
+        assert_eq!(
+            greedy_text(base).await,
+            before,
+            "{kind}: same greedy text after the restart"
+        );
         let kv = common::wait_until_no_page_is_referenced(base).await;
         assert_eq!(kv.free_pages + kv.cached_pages, 64, "{kind}: every page back");
     }
@@ -170,6 +184,9 @@ async fn repeated_failures_stop_admitting_until_resumed(base: &str) {
     assert!(refused.headers().contains_key("retry-after"));
     let resumed = post(base, "/admin/drain", &json!({ "drain": false })).await;
     assert_eq!(resumed.status(), 200);
-    assert_eq!(post(base, "/v1/completions", &greedy(8, false)).await.status(), 200);
+    assert_eq!(
+        post(base, "/v1/completions", &greedy(8, false)).await.status(),
+        200
+    );
     common::wait_until_no_page_is_referenced(base).await;
 }

@@ -40,7 +40,9 @@ impl FaultInjector {
     pub fn from_env() -> Option<Arc<Self>> {
         let on = std::env::var(FAULT_INJECTION_ENV).is_ok_and(|v| v == "1");
         if on {
-            tracing::warn!("{FAULT_INJECTION_ENV}=1: POST /admin/fault can make the executor fail (tests only)");
+            tracing::warn!(
+                "{FAULT_INJECTION_ENV}=1: POST /admin/fault can make the executor fail (tests only)"
+            );
         }
         on.then(|| Arc::new(Self::default()))
     }

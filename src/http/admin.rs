@@ -122,7 +122,12 @@ pub async fn fault(state: web::Data<AppState>, payload: web::Payload) -> Result<
     if let Some(kind) = req.kind {
         injector.arm(kind, after_steps);
     }
-    tracing::warn!(kind = ?req.kind, after_steps, step_delay_ms = ?req.step_delay_ms, "executor fault injection armed");
+    tracing::warn!(
+        kind = ?req.kind,
+        after_steps = ?req.kind.map(|_| after_steps),
+        step_delay_ms = ?req.step_delay_ms,
+        "executor fault injection armed"
+    );
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "kind": req.kind,
         "after_steps": req.kind.map(|_| after_steps),
