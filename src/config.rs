@@ -35,6 +35,9 @@ pub struct ServerConfig {
     pub port: u16,
     /// Largest accepted request body in bytes (413 above it).
     pub max_body_bytes: usize,
+    /// On SIGTERM/SIGINT, how long running requests may take to finish before they are
+    /// cancelled with an error and the process exits.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +46,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             max_body_bytes: 1 << 20,
+            shutdown_grace_seconds: 30,
         }
     }
 }

@@ -9,5 +9,6 @@ pub mod model;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;
+pub mod shutdown;
 pub mod stop;
 pub mod telemetry;

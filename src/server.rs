@@ -10,7 +10,8 @@ use burn::prelude::Backend;
 use burn::tensor::DType;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::actors::executor::{DiscardSwapped, ExecuteStep, ModelExecutor};
+use crate::actors::executor::{spawn_executor, ExecutorAddrs, ModelExecutor, RestartExecutor};
+use crate::actors::fault::FaultInjector;
 use crate::actors::intake::{IntakeLimits, RequestIntake};
 use crate::actors::kv_pages::KvPageManager;
 use crate::actors::scheduler::Scheduler;
@@ -87,10 +88,16 @@ pub fn choose_backend(kind: DeviceKind) -> Result<ChosenBackend, StartError> {
     }
 }
 
-/// A running server: its HTTP handle and the address it listens on.
+/// How long a stopping HTTP server waits for open connections (streams that just got their
+/// last event, idle keep-alive ones) before closing them.
+const HTTP_STOP_TIMEOUT_SECS: u64 = 5;
+
+/// A running server: its HTTP handle, the address it listens on, and the scheduler (for
+/// graceful shutdown, see [`crate::shutdown`]).
 pub struct Running {
     pub server: actix_web::dev::Server,
     pub addr: std::net::SocketAddr,
+    pub scheduler: Addr<Scheduler>,
 }
 
 /// Loads the model and starts everything; must be called inside an actix `System`.
@@ -111,10 +118,16 @@ pub fn start(
             "no --model given: serving the embedded tiny Llama (random weights, for trying the server out)"
         );
     }
+    let fault = FaultInjector::from_env();
     let executor = match backend {
-        ChosenBackend::Cpu => {
-            start_executor::<burn::backend::Flex>(&files, settings, backend, Default::default(), DType::F32)?
-        }
+        ChosenBackend::Cpu => start_executor::<burn::backend::Flex>(
+            &files,
+            settings,
+            backend,
+            Default::default(),
+            DType::F32,
+            fault.clone(),
+        )?,
         ChosenBackend::Cuda => {
             let index = files.checkpoint.index()?;
             let dtype = match index.dtype_of("model.embed_tokens.weight") {
@@ -122,7 +135,14 @@ pub fn start(
                 _ => DType::F16,
             };
             drop(index);
-            start_executor::<burn::backend::Cuda>(&files, settings, backend, Default::default(), dtype)?
+            start_executor::<burn::backend::Cuda>(
+                &files,
+                settings,
+                backend,
+                Default::default(),
+                dtype,
+                fault.clone(),
+            )?
         }
     };
     let model_name = settings
@@ -141,11 +161,12 @@ pub fn start(
     let scheduler = Scheduler::new(
         SchedulerCore::new(settings.scheduler.clone(), hasher),
         kv.clone(),
-        executor.step,
-        executor.discard,
+        executor.addrs.step,
+        executor.addrs.discard,
         detector.clone(),
         settings.scheduler.preemption,
     )
+    .with_supervisor(executor.restart)
     .start();
     detector.do_send(ConnectScheduler(scheduler.clone().recipient()));
     let limits = IntakeLimits {
@@ -172,6 +193,7 @@ pub fn start(
         chat_template: files.chat_template.clone(),
         tokenizer: files.tokenizer.clone(),
         started: std::time::Instant::now(),
+        fault,
     };
     let auth = web::Data::new(http::auth::Auth::new(&settings.auth));
     // Counts only: the keys and token never reach a log.
@@ -182,6 +204,7 @@ pub fn start(
         "auth configured"
     );
     let addr = listener.local_addr()?;
+    let http_scheduler = state.scheduler.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
@@ -194,16 +217,23 @@ pub fn start(
             ))
             .configure(http::routes)
     })
+    // SIGTERM/SIGINT are handled by `crate::shutdown`, which drains before the server stops.
+    .disable_signals()
+    .shutdown_timeout(HTTP_STOP_TIMEOUT_SECS)
     .listen(listener)?
     .run();
     tracing::info!(%addr, model = %model_name, backend = ?backend, "listening");
-    Ok(Running { server, addr })
+    Ok(Running {
+        server,
+        addr,
+        scheduler: http_scheduler,
+    })
 }
 
-/// The executor's mailboxes and the pool it allocated.
+/// The executor's mailboxes, how to restart it, and the pool it allocated.
 struct ExecutorHandle {
-    step: Recipient<ExecuteStep>,
-    discard: Recipient<DiscardSwapped>,
+    addrs: ExecutorAddrs,
+    restart: RestartExecutor,
     num_pages: usize,
     /// Bytes of K and V of one page over all layers.
     page_bytes: usize,
@@ -248,6 +278,7 @@ fn start_executor<B: Backend>(
     backend: ChosenBackend,
     device: B::Device,
     dtype: DType,
+    fault: Option<std::sync::Arc<FaultInjector>>,
 ) -> Result<ExecutorHandle, StartError> {
     let started = std::time::Instant::now();
     let index = files.checkpoint.index()?;
@@ -293,18 +324,21 @@ fn start_executor<B: Backend>(
         peak_rss_mib = peak_rss_bytes().map(|b| b >> 20),
         "model loaded"
     );
-    // One executor thread owns the device; the slot holds the model between its creation here
-    // and the SyncArbiter's factory call on that thread.
-    let slot = std::sync::Mutex::new(Some(ModelExecutor::new(model, cache)));
-    let addr = SyncArbiter::start(1, move || {
-        slot.lock()
-            .ok()
-            .and_then(|mut s| s.take())
-            .expect("the executor is created once")
+    // One executor thread owns the device. A restart (see `Scheduler::recover`) shares the
+    // loaded weights and allocates a fresh cache on the new executor's thread.
+    let first = ModelExecutor::new(model.clone(), cache, fault.clone());
+    let addrs = spawn_executor(move || first);
+    let (num_layers, page_size) = (c.num_layers, settings.kv.page_size);
+    let restart: RestartExecutor = Box::new(move || {
+        let (model, device, fault) = (model.clone(), device.clone(), fault.clone());
+        spawn_executor(move || {
+            let cache = PagedKvCache::<B>::new(num_layers, num_pages, page_size, kv_dim, &device, dtype);
+            ModelExecutor::new(model, cache, fault)
+        })
     });
     Ok(ExecutorHandle {
-        step: addr.clone().recipient(),
-        discard: addr.recipient(),
+        addrs,
+        restart,
         num_pages,
         page_bytes,
     })

@@ -81,6 +81,10 @@ fn describe_all() {
         "Sequences cancelled by an operator or a gone client."
     );
     describe_counter!(
+        "inferflux_executor_restarts_total",
+        "Times the model executor failed (step error or panic) and was restarted with a fresh KV cache."
+    );
+    describe_counter!(
         "inferflux_prompt_tokens_total",
         "Prompt tokens of admitted requests."
     );

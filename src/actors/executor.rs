@@ -9,7 +9,9 @@ use actix::prelude::*;
 use burn::prelude::Backend;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use super::fault::{FaultInjector, FaultKind};
 use crate::kv::{PageCopy, SeqId};
 use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
 use crate::sampling::{self, SampledLogprobs};
@@ -34,6 +36,8 @@ pub struct ModelExecutor<B: Backend> {
     cache: Box<PagedKvCache<B>>,
     /// K/V of preempted sequences swapped out to host memory, until they resume or end.
     swapped: HashMap<SeqId, HostPages>,
+    /// The test-only fault hook (`INFERFLUX_FAULT_INJECTION=1`).
+    fault: Option<Arc<FaultInjector>>,
 }
 
 /// Copy a preempted sequence's pages to host memory before anything else in the step.
@@ -44,11 +48,12 @@ pub struct SwapOut {
 }
 
 impl<B: Backend> ModelExecutor<B> {
-    pub fn new(model: Llama<B>, cache: PagedKvCache<B>) -> Self {
+    pub fn new(model: Llama<B>, cache: PagedKvCache<B>, fault: Option<Arc<FaultInjector>>) -> Self {
         Self {
             model: Box::new(model),
             cache: Box::new(cache),
             swapped: HashMap::new(),
+            fault,
         }
     }
 
@@ -152,6 +157,20 @@ impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
     type Result = Result<Vec<SampledToken>, ExecutorError>;
 
     fn handle(&mut self, msg: ExecuteStep, _: &mut SyncContext<Self>) -> Self::Result {
+        if let Some(fault) = &self.fault {
+            let (delay, due) = fault.on_step();
+            std::thread::sleep(delay);
+            match due {
+                // Outside the step's catch_unwind: the thread dies and the reply never comes.
+                Some(FaultKind::Panic) => panic!("injected executor panic (step {})", msg.step),
+                Some(FaultKind::Error) => {
+                    let e = ExecutorError(format!("injected executor error (step {})", msg.step));
+                    tracing::error!(error = %e, "step failed");
+                    return Err(e);
+                }
+                None => {}
+            }
+        }
         let tokens: usize = msg.plan.iter().map(|c| c.tokens.len()).sum();
         let seqs = msg.plan.len();
         let span = tracing::debug_span!("step", step = msg.step, seqs = seqs, tokens);
@@ -185,5 +204,34 @@ impl<B: Backend> Handler<DiscardSwapped> for ModelExecutor<B> {
 
     fn handle(&mut self, msg: DiscardSwapped, _: &mut SyncContext<Self>) {
         self.swapped.remove(&msg.seq);
+    }
+}
+
+/// A running executor's mailboxes.
+pub struct ExecutorAddrs {
+    pub step: Recipient<ExecuteStep>,
+    pub discard: Recipient<DiscardSwapped>,
+}
+
+/// Starts a fresh executor after a failure: the loaded weights (burn tensors are shared, so
+/// nothing is read again) with a new, empty K/V cache. Held by the scheduler, its supervisor.
+pub type RestartExecutor = Box<dyn FnMut() -> ExecutorAddrs>;
+
+/// Starts an executor on a thread of its own. `make` runs on that thread, so a large cache is
+/// allocated there rather than on an async arbiter.
+pub fn spawn_executor<B: Backend>(make: impl FnOnce() -> ModelExecutor<B> + Send + 'static) -> ExecutorAddrs {
+    // The SyncArbiter's factory is a `Fn`; the slot hands `make` over to its one call.
+    let slot = std::sync::Mutex::new(Some(make));
+    let addr = SyncArbiter::start(1, move || {
+        let make = slot
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .expect("the executor is created once");
+        make()
+    });
+    ExecutorAddrs {
+        step: addr.clone().recipient(),
+        discard: addr.recipient(),
     }
 }

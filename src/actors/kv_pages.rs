@@ -229,3 +229,27 @@ impl Handler<ResetPrefixCache> for KvPageManager {
         dropped
     }
 }
+
+/// The executor failed and is replaced with a fresh, empty cache: every page becomes free,
+/// the prefix cache (whose K/V lived in the old cache) is forgotten and so are swapped-out
+/// sequences' host copies. Replies with how many block tables were dropped.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct ResetAfterExecutorFailure;
+
+impl Handler<ResetAfterExecutorFailure> for KvPageManager {
+    type Result = usize;
+
+    fn handle(&mut self, _: ResetAfterExecutorFailure, _: &mut Context<Self>) -> usize {
+        let tables = self.pool.release_all();
+        let keys = self.pool.reset_prefix_cache();
+        self.swap.forget_all();
+        tracing::info!(
+            block_tables = tables,
+            prefix_keys = keys,
+            "KV pages reset after an executor failure"
+        );
+        self.publish();
+        tables
+    }
+}

@@ -10,6 +10,7 @@
 //! `StopDetector`) that tests drive synchronously.
 
 pub mod executor;
+pub mod fault;
 pub mod intake;
 pub mod kv_pages;
 pub mod scheduler;

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use actix::prelude::*;
 
-use super::executor::{DiscardSwapped, ExecuteStep, ExecutorError, SampledToken, SwapOut};
-use super::kv_pages::{CommitPages, KvPageManager, Preempt, Release, ReserveStep};
+use super::executor::{DiscardSwapped, ExecuteStep, ExecutorError, RestartExecutor, SampledToken, SwapOut};
+use super::kv_pages::{CommitPages, KvPageManager, Preempt, Release, ReserveStep, ResetAfterExecutorFailure};
 use super::stop_detector::{Abort, FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
 use crate::config::PreemptionMode;
 use crate::kv::SeqId;
@@ -37,7 +37,17 @@ pub struct Scheduler {
     gauged_clients: HashSet<ClientId>,
     /// Tokens and requests per second over the last minute, for `/admin/metrics`.
     throughput: ThroughputWindow,
+    /// Starts a fresh executor when the current one fails; `None`: failures are not supervised.
+    restart: Option<RestartExecutor>,
+    /// Executor failures since the last successful step.
+    failures_in_a_row: u32,
+    /// SIGTERM/SIGINT came: draining for good.
+    shutting_down: bool,
 }
+
+/// After this many executor failures without a successful step in between, the scheduler
+/// stops admitting (as `/admin/drain` does; `/ready` answers 503) instead of trying forever.
+pub const MAX_EXECUTOR_FAILURES_IN_A_ROW: u32 = 3;
 
 /// What came back from one step.
 struct StepResult {
@@ -91,6 +101,63 @@ impl Scheduler {
             draining: false,
             gauged_clients: HashSet::new(),
             throughput: ThroughputWindow::new(Instant::now()),
+            restart: None,
+            failures_in_a_row: 0,
+            shutting_down: false,
+        }
+    }
+
+    /// Supervise the executor: when a step fails, restart it with `restart`.
+    pub fn with_supervisor(mut self, restart: RestartExecutor) -> Self {
+        self.restart = Some(restart);
+        self
+    }
+
+    /// The executor failed (a step returned an error, or its thread died): every running
+    /// sequence's K/V are lost or suspect, so each ends with an error; waiting ones stay queued
+    /// (swapped ones will recompute). The page manager starts over with every page free, and a
+    /// fresh executor takes over with the same weights.
+    fn recover(&mut self, e: &ExecutorError) {
+        let held = self.core.running_ids();
+        let message = format!(
+            "The model executor failed while running this request and was restarted; retry the request. ({e})"
+        );
+        for &seq in &held {
+            self.core.remove(seq);
+            self.forget(seq);
+            self.detector.do_send(FailSequence {
+                seq,
+                message: message.clone(),
+            });
+        }
+        let requeued_swapped = self.core.forget_host_kv();
+        self.kv.do_send(ResetAfterExecutorFailure);
+        self.failures_in_a_row += 1;
+        match &mut self.restart {
+            Some(restart) => {
+                let fresh = restart();
+                self.executor = fresh.step;
+                self.discard_swapped = fresh.discard;
+                metrics::counter!("inferflux_executor_restarts_total").increment(1);
+                tracing::error!(
+                    cause = %e,
+                    failed_requests = held.len(),
+                    waiting = self.core.num_waiting(),
+                    requeued_swapped,
+                    failures_in_a_row = self.failures_in_a_row,
+                    "executor failed; restarted it with the loaded weights and an empty KV cache"
+                );
+            }
+            None => tracing::error!(cause = %e, failed_requests = held.len(), "executor failed"),
+        }
+        if self.failures_in_a_row >= MAX_EXECUTOR_FAILURES_IN_A_ROW && !self.draining {
+            self.draining = true;
+            metrics::gauge!("inferflux_draining").set(1.0);
+            tracing::error!(
+                failures_in_a_row = self.failures_in_a_row,
+                "the executor keeps failing: admitting no new requests (/ready answers 503) until an \
+                 operator resumes with POST /admin/drain {{\"drain\": false}} or restarts the process"
+            );
         }
     }
 
@@ -250,14 +317,16 @@ impl Scheduler {
             metrics::counter!("inferflux_num_preemptions_total", "mode" => mode).increment(1);
             if swapped && self.core.is_waiting(seq) {
                 self.core.settle_swapped(seq);
-            } else if preempted.is_some_and(|(_, s)| s) {
-                // Cancelled while being swapped out, or the swap-out failed: drop the host copy.
+            } else if preempted.is_some_and(|(_, s)| s) && sampled.is_ok() {
+                // Cancelled while being swapped out: drop the host copy. (A failed step resets
+                // every page and replaces the executor, host copies included: see `recover`.)
                 self.kv.do_send(Release { seq });
                 self.discard_swapped.do_send(DiscardSwapped { seq });
             }
         }
         match sampled {
             Ok(sampled) => {
+                self.failures_in_a_row = 0;
                 let pairs: Vec<(SeqId, u32)> = sampled.iter().map(|s| (s.seq, s.token)).collect();
                 let outcome = self.core.complete(&progress, &pairs);
                 self.throughput.record_step(
@@ -281,18 +350,7 @@ impl Scheduler {
                     self.kv.do_send(Release { seq });
                 }
             }
-            Err(e) => {
-                for &(seq, _) in &progress {
-                    if self.core.remove(seq) {
-                        self.forget(seq);
-                        self.kv.do_send(Release { seq });
-                        self.detector.do_send(FailSequence {
-                            seq,
-                            message: e.to_string(),
-                        });
-                    }
-                }
-            }
+            Err(e) => self.recover(&e),
         }
     }
 
@@ -432,11 +490,16 @@ impl Handler<Drain> for Scheduler {
     type Result = MessageResult<Drain>;
 
     fn handle(&mut self, msg: Drain, _: &mut Context<Self>) -> Self::Result {
-        if self.draining != msg.drain {
-            tracing::info!(draining = msg.drain, "drain state changed by an operator");
+        // A shutting-down server cannot be resumed.
+        let drain = msg.drain || self.shutting_down;
+        if self.draining != drain {
+            tracing::info!(draining = drain, "drain state changed by an operator");
         }
-        self.draining = msg.drain;
-        metrics::gauge!("inferflux_draining").set(if msg.drain { 1.0 } else { 0.0 });
+        self.draining = drain;
+        if !drain {
+            self.failures_in_a_row = 0;
+        }
+        metrics::gauge!("inferflux_draining").set(if drain { 1.0 } else { 0.0 });
         MessageResult(self.report())
     }
 }
@@ -451,6 +514,49 @@ impl Handler<ThroughputReport> for Scheduler {
 
     fn handle(&mut self, _: ThroughputReport, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.throughput.snapshot(Instant::now()))
+    }
+}
+
+/// SIGTERM/SIGINT: admit nothing new from now on (503); what runs or waits may finish. Replies
+/// with the queue.
+#[derive(Message)]
+#[rtype(result = "QueueReportBody")]
+pub struct BeginShutdown;
+
+impl Handler<BeginShutdown> for Scheduler {
+    type Result = MessageResult<BeginShutdown>;
+
+    fn handle(&mut self, _: BeginShutdown, _: &mut Context<Self>) -> Self::Result {
+        self.shutting_down = true;
+        self.draining = true;
+        metrics::gauge!("inferflux_draining").set(1.0);
+        MessageResult(self.report())
+    }
+}
+
+/// The shutdown grace period is over: every sequence still running or waiting leaves now, its
+/// pages are freed and its client gets an error with `message`. Replies with how many requests
+/// were cancelled.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CancelAll {
+    pub message: String,
+}
+
+impl Handler<CancelAll> for Scheduler {
+    type Result = usize;
+
+    fn handle(&mut self, msg: CancelAll, _: &mut Context<Self>) -> usize {
+        let requests = self.by_request.len();
+        for seq in self.core.all_ids() {
+            if self.drop_sequence(seq) {
+                self.detector.do_send(FailSequence {
+                    seq,
+                    message: msg.message.clone(),
+                });
+            }
+        }
+        requests
     }
 }
 

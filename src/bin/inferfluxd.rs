@@ -69,9 +69,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     let metrics = inferflux::telemetry::metrics_handle();
     let bind = format!("{}:{}", settings.server.host, settings.server.port);
     let listener = TcpListener::bind(&bind).with_context(|| format!("binding {bind}"))?;
+    let grace = std::time::Duration::from_secs(settings.server.shutdown_grace_seconds);
     actix_web::rt::System::new().block_on(async move {
         let running = inferflux::server::start(&settings, listener, metrics)?;
-        running.server.await.context("HTTP server")
+        let (scheduler, handle) = (running.scheduler.clone(), running.server.handle());
+        actix_web::rt::spawn(async move {
+            let signal = inferflux::shutdown::signal().await;
+            tracing::info!(signal, "shutdown requested");
+            inferflux::shutdown::graceful(scheduler, handle, grace).await;
+        });
+        running.server.await.context("HTTP server")?;
+        tracing::info!("shutdown complete");
+        Ok(())
     })
 }
 

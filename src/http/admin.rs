@@ -4,6 +4,7 @@ use actix_web::{web, HttpResponse};
 
 use super::error::ApiError;
 use super::{parse_request, read_body, AppState};
+use crate::actors::fault::FaultKind;
 use crate::actors::kv_pages::{KvReport, KvReportBody, ResetPrefixCache};
 use crate::actors::scheduler::{CancelRequest, Drain, QueueReport, QueueReportBody, ThroughputReport};
 use crate::scheduler::throughput::Throughput;
@@ -130,4 +131,46 @@ pub async fn cancel_request(
         )));
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "id": request_id, "cancelled": true })))
+}
+
+/// The body of `POST /admin/fault`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultRequest {
+    /// `panic` or `error`; absent with `step_delay_ms` only.
+    pub kind: Option<FaultKind>,
+    /// The fault comes on the `after_steps`-th step from now (default 1: the next one).
+    pub after_steps: Option<u64>,
+    /// Sleep this long before every step from now on (0 turns it off).
+    pub step_delay_ms: Option<u64>,
+}
+
+/// `POST /admin/fault` (tests only, see `actors::fault`): arm an executor fault and/or set a
+/// per-step delay. 404 unless the server started with `INFERFLUX_FAULT_INJECTION=1`.
+pub async fn fault(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let Some(injector) = &state.fault else {
+        return Err(ApiError::not_found(
+            "Fault injection is off; it exists only for tests (start with INFERFLUX_FAULT_INJECTION=1).",
+        ));
+    };
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let req: FaultRequest = parse_request(&body)?;
+    if let Some(ms) = req.step_delay_ms {
+        injector.set_delay(std::time::Duration::from_millis(ms));
+    }
+    let after_steps = req.after_steps.unwrap_or(1).max(1);
+    if let Some(kind) = req.kind {
+        injector.arm(kind, after_steps);
+    }
+    tracing::warn!(
+        kind = ?req.kind,
+        after_steps = ?req.kind.map(|_| after_steps),
+        step_delay_ms = ?req.step_delay_ms,
+        "executor fault injection armed"
+    );
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "kind": req.kind,
+        "after_steps": req.kind.map(|_| after_steps),
+        "step_delay_ms": req.step_delay_ms,
+    })))
 }

@@ -46,6 +46,8 @@ pub struct AppState {
     pub tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
     /// When the server started, for `/admin/metrics`' uptime.
     pub started: std::time::Instant,
+    /// The test-only fault hook; `None` unless `INFERFLUX_FAULT_INJECTION=1` (then `/admin/fault`).
+    pub fault: Option<std::sync::Arc<crate::actors::fault::FaultInjector>>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -71,6 +73,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/admin/requests/{request_id}/cancel",
             web::post().to(admin::cancel_request),
         )
+        // Test-only, kept out of the OpenAPI document: 404 unless INFERFLUX_FAULT_INJECTION=1.
+        .route("/admin/fault", web::post().to(admin::fault))
         .default_service(web::to(openapi::no_route));
 }
 

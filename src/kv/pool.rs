@@ -266,6 +266,16 @@ impl PagePool {
         table.pages.iter().rev().filter(|&&p| self.drop_ref(p)).count()
     }
 
+    /// Drops every block table (their sequences are gone with the executor that held their
+    /// K/V); returns how many there were.
+    pub fn release_all(&mut self) -> usize {
+        let seqs: Vec<SeqId> = self.tables.keys().copied().collect();
+        for &seq in &seqs {
+            self.release(seq);
+        }
+        seqs.len()
+    }
+
     /// Forgets every cached prefix (e.g. after changing weights or to measure cold starts).
     /// Pages in use stay with their sequences but are no longer offered to new ones. Returns how
     /// many keys were dropped.

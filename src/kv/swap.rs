@@ -60,6 +60,12 @@ impl SwapSpace {
         Some(pages)
     }
 
+    /// The host copies were dropped (the executor was replaced): frees all host room.
+    pub fn forget_all(&mut self) {
+        self.swapped.clear();
+        self.used_pages = 0;
+    }
+
     /// `seq` ended while swapped out: frees its host room.
     pub fn forget(&mut self, seq: SeqId) -> Option<usize> {
         let pages = self.swapped.remove(&seq)?;

@@ -34,6 +34,7 @@ impl SequenceChunk {
     }
 }
 
+#[derive(Clone)]
 struct LlamaLayer<B: Backend> {
     attn_norm: Tensor<B, 1>,
     /// Projections stored `[in, out]`, so `x.matmul(w)`.
@@ -64,6 +65,9 @@ struct AttentionPlan<B: Backend> {
     mask: Option<Tensor<B, 2>>,
 }
 
+/// `Clone` shares the weights (burn tensors are reference-counted): a restarted executor
+/// reuses them without reading the checkpoint again.
+#[derive(Clone)]
 pub struct Llama<B: Backend> {
     config: LlamaConfig,
     device: B::Device,

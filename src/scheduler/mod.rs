@@ -498,6 +498,31 @@ impl SchedulerCore {
         }
     }
 
+    /// Every running sequence: those whose K/V live in the device's cache.
+    pub fn running_ids(&self) -> Vec<SeqId> {
+        self.running.values().map(|s| s.id).collect()
+    }
+
+    /// Every sequence, running or waiting.
+    pub fn all_ids(&self) -> Vec<SeqId> {
+        self.running
+            .values()
+            .map(|s| s.id)
+            .chain(self.waiting.keys().copied())
+            .collect()
+    }
+
+    /// The host copies of swapped-out K/V are gone (the executor was replaced): waiting
+    /// sequences recompute from their tokens instead. Returns how many were swapped.
+    pub fn forget_host_kv(&mut self) -> usize {
+        let mut n = 0;
+        for s in self.waiting.values_mut().filter(|s| s.computed > 0) {
+            s.computed = 0;
+            n += 1;
+        }
+        n
+    }
+
     /// Whether `id` is in the waiting queue.
     pub fn is_waiting(&self, id: SeqId) -> bool {
         self.waiting.contains_key(&id)
