@@ -30,10 +30,13 @@ async fn handle(
     let chat: ChatCompletionRequest = parse_request(&body)?;
     let prompt_ids = render_prompt(&state, &chat)?;
     // OpenAI's default is "until the context is full"; intake still checks the sum.
-    let max_tokens = chat
-        .max_completion_tokens
-        .or(chat.max_tokens)
-        .unwrap_or_else(|| state.max_context.saturating_sub(prompt_ids.len()).max(1) as i64);
+    let max_tokens = chat.max_completion_tokens.or(chat.max_tokens).unwrap_or_else(|| {
+        let room = state.max_context.saturating_sub(prompt_ids.len()).max(1);
+        match state.max_output_tokens {
+            0 => room as i64,
+            cap => room.min(cap) as i64,
+        }
+    });
     if chat.top_logprobs.is_some() && !chat.logprobs {
         return Err(ApiError::invalid(
             Some("top_logprobs".into()),
@@ -72,6 +75,7 @@ async fn handle(
         include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: request.logprobs.is_some(),
         echo: None,
+        idle_timeout: state.stream_idle_timeout,
     };
     let submitted = submit_choices(&state, request, key_client).await?;
     respond(submitted, answer).await

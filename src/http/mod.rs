@@ -8,7 +8,9 @@ pub mod error;
 pub mod metrics_mw;
 pub mod openapi;
 pub mod probes;
+pub mod rate_limit;
 pub mod respond;
+pub mod stream_idle;
 pub mod tokenize;
 pub mod types;
 
@@ -43,9 +45,14 @@ pub struct AppState {
     /// Renders chat messages into a prompt; `None` when the model has no template.
     pub chat_template: Option<std::sync::Arc<crate::model::ChatTemplate>>,
     pub tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
+    /// `limits.max_output_tokens` (0: none): caps chat's default `max_tokens` too.
+    pub max_output_tokens: usize,
+    /// `server.stream_idle_timeout_seconds` (zero: never).
+    pub stream_idle_timeout: std::time::Duration,
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// Every route; `/admin/*` only with `admin` (`server.enable_admin`).
+pub fn routes(cfg: &mut web::ServiceConfig, admin: bool) {
     cfg.route("/v1/completions", web::post().to(completions))
         .route("/v1/chat/completions", web::post().to(chat::chat_completions))
         .route("/v1/models", web::get().to(models))
@@ -55,8 +62,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/ready", web::get().to(probes::ready))
         .route("/version", web::get().to(probes::version))
         .route("/metrics", web::get().to(metrics_text))
-        .route("/openapi.json", web::get().to(openapi::openapi))
-        .route("/admin/kv", web::get().to(admin::kv_report))
+        .route("/openapi.json", web::get().to(openapi::openapi));
+    if admin {
+        admin_routes(cfg);
+    }
+    cfg.default_service(web::to(openapi::no_route));
+}
+
+fn admin_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/admin/kv", web::get().to(admin::kv_report))
         .route(
             "/admin/kv/reset_prefix_cache",
             web::post().to(admin::reset_prefix_cache),
@@ -66,8 +80,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/admin/requests/{request_id}/cancel",
             web::post().to(admin::cancel_request),
-        )
-        .default_service(web::to(openapi::no_route));
+        );
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -99,8 +112,9 @@ async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-/// Parses the body ourselves so that every JSON mistake becomes OpenAI error JSON with a 400.
-pub(crate) fn parse_request<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+/// Parses the body ourselves so that every JSON mistake becomes OpenAI error JSON with a 400
+/// (nesting deeper than serde_json's recursion limit of 128 included: no stack overflow).
+pub fn parse_request<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
         let param = msg
@@ -161,6 +175,7 @@ async fn handle_completion(
         include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: request.logprobs.is_some(),
         echo: request.echo.then(|| echo_text(&state, &request)).transpose()?,
+        idle_timeout: state.stream_idle_timeout,
     };
     let submitted = submit_choices(&state, request, key_client).await?;
     respond(submitted, answer).await
