@@ -35,6 +35,19 @@ def rss_kib(pid):
     raise RuntimeError("no VmRSS")
 
 
+async def sse_lines(resp):
+    """The lines of an SSE body, split only where SSE splits them (LF, CR LF): httpx's
+    `aiter_lines` also splits at U+2028, U+0085 and the like, which JSON strings may hold raw."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", "replace")
+    if buf:
+        yield buf.rstrip(b"\r").decode("utf-8", "replace")
+
+
 class Soak:
     def __init__(self, args):
         self.args = args
@@ -95,7 +108,7 @@ class Soak:
                 self.fail("stream: 200 that is not text/event-stream")
                 return
             request_id = resp.headers.get("x-request-id")
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line.startswith("data: "):
                     if line.strip():
                         self.stats["malformed"] += 1

@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::start;
+use inferflux::config::Settings;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -105,26 +106,26 @@ async fn limits_prompt_and_output_tokens_get_400_naming_the_field() {
             (status, resp.json::<serde_json::Value>().await.unwrap())
         }
     };
-    let (status, v) = post(json!({ "prompt": [5; 9], "max_tokens": 1 })).await;
+    let (status, v) = post(json!({ "prompt": vec![5u32; 9], "max_tokens": 1 })).await;
     assert_eq!((status, &v["error"]["param"]), (400, &json!("prompt")), "{v}");
     assert!(v["error"]["message"]
         .as_str()
         .unwrap()
         .contains("limits.max_prompt_tokens"));
-    let (status, v) = post(json!({ "prompt": [5; 8], "max_tokens": 5 })).await;
+    let (status, v) = post(json!({ "prompt": vec![5u32; 8], "max_tokens": 5 })).await;
     assert_eq!((status, &v["error"]["param"]), (400, &json!("max_tokens")), "{v}");
     assert!(v["error"]["message"]
         .as_str()
         .unwrap()
         .contains("limits.max_output_tokens"));
-    let (status, v) = post(json!({ "prompt": [5; 8], "max_tokens": 4, "ignore_eos": true })).await;
+    let (status, v) = post(json!({ "prompt": vec![5u32; 8], "max_tokens": 4, "ignore_eos": true })).await;
     assert_eq!(
         (status, &v["usage"]["completion_tokens"]),
         (200, &json!(4)),
         "{v}"
     );
     // Without max_tokens the default (16) is capped, not refused.
-    let (status, v) = post(json!({ "prompt": [5; 8], "ignore_eos": true })).await;
+    let (status, v) = post(json!({ "prompt": vec![5u32; 8], "ignore_eos": true })).await;
     assert_eq!(
         (status, &v["usage"]["completion_tokens"]),
         (200, &json!(4)),
@@ -208,13 +209,38 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// As `common::start`, on a listener whose accepted sockets have a small send buffer (they
+/// inherit it), so that a client that stops reading blocks the server within kilobytes rather
+/// than the 4 MiB that loopback autotuning allows.
+fn start_with_small_send_buffer(tweak: impl FnOnce(&mut Settings) + Send + 'static) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut settings = Settings::default();
+        settings.model.device = inferflux::config::DeviceKind::Cpu;
+        tweak(&mut settings);
+        actix_web::rt::System::new().block_on(async move {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.set_send_buffer_size(4096).unwrap();
+            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = socket.listen(64).unwrap().into_std().unwrap();
+            listener.set_nonblocking(false).unwrap();
+            let running =
+                inferflux::server::start(&settings, listener, inferflux::telemetry::metrics_handle()).unwrap();
+            tx.send(running.addr).unwrap();
+            running.server.await.unwrap();
+        });
+    });
+    format!("http://{}", rx.recv().expect("server started"))
+}
+
 #[actix_web::test]
 async fn limits_idle_stream_is_cancelled_and_its_pages_freed() {
-    // One sequence at a time, so the 16 choices run one after another for several seconds.
-    let server = start(|s| {
+    // One sequence at a time, so the 16 choices run one after another.
+    let base = start_with_small_send_buffer(|s| {
         s.server.stream_idle_timeout_seconds = 1;
         s.scheduler.max_running = 1;
     });
+    let server = common::TestServer { base };
     let before = common::metrics_text(&server.base).await;
     let cancelled_before = metric(&before, "inferflux_requests_cancelled_total");
     // A client with a tiny receive window that never reads what it asked for.
@@ -266,7 +292,6 @@ async fn security_admin_routes_can_be_turned_off() {
 
 #[test]
 fn security_refuses_an_exposed_admin_surface() {
-    use inferflux::config::Settings;
     use inferflux::server::check_exposure;
     let public: std::net::SocketAddr = "0.0.0.0:8080".parse().unwrap();
     let loopback: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
