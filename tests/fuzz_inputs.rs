@@ -241,7 +241,6 @@ fn fuzz_chat_templates_that_loop_or_read_files_end_as_errors() {
         "{% include '/etc/passwd' %}",
         "{% import '/etc/hostname' as h %}",
         "{% extends '../Cargo.toml' %}",
-        "{% set ns = namespace(x=[]) %}{% for m in range(100000) %}{% for n in range(1000) %}{% set ns.x = ns.x + [n] %}{% endfor %}{% endfor %}",
     ];
     let user = [ChatMessage {
         role: "user".into(),
