@@ -225,7 +225,8 @@ fn start_with_small_send_buffer(tweak: impl FnOnce(&mut Settings) + Send + 'stat
             let listener = socket.listen(64).unwrap().into_std().unwrap();
             listener.set_nonblocking(false).unwrap();
             let running =
-                inferflux::server::start(&settings, listener, inferflux::telemetry::metrics_handle()).unwrap();
+                inferflux::server::start(&settings, listener, inferflux::telemetry::metrics_handle())
+                    .unwrap();
             tx.send(running.addr).unwrap();
             running.server.await.unwrap();
         });
