@@ -13,6 +13,36 @@ pub enum ConfigError {
     Invalid(#[from] config::ConfigError),
     #[error("configuration key `{key}`: {message}")]
     BadValue { key: &'static str, message: String },
+    /// The file itself is wrong (unknown key, wrong type, bad TOML): named with the key.
+    #[error("configuration file {}: {message}", file.display())]
+    File { file: PathBuf, message: String },
+}
+
+/// The file's own error, if `file` alone does not give valid settings: what went wrong, with
+/// the full dotted key (`config` reports an unknown field under its section only).
+fn file_error(file: &Path) -> Option<ConfigError> {
+    let alone = config::Config::builder()
+        .add_source(config::File::from(file).required(false))
+        .build()
+        .and_then(|c| c.try_deserialize::<Settings>());
+    let err = alone.err()?;
+    let message = match &err {
+        config::ConfigError::At { error, key, .. } => {
+            let inner = error.to_string();
+            match (inner.strip_prefix("unknown field `"), key) {
+                (Some(rest), Some(section)) => {
+                    let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
+                    format!("unknown key `{section}.{field}`{expected}")
+                }
+                _ => err.to_string(),
+            }
+        }
+        _ => err.to_string(),
+    };
+    Some(ConfigError::File {
+        file: file.to_path_buf(),
+        message,
+    })
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -38,6 +68,19 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, how long running requests may take to finish before they are
     /// cancelled with an error and the process exits.
     pub shutdown_grace_seconds: u64,
+    /// Most open client connections, all workers together; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A client must send its whole request head within this (slow-loris); 408 and close after.
+    pub client_request_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this; 0 disables keep-alive.
+    pub keep_alive_seconds: u64,
+    /// Time a client gets to acknowledge the connection's shutdown before it is dropped.
+    pub client_disconnect_timeout_ms: u64,
+    /// An SSE stream whose client stops reading (the server has an event it cannot hand on) for
+    /// this long is cancelled and its KV pages freed; 0 never.
+    pub stream_idle_timeout_seconds: u64,
+    /// Serve `/admin/*`; false removes those routes (404).
+    pub enable_admin: bool,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +90,12 @@ impl Default for ServerConfig {
             port: 8080,
             max_body_bytes: 1 << 20,
             shutdown_grace_seconds: 30,
+            max_connections: 1024,
+            client_request_timeout_ms: 5000,
+            keep_alive_seconds: 5,
+            client_disconnect_timeout_ms: 1000,
+            stream_idle_timeout_seconds: 60,
+            enable_admin: true,
         }
     }
 }
@@ -153,6 +202,14 @@ pub struct LimitsConfig {
     pub max_stop_strings: usize,
     /// Longest `stop` string, in UTF-8 bytes; text up to this long may be held back per sequence.
     pub max_stop_bytes: usize,
+    /// Most prompt tokens per request; 0 leaves only the model's context as the bound.
+    pub max_prompt_tokens: usize,
+    /// Most `max_tokens` per request; 0 leaves only the model's context as the bound.
+    pub max_output_tokens: usize,
+    /// Requests per second each client may sustain on the API routes (token bucket); 0 is off.
+    pub rate_limit_rps: f64,
+    /// Requests a client may send at once above the rate; 0 takes `ceil(rate_limit_rps)`.
+    pub rate_limit_burst: usize,
 }
 
 impl Default for LimitsConfig {
@@ -160,6 +217,10 @@ impl Default for LimitsConfig {
         Self {
             max_stop_strings: 4,
             max_stop_bytes: 256,
+            max_prompt_tokens: 0,
+            max_output_tokens: 0,
+            rate_limit_rps: 0.0,
+            rate_limit_burst: 0,
         }
     }
 }
@@ -327,7 +388,12 @@ impl Settings {
         if let Some(token) = &cli.admin_token {
             builder = builder.set_override("auth.admin_token", token.clone())?;
         }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let file_used = file.map_or_else(|| PathBuf::from("config/inferflux.toml"), Path::to_path_buf);
+        let settings: Settings = match builder.build().and_then(|c| c.try_deserialize()) {
+            Ok(s) => s,
+            // Blame the file when the file alone is wrong, naming it and the key.
+            Err(e) => return Err(file_error(&file_used).unwrap_or(ConfigError::Invalid(e))),
+        };
         settings.validate()?;
         Ok(settings)
     }
@@ -370,6 +436,20 @@ impl Settings {
         }
         positive("server.max_body_bytes", self.server.max_body_bytes)?;
         positive("limits.max_stop_bytes", self.limits.max_stop_bytes)?;
+        positive("server.max_connections", self.server.max_connections)?;
+        positive(
+            "server.client_request_timeout_ms",
+            self.server.client_request_timeout_ms as usize,
+        )?;
+        if !(self.limits.rate_limit_rps.is_finite() && self.limits.rate_limit_rps >= 0.0) {
+            return Err(ConfigError::BadValue {
+                key: "limits.rate_limit_rps",
+                message: format!(
+                    "must be a number >= 0 (0 turns the rate limit off), got {}",
+                    self.limits.rate_limit_rps
+                ),
+            });
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::BadValue {
                 key: "log.format",
@@ -623,6 +703,30 @@ mod tests {
                     "{err}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn security_config_file_errors_name_the_key_and_the_file() {
+        let dir = std::env::temp_dir().join(format!("inferflux-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text, key) in [
+            ("type.toml", "[server]\nport = \"eighty\"\n", "server.port"),
+            ("unknown.toml", "[server]\nbogus_key = 1\n", "server.bogus_key"),
+            (
+                "section.toml",
+                "[limits]\nrate_limit_rps = \"fast\"\n",
+                "limits.rate_limit_rps",
+            ),
+            ("syntax.toml", "[kv]\npage_size = = 3\n", "page_size"),
+        ] {
+            let file = dir.join(name);
+            std::fs::write(&file, text).unwrap();
+            let err = Settings::load_with_env(Some(&file), &CliOverrides::default(), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{name}: {err}");
+            assert!(err.contains(&file.display().to_string()), "{name}: {err}");
         }
     }
 

@@ -33,6 +33,21 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("kv.num_pages = 0 sizes the pool from free memory, but {0}")]
     PoolSize(String),
+    #[error(
+        "refusing to serve /admin/* without a token on the non-loopback address {0}: set \
+         auth.admin_token (--admin-token, INFERFLUX__AUTH__ADMIN_TOKEN), or server.enable_admin = \
+         false (INFERFLUX__SERVER__ENABLE_ADMIN=false), or bind to 127.0.0.1"
+    )]
+    AdminExposed(std::net::SocketAddr),
+}
+
+/// Admin routes cancel requests and drain the server: on an address other hosts can reach they
+/// need a token, or must be turned off.
+pub fn check_exposure(settings: &Settings, addr: std::net::SocketAddr) -> Result<(), StartError> {
+    if settings.server.enable_admin && settings.auth.admin_token.is_empty() && !addr.ip().is_loopback() {
+        return Err(StartError::AdminExposed(addr));
+    }
+    Ok(())
 }
 
 /// Which backend serves, decided once at start.
@@ -106,6 +121,7 @@ pub fn start(
     listener: TcpListener,
     metrics: PrometheusHandle,
 ) -> Result<Running, StartError> {
+    check_exposure(settings, listener.local_addr()?)?;
     let source = match &settings.model.path {
         Some(p) if !p.as_os_str().is_empty() => ModelSource::Dir(p.clone()),
         _ => ModelSource::Embedded,
@@ -177,6 +193,8 @@ pub fn start(
         eos_token_ids: files.special.eos_token_ids.clone(),
         max_stop_strings: settings.limits.max_stop_strings,
         max_stop_bytes: settings.limits.max_stop_bytes,
+        max_prompt_tokens: settings.limits.max_prompt_tokens,
+        max_output_tokens: settings.limits.max_output_tokens,
     };
     let intake = RequestIntake::new(files.tokenizer.clone(), limits, scheduler.clone(), detector).start();
     metrics::gauge!("inferflux_model_info", "model" => model_name.clone(), "backend" => backend.as_str())
@@ -194,8 +212,24 @@ pub fn start(
         tokenizer: files.tokenizer.clone(),
         started: std::time::Instant::now(),
         fault,
+        max_output_tokens: settings.limits.max_output_tokens,
+        stream_idle_timeout: std::time::Duration::from_secs(settings.server.stream_idle_timeout_seconds),
     };
     let auth = web::Data::new(http::auth::Auth::new(&settings.auth));
+    let rate_limit = web::Data::new(http::rate_limit::RateLimiter::new(
+        settings.limits.rate_limit_rps,
+        settings.limits.rate_limit_burst,
+        !settings.auth.api_keys.is_empty(),
+    ));
+    let enable_admin = settings.server.enable_admin;
+    let s = &settings.server;
+    // actix counts connections per worker: the configured total is shared out (rounded up to a
+    // multiple of the worker count; fewer workers than that many connections).
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(s.max_connections)
+        .max(1);
+    let per_worker = s.max_connections.div_ceil(workers).max(1);
     // Counts only: the keys and token never reach a log.
     tracing::info!(
         api_keys = settings.auth.api_keys.len(),
@@ -209,13 +243,23 @@ pub fn start(
         App::new()
             .app_data(web::Data::new(state.clone()))
             .app_data(auth.clone())
+            .app_data(rate_limit.clone())
+            .wrap(actix_web::middleware::from_fn(http::rate_limit::limit))
             .wrap(actix_web::middleware::from_fn(http::auth::guard))
             .wrap(actix_web::middleware::from_fn(http::metrics_mw::count_requests))
             // Outermost: the id and span exist before auth or counting look at the request.
             .wrap(actix_web::middleware::from_fn(
                 http::request_context::request_context,
             ))
-            .configure(http::routes)
+            .configure(|cfg| http::routes(cfg, enable_admin))
+    })
+    .workers(workers)
+    .max_connections(per_worker)
+    .client_request_timeout(std::time::Duration::from_millis(s.client_request_timeout_ms))
+    .client_disconnect_timeout(std::time::Duration::from_millis(s.client_disconnect_timeout_ms))
+    .keep_alive(match s.keep_alive_seconds {
+        0 => actix_web::http::KeepAlive::Disabled,
+        n => actix_web::http::KeepAlive::Timeout(std::time::Duration::from_secs(n)),
     })
     // SIGTERM/SIGINT are handled by `crate::shutdown`, which drains before the server stops.
     .disable_signals()

@@ -36,6 +36,10 @@ pub struct IntakeLimits {
     pub max_stop_strings: usize,
     /// Longest `stop` string in bytes (`limits.max_stop_bytes`).
     pub max_stop_bytes: usize,
+    /// Most prompt tokens (`limits.max_prompt_tokens`); 0: only the context bounds them.
+    pub max_prompt_tokens: usize,
+    /// Most `max_tokens` (`limits.max_output_tokens`); 0: only the context bounds them.
+    pub max_output_tokens: usize,
 }
 
 /// A request that passed validation and tokenization.
@@ -95,8 +99,28 @@ pub fn validate(
     if prompt_ids.is_empty() {
         return Err(ApiError::invalid(Some("prompt".into()), "prompt is empty"));
     }
+    if limits.max_prompt_tokens > 0 && prompt_ids.len() > limits.max_prompt_tokens {
+        return Err(ApiError::invalid(
+            Some("prompt".into()),
+            format!(
+                "the prompt has {} tokens; this server accepts at most {} (limits.max_prompt_tokens)",
+                prompt_ids.len(),
+                limits.max_prompt_tokens
+            ),
+        ));
+    }
     let max_tokens = match req.max_tokens {
+        None if limits.max_output_tokens > 0 => DEFAULT_MAX_TOKENS.min(limits.max_output_tokens),
         None => DEFAULT_MAX_TOKENS,
+        Some(m) if limits.max_output_tokens > 0 && m > limits.max_output_tokens as i64 => {
+            return Err(ApiError::invalid(
+                Some("max_tokens".into()),
+                format!(
+                    "max_tokens is {m}; this server allows at most {} (limits.max_output_tokens)",
+                    limits.max_output_tokens
+                ),
+            ))
+        }
         Some(m) if m >= 1 => m as usize,
         Some(m) => {
             return Err(ApiError::invalid(
@@ -337,6 +361,26 @@ pub struct CancelOnDrop {
 impl CancelOnDrop {
     pub fn disarm(&mut self) {
         self.scheduler = None;
+    }
+
+    /// A way to cancel the sequence from elsewhere (the idle-stream watchdog), while armed.
+    pub fn cancel_handle(&self) -> Option<CancelHandle> {
+        self.scheduler.clone().map(|scheduler| CancelHandle {
+            seq: self.seq,
+            scheduler,
+        })
+    }
+}
+
+/// Cancels one sequence on demand; cancelling one that already ended does nothing.
+pub struct CancelHandle {
+    seq: SeqId,
+    scheduler: Addr<Scheduler>,
+}
+
+impl CancelHandle {
+    pub fn cancel(self) {
+        self.scheduler.do_send(Cancel { seq: self.seq });
     }
 }
 

@@ -31,10 +31,13 @@ async fn handle(
     let chat: ChatCompletionRequest = parse_request(&body)?;
     let prompt_ids = render_prompt(&state, &chat)?;
     // OpenAI's default is "until the context is full"; intake still checks the sum.
-    let max_tokens = chat
-        .max_completion_tokens
-        .or(chat.max_tokens)
-        .unwrap_or_else(|| state.max_context.saturating_sub(prompt_ids.len()).max(1) as i64);
+    let max_tokens = chat.max_completion_tokens.or(chat.max_tokens).unwrap_or_else(|| {
+        let room = state.max_context.saturating_sub(prompt_ids.len()).max(1);
+        match state.max_output_tokens {
+            0 => room as i64,
+            cap => room.min(cap) as i64,
+        }
+    });
     if chat.top_logprobs.is_some() && !chat.logprobs {
         return Err(ApiError::invalid(
             Some("top_logprobs".into()),
@@ -74,6 +77,7 @@ async fn handle(
         logprobs: request.logprobs.is_some(),
         echo: None,
         stats: ctx.stats.clone(),
+        idle_timeout: state.stream_idle_timeout,
     };
     let submitted = submit_choices(&state, request, &ctx).await?;
     respond(submitted, answer).await

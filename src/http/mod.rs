@@ -8,8 +8,10 @@ pub mod error;
 pub mod metrics_mw;
 pub mod openapi;
 pub mod probes;
+pub mod rate_limit;
 pub mod request_context;
 pub mod respond;
+pub mod stream_idle;
 pub mod tokenize;
 pub mod types;
 
@@ -48,9 +50,14 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// The test-only fault hook; `None` unless `INFERFLUX_FAULT_INJECTION=1` (then `/admin/fault`).
     pub fault: Option<std::sync::Arc<crate::actors::fault::FaultInjector>>,
+    /// `limits.max_output_tokens` (0: none): caps chat's default `max_tokens` too.
+    pub max_output_tokens: usize,
+    /// `server.stream_idle_timeout_seconds` (zero: never).
+    pub stream_idle_timeout: std::time::Duration,
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// Every route; `/admin/*` only with `admin` (`server.enable_admin`).
+pub fn routes(cfg: &mut web::ServiceConfig, admin: bool) {
     cfg.route("/v1/completions", web::post().to(completions))
         .route("/v1/chat/completions", web::post().to(chat::chat_completions))
         .route("/v1/models", web::get().to(models))
@@ -60,8 +67,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/ready", web::get().to(probes::ready))
         .route("/version", web::get().to(probes::version))
         .route("/metrics", web::get().to(metrics_text))
-        .route("/openapi.json", web::get().to(openapi::openapi))
-        .route("/admin/kv", web::get().to(admin::kv_report))
+        .route("/openapi.json", web::get().to(openapi::openapi));
+    if admin {
+        admin_routes(cfg);
+    }
+    cfg.default_service(web::to(openapi::no_route));
+}
+
+fn admin_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/admin/kv", web::get().to(admin::kv_report))
         .route(
             "/admin/kv/reset_prefix_cache",
             web::post().to(admin::reset_prefix_cache),
@@ -74,8 +88,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::post().to(admin::cancel_request),
         )
         // Test-only, kept out of the OpenAPI document: 404 unless INFERFLUX_FAULT_INJECTION=1.
-        .route("/admin/fault", web::post().to(admin::fault))
-        .default_service(web::to(openapi::no_route));
+        .route("/admin/fault", web::post().to(admin::fault));
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -107,8 +120,9 @@ async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-/// Parses the body ourselves so that every JSON mistake becomes OpenAI error JSON with a 400.
-pub(crate) fn parse_request<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+/// Parses the body ourselves so that every JSON mistake becomes OpenAI error JSON with a 400
+/// (nesting deeper than serde_json's recursion limit of 128 included: no stack overflow).
+pub fn parse_request<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
         let param = msg
@@ -171,6 +185,7 @@ async fn handle_completion(
         logprobs: request.logprobs.is_some(),
         echo: request.echo.then(|| echo_text(&state, &request)).transpose()?,
         stats: ctx.stats.clone(),
+        idle_timeout: state.stream_idle_timeout,
     };
     let submitted = submit_choices(&state, request, &ctx).await?;
     respond(submitted, answer).await

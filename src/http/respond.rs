@@ -48,6 +48,8 @@ pub(crate) struct Answer {
     pub echo: Option<String>,
     /// Usage and time to first token, for the request's access log line.
     pub stats: Arc<RequestStats>,
+    /// `server.stream_idle_timeout_seconds`: cancel a stream its client stopped reading.
+    pub idle_timeout: std::time::Duration,
 }
 
 /// Submits the `n` choices of `request` to intake, in choice order. Choice 0 keeps the
@@ -102,10 +104,29 @@ pub(crate) async fn respond(subs: Vec<Submitted>, answer: Answer) -> Result<Http
         .map(|s| s.request_id.clone())
         .ok_or_else(|| ApiError::internal("no choice was submitted"))?;
     if subs[0].stream {
+        let cancels: Vec<_> = subs.iter().filter_map(|s| s.guard.cancel_handle()).collect();
+        let idle_timeout = answer.idle_timeout;
+        let span = tracing::Span::current();
+        let on_idle = move |unread: std::time::Duration| {
+            tracing::info!(
+                parent: &span,
+                unread_ms = unread.as_millis() as u64,
+                "stream cancelled: the client stopped reading"
+            );
+            metrics::counter!("inferflux_streams_idle_cancelled_total").increment(1);
+            for cancel in cancels {
+                cancel.cancel();
+            }
+        };
+        let body = super::stream_idle::watch(
+            sse_stream(subs, answer, request_id.clone()),
+            idle_timeout,
+            on_idle,
+        );
         Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
             .insert_header(("Cache-Control", "no-cache"))
-            .streaming(sse_stream(subs, answer, request_id)))
+            .streaming(body))
     } else {
         let body = collect(subs, &answer, &request_id).await?;
         Ok(HttpResponse::Ok().json(body))

@@ -17,6 +17,12 @@ use super::ModelError;
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// Instructions one render may run. Real templates use tens per message, and a body within
+/// `server.max_body_bytes` holds at most some tens of thousands of messages; a template that
+/// loops (nested `range`s) stops here with an error instead of holding a worker. No loader is
+/// set, so `include`, `import` and `extends` can reach no file.
+pub const CHAT_TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// One message as templates see it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
@@ -83,10 +89,12 @@ impl ChatTemplate {
             .map_err(|e| ModelError::Tokenizer(format!("{}: chat template: {e}", origin.display())))
     }
 
-    fn new(source: String, special_tokens: Vec<(&'static str, String)>) -> Result<Self, Error> {
+    /// Compiles `source` as a template (tests build hostile ones this way).
+    pub fn new(source: String, special_tokens: Vec<(&'static str, String)>) -> Result<Self, Error> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
