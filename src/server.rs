@@ -3,6 +3,7 @@
 //! The backend is chosen here and only here; everything below is generic over `B: Backend`.
 
 use std::net::TcpListener;
+use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
@@ -15,10 +16,12 @@ use crate::actors::intake::{IntakeLimits, RequestIntake};
 use crate::actors::kv_pages::KvPageManager;
 use crate::actors::scheduler::Scheduler;
 use crate::actors::stop_detector::{ConnectScheduler, StopSequenceDetector};
+use crate::actors::tp_ranks::{Rank, RankWorker};
 use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
 use crate::model::{Llama, ModelError, ModelFiles, ModelSource, PagedKvCache};
+use crate::parallel::{Communicator, LocalCommunicator};
 use crate::scheduler::SchedulerCore;
 
 /// Why the server could not start.
@@ -32,6 +35,10 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("kv.num_pages = 0 sizes the pool from free memory, but {0}")]
     PoolSize(String),
+    #[error("parallel.data_parallel_size = {0}: data parallel is not implemented yet; set it to 1")]
+    DataParallel(usize),
+    #[error("parallel.tensor_parallel_size = {size}: {reason}")]
+    TensorParallel { size: usize, reason: String },
 }
 
 /// Which backend serves, decided once at start.
@@ -103,7 +110,19 @@ pub fn start(
         Some(p) if !p.as_os_str().is_empty() => ModelSource::Dir(p.clone()),
         _ => ModelSource::Embedded,
     };
+    if settings.parallel.data_parallel_size > 1 {
+        return Err(StartError::DataParallel(settings.parallel.data_parallel_size));
+    }
     let backend = choose_backend(settings.model.device)?;
+    let tp = settings.parallel.tensor_parallel_size;
+    if tp > 1 && backend == ChosenBackend::Cuda {
+        return Err(StartError::TensorParallel {
+            size: tp,
+            reason: "tensor parallel runs on the CPU backend only for now (one GPU per rank over \
+                     NCCL is not wired into serving); use --device cpu"
+                .into(),
+        });
+    }
     let files = ModelFiles::open(&source)?;
     if source == ModelSource::Embedded {
         tracing::info!(
@@ -195,6 +214,10 @@ pub fn start(
     Ok(Running { server, addr })
 }
 
+/// How long a tensor-parallel rank waits for the others at one collective before it fails the
+/// step: ranks do the same work between collectives, so only a stuck rank waits this long.
+const TP_COLLECTIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The executor's mailboxes and the pool it allocated.
 struct ExecutorHandle {
     step: Recipient<ExecuteStep>,
@@ -245,12 +268,38 @@ fn start_executor<B: Backend>(
     dtype: DType,
 ) -> Result<ExecutorHandle, StartError> {
     let started = std::time::Instant::now();
+    let tp = settings.parallel.tensor_parallel_size;
     let index = files.checkpoint.index()?;
-    let model = Llama::<B>::load(&files.config, &index, &device, dtype)?;
+    // One communicator per rank; each rank reads only its shard of the weights.
+    let comms: Vec<Arc<dyn Communicator>> = if tp > 1 {
+        LocalCommunicator::group(tp, Some(TP_COLLECTIVE_TIMEOUT))
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut models = Vec::with_capacity(tp);
+    for rank in 0..tp {
+        let comm = comms.get(rank).cloned();
+        let model = Llama::<B>::load_shard(&files.config, &index, &device, dtype, comm).map_err(|e| {
+            if tp > 1 {
+                StartError::TensorParallel {
+                    size: tp,
+                    reason: e.to_string(),
+                }
+            } else {
+                e.into()
+            }
+        })?;
+        models.push(model);
+    }
     drop(index);
     let c = &files.config;
-    let kv_dim = c.num_kv_heads * c.head_dim;
-    let page_bytes = 2 * c.num_layers * settings.kv.page_size * kv_dim * dtype.size();
+    // Every rank holds the same number of KV heads (replicated when there are fewer than ranks),
+    // and all of them live in this process's memory.
+    let kv_dim = models[0].kv_dim();
+    let page_bytes = tp * 2 * c.num_layers * settings.kv.page_size * kv_dim * dtype.size();
     let num_pages = match settings.kv.num_pages {
         0 => {
             let free = free_memory(backend == ChosenBackend::Cuda)
@@ -269,18 +318,21 @@ fn start_executor<B: Backend>(
         }
         n => n,
     };
-    let cache = PagedKvCache::<B>::new(
-        c.num_layers,
-        num_pages,
-        settings.kv.page_size,
-        kv_dim,
-        &device,
-        dtype,
-    );
+    let new_cache = || {
+        PagedKvCache::<B>::new(
+            c.num_layers,
+            num_pages,
+            settings.kv.page_size,
+            kv_dim,
+            &device,
+            dtype,
+        )
+    };
     tracing::info!(
         backend = B::name(&device),
         ?dtype,
         layers = c.num_layers,
+        tensor_parallel = tp,
         kv_pages = num_pages,
         page_size = settings.kv.page_size,
         kv_bytes = num_pages * page_bytes,
@@ -290,7 +342,23 @@ fn start_executor<B: Backend>(
     );
     // One executor thread owns the device; the slot holds the model between its creation here
     // and the SyncArbiter's factory call on that thread.
-    let slot = std::sync::Mutex::new(Some(ModelExecutor::new(model, cache)));
+    let mut models = models.into_iter();
+    let rank0 = models.next().expect("at least one rank");
+    let executor = if tp > 1 {
+        let mut workers = Vec::with_capacity(tp - 1);
+        for (i, model) in models.enumerate() {
+            let rank = i + 1;
+            workers.push(RankWorker::spawn(
+                rank,
+                Rank::new(model, new_cache()),
+                comms[rank].clone(),
+            )?);
+        }
+        ModelExecutor::tensor_parallel(Rank::new(rank0, new_cache()), workers, comms[0].clone())
+    } else {
+        ModelExecutor::new(rank0, new_cache())
+    };
+    let slot = std::sync::Mutex::new(Some(executor));
     let addr = SyncArbiter::start(1, move || {
         slot.lock()
             .ok()
