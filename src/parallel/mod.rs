@@ -98,22 +98,22 @@ impl ParallelContext {
         intermediate_size: usize,
     ) -> Result<(), String> {
         let tp = self.tp_size;
-        if num_heads % tp != 0 {
+        if !num_heads.is_multiple_of(tp) {
             return Err(format!(
                 "num_attention_heads = {num_heads} is not divisible by tensor_parallel_size = {tp}"
             ));
         }
-        if tp <= num_kv_heads && num_kv_heads % tp != 0 {
+        if tp <= num_kv_heads && !num_kv_heads.is_multiple_of(tp) {
             return Err(format!(
                 "num_key_value_heads = {num_kv_heads} is not divisible by tensor_parallel_size = {tp}"
             ));
         }
-        if tp > num_kv_heads && tp % num_kv_heads != 0 {
+        if tp > num_kv_heads && !tp.is_multiple_of(num_kv_heads) {
             return Err(format!(
                 "tensor_parallel_size = {tp} is not a multiple of num_key_value_heads = {num_kv_heads}"
             ));
         }
-        if intermediate_size % tp != 0 {
+        if !intermediate_size.is_multiple_of(tp) {
             return Err(format!(
                 "intermediate_size = {intermediate_size} is not divisible by tensor_parallel_size = {tp}"
             ));
