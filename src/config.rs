@@ -55,6 +55,7 @@ pub struct Settings {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
+    pub parallel: ParallelConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -239,6 +240,25 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
             format: "text".into(),
+        }
+    }
+}
+
+/// How many ranks serve the model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Ranks one model is split over (heads, MLP and vocabulary); 1 runs it whole.
+    pub tensor_parallel_size: usize,
+    /// Executor replicas behind one intake; only 1 is implemented yet.
+    pub data_parallel_size: usize,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self {
+            tensor_parallel_size: 1,
+            data_parallel_size: 1,
         }
     }
 }
@@ -450,6 +470,11 @@ impl Settings {
                 ),
             });
         }
+        positive(
+            "parallel.tensor_parallel_size",
+            self.parallel.tensor_parallel_size,
+        )?;
+        positive("parallel.data_parallel_size", self.parallel.data_parallel_size)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::BadValue {
                 key: "log.format",
@@ -573,6 +598,28 @@ mod tests {
         assert_eq!(s.log.format, "json");
         let err = Settings::load_with_env(None, &none, env(&[("INFERFLUX_LOG_FORMAT", "xml")])).unwrap_err();
         assert!(err.to_string().contains("log.format"), "{err}");
+    }
+
+    #[test]
+    fn parallel_sizes_come_from_env_and_zero_is_refused() {
+        let s = Settings::load_with_env(None, &CliOverrides::default(), env(&[])).unwrap();
+        assert_eq!(s.parallel, ParallelConfig::default());
+        let vars = env(&[
+            ("INFERFLUX__PARALLEL__TENSOR_PARALLEL_SIZE", "2"),
+            ("INFERFLUX__PARALLEL__DATA_PARALLEL_SIZE", "3"),
+        ]);
+        let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
+        assert_eq!(
+            (s.parallel.tensor_parallel_size, s.parallel.data_parallel_size),
+            (2, 3)
+        );
+        let err = Settings::load_with_env(
+            None,
+            &CliOverrides::default(),
+            env(&[("INFERFLUX__PARALLEL__TENSOR_PARALLEL_SIZE", "0")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("parallel.tensor_parallel_size"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod http;
 pub mod kv;
 pub mod model;
+pub mod parallel;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

@@ -3,6 +3,7 @@
 //! The backend is chosen here and only here; everything below is generic over `B: Backend`.
 
 use std::net::TcpListener;
+use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
@@ -16,10 +17,12 @@ use crate::actors::intake::{IntakeLimits, RequestIntake};
 use crate::actors::kv_pages::KvPageManager;
 use crate::actors::scheduler::Scheduler;
 use crate::actors::stop_detector::{ConnectScheduler, StopSequenceDetector};
+use crate::actors::tp_ranks::{Rank, RankWorker};
 use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
 use crate::model::{Llama, ModelError, ModelFiles, ModelSource, PagedKvCache};
+use crate::parallel::{Communicator, LocalCommunicator};
 use crate::scheduler::SchedulerCore;
 
 /// Why the server could not start.
@@ -39,6 +42,10 @@ pub enum StartError {
          false (INFERFLUX__SERVER__ENABLE_ADMIN=false), or bind to 127.0.0.1"
     )]
     AdminExposed(std::net::SocketAddr),
+    #[error("parallel.data_parallel_size = {0}: data parallel is not implemented yet; set it to 1")]
+    DataParallel(usize),
+    #[error("parallel.tensor_parallel_size = {size}: {reason}")]
+    TensorParallel { size: usize, reason: String },
 }
 
 /// Admin routes cancel requests and drain the server: on an address other hosts can reach they
@@ -126,7 +133,19 @@ pub fn start(
         Some(p) if !p.as_os_str().is_empty() => ModelSource::Dir(p.clone()),
         _ => ModelSource::Embedded,
     };
+    if settings.parallel.data_parallel_size > 1 {
+        return Err(StartError::DataParallel(settings.parallel.data_parallel_size));
+    }
     let backend = choose_backend(settings.model.device)?;
+    let tp = settings.parallel.tensor_parallel_size;
+    if tp > 1 && backend == ChosenBackend::Cuda {
+        return Err(StartError::TensorParallel {
+            size: tp,
+            reason: "tensor parallel runs on the CPU backend only for now (one GPU per rank over \
+                     NCCL is not wired into serving); use --device cpu"
+                .into(),
+        });
+    }
     let files = ModelFiles::open(&source)?;
     if source == ModelSource::Embedded {
         tracing::info!(
@@ -274,6 +293,10 @@ pub fn start(
     })
 }
 
+/// How long a tensor-parallel rank waits for the others at one collective before it fails the
+/// step: ranks do the same work between collectives, so only a stuck rank waits this long.
+const TP_COLLECTIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The executor's mailboxes, how to restart it, and the pool it allocated.
 struct ExecutorHandle {
     addrs: ExecutorAddrs,
@@ -325,12 +348,38 @@ fn start_executor<B: Backend>(
     fault: Option<std::sync::Arc<FaultInjector>>,
 ) -> Result<ExecutorHandle, StartError> {
     let started = std::time::Instant::now();
+    let tp = settings.parallel.tensor_parallel_size;
     let index = files.checkpoint.index()?;
-    let model = Llama::<B>::load(&files.config, &index, &device, dtype)?;
+    // One communicator per rank; each rank reads only its shard of the weights.
+    let comms: Vec<Arc<dyn Communicator>> = if tp > 1 {
+        LocalCommunicator::group(tp, Some(TP_COLLECTIVE_TIMEOUT))
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut models = Vec::with_capacity(tp);
+    for rank in 0..tp {
+        let comm = comms.get(rank).cloned();
+        let model = Llama::<B>::load_shard(&files.config, &index, &device, dtype, comm).map_err(|e| {
+            if tp > 1 {
+                StartError::TensorParallel {
+                    size: tp,
+                    reason: e.to_string(),
+                }
+            } else {
+                e.into()
+            }
+        })?;
+        models.push(model);
+    }
     drop(index);
     let c = &files.config;
-    let kv_dim = c.num_kv_heads * c.head_dim;
-    let page_bytes = 2 * c.num_layers * settings.kv.page_size * kv_dim * dtype.size();
+    // Every rank holds the same number of KV heads (replicated when there are fewer than ranks),
+    // and all of them live in this process's memory.
+    let kv_dim = models[0].kv_dim();
+    let page_bytes = tp * 2 * c.num_layers * settings.kv.page_size * kv_dim * dtype.size();
     let num_pages = match settings.kv.num_pages {
         0 => {
             let free = free_memory(backend == ChosenBackend::Cuda)
@@ -349,18 +398,11 @@ fn start_executor<B: Backend>(
         }
         n => n,
     };
-    let cache = PagedKvCache::<B>::new(
-        c.num_layers,
-        num_pages,
-        settings.kv.page_size,
-        kv_dim,
-        &device,
-        dtype,
-    );
     tracing::info!(
         backend = B::name(&device),
         ?dtype,
         layers = c.num_layers,
+        tensor_parallel = tp,
         kv_pages = num_pages,
         page_size = settings.kv.page_size,
         kv_bytes = num_pages * page_bytes,
@@ -368,17 +410,43 @@ fn start_executor<B: Backend>(
         peak_rss_mib = peak_rss_bytes().map(|b| b >> 20),
         "model loaded"
     );
-    // One executor thread owns the device. A restart (see `Scheduler::recover`) shares the
-    // loaded weights and allocates a fresh cache on the new executor's thread.
-    let first = ModelExecutor::new(model.clone(), cache, fault.clone());
-    let addrs = spawn_executor(move || first);
+    // One executor thread owns the device. A restart (see `Scheduler::recover`) builds the
+    // executor again from clones of the loaded ranks (the weight tensors are shared, nothing is
+    // read again) with fresh caches, on the new executor's thread.
     let (num_layers, page_size) = (c.num_layers, settings.kv.page_size);
+    let build = move || -> std::io::Result<ModelExecutor<B>> {
+        let new_cache = || PagedKvCache::<B>::new(num_layers, num_pages, page_size, kv_dim, &device, dtype);
+        let executor = if tp > 1 {
+            // A failed step may have left the group poisoned.
+            for comm in &comms {
+                comm.reset();
+            }
+            let mut workers = Vec::with_capacity(tp - 1);
+            for (rank, model) in models.iter().enumerate().skip(1) {
+                workers.push(RankWorker::spawn(
+                    rank,
+                    Rank::new(model.clone(), new_cache()),
+                    comms[rank].clone(),
+                )?);
+            }
+            ModelExecutor::tensor_parallel(
+                Rank::new(models[0].clone(), new_cache()),
+                workers,
+                comms[0].clone(),
+            )
+        } else {
+            ModelExecutor::new(models[0].clone(), new_cache())
+        };
+        Ok(executor.with_fault(fault.clone()))
+    };
+    let first = build()?;
+    let addrs = spawn_executor(move || first);
+    let build = std::sync::Arc::new(build);
     let restart: RestartExecutor = Box::new(move || {
-        let (model, device, fault) = (model.clone(), device.clone(), fault.clone());
-        spawn_executor(move || {
-            let cache = PagedKvCache::<B>::new(num_layers, num_pages, page_size, kv_dim, &device, dtype);
-            ModelExecutor::new(model, cache, fault)
-        })
+        let build = build.clone();
+        // A restart that cannot start its ranks kills the new thread; the next step then fails
+        // and counts toward the supervisor's failures in a row.
+        spawn_executor(move || build().unwrap_or_else(|e| panic!("restarting the executor failed: {e}")))
     });
     Ok(ExecutorHandle {
         addrs,

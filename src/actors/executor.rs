@@ -1,19 +1,19 @@
 //! `ModelExecutor`: the model, its device and the page tensors, on a thread of its own.
 //!
 //! Runs on a `SyncArbiter` because burn calls block; the async arbiters never wait on a kernel.
-//! Samples on the host from the returned logits rows.
+//! Samples on the host from the returned logits rows. With tensor parallel the actor is rank 0
+//! and drives the other ranks' threads with the same plan (see `tp_ranks`).
 
-use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use actix::prelude::*;
 use burn::prelude::Backend;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use super::fault::{FaultInjector, FaultKind};
+use super::tp_ranks::{Rank, RankWorker, StepLogits, StepWork};
 use crate::kv::{PageCopy, SeqId};
-use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
+use crate::model::{Llama, PagedKvCache, SequenceChunk};
+use crate::parallel::Communicator;
 use crate::sampling::{self, SampledLogprobs};
 use crate::scheduler::PlannedChunk;
 
@@ -30,12 +30,15 @@ pub struct SampledToken {
 #[error("model step failed: {0}")]
 pub struct ExecutorError(pub String);
 
-/// Fields are boxed because actors must be `Unpin` and burn's tensor types need not be.
+/// The model's ranks: rank 0 here, ranks 1.. (tensor parallel) on worker threads.
 pub struct ModelExecutor<B: Backend> {
-    model: Box<Llama<B>>,
-    cache: Box<PagedKvCache<B>>,
-    /// K/V of preempted sequences swapped out to host memory, until they resume or end.
-    swapped: HashMap<SeqId, HostPages>,
+    rank0: Rank<B>,
+    workers: Vec<RankWorker>,
+    /// Rank 0's communicator, to poison the group when rank 0 fails and to clear it once every
+    /// rank has left a failed step.
+    comm: Option<Arc<dyn Communicator>>,
+    /// Set once a worker thread is gone: the group can no longer run a step.
+    broken: Option<String>,
     /// The test-only fault hook (`INFERFLUX_FAULT_INJECTION=1`).
     fault: Option<Arc<FaultInjector>>,
 }
@@ -48,24 +51,47 @@ pub struct SwapOut {
 }
 
 impl<B: Backend> ModelExecutor<B> {
-    pub fn new(model: Llama<B>, cache: PagedKvCache<B>, fault: Option<Arc<FaultInjector>>) -> Self {
+    /// One rank holding the whole model.
+    pub fn new(model: Llama<B>, cache: PagedKvCache<B>) -> Self {
         Self {
-            model: Box::new(model),
-            cache: Box::new(cache),
-            swapped: HashMap::new(),
-            fault,
+            rank0: Rank::new(model, cache),
+            workers: Vec::new(),
+            comm: None,
+            broken: None,
+            fault: None,
         }
     }
 
-    /// Runs one planned step and samples a token for every chunk that wants one. Before the
-    /// model runs: swap-outs (their pages may be reused from the next step on), then page copies
-    /// in grant order, then swap-ins.
+    /// Tensor parallel: `rank0` runs here, `workers` are ranks 1.. already on their threads,
+    /// and `comm` is rank 0's communicator of their group.
+    pub fn tensor_parallel(rank0: Rank<B>, workers: Vec<RankWorker>, comm: Arc<dyn Communicator>) -> Self {
+        Self {
+            rank0,
+            workers,
+            comm: Some(comm),
+            broken: None,
+            fault: None,
+        }
+    }
+
+    /// Arms the test-only fault hook on this executor's steps.
+    pub fn with_fault(mut self, fault: Option<Arc<FaultInjector>>) -> Self {
+        self.fault = fault;
+        self
+    }
+
+    /// Runs one planned step on every rank and samples a token for every chunk that wants one
+    /// (on rank 0). Before the model runs: swap-outs (their pages may be reused from the next
+    /// step on), then page copies in grant order, then swap-ins.
     pub fn run_step(
         &mut self,
         swap_out: Option<SwapOut>,
         plan: Vec<PlannedChunk>,
     ) -> Result<Vec<SampledToken>, ExecutorError> {
-        let cache_ps = self.cache.page_size();
+        if let Some(why) = &self.broken {
+            return Err(ExecutorError(why.clone()));
+        }
+        let cache_ps = self.rank0.cache_page_size();
         let restores: Vec<(SeqId, Vec<u32>)> = plan
             .iter()
             .filter(|c| c.swap_in)
@@ -88,35 +114,13 @@ impl<B: Backend> ModelExecutor<B> {
                 }
             })
             .collect();
-        let (model, cache, swapped) = (&*self.model, &mut *self.cache, &mut self.swapped);
-        let logits = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            if let Some(out) = swap_out {
-                swapped.insert(out.seq, cache.read_pages(&out.pages));
-            }
-            // In grant order: a page freed by one copy's source can only be the destination of
-            // a later one.
-            for c in &copies {
-                cache.copy_page(c.src, c.dst);
-            }
-            for (seq, pages) in restores {
-                let host = swapped
-                    .remove(&seq)
-                    .ok_or_else(|| format!("no swapped K/V for sequence {seq}"))?;
-                cache.write_pages(&pages, host);
-            }
-            if chunks.is_empty() {
-                return Ok((0, 1, Vec::new()));
-            }
-            let t = model.forward(cache, &chunks);
-            let [rows, vocab] = t.dims();
-            t.into_data()
-                .to_vec::<f32>()
-                .map(|v| (rows, vocab, v))
-                .map_err(|e| format!("{e:?}"))
-        }))
-        .map_err(|p| ExecutorError(panic_message(p)))?
-        .map_err(ExecutorError)?;
-        let (_, vocab, values) = logits;
+        let work = StepWork {
+            swap_out: swap_out.map(|s| (s.seq, s.pages)),
+            copies,
+            restores,
+            chunks,
+        };
+        let (vocab, values) = self.run_ranks(work).map_err(ExecutorError)?;
         Ok(samplers
             .into_iter()
             .zip(values.chunks_exact(vocab))
@@ -130,13 +134,46 @@ impl<B: Backend> ModelExecutor<B> {
             })
             .collect())
     }
-}
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".into())
+    /// Runs `work` on every rank; the step fails if any rank failed.
+    fn run_ranks(&mut self, work: StepWork) -> Result<StepLogits, String> {
+        let Some(comm) = self.comm.clone() else {
+            return self.rank0.run(work);
+        };
+        let mut started = 0;
+        for w in &self.workers {
+            if !w.start(work.clone()) {
+                break;
+            }
+            started += 1;
+        }
+        let mine = if started == self.workers.len() {
+            let r = self.rank0.run(work);
+            if let Err(e) = &r {
+                comm.poison(e);
+            }
+            r
+        } else {
+            // A rank is gone: release the ones that started and stop running steps.
+            let why = format!("tensor parallel rank {} exited", started + 1);
+            comm.poison(&why);
+            self.broken = Some(why.clone());
+            Err(why)
+        };
+        let others: Vec<Result<(), String>> = self.workers[..started].iter().map(|w| w.finish()).collect();
+        // A worker's own failure explains rank 0's "group poisoned" better than rank 0 does.
+        let failure = others.into_iter().find_map(Result::err);
+        match (mine, failure) {
+            (Ok(logits), None) => Ok(logits),
+            (mine, failure) => {
+                if self.broken.is_none() {
+                    // Every rank has left the step: the group can run the next one.
+                    comm.reset();
+                }
+                Err(failure.unwrap_or_else(|| mine.err().unwrap_or_default()))
+            }
+        }
+    }
 }
 
 impl<B: Backend> Actor for ModelExecutor<B> {
@@ -203,7 +240,10 @@ impl<B: Backend> Handler<DiscardSwapped> for ModelExecutor<B> {
     type Result = ();
 
     fn handle(&mut self, msg: DiscardSwapped, _: &mut SyncContext<Self>) {
-        self.swapped.remove(&msg.seq);
+        self.rank0.discard(msg.seq);
+        for w in &self.workers {
+            w.discard(msg.seq);
+        }
     }
 }
 

@@ -15,3 +15,4 @@ pub mod intake;
 pub mod kv_pages;
 pub mod scheduler;
 pub mod stop_detector;
+pub mod tp_ranks;

@@ -10,10 +10,15 @@ use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{DType, TensorData};
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use super::config::{LlamaConfig, RopeScaling};
 use super::paged_cache::PagedKvCache;
+use super::shard::{self, Shard};
 use super::weights::WeightIndex;
 use super::ModelError;
+use crate::parallel::{Communicator, ParallelContext};
 
 /// One sequence's part of a step.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,10 +77,15 @@ pub struct Llama<B: Backend> {
     config: LlamaConfig,
     device: B::Device,
     dtype: DType,
+    /// This rank's heads, MLP features and vocabulary rows (everything with one rank).
+    shard: Shard,
+    /// `None` with one rank: the forward pass then calls no collective.
+    comm: Option<Arc<dyn Communicator>>,
+    /// `[vocab shard, hidden]`.
     embed: Tensor<B, 2>,
     layers: Vec<LlamaLayer<B>>,
     final_norm: Tensor<B, 1>,
-    /// `[hidden, vocab]`.
+    /// `[hidden, vocab shard]`.
     lm_head: Tensor<B, 2>,
     rope_cos: Tensor<B, 2>,
     rope_sin: Tensor<B, 2>,
@@ -89,11 +99,29 @@ impl<B: Backend> Llama<B> {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Self, ModelError> {
+        Self::load_shard(config, weights, device, dtype, None)
+    }
+
+    /// Loads only rank `comm.rank()`'s shard of the weights (the whole model without `comm`);
+    /// every rank of the group must then run the same `forward` calls.
+    pub fn load_shard(
+        config: &LlamaConfig,
+        weights: &WeightIndex<'_>,
+        device: &B::Device,
+        dtype: DType,
+        comm: Option<Arc<dyn Communicator>>,
+    ) -> Result<Self, ModelError> {
         let c = config;
-        let (h, kv_dim, q_dim) = (
-            c.hidden_size,
-            c.num_kv_heads * c.head_dim,
-            c.num_heads * c.head_dim,
+        let ctx = comm.as_ref().map_or_else(ParallelContext::single, |m| {
+            ParallelContext::tensor(m.rank(), m.size())
+        });
+        let sh = Shard::new(c, ctx)?;
+        let comm = comm.filter(|m| m.size() > 1);
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (kv_dim, q_dim) = (c.num_kv_heads * hd, c.num_heads * hd);
+        let (q_rows, kv_rows) = (
+            Shard::head_rows(&sh.q_heads, hd),
+            Shard::head_rows(&sh.kv_heads, hd),
         );
         let vector = |name: &str, n: usize| -> Result<Tensor<B, 1>, ModelError> {
             Ok(Tensor::from_data(
@@ -101,12 +129,34 @@ impl<B: Backend> Llama<B> {
                 (device, dtype),
             ))
         };
-        // HF Linear weights are `[out, in]`; transposing once here keeps every step's matmul plain.
-        let linear = |name: &str, out_f: usize, in_f: usize| -> Result<Tensor<B, 2>, ModelError> {
-            let data = weights.read_transposed(name, out_f, in_f, dtype)?;
-            Ok(Tensor::from_data(data, (device, dtype)))
+        let vector_part =
+            |name: &str, n: usize, part: &std::ops::Range<usize>| -> Result<Tensor<B, 1>, ModelError> {
+                let data = weights.read_range(name, n, part.clone(), dtype)?;
+                Ok(Tensor::from_data(data, (device, dtype)))
+            };
+        // HF Linear weights are `[out, in]`; transposing once here keeps every step's matmul
+        // plain. Column-parallel layers take some output rows, row-parallel ones some inputs.
+        let linear = |name: &str,
+                      out_f: usize,
+                      in_f: usize,
+                      rows: std::ops::Range<usize>,
+                      cols: std::ops::Range<usize>| {
+            let data = weights.read_block_transposed(name, [out_f, in_f], rows, cols, dtype)?;
+            Ok::<_, ModelError>(Tensor::<B, 2>::from_data(data, (device, dtype)))
         };
-        let embed_data = weights.read("model.embed_tokens.weight", &[c.vocab_size, h], dtype)?;
+        let column = |name: &str, out_f: usize, in_f: usize, rows: &std::ops::Range<usize>| {
+            linear(name, out_f, in_f, rows.clone(), 0..in_f)
+        };
+        let row = |name: &str, out_f: usize, in_f: usize, cols: &std::ops::Range<usize>| {
+            linear(name, out_f, in_f, 0..out_f, cols.clone())
+        };
+        let embed_data = weights.read_block(
+            "model.embed_tokens.weight",
+            [c.vocab_size, h],
+            sh.vocab.clone(),
+            0..h,
+            dtype,
+        )?;
         let embed = Tensor::<B, 2>::from_data(embed_data, (device, dtype));
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -114,9 +164,9 @@ impl<B: Backend> Llama<B> {
             let attn = format!("{p}.self_attn");
             let qkv_bias = if c.qkv_bias {
                 Some([
-                    vector(&format!("{attn}.q_proj.bias"), q_dim)?,
-                    vector(&format!("{attn}.k_proj.bias"), kv_dim)?,
-                    vector(&format!("{attn}.v_proj.bias"), kv_dim)?,
+                    vector_part(&format!("{attn}.q_proj.bias"), q_dim, &q_rows)?,
+                    vector_part(&format!("{attn}.k_proj.bias"), kv_dim, &kv_rows)?,
+                    vector_part(&format!("{attn}.v_proj.bias"), kv_dim, &kv_rows)?,
                 ])
             } else {
                 None
@@ -139,14 +189,29 @@ impl<B: Backend> Llama<B> {
                 o_bias,
                 qk_norm,
                 attn_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
-                wq: linear(&format!("{p}.self_attn.q_proj.weight"), q_dim, h)?,
-                wk: linear(&format!("{p}.self_attn.k_proj.weight"), kv_dim, h)?,
-                wv: linear(&format!("{p}.self_attn.v_proj.weight"), kv_dim, h)?,
-                wo: linear(&format!("{p}.self_attn.o_proj.weight"), h, q_dim)?,
+                wq: column(&format!("{attn}.q_proj.weight"), q_dim, h, &q_rows)?,
+                wk: column(&format!("{attn}.k_proj.weight"), kv_dim, h, &kv_rows)?,
+                wv: column(&format!("{attn}.v_proj.weight"), kv_dim, h, &kv_rows)?,
+                wo: row(&format!("{attn}.o_proj.weight"), h, q_dim, &q_rows)?,
                 mlp_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                w_gate: linear(&format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, h)?,
-                w_up: linear(&format!("{p}.mlp.up_proj.weight"), c.intermediate_size, h)?,
-                w_down: linear(&format!("{p}.mlp.down_proj.weight"), h, c.intermediate_size)?,
+                w_gate: column(
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    c.intermediate_size,
+                    h,
+                    &sh.ffn,
+                )?,
+                w_up: column(
+                    &format!("{p}.mlp.up_proj.weight"),
+                    c.intermediate_size,
+                    h,
+                    &sh.ffn,
+                )?,
+                w_down: row(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    h,
+                    c.intermediate_size,
+                    &sh.ffn,
+                )?,
             });
         }
         let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
@@ -155,9 +220,9 @@ impl<B: Backend> Llama<B> {
                     "missing tensor `lm_head.weight` and tie_word_embeddings is false".into(),
                 ));
             }
-            linear("model.embed_tokens.weight", c.vocab_size, h)?
+            column("model.embed_tokens.weight", c.vocab_size, h, &sh.vocab)?
         } else {
-            linear("lm_head.weight", c.vocab_size, h)?
+            column("lm_head.weight", c.vocab_size, h, &sh.vocab)?
         };
         let inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, &c.rope_scaling);
         let (cos, sin) = rope_tables(&inv_freq, c.max_position_embeddings);
@@ -172,6 +237,8 @@ impl<B: Backend> Llama<B> {
             config: c.clone(),
             device: device.clone(),
             dtype,
+            shard: sh,
+            comm,
             embed,
             layers,
             final_norm: vector("model.norm.weight", h)?,
@@ -193,12 +260,49 @@ impl<B: Backend> Llama<B> {
         self.dtype
     }
 
+    /// This rank's part of the model.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// Width of one token's K (or V) in this rank's cache: its KV heads only.
+    pub fn kv_dim(&self) -> usize {
+        self.shard.num_kv_heads() * self.config.head_dim
+    }
+
+    /// Elements this rank holds of each kind of weight, summed over the layers (for checking
+    /// that a rank holds its share and nothing more).
+    pub fn weight_elements(&self) -> BTreeMap<&'static str, usize> {
+        let n = |t: &Tensor<B, 2>| t.dims().iter().product::<usize>();
+        let n1 = |t: &Tensor<B, 1>| t.dims()[0];
+        let mut m = BTreeMap::new();
+        let mut add = |k: &'static str, v: usize| *m.entry(k).or_insert(0) += v;
+        add("embed", n(&self.embed));
+        add("lm_head", n(&self.lm_head));
+        add("norms", n1(&self.final_norm));
+        for l in &self.layers {
+            add("q_proj", n(&l.wq));
+            add("k_proj", n(&l.wk));
+            add("v_proj", n(&l.wv));
+            add("o_proj", n(&l.wo));
+            add("gate_proj", n(&l.w_gate));
+            add("up_proj", n(&l.w_up));
+            add("down_proj", n(&l.w_down));
+            add("norms", n1(&l.attn_norm) + n1(&l.mlp_norm));
+            if let Some([q, k, v]) = &l.qkv_bias {
+                add("q_bias", n1(q));
+                add("kv_bias", n1(k) + n1(v));
+            }
+        }
+        m
+    }
+
     /// Runs one step. Writes the K/V of every token into its page slot, and returns the logits
     /// `[n, vocab]` (f32) of the last token of each chunk with `wants_logits`, in chunk order.
     pub fn forward(&self, cache: &mut PagedKvCache<B>, chunks: &[SequenceChunk]) -> Tensor<B, 2> {
         let c = &self.config;
         let dev = &self.device;
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (nh, nkv, hd) = (self.shard.num_heads(), self.shard.num_kv_heads(), c.head_dim);
         let page_size = cache.page_size();
 
         let mut tokens = Vec::new();
@@ -234,7 +338,7 @@ impl<B: Backend> Llama<B> {
                     chunk.start_pos,
                     chunk.tokens.len(),
                     c.sliding_window,
-                    c.group_size(),
+                    self.shard.group_size(),
                     dev,
                     self.dtype,
                 ),
@@ -249,7 +353,10 @@ impl<B: Backend> Llama<B> {
             .unsqueeze_dim::<3>(1);
         let sin = self.rope_sin.clone().select(0, positions).unsqueeze_dim::<3>(1);
 
-        let mut x = self.embed.clone().select(0, int_tensor(tokens, dev));
+        let mut x = match &self.comm {
+            None => self.embed.clone().select(0, int_tensor(tokens, dev)),
+            Some(comm) => shard::embed_lookup(&**comm, &self.embed, &self.shard.vocab, &tokens),
+        };
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &layer.attn_norm);
             let mut q = h.clone().matmul(layer.wq.clone());
@@ -275,6 +382,9 @@ impl<B: Backend> Llama<B> {
             cache.write(layer_idx, &slots, k, v);
             let attn = self.attention(cache, layer_idx, q, &plans);
             let mut out = attn.matmul(layer.wo.clone());
+            if let Some(comm) = &self.comm {
+                out = shard::all_reduce(&**comm, out);
+            }
             if let Some(bo) = &layer.o_bias {
                 out = out + bo.clone().unsqueeze_dim::<2>(0);
             }
@@ -283,11 +393,19 @@ impl<B: Backend> Llama<B> {
             let h = self.rms_norm(x.clone(), &layer.mlp_norm);
             let gate = silu(h.clone().matmul(layer.w_gate.clone()));
             let up = h.matmul(layer.w_up.clone());
-            x = x + (gate * up).matmul(layer.w_down.clone());
+            let mut down = (gate * up).matmul(layer.w_down.clone());
+            if let Some(comm) = &self.comm {
+                down = shard::all_reduce(&**comm, down);
+            }
+            x = x + down;
         }
         let x = self.rms_norm(x, &self.final_norm);
         let rows = int_tensor(logit_rows, dev);
-        x.select(0, rows).matmul(self.lm_head.clone()).cast(DType::F32)
+        let logits = x.select(0, rows).matmul(self.lm_head.clone()).cast(DType::F32);
+        match &self.comm {
+            None => logits,
+            Some(comm) => shard::gather_logits(&**comm, logits, self.shard.vocab_size),
+        }
     }
 
     /// Attention of each sequence's queries over its whole context, read through its slots.
@@ -298,8 +416,13 @@ impl<B: Backend> Llama<B> {
         q: Tensor<B, 3>,
         plans: &[AttentionPlan<B>],
     ) -> Tensor<B, 2> {
-        let c = &self.config;
-        let (nh, nkv, hd, g) = (c.num_heads, c.num_kv_heads, c.head_dim, c.group_size());
+        let s = &self.shard;
+        let (nh, nkv, hd, g) = (
+            s.num_heads(),
+            s.num_kv_heads(),
+            self.config.head_dim,
+            s.group_size(),
+        );
         let scale = (hd as f64).powf(-0.5);
         let outputs: Vec<Tensor<B, 2>> = plans
             .iter()

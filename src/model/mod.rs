@@ -7,6 +7,7 @@ pub mod chat;
 pub mod config;
 pub mod llama;
 pub mod paged_cache;
+pub mod shard;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

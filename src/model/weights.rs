@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, TensorData};
@@ -147,6 +148,103 @@ impl<'a> WeightIndex<'a> {
             }
         }
         Ok(convert(out, vec![cols, rows], target))
+    }
+}
+
+/// Sharded reads: a tensor-parallel rank converts only its own rows or columns.
+impl<'a> WeightIndex<'a> {
+    /// Reads `name` (a `[rows, cols]` matrix) and returns the block `row_range x col_range`,
+    /// `[row_range.len(), col_range.len()]`; rows past `rows` (vocabulary padding) are zeros.
+    pub fn read_block(
+        &self,
+        name: &str,
+        [rows, cols]: [usize; 2],
+        row_range: Range<usize>,
+        col_range: Range<usize>,
+        target: DType,
+    ) -> Result<TensorData, ModelError> {
+        let values = self.block_f32(name, &[rows, cols], row_range.clone(), col_range.clone())?;
+        Ok(convert(values, vec![row_range.len(), col_range.len()], target))
+    }
+
+    /// As [`WeightIndex::read_block`], transposed: `[col_range.len(), row_range.len()]`.
+    pub fn read_block_transposed(
+        &self,
+        name: &str,
+        [rows, cols]: [usize; 2],
+        row_range: Range<usize>,
+        col_range: Range<usize>,
+        target: DType,
+    ) -> Result<TensorData, ModelError> {
+        let values = self.block_f32(name, &[rows, cols], row_range.clone(), col_range.clone())?;
+        let (r_n, c_n) = (row_range.len(), col_range.len());
+        let mut out = vec![0.0f32; r_n * c_n];
+        for r in 0..r_n {
+            for (c, v) in values[r * c_n..(r + 1) * c_n].iter().enumerate() {
+                out[c * r_n + r] = *v;
+            }
+        }
+        Ok(convert(out, vec![c_n, r_n], target))
+    }
+
+    /// Elements `range` of the vector `name` of length `n`.
+    pub fn read_range(
+        &self,
+        name: &str,
+        n: usize,
+        range: Range<usize>,
+        target: DType,
+    ) -> Result<TensorData, ModelError> {
+        let values = self.block_f32(name, &[n], 0..1, range.clone())?;
+        Ok(convert(values, vec![range.len()], target))
+    }
+
+    /// The block as f32, converting only its elements. `shape` is `[rows, cols]` or `[cols]`.
+    fn block_f32(
+        &self,
+        name: &str,
+        shape: &[usize],
+        row_range: Range<usize>,
+        col_range: Range<usize>,
+    ) -> Result<Vec<f32>, ModelError> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::Weights(format!("{}: missing tensor `{name}`", self.files)))?;
+        if t.shape != shape {
+            return Err(ModelError::Weights(format!(
+                "{}: tensor `{name}` has shape {:?}, config.json implies {shape:?}",
+                t.file, t.shape
+            )));
+        }
+        let (rows, cols) = match *shape {
+            [r, c] => (r, c),
+            [c] => (1, c),
+            _ => return Err(ModelError::Weights(format!("`{name}`: not a vector or matrix"))),
+        };
+        assert!(col_range.end <= cols, "`{name}`: columns {col_range:?} of {cols}");
+        let size = match t.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            _ => 0,
+        };
+        let mut out = Vec::with_capacity(row_range.len() * col_range.len());
+        for r in row_range {
+            if r >= rows {
+                out.extend(std::iter::repeat_n(0.0, col_range.len()));
+                continue;
+            }
+            let start = (r * cols + col_range.start) * size;
+            let end = (r * cols + col_range.end) * size;
+            let part = HostTensor {
+                file: String::new(),
+                dtype: t.dtype,
+                shape: Vec::new(),
+                bytes: &t.bytes[start..end],
+            };
+            out.extend(to_f32(name, &part)?);
+        }
+        Ok(out)
     }
 }
 

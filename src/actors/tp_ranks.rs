@@ -1,0 +1,155 @@
+//! The executor's ranks: one model shard, its KV pages and its swapped-out K/V each. Rank 0
+//! runs on the `ModelExecutor` actor's thread; with tensor parallel, ranks 1.. run on threads of
+//! their own and get every step's work over a channel, so that all of them run the same plan.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc};
+
+use burn::prelude::Backend;
+
+use crate::kv::{PageCopy, SeqId};
+use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
+use crate::parallel::Communicator;
+
+/// What every rank does in one step, in this order: swap-out, page copies, swap-ins, forward.
+#[derive(Debug, Clone, Default)]
+pub struct StepWork {
+    pub swap_out: Option<(SeqId, Vec<u32>)>,
+    pub copies: Vec<PageCopy>,
+    pub restores: Vec<(SeqId, Vec<u32>)>,
+    pub chunks: Vec<SequenceChunk>,
+}
+
+/// Logits of the step: `(vocab, rows * vocab values)`.
+pub type StepLogits = (usize, Vec<f32>);
+
+/// One rank's shard and state.
+pub struct Rank<B: Backend> {
+    model: Box<Llama<B>>,
+    cache: Box<PagedKvCache<B>>,
+    /// K/V of preempted sequences swapped out to host memory (this rank's KV heads).
+    swapped: HashMap<SeqId, HostPages>,
+}
+
+impl<B: Backend> Rank<B> {
+    pub fn new(model: Llama<B>, cache: PagedKvCache<B>) -> Self {
+        Self {
+            model: Box::new(model),
+            cache: Box::new(cache),
+            swapped: HashMap::new(),
+        }
+    }
+
+    pub fn cache_page_size(&self) -> usize {
+        self.cache.page_size()
+    }
+
+    pub fn discard(&mut self, seq: SeqId) {
+        self.swapped.remove(&seq);
+    }
+
+    /// Runs `work`; a panic (a device error, or a failed collective) becomes an error.
+    pub fn run(&mut self, work: StepWork) -> Result<StepLogits, String> {
+        let (model, cache, swapped) = (&*self.model, &mut *self.cache, &mut self.swapped);
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if let Some((seq, pages)) = work.swap_out {
+                swapped.insert(seq, cache.read_pages(&pages));
+            }
+            // In grant order: a page freed by one copy's source can only be the destination of
+            // a later one.
+            for c in &work.copies {
+                cache.copy_page(c.src, c.dst);
+            }
+            for (seq, pages) in work.restores {
+                let host = swapped
+                    .remove(&seq)
+                    .ok_or_else(|| format!("no swapped K/V for sequence {seq}"))?;
+                cache.write_pages(&pages, host);
+            }
+            if work.chunks.is_empty() {
+                return Ok((1, Vec::new()));
+            }
+            let t = model.forward(cache, &work.chunks);
+            let [_, vocab] = t.dims();
+            t.into_data()
+                .to_vec::<f32>()
+                .map(|v| (vocab, v))
+                .map_err(|e| format!("{e:?}"))
+        }))
+        .map_err(panic_message)?
+    }
+}
+
+pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+enum Job {
+    Step(StepWork),
+    Discard(SeqId),
+}
+
+/// A rank > 0 on its own thread. Dropping it closes the channel and ends the thread.
+pub struct RankWorker {
+    rank: usize,
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<Result<(), String>>,
+}
+
+impl RankWorker {
+    /// Moves `rank` onto a new thread. `comm` is that rank's communicator: the worker poisons it
+    /// when its step fails, so that no other rank waits for it.
+    pub fn spawn<B: Backend>(
+        index: usize,
+        mut rank: Rank<B>,
+        comm: Arc<dyn Communicator>,
+    ) -> std::io::Result<Self> {
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (reply, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("inferflux-tp-rank-{index}"))
+            .spawn(move || {
+                for job in inbox {
+                    match job {
+                        Job::Step(work) => {
+                            let result = rank.run(work).map(|_| ());
+                            if let Err(e) = &result {
+                                comm.poison(e);
+                            }
+                            if reply.send(result).is_err() {
+                                break;
+                            }
+                        }
+                        Job::Discard(seq) => rank.discard(seq),
+                    }
+                }
+            })?;
+        Ok(Self {
+            rank: index,
+            jobs,
+            done,
+        })
+    }
+
+    /// Hands the worker a step; false if its thread is gone.
+    pub fn start(&self, work: StepWork) -> bool {
+        self.jobs.send(Job::Step(work)).is_ok()
+    }
+
+    /// Waits for the step handed over by `start`.
+    pub fn finish(&self) -> Result<(), String> {
+        match self.done.recv() {
+            Ok(r) => r.map_err(|e| format!("rank {}: {e}", self.rank)),
+            Err(_) => Err(format!("rank {} exited", self.rank)),
+        }
+    }
+
+    pub fn discard(&self, seq: SeqId) {
+        // A gone worker fails the next step; nothing to do here.
+        let _ = self.jobs.send(Job::Discard(seq));
+    }
+}
