@@ -10,6 +10,10 @@ use serde::Deserialize;
 
 type B = Flex;
 
+#[path = "common/forward.rs"]
+mod forward;
+use forward::{argmax, block_table, logits_rows, NUM_PAGES, PAGE_SIZE};
+
 #[derive(Deserialize)]
 struct Goldens {
     prompts: Vec<GoldenPrompt>,
@@ -41,9 +45,6 @@ struct GoldenMessage {
     content: String,
 }
 
-const PAGE_SIZE: usize = 4;
-const NUM_PAGES: usize = 1024;
-
 fn fixture(name: &str) -> (Llama<B>, ModelFiles, Goldens) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -67,29 +68,6 @@ fn new_cache(model: &Llama<B>) -> PagedKvCache<B> {
         &Default::default(),
         DType::F32,
     )
-}
-
-/// Pages for sequence `seq`, interleaved with other sequences' so that tables are not contiguous.
-fn block_table(seq: usize, n_seqs: usize, tokens: usize) -> Vec<u32> {
-    (0..tokens.div_ceil(PAGE_SIZE))
-        .map(|i| (NUM_PAGES - 1 - (i * n_seqs + seq)) as u32)
-        .collect()
-}
-
-fn logits_rows(t: burn::tensor::Tensor<B, 2>) -> Vec<Vec<f32>> {
-    let [rows, cols] = t.dims();
-    let v = t.into_data().to_vec::<f32>().unwrap();
-    (0..rows).map(|r| v[r * cols..(r + 1) * cols].to_vec()).collect()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold(
-            (0, f32::MIN),
-            |best, (i, &x)| if x > best.1 { (i, x) } else { best },
-        )
-        .0 as u32
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {

@@ -75,3 +75,50 @@ fn parallel_sizes_the_server_cannot_serve_are_refused_at_start() {
     assert!(matches!(e, StartError::TensorParallel { size: 3, .. }), "{e}");
     assert!(e.to_string().contains("num_attention_heads = 4"), "{e}");
 }
+
+/// The supervisor's restart with tensor parallel: a panic kills rank 0's thread mid-stream and an
+/// injected error fails a step; each time the stream ends with an error event, every rank is
+/// rebuilt from the loaded shards (new worker threads, fresh caches, the group's communicators
+/// reset), and the next requests give transformers' greedy text again.
+#[tokio::test]
+async fn parallel_tp2_executor_restart_rebuilds_every_rank() {
+    std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
+    let server = common::start(|s| {
+        s.parallel.tensor_parallel_size = 2;
+        s.kv.num_pages = 64;
+        s.kv.page_size = 4;
+    });
+    let base = &server.base;
+    let client = reqwest::Client::new();
+    let golden = &common::goldens().prompts[0];
+    for kind in ["panic", "error"] {
+        let armed = client
+            .post(format!("{base}/admin/fault"))
+            .json(&json!({ "kind": kind, "after_steps": 3 }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(armed.status(), 200, "the hook is on");
+        let body =
+            json!({ "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": true, "stream": true });
+        let sse = client
+            .post(format!("{base}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(sse.contains("executor failed"), "{kind}: {sse}");
+        assert!(sse.ends_with("data: [DONE]\n\n"), "{kind}: {sse}");
+        for _ in 0..2 {
+            let got = common::stream_completion(base, greedy(&golden.prompt)).await;
+            assert_eq!(
+                got.text, golden.greedy_text,
+                "{kind}: served as before after the restart"
+            );
+        }
+        common::wait_until_no_page_is_referenced(base).await;
+    }
+}

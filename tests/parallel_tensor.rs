@@ -20,6 +20,10 @@ use serde::Deserialize;
 
 type B = Flex;
 
+#[path = "common/forward.rs"]
+mod forward;
+use forward::{argmax, block_table, logits_rows, NUM_PAGES, PAGE_SIZE};
+
 const FIXTURES: &[&str] = &[
     "tiny-llama",
     "tiny-llama-tied-bf16",
@@ -28,8 +32,6 @@ const FIXTURES: &[&str] = &[
     "tiny-qwen2",
     "tiny-qwen3",
 ];
-const PAGE_SIZE: usize = 4;
-const NUM_PAGES: usize = 1024;
 const TOLERANCE: f32 = 1e-5;
 
 #[derive(Deserialize)]
@@ -102,25 +104,6 @@ fn on_ranks<T: Send + 'static>(
     threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
-fn block_table(seq: usize, n_seqs: usize, tokens: usize) -> Vec<u32> {
-    (0..tokens.div_ceil(PAGE_SIZE))
-        .map(|i| (NUM_PAGES - 1 - (i * n_seqs + seq)) as u32)
-        .collect()
-}
-
-fn rows(t: burn::tensor::Tensor<B, 2>) -> Vec<Vec<f32>> {
-    let [n, cols] = t.dims();
-    let v = t.into_data().to_vec::<f32>().unwrap();
-    (0..n).map(|r| v[r * cols..(r + 1) * cols].to_vec()).collect()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
-        .0 as u32
-}
-
 /// What one run produced: every logits row it computed, and each prompt's greedy tokens.
 #[derive(Debug, Clone, PartialEq)]
 struct Run {
@@ -140,7 +123,7 @@ fn whole_prompts(prompts: Vec<Vec<u32>>) -> impl Fn(&Llama<B>, &mut PagedKvCache
                 block_table: block_table(0, 1, p.len()),
                 wants_logits: true,
             };
-            logits.extend(rows(model.forward(&mut cache, &[chunk])));
+            logits.extend(logits_rows(model.forward(&mut cache, &[chunk])));
         }
         Run {
             logits,
@@ -179,7 +162,7 @@ fn batched_greedy(
                 });
                 owners.push((i, end));
             }
-            let step = rows(model.forward(cache, &chunks));
+            let step = logits_rows(model.forward(cache, &chunks));
             let mut row = step.iter();
             for (c, (i, end)) in chunks.iter().zip(owners) {
                 computed[i] = end;
