@@ -415,7 +415,10 @@ fn start_executor<B: Backend>(
     // read again) with fresh caches, on the new executor's thread.
     let (num_layers, page_size) = (c.num_layers, settings.kv.page_size);
     let build = move || -> std::io::Result<ModelExecutor<B>> {
-        let new_cache = || PagedKvCache::<B>::new(num_layers, num_pages, page_size, kv_dim, &device, dtype);
+        let new_cache = || {
+            PagedKvCache::<B>::new(num_layers, num_pages, page_size, kv_dim, &device, dtype)
+                .with_scatter_writes(backend == ChosenBackend::Cuda)
+        };
         let executor = if tp > 1 {
             // A failed step may have left the group poisoned.
             for comm in &comms {

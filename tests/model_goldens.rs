@@ -58,7 +58,8 @@ fn fixture(name: &str) -> (Llama<B>, ModelFiles, Goldens) {
     (model, files, goldens)
 }
 
-fn new_cache(model: &Llama<B>) -> PagedKvCache<B> {
+/// A page pool; `scatter` writes K/V as the CUDA path does (one scatter per layer).
+fn new_cache(model: &Llama<B>, scatter: bool) -> PagedKvCache<B> {
     let c = model.config();
     PagedKvCache::new(
         c.num_layers,
@@ -68,6 +69,7 @@ fn new_cache(model: &Llama<B>) -> PagedKvCache<B> {
         &Default::default(),
         DType::F32,
     )
+    .with_scatter_writes(scatter)
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
@@ -82,8 +84,8 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 
 /// Greedy decoding of every prompt at once: one batched prefill (each prompt cut into chunks of
 /// `chunk` tokens), then batched decode steps.
-fn greedy_batched(model: &Llama<B>, cases: &[&GoldenPrompt], chunk: usize) -> Vec<Vec<u32>> {
-    let mut cache = new_cache(model);
+fn greedy_batched(model: &Llama<B>, cases: &[&GoldenPrompt], chunk: usize, scatter: bool) -> Vec<Vec<u32>> {
+    let mut cache = new_cache(model, scatter);
     let n = cases.len();
     let steps = cases[0].greedy_ids.len();
     let mut seqs: Vec<Vec<u32>> = cases.iter().map(|p| p.input_ids.clone()).collect();
@@ -134,7 +136,7 @@ fn check_fixture(name: &str) {
                 .to_vec();
             assert_eq!(ids, p.input_ids, "tokenization of {prompt:?}");
         }
-        let mut cache = new_cache(&model);
+        let mut cache = new_cache(&model, false);
         let chunk = SequenceChunk {
             tokens: p.input_ids.clone(),
             start_pos: 0,
@@ -146,15 +148,64 @@ fn check_fixture(name: &str) {
     }
     let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
     assert_eq!(
-        greedy_batched(&model, &cases, usize::MAX),
+        greedy_batched(&model, &cases, usize::MAX, false),
         want,
         "{name}: batched greedy"
     );
     assert_eq!(
-        greedy_batched(&model, &cases, 7),
+        greedy_batched(&model, &cases, 7, false),
         want,
         "{name}: chunked prefill (7) greedy"
     );
+    assert_eq!(
+        greedy_batched(&model, &cases, 7, true),
+        want,
+        "{name}: chunked prefill (7) greedy, K/V written by scatter"
+    );
+    check_decode_groups(&model, &cases, name);
+}
+
+/// One step that decodes every prompt at once (contexts of different lengths, so attention
+/// groups and pads them) gives each sequence the logits it gets decoding alone, to 1e-5.
+fn check_decode_groups(model: &Llama<B>, cases: &[&GoldenPrompt], name: &str) {
+    let n = cases.len();
+    let tables: Vec<Vec<u32>> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, p)| block_table(i, n, p.input_ids.len() + 1))
+        .collect();
+    let prefill = |cache: &mut PagedKvCache<B>, i: usize| {
+        let p = cases[i];
+        model.forward(
+            cache,
+            &[SequenceChunk {
+                tokens: p.input_ids.clone(),
+                start_pos: 0,
+                block_table: tables[i].clone(),
+                wants_logits: true,
+            }],
+        );
+    };
+    let decode = |i: usize| SequenceChunk {
+        tokens: vec![cases[i].greedy_ids[0]],
+        start_pos: cases[i].input_ids.len(),
+        block_table: tables[i].clone(),
+        wants_logits: true,
+    };
+    let mut cache = new_cache(model, false);
+    (0..n).for_each(|i| prefill(&mut cache, i));
+    let together = logits_rows(model.forward(&mut cache, &(0..n).map(decode).collect::<Vec<_>>()));
+    for i in 0..n {
+        let mut alone_cache = new_cache(model, false);
+        prefill(&mut alone_cache, i);
+        let alone = logits_rows(model.forward(&mut alone_cache, &[decode(i)]));
+        let worst = alone[0]
+            .iter()
+            .zip(&together[i])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "{name} prompt {i}: decoded together vs alone differ by {worst}");
+    }
 }
 
 #[test]

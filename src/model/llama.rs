@@ -58,7 +58,18 @@ struct LlamaLayer<B: Backend> {
     w_down: Tensor<B, 2>,
 }
 
-/// Per-sequence attention inputs, built once per step and shared by every layer.
+/// Where one chunk's queries sit in the step and which cache slots they attend to.
+struct ChunkContext {
+    q_start: usize,
+    q_len: usize,
+    start_pos: usize,
+    /// First position the chunk's queries can see (0, or the sliding window's reach).
+    ctx_start: usize,
+    /// Slots of positions `ctx_start .. start_pos + q_len`.
+    ctx_slots: Vec<i32>,
+}
+
+/// A prompt chunk's attention inputs.
 struct AttentionPlan<B: Backend> {
     q_start: usize,
     q_len: usize,
@@ -68,6 +79,32 @@ struct AttentionPlan<B: Backend> {
     ctx_slots: Tensor<B, 1, Int>,
     /// Additive mask `[group * q_len, ctx_len]`; `None` when every query sees every key.
     mask: Option<Tensor<B, 2>>,
+}
+
+/// Queries that go through attention in one pass.
+enum AttentionGroup<B: Backend> {
+    /// `n` single-token decodes, their contexts padded to the longest, `ctx_len`: a handful of
+    /// kernels for the whole group instead of a handful per sequence.
+    Decode {
+        /// The queries' rows in the step.
+        rows: Tensor<B, 1, Int>,
+        n: usize,
+        ctx_len: usize,
+        /// `[n * ctx_len]`: each sequence's context slots, then padding.
+        slots: Tensor<B, 1, Int>,
+        /// `[n, 1, 1, ctx_len]`, `-inf` on padding; `None` when no context is padded.
+        mask: Option<Tensor<B, 4>>,
+    },
+    /// One sequence's prompt chunk (causal within the chunk).
+    Chunk(AttentionPlan<B>),
+}
+
+/// The step's attention groups and how to put their outputs back in token order.
+struct AttentionLayout<B: Backend> {
+    groups: Vec<AttentionGroup<B>>,
+    /// Row `r` of the output is row `unpermute[r]` of the groups' outputs; `None` when the
+    /// groups already produce the step's order.
+    unpermute: Option<Tensor<B, 1, Int>>,
 }
 
 /// `Clone` shares the weights (burn tensors are reference-counted): a restarted executor
@@ -309,7 +346,7 @@ impl<B: Backend> Llama<B> {
         let mut positions = Vec::new();
         let mut slots = Vec::new();
         let mut logit_rows = Vec::new();
-        let mut plans = Vec::with_capacity(chunks.len());
+        let mut contexts = Vec::with_capacity(chunks.len());
         for chunk in chunks {
             let q_start = tokens.len();
             for (j, &t) in chunk.tokens.iter().enumerate() {
@@ -325,25 +362,17 @@ impl<B: Backend> Llama<B> {
             let ctx_start = c
                 .sliding_window
                 .map_or(0, |w| chunk.start_pos.saturating_sub(w - 1));
-            let ctx_slots: Vec<i32> = (ctx_start..chunk.end_pos())
-                .map(|p| slot_of(&chunk.block_table, page_size, p))
-                .collect();
-            plans.push(AttentionPlan {
+            contexts.push(ChunkContext {
                 q_start,
                 q_len: chunk.tokens.len(),
-                ctx_len: ctx_slots.len(),
-                ctx_slots: int_tensor(ctx_slots, dev),
-                mask: attention_mask(
-                    ctx_start,
-                    chunk.start_pos,
-                    chunk.tokens.len(),
-                    c.sliding_window,
-                    self.shard.group_size(),
-                    dev,
-                    self.dtype,
-                ),
+                start_pos: chunk.start_pos,
+                ctx_start,
+                ctx_slots: (ctx_start..chunk.end_pos())
+                    .map(|p| slot_of(&chunk.block_table, page_size, p))
+                    .collect(),
             });
         }
+        let layout = self.attention_layout(contexts, tokens.len());
         let t_total = tokens.len();
         let positions = int_tensor(positions, dev);
         let cos = self
@@ -380,7 +409,7 @@ impl<B: Backend> Llama<B> {
             let q = rotate_half_rope(q, &cos, &sin);
             let k = rotate_half_rope(k, &cos, &sin).reshape([t_total, nkv * hd]);
             cache.write(layer_idx, &slots, k, v);
-            let attn = self.attention(cache, layer_idx, q, &plans);
+            let attn = self.attention(cache, layer_idx, q, &layout);
             let mut out = attn.matmul(layer.wo.clone());
             if let Some(comm) = &self.comm {
                 out = shard::all_reduce(&**comm, out);
@@ -408,13 +437,74 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// Attention of each sequence's queries over its whole context, read through its slots.
+    /// Groups the step's queries for attention: single-token decodes of similar context length
+    /// go together (one batched pass per group, whatever the batch size), each prompt chunk on
+    /// its own. Built once per step and shared by every layer.
+    fn attention_layout(&self, contexts: Vec<ChunkContext>, t_total: usize) -> AttentionLayout<B> {
+        let dev = &self.device;
+        let (window, group) = (self.config.sliding_window, self.shard.group_size());
+        let decodes: Vec<usize> = (0..contexts.len()).filter(|&i| contexts[i].q_len == 1).collect();
+        let lens: Vec<usize> = decodes.iter().map(|&i| contexts[i].ctx_slots.len()).collect();
+        let mut groups = Vec::new();
+        // Token rows in the order the groups produce them.
+        let mut grouped_rows: Vec<i32> = Vec::with_capacity(t_total);
+        for members in decode_groups(&lens) {
+            let members: Vec<&ChunkContext> = members.iter().map(|&m| &contexts[decodes[m]]).collect();
+            let ctx_len = members.iter().map(|m| m.ctx_slots.len()).max().unwrap_or(0);
+            let mut slots = Vec::with_capacity(members.len() * ctx_len);
+            let mut mask = Vec::with_capacity(members.len() * ctx_len);
+            for m in &members {
+                // Padding repeats a slot of the sequence itself (any valid row) and is masked out.
+                let pad = ctx_len - m.ctx_slots.len();
+                slots.extend_from_slice(&m.ctx_slots);
+                slots.extend(std::iter::repeat_n(m.ctx_slots[0], pad));
+                mask.extend(std::iter::repeat_n(0.0f32, m.ctx_slots.len()));
+                mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, pad));
+                grouped_rows.push(m.q_start as i32);
+            }
+            let n = members.len();
+            let padded = mask.iter().any(|v| v.is_infinite());
+            groups.push(AttentionGroup::Decode {
+                rows: int_tensor(members.iter().map(|m| m.q_start as i32).collect(), dev),
+                n,
+                ctx_len,
+                slots: int_tensor(slots, dev),
+                mask: padded.then(|| {
+                    Tensor::<B, 2>::from_data(TensorData::new(mask, [n, ctx_len]), (dev, self.dtype))
+                        .reshape([n, 1, 1, ctx_len])
+                }),
+            });
+        }
+        for ctx in contexts.into_iter().filter(|c| c.q_len > 1) {
+            grouped_rows.extend((ctx.q_start..ctx.q_start + ctx.q_len).map(|r| r as i32));
+            groups.push(AttentionGroup::Chunk(AttentionPlan {
+                q_start: ctx.q_start,
+                q_len: ctx.q_len,
+                ctx_len: ctx.ctx_slots.len(),
+                mask: attention_mask(ctx.ctx_start, ctx.start_pos, ctx.q_len, window, group, dev, self.dtype),
+                ctx_slots: int_tensor(ctx.ctx_slots, dev),
+            }));
+        }
+        // Output row `r` of the step is row `position_of[r]` of the groups' concatenation.
+        let mut position_of = vec![0i32; t_total];
+        for (i, &r) in grouped_rows.iter().enumerate() {
+            position_of[r as usize] = i as i32;
+        }
+        let in_order = position_of.iter().enumerate().all(|(i, &p)| i as i32 == p);
+        AttentionLayout {
+            groups,
+            unpermute: (!in_order).then(|| int_tensor(position_of, dev)),
+        }
+    }
+
+    /// Attention of each sequence's queries over its whole context, read through its slots:
+    /// `[tokens, q_dim]` in the step's token order.
     fn attention(
         &self,
         cache: &PagedKvCache<B>,
         layer: usize,
         q: Tensor<B, 3>,
-        plans: &[AttentionPlan<B>],
+        layout: &AttentionLayout<B>,
     ) -> Tensor<B, 2> {
         let s = &self.shard;
         let (nh, nkv, hd, g) = (
@@ -424,33 +514,58 @@ impl<B: Backend> Llama<B> {
             s.group_size(),
         );
         let scale = (hd as f64).powf(-0.5);
-        let outputs: Vec<Tensor<B, 2>> = plans
+        let outputs: Vec<Tensor<B, 2>> = layout
+            .groups
             .iter()
-            .map(|p| {
-                let (t, l) = (p.q_len, p.ctx_len);
-                // [t, nh, hd] -> [nkv, g * t, hd]: query head h uses KV head h / g, as HF's repeat_kv.
-                let q = q
-                    .clone()
-                    .slice([p.q_start..p.q_start + t, 0..nh, 0..hd])
-                    .reshape([t, nkv, g, hd])
-                    .permute([1, 2, 0, 3])
-                    .reshape([nkv, g * t, hd]);
-                let (k, v) = cache.gather(layer, p.ctx_slots.clone());
-                let k = k.reshape([l, nkv, hd]).permute([1, 2, 0]); // [nkv, hd, l]
-                let v = v.reshape([l, nkv, hd]).swap_dims(0, 1); // [nkv, l, hd]
-                let mut scores = q.matmul(k).mul_scalar(scale);
-                if let Some(mask) = &p.mask {
-                    scores = scores + mask.clone().unsqueeze_dim::<3>(0);
+            .map(|group| match group {
+                AttentionGroup::Decode {
+                    rows,
+                    n,
+                    ctx_len,
+                    slots,
+                    mask,
+                } => {
+                    let (n, l) = (*n, *ctx_len);
+                    // [n, nh, hd] -> [n, nkv, g, hd]: query head h uses KV head h / g.
+                    let q = q.clone().select(0, rows.clone()).reshape([n, nkv, g, hd]);
+                    let (k, v) = cache.gather(layer, slots.clone());
+                    let k = k.reshape([n, l, nkv, hd]).permute([0, 2, 3, 1]); // [n, nkv, hd, l]
+                    let v = v.reshape([n, l, nkv, hd]).swap_dims(1, 2); // [n, nkv, l, hd]
+                    let mut scores = q.matmul(k).mul_scalar(scale);
+                    if let Some(mask) = mask {
+                        scores = scores + mask.clone();
+                    }
+                    softmax(scores, 3).matmul(v).reshape([n, nh * hd])
                 }
-                let probs = softmax(scores, 2);
-                probs
-                    .matmul(v)
-                    .reshape([nkv, g, t, hd])
-                    .permute([2, 0, 1, 3])
-                    .reshape([t, nh * hd])
+                AttentionGroup::Chunk(p) => {
+                    let (t, l) = (p.q_len, p.ctx_len);
+                    // [t, nh, hd] -> [nkv, g * t, hd], as HF's repeat_kv pairs heads.
+                    let q = q
+                        .clone()
+                        .slice([p.q_start..p.q_start + t, 0..nh, 0..hd])
+                        .reshape([t, nkv, g, hd])
+                        .permute([1, 2, 0, 3])
+                        .reshape([nkv, g * t, hd]);
+                    let (k, v) = cache.gather(layer, p.ctx_slots.clone());
+                    let k = k.reshape([l, nkv, hd]).permute([1, 2, 0]); // [nkv, hd, l]
+                    let v = v.reshape([l, nkv, hd]).swap_dims(0, 1); // [nkv, l, hd]
+                    let mut scores = q.matmul(k).mul_scalar(scale);
+                    if let Some(mask) = &p.mask {
+                        scores = scores + mask.clone().unsqueeze_dim::<3>(0);
+                    }
+                    softmax(scores, 2)
+                        .matmul(v)
+                        .reshape([nkv, g, t, hd])
+                        .permute([2, 0, 1, 3])
+                        .reshape([t, nh * hd])
+                }
             })
             .collect();
-        Tensor::cat(outputs, 0)
+        let out = Tensor::cat(outputs, 0);
+        match &layout.unpermute {
+            Some(order) => out.select(0, order.clone()),
+            None => out,
+        }
     }
 
     /// RMSNorm computed in f32 whatever the weights' dtype, as transformers does.
@@ -470,6 +585,32 @@ impl<B: Backend> Llama<B> {
         let normed = (xf * inv_rms).cast(self.dtype);
         normed * weight.clone().unsqueeze_dim::<2>(0)
     }
+}
+
+/// Splits decodes with context lengths `lens` into groups attended in one batched pass each,
+/// as indices into `lens`. Contexts are padded to the group's longest, so a group takes
+/// sequences in order of length while the padded size stays within twice the real one: a long
+/// context never pads many short ones, and equal lengths always share one group.
+pub(crate) fn decode_groups(lens: &[usize]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| (lens[i], i));
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut real = 0;
+    for i in order {
+        let len = lens[i];
+        match groups.last_mut() {
+            // Sorted ascending: `len` is the group's longest once added.
+            Some(g) if (g.len() + 1) * len <= 2 * (real + len) => {
+                g.push(i);
+                real += len;
+            }
+            _ => {
+                groups.push(vec![i]);
+                real = len;
+            }
+        }
+    }
+    groups
 }
 
 /// The cache slot of position `pos` of a sequence: page `block_table[pos / page_size]`.
@@ -573,4 +714,33 @@ fn rotate_half_rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tenso
     let x2 = x.clone().slice([0..t, 0..heads, half..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
     x * cos.clone() + rotated * sin.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_groups;
+
+    #[test]
+    fn unified_batch_decode_groups_cover_every_sequence_once_with_bounded_padding() {
+        for lens in [
+            vec![],
+            vec![5],
+            vec![7, 7, 7, 7],
+            vec![3, 100, 4, 90, 5, 2000, 6],
+            (1..300).map(|i| (i * 37) % 1000 + 1).collect::<Vec<_>>(),
+        ] {
+            let groups = decode_groups(&lens);
+            let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>(), "{lens:?}");
+            for g in &groups {
+                let longest = g.iter().map(|&i| lens[i]).max().unwrap();
+                let real: usize = g.iter().map(|&i| lens[i]).sum();
+                assert!(g.len() * longest <= 2 * real, "{lens:?}: group {g:?} pads too much");
+            }
+        }
+        assert_eq!(decode_groups(&[7, 7, 7, 7]), vec![vec![0, 1, 2, 3]]);
+        // A long context is not padded into the short ones.
+        assert_eq!(decode_groups(&[3, 2000, 4]), vec![vec![0, 2], vec![1]]);
+    }
 }

@@ -6,7 +6,7 @@
 //! on a uniquely owned tensor), so a step never copies the cache.
 
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, IndexingUpdateOp};
 
 /// K/V of some pages, copied to host memory: one `(k, v)` per layer, `[pages * page_size,
 /// kv_dim]` each, in the cache's dtype.
@@ -24,6 +24,8 @@ pub struct PagedKvCache<B: Backend> {
     layers: Vec<LayerCache<B>>,
     page_size: usize,
     num_pages: usize,
+    /// Write a step's K/V with one scatter per layer instead of one slice per run of slots.
+    scatter_writes: bool,
 }
 
 impl<B: Backend> PagedKvCache<B> {
@@ -46,7 +48,16 @@ impl<B: Backend> PagedKvCache<B> {
                 .collect(),
             page_size,
             num_pages,
+            scatter_writes: false,
         }
+    }
+
+    /// Writes each layer's new K/V with one in-place scatter, whatever the number of sequences.
+    /// Pays on a GPU, where each `slice_assign` is a kernel launch (decode writes one run per
+    /// sequence); on the CPU backend a scatter copies the whole layer, so it stays off there.
+    pub fn with_scatter_writes(mut self, on: bool) -> Self {
+        self.scatter_writes = on;
+        self
     }
 
     pub fn page_size(&self) -> usize {
@@ -59,12 +70,20 @@ impl<B: Backend> PagedKvCache<B> {
 
     /// Writes rows of `k` and `v` (`[n, kv_dim]`) into `slots` (`n` slot ids) of `layer`.
     ///
-    /// burn 0.21 has no overwriting `select_assign` on every backend, so consecutive slots are
-    /// written as one `slice_assign` each: one per page touched, one per sequence in decode.
+    /// Without scatter writes, consecutive slots are written as one `slice_assign` each: one per
+    /// page touched, one per sequence in decode. Slots of one write are distinct.
     pub fn write(&mut self, layer: usize, slots: &[i32], k: Tensor<B, 2>, v: Tensor<B, 2>) {
+        let device = self.scatter_writes.then(|| self.device());
         let cache = &mut self.layers[layer];
         let mut ck = cache.k.take().expect("layer cache present between writes");
         let mut cv = cache.v.take().expect("layer cache present between writes");
+        if let Some(device) = device {
+            let n = slots.len();
+            let index = Tensor::<B, 2, Int>::from_data(TensorData::new(slots.to_vec(), [n, 1]), &device);
+            cache.k = Some(ck.scatter_nd(index.clone(), k, IndexingUpdateOp::Assign));
+            cache.v = Some(cv.scatter_nd(index, v, IndexingUpdateOp::Assign));
+            return;
+        }
         let width = k.dims()[1];
         let mut row = 0;
         while row < slots.len() {
