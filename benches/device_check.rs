@@ -1,0 +1,421 @@
+//! Checks and profiles the model on a device, without the server (`scripts/gpu-check.sh` runs
+//! both on the lent GPU; on the CPU they run anywhere):
+//!
+//! ```text
+//! cargo bench --bench device_check -- logits [--device cpu|cuda] [FIXTURE_DIR...]
+//! cargo bench --bench device_check -- profile [--device cpu|cuda|cuda-nofusion] [--model DIR] [--batches 1,8]
+//!     [--context 192] [--iters 10] [--bandwidth-gbs 3000] [--json FILE]
+//! ```
+//!
+//! `logits` runs every golden prompt of each fixture (default: all of `tests/fixtures`) on the CPU
+//! in f32 and on the device in the checkpoint's half precision: whole-prompt logits against the
+//! CPU's and transformers', then 24 batched greedy steps (chunked prefill, decode groups, K/V
+//! writes) against transformers' greedy tokens.
+//!
+//! `profile` shows where a decode step's time goes: one unified decode step of a checkpoint at
+//! several batch sizes, each of the step's matrix products alone at the same shapes, the
+//! logits' trip to the host, and the step's memory roofline (every weight and every cached K/V
+//! byte read once). Without `--model` it profiles the embedded tiny model.
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::{DType, Distribution};
+use inferflux::model::{Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+
+const PAGE_SIZE: usize = 16;
+
+/// burn's CUDA backend without the fusion layer that `burn::backend::Cuda` adds: the profile
+/// runs both, to show what fusion's planning costs a decode step.
+type CudaNoFusion = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+struct Args {
+    cuda: bool,
+    fusion: bool,
+    model: ModelSource,
+    batches: Vec<usize>,
+    context: usize,
+    iters: usize,
+    bandwidth_gbs: f64,
+    json: Option<String>,
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
+    let mut a = Args {
+        cuda: false,
+        fusion: true,
+        model: ModelSource::Embedded,
+        batches: vec![1, 8],
+        context: 192,
+        iters: 10,
+        bandwidth_gbs: 3000.0,
+        json: None,
+    };
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--device" => {
+                let d = value();
+                a.cuda = d.starts_with("cuda");
+                a.fusion = d != "cuda-nofusion";
+            }
+            "--model" => a.model = ModelSource::Dir(value().into()),
+            "--batches" => a.batches = value().split(',').map(|b| b.parse().expect("--batches 1,8")).collect(),
+            "--context" => a.context = value().parse().expect("--context N"),
+            "--iters" => a.iters = value().parse().expect("--iters N"),
+            "--bandwidth-gbs" => a.bandwidth_gbs = value().parse().expect("--bandwidth-gbs X"),
+            "--json" => a.json = Some(value()),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// One batch size's measurements, in milliseconds.
+#[derive(serde::Serialize)]
+struct Row {
+    batch: usize,
+    context: usize,
+    step_ms: f64,
+    /// The layers' matrix products, timed alone at the step's shapes.
+    layer_gemms_ms: f64,
+    lm_head_ms: f64,
+    logits_to_host_ms: f64,
+    /// What the step spends beyond those: attention, norms, RoPE, K/V writes, launches.
+    rest_ms: f64,
+    weight_bytes: usize,
+    kv_bytes: usize,
+    roofline_ms: f64,
+}
+
+fn main() {
+    // `cargo bench` adds `--bench`.
+    let mut argv = std::env::args().skip(1).filter(|a| a != "--bench");
+    match argv.next().as_deref() {
+        Some("logits") => logits_main(argv),
+        Some("profile") => profile_main(parse_args(argv)),
+        _ => panic!("usage: device_check logits|profile [options] (see the file's doc comment)"),
+    }
+}
+
+fn profile_main(args: Args) {
+    let files = ModelFiles::open(&args.model).expect("model opens");
+    let rows = if args.cuda {
+        let dtype = device_dtype(&files, true);
+        if args.fusion {
+            profile::<burn::backend::Cuda>(&files, &args, Default::default(), dtype, true)
+        } else {
+            profile::<CudaNoFusion>(&files, &args, Default::default(), dtype, true)
+        }
+    } else {
+        profile::<burn::backend::Flex>(&files, &args, Default::default(), DType::F32, false)
+    };
+    println!(
+        "| batch | context | step ms | layer GEMMs ms | lm_head ms | logits to host ms | rest ms | roofline ms | step / roofline |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.2} | {:.2} ({:.0}%) | {:.2} | {:.2} | {:.2} | {:.3} | {:.1}x |",
+            r.batch,
+            r.context,
+            r.step_ms,
+            r.layer_gemms_ms,
+            100.0 * r.layer_gemms_ms / r.step_ms,
+            r.lm_head_ms,
+            r.logits_to_host_ms,
+            r.rest_ms,
+            r.roofline_ms,
+            r.step_ms / r.roofline_ms
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows).unwrap()).expect("write --json");
+    }
+}
+
+/// The checkpoint's half precision on a GPU (as the server picks it), f32 on the CPU.
+fn device_dtype(files: &ModelFiles, cuda: bool) -> DType {
+    if !cuda {
+        return DType::F32;
+    }
+    let index = files.checkpoint.index().expect("weights index");
+    match index.dtype_of("model.embed_tokens.weight") {
+        Some(safetensors::Dtype::BF16) => DType::BF16,
+        _ => DType::F16,
+    }
+}
+
+fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType) -> Llama<B> {
+    let index = files.checkpoint.index().expect("weights index");
+    Llama::<B>::load(&files.config, &index, device, dtype).expect("model loads")
+}
+
+fn profile<B: Backend>(files: &ModelFiles, args: &Args, device: B::Device, dtype: DType, scatter: bool) -> Vec<Row> {
+    let started = Instant::now();
+    let model = load::<B>(files, &device, dtype);
+    let c = model.config().clone();
+    eprintln!(
+        "loaded {} ({} layers, hidden {}, {:?}) in {:.1} s on {}",
+        files.name,
+        c.num_layers,
+        c.hidden_size,
+        dtype,
+        started.elapsed().as_secs_f64(),
+        B::name(&device)
+    );
+    let elements = model.weight_elements();
+    // Decode reads every weight once per step except the embedding (a few rows).
+    let weight_bytes = elements
+        .iter()
+        .filter(|(k, _)| **k != "embed")
+        .map(|(_, n)| n)
+        .sum::<usize>()
+        * dtype.size();
+    let kv_dim = model.kv_dim();
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let pages_per_seq = (args.context + 1).div_ceil(PAGE_SIZE);
+    let mut cache = PagedKvCache::<B>::new(
+        c.num_layers,
+        max_batch * pages_per_seq,
+        PAGE_SIZE,
+        kv_dim,
+        &device,
+        dtype,
+    )
+    .with_scatter_writes(scatter);
+    let time_ms = |iters: usize, f: &mut dyn FnMut()| {
+        f(); // warm-up: kernels compile and autotune on first use
+        f();
+        B::sync(&device).expect("device sync");
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        B::sync(&device).expect("device sync");
+        t.elapsed().as_secs_f64() * 1e3 / iters as f64
+    };
+    let (h, q_dim, inter) = (
+        c.hidden_size,
+        model.shard().num_heads() * c.head_dim,
+        c.intermediate_size,
+    );
+    // (in, out, times per layer) of q, k and v, o, gate and up, down.
+    let layer_shapes = [(h, q_dim, 1), (h, kv_dim, 2), (q_dim, h, 1), (h, inter, 2), (inter, h, 1)];
+    let mut rows = Vec::new();
+    for &batch in &args.batches {
+        let chunks: Vec<SequenceChunk> = (0..batch)
+            .map(|s| SequenceChunk {
+                tokens: vec![(s % 100) as u32 + 1],
+                start_pos: args.context,
+                block_table: (0..pages_per_seq).map(|p| (s * pages_per_seq + p) as u32).collect(),
+                wants_logits: true,
+            })
+            .collect();
+        let step_ms = time_ms(args.iters, &mut || {
+            model.forward(&mut cache, &chunks).into_data();
+        });
+        let gemm = |k: usize, n: usize| {
+            let x = Tensor::<B, 2>::random([batch, k], Distribution::Default, (&device, dtype));
+            let w = Tensor::<B, 2>::random([k, n], Distribution::Default, (&device, dtype));
+            // Held until the next product, so that no backend can skip an unread result.
+            let mut sink = None;
+            time_ms(args.iters, &mut || {
+                sink = Some(x.clone().matmul(w.clone()));
+            })
+        };
+        let layer_gemms_ms = c.num_layers as f64
+            * layer_shapes
+                .iter()
+                .map(|&(k, n, times)| times as f64 * gemm(k, n))
+                .sum::<f64>();
+        let lm_head_ms = gemm(h, c.vocab_size);
+        let logits = Tensor::<B, 2>::zeros([batch, c.vocab_size], (&device, DType::F32));
+        let logits_to_host_ms = time_ms(args.iters, &mut || {
+            logits.clone().add_scalar(0.0).into_data();
+        });
+        let kv_bytes = batch * args.context * c.num_layers * 2 * kv_dim * dtype.size();
+        rows.push(Row {
+            batch,
+            context: args.context,
+            step_ms,
+            layer_gemms_ms,
+            lm_head_ms,
+            logits_to_host_ms,
+            rest_ms: step_ms - layer_gemms_ms - lm_head_ms - logits_to_host_ms,
+            weight_bytes,
+            kv_bytes,
+            roofline_ms: (weight_bytes + kv_bytes) as f64 / (args.bandwidth_gbs * 1e9) * 1e3,
+        });
+    }
+    rows
+}
+
+#[derive(serde::Deserialize)]
+struct Goldens {
+    prompts: Vec<GoldenPrompt>,
+}
+
+#[derive(serde::Deserialize)]
+struct GoldenPrompt {
+    input_ids: Vec<u32>,
+    last_logits: Vec<f32>,
+    greedy_ids: Vec<u32>,
+}
+
+/// What one backend made of a fixture's golden prompts.
+struct FixtureRun {
+    /// Whole-prompt last-position logits of each prompt.
+    logits: Vec<Vec<f32>>,
+    /// Batched greedy continuation of each prompt.
+    greedy: Vec<Vec<u32>>,
+}
+
+fn logits_main(mut argv: impl Iterator<Item = String>) {
+    let mut cuda = false;
+    let mut dirs = Vec::new();
+    while let Some(a) = argv.next() {
+        match a.as_str() {
+            "--device" => cuda = argv.next().as_deref() == Some("cuda"),
+            dir => dirs.push(std::path::PathBuf::from(dir)),
+        }
+    }
+    if dirs.is_empty() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        dirs = std::fs::read_dir(root)
+            .expect("tests/fixtures")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("goldens.json").exists())
+            .collect();
+        dirs.sort();
+    }
+    println!("| fixture | device dtype | max abs logit diff vs CPU f32 | vs transformers | top-1 agrees | greedy tokens = transformers (CPU) | (device) |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let mut failed = false;
+    for dir in dirs {
+        let files = ModelFiles::open(&ModelSource::Dir(dir.clone())).expect("fixture opens");
+        let goldens: Goldens =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).expect("goldens.json"))
+                .expect("goldens parse");
+        let cpu = run_fixture::<burn::backend::Flex>(&files, &goldens, Default::default(), DType::F32, false);
+        let dtype = device_dtype(&files, cuda);
+        let dev = if cuda {
+            run_fixture::<burn::backend::Cuda>(&files, &goldens, Default::default(), dtype, true)
+        } else {
+            run_fixture::<burn::backend::Flex>(&files, &goldens, Default::default(), dtype, true)
+        };
+        let max_diff = |a: &[Vec<f32>], b: &dyn Fn(usize) -> Vec<f32>| {
+            a.iter()
+                .enumerate()
+                .flat_map(|(i, row)| row.iter().zip(b(i)).map(|(x, y)| (x - y).abs()).collect::<Vec<_>>())
+                .fold(0.0f32, f32::max)
+        };
+        let vs_cpu = max_diff(&dev.logits, &|i| cpu.logits[i].clone());
+        let vs_hf = max_diff(&dev.logits, &|i| goldens.prompts[i].last_logits.clone());
+        let top1 = dev
+            .logits
+            .iter()
+            .zip(&cpu.logits)
+            .filter(|(d, c)| argmax(d) == argmax(c))
+            .count();
+        let agree = |run: &FixtureRun| -> (usize, usize) {
+            let total = goldens.prompts.iter().map(|p| p.greedy_ids.len()).sum();
+            let same = run
+                .greedy
+                .iter()
+                .zip(&goldens.prompts)
+                .map(|(g, p)| g.iter().zip(&p.greedy_ids).take_while(|(a, b)| a == b).count())
+                .sum();
+            (same, total)
+        };
+        let ((cs, ct), (ds, dt)) = (agree(&cpu), agree(&dev));
+        // f32 on the CPU must match exactly; half precision may part from a random model's
+        // near-ties late, but not on the first token.
+        failed |= cs != ct || top1 != cpu.logits.len();
+        println!(
+            "| {} | {dtype:?} | {vs_cpu:.4} | {vs_hf:.4} | {top1}/{} | {cs}/{ct} | {ds}/{dt} |",
+            dir.file_name().unwrap().to_string_lossy(),
+            cpu.logits.len()
+        );
+    }
+    if failed {
+        eprintln!("device_check logits: FAILED (CPU f32 greedy off the goldens, or a first token differs)");
+        std::process::exit(1);
+    }
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::MIN), |best, (i, &x)| if x > best.1 { (i, x) } else { best })
+        .0
+}
+
+fn run_fixture<B: Backend>(
+    files: &ModelFiles,
+    goldens: &Goldens,
+    device: B::Device,
+    dtype: DType,
+    scatter: bool,
+) -> FixtureRun {
+    let model = load::<B>(files, &device, dtype);
+    let c = model.config().clone();
+    let prompts = &goldens.prompts;
+    let n = prompts.len();
+    let steps = prompts[0].greedy_ids.len();
+    let per_seq = (prompts.iter().map(|p| p.input_ids.len()).max().unwrap() + steps).div_ceil(PAGE_SIZE);
+    let new_cache = || {
+        PagedKvCache::<B>::new(c.num_layers, n * per_seq, PAGE_SIZE, model.kv_dim(), &device, dtype)
+            .with_scatter_writes(scatter)
+    };
+    let table = |i: usize| (0..per_seq).map(|p| (i * per_seq + p) as u32).collect::<Vec<_>>();
+    let rows = |t: Tensor<B, 2>| {
+        let [r, v] = t.dims();
+        let data = t.into_data().to_vec::<f32>().expect("f32 logits");
+        (0..r).map(|i| data[i * v..(i + 1) * v].to_vec()).collect::<Vec<_>>()
+    };
+    let logits = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = new_cache();
+            let chunk = SequenceChunk {
+                tokens: p.input_ids.clone(),
+                start_pos: 0,
+                block_table: table(0),
+                wants_logits: true,
+            };
+            rows(model.forward(&mut cache, &[chunk])).remove(0)
+        })
+        .collect();
+    // Every prompt at once: prefill in chunks of 7 tokens, then batched decode.
+    let mut cache = new_cache();
+    let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|p| p.input_ids.clone()).collect();
+    let mut computed = vec![0usize; n];
+    let mut greedy = vec![Vec::new(); n];
+    while greedy.iter().any(|g| g.len() < steps) {
+        let live: Vec<usize> = (0..n).filter(|&i| greedy[i].len() < steps).collect();
+        let chunks: Vec<SequenceChunk> = live
+            .iter()
+            .map(|&i| {
+                let end = (computed[i] + 7).min(seqs[i].len());
+                SequenceChunk {
+                    tokens: seqs[i][computed[i]..end].to_vec(),
+                    start_pos: computed[i],
+                    block_table: table(i),
+                    wants_logits: end == seqs[i].len(),
+                }
+            })
+            .collect();
+        let out = rows(model.forward(&mut cache, &chunks));
+        let mut out = out.iter();
+        for (&i, chunk) in live.iter().zip(&chunks) {
+            computed[i] = chunk.end_pos();
+            if chunk.wants_logits {
+                let next = argmax(out.next().expect("a row per chunk wanting logits")) as u32;
+                seqs[i].push(next);
+                greedy[i].push(next);
+            }
+        }
+    }
+    FixtureRun { logits, greedy }
+}

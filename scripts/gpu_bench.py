@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""The Python side of scripts/gpu-check.sh, run on the lent GPU machine (PyTorch and transformers
+are installed there; nothing is downloaded).
+
+  gpu_bench.py make-model DIR            Llama-3.2-1B-shaped checkpoint, random bf16 weights, and a
+                                         word-level tokenizer with one word per token id
+  gpu_bench.py baseline DIR --out JSON   copy bandwidth, cuBLAS time of one step's GEMMs, and
+                                         transformers `generate` tokens/s at batch 1, 32 and 128
+  gpu_bench.py table --baseline JSON --bench-dir DIR [--profile JSON]
+                                         the summary table: InferFlux against baseline and roofline
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+PROMPT_LEN = 128
+OUTPUT_LEN = 128
+BATCHES = (1, 32, 128)
+
+# Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 query / 8 KV heads of 64, MLP 8192, vocab 128256).
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    # transformers 5 spelling (4.x called it rope_scaling, with rope_theta beside it).
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def make_model(path):
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    os.makedirs(path, exist_ok=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_1B)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    # One word per id ("w0" ... ), so that every generated token streams some text.
+    vocab = {f"w{i}": i for i in range(config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 8192, "bos_token": "w1", "eos_token": "w2"}, f)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"made {path}: {params / 1e9:.3f} B parameters, bf16")
+
+
+def cuda_ms(fn, iters):
+    import torch
+
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def baseline(path, out):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    # Device-to-device copy, counting bytes read and written.
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = cuda_ms(lambda: b.copy_(a), 20)
+    result["copy_gbs"] = 2 * a.numel() / (ms * 1e-3) / 1e9
+    del a, b
+
+    c = LLAMA_1B
+    h, kv, inter, layers = c["hidden_size"], c["num_key_value_heads"] * c["head_dim"], c["intermediate_size"], c["num_hidden_layers"]
+    # (in, out, times per layer): q, k and v, o, gate and up, down.
+    shapes = [(h, h, 1), (h, kv, 2), (h, h, 1), (h, inter, 2), (inter, h, 1)]
+    result["weight_bytes"] = 2 * (layers * sum(i * o * t for i, o, t in shapes) + h * c["vocab_size"])
+    result["kv_bytes_per_token"] = 2 * layers * 2 * kv
+    result["cublas_step_gemms_ms"] = {}
+    for batch in BATCHES:
+        total = 0.0
+        for i, o, t in shapes:
+            x = torch.randn(batch, i, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(i, o, device="cuda", dtype=torch.bfloat16)
+            total += layers * t * cuda_ms(lambda: x @ w, 50)
+        x = torch.randn(batch, h, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(h, c["vocab_size"], device="cuda", dtype=torch.bfloat16)
+        total += cuda_ms(lambda: x @ w, 50)
+        result["cublas_step_gemms_ms"][str(batch)] = total
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    result["transformers_generate"] = {}
+    for batch in BATCHES:
+        ids = torch.randint(3, c["vocab_size"], (batch, PROMPT_LEN), generator=gen).to("cuda")
+        mask = torch.ones_like(ids)
+        kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out_ids = model.generate(ids, max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN, **kw)
+            torch.cuda.synchronize()
+            secs = time.perf_counter() - t
+        generated = batch * (out_ids.shape[1] - PROMPT_LEN)
+        result["transformers_generate"][str(batch)] = {
+            "seconds": secs,
+            "output_tokens": generated,
+            "tok_s": generated / secs,
+            "ms_per_step": secs * 1e3 / OUTPUT_LEN,
+        }
+        print(f"transformers generate batch {batch}: {generated / secs:.0f} tok/s", flush=True)
+    json.dump(result, open(out, "w"), indent=2)
+    print(json.dumps({k: v for k, v in result.items() if k != "transformers_generate"}, indent=1))
+
+
+def table(baseline_path, bench_dir, profile_path):
+    base = json.load(open(baseline_path))
+    bw = base["copy_gbs"] * 1e9
+    print(f"\nGPU: {base['device']}; copy {base['copy_gbs']:.0f} GB/s; weights {base['weight_bytes'] / 1e9:.2f} GB (bf16)")
+    print(
+        "\n| concurrency | InferFlux out tok/s | InferFlux ms/step (mean TPOT) | TTFT p50 ms "
+        "| transformers tok/s | cuBLAS GEMMs ms/step | roofline ms/step | step / roofline | tok/s vs transformers |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in BATCHES:
+        path = os.path.join(bench_dir, f"bench-c{batch}.json")
+        hf = base["transformers_generate"].get(str(batch), {})
+        # The mean context over a request's decode steps: its prompt and half its output.
+        kv = base["kv_bytes_per_token"] * batch * (PROMPT_LEN + OUTPUT_LEN / 2)
+        roof = (base["weight_bytes"] + kv) / bw * 1e3
+        gemm = base["cublas_step_gemms_ms"].get(str(batch), float("nan"))
+        if not os.path.exists(path):
+            print(f"| {batch} | (no result) | | | {hf.get('tok_s', 0):.0f} | {gemm:.2f} | {roof:.3f} | | |")
+            continue
+        r = json.load(open(path))
+        tok_s = r.get("output_throughput", 0.0)
+        tpot = r.get("mean_tpot_ms", float("nan"))
+        print(
+            f"| {batch} | {tok_s:.0f} | {tpot:.2f} | {r.get('median_ttft_ms', float('nan')):.0f} "
+            f"| {hf.get('tok_s', 0):.0f} | {gemm:.2f} | {roof:.3f} | {tpot / roof:.1f}x "
+            f"| {tok_s / hf['tok_s'] if hf else float('nan'):.2f}x |"
+        )
+    if profile_path and os.path.exists(profile_path):
+        print("\nWhere a decode step goes (device_check profile, context 192):\n")
+        print("| batch | step ms | layer GEMMs ms | lm_head ms | logits to host ms | rest ms | cuBLAS GEMMs ms |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for row in json.load(open(profile_path)):
+            gemm = base["cublas_step_gemms_ms"].get(str(row["batch"]), float("nan"))
+            print(
+                f"| {row['batch']} | {row['step_ms']:.2f} | {row['layer_gemms_ms']:.2f} | {row['lm_head_ms']:.2f} "
+                f"| {row['logits_to_host_ms']:.2f} | {row['rest_ms']:.2f} | {gemm:.2f} |"
+            )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make-model")
+    m.add_argument("dir")
+    b = sub.add_parser("baseline")
+    b.add_argument("dir")
+    b.add_argument("--out", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("--baseline", required=True)
+    t.add_argument("--bench-dir", required=True)
+    t.add_argument("--profile")
+    a = p.parse_args()
+    if a.cmd == "make-model":
+        make_model(a.dir)
+    elif a.cmd == "baseline":
+        baseline(a.dir, a.out)
+    else:
+        table(a.baseline, a.bench_dir, a.profile)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
