@@ -104,7 +104,10 @@ pub async fn run(api: Api, args: BenchArgs) -> Result<()> {
         None => first_model(&api).await?,
     };
     let prompts = prompts(&api, &model, &args).await?;
+    // Measured request `i` sends prompt `i`; the warm-up sends the prompts after the measured ones
+    // (random prompts are built for both), so that no measured prompt is already in the prefix cache.
     let body = |i: usize| request_body(&args, &model, &prompts[i % prompts.len()].text);
+    let n = args.num_prompts as usize;
     let sem = Arc::new(Semaphore::new(
         args.concurrency.map_or(Semaphore::MAX_PERMITS, |c| c as usize),
     ));
@@ -112,7 +115,7 @@ pub async fn run(api: Api, args: BenchArgs) -> Result<()> {
     if args.warmup > 0 {
         eprintln!("inferctl bench: {} warm-up request(s)", args.warmup);
         let warm: Vec<_> = (0..args.warmup as usize)
-            .map(|i| spawn(&api, &sem, args.endpoint, body(i)))
+            .map(|j| spawn(&api, &sem, args.endpoint, body(n + j)))
             .collect();
         for task in warm {
             task.await
@@ -133,7 +136,7 @@ pub async fn run(api: Api, args: BenchArgs) -> Result<()> {
     let mut arrivals = StdRng::seed_from_u64(args.seed);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(args.num_prompts as usize);
-    for i in 0..args.num_prompts as usize {
+    for i in 0..n {
         if i > 0 && args.request_rate.is_finite() {
             tokio::time::sleep(poisson_gap(&mut arrivals, args.request_rate)).await;
         }
@@ -222,14 +225,15 @@ async fn prompts(api: &Api, model: &str, args: &BenchArgs) -> Result<Vec<Prompt>
     if args.dataset == "random" {
         eprintln!(
             "inferctl bench: building {} random prompts of {} tokens",
-            args.num_prompts, args.input_len
+            args.num_prompts + args.warmup,
+            args.input_len
         );
         let tokens = ServerTokens {
             api,
             model,
             endpoint: args.endpoint,
         };
-        let n = args.num_prompts as usize;
+        let n = (args.num_prompts + args.warmup) as usize;
         return dataset::random_prompts(api, &tokens, n, args.input_len as usize, args.seed).await;
     }
     dataset::file_prompts(&PathBuf::from(&args.dataset))
