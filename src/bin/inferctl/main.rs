@@ -1,6 +1,7 @@
 //! `inferctl`: the InferFlux command-line client.
 
 mod admin;
+mod bench;
 mod chat;
 mod client;
 mod completion;
@@ -88,6 +89,9 @@ enum Command {
     },
     /// List the served models.
     Models,
+    /// Load the server like `vllm bench serve`: streamed requests of fixed prompt and output
+    /// lengths; reports TTFT, TPOT, ITL, end-to-end latency and throughput.
+    Bench(bench::BenchArgs),
     /// Operator commands (sent with the admin token).
     Admin {
         #[command(subcommand)]
@@ -112,6 +116,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Completion(args) => completion::run(&api, args).await,
         Command::Chat(args) => chat::run(&api, args).await,
+        Command::Bench(args) => bench::run(api, args).await,
         Command::Tokenize {
             text,
             no_special,

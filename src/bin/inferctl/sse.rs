@@ -127,7 +127,7 @@ impl<'a, W: Write> Printer<'a, W> {
 
 /// The text and finish reason that one chunk carries for choice `index` (matched by each choice's
 /// `index` field, as the choices of `n > 1` arrive in separate chunks).
-fn choice_delta(v: &Value, index: u64) -> (Option<&str>, Option<&str>) {
+pub fn choice_delta(v: &Value, index: u64) -> (Option<&str>, Option<&str>) {
     let Some(choices) = v["choices"].as_array() else {
         return (None, None);
     };

@@ -1,0 +1,272 @@
+//! Tokens per second of the f32 CPU backend (burn Flex), so that regressions show: prefill and
+//! decode at batch 1 and 8, for the embedded tiny model and for a ~110M-parameter Llama whose
+//! random weights are built here (seeded; nothing is downloaded). Times the model step alone
+//! (forward and the logits back on the host), not sampling or serving. Compare the batch-8 against
+//! the batch-1 decode throughput within one run; absolute numbers depend on the machine.
+//!
+//! `cargo bench --bench cpu_throughput` (about a minute on 2 cores).
+
+use std::time::{Duration, Instant};
+
+use burn::backend::Flex;
+use burn::tensor::DType;
+use half::bf16;
+use inferflux::model::{
+    CheckpointBytes, Llama, LlamaConfig, ModelFiles, ModelSource, PagedKvCache, SequenceChunk,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+const PAGE_SIZE: usize = 16;
+
+/// One model to measure, and the sizes of its runs.
+struct Case {
+    name: &'static str,
+    config: LlamaConfig,
+    checkpoint: CheckpointBytes,
+    /// Prompt tokens per sequence.
+    prompt_len: usize,
+    /// Decode steps timed per batch size (each alone; the median is reported).
+    decode_steps: usize,
+    /// Timed repeats of the prefill; the median is reported.
+    prefill_repeats: usize,
+}
+
+/// A Llama the size of the small GPT-2/Llama configurations (768 wide, 12 layers, 32000 vocab,
+/// tied embeddings): about 110M parameters.
+const RANDOM_CONFIG: &str = r#"{
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 12,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": true,
+    "bos_token_id": 1,
+    "eos_token_id": 2
+}"#;
+
+/// Every tensor of a Llama checkpoint of `c`'s shape, by name (tied: no `lm_head.weight`).
+fn tensor_shapes(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, q, kv, i) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let mut shapes = vec![
+        ("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h]),
+        ("model.norm.weight".to_string(), vec![h]),
+    ];
+    if !c.tie_word_embeddings {
+        shapes.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
+    }
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        shapes.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+        ]);
+    }
+    shapes
+}
+
+/// A bf16 safetensors checkpoint of `c`'s shape: norms 1, every other weight uniform in
+/// ±0.035 (std 0.02, as `initializer_range` gives), from a fixed seed. Leaked: the bench keeps it
+/// for its whole run, as the server keeps its mapped checkpoint.
+fn random_checkpoint(c: &LlamaConfig) -> CheckpointBytes {
+    let mut rng = StdRng::seed_from_u64(0);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = tensor_shapes(c)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let norm = name.ends_with("norm.weight");
+            let bytes = (0..n)
+                .flat_map(|_| {
+                    let x = if norm {
+                        1.0
+                    } else {
+                        rng.random_range(-0.035f32..0.035)
+                    };
+                    bf16::from_f32(x).to_le_bytes()
+                })
+                .collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views = tensors.iter().map(|(name, shape, bytes)| {
+        let view = TensorView::new(Dtype::BF16, shape.clone(), bytes).expect("consistent tensor");
+        (name.as_str(), view)
+    });
+    let bytes = safetensors::serialize(views, None).expect("serialize the random checkpoint");
+    CheckpointBytes::Static(vec![(
+        "random:model.safetensors",
+        Box::leak(bytes.into_boxed_slice()),
+    )])
+}
+
+/// Parameters, counting tied embeddings once.
+fn parameters(c: &LlamaConfig) -> usize {
+    tensor_shapes(c)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
+/// Prefill and decode throughput of one batch size.
+struct Row {
+    batch: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    decode_step_ms: f64,
+}
+
+fn tok_per_s(tokens: usize, t: Duration) -> f64 {
+    tokens as f64 / t.as_secs_f64()
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+/// `batch` sequences: a prefill of `prompt_len` tokens each in one step (timed
+/// `prefill_repeats` times over the same pages), then `decode_steps` decode steps of one token
+/// each; the median of each.
+fn measure(model: &Llama<Flex>, case: &Case, batch: usize) -> Row {
+    let cfg = model.config();
+    let pages_per_seq = (case.prompt_len + case.decode_steps + 1).div_ceil(PAGE_SIZE);
+    let mut cache = PagedKvCache::<Flex>::new(
+        cfg.num_layers,
+        batch * pages_per_seq,
+        PAGE_SIZE,
+        cfg.num_kv_heads * cfg.head_dim,
+        &Default::default(),
+        DType::F32,
+    );
+    let table = |s: usize| -> Vec<u32> {
+        ((s * pages_per_seq)..((s + 1) * pages_per_seq))
+            .map(|p| p as u32)
+            .collect()
+    };
+    let mut rng = StdRng::seed_from_u64(batch as u64);
+    let vocab = cfg.vocab_size as u32;
+    let prefill: Vec<SequenceChunk> = (0..batch)
+        .map(|s| SequenceChunk {
+            tokens: (0..case.prompt_len).map(|_| rng.random_range(0..vocab)).collect(),
+            start_pos: 0,
+            block_table: table(s),
+            wants_logits: true,
+        })
+        .collect();
+    // One untimed step first: the allocator and the backend's first-use costs.
+    model.forward(&mut cache, &prefill).into_data();
+    let prefill_time = median(
+        (0..case.prefill_repeats)
+            .map(|_| {
+                let t = Instant::now();
+                model.forward(&mut cache, &prefill).into_data();
+                t.elapsed()
+            })
+            .collect(),
+    );
+    let decode = |pos: usize, rng: &mut StdRng| -> Vec<SequenceChunk> {
+        (0..batch)
+            .map(|s| SequenceChunk {
+                tokens: vec![rng.random_range(0..vocab)],
+                start_pos: pos,
+                block_table: table(s),
+                wants_logits: true,
+            })
+            .collect()
+    };
+    model
+        .forward(&mut cache, &decode(case.prompt_len, &mut rng))
+        .into_data();
+    let steps: Vec<Vec<SequenceChunk>> = (0..case.decode_steps)
+        .map(|k| decode(case.prompt_len + 1 + k, &mut rng))
+        .collect();
+    // The median step, not the mean: other work on a shared machine shows as spikes.
+    let decode_step = median(
+        steps
+            .iter()
+            .map(|chunks| {
+                let t = Instant::now();
+                model.forward(&mut cache, chunks).into_data();
+                t.elapsed()
+            })
+            .collect(),
+    );
+    Row {
+        batch,
+        prefill_tok_s: tok_per_s(batch * case.prompt_len, prefill_time),
+        decode_tok_s: tok_per_s(batch, decode_step),
+        decode_step_ms: decode_step.as_secs_f64() * 1000.0,
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs bench binaries with `--bench` absent: nothing to time there.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let embedded = ModelFiles::open(&ModelSource::Embedded).expect("the embedded model");
+    let random = LlamaConfig::from_json(RANDOM_CONFIG).expect("the random model's config");
+    let cases = [
+        Case {
+            name: "embedded tiny",
+            config: embedded.config.clone(),
+            checkpoint: embedded.checkpoint,
+            prompt_len: 128,
+            decode_steps: 64,
+            prefill_repeats: 5,
+        },
+        Case {
+            name: "random 110M",
+            checkpoint: random_checkpoint(&random),
+            config: random,
+            prompt_len: 128,
+            decode_steps: 16,
+            prefill_repeats: 3,
+        },
+    ];
+    println!(
+        "{:<14} {:>7} {:>5} {:>7} {:>14} {:>13} {:>14}",
+        "model", "params", "batch", "prompt", "prefill tok/s", "decode tok/s", "decode ms/step"
+    );
+    for case in &cases {
+        let index = case.checkpoint.index().expect("checkpoint index");
+        let model = Llama::<Flex>::load(&case.config, &index, &Default::default(), DType::F32).expect("load");
+        let rows: Vec<Row> = [1, 8].into_iter().map(|b| measure(&model, case, b)).collect();
+        for r in &rows {
+            println!(
+                "{:<14} {:>6.1}M {:>5} {:>7} {:>14.1} {:>13.1} {:>14.2}",
+                case.name,
+                parameters(&case.config) as f64 / 1e6,
+                r.batch,
+                case.prompt_len,
+                r.prefill_tok_s,
+                r.decode_tok_s,
+                r.decode_step_ms
+            );
+        }
+        println!(
+            "{:<14} decode tok/s batch 8 / batch 1: {:.2}x",
+            case.name,
+            rows[1].decode_tok_s / rows[0].decode_tok_s
+        );
+    }
+}
