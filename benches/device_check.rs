@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench device_check -- logits [--device cpu|cuda] [FIXTURE_DIR...]
 //! cargo bench --bench device_check -- profile [--device cpu|cuda|cuda-nofusion] [--model DIR] [--batches 1,8]
-//!     [--context 192] [--iters 10] [--bandwidth-gbs 3000] [--json FILE]
+//!     [--context 192] [--iters 10] [--bandwidth-gbs 3000] [--pages N] [--json FILE]
 //! ```
 //!
 //! `logits` runs every golden prompt of each fixture (default: all of `tests/fixtures`) on the CPU
@@ -38,6 +38,8 @@ struct Args {
     iters: usize,
     bandwidth_gbs: f64,
     json: Option<String>,
+    /// Pages in the pool (default: just enough); a step's cost must not grow with it.
+    pages: Option<usize>,
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
@@ -50,6 +52,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         iters: 10,
         bandwidth_gbs: 3000.0,
         json: None,
+        pages: None,
     };
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -65,6 +68,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
             "--iters" => a.iters = value().parse().expect("--iters N"),
             "--bandwidth-gbs" => a.bandwidth_gbs = value().parse().expect("--bandwidth-gbs X"),
             "--json" => a.json = Some(value()),
+            "--pages" => a.pages = Some(value().parse().expect("--pages N")),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -177,7 +181,7 @@ fn profile<B: Backend>(files: &ModelFiles, args: &Args, device: B::Device, dtype
     let pages_per_seq = (args.context + 1).div_ceil(PAGE_SIZE);
     let mut cache = PagedKvCache::<B>::new(
         c.num_layers,
-        max_batch * pages_per_seq,
+        args.pages.unwrap_or(0).max(max_batch * pages_per_seq),
         PAGE_SIZE,
         kv_dim,
         &device,

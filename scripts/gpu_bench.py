@@ -4,6 +4,8 @@ are installed there; nothing is downloaded).
 
   gpu_bench.py make-model DIR            Llama-3.2-1B-shaped checkpoint, random bf16 weights, and a
                                          word-level tokenizer with one word per token id
+  gpu_bench.py prompts FILE N SEED       N JSON-lines prompts of 128 random words (128 tokens with
+                                         that tokenizer), for `inferctl bench --dataset FILE`
   gpu_bench.py baseline DIR --out JSON   copy bandwidth, cuBLAS time of one step's GEMMs, and
                                          transformers `generate` tokens/s at batch 1, 32 and 128
   gpu_bench.py table --baseline JSON --bench-dir DIR [--profile JSON]
@@ -65,6 +67,18 @@ def make_model(path):
         json.dump({"model_max_length": 8192, "bos_token": "w1", "eos_token": "w2"}, f)
     params = sum(p.numel() for p in model.parameters())
     print(f"made {path}: {params / 1e9:.3f} B parameters, bf16")
+
+
+def prompts(path, n, seed):
+    # inferctl's random prompts come from an English word list, which this tokenizer maps to one
+    # unknown id: every prompt would share its prefix. These are distinct from the first word.
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = " ".join(f"w{rng.randrange(3, LLAMA_1B['vocab_size'])}" for _ in range(PROMPT_LEN))
+            f.write(json.dumps({"prompt": words}) + "\n")
 
 
 def cuda_ms(fn, iters):
@@ -185,6 +199,10 @@ def main():
     b = sub.add_parser("baseline")
     b.add_argument("dir")
     b.add_argument("--out", required=True)
+    q = sub.add_parser("prompts")
+    q.add_argument("file")
+    q.add_argument("n", type=int)
+    q.add_argument("seed", type=int)
     t = sub.add_parser("table")
     t.add_argument("--baseline", required=True)
     t.add_argument("--bench-dir", required=True)
@@ -192,6 +210,8 @@ def main():
     a = p.parse_args()
     if a.cmd == "make-model":
         make_model(a.dir)
+    elif a.cmd == "prompts":
+        prompts(a.file, a.n, a.seed)
     elif a.cmd == "baseline":
         baseline(a.dir, a.out)
     else:
