@@ -12,7 +12,7 @@ use burn::backend::Flex;
 use burn::tensor::DType;
 use half::bf16;
 use inferflux::model::{
-    CheckpointBytes, Llama, LlamaConfig, ModelFiles, ModelSource, PagedKvCache, SequenceChunk,
+    CheckpointBytes, KvStorage, Llama, LlamaConfig, ModelFiles, ModelSource, PagedKvCache, SequenceChunk,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -156,6 +156,7 @@ fn measure(model: &Llama<Flex>, case: &Case, batch: usize) -> Row {
         cfg.num_kv_heads * cfg.head_dim,
         &Default::default(),
         DType::F32,
+        KvStorage::Host,
     );
     let table = |s: usize| -> Vec<u32> {
         ((s * pages_per_seq)..((s + 1) * pages_per_seq))

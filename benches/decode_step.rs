@@ -4,7 +4,7 @@
 use burn::backend::Flex;
 use burn::tensor::DType;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use inferflux::model::{Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
 
 const PAGE_SIZE: usize = 16;
 
@@ -20,6 +20,7 @@ fn bench(c: &mut Criterion) {
         cfg.num_kv_heads * cfg.head_dim,
         &Default::default(),
         DType::F32,
+        KvStorage::Host,
     );
     let context = 128;
     let mut group = c.benchmark_group("step");

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
-use inferflux::model::{Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
 
 const PAGE_SIZE: usize = 16;
 
@@ -107,12 +107,12 @@ fn profile_main(args: Args) {
     let rows = if args.cuda {
         let dtype = device_dtype(&files, true);
         if args.fusion {
-            profile::<burn::backend::Cuda>(&files, &args, Default::default(), dtype, true)
+            profile::<burn::backend::Cuda>(&files, &args, Default::default(), dtype, KvStorage::Device)
         } else {
-            profile::<CudaNoFusion>(&files, &args, Default::default(), dtype, true)
+            profile::<CudaNoFusion>(&files, &args, Default::default(), dtype, KvStorage::Device)
         }
     } else {
-        profile::<burn::backend::Flex>(&files, &args, Default::default(), DType::F32, false)
+        profile::<burn::backend::Flex>(&files, &args, Default::default(), DType::F32, KvStorage::Host)
     };
     println!(
         "| batch | context | step ms | layer GEMMs ms | lm_head ms | logits to host ms | rest ms | roofline ms | step / roofline |"
@@ -155,7 +155,13 @@ fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType) -> Lla
     Llama::<B>::load(&files.config, &index, device, dtype).expect("model loads")
 }
 
-fn profile<B: Backend>(files: &ModelFiles, args: &Args, device: B::Device, dtype: DType, scatter: bool) -> Vec<Row> {
+fn profile<B: Backend>(
+    files: &ModelFiles,
+    args: &Args,
+    device: B::Device,
+    dtype: DType,
+    storage: KvStorage,
+) -> Vec<Row> {
     let started = Instant::now();
     let model = load::<B>(files, &device, dtype);
     let c = model.config().clone();
@@ -186,8 +192,8 @@ fn profile<B: Backend>(files: &ModelFiles, args: &Args, device: B::Device, dtype
         kv_dim,
         &device,
         dtype,
-    )
-    .with_scatter_writes(scatter);
+        storage,
+    );
     let time_ms = |iters: usize, f: &mut dyn FnMut()| {
         f(); // warm-up: kernels compile and autotune on first use
         f();
@@ -301,12 +307,12 @@ fn logits_main(mut argv: impl Iterator<Item = String>) {
         let goldens: Goldens =
             serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).expect("goldens.json"))
                 .expect("goldens parse");
-        let cpu = run_fixture::<burn::backend::Flex>(&files, &goldens, Default::default(), DType::F32, false);
+        let cpu = run_fixture::<burn::backend::Flex>(&files, &goldens, Default::default(), DType::F32, KvStorage::Host);
         let dtype = device_dtype(&files, cuda);
         let dev = if cuda {
-            run_fixture::<burn::backend::Cuda>(&files, &goldens, Default::default(), dtype, true)
+            run_fixture::<burn::backend::Cuda>(&files, &goldens, Default::default(), dtype, KvStorage::Device)
         } else {
-            run_fixture::<burn::backend::Flex>(&files, &goldens, Default::default(), dtype, true)
+            run_fixture::<burn::backend::Flex>(&files, &goldens, Default::default(), dtype, KvStorage::Device)
         };
         let max_diff = |a: &[Vec<f32>], b: &dyn Fn(usize) -> Vec<f32>| {
             a.iter()
@@ -360,7 +366,7 @@ fn run_fixture<B: Backend>(
     goldens: &Goldens,
     device: B::Device,
     dtype: DType,
-    scatter: bool,
+    storage: KvStorage,
 ) -> FixtureRun {
     let model = load::<B>(files, &device, dtype);
     let c = model.config().clone();
@@ -369,8 +375,7 @@ fn run_fixture<B: Backend>(
     let steps = prompts[0].greedy_ids.len();
     let per_seq = (prompts.iter().map(|p| p.input_ids.len()).max().unwrap() + steps).div_ceil(PAGE_SIZE);
     let new_cache = || {
-        PagedKvCache::<B>::new(c.num_layers, n * per_seq, PAGE_SIZE, model.kv_dim(), &device, dtype)
-            .with_scatter_writes(scatter)
+        PagedKvCache::<B>::new(c.num_layers, n * per_seq, PAGE_SIZE, model.kv_dim(), &device, dtype, storage)
     };
     let table = |i: usize| (0..per_seq).map(|p| (i * per_seq + p) as u32).collect::<Vec<_>>();
     let rows = |t: Tensor<B, 2>| {

@@ -21,7 +21,7 @@ use crate::actors::tp_ranks::{Rank, RankWorker};
 use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
-use crate::model::{Llama, ModelError, ModelFiles, ModelSource, PagedKvCache};
+use crate::model::{KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache};
 use crate::parallel::{Communicator, LocalCommunicator};
 use crate::scheduler::SchedulerCore;
 
@@ -416,8 +416,12 @@ fn start_executor<B: Backend>(
     let (num_layers, page_size) = (c.num_layers, settings.kv.page_size);
     let build = move || -> std::io::Result<ModelExecutor<B>> {
         let new_cache = || {
-            PagedKvCache::<B>::new(num_layers, num_pages, page_size, kv_dim, &device, dtype)
-                .with_scatter_writes(backend == ChosenBackend::Cuda)
+            // Where each backend writes in place: see `KvStorage`.
+            let storage = match backend {
+                ChosenBackend::Cuda => KvStorage::Device,
+                ChosenBackend::Cpu => KvStorage::Host,
+            };
+            PagedKvCache::<B>::new(num_layers, num_pages, page_size, kv_dim, &device, dtype, storage)
         };
         let executor = if tp > 1 {
             // A failed step may have left the group poisoned.

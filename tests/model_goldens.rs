@@ -5,7 +5,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::DType;
-use inferflux::model::{ChatMessage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::model::{ChatMessage, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
 use serde::Deserialize;
 
 type B = Flex;
@@ -58,8 +58,8 @@ fn fixture(name: &str) -> (Llama<B>, ModelFiles, Goldens) {
     (model, files, goldens)
 }
 
-/// A page pool; `scatter` writes K/V as the CUDA path does (one scatter per layer).
-fn new_cache(model: &Llama<B>, scatter: bool) -> PagedKvCache<B> {
+/// A page pool in `storage` (the server's CPU path uses host storage, CUDA device storage).
+fn new_cache(model: &Llama<B>, storage: KvStorage) -> PagedKvCache<B> {
     let c = model.config();
     PagedKvCache::new(
         c.num_layers,
@@ -68,8 +68,8 @@ fn new_cache(model: &Llama<B>, scatter: bool) -> PagedKvCache<B> {
         c.num_kv_heads * c.head_dim,
         &Default::default(),
         DType::F32,
+        storage,
     )
-    .with_scatter_writes(scatter)
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
@@ -84,8 +84,8 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 
 /// Greedy decoding of every prompt at once: one batched prefill (each prompt cut into chunks of
 /// `chunk` tokens), then batched decode steps.
-fn greedy_batched(model: &Llama<B>, cases: &[&GoldenPrompt], chunk: usize, scatter: bool) -> Vec<Vec<u32>> {
-    let mut cache = new_cache(model, scatter);
+fn greedy_batched(model: &Llama<B>, cases: &[&GoldenPrompt], chunk: usize, storage: KvStorage) -> Vec<Vec<u32>> {
+    let mut cache = new_cache(model, storage);
     let n = cases.len();
     let steps = cases[0].greedy_ids.len();
     let mut seqs: Vec<Vec<u32>> = cases.iter().map(|p| p.input_ids.clone()).collect();
@@ -136,7 +136,7 @@ fn check_fixture(name: &str) {
                 .to_vec();
             assert_eq!(ids, p.input_ids, "tokenization of {prompt:?}");
         }
-        let mut cache = new_cache(&model, false);
+        let mut cache = new_cache(&model, KvStorage::Host);
         let chunk = SequenceChunk {
             tokens: p.input_ids.clone(),
             start_pos: 0,
@@ -148,19 +148,19 @@ fn check_fixture(name: &str) {
     }
     let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
     assert_eq!(
-        greedy_batched(&model, &cases, usize::MAX, false),
+        greedy_batched(&model, &cases, usize::MAX, KvStorage::Host),
         want,
         "{name}: batched greedy"
     );
     assert_eq!(
-        greedy_batched(&model, &cases, 7, false),
+        greedy_batched(&model, &cases, 7, KvStorage::Host),
         want,
         "{name}: chunked prefill (7) greedy"
     );
     assert_eq!(
-        greedy_batched(&model, &cases, 7, true),
+        greedy_batched(&model, &cases, 7, KvStorage::Device),
         want,
-        "{name}: chunked prefill (7) greedy, K/V written by scatter"
+        "{name}: chunked prefill (7) greedy, K/V in device tensors written by scatter"
     );
     check_decode_groups(&model, &cases, name);
 }
@@ -192,11 +192,11 @@ fn check_decode_groups(model: &Llama<B>, cases: &[&GoldenPrompt], name: &str) {
         block_table: tables[i].clone(),
         wants_logits: true,
     };
-    let mut cache = new_cache(model, false);
+    let mut cache = new_cache(model, KvStorage::Host);
     (0..n).for_each(|i| prefill(&mut cache, i));
     let together = logits_rows(model.forward(&mut cache, &(0..n).map(decode).collect::<Vec<_>>()));
     for i in 0..n {
-        let mut alone_cache = new_cache(model, false);
+        let mut alone_cache = new_cache(model, KvStorage::Device);
         prefill(&mut alone_cache, i);
         let alone = logits_rows(model.forward(&mut alone_cache, &[decode(i)]));
         let worst = alone[0]

@@ -12,7 +12,7 @@ use burn::tensor::DType;
 use inferflux::actors::executor::ModelExecutor;
 use inferflux::actors::tp_ranks::{Rank, RankWorker};
 use inferflux::kv::SeqId;
-use inferflux::model::{Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
 use inferflux::parallel::{Communicator, LocalCommunicator};
 use inferflux::sampling::SamplingParams;
 use inferflux::scheduler::PlannedChunk;
@@ -81,6 +81,7 @@ fn new_cache(model: &Llama<B>) -> PagedKvCache<B> {
         model.kv_dim(),
         &Default::default(),
         DType::F32,
+        KvStorage::Host,
     )
 }
 
@@ -316,7 +317,7 @@ fn parallel_failing_rank_fails_the_step_without_hanging() {
     let (m0, m1) = (load(0), load(1));
     let (layers, kv_dim) = (files.config.num_layers, m0.kv_dim());
     let cache =
-        |pages| PagedKvCache::<B>::new(layers, pages, PAGE_SIZE, kv_dim, &Default::default(), DType::F32);
+        |pages| PagedKvCache::<B>::new(layers, pages, PAGE_SIZE, kv_dim, &Default::default(), DType::F32, KvStorage::Host);
     // Rank 1 has 4 pages where rank 0 has 64: a step on page 40 fails on rank 1 only.
     let rank0 = Rank::new(m0, cache(64));
     let worker = RankWorker::spawn(1, Rank::new(m1, cache(4)), comms[1].clone()).unwrap();

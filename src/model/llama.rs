@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::config::{LlamaConfig, RopeScaling};
-use super::paged_cache::PagedKvCache;
+use super::paged_cache::{PagedKvCache, SlotIndex};
 use super::shard::{self, Shard};
 use super::weights::WeightIndex;
 use super::ModelError;
@@ -76,7 +76,7 @@ struct AttentionPlan<B: Backend> {
     /// Keys this chunk can see: positions `end - ctx_len .. end` (all of them, or the sliding
     /// window's reach).
     ctx_len: usize,
-    ctx_slots: Tensor<B, 1, Int>,
+    ctx_slots: SlotIndex<B>,
     /// Additive mask `[group * q_len, ctx_len]`; `None` when every query sees every key.
     mask: Option<Tensor<B, 2>>,
 }
@@ -91,7 +91,7 @@ enum AttentionGroup<B: Backend> {
         n: usize,
         ctx_len: usize,
         /// `[n * ctx_len]`: each sequence's context slots, then padding.
-        slots: Tensor<B, 1, Int>,
+        slots: SlotIndex<B>,
         /// `[n, 1, 1, ctx_len]`, `-inf` on padding; `None` when no context is padded.
         mask: Option<Tensor<B, 4>>,
     },
@@ -372,7 +372,7 @@ impl<B: Backend> Llama<B> {
                     .collect(),
             });
         }
-        let layout = self.attention_layout(contexts, tokens.len());
+        let layout = self.attention_layout(cache, contexts, tokens.len());
         let t_total = tokens.len();
         let positions = int_tensor(positions, dev);
         let cos = self
@@ -440,7 +440,12 @@ impl<B: Backend> Llama<B> {
     /// Groups the step's queries for attention: single-token decodes of similar context length
     /// go together (one batched pass per group, whatever the batch size), each prompt chunk on
     /// its own. Built once per step and shared by every layer.
-    fn attention_layout(&self, contexts: Vec<ChunkContext>, t_total: usize) -> AttentionLayout<B> {
+    fn attention_layout(
+        &self,
+        cache: &PagedKvCache<B>,
+        contexts: Vec<ChunkContext>,
+        t_total: usize,
+    ) -> AttentionLayout<B> {
         let dev = &self.device;
         let (window, group) = (self.config.sliding_window, self.shard.group_size());
         let decodes: Vec<usize> = (0..contexts.len()).filter(|&i| contexts[i].q_len == 1).collect();
@@ -468,7 +473,7 @@ impl<B: Backend> Llama<B> {
                 rows: int_tensor(members.iter().map(|m| m.q_start as i32).collect(), dev),
                 n,
                 ctx_len,
-                slots: int_tensor(slots, dev),
+                slots: cache.slot_index(slots),
                 mask: padded.then(|| {
                     Tensor::<B, 2>::from_data(TensorData::new(mask, [n, ctx_len]), (dev, self.dtype))
                         .reshape([n, 1, 1, ctx_len])
@@ -482,7 +487,7 @@ impl<B: Backend> Llama<B> {
                 q_len: ctx.q_len,
                 ctx_len: ctx.ctx_slots.len(),
                 mask: attention_mask(ctx.ctx_start, ctx.start_pos, ctx.q_len, window, group, dev, self.dtype),
-                ctx_slots: int_tensor(ctx.ctx_slots, dev),
+                ctx_slots: cache.slot_index(ctx.ctx_slots),
             }));
         }
         // Output row `r` of the step is row `position_of[r]` of the groups' concatenation.
@@ -528,7 +533,7 @@ impl<B: Backend> Llama<B> {
                     let (n, l) = (*n, *ctx_len);
                     // [n, nh, hd] -> [n, nkv, g, hd]: query head h uses KV head h / g.
                     let q = q.clone().select(0, rows.clone()).reshape([n, nkv, g, hd]);
-                    let (k, v) = cache.gather(layer, slots.clone());
+                    let (k, v) = cache.gather(layer, slots);
                     let k = k.reshape([n, l, nkv, hd]).permute([0, 2, 3, 1]); // [n, nkv, hd, l]
                     let v = v.reshape([n, l, nkv, hd]).swap_dims(1, 2); // [n, nkv, l, hd]
                     let mut scores = q.matmul(k).mul_scalar(scale);
@@ -546,7 +551,7 @@ impl<B: Backend> Llama<B> {
                         .reshape([t, nkv, g, hd])
                         .permute([1, 2, 0, 3])
                         .reshape([nkv, g * t, hd]);
-                    let (k, v) = cache.gather(layer, p.ctx_slots.clone());
+                    let (k, v) = cache.gather(layer, &p.ctx_slots);
                     let k = k.reshape([l, nkv, hd]).permute([1, 2, 0]); // [nkv, hd, l]
                     let v = v.reshape([l, nkv, hd]).swap_dims(0, 1); // [nkv, l, hd]
                     let mut scores = q.matmul(k).mul_scalar(scale);

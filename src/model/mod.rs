@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::LlamaConfig;
 pub use llama::{Llama, SequenceChunk};
-pub use paged_cache::{HostPages, PagedKvCache};
+pub use paged_cache::{HostPages, KvStorage, PagedKvCache, SlotIndex};
 use tokenizers::Tokenizer;
 pub use weights::{CheckpointBytes, WeightIndex};
 

@@ -1,12 +1,23 @@
-//! The K/V page tensors of every layer, owned by the executor.
+//! The K/V pages of every layer, owned by the executor.
 //!
 //! Each layer holds K and V as `[num_pages * page_size, kv_heads * head_dim]`: row
 //! `page * page_size + offset` is one token's slot. The KV-page manager decides which pages a
-//! sequence owns; this type only writes and reads slots. Writes go in place (`slice_assign`
-//! on a uniquely owned tensor), so a step never copies the cache.
+//! sequence owns; this type only writes and reads slots. A step's cost must not grow with the
+//! pool, so where the rows live depends on the backend (see [`KvStorage`]).
 
 use burn::prelude::*;
 use burn::tensor::{DType, IndexingUpdateOp};
+
+/// Where the cache keeps its rows, chosen for what writes in place on the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvStorage {
+    /// Device tensors, each step's new rows written by one in-place scatter per layer (GPU
+    /// backends: one kernel, whatever the number of sequences).
+    Device,
+    /// Plain f32 vectors in host memory (the CPU backend, whose `slice_assign` and `scatter`
+    /// copy the whole tensor): a write copies its rows, a read builds a tensor of the rows read.
+    Host,
+}
 
 /// K/V of some pages, copied to host memory: one `(k, v)` per layer, `[pages * page_size,
 /// kv_dim]` each, in the cache's dtype.
@@ -15,20 +26,40 @@ pub struct HostPages {
     layers: Vec<(TensorData, TensorData)>,
 }
 
-struct LayerCache<B: Backend> {
-    k: Option<Tensor<B, 2>>,
-    v: Option<Tensor<B, 2>>,
+/// Slots a step reads, built once per step and used by every layer.
+pub struct SlotIndex<B: Backend> {
+    ids: Vec<i32>,
+    /// The ids on the device (device storage only).
+    tensor: Option<Tensor<B, 1, Int>>,
+}
+
+impl<B: Backend> SlotIndex<B> {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+enum LayerCache<B: Backend> {
+    /// `None` only while a write holds the tensor.
+    Device { k: Option<Tensor<B, 2>>, v: Option<Tensor<B, 2>> },
+    Host { k: Vec<f32>, v: Vec<f32> },
 }
 
 pub struct PagedKvCache<B: Backend> {
     layers: Vec<LayerCache<B>>,
     page_size: usize,
     num_pages: usize,
-    /// Write a step's K/V with one scatter per layer instead of one slice per run of slots.
-    scatter_writes: bool,
+    kv_dim: usize,
+    device: B::Device,
 }
 
 impl<B: Backend> PagedKvCache<B> {
+    /// A zeroed pool of `num_pages` pages of `page_size` slots per layer. Host storage holds f32
+    /// only: another dtype stays on the device.
     pub fn new(
         num_layers: usize,
         num_pages: usize,
@@ -36,28 +67,35 @@ impl<B: Backend> PagedKvCache<B> {
         kv_dim: usize,
         device: &B::Device,
         dtype: DType,
+        storage: KvStorage,
     ) -> Self {
         let slots = num_pages * page_size;
-        let zeros = || Some(Tensor::<B, 2>::zeros([slots, kv_dim], (device, dtype)));
+        let layers = (0..num_layers)
+            .map(|_| match storage {
+                KvStorage::Host if dtype == DType::F32 => LayerCache::Host {
+                    k: vec![0.0; slots * kv_dim],
+                    v: vec![0.0; slots * kv_dim],
+                },
+                _ => LayerCache::Device {
+                    k: Some(Tensor::zeros([slots, kv_dim], (device, dtype))),
+                    v: Some(Tensor::zeros([slots, kv_dim], (device, dtype))),
+                },
+            })
+            .collect();
         Self {
-            layers: (0..num_layers)
-                .map(|_| LayerCache {
-                    k: zeros(),
-                    v: zeros(),
-                })
-                .collect(),
+            layers,
             page_size,
             num_pages,
-            scatter_writes: false,
+            kv_dim,
+            device: device.clone(),
         }
     }
 
-    /// Writes each layer's new K/V with one in-place scatter, whatever the number of sequences.
-    /// Pays on a GPU, where each `slice_assign` is a kernel launch (decode writes one run per
-    /// sequence); on the CPU backend a scatter copies the whole layer, so it stays off there.
-    pub fn with_scatter_writes(mut self, on: bool) -> Self {
-        self.scatter_writes = on;
-        self
+    pub fn storage(&self) -> KvStorage {
+        match self.layers.first() {
+            Some(LayerCache::Host { .. }) => KvStorage::Host,
+            _ => KvStorage::Device,
+        }
     }
 
     pub fn page_size(&self) -> usize {
@@ -68,49 +106,57 @@ impl<B: Backend> PagedKvCache<B> {
         self.num_pages
     }
 
-    /// Writes rows of `k` and `v` (`[n, kv_dim]`) into `slots` (`n` slot ids) of `layer`.
-    ///
-    /// Without scatter writes, consecutive slots are written as one `slice_assign` each: one per
-    /// page touched, one per sequence in decode. Slots of one write are distinct.
+    /// The slots `ids` as this cache reads them (uploaded once, for device storage).
+    pub fn slot_index(&self, ids: Vec<i32>) -> SlotIndex<B> {
+        let tensor = (self.storage() == KvStorage::Device)
+            .then(|| Tensor::from_data(TensorData::new(ids.clone(), [ids.len()]), &self.device));
+        SlotIndex { ids, tensor }
+    }
+
+    /// Writes rows of `k` and `v` (`[n, kv_dim]`) into `slots` (`n` distinct slot ids) of `layer`.
     pub fn write(&mut self, layer: usize, slots: &[i32], k: Tensor<B, 2>, v: Tensor<B, 2>) {
-        let device = self.scatter_writes.then(|| self.device());
-        let cache = &mut self.layers[layer];
-        let mut ck = cache.k.take().expect("layer cache present between writes");
-        let mut cv = cache.v.take().expect("layer cache present between writes");
-        if let Some(device) = device {
-            let n = slots.len();
-            let index = Tensor::<B, 2, Int>::from_data(TensorData::new(slots.to_vec(), [n, 1]), &device);
-            cache.k = Some(ck.scatter_nd(index.clone(), k, IndexingUpdateOp::Assign));
-            cache.v = Some(cv.scatter_nd(index, v, IndexingUpdateOp::Assign));
-            return;
-        }
-        let width = k.dims()[1];
-        let mut row = 0;
-        while row < slots.len() {
-            let mut end = row + 1;
-            while end < slots.len() && slots[end] == slots[end - 1] + 1 {
-                end += 1;
+        let (device, kv_dim) = (&self.device, self.kv_dim);
+        match &mut self.layers[layer] {
+            LayerCache::Device { k: ck, v: cv } => {
+                let n = slots.len();
+                let index = Tensor::<B, 2, Int>::from_data(TensorData::new(slots.to_vec(), [n, 1]), device);
+                let old_k = ck.take().expect("layer cache present between writes");
+                let old_v = cv.take().expect("layer cache present between writes");
+                *ck = Some(old_k.scatter_nd(index.clone(), k, IndexingUpdateOp::Assign));
+                *cv = Some(old_v.scatter_nd(index, v, IndexingUpdateOp::Assign));
             }
-            let first = slots[row] as usize;
-            let dst = [first..first + (end - row), 0..width];
-            ck = ck.slice_assign(dst.clone(), k.clone().slice([row..end, 0..width]));
-            cv = cv.slice_assign(dst, v.clone().slice([row..end, 0..width]));
-            row = end;
+            LayerCache::Host { k: hk, v: hv } => {
+                for (store, rows) in [(hk, k), (hv, v)] {
+                    let rows = rows.into_data().convert::<f32>();
+                    let rows = rows.as_slice::<f32>().expect("f32 rows");
+                    for (i, &slot) in slots.iter().enumerate() {
+                        let dst = slot as usize * kv_dim;
+                        store[dst..dst + kv_dim].copy_from_slice(&rows[i * kv_dim..(i + 1) * kv_dim]);
+                    }
+                }
+            }
         }
-        cache.k = Some(ck);
-        cache.v = Some(cv);
     }
 
     /// Copies every layer's K/V of page `src` into page `dst` (copy-on-write of a shared page).
     pub fn copy_page(&mut self, src: u32, dst: u32) {
         let ps = self.page_size;
         let (src, dst) = (src as usize * ps, dst as usize * ps);
+        let width = self.kv_dim;
         for cache in &mut self.layers {
-            for t in [&mut cache.k, &mut cache.v] {
-                let whole = t.take().expect("layer cache present between writes");
-                let width = whole.dims()[1];
-                let rows = whole.clone().slice([src..src + ps, 0..width]);
-                *t = Some(whole.slice_assign([dst..dst + ps, 0..width], rows));
+            match cache {
+                LayerCache::Device { k, v } => {
+                    for t in [k, v] {
+                        let whole = t.take().expect("layer cache present between writes");
+                        let rows = whole.clone().slice([src..src + ps, 0..width]);
+                        *t = Some(whole.slice_assign([dst..dst + ps, 0..width], rows));
+                    }
+                }
+                LayerCache::Host { k, v } => {
+                    for store in [k, v] {
+                        store.copy_within(src * width..(src + ps) * width, dst * width);
+                    }
+                }
             }
         }
     }
@@ -126,12 +172,10 @@ impl<B: Backend> PagedKvCache<B> {
 
     /// Copies every layer's K/V of `pages` to host memory (swap-out).
     pub fn read_pages(&self, pages: &[u32]) -> HostPages {
-        let slots = self.slots_of(pages);
-        let device = self.device();
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(slots.clone(), [slots.len()]), &device);
+        let index = self.slot_index(self.slots_of(pages));
         let layers = (0..self.layers.len())
             .map(|layer| {
-                let (k, v) = self.gather(layer, index.clone());
+                let (k, v) = self.gather(layer, &index);
                 (k.into_data(), v.into_data())
             })
             .collect();
@@ -150,34 +194,39 @@ impl<B: Backend> PagedKvCache<B> {
             "swap-in into as many pages as were saved"
         );
         let slots = self.slots_of(pages);
-        let device = self.device();
         for (layer, (k, v)) in host.layers.into_iter().enumerate() {
             let (kd, vd) = (k.dtype, v.dtype);
-            let k = Tensor::<B, 2>::from_data(k, (&device, kd));
-            let v = Tensor::<B, 2>::from_data(v, (&device, vd));
+            let k = Tensor::<B, 2>::from_data(k, (&self.device, kd));
+            let v = Tensor::<B, 2>::from_data(v, (&self.device, vd));
             self.write(layer, &slots, k, v);
         }
     }
 
-    fn device(&self) -> B::Device {
-        self.layers[0].k.as_ref().expect("layer cache present").device()
-    }
-
     /// Reads the K and V rows at `slots` of `layer`, in slot-list order: `[n, kv_dim]` each.
-    pub fn gather(&self, layer: usize, slots: Tensor<B, 1, Int>) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let cache = &self.layers[layer];
-        let k = cache
-            .k
-            .as_ref()
-            .expect("layer cache present")
-            .clone()
-            .select(0, slots.clone());
-        let v = cache
-            .v
-            .as_ref()
-            .expect("layer cache present")
-            .clone()
-            .select(0, slots);
-        (k, v)
+    pub fn gather(&self, layer: usize, slots: &SlotIndex<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        match &self.layers[layer] {
+            LayerCache::Device { k, v } => {
+                let index = slots.tensor.clone().expect("slot index made by this cache");
+                let read = |t: &Option<Tensor<B, 2>>| {
+                    t.as_ref()
+                        .expect("layer cache present")
+                        .clone()
+                        .select(0, index.clone())
+                };
+                (read(k), read(v))
+            }
+            LayerCache::Host { k, v } => {
+                let w = self.kv_dim;
+                let read = |store: &[f32]| {
+                    let mut rows = Vec::with_capacity(slots.len() * w);
+                    for &slot in &slots.ids {
+                        let at = slot as usize * w;
+                        rows.extend_from_slice(&store[at..at + w]);
+                    }
+                    Tensor::from_data(TensorData::new(rows, [slots.len(), w]), (&self.device, DType::F32))
+                };
+                (read(k), read(v))
+            }
+        }
     }
 }
