@@ -250,3 +250,68 @@ async fn parallel_data_with_tensor_parallel_inside_each_replica() {
     }
     wait_idle(&server.base, Duration::from_secs(10)).await;
 }
+
+/// Each replica's executor is supervised on its own: a panic injected mid-stream fails that
+/// stream, its replica restarts, and both replicas serve transformers' greedy text after it. A
+/// drain reaches every replica (`/ready` 503, completions 503) and a resume every replica again.
+#[tokio::test]
+async fn parallel_data_restart_and_drain_reach_every_replica() {
+    std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
+    let server = common::start(dp2);
+    let base = server.base.as_str();
+    let client = reqwest::Client::new();
+    let armed = client
+        .post(format!("{base}/admin/fault"))
+        .json(&json!({ "kind": "panic", "after_steps": 3 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(armed.status(), 200);
+    let body = json!({ "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": true, "stream": true });
+    let sse = common::post_completion(base, &body).await.text().await.unwrap();
+    assert!(sse.contains("executor failed"), "{sse}");
+    let goldens = common::goldens();
+    let handles: Vec<_> = goldens
+        .prompts
+        .iter()
+        .map(|p| {
+            let (base, body) = (base.to_string(), greedy(&p.prompt));
+            tokio::spawn(async move { common::stream_completion(&base, body).await })
+        })
+        .collect();
+    for (h, p) in handles.into_iter().zip(&goldens.prompts) {
+        assert_eq!(h.await.unwrap().text, p.greedy_text, "after the restart: {:?}", p.prompt);
+    }
+    let q = wait_idle(base, Duration::from_secs(10)).await;
+    assert!(
+        q["replicas"].as_array().unwrap().iter().all(|r| r["draining"] == false),
+        "{q}"
+    );
+    assert!(common::metrics_text(base).await.contains("inferflux_executor_restarts_total"));
+
+    let drain = |on: bool| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .post(format!("{base}/admin/drain"))
+                .json(&json!({ "drain": on }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let q = drain(true).await;
+    assert_eq!(q["draining"], true);
+    assert!(q["replicas"].as_array().unwrap().iter().all(|r| r["draining"] == true), "{q}");
+    let ready = client.get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let refused = common::post_completion(base, &greedy("Hello")).await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(drain(false).await["draining"], false);
+    let ready = client.get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let p = &goldens.prompts[0];
+    assert_eq!(common::stream_completion(base, greedy(&p.prompt)).await.text, p.greedy_text);
+}
