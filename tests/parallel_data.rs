@@ -280,14 +280,25 @@ async fn parallel_data_restart_and_drain_reach_every_replica() {
         })
         .collect();
     for (h, p) in handles.into_iter().zip(&goldens.prompts) {
-        assert_eq!(h.await.unwrap().text, p.greedy_text, "after the restart: {:?}", p.prompt);
+        assert_eq!(
+            h.await.unwrap().text,
+            p.greedy_text,
+            "after the restart: {:?}",
+            p.prompt
+        );
     }
     let q = wait_idle(base, Duration::from_secs(10)).await;
     assert!(
-        q["replicas"].as_array().unwrap().iter().all(|r| r["draining"] == false),
+        q["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["draining"] == false),
         "{q}"
     );
-    assert!(common::metrics_text(base).await.contains("inferflux_executor_restarts_total"));
+    assert!(common::metrics_text(base)
+        .await
+        .contains("inferflux_executor_restarts_total"));
 
     let drain = |on: bool| {
         let client = client.clone();
@@ -304,7 +315,14 @@ async fn parallel_data_restart_and_drain_reach_every_replica() {
     };
     let q = drain(true).await;
     assert_eq!(q["draining"], true);
-    assert!(q["replicas"].as_array().unwrap().iter().all(|r| r["draining"] == true), "{q}");
+    assert!(
+        q["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["draining"] == true),
+        "{q}"
+    );
     let ready = client.get(format!("{base}/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     let refused = common::post_completion(base, &greedy("Hello")).await;
@@ -313,5 +331,8 @@ async fn parallel_data_restart_and_drain_reach_every_replica() {
     let ready = client.get(format!("{base}/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     let p = &goldens.prompts[0];
-    assert_eq!(common::stream_completion(base, greedy(&p.prompt)).await.text, p.greedy_text);
+    assert_eq!(
+        common::stream_completion(base, greedy(&p.prompt)).await.text,
+        p.greedy_text
+    );
 }

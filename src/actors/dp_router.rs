@@ -99,6 +99,11 @@ struct Placements {
 }
 
 impl Placements {
+    fn place(&mut self, seq: SeqId, replica: usize) {
+        self.owner.insert(seq, replica);
+        self.load[replica] += 1;
+    }
+
     fn unplace(&mut self, seq: SeqId) -> Option<usize> {
         let r = self.owner.remove(&seq)?;
         self.load[r] -= 1;
@@ -229,7 +234,7 @@ fn merge_kv_reports(mut reports: Vec<KvReportBody>) -> Option<KvReportBody> {
         out.prefix_cache_hit_tokens as f64 / out.prefix_cache_queried_tokens as f64
     };
     out.largest_cached_prefixes
-        .sort_by(|a, b| b.tokens.cmp(&a.tokens));
+        .sort_by_key(|p| std::cmp::Reverse(p.tokens));
     out.largest_cached_prefixes.truncate(REPORTED_PREFIXES);
     Some(out)
 }
@@ -320,13 +325,6 @@ impl Handler<Enqueue> for DpRouter {
                 open[r] = false;
             }
         })
-    }
-}
-
-impl Placements {
-    fn place(&mut self, seq: SeqId, replica: usize) {
-        self.owner.insert(seq, replica);
-        self.load[replica] += 1;
     }
 }
 
