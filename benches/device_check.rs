@@ -63,7 +63,12 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
                 a.fusion = d != "cuda-nofusion";
             }
             "--model" => a.model = ModelSource::Dir(value().into()),
-            "--batches" => a.batches = value().split(',').map(|b| b.parse().expect("--batches 1,8")).collect(),
+            "--batches" => {
+                a.batches = value()
+                    .split(',')
+                    .map(|b| b.parse().expect("--batches 1,8"))
+                    .collect()
+            }
             "--context" => a.context = value().parse().expect("--context N"),
             "--iters" => a.iters = value().parse().expect("--iters N"),
             "--bandwidth-gbs" => a.bandwidth_gbs = value().parse().expect("--bandwidth-gbs X"),
@@ -211,14 +216,22 @@ fn profile<B: Backend>(
         c.intermediate_size,
     );
     // (in, out, times per layer) of q, k and v, o, gate and up, down.
-    let layer_shapes = [(h, q_dim, 1), (h, kv_dim, 2), (q_dim, h, 1), (h, inter, 2), (inter, h, 1)];
+    let layer_shapes = [
+        (h, q_dim, 1),
+        (h, kv_dim, 2),
+        (q_dim, h, 1),
+        (h, inter, 2),
+        (inter, h, 1),
+    ];
     let mut rows = Vec::new();
     for &batch in &args.batches {
         let chunks: Vec<SequenceChunk> = (0..batch)
             .map(|s| SequenceChunk {
                 tokens: vec![(s % 100) as u32 + 1],
                 start_pos: args.context,
-                block_table: (0..pages_per_seq).map(|p| (s * pages_per_seq + p) as u32).collect(),
+                block_table: (0..pages_per_seq)
+                    .map(|p| (s * pages_per_seq + p) as u32)
+                    .collect(),
                 wants_logits: true,
             })
             .collect();
@@ -307,7 +320,13 @@ fn logits_main(mut argv: impl Iterator<Item = String>) {
         let goldens: Goldens =
             serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).expect("goldens.json"))
                 .expect("goldens parse");
-        let cpu = run_fixture::<burn::backend::Flex>(&files, &goldens, Default::default(), DType::F32, KvStorage::Host);
+        let cpu = run_fixture::<burn::backend::Flex>(
+            &files,
+            &goldens,
+            Default::default(),
+            DType::F32,
+            KvStorage::Host,
+        );
         let dtype = device_dtype(&files, cuda);
         let dev = if cuda {
             run_fixture::<burn::backend::Cuda>(&files, &goldens, Default::default(), dtype, KvStorage::Device)
@@ -317,7 +336,12 @@ fn logits_main(mut argv: impl Iterator<Item = String>) {
         let max_diff = |a: &[Vec<f32>], b: &dyn Fn(usize) -> Vec<f32>| {
             a.iter()
                 .enumerate()
-                .flat_map(|(i, row)| row.iter().zip(b(i)).map(|(x, y)| (x - y).abs()).collect::<Vec<_>>())
+                .flat_map(|(i, row)| {
+                    row.iter()
+                        .zip(b(i))
+                        .map(|(x, y)| (x - y).abs())
+                        .collect::<Vec<_>>()
+                })
                 .fold(0.0f32, f32::max)
         };
         let vs_cpu = max_diff(&dev.logits, &|i| cpu.logits[i].clone());
@@ -357,7 +381,10 @@ fn logits_main(mut argv: impl Iterator<Item = String>) {
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
-        .fold((0, f32::MIN), |best, (i, &x)| if x > best.1 { (i, x) } else { best })
+        .fold(
+            (0, f32::MIN),
+            |best, (i, &x)| if x > best.1 { (i, x) } else { best },
+        )
         .0
 }
 
@@ -375,13 +402,23 @@ fn run_fixture<B: Backend>(
     let steps = prompts[0].greedy_ids.len();
     let per_seq = (prompts.iter().map(|p| p.input_ids.len()).max().unwrap() + steps).div_ceil(PAGE_SIZE);
     let new_cache = || {
-        PagedKvCache::<B>::new(c.num_layers, n * per_seq, PAGE_SIZE, model.kv_dim(), &device, dtype, storage)
+        PagedKvCache::<B>::new(
+            c.num_layers,
+            n * per_seq,
+            PAGE_SIZE,
+            model.kv_dim(),
+            &device,
+            dtype,
+            storage,
+        )
     };
     let table = |i: usize| (0..per_seq).map(|p| (i * per_seq + p) as u32).collect::<Vec<_>>();
     let rows = |t: Tensor<B, 2>| {
         let [r, v] = t.dims();
         let data = t.into_data().to_vec::<f32>().expect("f32 logits");
-        (0..r).map(|i| data[i * v..(i + 1) * v].to_vec()).collect::<Vec<_>>()
+        (0..r)
+            .map(|i| data[i * v..(i + 1) * v].to_vec())
+            .collect::<Vec<_>>()
     };
     let logits = prompts
         .iter()

@@ -250,7 +250,8 @@ impl Default for LogConfig {
 pub struct ParallelConfig {
     /// Ranks one model is split over (heads, MLP and vocabulary); 1 runs it whole.
     pub tensor_parallel_size: usize,
-    /// Executor replicas behind one intake; only 1 is implemented yet.
+    /// Engine replicas (scheduler, KV pool of the configured size, executor with its tensor-parallel
+    /// ranks) behind one intake; a request goes to the one holding its longest cached prefix.
     pub data_parallel_size: usize,
 }
 

@@ -11,6 +11,7 @@ use burn::prelude::Backend;
 use burn::tensor::DType;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::actors::dp_router::{DpRouter, Replica};
 use crate::actors::executor::{spawn_executor, ExecutorAddrs, ModelExecutor, RestartExecutor};
 use crate::actors::fault::FaultInjector;
 use crate::actors::intake::{IntakeLimits, RequestIntake};
@@ -21,7 +22,7 @@ use crate::actors::tp_ranks::{Rank, RankWorker};
 use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
-use crate::model::{KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache};
+use crate::model::{KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache, WeightIndex};
 use crate::parallel::{Communicator, LocalCommunicator};
 use crate::scheduler::SchedulerCore;
 
@@ -42,8 +43,8 @@ pub enum StartError {
          false (INFERFLUX__SERVER__ENABLE_ADMIN=false), or bind to 127.0.0.1"
     )]
     AdminExposed(std::net::SocketAddr),
-    #[error("parallel.data_parallel_size = {0}: data parallel is not implemented yet; set it to 1")]
-    DataParallel(usize),
+    #[error("parallel.data_parallel_size = {size}: {reason}")]
+    DataParallel { size: usize, reason: String },
     #[error("parallel.tensor_parallel_size = {size}: {reason}")]
     TensorParallel { size: usize, reason: String },
 }
@@ -114,12 +115,12 @@ pub fn choose_backend(kind: DeviceKind) -> Result<ChosenBackend, StartError> {
 /// last event, idle keep-alive ones) before closing them.
 const HTTP_STOP_TIMEOUT_SECS: u64 = 5;
 
-/// A running server: its HTTP handle, the address it listens on, and the scheduler (for
-/// graceful shutdown, see [`crate::shutdown`]).
+/// A running server: its HTTP handle, the address it listens on, and the scheduler's front
+/// (the data-parallel router over every replica, for graceful shutdown, see [`crate::shutdown`]).
 pub struct Running {
     pub server: actix_web::dev::Server,
     pub addr: std::net::SocketAddr,
-    pub scheduler: Addr<Scheduler>,
+    pub scheduler: Addr<DpRouter>,
 }
 
 /// Loads the model and starts everything; must be called inside an actix `System`.
@@ -133,10 +134,22 @@ pub fn start(
         Some(p) if !p.as_os_str().is_empty() => ModelSource::Dir(p.clone()),
         _ => ModelSource::Embedded,
     };
-    if settings.parallel.data_parallel_size > 1 {
-        return Err(StartError::DataParallel(settings.parallel.data_parallel_size));
-    }
     let backend = choose_backend(settings.model.device)?;
+    let dp = settings.parallel.data_parallel_size.max(1);
+    if dp > 1 && backend == ChosenBackend::Cuda {
+        // One device per replica: two replicas on one GPU would split its memory and compute
+        // for nothing.
+        let devices = probe_cuda().unwrap_or(0);
+        if devices < dp {
+            return Err(StartError::DataParallel {
+                size: dp,
+                reason: format!(
+                    "each replica needs its own CUDA device and {devices} answered; lower \
+                     parallel.data_parallel_size or use --device cpu"
+                ),
+            });
+        }
+    }
     let tp = settings.parallel.tensor_parallel_size;
     if tp > 1 && backend == ChosenBackend::Cuda {
         return Err(StartError::TensorParallel {
@@ -154,12 +167,12 @@ pub fn start(
         );
     }
     let fault = FaultInjector::from_env();
-    let executor = match backend {
-        ChosenBackend::Cpu => start_executor::<burn::backend::Flex>(
+    let executors = match backend {
+        ChosenBackend::Cpu => start_replicas::<burn::backend::Flex>(
             &files,
             settings,
             backend,
-            Default::default(),
+            vec![Default::default(); dp],
             DType::F32,
             fault.clone(),
         )?,
@@ -170,11 +183,13 @@ pub fn start(
                 _ => DType::F16,
             };
             drop(index);
-            start_executor::<burn::backend::Cuda>(
+            start_replicas::<burn::backend::Cuda>(
                 &files,
                 settings,
                 backend,
-                Default::default(),
+                (0..dp)
+                    .map(|index| burn::backend::cuda::CudaDevice { index })
+                    .collect(),
                 dtype,
                 fault.clone(),
             )?
@@ -186,23 +201,52 @@ pub fn start(
         .clone()
         .unwrap_or_else(|| files.name.clone());
     let prefix_caching = settings.kv.enable_prefix_caching;
-    let num_pages = executor.num_pages;
-    let swap_pages = settings.kv.swap_space_mib.saturating_mul(1 << 20) / executor.page_bytes;
-    let kv = KvPageManager::new(num_pages, settings.kv.page_size, prefix_caching, swap_pages).start();
+    // Every replica's pool has the configured size.
+    let (num_pages, page_bytes) = (executors[0].num_pages, executors[0].page_bytes);
+    let swap_pages = settings.kv.swap_space_mib.saturating_mul(1 << 20) / page_bytes;
     let detector = StopSequenceDetector::new(files.tokenizer.clone()).start();
     // K/V depend on the weights and the backend's numerics besides the tokens: both salt the keys.
+    // One hasher (one random key) for every replica and the router, so that their keys agree.
     let hasher = prefix_caching
         .then(|| BlockHasher::new(&format!("{}/{backend:?}", files.name), settings.kv.page_size));
-    let scheduler = Scheduler::new(
-        SchedulerCore::new(settings.scheduler.clone(), hasher),
-        kv.clone(),
-        executor.addrs.step,
-        executor.addrs.discard,
-        detector.clone(),
-        settings.scheduler.preemption,
-    )
-    .with_supervisor(executor.restart)
-    .start();
+    let scheduler = DpRouter::create(|ctx| {
+        let replicas = executors
+            .into_iter()
+            .enumerate()
+            .map(|(r, executor)| {
+                let mut kv = KvPageManager::new(num_pages, settings.kv.page_size, prefix_caching, swap_pages);
+                if dp > 1 {
+                    kv = kv.with_replica_label(r);
+                }
+                let kv = kv.start();
+                let mut scheduler = Scheduler::new(
+                    SchedulerCore::new(settings.scheduler.clone(), hasher.clone()),
+                    kv.clone(),
+                    executor.addrs.step,
+                    executor.addrs.discard,
+                    detector.clone(),
+                    settings.scheduler.preemption,
+                )
+                .with_supervisor(executor.restart)
+                .with_router(ctx.address().recipient());
+                if dp > 1 {
+                    scheduler = scheduler.with_replica_label(r);
+                }
+                Replica {
+                    scheduler: scheduler.start(),
+                    kv,
+                }
+            })
+            .collect();
+        DpRouter::new(replicas, hasher.clone())
+    });
+    if dp > 1 {
+        tracing::info!(
+            replicas = dp,
+            kv_pages_per_replica = num_pages,
+            "data parallel: one scheduler, KV pool and executor per replica behind one router"
+        );
+    }
     detector.do_send(ConnectScheduler(scheduler.clone().recipient()));
     let limits = IntakeLimits {
         model_name: model_name.clone(),
@@ -220,7 +264,6 @@ pub fn start(
         .set(1.0);
     let state = AppState {
         intake,
-        kv,
         scheduler,
         model_name: model_name.clone(),
         backend: backend.as_str(),
@@ -339,18 +382,18 @@ fn free_memory(cuda: bool) -> Result<usize, String> {
         .ok_or_else(|| "/proc/meminfo has no MemAvailable".into())
 }
 
-fn start_executor<B: Backend>(
+/// One replica's ranks, loaded: a model per tensor-parallel rank and the ranks' communicators.
+type LoadedRanks<B> = (Vec<Llama<B>>, Vec<Arc<dyn Communicator>>);
+
+/// Loads every tensor-parallel rank of one replica on `device`; each rank reads only its shard.
+fn load_ranks<B: Backend>(
     files: &ModelFiles,
-    settings: &Settings,
-    backend: ChosenBackend,
-    device: B::Device,
+    index: &WeightIndex<'_>,
+    tp: usize,
+    device: &B::Device,
     dtype: DType,
-    fault: Option<std::sync::Arc<FaultInjector>>,
-) -> Result<ExecutorHandle, StartError> {
-    let started = std::time::Instant::now();
-    let tp = settings.parallel.tensor_parallel_size;
-    let index = files.checkpoint.index()?;
-    // One communicator per rank; each rank reads only its shard of the weights.
+) -> Result<LoadedRanks<B>, StartError> {
+    // One communicator per rank, a group per replica (replicas step independently).
     let comms: Vec<Arc<dyn Communicator>> = if tp > 1 {
         LocalCommunicator::group(tp, Some(TP_COLLECTIVE_TIMEOUT))
             .into_iter()
@@ -362,7 +405,7 @@ fn start_executor<B: Backend>(
     let mut models = Vec::with_capacity(tp);
     for rank in 0..tp {
         let comm = comms.get(rank).cloned();
-        let model = Llama::<B>::load_shard(&files.config, &index, &device, dtype, comm).map_err(|e| {
+        let model = Llama::<B>::load_shard(&files.config, index, device, dtype, comm).map_err(|e| {
             if tp > 1 {
                 StartError::TensorParallel {
                     size: tp,
@@ -374,17 +417,47 @@ fn start_executor<B: Backend>(
         })?;
         models.push(model);
     }
+    Ok((models, comms))
+}
+
+/// Loads the model and starts one executor per data-parallel replica, replica `r` on
+/// `devices[r]`. On the CPU without tensor parallel the replicas share one copy of the weights
+/// (burn's tensors are reference counted; nothing writes them); with tensor parallel each
+/// replica's ranks are bound to the replica's own communicator group, so each replica loads its
+/// shards; on CUDA each replica loads onto its own device.
+fn start_replicas<B: Backend>(
+    files: &ModelFiles,
+    settings: &Settings,
+    backend: ChosenBackend,
+    devices: Vec<B::Device>,
+    dtype: DType,
+    fault: Option<std::sync::Arc<FaultInjector>>,
+) -> Result<Vec<ExecutorHandle>, StartError> {
+    let started = std::time::Instant::now();
+    let (tp, dp) = (settings.parallel.tensor_parallel_size, devices.len());
+    let index = files.checkpoint.index()?;
+    let share_weights = backend == ChosenBackend::Cpu && tp == 1;
+    let mut loaded: Vec<LoadedRanks<B>> = Vec::with_capacity(dp);
+    for device in &devices {
+        let ranks = match loaded.first() {
+            Some(first) if share_weights => first.clone(),
+            _ => load_ranks(files, &index, tp, device, dtype)?,
+        };
+        loaded.push(ranks);
+    }
     drop(index);
     let c = &files.config;
     // Every rank holds the same number of KV heads (replicated when there are fewer than ranks),
     // and all of them live in this process's memory.
-    let kv_dim = models[0].kv_dim();
+    let kv_dim = loaded[0].0[0].kv_dim();
     let page_bytes = tp * 2 * c.num_layers * settings.kv.page_size * kv_dim * dtype.size();
     let num_pages = match settings.kv.num_pages {
         0 => {
             let free = free_memory(backend == ChosenBackend::Cuda)
                 .map_err(|e| StartError::PoolSize(format!("free memory is unknown: {e}")))?;
-            let pages = (free as f64 * settings.kv.memory_fraction) as usize / page_bytes;
+            // CPU replicas share the host's memory; CUDA replicas each have a device like the first.
+            let share = if backend == ChosenBackend::Cpu { dp } else { 1 };
+            let pages = (free as f64 * settings.kv.memory_fraction) as usize / share / page_bytes;
             if pages == 0 {
                 return Err(StartError::PoolSize(format!("{free} free bytes hold no page")));
             }
@@ -392,6 +465,7 @@ fn start_executor<B: Backend>(
                 free_bytes = free,
                 fraction = settings.kv.memory_fraction,
                 pages,
+                replicas = dp,
                 "KV pool sized from free memory"
             );
             pages
@@ -399,10 +473,12 @@ fn start_executor<B: Backend>(
         n => n,
     };
     tracing::info!(
-        backend = B::name(&device),
+        backend = B::name(&devices[0]),
         ?dtype,
         layers = c.num_layers,
         tensor_parallel = tp,
+        data_parallel = dp,
+        shared_weights = share_weights && dp > 1,
         kv_pages = num_pages,
         page_size = settings.kv.page_size,
         kv_bytes = num_pages * page_bytes,
@@ -410,19 +486,48 @@ fn start_executor<B: Backend>(
         peak_rss_mib = peak_rss_bytes().map(|b| b >> 20),
         "model loaded"
     );
-    // One executor thread owns the device. A restart (see `Scheduler::recover`) builds the
-    // executor again from clones of the loaded ranks (the weight tensors are shared, nothing is
-    // read again) with fresh caches, on the new executor's thread.
-    let (num_layers, page_size) = (c.num_layers, settings.kv.page_size);
-    let build = move || -> std::io::Result<ModelExecutor<B>> {
-        let new_cache = || {
-            // Where each backend writes in place: see `KvStorage`.
+    loaded
+        .into_iter()
+        .zip(devices)
+        .map(|((models, comms), device)| {
+            // Where each backend writes K/V in place: see `KvStorage`.
             let storage = match backend {
                 ChosenBackend::Cuda => KvStorage::Device,
                 ChosenBackend::Cpu => KvStorage::Host,
             };
-            PagedKvCache::<B>::new(num_layers, num_pages, page_size, kv_dim, &device, dtype, storage)
-        };
+            let addrs_restart = spawn_replica(
+                models,
+                comms,
+                (device, dtype, storage),
+                (c.num_layers, num_pages, settings.kv.page_size, kv_dim),
+                fault.clone(),
+            )?;
+            Ok(ExecutorHandle {
+                addrs: addrs_restart.0,
+                restart: addrs_restart.1,
+                num_pages,
+                page_bytes,
+            })
+        })
+        .collect()
+}
+
+/// Starts one replica's executor (rank 0 on the executor thread, the other ranks on their own)
+/// and the way to restart it.
+fn spawn_replica<B: Backend>(
+    models: Vec<Llama<B>>,
+    comms: Vec<Arc<dyn Communicator>>,
+    (device, dtype, storage): (B::Device, DType, KvStorage),
+    (num_layers, num_pages, page_size, kv_dim): (usize, usize, usize, usize),
+    fault: Option<std::sync::Arc<FaultInjector>>,
+) -> std::io::Result<(ExecutorAddrs, RestartExecutor)> {
+    let tp = models.len();
+    // One executor thread owns the device. A restart (see `Scheduler::recover`) builds the
+    // executor again from clones of the loaded ranks (the weight tensors are shared, nothing is
+    // read again) with fresh caches, on the new executor's thread.
+    let build = move || -> std::io::Result<ModelExecutor<B>> {
+        let new_cache =
+            || PagedKvCache::<B>::new(num_layers, num_pages, page_size, kv_dim, &device, dtype, storage);
         let executor = if tp > 1 {
             // A failed step may have left the group poisoned.
             for comm in &comms {
@@ -455,10 +560,5 @@ fn start_executor<B: Backend>(
         // and counts toward the supervisor's failures in a row.
         spawn_executor(move || build().unwrap_or_else(|e| panic!("restarting the executor failed: {e}")))
     });
-    Ok(ExecutorHandle {
-        addrs,
-        restart,
-        num_pages,
-        page_bytes,
-    })
+    Ok((addrs, restart))
 }

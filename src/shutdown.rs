@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use actix_web::dev::ServerHandle;
 
-use crate::actors::scheduler::{BeginShutdown, CancelAll, QueueReport, Scheduler};
+use crate::actors::dp_router::DpRouter;
+use crate::actors::scheduler::{BeginShutdown, CancelAll, QueueReport};
 
 /// How often the queue is checked while requests finish.
 const POLL: Duration = Duration::from_millis(50);
@@ -44,7 +45,7 @@ pub async fn signal() -> &'static str {
 }
 
 /// Drains the scheduler within `grace`, cancels what is left, and stops the HTTP server.
-pub async fn graceful(scheduler: Addr<Scheduler>, server: ServerHandle, grace: Duration) {
+pub async fn graceful(scheduler: Addr<DpRouter>, server: ServerHandle, grace: Duration) {
     let started = Instant::now();
     match scheduler.send(BeginShutdown).await {
         Ok(q) => tracing::info!(

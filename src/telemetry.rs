@@ -85,6 +85,10 @@ fn describe_all() {
         "Times the model executor failed (step error or panic) and was restarted with a fresh KV cache."
     );
     describe_counter!(
+        "inferflux_dp_placements_total",
+        "Requests placed on each data-parallel replica, by reason: prefix (it held the longest cached prefix) or least_loaded."
+    );
+    describe_counter!(
         "inferflux_prompt_tokens_total",
         "Prompt tokens of admitted requests."
     );

@@ -84,7 +84,12 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 
 /// Greedy decoding of every prompt at once: one batched prefill (each prompt cut into chunks of
 /// `chunk` tokens), then batched decode steps.
-fn greedy_batched(model: &Llama<B>, cases: &[&GoldenPrompt], chunk: usize, storage: KvStorage) -> Vec<Vec<u32>> {
+fn greedy_batched(
+    model: &Llama<B>,
+    cases: &[&GoldenPrompt],
+    chunk: usize,
+    storage: KvStorage,
+) -> Vec<Vec<u32>> {
     let mut cache = new_cache(model, storage);
     let n = cases.len();
     let steps = cases[0].greedy_ids.len();
@@ -204,7 +209,10 @@ fn check_decode_groups(model: &Llama<B>, cases: &[&GoldenPrompt], name: &str) {
             .zip(&together[i])
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        assert!(worst <= 1e-5, "{name} prompt {i}: decoded together vs alone differ by {worst}");
+        assert!(
+            worst <= 1e-5,
+            "{name} prompt {i}: decoded together vs alone differ by {worst}"
+        );
     }
 }
 

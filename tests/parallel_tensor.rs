@@ -316,8 +316,17 @@ fn parallel_failing_rank_fails_the_step_without_hanging() {
     };
     let (m0, m1) = (load(0), load(1));
     let (layers, kv_dim) = (files.config.num_layers, m0.kv_dim());
-    let cache =
-        |pages| PagedKvCache::<B>::new(layers, pages, PAGE_SIZE, kv_dim, &Default::default(), DType::F32, KvStorage::Host);
+    let cache = |pages| {
+        PagedKvCache::<B>::new(
+            layers,
+            pages,
+            PAGE_SIZE,
+            kv_dim,
+            &Default::default(),
+            DType::F32,
+            KvStorage::Host,
+        )
+    };
     // Rank 1 has 4 pages where rank 0 has 64: a step on page 40 fails on rank 1 only.
     let rank0 = Rank::new(m0, cache(64));
     let worker = RankWorker::spawn(1, Rank::new(m1, cache(4)), comms[1].clone()).unwrap();

@@ -10,7 +10,8 @@ use actix::prelude::*;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use super::scheduler::{Cancel, Enqueue, EnqueueError, Scheduler};
+use super::dp_router::DpRouter;
+use super::scheduler::{Cancel, Enqueue, EnqueueError};
 use super::stop_detector::{StopSequenceDetector, StreamEvent, Track, Untrack};
 use crate::http::error::ApiError;
 use crate::http::types::{CompletionRequest, Prompt, StopParam};
@@ -355,7 +356,7 @@ fn validate_stop_token_ids(ids: Vec<i64>, limits: &IntakeLimits) -> Result<Vec<u
 /// drops its response stream, and this frees its sequence at once.
 pub struct CancelOnDrop {
     seq: SeqId,
-    scheduler: Option<Addr<Scheduler>>,
+    scheduler: Option<Addr<DpRouter>>,
 }
 
 impl CancelOnDrop {
@@ -375,7 +376,7 @@ impl CancelOnDrop {
 /// Cancels one sequence on demand; cancelling one that already ended does nothing.
 pub struct CancelHandle {
     seq: SeqId,
-    scheduler: Addr<Scheduler>,
+    scheduler: Addr<DpRouter>,
 }
 
 impl CancelHandle {
@@ -404,7 +405,7 @@ pub struct Submitted {
 pub struct RequestIntake {
     tokenizer: Arc<Tokenizer>,
     limits: IntakeLimits,
-    scheduler: Addr<Scheduler>,
+    scheduler: Addr<DpRouter>,
     detector: Addr<StopSequenceDetector>,
     next_seq: Arc<AtomicU64>,
 }
@@ -413,7 +414,7 @@ impl RequestIntake {
     pub fn new(
         tokenizer: Arc<Tokenizer>,
         limits: IntakeLimits,
-        scheduler: Addr<Scheduler>,
+        scheduler: Addr<DpRouter>,
         detector: Addr<StopSequenceDetector>,
     ) -> Self {
         Self {

@@ -2,16 +2,20 @@
 
 use actix::prelude::*;
 
-use crate::kv::{CachedPrefix, Grant, PagePool, PoolStats, SeqId, SwapSpace};
+use std::sync::Arc;
+
+use crate::kv::{BlockHash, CachedPrefix, Grant, PagePool, PoolStats, SeqId, SwapSpace};
 use crate::scheduler::{Candidate, PageCommit};
 
 /// How many of the longest cached prefixes `/admin/kv` lists.
-const REPORTED_PREFIXES: usize = 8;
+pub(crate) const REPORTED_PREFIXES: usize = 8;
 
 pub struct KvPageManager {
     pool: PagePool,
     prefix_caching: bool,
     swap: SwapSpace,
+    /// `replica="i"` on the gauges when the engine has several data-parallel replicas.
+    labels: Vec<metrics::Label>,
 }
 
 impl KvPageManager {
@@ -21,24 +25,33 @@ impl KvPageManager {
             pool: PagePool::new(num_pages, page_size),
             prefix_caching,
             swap: SwapSpace::new(swap_pages),
+            labels: Vec::new(),
         }
     }
 
+    /// Labels this pool's series `replica="<replica>"`: one of several data-parallel replicas.
+    pub fn with_replica_label(mut self, replica: usize) -> Self {
+        self.labels = vec![metrics::Label::new("replica", replica.to_string())];
+        self
+    }
+
     fn publish(&self) {
-        let pool = &self.pool;
+        let (pool, l) = (&self.pool, &self.labels);
         let total = pool.num_pages() as f64;
-        metrics::gauge!("inferflux_kv_cache_usage_perc").set(pool.used_pages() as f64 / total);
-        metrics::gauge!("inferflux_kv_free_pages").set(pool.free_pages() as f64);
-        metrics::gauge!("inferflux_kv_used_pages").set(pool.used_pages() as f64);
-        metrics::gauge!("inferflux_kv_cached_pages").set(pool.cached_pages() as f64);
+        metrics::gauge!("inferflux_kv_cache_usage_perc", l.iter()).set(pool.used_pages() as f64 / total);
+        metrics::gauge!("inferflux_kv_free_pages", l.iter()).set(pool.free_pages() as f64);
+        metrics::gauge!("inferflux_kv_used_pages", l.iter()).set(pool.used_pages() as f64);
+        metrics::gauge!("inferflux_kv_cached_pages", l.iter()).set(pool.cached_pages() as f64);
         let stats = pool.stats();
-        metrics::counter!("inferflux_prefix_cache_queries_total").absolute(stats.queried_tokens);
-        metrics::counter!("inferflux_prefix_cache_hits_total").absolute(stats.hit_tokens);
-        metrics::counter!("inferflux_kv_evicted_pages_total").absolute(stats.evicted_pages);
-        metrics::counter!("inferflux_kv_copied_pages_total").absolute(stats.copied_pages);
-        metrics::gauge!("inferflux_kv_swap_used_pages").set(self.swap.used_pages() as f64);
-        metrics::counter!("inferflux_kv_swapped_out_pages_total").absolute(self.swap.swapped_out_total());
-        metrics::counter!("inferflux_kv_swapped_in_pages_total").absolute(self.swap.swapped_in_total());
+        metrics::counter!("inferflux_prefix_cache_queries_total", l.iter()).absolute(stats.queried_tokens);
+        metrics::counter!("inferflux_prefix_cache_hits_total", l.iter()).absolute(stats.hit_tokens);
+        metrics::counter!("inferflux_kv_evicted_pages_total", l.iter()).absolute(stats.evicted_pages);
+        metrics::counter!("inferflux_kv_copied_pages_total", l.iter()).absolute(stats.copied_pages);
+        metrics::gauge!("inferflux_kv_swap_used_pages", l.iter()).set(self.swap.used_pages() as f64);
+        metrics::counter!("inferflux_kv_swapped_out_pages_total", l.iter())
+            .absolute(self.swap.swapped_out_total());
+        metrics::counter!("inferflux_kv_swapped_in_pages_total", l.iter())
+            .absolute(self.swap.swapped_in_total());
     }
 }
 
@@ -82,6 +95,25 @@ impl Handler<ReserveStep> for KvPageManager {
             .collect();
         self.publish();
         MessageResult(grants)
+    }
+}
+
+/// How many leading pages of a prompt (`hashes`: its full pages' keys) this pool holds, for
+/// data-parallel placement. Nothing is reserved: the scheduler's admission looks again.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CachedPages {
+    pub hashes: Arc<[BlockHash]>,
+}
+
+impl Handler<CachedPages> for KvPageManager {
+    type Result = usize;
+
+    fn handle(&mut self, msg: CachedPages, _: &mut Context<Self>) -> usize {
+        if !self.prefix_caching {
+            return 0;
+        }
+        self.pool.cached_prefix_tokens(&msg.hashes) / self.pool.page_size()
     }
 }
 

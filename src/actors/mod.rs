@@ -1,14 +1,15 @@
-//! The five actors of the serving pipeline, one per file, each with its messages beside it.
+//! The actors of the serving pipeline, one per file, each with its messages beside it.
 //!
 //! ```text
-//! HTTP -> RequestIntake -> Scheduler <-> KvPageManager
-//!                            |  ExecuteStep (batch plan)
-//!                            v
-//!                          ModelExecutor -> (tokens) -> StopSequenceDetector -> client stream
+//! HTTP -> RequestIntake -> DpRouter -> Scheduler <-> KvPageManager     (one of each per
+//!                                        |  ExecuteStep (batch plan)    data-parallel replica)
+//!                                        v
+//!                                      ModelExecutor -> (tokens) -> StopSequenceDetector -> client stream
 //! ```
 //! Each actor is a thin shell over a plain struct (`SchedulerCore`, `PagePool`, `Llama`,
 //! `StopDetector`) that tests drive synchronously.
 
+pub mod dp_router;
 pub mod executor;
 pub mod fault;
 pub mod intake;

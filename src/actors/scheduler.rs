@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 
+use super::dp_router::{ReplicaReport, SequenceLeft};
 use super::executor::{DiscardSwapped, ExecuteStep, ExecutorError, RestartExecutor, SampledToken, SwapOut};
 use super::kv_pages::{CommitPages, KvPageManager, Preempt, Release, ReserveStep, ResetAfterExecutorFailure};
 use super::stop_detector::{Abort, FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
@@ -43,6 +44,10 @@ pub struct Scheduler {
     failures_in_a_row: u32,
     /// SIGTERM/SIGINT came: draining for good.
     shutting_down: bool,
+    /// Told when a sequence leaves: the data-parallel router in front of this replica.
+    router: Option<Recipient<SequenceLeft>>,
+    /// `replica="i"` on the gauges when the engine has several data-parallel replicas.
+    labels: Vec<metrics::Label>,
 }
 
 /// After this many executor failures without a successful step in between, the scheduler
@@ -104,7 +109,26 @@ impl Scheduler {
             restart: None,
             failures_in_a_row: 0,
             shutting_down: false,
+            router: None,
+            labels: Vec::new(),
         }
+    }
+
+    /// Tell `router` of every sequence that leaves this scheduler.
+    pub fn with_router(mut self, router: Recipient<SequenceLeft>) -> Self {
+        self.router = Some(router);
+        self
+    }
+
+    /// Labels this scheduler's gauges `replica="<replica>"`: one of several data-parallel replicas.
+    pub fn with_replica_label(mut self, replica: usize) -> Self {
+        self.labels = vec![metrics::Label::new("replica", replica.to_string())];
+        self
+    }
+
+    fn set_draining_gauge(&self) {
+        let v = if self.draining { 1.0 } else { 0.0 };
+        metrics::gauge!("inferflux_draining", self.labels.iter()).set(v);
     }
 
     /// Supervise the executor: when a step fails, restart it with `restart`.
@@ -152,7 +176,7 @@ impl Scheduler {
         }
         if self.failures_in_a_row >= MAX_EXECUTOR_FAILURES_IN_A_ROW && !self.draining {
             self.draining = true;
-            metrics::gauge!("inferflux_draining").set(1.0);
+            self.set_draining_gauge();
             tracing::error!(
                 failures_in_a_row = self.failures_in_a_row,
                 "the executor keeps failing: admitting no new requests (/ready answers 503) until an \
@@ -162,23 +186,32 @@ impl Scheduler {
     }
 
     fn publish(&mut self) {
-        metrics::gauge!("inferflux_num_requests_running").set(self.core.num_running() as f64);
-        metrics::gauge!("inferflux_num_requests_waiting").set(self.core.num_waiting() as f64);
-        metrics::gauge!("inferflux_num_requests_preempted").set(self.core.num_preempted() as f64);
-        metrics::gauge!("inferflux_fairness_jain_index").set(self.core.fairness_index());
+        let l = &self.labels;
+        metrics::gauge!("inferflux_num_requests_running", l.iter()).set(self.core.num_running() as f64);
+        metrics::gauge!("inferflux_num_requests_waiting", l.iter()).set(self.core.num_waiting() as f64);
+        metrics::gauge!("inferflux_num_requests_preempted", l.iter()).set(self.core.num_preempted() as f64);
+        metrics::gauge!("inferflux_fairness_jain_index", l.iter()).set(self.core.fairness_index());
+        let client_labels = |client: &ClientId| {
+            let mut labels = l.clone();
+            labels.push(metrics::Label::new("client", client.to_string()));
+            labels
+        };
         let mut seen = HashSet::new();
         for (client, depth) in self.core.client_depths() {
-            metrics::gauge!("inferflux_client_queue_depth", "client" => client.to_string()).set(depth as f64);
+            metrics::gauge!("inferflux_client_queue_depth", client_labels(client)).set(depth as f64);
             seen.insert(client.clone());
         }
         for gone in self.gauged_clients.difference(&seen) {
-            metrics::gauge!("inferflux_client_queue_depth", "client" => gone.to_string()).set(0.0);
+            metrics::gauge!("inferflux_client_queue_depth", client_labels(gone)).set(0.0);
         }
         self.gauged_clients = seen;
     }
 
     /// Forgets the request id of a sequence that left the core.
     fn forget(&mut self, seq: SeqId) {
+        if let Some(router) = &self.router {
+            router.do_send(SequenceLeft { seq });
+        }
         self.spans.remove(&seq);
         if let Some(id) = self.request_of.remove(&seq) {
             if let Some(seqs) = self.by_request.get_mut(&id) {
@@ -207,6 +240,7 @@ impl Scheduler {
             preemptions_total: self.core.preemptions(),
             fairness_index: self.core.fairness_index(),
             clients: self.core.clients(),
+            replicas: Vec::new(),
         }
     }
 
@@ -499,7 +533,7 @@ impl Handler<Drain> for Scheduler {
         if !drain {
             self.failures_in_a_row = 0;
         }
-        metrics::gauge!("inferflux_draining").set(if drain { 1.0 } else { 0.0 });
+        self.set_draining_gauge();
         MessageResult(self.report())
     }
 }
@@ -529,7 +563,7 @@ impl Handler<BeginShutdown> for Scheduler {
     fn handle(&mut self, _: BeginShutdown, _: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
         self.draining = true;
-        metrics::gauge!("inferflux_draining").set(1.0);
+        self.set_draining_gauge();
         MessageResult(self.report())
     }
 }
@@ -577,6 +611,9 @@ pub struct QueueReportBody {
     /// Jain's index over the recent clients' served tokens divided by their weights.
     pub fairness_index: f64,
     pub clients: Vec<ClientReport>,
+    /// Each data-parallel replica's share (only with `parallel.data_parallel_size > 1`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaReport>,
 }
 
 /// A snapshot of the queues.

@@ -4,30 +4,38 @@ use actix_web::{web, HttpResponse};
 
 use super::error::ApiError;
 use super::{parse_request, read_body, AppState};
+use crate::actors::dp_router::PoolsReport;
 use crate::actors::fault::FaultKind;
-use crate::actors::kv_pages::{KvReport, KvReportBody, ResetPrefixCache};
+use crate::actors::kv_pages::{KvReportBody, ResetPrefixCache};
 use crate::actors::scheduler::{CancelRequest, Drain, QueueReport, QueueReportBody, ThroughputReport};
 use crate::scheduler::throughput::Throughput;
 
 /// `GET /admin/kv`: page counts, usage, prefix-cache hit rate and the largest cached prefixes.
 pub async fn kv_report(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let report = state
-        .kv
-        .send(KvReport)
-        .await
-        .map_err(|e| ApiError::internal(format!("KV page manager unreachable: {e}")))?;
+    let report = pools_report(&state).await?;
     Ok(HttpResponse::Ok().json(report))
 }
 
 /// `POST /admin/kv/reset_prefix_cache`: forget every cached prefix.
 pub async fn reset_prefix_cache(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let dropped = state
-        .kv
+        .scheduler
         .send(ResetPrefixCache)
         .await
         .map_err(|e| ApiError::internal(format!("KV page manager unreachable: {e}")))?;
     tracing::info!(dropped_keys = dropped, "prefix cache reset by an operator");
     Ok(HttpResponse::Ok().json(serde_json::json!({ "dropped_keys": dropped })))
+}
+
+/// Every replica's KV pool, summed.
+async fn pools_report(state: &AppState) -> Result<KvReportBody, ApiError> {
+    state
+        .scheduler
+        .send(PoolsReport)
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| ApiError::internal("KV page manager unreachable"))
 }
 
 fn scheduler_gone(e: actix::MailboxError) -> ApiError {
@@ -64,11 +72,7 @@ pub async fn metrics_snapshot(state: web::Data<AppState>) -> Result<HttpResponse
         .send(ThroughputReport)
         .await
         .map_err(scheduler_gone)?;
-    let mut kv = state
-        .kv
-        .send(KvReport)
-        .await
-        .map_err(|e| ApiError::internal(format!("KV page manager unreachable: {e}")))?;
+    let mut kv = pools_report(&state).await?;
     kv.largest_cached_prefixes.clear();
     Ok(HttpResponse::Ok().json(MetricsSnapshot {
         model: state.model_name.clone(),

@@ -23,9 +23,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::actors::dp_router::DpRouter;
 use crate::actors::intake::{api_key_client, RequestIntake};
-use crate::actors::kv_pages::KvPageManager;
-use crate::actors::scheduler::Scheduler;
 use crate::stop::FinishReason;
 use error::ApiError;
 use respond::{echo_text, respond, submit_choices, Answer, Shape};
@@ -35,8 +34,8 @@ use types::{CompletionRequest, ModelCard, ModelList};
 #[derive(Clone)]
 pub struct AppState {
     pub intake: Addr<RequestIntake>,
-    pub kv: Addr<KvPageManager>,
-    pub scheduler: Addr<Scheduler>,
+    /// The engine's front: the data-parallel router over every replica's scheduler and pool.
+    pub scheduler: Addr<DpRouter>,
     pub model_name: String,
     /// `cpu` or `cuda`, for `/version`.
     pub backend: &'static str,

@@ -486,7 +486,15 @@ impl<B: Backend> Llama<B> {
                 q_start: ctx.q_start,
                 q_len: ctx.q_len,
                 ctx_len: ctx.ctx_slots.len(),
-                mask: attention_mask(ctx.ctx_start, ctx.start_pos, ctx.q_len, window, group, dev, self.dtype),
+                mask: attention_mask(
+                    ctx.ctx_start,
+                    ctx.start_pos,
+                    ctx.q_len,
+                    window,
+                    group,
+                    dev,
+                    self.dtype,
+                ),
                 ctx_slots: cache.slot_index(ctx.ctx_slots),
             }));
         }
@@ -741,7 +749,10 @@ mod tests {
             for g in &groups {
                 let longest = g.iter().map(|&i| lens[i]).max().unwrap();
                 let real: usize = g.iter().map(|&i| lens[i]).sum();
-                assert!(g.len() * longest <= 2 * real, "{lens:?}: group {g:?} pads too much");
+                assert!(
+                    g.len() * longest <= 2 * real,
+                    "{lens:?}: group {g:?} pads too much"
+                );
             }
         }
         assert_eq!(decode_groups(&[7, 7, 7, 7]), vec![vec![0, 1, 2, 3]]);

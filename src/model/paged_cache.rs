@@ -45,8 +45,14 @@ impl<B: Backend> SlotIndex<B> {
 
 enum LayerCache<B: Backend> {
     /// `None` only while a write holds the tensor.
-    Device { k: Option<Tensor<B, 2>>, v: Option<Tensor<B, 2>> },
-    Host { k: Vec<f32>, v: Vec<f32> },
+    Device {
+        k: Option<Tensor<B, 2>>,
+        v: Option<Tensor<B, 2>>,
+    },
+    Host {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
 }
 
 pub struct PagedKvCache<B: Backend> {
@@ -223,7 +229,10 @@ impl<B: Backend> PagedKvCache<B> {
                         let at = slot as usize * w;
                         rows.extend_from_slice(&store[at..at + w]);
                     }
-                    Tensor::from_data(TensorData::new(rows, [slots.len(), w]), (&self.device, DType::F32))
+                    Tensor::from_data(
+                        TensorData::new(rows, [slots.len(), w]),
+                        (&self.device, DType::F32),
+                    )
                 };
                 (read(k), read(v))
             }
