@@ -236,12 +236,22 @@ fn start_with_small_send_buffer(tweak: impl FnOnce(&mut Settings) + Send + 'stat
 
 #[actix_web::test]
 async fn limits_idle_stream_is_cancelled_and_its_pages_freed() {
-    // One sequence at a time, so the 16 choices run one after another.
+    // One sequence at a time, so the 16 choices run one after another, and each step slowed
+    // (the fault hook's delay) so that the stream is surely still generating after the 1 s idle
+    // timeout, however fast the machine. The hook only adds routes other tests do not use.
+    std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
     let base = start_with_small_send_buffer(|s| {
         s.server.stream_idle_timeout_seconds = 1;
         s.scheduler.max_running = 1;
     });
     let server = common::TestServer { base };
+    let slowed = reqwest::Client::new()
+        .post(format!("{}/admin/fault", server.base))
+        .json(&json!({ "step_delay_ms": 5 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slowed.status(), 200);
     let before = common::metrics_text(&server.base).await;
     let cancelled_before = metric(&before, "inferflux_requests_cancelled_total");
     // A client with a tiny receive window that never reads what it asked for.

@@ -200,13 +200,13 @@ fn check_decode_groups(model: &Llama<B>, cases: &[&GoldenPrompt], name: &str) {
     let mut cache = new_cache(model, KvStorage::Host);
     (0..n).for_each(|i| prefill(&mut cache, i));
     let together = logits_rows(model.forward(&mut cache, &(0..n).map(decode).collect::<Vec<_>>()));
-    for i in 0..n {
+    for (i, row) in together.iter().enumerate() {
         let mut alone_cache = new_cache(model, KvStorage::Device);
         prefill(&mut alone_cache, i);
         let alone = logits_rows(model.forward(&mut alone_cache, &[decode(i)]));
         let worst = alone[0]
             .iter()
-            .zip(&together[i])
+            .zip(row)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(
