@@ -7,7 +7,6 @@
 
 pub mod comm;
 pub mod local;
-#[cfg(feature = "nccl")]
 pub mod nccl;
 
 use std::ops::Range;
