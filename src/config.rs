@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::cuda_gemm::{GemmChoice, GemmKernel};
+use crate::model::WeightLayout;
+
 /// Why the configuration could not be assembled.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -56,6 +59,7 @@ pub struct Settings {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub parallel: ParallelConfig,
+    pub cuda: CudaConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -260,6 +264,41 @@ impl Default for ParallelConfig {
         Self {
             tensor_parallel_size: 1,
             data_parallel_size: 1,
+        }
+    }
+}
+
+/// How the CUDA backend runs the step's projections (see docs/Performance.md for what each
+/// kernel measured). Ignored on the CPU.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CudaConfig {
+    /// Kernel for projections of more than `gemv_max_rows` rows (prompt chunks, large batches).
+    pub gemm: GemmKernel,
+    /// Kernel for projections of at most `gemv_max_rows` rows (decode at small batches).
+    pub gemv: GemmKernel,
+    pub gemv_max_rows: usize,
+    /// Projection weights as `[in, out]` (transposed at load) or the checkpoint's `[out, in]`.
+    pub weight_layout: WeightLayout,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        Self {
+            gemm: GemmKernel::Burn,
+            gemv: GemmKernel::Burn,
+            gemv_max_rows: 8,
+            weight_layout: WeightLayout::InOut,
+        }
+    }
+}
+
+impl CudaConfig {
+    pub fn gemm_choice(&self) -> GemmChoice {
+        GemmChoice {
+            small: self.gemv,
+            large: self.gemm,
+            small_max_rows: self.gemv_max_rows,
         }
     }
 }
@@ -621,6 +660,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("parallel.tensor_parallel_size"), "{err}");
+    }
+
+    #[test]
+    fn cuda_kernels_come_from_env_and_unknown_names_are_refused() {
+        let s = Settings::load_with_env(None, &CliOverrides::default(), env(&[])).unwrap();
+        assert!(s.cuda.gemm_choice().is_burn_only(), "burn's matmul unless asked");
+        let vars = env(&[
+            ("INFERFLUX__CUDA__GEMV", "gemv-plane"),
+            ("INFERFLUX__CUDA__GEMM", "cublas"),
+            ("INFERFLUX__CUDA__GEMV_MAX_ROWS", "4"),
+            ("INFERFLUX__CUDA__WEIGHT_LAYOUT", "out_in"),
+        ]);
+        let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
+        let choice = s.cuda.gemm_choice();
+        assert_eq!(
+            (choice.kernel_for(4), choice.kernel_for(5), s.cuda.weight_layout),
+            (GemmKernel::GemvPlane, GemmKernel::Cublas, WeightLayout::OutIn)
+        );
+        assert!(!choice.is_burn_only());
+        let err = Settings::load_with_env(
+            None,
+            &CliOverrides::default(),
+            env(&[("INFERFLUX__CUDA__GEMV", "fastest")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("fastest"), "{err}");
     }
 
     #[test]

@@ -22,7 +22,10 @@ use crate::actors::tp_ranks::{Rank, RankWorker};
 use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
-use crate::model::{KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache, WeightIndex};
+use crate::model::cuda_gemm::{self, CudaCube};
+use crate::model::{
+    KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache, ProjectFn, WeightIndex, WeightLayout,
+};
 use crate::parallel::{Communicator, LocalCommunicator};
 use crate::scheduler::SchedulerCore;
 
@@ -172,8 +175,8 @@ pub fn start(
             &files,
             settings,
             backend,
-            vec![Default::default(); dp],
-            DType::F32,
+            (vec![Default::default(); dp], DType::F32),
+            Projections::default(),
             fault.clone(),
         )?,
         ChosenBackend::Cuda => {
@@ -183,16 +186,43 @@ pub fn start(
                 _ => DType::F16,
             };
             drop(index);
-            start_replicas::<burn::backend::Cuda>(
-                &files,
-                settings,
-                backend,
-                (0..dp)
-                    .map(|index| burn::backend::cuda::CudaDevice { index })
-                    .collect(),
-                dtype,
-                fault.clone(),
-            )?
+            let devices = (0..dp).map(|index| burn::backend::cuda::CudaDevice { index });
+            let (choice, layout) = (settings.cuda.gemm_choice(), settings.cuda.weight_layout);
+            if choice.is_burn_only() {
+                let projections = Projections {
+                    layout,
+                    project: None,
+                };
+                start_replicas::<burn::backend::Cuda>(
+                    &files,
+                    settings,
+                    backend,
+                    (devices.collect(), dtype),
+                    projections,
+                    fault.clone(),
+                )?
+            } else {
+                // The chosen kernels run on burn's CUDA tensors directly, under the fusion layer.
+                tracing::info!(
+                    gemm = %choice.large,
+                    gemv = %choice.small,
+                    gemv_max_rows = choice.small_max_rows,
+                    ?layout,
+                    "projections on the chosen kernels; serving without burn's fusion layer"
+                );
+                let projections = Projections {
+                    layout,
+                    project: Some(cuda_gemm::projector(choice)),
+                };
+                start_replicas::<CudaCube>(
+                    &files,
+                    settings,
+                    backend,
+                    (devices.collect(), dtype),
+                    projections,
+                    fault.clone(),
+                )?
+            }
         }
     };
     let model_name = settings
@@ -385,13 +415,29 @@ fn free_memory(cuda: bool) -> Result<usize, String> {
 /// One replica's ranks, loaded: a model per tensor-parallel rank and the ranks' communicators.
 type LoadedRanks<B> = (Vec<Llama<B>>, Vec<Arc<dyn Communicator>>);
 
+/// How the models keep and multiply by their projection weights (the `[cuda]` keys); burn's
+/// `matmul` on `[in, out]` weights by default.
+struct Projections<B: Backend> {
+    layout: WeightLayout,
+    project: Option<ProjectFn<B>>,
+}
+
+impl<B: Backend> Default for Projections<B> {
+    fn default() -> Self {
+        Self {
+            layout: WeightLayout::InOut,
+            project: None,
+        }
+    }
+}
+
 /// Loads every tensor-parallel rank of one replica on `device`; each rank reads only its shard.
 fn load_ranks<B: Backend>(
     files: &ModelFiles,
     index: &WeightIndex<'_>,
     tp: usize,
-    device: &B::Device,
-    dtype: DType,
+    (device, dtype): (&B::Device, DType),
+    projections: &Projections<B>,
 ) -> Result<LoadedRanks<B>, StartError> {
     // One communicator per rank, a group per replica (replicas step independently).
     let comms: Vec<Arc<dyn Communicator>> = if tp > 1 {
@@ -405,17 +451,19 @@ fn load_ranks<B: Backend>(
     let mut models = Vec::with_capacity(tp);
     for rank in 0..tp {
         let comm = comms.get(rank).cloned();
-        let model = Llama::<B>::load_shard(&files.config, index, device, dtype, comm).map_err(|e| {
-            if tp > 1 {
-                StartError::TensorParallel {
-                    size: tp,
-                    reason: e.to_string(),
-                }
-            } else {
-                e.into()
-            }
-        })?;
-        models.push(model);
+        let model =
+            Llama::<B>::load_shard_in(&files.config, index, (device, dtype), comm, projections.layout)
+                .map_err(|e| {
+                    if tp > 1 {
+                        StartError::TensorParallel {
+                            size: tp,
+                            reason: e.to_string(),
+                        }
+                    } else {
+                        e.into()
+                    }
+                })?;
+        models.push(model.with_projection(projections.project.clone()));
     }
     Ok((models, comms))
 }
@@ -429,8 +477,8 @@ fn start_replicas<B: Backend>(
     files: &ModelFiles,
     settings: &Settings,
     backend: ChosenBackend,
-    devices: Vec<B::Device>,
-    dtype: DType,
+    (devices, dtype): (Vec<B::Device>, DType),
+    projections: Projections<B>,
     fault: Option<std::sync::Arc<FaultInjector>>,
 ) -> Result<Vec<ExecutorHandle>, StartError> {
     let started = std::time::Instant::now();
@@ -441,7 +489,7 @@ fn start_replicas<B: Backend>(
     for device in &devices {
         let ranks = match loaded.first() {
             Some(first) if share_weights => first.clone(),
-            _ => load_ranks(files, &index, tp, device, dtype)?,
+            _ => load_ranks(files, &index, tp, (device, dtype), &projections)?,
         };
         loaded.push(ranks);
     }

@@ -274,3 +274,60 @@ fn chat_template_renders_like_transformers_apply_chat_template() {
         }
     }
 }
+
+/// The checkpoint's `[out, in]` weights read through a transposed view (`WeightLayout::OutIn`,
+/// what CUDA's GEMV kernels want), with every projection routed through a projection hook (how
+/// the server runs a chosen CUDA kernel), give transformers' logits and greedy tokens: the hook
+/// sees each layer's seven projections and `lm_head`, and nothing else.
+#[test]
+fn model_out_in_weights_through_a_projection_hook_match_transformers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    for name in ["tiny-llama-tied-bf16", "tiny-qwen2"] {
+        let (_, files, goldens) = fixture(name);
+        let index = files.checkpoint.index().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let hook: inferflux::model::ProjectFn<B> = Arc::new(move |x, w| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            x.matmul(w)
+        });
+        let model = Llama::<B>::load_shard_in(
+            &files.config,
+            &index,
+            (&Default::default(), DType::F32),
+            None,
+            inferflux::model::WeightLayout::OutIn,
+        )
+        .unwrap()
+        .with_projection(Some(hook));
+        let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
+        for p in &cases {
+            let mut cache = new_cache(&model, KvStorage::Host);
+            let chunk = SequenceChunk {
+                tokens: p.input_ids.clone(),
+                start_pos: 0,
+                block_table: block_table(0, 1, p.input_ids.len()),
+                wants_logits: true,
+            };
+            let before = calls.load(Ordering::Relaxed);
+            let rows = logits_rows(model.forward(&mut cache, &[chunk]));
+            assert_eq!(
+                calls.load(Ordering::Relaxed) - before,
+                7 * model.config().num_layers + 1,
+                "{name}: projections through the hook in one step"
+            );
+            assert_close(
+                &rows[0],
+                &p.last_logits,
+                &format!("{name} out_in {:?}", p.input_ids),
+            );
+        }
+        let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
+        assert_eq!(
+            greedy_batched(&model, &cases, 7, KvStorage::Host),
+            want,
+            "{name}: out_in chunked prefill (7) greedy"
+        );
+    }
+}

@@ -39,10 +39,27 @@ impl SequenceChunk {
     }
 }
 
+/// How the projection weights sit in device memory. Either way the model holds each as a
+/// logical `[in, out]` tensor and computes `x · w`; the layout decides its strides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightLayout {
+    /// Transposed once at load into row-major `[in, out]`: a plain matrix for burn's `matmul`.
+    #[default]
+    InOut,
+    /// The checkpoint's `[out, in]`, used through a transposed view: each output's weights are
+    /// contiguous, which is how GEMV kernels read fastest (see `cuda_gemm`).
+    OutIn,
+}
+
+/// Multiplies activations `[rows, in]` by a projection weight (logical `[in, out]`). Set by the
+/// server to run a chosen kernel on a backend (see `cuda_gemm`); burn's `matmul` otherwise.
+pub type ProjectFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
+
 #[derive(Clone)]
 struct LlamaLayer<B: Backend> {
     attn_norm: Tensor<B, 1>,
-    /// Projections stored `[in, out]`, so `x.matmul(w)`.
+    /// Projections, logical `[in, out]` (see [`WeightLayout`]), so `x · w`.
     wq: Tensor<B, 2>,
     wk: Tensor<B, 2>,
     wv: Tensor<B, 2>,
@@ -126,6 +143,8 @@ pub struct Llama<B: Backend> {
     lm_head: Tensor<B, 2>,
     rope_cos: Tensor<B, 2>,
     rope_sin: Tensor<B, 2>,
+    /// `None`: burn's `matmul`.
+    project: Option<ProjectFn<B>>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -147,6 +166,17 @@ impl<B: Backend> Llama<B> {
         device: &B::Device,
         dtype: DType,
         comm: Option<Arc<dyn Communicator>>,
+    ) -> Result<Self, ModelError> {
+        Self::load_shard_in(config, weights, (device, dtype), comm, WeightLayout::InOut)
+    }
+
+    /// As [`Llama::load_shard`], with the projection weights in `layout`.
+    pub fn load_shard_in(
+        config: &LlamaConfig,
+        weights: &WeightIndex<'_>,
+        (device, dtype): (&B::Device, DType),
+        comm: Option<Arc<dyn Communicator>>,
+        layout: WeightLayout,
     ) -> Result<Self, ModelError> {
         let c = config;
         let ctx = comm.as_ref().map_or_else(ParallelContext::single, |m| {
@@ -171,15 +201,23 @@ impl<B: Backend> Llama<B> {
                 let data = weights.read_range(name, n, part.clone(), dtype)?;
                 Ok(Tensor::from_data(data, (device, dtype)))
             };
-        // HF Linear weights are `[out, in]`; transposing once here keeps every step's matmul
-        // plain. Column-parallel layers take some output rows, row-parallel ones some inputs.
+        // HF Linear weights are `[out, in]`; see `WeightLayout` for how they are kept.
+        // Column-parallel layers take some output rows, row-parallel ones some inputs.
         let linear = |name: &str,
                       out_f: usize,
                       in_f: usize,
                       rows: std::ops::Range<usize>,
                       cols: std::ops::Range<usize>| {
-            let data = weights.read_block_transposed(name, [out_f, in_f], rows, cols, dtype)?;
-            Ok::<_, ModelError>(Tensor::<B, 2>::from_data(data, (device, dtype)))
+            Ok::<_, ModelError>(match layout {
+                WeightLayout::InOut => {
+                    let data = weights.read_block_transposed(name, [out_f, in_f], rows, cols, dtype)?;
+                    Tensor::<B, 2>::from_data(data, (device, dtype))
+                }
+                WeightLayout::OutIn => {
+                    let data = weights.read_block(name, [out_f, in_f], rows, cols, dtype)?;
+                    Tensor::<B, 2>::from_data(data, (device, dtype)).transpose()
+                }
+            })
         };
         let column = |name: &str, out_f: usize, in_f: usize, rows: &std::ops::Range<usize>| {
             linear(name, out_f, in_f, rows.clone(), 0..in_f)
@@ -282,7 +320,22 @@ impl<B: Backend> Llama<B> {
             lm_head,
             rope_cos: table(cos),
             rope_sin: table(sin),
+            project: None,
         })
+    }
+
+    /// Runs every projection (and `lm_head`) through `project` instead of burn's `matmul`.
+    pub fn with_projection(mut self, project: Option<ProjectFn<B>>) -> Self {
+        self.project = project;
+        self
+    }
+
+    /// `x · w` by the chosen kernel.
+    fn project(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.project {
+            Some(f) => f(x, w.clone()),
+            None => x.matmul(w.clone()),
+        }
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -388,9 +441,9 @@ impl<B: Backend> Llama<B> {
         };
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &layer.attn_norm);
-            let mut q = h.clone().matmul(layer.wq.clone());
-            let mut k = h.clone().matmul(layer.wk.clone());
-            let mut v = h.matmul(layer.wv.clone());
+            let mut q = self.project(h.clone(), &layer.wq);
+            let mut k = self.project(h.clone(), &layer.wk);
+            let mut v = self.project(h, &layer.wv);
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
                 q = q + bq.clone().unsqueeze_dim::<2>(0);
                 k = k + bk.clone().unsqueeze_dim::<2>(0);
@@ -410,7 +463,7 @@ impl<B: Backend> Llama<B> {
             let k = rotate_half_rope(k, &cos, &sin).reshape([t_total, nkv * hd]);
             cache.write(layer_idx, &slots, k, v);
             let attn = self.attention(cache, layer_idx, q, &layout);
-            let mut out = attn.matmul(layer.wo.clone());
+            let mut out = self.project(attn, &layer.wo);
             if let Some(comm) = &self.comm {
                 out = shard::all_reduce(&**comm, out);
             }
@@ -420,9 +473,9 @@ impl<B: Backend> Llama<B> {
             x = x + out;
 
             let h = self.rms_norm(x.clone(), &layer.mlp_norm);
-            let gate = silu(h.clone().matmul(layer.w_gate.clone()));
-            let up = h.matmul(layer.w_up.clone());
-            let mut down = (gate * up).matmul(layer.w_down.clone());
+            let gate = silu(self.project(h.clone(), &layer.w_gate));
+            let up = self.project(h, &layer.w_up);
+            let mut down = self.project(gate * up, &layer.w_down);
             if let Some(comm) = &self.comm {
                 down = shard::all_reduce(&**comm, down);
             }
@@ -430,7 +483,7 @@ impl<B: Backend> Llama<B> {
         }
         let x = self.rms_norm(x, &self.final_norm);
         let rows = int_tensor(logit_rows, dev);
-        let logits = x.select(0, rows).matmul(self.lm_head.clone()).cast(DType::F32);
+        let logits = self.project(x.select(0, rows), &self.lm_head).cast(DType::F32);
         match &self.comm {
             None => logits,
             Some(comm) => shard::gather_logits(&**comm, logits, self.shard.vocab_size),
@@ -468,7 +521,7 @@ impl<B: Backend> Llama<B> {
                 grouped_rows.push(m.q_start as i32);
             }
             let n = members.len();
-            let padded = mask.iter().any(|v| v.is_infinite());
+            let padded = members.iter().any(|m| m.ctx_slots.len() < ctx_len);
             groups.push(AttentionGroup::Decode {
                 rows: int_tensor(members.iter().map(|m| m.q_start as i32).collect(), dev),
                 n,

@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod cuda_gemm;
 pub mod llama;
 pub mod paged_cache;
 pub mod shard;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::LlamaConfig;
-pub use llama::{Llama, SequenceChunk};
+pub use llama::{Llama, ProjectFn, SequenceChunk, WeightLayout};
 pub use paged_cache::{HostPages, KvStorage, PagedKvCache, SlotIndex};
 use tokenizers::Tokenizer;
 pub use weights::{CheckpointBytes, WeightIndex};

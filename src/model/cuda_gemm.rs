@@ -1,0 +1,382 @@
+//! The projections' GEMMs on CUDA by a kernel we choose, instead of burn's one default.
+//!
+//! Without autotune (compiled out: it cost 20-30 s of NVRTC per shape), burn's `matmul` always
+//! launches cubek's tensor-core tiling kernel. On the H100 that kernel moved decode-shaped
+//! weights at about 250 GB/s, against 1.5-2.3 TB/s for cuBLAS in the same call: the step's
+//! projections took 22 of its 26 ms. cubek also has GEMV kernels (vector-matrix, plane-parallel,
+//! unit-perpendicular) that autotune would have tried, and cuBLAS is reachable through `cudarc`
+//! on burn's own buffers. `benches/device_check.rs gemm` times every kernel here on the model's
+//! shapes; serving takes the one `[cuda] gemm` / `[cuda] gemv` name (see the AdminGuide).
+//!
+//! cuBLAS cannot run on cubecl's streams (they are private to its device thread), so a cuBLAS
+//! GEMM waits for the queued kernels, runs on the context's default stream and waits for itself:
+//! two host synchronisations per call. The benchmark's timings include them.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use burn::prelude::Backend;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::kernel::matmul::init_matmul_output;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::cuda::CudaRuntime;
+use cubek::matmul::components::tile::TileMatmulKind;
+use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+use cubek::matmul::launch::Strategy;
+use cubek::matmul::routines::double_unit::DoubleUnitSelectionArgs;
+use cubek::matmul::routines::simple::SimpleArgs;
+use cubek::matmul::routines::simple_unit::SimpleUnitSelectionArgs;
+use cubek::matmul::routines::{BlueprintStrategy, TileSizeSelection};
+use cubek::std::InputBinding;
+
+use super::ProjectFn;
+
+/// burn's CUDA backend without the fusion layer that `burn::backend::Cuda` adds. Kernels other
+/// than burn's own are launched on its tensors directly, so serving with one of them runs on this
+/// backend.
+pub type CudaCube = burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>;
+
+/// A kernel for `x [m, k] · w [k, n]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GemmKernel {
+    /// burn's `matmul` (cubek's default, a tensor-core tiling kernel).
+    Burn,
+    /// cubek's tiling kernel on CMMA tiles (what `Burn` picks, named for comparison).
+    Cmma,
+    /// cubek's tiling kernel on PTX `mma` tiles.
+    Mma,
+    /// cubek's unit (no tensor core) tiling kernel, largest tile.
+    Unit,
+    /// As `Unit`, double-buffered.
+    DoubleUnit,
+    /// cubek's vector-matrix inner-product kernel.
+    #[serde(rename = "vecmat")]
+    VecMat,
+    /// As `VecMat`, double-buffered.
+    #[serde(rename = "double-vecmat")]
+    DoubleVecMat,
+    /// cubek's GEMV, a plane (warp) per output.
+    GemvPlane,
+    /// cubek's GEMV, a unit per output.
+    GemvUnit,
+    /// cuBLAS `GemmEx` through cudarc, with a host synchronisation before and after.
+    Cublas,
+}
+
+impl GemmKernel {
+    pub const ALL: [GemmKernel; 10] = [
+        GemmKernel::Burn,
+        GemmKernel::Cmma,
+        GemmKernel::Mma,
+        GemmKernel::Unit,
+        GemmKernel::DoubleUnit,
+        GemmKernel::VecMat,
+        GemmKernel::DoubleVecMat,
+        GemmKernel::GemvPlane,
+        GemmKernel::GemvUnit,
+        GemmKernel::Cublas,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmKernel::Burn => "burn",
+            GemmKernel::Cmma => "cmma",
+            GemmKernel::Mma => "mma",
+            GemmKernel::Unit => "unit",
+            GemmKernel::DoubleUnit => "double-unit",
+            GemmKernel::VecMat => "vecmat",
+            GemmKernel::DoubleVecMat => "double-vecmat",
+            GemmKernel::GemvPlane => "gemv-plane",
+            GemmKernel::GemvUnit => "gemv-unit",
+            GemmKernel::Cublas => "cublas",
+        }
+    }
+
+    /// The cubek strategy; `None` for burn's own path and for cuBLAS.
+    fn strategy(self) -> Option<Strategy> {
+        let tiling = |tile_matmul| {
+            BlueprintStrategy::Inferred(SimpleArgs {
+                multi_rows: false,
+                tile_matmul,
+            })
+        };
+        let tile_size = TileSizeSelection::MaxTileSize;
+        Some(match self {
+            GemmKernel::Burn | GemmKernel::Cublas => return None,
+            GemmKernel::Cmma => Strategy::SimpleCyclicCmma(tiling(TileMatmulKind::Cmma)),
+            GemmKernel::Mma => Strategy::SimpleCyclicMma(tiling(TileMatmulKind::Mma)),
+            GemmKernel::Unit => {
+                Strategy::SimpleUnit(BlueprintStrategy::Inferred(SimpleUnitSelectionArgs { tile_size }))
+            }
+            GemmKernel::DoubleUnit => {
+                Strategy::DoubleUnit(BlueprintStrategy::Inferred(DoubleUnitSelectionArgs { tile_size }))
+            }
+            GemmKernel::VecMat => Strategy::SimpleVecMat(BlueprintStrategy::Inferred(().into())),
+            GemmKernel::DoubleVecMat => Strategy::DoubleVecMat(BlueprintStrategy::Inferred(().into())),
+            GemmKernel::GemvPlane => {
+                Strategy::GemvPlaneParallel(BlueprintStrategy::Inferred(Default::default()))
+            }
+            GemmKernel::GemvUnit => {
+                Strategy::GemvUnitPerpendicular(BlueprintStrategy::Inferred(Default::default()))
+            }
+        })
+    }
+}
+
+impl fmt::Display for GemmKernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown GEMM kernel `{0}` (one of: burn, cmma, mma, unit, double-unit, vecmat, double-vecmat, gemv-plane, gemv-unit, cublas)")]
+pub struct UnknownGemmKernel(pub String);
+
+impl FromStr for GemmKernel {
+    type Err = UnknownGemmKernel;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        GemmKernel::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| UnknownGemmKernel(s.to_string()))
+    }
+}
+
+/// A GEMM that could not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GemmError {
+    /// cubek refused the problem for this kernel (layout, size or hardware).
+    #[error("{kernel} cannot run this problem: {why}")]
+    Unavailable { kernel: GemmKernel, why: String },
+    #[error("cuBLAS: {0}")]
+    Cublas(String),
+}
+
+/// Which kernel the projections use: `small` for at most `small_max_rows` rows (decode-sized),
+/// `large` above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmChoice {
+    pub small: GemmKernel,
+    pub large: GemmKernel,
+    pub small_max_rows: usize,
+}
+
+impl GemmChoice {
+    /// Whether every projection goes through burn's own `matmul`, so the fused backend can serve.
+    pub fn is_burn_only(&self) -> bool {
+        self.small == GemmKernel::Burn && self.large == GemmKernel::Burn
+    }
+
+    pub fn kernel_for(&self, rows: usize) -> GemmKernel {
+        if rows <= self.small_max_rows {
+            self.small
+        } else {
+            self.large
+        }
+    }
+}
+
+/// The server's projection hook on [`CudaCube`]: `choice`'s kernel for each call's row count,
+/// burn's `matmul` where that kernel cannot run (logged once per kernel and problem), so a
+/// choice never fails a step.
+pub fn projector(choice: GemmChoice) -> ProjectFn<CudaCube> {
+    let refused: Arc<Mutex<HashSet<(GemmKernel, usize, usize, usize)>>> = Arc::default();
+    Arc::new(move |x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>| {
+        let ([rows, k], n) = (x.dims(), w.dims()[1]);
+        let kernel = choice.kernel_for(rows);
+        let problem = (kernel, rows, k, n);
+        if kernel == GemmKernel::Burn || refused.lock().is_ok_and(|r| r.contains(&problem)) {
+            return x.matmul(w);
+        }
+        match matmul(kernel, x.clone(), w.clone()) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!(error = %e, rows, k, n, "GEMM kernel refused: burn's matmul runs this problem");
+                if let Ok(mut r) = refused.lock() {
+                    r.insert(problem);
+                }
+                x.matmul(w)
+            }
+        }
+    })
+}
+
+/// `x [m, k] · w [k, n]` on burn's CUDA tensors by `kernel`. `w` may be a transposed view (a
+/// weight stored `[n, k]`); every kernel reads it through its strides.
+pub fn matmul(
+    kernel: GemmKernel,
+    x: Tensor<CudaCube, 2>,
+    w: Tensor<CudaCube, 2>,
+) -> Result<Tensor<CudaCube, 2>, GemmError> {
+    if kernel == GemmKernel::Burn {
+        return Ok(x.matmul(w));
+    }
+    let x = x.into_primitive().tensor();
+    let w = w.into_primitive().tensor();
+    let out = match kernel.strategy() {
+        Some(strategy) => cubek_matmul(kernel, &strategy, x, w)?,
+        None => cublas_matmul(x, w)?,
+    };
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+fn cubek_matmul(
+    kernel: GemmKernel,
+    strategy: &Strategy,
+    x: CubeTensor<CudaRuntime>,
+    w: CubeTensor<CudaRuntime>,
+) -> Result<CubeTensor<CudaRuntime>, GemmError> {
+    let dtype = x.dtype;
+    let out = init_matmul_output(&x, &w, dtype);
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+        lhs: dtype.into(),
+        rhs: w.dtype.into(),
+        out: dtype.into(),
+    });
+    let client = out.client.clone();
+    let (lhs, rhs) = (
+        InputBinding::new(x.binding(), dtype.into()),
+        InputBinding::new(w.clone().binding(), w.dtype.into()),
+    );
+    cubek::matmul::launch::launch_ref(strategy, &client, lhs, rhs, out.clone().binding(), &mut dtypes)
+        .map_err(|e| GemmError::Unavailable {
+            kernel,
+            why: format!("{e:?}"),
+        })?;
+    Ok(out)
+}
+
+/// The cuBLAS data type of a burn float type.
+fn cuda_data_type(dtype: DType) -> Result<cudarc::cublas::sys::cudaDataType, GemmError> {
+    use cudarc::cublas::sys::cudaDataType::*;
+    match dtype {
+        DType::F32 => Ok(CUDA_R_32F),
+        DType::F16 => Ok(CUDA_R_16F),
+        DType::BF16 => Ok(CUDA_R_16BF),
+        other => Err(GemmError::Cublas(format!("no cuBLAS GEMM for {other:?}"))),
+    }
+}
+
+/// A cuBLAS handle on the primary context (the one cubecl uses), made once per thread: the
+/// executor's thread runs every step.
+struct Cublas {
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+}
+
+thread_local! {
+    static CUBLAS: std::cell::RefCell<Option<Cublas>> = const { std::cell::RefCell::new(None) };
+}
+
+fn with_cublas<T>(device: usize, f: impl FnOnce(&Cublas) -> Result<T, GemmError>) -> Result<T, GemmError> {
+    CUBLAS.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if slot.is_none() {
+            // SAFETY: only asks whether the library loads.
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err(GemmError::Cublas(
+                    "libcublas was not found (install the CUDA runtime libraries or set LD_LIBRARY_PATH)"
+                        .into(),
+                ));
+            }
+            let ctx =
+                cudarc::driver::CudaContext::new(device).map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
+            ctx.bind_to_thread()
+                .map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
+            let stream = ctx.default_stream();
+            let handle =
+                cudarc::cublas::result::create_handle().map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
+            // SAFETY: the handle was just created; the stream lives as long as `Cublas`.
+            unsafe { cudarc::cublas::result::set_stream(handle, stream.cu_stream() as _) }
+                .map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
+            *slot = Some(Cublas { handle, stream });
+        }
+        let blas = slot.as_ref().expect("set above");
+        blas.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
+        f(blas)
+    })
+}
+
+/// `x · w` by cuBLAS. cuBLAS is column-major: the row-major `out [m, n]` is the column-major
+/// `[n, m]` = `wᵀ [n, k] · xᵀ [k, m]`, where row-major `w [k, n]` already is column-major
+/// `wᵀ` (ld n), and a transposed view of `[n, k]` is column-major `w` (so `op = T`, ld k).
+fn cublas_matmul(
+    x: CubeTensor<CudaRuntime>,
+    w: CubeTensor<CudaRuntime>,
+) -> Result<CubeTensor<CudaRuntime>, GemmError> {
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
+    let x = if x.is_contiguous() { x } else { into_contiguous(x) };
+    let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
+    let n = w.meta.shape()[1];
+    let ws = w.meta.strides();
+    let (op_w, ld_w) = if ws[1] == 1 && ws[0] == n {
+        (cublasOperation_t::CUBLAS_OP_N, n)
+    } else if ws[0] == 1 && ws[1] == k {
+        (cublasOperation_t::CUBLAS_OP_T, k)
+    } else {
+        return Err(GemmError::Cublas(format!(
+            "weight strides {:?} are neither [n, 1] nor [1, k]",
+            &ws[..]
+        )));
+    };
+    let ty = cuda_data_type(x.dtype)?;
+    if w.dtype != x.dtype {
+        return Err(GemmError::Cublas(format!(
+            "mixed dtypes {:?} x {:?}",
+            x.dtype, w.dtype
+        )));
+    }
+    let out = init_matmul_output(&x, &w, x.dtype);
+    let client = out.client.clone();
+    let device = out.device.index;
+    // Everything queued so far (the producer of `x`) has run once this returns.
+    <CudaCube as Backend>::sync(&out.device).map_err(|e| GemmError::Cublas(format!("sync: {e:?}")))?;
+    let ptr = |t: &CubeTensor<CudaRuntime>| {
+        client
+            .get_resource(t.handle.clone())
+            .map_err(|e| GemmError::Cublas(format!("buffer: {e:?}")))
+    };
+    let (rx, rw, ro) = (ptr(&x)?, ptr(&w)?, ptr(&out)?);
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    with_cublas(device, |blas| {
+        // SAFETY: the three buffers are live (held by the resources above) and sized by their
+        // tensors' shapes; the handle's stream is the context's, synchronised below.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                blas.handle,
+                op_w,
+                cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                rw.resource().ptr as *const std::ffi::c_void,
+                ty,
+                ld_w as i32,
+                rx.resource().ptr as *const std::ffi::c_void,
+                ty,
+                k as i32,
+                (&beta as *const f32).cast(),
+                ro.resource().ptr as *mut std::ffi::c_void,
+                ty,
+                n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
+        blas.stream
+            .synchronize()
+            .map_err(|e| GemmError::Cublas(format!("{e:?}")))
+    })?;
+    Ok(out)
+}
