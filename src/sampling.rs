@@ -125,6 +125,27 @@ pub fn sample(logits: &[f32], params: &SamplingParams, n: usize, history: Option
     }
 }
 
+/// Whether sampling generated index `n` needs the row's logits on the host. False only for a
+/// "plain greedy" row: greedy, and nothing that [`process_logits`] applies (bias, an active
+/// `min_tokens` mask, penalties) nor logprobs, so [`sample`] would return the plain [`argmax`]
+/// of the raw logits and the device's argmax is the whole answer (the executor then brings back
+/// one id instead of a vocabulary of floats). Conservative: a penalty counts even without a
+/// history. Keep in step with [`sample`] and [`process_logits`].
+pub fn needs_host_logits(params: &SamplingParams, n: usize) -> bool {
+    // Written as `sample` tests it, so that a NaN temperature samples on the host too.
+    let greedy = params.temperature < GREEDY_BELOW;
+    !greedy
+        || !params.logit_bias.is_empty()
+        || min_tokens_masked(params, n)
+        || params.has_penalties()
+        || params.logprobs.is_some()
+}
+
+/// Whether the `min_tokens` mask bans the stop ids at generated index `n`.
+fn min_tokens_masked(params: &SamplingParams, n: usize) -> bool {
+    n < params.min_tokens && !params.min_tokens_banned.is_empty()
+}
+
 /// The logits after everything that may change the argmax (bias, `min_tokens`, penalties);
 /// borrowed untouched when none of them applies, so the plain path copies nothing.
 pub fn process_logits<'a>(
@@ -133,7 +154,7 @@ pub fn process_logits<'a>(
     n: usize,
     history: Option<&TokenHistory>,
 ) -> Cow<'a, [f32]> {
-    let mask = n < params.min_tokens && !params.min_tokens_banned.is_empty();
+    let mask = min_tokens_masked(params, n);
     let penalized = history.filter(|_| params.has_penalties());
     if params.logit_bias.is_empty() && !mask && penalized.is_none() {
         return Cow::Borrowed(logits);
@@ -273,7 +294,10 @@ pub fn raw_logprobs(logits: &[f32], token: u32, k: usize) -> SampledLogprobs {
     }
 }
 
-/// Index of the largest logit; the lowest index wins a tie, as `torch.argmax`.
+/// Index of the largest logit; the lowest index wins a tie, as `torch.argmax`. The device path
+/// (`actors::step_output`) must agree: burn's Flex argmax and cubek-reduce's `ArgMax` (CUDA)
+/// both keep the lowest index of equal maxima. A NaN is never larger here, while Flex returns
+/// the first NaN; a NaN row is a broken model step either way.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in logits.iter().enumerate() {
@@ -647,6 +671,36 @@ mod tests {
             let all = raw_logprobs(&logits, best, logits.len());
             let mass: f64 = all.top.iter().map(|t| (t.1 as f64).exp()).sum();
             prop_assert!((mass - 1.0).abs() < 1e-4, "{}", mass);
+        }
+
+        /// A row that `needs_host_logits` leaves on the device samples exactly its plain argmax
+        /// with no logprobs, whatever else is set; and every setting that changes the token or
+        /// reports logprobs sends the row to the host.
+        #[test]
+        fn sampling_plain_greedy_rows_are_the_device_argmax(
+            logits in any_logits(), n in 0usize..8, temperature in prop_oneof![Just(0.0f32), Just(1e-6f32), 0.0f32..2.0],
+            min_tokens in 0usize..8, banned in any::<bool>(), bias in any::<bool>(), penalty in 0usize..4,
+            logprobs in prop::option::of(0usize..5), top_k in 0usize..4, top_p in 0.1f32..1.0, seed in any::<u64>(),
+        ) {
+            let best = argmax(&logits);
+            let p = SamplingParams {
+                temperature, seed, min_tokens, top_k, top_p, logprobs,
+                min_tokens_banned: if banned { Arc::from([best]) } else { Arc::from([]) },
+                logit_bias: if bias { Arc::from([(best, -100.0f32)]) } else { Arc::from([]) },
+                presence_penalty: if penalty == 1 { 2.0 } else { 0.0 },
+                frequency_penalty: if penalty == 2 { 2.0 } else { 0.0 },
+                repetition_penalty: if penalty == 3 { 2.0 } else { 1.0 },
+                ..Default::default()
+            };
+            let h = history(&[], &[best]);
+            let s = sample(&logits, &p, n, Some(&h));
+            if !needs_host_logits(&p, n) {
+                prop_assert_eq!(s.token, best);
+                prop_assert_eq!(s.logprobs, None);
+            }
+            let changes = temperature >= GREEDY_BELOW || bias || (banned && n < min_tokens) || penalty > 0
+                || logprobs.is_some();
+            prop_assert_eq!(needs_host_logits(&p, n), changes);
         }
     }
 }

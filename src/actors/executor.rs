@@ -1,8 +1,9 @@
 //! `ModelExecutor`: the model, its device and the page tensors, on a thread of its own.
 //!
 //! Runs on a `SyncArbiter` because burn calls block; the async arbiters never wait on a kernel.
-//! Samples on the host from the returned logits rows. With tensor parallel the actor is rank 0
-//! and drives the other ranks' threads with the same plan (see `tp_ranks`).
+//! Plain-greedy rows take the device's argmax; the others are sampled on the host from their
+//! logits rows (see `step_output`). With tensor parallel the actor is rank 0 and drives the
+//! other ranks' threads with the same plan (see `tp_ranks`).
 
 use std::sync::Arc;
 
@@ -10,7 +11,8 @@ use actix::prelude::*;
 use burn::prelude::Backend;
 
 use super::fault::{FaultInjector, FaultKind};
-use super::tp_ranks::{Rank, RankWorker, StepLogits, StepWork};
+use super::step_output::StepOutput;
+use super::tp_ranks::{Rank, RankWorker, StepWork};
 use crate::kv::{PageCopy, SeqId};
 use crate::model::{Llama, PagedKvCache, SequenceChunk};
 use crate::parallel::Communicator;
@@ -114,29 +116,46 @@ impl<B: Backend> ModelExecutor<B> {
                 }
             })
             .collect();
+        let host_rows = samplers
+            .iter()
+            .map(|(_, params, n, _)| sampling::needs_host_logits(params, *n))
+            .collect();
         let work = StepWork {
             swap_out: swap_out.map(|s| (s.seq, s.pages)),
             copies,
             restores,
             chunks,
+            host_rows,
         };
-        let (vocab, values) = self.run_ranks(work).map_err(ExecutorError)?;
-        Ok(samplers
-            .into_iter()
-            .zip(values.chunks_exact(vocab))
-            .map(|((seq, params, n, history), row)| {
-                let s = sampling::sample(row, &params, n, history.as_ref());
-                SampledToken {
-                    seq,
-                    token: s.token,
-                    logprobs: s.logprobs,
+        let out = self.run_ranks(work).map_err(ExecutorError)?;
+        if out.greedy.len() != samplers.len() {
+            return Err(ExecutorError(format!(
+                "step returned {} logits rows for {} sampled chunks",
+                out.greedy.len(),
+                samplers.len()
+            )));
+        }
+        // `chunks(0)` panics; a step with no host row never reads this iterator.
+        let mut host_rows = out.host_rows.chunks_exact(out.vocab.max(1));
+        let mut sampled = Vec::with_capacity(samplers.len());
+        for ((seq, params, n, history), greedy) in samplers.into_iter().zip(out.greedy) {
+            let (token, logprobs) = match greedy {
+                Some(token) => (token, None),
+                None => {
+                    let row = host_rows
+                        .next()
+                        .ok_or_else(|| ExecutorError("step returned too few host logits rows".into()))?;
+                    let s = sampling::sample(row, &params, n, history.as_ref());
+                    (s.token, s.logprobs)
                 }
-            })
-            .collect())
+            };
+            sampled.push(SampledToken { seq, token, logprobs });
+        }
+        Ok(sampled)
     }
 
     /// Runs `work` on every rank; the step fails if any rank failed.
-    fn run_ranks(&mut self, work: StepWork) -> Result<StepLogits, String> {
+    fn run_ranks(&mut self, work: StepWork) -> Result<StepOutput, String> {
         let Some(comm) = self.comm.clone() else {
             return self.rank0.run(work);
         };
@@ -164,7 +183,7 @@ impl<B: Backend> ModelExecutor<B> {
         // A worker's own failure explains rank 0's "group poisoned" better than rank 0 does.
         let failure = others.into_iter().find_map(Result::err);
         match (mine, failure) {
-            (Ok(logits), None) => Ok(logits),
+            (Ok(out), None) => Ok(out),
             (mine, failure) => {
                 if self.broken.is_none() {
                     // Every rank has left the step: the group can run the next one.

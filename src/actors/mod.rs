@@ -15,5 +15,6 @@ pub mod fault;
 pub mod intake;
 pub mod kv_pages;
 pub mod scheduler;
+pub mod step_output;
 pub mod stop_detector;
 pub mod tp_ranks;

@@ -8,6 +8,7 @@ use std::sync::{mpsc, Arc};
 
 use burn::prelude::Backend;
 
+use super::step_output::StepOutput;
 use crate::kv::{PageCopy, SeqId};
 use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
 use crate::parallel::Communicator;
@@ -19,10 +20,11 @@ pub struct StepWork {
     pub copies: Vec<PageCopy>,
     pub restores: Vec<(SeqId, Vec<u32>)>,
     pub chunks: Vec<SequenceChunk>,
+    /// One flag per logits row (per chunk that wants logits, in order): true when the host
+    /// samples the row from its full logits (`sampling::needs_host_logits`), false when the
+    /// device's argmax is the token. Only rank 0 reads anything back.
+    pub host_rows: Vec<bool>,
 }
-
-/// Logits of the step: `(vocab, rows * vocab values)`.
-pub type StepLogits = (usize, Vec<f32>);
 
 /// One rank's shard and state.
 pub struct Rank<B: Backend> {
@@ -49,8 +51,19 @@ impl<B: Backend> Rank<B> {
         self.swapped.remove(&seq);
     }
 
-    /// Runs `work`; a panic (a device error, or a failed collective) becomes an error.
-    pub fn run(&mut self, work: StepWork) -> Result<StepLogits, String> {
+    /// Runs `work` and reads back what rank 0 samples from (see [`StepOutput`]); a panic (a
+    /// device error, or a failed collective) becomes an error.
+    pub fn run(&mut self, work: StepWork) -> Result<StepOutput, String> {
+        self.step(work, true).map(Option::unwrap_or_default)
+    }
+
+    /// Runs `work` without reading the logits back: ranks 1.. take part in the collectives of
+    /// the forward pass but sample nothing.
+    pub fn run_without_output(&mut self, work: StepWork) -> Result<(), String> {
+        self.step(work, false).map(drop)
+    }
+
+    fn step(&mut self, work: StepWork, read_back: bool) -> Result<Option<StepOutput>, String> {
         let (model, cache, swapped) = (&*self.model, &mut *self.cache, &mut self.swapped);
         std::panic::catch_unwind(AssertUnwindSafe(|| {
             if let Some((seq, pages)) = work.swap_out {
@@ -68,14 +81,13 @@ impl<B: Backend> Rank<B> {
                 cache.write_pages(&pages, host);
             }
             if work.chunks.is_empty() {
-                return Ok((1, Vec::new()));
+                return Ok(None);
             }
-            let t = model.forward(cache, &work.chunks);
-            let [_, vocab] = t.dims();
-            t.into_data()
-                .to_vec::<f32>()
-                .map(|v| (vocab, v))
-                .map_err(|e| format!("{e:?}"))
+            let logits = model.forward(cache, &work.chunks);
+            match read_back {
+                true => StepOutput::read(logits, &work.host_rows).map(Some),
+                false => Ok(None),
+            }
         }))
         .map_err(panic_message)?
     }
@@ -116,7 +128,7 @@ impl RankWorker {
                 for job in inbox {
                     match job {
                         Job::Step(work) => {
-                            let result = rank.run(work).map(|_| ());
+                            let result = rank.run_without_output(work);
                             if let Err(e) = &result {
                                 comm.poison(e);
                             }

@@ -1,0 +1,86 @@
+//! The executor's host cost of one step's sampling at 128 sequences and a 128,256-token
+//! vocabulary (Llama 3), on the CPU backend: the old all-host path (every logits row read back,
+//! `sampling::sample` per row) against the device path (`StepOutput::read`: argmax on the
+//! device, ids back), for all-greedy rows and for a batch with 8 logprobs rows. The logits
+//! tensor is made fresh for each iteration, outside the timing, as the model step hands it over.
+
+use burn::backend::Flex;
+use burn::tensor::{Tensor, TensorData};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use inferflux::actors::step_output::StepOutput;
+use inferflux::sampling::{self, SamplingParams};
+
+const ROWS: usize = 128;
+const VOCAB: usize = 128_256;
+
+fn logits() -> Vec<f32> {
+    // A fixed pseudo-random spread, so that the maximum sits anywhere in a row.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..ROWS * VOCAB)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 20.0 - 10.0
+        })
+        .collect()
+}
+
+/// The pre-change executor: every row to the host, each sampled there.
+fn all_host(t: Tensor<Flex, 2>, params: &[SamplingParams]) -> Vec<u32> {
+    let values = t.into_data().to_vec::<f32>().unwrap();
+    values
+        .chunks_exact(VOCAB)
+        .zip(params)
+        .map(|(row, p)| sampling::sample(row, p, 0, None).token)
+        .collect()
+}
+
+/// The device path as `run_step` drives it: plain-greedy ids from the device, the rest sampled.
+fn split(t: Tensor<Flex, 2>, params: &[SamplingParams]) -> Vec<u32> {
+    let host: Vec<bool> = params.iter().map(|p| sampling::needs_host_logits(p, 0)).collect();
+    let out = StepOutput::read(t, &host).unwrap();
+    let mut rows = out.host_rows.chunks_exact(VOCAB);
+    out.greedy
+        .iter()
+        .zip(params)
+        .map(|(g, p)| g.unwrap_or_else(|| sampling::sample(rows.next().unwrap(), p, 0, None).token))
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let values = logits();
+    let fresh = || {
+        Tensor::<Flex, 2>::from_data(
+            TensorData::new(values.clone(), [ROWS, VOCAB]),
+            &Default::default(),
+        )
+    };
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let all_greedy = vec![greedy.clone(); ROWS];
+    let mut some_logprobs = all_greedy.clone();
+    for p in some_logprobs.iter_mut().step_by(ROWS / 8) {
+        p.logprobs = Some(5);
+    }
+    assert_eq!(all_host(fresh(), &all_greedy), split(fresh(), &all_greedy));
+    assert_eq!(all_host(fresh(), &some_logprobs), split(fresh(), &some_logprobs));
+
+    let mut group = c.benchmark_group("sampling_step_128x128256");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(ROWS as u64));
+    for (name, params) in [("greedy", &all_greedy), ("greedy_8_logprobs", &some_logprobs)] {
+        group.bench_function(format!("all_host/{name}"), |b| {
+            b.iter_batched(fresh, |t| all_host(t, params), BatchSize::PerIteration)
+        });
+        group.bench_function(format!("device_argmax/{name}"), |b| {
+            b.iter_batched(fresh, |t| split(t, params), BatchSize::PerIteration)
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

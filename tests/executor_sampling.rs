@@ -1,0 +1,302 @@
+//! The executor's split sampling held to the all-host path: a mixed batch (plain-greedy rows,
+//! whose argmax is taken on the device, beside temperature, logprobs, bias, penalty and
+//! `min_tokens` rows, sampled on the host) gives every token and logprob that
+//! `sampling::sample` gives on the full logits of the same step, over a prefill and a decode
+//! step, with one rank and with tensor parallel 2.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::backend::Flex;
+use burn::tensor::DType;
+use inferflux::actors::executor::{ModelExecutor, SampledToken};
+use inferflux::actors::tp_ranks::{Rank, RankWorker};
+use inferflux::kv::SeqId;
+use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::parallel::{Communicator, LocalCommunicator};
+use inferflux::sampling::{self, SamplingParams, TokenHistory};
+use inferflux::scheduler::PlannedChunk;
+
+type B = Flex;
+
+#[path = "common/forward.rs"]
+mod forward;
+use forward::{argmax, block_table, logits_rows, NUM_PAGES, PAGE_SIZE};
+
+const STEPS: usize = 2;
+
+fn files() -> ModelFiles {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    ModelFiles::open(&ModelSource::Dir(dir)).unwrap()
+}
+
+/// The `tp` ranks of the fixture model (one whole model for `tp = 1`).
+fn load_ranks(files: &ModelFiles, tp: usize) -> (Vec<Llama<B>>, Vec<Arc<dyn Communicator>>) {
+    let index = files.checkpoint.index().unwrap();
+    let load =
+        |comm| Llama::<B>::load_shard(&files.config, &index, &Default::default(), DType::F32, comm).unwrap();
+    if tp == 1 {
+        return (vec![load(None)], Vec::new());
+    }
+    let comms: Vec<Arc<dyn Communicator>> = LocalCommunicator::group(tp, Some(Duration::from_secs(60)))
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+        .collect();
+    (comms.iter().map(|c| load(Some(c.clone()))).collect(), comms)
+}
+
+fn new_cache(model: &Llama<B>) -> PagedKvCache<B> {
+    PagedKvCache::new(
+        model.config().num_layers,
+        NUM_PAGES,
+        PAGE_SIZE,
+        model.kv_dim(),
+        &Default::default(),
+        DType::F32,
+        KvStorage::Host,
+    )
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    }
+}
+
+/// One sampling setting per sequence; `best` is the plain argmax the sequence's first row has,
+/// so that bias and `min_tokens` can ban exactly the token greedy would pick.
+fn settings(best: &[u32]) -> Vec<SamplingParams> {
+    let ban = |i: usize| Arc::from([best[i]]);
+    vec![
+        greedy(),
+        // Warpers do not change a greedy pick.
+        SamplingParams {
+            top_k: 5,
+            top_p: 0.5,
+            ..greedy()
+        },
+        SamplingParams {
+            temperature: 1e-6,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            seed: 3,
+            ..Default::default()
+        },
+        SamplingParams {
+            logprobs: Some(3),
+            ..greedy()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            seed: 9,
+            logprobs: Some(2),
+            ..Default::default()
+        },
+        SamplingParams {
+            logit_bias: Arc::from([(best[6], -100.0)]),
+            ..greedy()
+        },
+        SamplingParams {
+            repetition_penalty: 1.3,
+            ..greedy()
+        },
+        SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.5,
+            ..greedy()
+        },
+        // Banned at index 0, plain greedy from index 1 on.
+        SamplingParams {
+            min_tokens: 1,
+            min_tokens_banned: ban(9),
+            ..greedy()
+        },
+    ]
+}
+
+/// Sequence `i`'s prompt: the fixture's prompts, cut to different lengths.
+fn prompts(n: usize) -> Vec<Vec<u32>> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama/goldens.json");
+    let goldens: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids: Vec<Vec<u32>> = goldens["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    (0..n)
+        .map(|i| {
+            let p = &ids[i % ids.len()];
+            p[..p.len().min(3 + i)].to_vec()
+        })
+        .collect()
+}
+
+/// Step `step` of sequence `i`: its whole prompt first, then one generated token at a time.
+fn chunk(i: usize, n: usize, seq: &[u32], prompt_len: usize, step: usize) -> SequenceChunk {
+    let start = if step == 0 { 0 } else { seq.len() - 1 };
+    SequenceChunk {
+        tokens: seq[start..].to_vec(),
+        start_pos: start,
+        block_table: block_table(i, n, prompt_len + STEPS),
+        wants_logits: true,
+    }
+}
+
+/// The all-host reference: the full logits of each step on one whole model, every row sampled
+/// by `sampling::sample`. Returns each step's samples and the first step's argmax per row.
+fn reference(model: &Llama<B>, prompts: &[Vec<u32>]) -> (Vec<Vec<SampledToken>>, Vec<u32>) {
+    let n = prompts.len();
+    let mut cache = new_cache(model);
+    let mut seqs = prompts.to_vec();
+    let mut steps = Vec::new();
+    let mut params = Vec::new();
+    let mut first_best = Vec::new();
+    for step in 0..STEPS {
+        let chunks: Vec<SequenceChunk> = (0..n)
+            .map(|i| chunk(i, n, &seqs[i], prompts[i].len(), step))
+            .collect();
+        let rows = logits_rows(model.forward(&mut cache, &chunks));
+        if step == 0 {
+            first_best = rows.iter().map(|r| argmax(r)).collect();
+            params = settings(&first_best);
+        }
+        let sampled: Vec<SampledToken> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let h = history(&seqs[i], prompts[i].len());
+                let s = sampling::sample(row, &params[i], step, Some(&h));
+                SampledToken {
+                    seq: SeqId(i as u64),
+                    token: s.token,
+                    logprobs: s.logprobs,
+                }
+            })
+            .collect();
+        for (s, seq) in sampled.iter().zip(&mut seqs) {
+            seq.push(s.token);
+        }
+        steps.push(sampled);
+    }
+    (steps, first_best)
+}
+
+fn history(seq: &[u32], prompt_len: usize) -> TokenHistory {
+    TokenHistory {
+        tokens: seq.iter().copied().collect(),
+        prompt_len,
+    }
+}
+
+/// The same steps through `ModelExecutor::run_step`, as the scheduler plans them (history only
+/// for penalised rows).
+fn through_executor(
+    mut executor: ModelExecutor<B>,
+    prompts: &[Vec<u32>],
+    params: &[SamplingParams],
+) -> Vec<Vec<SampledToken>> {
+    let n = prompts.len();
+    let mut seqs = prompts.to_vec();
+    let mut steps = Vec::new();
+    for step in 0..STEPS {
+        let host = (0..n)
+            .filter(|&i| sampling::needs_host_logits(&params[i], step))
+            .count();
+        assert!(
+            host > 0 && host < n,
+            "step {step} mixes device and host rows ({host} of {n} on the host)"
+        );
+        let plan: Vec<PlannedChunk> = (0..n)
+            .map(|i| {
+                let c = chunk(i, n, &seqs[i], prompts[i].len(), step);
+                PlannedChunk {
+                    seq: SeqId(i as u64),
+                    tokens: c.tokens,
+                    start_pos: c.start_pos,
+                    block_table: c.block_table,
+                    wants_logits: true,
+                    sampling: params[i].clone(),
+                    generated_index: step,
+                    history: params[i]
+                        .has_penalties()
+                        .then(|| history(&seqs[i], prompts[i].len())),
+                    page_copies: Vec::new(),
+                    swap_in: false,
+                }
+            })
+            .collect();
+        let sampled = executor.run_step(None, plan).unwrap();
+        for (s, seq) in sampled.iter().zip(&mut seqs) {
+            seq.push(s.token);
+        }
+        steps.push(sampled);
+    }
+    steps
+}
+
+#[test]
+fn sampling_on_the_device_matches_the_all_host_path() {
+    let files = files();
+    let (mut models, _) = load_ranks(&files, 1);
+    let model = models.remove(0);
+    let prompts = prompts(10);
+    let (want, best) = reference(&model, &prompts);
+    let params = settings(&best);
+    let cache = new_cache(&model);
+    let got = through_executor(ModelExecutor::new(model, cache), &prompts, &params);
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "step {step}: executor against the all-host path");
+    }
+    // The bias and min_tokens rows really moved off the argmax at index 0.
+    assert_ne!(want[0][6].token, best[6]);
+    assert_ne!(want[0][9].token, best[9]);
+    assert!(want[0][4].logprobs.is_some() && want[0][0].logprobs.is_none());
+}
+
+#[test]
+fn sampling_on_the_device_with_tensor_parallel_matches_one_rank() {
+    let files = files();
+    let prompts = prompts(10);
+    let (whole, _) = load_ranks(&files, 1);
+    let (want, best) = reference(&whole[0], &prompts);
+    let params = settings(&best);
+    let (models, comms) = load_ranks(&files, 2);
+    let mut models = models.into_iter();
+    let m0 = models.next().unwrap();
+    let m1 = models.next().unwrap();
+    let (cache0, cache1) = (new_cache(&m0), new_cache(&m1));
+    let worker = RankWorker::spawn(1, Rank::new(m1, cache1), comms[1].clone()).unwrap();
+    let executor = ModelExecutor::tensor_parallel(Rank::new(m0, cache0), vec![worker], comms[0].clone());
+    let got = through_executor(executor, &prompts, &params);
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (a, b) in g.iter().zip(w) {
+            assert_eq!((a.seq, a.token), (b.seq, b.token), "step {step}");
+            match (&a.logprobs, &b.logprobs) {
+                (None, None) => {}
+                (Some(x), Some(y)) => {
+                    assert!(
+                        (x.logprob - y.logprob).abs() < 1e-4,
+                        "step {step} seq {:?}",
+                        a.seq
+                    );
+                    let ids = |l: &sampling::SampledLogprobs| l.top.iter().map(|t| t.0).collect::<Vec<_>>();
+                    assert_eq!(ids(x), ids(y), "step {step} seq {:?}", a.seq);
+                }
+                _ => panic!("step {step} seq {:?}: logprobs present on one side only", a.seq),
+            }
+        }
+        assert_eq!(g.len(), w.len());
+    }
+}
