@@ -2,9 +2,11 @@
 //! both on the lent GPU; on the CPU they run anywhere):
 //!
 //! ```text
-//! cargo bench --bench device_check -- logits [--device cpu|cuda] [FIXTURE_DIR...]
+//! cargo bench --bench device_check -- logits [--device cpu|cuda|cuda-nofusion] [FIXTURE_DIR...]
 //! cargo bench --bench device_check -- profile [--device cpu|cuda|cuda-nofusion] [--model DIR] [--batches 1,8]
 //!     [--context 192] [--iters 10] [--bandwidth-gbs 3000] [--pages N] [--json FILE]
+//! cargo bench --bench device_check -- gemm [--model DIR] [--rows 1,8,32,128] [--kernels all|a,b]
+//!     [--layouts in_out,out_in] [--iters 20] [--budget-s 120] [--json FILE] [--recommend FILE]
 //! ```
 //!
 //! `logits` runs every golden prompt of each fixture (default: all of `tests/fixtures`) on the CPU
@@ -16,6 +18,12 @@
 //! several batch sizes, each of the step's matrix products alone at the same shapes, the
 //! logits' trip to the host, and the step's memory roofline (every weight and every cached K/V
 //! byte read once). Without `--model` it profiles the embedded tiny model.
+//!
+//! `gemm` (CUDA only) times every projection kernel of `cuda_gemm` on the model's shapes and
+//! recommends the `[cuda]` settings (see `device_check/gemm.rs`).
+
+#[path = "device_check/gemm.rs"]
+mod gemm;
 
 use std::time::Instant;
 
@@ -103,7 +111,8 @@ fn main() {
     match argv.next().as_deref() {
         Some("logits") => logits_main(argv),
         Some("profile") => profile_main(parse_args(argv)),
-        _ => panic!("usage: device_check logits|profile [options] (see the file's doc comment)"),
+        Some("gemm") => gemm::main(argv),
+        _ => panic!("usage: device_check logits|profile|gemm [options] (see the file's doc comment)"),
     }
 }
 
@@ -295,11 +304,15 @@ struct FixtureRun {
 }
 
 fn logits_main(mut argv: impl Iterator<Item = String>) {
-    let mut cuda = false;
+    let (mut cuda, mut fusion) = (false, true);
     let mut dirs = Vec::new();
     while let Some(a) = argv.next() {
         match a.as_str() {
-            "--device" => cuda = argv.next().as_deref() == Some("cuda"),
+            "--device" => {
+                let d = argv.next().unwrap_or_default();
+                cuda = d.starts_with("cuda");
+                fusion = d != "cuda-nofusion";
+            }
             dir => dirs.push(std::path::PathBuf::from(dir)),
         }
     }
@@ -328,8 +341,10 @@ fn logits_main(mut argv: impl Iterator<Item = String>) {
             KvStorage::Host,
         );
         let dtype = device_dtype(&files, cuda);
-        let dev = if cuda {
+        let dev = if cuda && fusion {
             run_fixture::<burn::backend::Cuda>(&files, &goldens, Default::default(), dtype, KvStorage::Device)
+        } else if cuda {
+            run_fixture::<CudaNoFusion>(&files, &goldens, Default::default(), dtype, KvStorage::Device)
         } else {
             run_fixture::<burn::backend::Flex>(&files, &goldens, Default::default(), dtype, KvStorage::Device)
         };

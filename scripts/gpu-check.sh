@@ -14,7 +14,11 @@
 #      transformers `generate` tokens/s at batch 1, 32, 128 (prompt 128, output 128);
 #   4. device_check profile: where InferFlux's decode step goes at batch 1, 32, 128;
 #   5. inferfluxd on that checkpoint, `inferctl bench` at concurrency 1, 32, 128;
-#   6. one table: InferFlux against the baseline and the memory roofline.
+#   6. one table: InferFlux against the baseline and the memory roofline (and one for step 8);
+#   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's
+#      shapes, both weight layouts, at 1, 8, 32 and 128 rows; writes the fastest `[cuda]` settings;
+#   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*), results under $OUT/tuned.
+# KERNELS=FILE runs step 8 with the INFERFLUX__CUDA__* lines of FILE instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -23,7 +27,7 @@ out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 for f in "$bin"/*.xz; do [ -e "$f" ] && xz -dkf "$f" && chmod +x "${f%.xz}"; done
 t0=$(date +%s)
-stages=${STAGES:-2356146}
+stages=${STAGES:-27835614}
 device=${DEVICE:-cuda}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # Kernels compiled by NVRTC and autotune results are kept across this call's processes.
@@ -37,6 +41,11 @@ step1() { # CUDA logits against the CPU f32 path and transformers
     fixtures=$(for d in "$repo"/tests/fixtures/*/; do [ -f "$d/goldens.json" ] && echo "${d%/}"; done)
     # shellcheck disable=SC2086
     timeout 100 "$bin/device_check" logits --device "$device" $fixtures | tee "$out/logits.md"
+    if [ "$device" = cuda ]; then
+        echo "without burn's fusion layer (tells a fusion bug from ours):"
+        # shellcheck disable=SC2086
+        timeout 60 "$bin/device_check" logits --device cuda-nofusion $fixtures | tee "$out/logits-nofusion.md"
+    fi
 }
 
 step2() { # Llama-3.2-1B-shaped checkpoint (random bf16)
@@ -61,14 +70,24 @@ step4() { # where a decode step goes
 }
 
 step5() { # inferfluxd + inferctl bench
-    port=18080
-    url=http://127.0.0.1:$port
-    INFERFLUX__KV__NUM_PAGES=4096 INFERFLUX__SCHEDULER__MAX_RUNNING=128 \
-    INFERFLUX__SCHEDULER__MAX_BATCHED_TOKENS=2048 INFERFLUX__SCHEDULER__MAX_WAITING=4096 \
-        "$bin/inferfluxd" --device "$device" --model "$model" --port "$port" >"$out/inferfluxd.log" 2>&1 &
+    serve_bench "$out"
+}
+
+# `serve_bench DIR [ENV_FILE]`: inferfluxd (with ENV_FILE's INFERFLUX__* settings) and the benches,
+# results in DIR.
+serve_bench() {
+    local dir=$1 port=18080
+    local url=http://127.0.0.1:$port
+    mkdir -p "$dir"
+    (
+        [ -n "${2:-}" ] && set -a && . "$2" && set +a
+        export INFERFLUX__KV__NUM_PAGES=4096 INFERFLUX__SCHEDULER__MAX_RUNNING=128 \
+            INFERFLUX__SCHEDULER__MAX_BATCHED_TOKENS=2048 INFERFLUX__SCHEDULER__MAX_WAITING=4096
+        exec "$bin/inferfluxd" --device "$device" --model "$model" --port "$port"
+    ) >"$dir/inferfluxd.log" 2>&1 &
     server=$!
     for _ in $(seq 1 180); do curl -sf "$url/health" >/dev/null && break; sleep 0.5; done
-    grep -m1 "model loaded" "$out/inferfluxd.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300
+    grep -m1 -E "model loaded|chosen kernels" "$dir/inferfluxd.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300
     # `bench N CONCURRENCY OUTPUT_LEN SECONDS`: prompts of 128 random words (tokens), new ones for
     # every run so that none hits the prefix cache.
     bench() {
@@ -80,8 +99,8 @@ step5() { # inferfluxd + inferctl bench
     # Compiles and autotunes the kernels of the batch sizes the runs below will see.
     bench 128 128 8 60 >/dev/null || echo "warm-up: FAILED or timed out"
     for c in 1 32 128; do
-        if bench $(( c == 1 ? 2 : c )) "$c" 128 $(( c == 1 ? 45 : 70 )) >"$out/bench-c$c.json"; then
-            echo "concurrency $c: $(head -c 400 "$out/bench-c$c.json")"
+        if bench $(( c == 1 ? 2 : c )) "$c" 128 $(( c == 1 ? 45 : 70 )) >"$dir/bench-c$c.json"; then
+            echo "concurrency $c: $(head -c 400 "$dir/bench-c$c.json")"
         else
             echo "concurrency $c: FAILED or timed out"
         fi
@@ -89,12 +108,31 @@ step5() { # inferfluxd + inferctl bench
     curl -s "$url/metrics" | grep -E "^inferflux_step_duration_seconds_(sum|count)" || true
     kill "$server" 2>/dev/null
     wait "$server" 2>/dev/null
-    tail -3 "$out/inferfluxd.log"
+    tail -3 "$dir/inferfluxd.log"
 }
 
 step6() { # summary
     python3 "$repo/scripts/gpu_bench.py" table --baseline "$out/baseline.json" --bench-dir "$out" \
         --profile "$out/profile.json" | tee "$out/summary.md"
+    if [ -d "$out/tuned" ]; then
+        echo "with the [cuda] settings of step 8 ($(tr '\n' ' ' <"$out/tuned/kernels.env")):"
+        python3 "$repo/scripts/gpu_bench.py" table --baseline "$out/baseline.json" --bench-dir "$out/tuned" \
+            --profile "$out/profile.json" | tee "$out/summary-tuned.md"
+    fi
+}
+
+step7() { # every projection kernel on the checkpoint's shapes
+    [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
+    timeout 150 "$bin/device_check" gemm --model "$model" --rows 1,8,32,128 --budget-s 110 \
+        --json "$out/gemm.json" --recommend "$out/gemm.env" | tee "$out/gemm.md"
+}
+
+step8() { # step 5 with step 7's kernels
+    local env=${KERNELS:-$out/gemm.env}
+    [ -f "$env" ] || { echo "(no $env: run step 7 first)"; return; }
+    mkdir -p "$out/tuned" && grep '^INFERFLUX__CUDA__' "$env" >"$out/tuned/kernels.env"
+    cat "$out/tuned/kernels.env"
+    serve_bench "$out/tuned" "$out/tuned/kernels.env"
 }
 
 # In order of value when the call's time runs short: the serving table first, then the checks.
