@@ -32,6 +32,9 @@ struct Shape {
     per_step: usize,
 }
 
+/// A weight's f32 values (for the CPU reference) and its device copy in each layout asked for.
+type Weight = (Vec<f32>, Vec<Tensor<CudaCube, 2>>);
+
 #[derive(serde::Serialize)]
 struct Measured {
     shape: &'static str,
@@ -200,7 +203,7 @@ pub fn main(argv: impl Iterator<Item = String>) {
     let sync = || CudaCube::sync(&device).expect("device sync");
     let mut results: Vec<Measured> = Vec::new();
     // Weights are made once per shape and layout (lm_head is the largest: 0.5 GB in bf16).
-    let mut weights: BTreeMap<(usize, usize), (Vec<f32>, Vec<Tensor<CudaCube, 2>>)> = BTreeMap::new();
+    let mut weights: BTreeMap<(usize, usize), Weight> = BTreeMap::new();
     println!("| rows | layout | shape | k x n | kernel | µs | GB/s | max rel err | status |");
     println!("|---:|---|---|---|---|---:|---:|---:|---|");
     'rows: for &m in &args.rows {
@@ -247,16 +250,26 @@ pub fn main(argv: impl Iterator<Item = String>) {
                 let x = to_device(&x_host, [m, k], dtype, &device);
                 let w = w_dev[li].clone();
                 for &kernel in &args.kernels {
-                    let checked = cuda_gemm::matmul(kernel, x.clone(), w.clone()).map(|out| {
-                        let got = out
-                            .cast(DType::F32)
-                            .into_data()
-                            .to_vec::<f32>()
-                            .expect("f32 result");
-                        got.iter()
-                            .zip(&reference)
-                            .fold(0.0f32, |a, (g, r)| a.max((g - r).abs()))
-                            / ref_max
+                    // A kernel that fails only when its result is read (a launch error surfaces
+                    // at the next synchronisation) must not end the run either.
+                    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        cuda_gemm::matmul(kernel, x.clone(), w.clone()).map(|out| {
+                            let got = out
+                                .cast(DType::F32)
+                                .into_data()
+                                .to_vec::<f32>()
+                                .expect("f32 result");
+                            got.iter()
+                                .zip(&reference)
+                                .fold(0.0f32, |a, (g, r)| a.max((g - r).abs()))
+                                / ref_max
+                        })
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(cuda_gemm::GemmError::Panicked {
+                            kernel,
+                            why: "while reading the result back".into(),
+                        })
                     });
                     let (us, err, status) = match checked {
                         Err(e) => (

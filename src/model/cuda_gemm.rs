@@ -68,8 +68,11 @@ pub enum GemmKernel {
 }
 
 impl GemmKernel {
+    /// Known-good kernels first: a benchmark that walks this list measures them even if a
+    /// later kernel leaves the device in an error state.
     pub const ALL: [GemmKernel; 10] = [
         GemmKernel::Burn,
+        GemmKernel::Cublas,
         GemmKernel::Cmma,
         GemmKernel::Mma,
         GemmKernel::Unit,
@@ -78,7 +81,6 @@ impl GemmKernel {
         GemmKernel::DoubleVecMat,
         GemmKernel::GemvPlane,
         GemmKernel::GemvUnit,
-        GemmKernel::Cublas,
     ];
 
     pub fn name(self) -> &'static str {
@@ -156,6 +158,10 @@ pub enum GemmError {
     Unavailable { kernel: GemmKernel, why: String },
     #[error("cuBLAS: {0}")]
     Cublas(String),
+    /// The launch panicked (cubek checks some problems with assertions, NVRTC may fail to
+    /// compile a kernel); nothing was queued after the panic.
+    #[error("{kernel} panicked: {why}")]
+    Panicked { kernel: GemmKernel, why: String },
 }
 
 /// Which kernel the projections use: `small` for at most `small_max_rows` rows (decode-sized),
@@ -182,11 +188,14 @@ impl GemmChoice {
     }
 }
 
+/// A kernel and the `(rows, k, n)` it was asked to run.
+type Problem = (GemmKernel, usize, usize, usize);
+
 /// The server's projection hook on [`CudaCube`]: `choice`'s kernel for each call's row count,
 /// burn's `matmul` where that kernel cannot run (logged once per kernel and problem), so a
 /// choice never fails a step.
 pub fn projector(choice: GemmChoice) -> ProjectFn<CudaCube> {
-    let refused: Arc<Mutex<HashSet<(GemmKernel, usize, usize, usize)>>> = Arc::default();
+    let refused: Arc<Mutex<HashSet<Problem>>> = Arc::default();
     Arc::new(move |x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>| {
         let ([rows, k], n) = (x.dims(), w.dims()[1]);
         let kernel = choice.kernel_for(rows);
@@ -219,10 +228,18 @@ pub fn matmul(
     }
     let x = x.into_primitive().tensor();
     let w = w.into_primitive().tensor();
-    let out = match kernel.strategy() {
-        Some(strategy) => cubek_matmul(kernel, &strategy, x, w)?,
-        None => cublas_matmul(x, w)?,
-    };
+    let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match kernel.strategy() {
+        Some(strategy) => cubek_matmul(kernel, &strategy, x, w),
+        None => cublas_matmul(x, w),
+    }));
+    let out = launched.map_err(|p| GemmError::Panicked {
+        kernel,
+        why: p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into()),
+    })??;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
