@@ -17,7 +17,9 @@
 //! `profile` shows where a decode step's time goes: one unified decode step of a checkpoint at
 //! several batch sizes, each of the step's matrix products alone at the same shapes, the
 //! logits' trip to the host, and the step's memory roofline (every weight and every cached K/V
-//! byte read once). Without `--model` it profiles the embedded tiny model.
+//! byte read once). Without `--model` it profiles the embedded tiny model. It takes the server's
+//! `[cuda]` settings from `INFERFLUX__CUDA__*`: with kernels other than burn's it runs them, on
+//! burn's CUDA backend without fusion, as the server would.
 //!
 //! `gemm` (CUDA only) times every projection kernel of `cuda_gemm` on the model's shapes and
 //! recommends the `[cuda]` settings (see `device_check/gemm.rs`).
@@ -29,13 +31,18 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
-use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::config::{CliOverrides, Settings};
+use inferflux::model::cuda_gemm;
+use inferflux::model::{
+    KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, ProjectFn, SequenceChunk, WeightLayout,
+};
 
 const PAGE_SIZE: usize = 16;
 
 /// burn's CUDA backend without the fusion layer that `burn::backend::Cuda` adds: the profile
-/// runs both, to show what fusion's planning costs a decode step.
-type CudaNoFusion = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+/// runs both, to show what fusion's planning costs a decode step (and the chosen projection
+/// kernels run on it, as in the server).
+type CudaNoFusion = cuda_gemm::CudaCube;
 
 struct Args {
     cuda: bool,
@@ -118,15 +125,52 @@ fn main() {
 
 fn profile_main(args: Args) {
     let files = ModelFiles::open(&args.model).expect("model opens");
+    // The server's `[cuda]` settings, from INFERFLUX__CUDA__* only (no file).
+    let vars = std::env::vars().filter(|(k, _)| k.starts_with("INFERFLUX__CUDA__"));
+    let cuda = Settings::load_with_env(None, &CliOverrides::default(), vars)
+        .expect("INFERFLUX__CUDA__* settings")
+        .cuda;
+    let (choice, layout) = (cuda.gemm_choice(), cuda.weight_layout);
     let rows = if args.cuda {
         let dtype = device_dtype(&files, true);
-        if args.fusion {
-            profile::<burn::backend::Cuda>(&files, &args, Default::default(), dtype, KvStorage::Device)
+        if !choice.is_burn_only() {
+            eprintln!(
+                "projections: gemv {} (up to {} rows), gemm {}, weights {layout:?}, no fusion",
+                choice.small, choice.small_max_rows, choice.large
+            );
+            let hook = Some(cuda_gemm::projector(choice));
+            profile::<CudaNoFusion>(
+                &files,
+                &args,
+                (Default::default(), dtype),
+                KvStorage::Device,
+                (layout, hook),
+            )
+        } else if args.fusion {
+            profile::<burn::backend::Cuda>(
+                &files,
+                &args,
+                (Default::default(), dtype),
+                KvStorage::Device,
+                (layout, None),
+            )
         } else {
-            profile::<CudaNoFusion>(&files, &args, Default::default(), dtype, KvStorage::Device)
+            profile::<CudaNoFusion>(
+                &files,
+                &args,
+                (Default::default(), dtype),
+                KvStorage::Device,
+                (layout, None),
+            )
         }
     } else {
-        profile::<burn::backend::Flex>(&files, &args, Default::default(), DType::F32, KvStorage::Host)
+        profile::<burn::backend::Flex>(
+            &files,
+            &args,
+            (Default::default(), DType::F32),
+            KvStorage::Host,
+            (WeightLayout::InOut, None),
+        )
     };
     println!(
         "| batch | context | step ms | layer GEMMs ms | lm_head ms | logits to host ms | rest ms | roofline ms | step / roofline |"
@@ -169,15 +213,20 @@ fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType) -> Lla
     Llama::<B>::load(&files.config, &index, device, dtype).expect("model loads")
 }
 
+/// One [`Row`] per batch size; `projections` as the server's `[cuda]` keys make them.
 fn profile<B: Backend>(
     files: &ModelFiles,
     args: &Args,
-    device: B::Device,
-    dtype: DType,
+    (device, dtype): (B::Device, DType),
     storage: KvStorage,
+    (layout, hook): (WeightLayout, Option<ProjectFn<B>>),
 ) -> Vec<Row> {
     let started = Instant::now();
-    let model = load::<B>(files, &device, dtype);
+    let index = files.checkpoint.index().expect("weights index");
+    let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
+        .expect("model loads")
+        .with_projection(hook.clone());
+    drop(index);
     let c = model.config().clone();
     eprintln!(
         "loaded {} ({} layers, hidden {}, {:?}) in {:.1} s on {}",
@@ -249,11 +298,21 @@ fn profile<B: Backend>(
         });
         let gemm = |k: usize, n: usize| {
             let x = Tensor::<B, 2>::random([batch, k], Distribution::Default, (&device, dtype));
-            let w = Tensor::<B, 2>::random([k, n], Distribution::Default, (&device, dtype));
+            let w = match layout {
+                WeightLayout::InOut => {
+                    Tensor::<B, 2>::random([k, n], Distribution::Default, (&device, dtype))
+                }
+                WeightLayout::OutIn => {
+                    Tensor::<B, 2>::random([n, k], Distribution::Default, (&device, dtype)).transpose()
+                }
+            };
             // Held until the next product, so that no backend can skip an unread result.
             let mut sink = None;
             time_ms(args.iters, &mut || {
-                sink = Some(x.clone().matmul(w.clone()));
+                sink = Some(match &hook {
+                    Some(project) => project(x.clone(), w.clone()),
+                    None => x.clone().matmul(w.clone()),
+                });
             })
         };
         let layer_gemms_ms = c.num_layers as f64

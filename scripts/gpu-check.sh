@@ -17,7 +17,8 @@
 #   6. one table: InferFlux against the baseline and the memory roofline (and one for step 8);
 #   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's
 #      shapes, both weight layouts, at 1, 8, 32 and 128 rows; writes the fastest `[cuda]` settings;
-#   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*), results under $OUT/tuned.
+#   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*), then step 4's profile with them;
+#      results under $OUT/tuned.
 # KERNELS=FILE runs step 8 with the INFERFLUX__CUDA__* lines of FILE instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -133,6 +134,12 @@ step8() { # step 5 with step 7's kernels
     mkdir -p "$out/tuned" && grep '^INFERFLUX__CUDA__' "$env" >"$out/tuned/kernels.env"
     cat "$out/tuned/kernels.env"
     serve_bench "$out/tuned" "$out/tuned/kernels.env"
+    echo "the decode step with these kernels:"
+    (
+        set -a && . "$out/tuned/kernels.env" && set +a
+        timeout 60 "$bin/device_check" profile --device "$device" --model "$model" --batches 1,32,128 \
+            --context 192 --iters 10 --bandwidth-gbs "$bw" --json "$out/tuned/profile.json"
+    )
 }
 
 # In order of value when the call's time runs short: the serving table first, then the checks.

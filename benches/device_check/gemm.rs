@@ -338,7 +338,9 @@ pub fn main(argv: impl Iterator<Item = String>) {
 
 /// Prints, per row count and layout, each kernel's GEMM time per decode step where it ran every
 /// shape, and returns the `INFERFLUX__CUDA__*` settings of the best choice: the fastest layout
-/// at the smallest row count, its fastest kernel at up to 8 rows (`gemv`) and above (`gemm`).
+/// at the smallest row count, and in that layout the fastest kernel at that row count (`gemv`,
+/// up to it) and over the larger ones measured (`gemm`). GEMV kernels often run only one row,
+/// so the hand-over is right after the smallest row count.
 fn summary(results: &[Measured], shapes: &[Shape], args: &Args) -> Option<String> {
     println!("\nGEMM time per decode step (every layer's projections + lm_head), ms:\n");
     println!("| rows | layout | kernel | ms/step | vs burn in_out |");
@@ -386,8 +388,19 @@ fn summary(results: &[Measured], shapes: &[Shape], args: &Args) -> Option<String
     }
     let (_, layout, _, _) = *best_per_rows.first()?;
     // Both kernels run in that one layout; each is the least total over its row counts.
+    let measured: Vec<usize> = args
+        .rows
+        .iter()
+        .copied()
+        .filter(|&m| results.iter().any(|r| r.rows == m))
+        .collect();
+    let small_max = measured.iter().copied().min()?;
     let pick = |small: bool| {
-        let rows: Vec<usize> = args.rows.iter().copied().filter(|&m| (m <= 8) == small).collect();
+        let rows: Vec<usize> = measured
+            .iter()
+            .copied()
+            .filter(|&m| (m <= small_max) == small)
+            .collect();
         args.kernels
             .iter()
             .filter_map(|k| {
@@ -400,7 +413,7 @@ fn summary(results: &[Measured], shapes: &[Shape], args: &Args) -> Option<String
     let gemv = pick(true).unwrap_or("burn");
     let gemm = pick(false).unwrap_or("burn");
     let env = format!(
-        "INFERFLUX__CUDA__WEIGHT_LAYOUT={layout}\nINFERFLUX__CUDA__GEMV={gemv}\nINFERFLUX__CUDA__GEMV_MAX_ROWS=8\nINFERFLUX__CUDA__GEMM={gemm}\n"
+        "INFERFLUX__CUDA__WEIGHT_LAYOUT={layout}\nINFERFLUX__CUDA__GEMV={gemv}\nINFERFLUX__CUDA__GEMV_MAX_ROWS={small_max}\nINFERFLUX__CUDA__GEMM={gemm}\n"
     );
     println!("\nrecommended:\n{env}");
     Some(env)
