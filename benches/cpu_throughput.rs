@@ -224,6 +224,8 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    // As the server runs (see `inferflux::heap`).
+    inferflux::heap::keep_freed_memory();
     let embedded = ModelFiles::open(&ModelSource::Embedded).expect("the embedded model");
     let random = LlamaConfig::from_json(RANDOM_CONFIG).expect("the random model's config");
     let cases = [

@@ -113,6 +113,8 @@ struct Row {
 }
 
 fn main() {
+    // As the server runs (see `inferflux::heap`).
+    inferflux::heap::keep_freed_memory();
     // `cargo bench` adds `--bench`.
     let mut argv = std::env::args().skip(1).filter(|a| a != "--bench");
     match argv.next().as_deref() {

@@ -3,6 +3,7 @@
 
 pub mod actors;
 pub mod config;
+pub mod heap;
 pub mod http;
 pub mod kv;
 pub mod model;

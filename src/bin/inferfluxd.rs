@@ -46,7 +46,9 @@ struct Args {
 
 /// Errors end the process with one line on stderr (the whole cause chain) and exit status 1.
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
+    // Before any thread starts: see `heap`.
+    let heap_tuned = inferflux::heap::keep_freed_memory();
+    match run(Args::parse(), heap_tuned) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("inferfluxd: error: {e:#}");
@@ -55,7 +57,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args, heap_tuned: bool) -> anyhow::Result<()> {
     let cli = CliOverrides {
         model: args.model,
         host: args.host,
@@ -66,6 +68,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let settings = Settings::load(args.config.as_deref(), &cli)?;
     inferflux::telemetry::init_logging(&settings.log.level, settings.log.format == "json");
+    tracing::debug!(
+        kept = heap_tuned,
+        "freed heap memory kept for reuse (mmap threshold 32 MiB, trim threshold 1 GiB) unless GLIBC_TUNABLES sets malloc"
+    );
     let metrics = inferflux::telemetry::metrics_handle();
     let bind = format!("{}:{}", settings.server.host, settings.server.port);
     let listener = TcpListener::bind(&bind).with_context(|| format!("binding {bind}"))?;
