@@ -158,6 +158,9 @@ pub enum GemmError {
     Unavailable { kernel: GemmKernel, why: String },
     #[error("cuBLAS: {0}")]
     Cublas(String),
+    /// No problem can run on cuBLAS in this process.
+    #[error("libcublas was not found (install the CUDA runtime libraries or set LD_LIBRARY_PATH)")]
+    CublasMissing,
     /// The launch panicked (cubek checks some problems with assertions, NVRTC may fail to
     /// compile a kernel); nothing was queued after the panic.
     #[error("{kernel} panicked: {why}")]
@@ -188,7 +191,8 @@ impl GemmChoice {
     }
 }
 
-/// A kernel and the `(rows, k, n)` it was asked to run.
+/// A kernel and the `(rows, k, n)` it was asked to run; `(kernel, 0, 0, 0)` stands for every
+/// problem (the kernel cannot run at all).
 type Problem = (GemmKernel, usize, usize, usize);
 
 /// The server's projection hook on [`CudaCube`]: `choice`'s kernel for each call's row count,
@@ -200,7 +204,9 @@ pub fn projector(choice: GemmChoice) -> ProjectFn<CudaCube> {
         let ([rows, k], n) = (x.dims(), w.dims()[1]);
         let kernel = choice.kernel_for(rows);
         let problem = (kernel, rows, k, n);
-        if kernel == GemmKernel::Burn || refused.lock().is_ok_and(|r| r.contains(&problem)) {
+        let every = (kernel, 0, 0, 0);
+        let is_refused = |r: &HashSet<Problem>| r.contains(&problem) || r.contains(&every);
+        if kernel == GemmKernel::Burn || refused.lock().is_ok_and(|r| is_refused(&r)) {
             return x.matmul(w);
         }
         match matmul(kernel, x.clone(), w.clone()) {
@@ -208,7 +214,11 @@ pub fn projector(choice: GemmChoice) -> ProjectFn<CudaCube> {
             Err(e) => {
                 tracing::warn!(error = %e, rows, k, n, "GEMM kernel refused: burn's matmul runs this problem");
                 if let Ok(mut r) = refused.lock() {
-                    r.insert(problem);
+                    r.insert(if e == GemmError::CublasMissing {
+                        every
+                    } else {
+                        problem
+                    });
                 }
                 x.matmul(w)
             }
@@ -234,11 +244,7 @@ pub fn matmul(
     }));
     let out = launched.map_err(|p| GemmError::Panicked {
         kernel,
-        why: p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panic".into()),
+        why: crate::actors::tp_ranks::panic_message(p),
     })??;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
@@ -297,10 +303,7 @@ fn with_cublas<T>(device: usize, f: impl FnOnce(&Cublas) -> Result<T, GemmError>
         if slot.is_none() {
             // SAFETY: only asks whether the library loads.
             if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-                return Err(GemmError::Cublas(
-                    "libcublas was not found (install the CUDA runtime libraries or set LD_LIBRARY_PATH)"
-                        .into(),
-                ));
+                return Err(GemmError::CublasMissing);
             }
             let ctx =
                 cudarc::driver::CudaContext::new(device).map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
