@@ -20,6 +20,8 @@
 #   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*), then step 4's profile with them;
 #      results under $OUT/tuned.
 # KERNELS=FILE runs step 8 with the INFERFLUX__CUDA__* lines of FILE instead.
+# The default order (27835614) fits steps 2 to 8 in about 8 minutes; 1 and 4 come last and may
+# not fit: STAGES=14 runs them in a call of their own.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -118,13 +120,13 @@ step6() { # summary
     if [ -d "$out/tuned" ]; then
         echo "with the [cuda] settings of step 8 ($(tr '\n' ' ' <"$out/tuned/kernels.env")):"
         python3 "$repo/scripts/gpu_bench.py" table --baseline "$out/baseline.json" --bench-dir "$out/tuned" \
-            --profile "$out/profile.json" | tee "$out/summary-tuned.md"
+            --profile "$out/tuned/profile.json" | tee "$out/summary-tuned.md"
     fi
 }
 
 step7() { # every projection kernel on the checkpoint's shapes
     [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
-    timeout 150 "$bin/device_check" gemm --model "$model" --rows 1,8,32,128 --budget-s 110 \
+    timeout 120 "$bin/device_check" gemm --model "$model" --rows 1,8,32,128 --budget-s 90 \
         --json "$out/gemm.json" --recommend "$out/gemm.env" | tee "$out/gemm.md"
 }
 
