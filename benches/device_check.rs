@@ -5,7 +5,7 @@
 //! cargo bench --bench device_check -- logits [--device cpu|cuda|cuda-nofusion] [FIXTURE_DIR...]
 //! cargo bench --bench device_check -- profile [--device cpu|cuda|cuda-nofusion] [--model DIR] [--batches 1,8]
 //!     [--context 192] [--iters 10] [--bandwidth-gbs 3000] [--pages N] [--json FILE]
-//! cargo bench --bench device_check -- gemm [--model DIR] [--rows 1,8,32,128] [--kernels all|a,b]
+//! cargo bench --bench device_check -- gemm [--device cuda|cpu] [--model DIR] [--rows 1,8,32,128] [--kernels all|a,b]
 //!     [--layouts in_out,out_in] [--iters 20] [--budget-s 120] [--json FILE] [--recommend FILE]
 //! ```
 //!

@@ -4,7 +4,7 @@
 # BIN_DIR (default target/release) holds release builds made elsewhere of inferfluxd, inferctl and
 # device_check (`cargo bench --bench device_check --no-run`); `NAME.xz` files are unpacked first.
 # Results go to $OUT (default /tmp/gpu-check). STAGES=1256 runs only those steps, in that order, DEVICE=cpu runs
-# steps 1, 4 and 5 on the CPU backend (a dry run anywhere; steps 2, 3 need PyTorch on a GPU, and
+# steps 1, 4, 5, 7 and 8 on the CPU backend (a dry run anywhere; steps 2, 3 need PyTorch on a GPU, and
 # MODEL=DIR skips step 2 with a checkpoint of one's own). Steps, each under a timeout so one stuck step
 # still leaves the others' numbers:
 #   1. device_check logits: CUDA (f16/bf16) logits and greedy tokens of every fixture against
@@ -125,8 +125,7 @@ step6() { # summary
 }
 
 step7() { # every projection kernel on the checkpoint's shapes
-    [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
-    timeout 120 "$bin/device_check" gemm --model "$model" --rows 1,8,32,128 --budget-s 90 \
+    timeout 120 "$bin/device_check" gemm --device "$device" --model "$model" --rows 1,8,32,128 --budget-s 90 \
         --json "$out/gemm.json" --recommend "$out/gemm.env" | tee "$out/gemm.md"
 }
 

@@ -6,11 +6,12 @@
 //! (every layer's projections plus `lm_head`).
 //!
 //! ```text
-//! device_check gemm [--model DIR] [--rows 1,8,32,128] [--kernels all|burn,gemv-plane,...]
+//! device_check gemm [--device cuda|cpu] [--model DIR] [--rows 1,8,32,128] [--kernels all|burn,...]
 //!     [--layouts in_out,out_in] [--iters 20] [--budget-s 120] [--json FILE] [--recommend FILE]
 //! ```
 //!
-//! Without `--model` the shapes are Llama-3.2-1B's. `--budget-s` stops starting new problems
+//! Without `--model` the shapes are Llama-3.2-1B's. `--device cpu` is a dry run of the benchmark
+//! itself (burn's matmul on Flex in f32; every other kernel refused). `--budget-s` stops starting new problems
 //! after that many seconds (NVRTC compiles each new kernel once), printing what it measured;
 //! row counts run in the order given, so the first ones always complete.
 
@@ -33,7 +34,11 @@ struct Shape {
 }
 
 /// A weight's f32 values (for the CPU reference) and its device copy in each layout asked for.
-type Weight = (Vec<f32>, Vec<Tensor<CudaCube, 2>>);
+type Weight<B> = (Vec<f32>, Vec<Tensor<B, 2>>);
+
+/// Runs one kernel on one backend's tensors.
+type KernelFn<B> =
+    dyn Fn(GemmKernel, Tensor<B, 2>, Tensor<B, 2>) -> Result<Tensor<B, 2>, cuda_gemm::GemmError>;
 
 #[derive(serde::Serialize)]
 struct Measured {
@@ -51,6 +56,7 @@ struct Measured {
 }
 
 struct Args {
+    cuda: bool,
     model: Option<String>,
     rows: Vec<usize>,
     kernels: Vec<GemmKernel>,
@@ -63,6 +69,7 @@ struct Args {
 
 fn parse(mut it: impl Iterator<Item = String>) -> Args {
     let mut a = Args {
+        cuda: true,
         model: None,
         rows: vec![1, 8, 32, 128],
         // `cmma` is what `burn` launches; listed only when asked for.
@@ -81,6 +88,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Args {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--model" => a.model = Some(value()),
+            "--device" => a.cuda = value() != "cpu",
             "--rows" => {
                 a.rows = list(value())
                     .iter()
@@ -183,12 +191,7 @@ fn rounded(v: Vec<f32>, shape: [usize; 2], dtype: DType) -> Vec<f32> {
         .expect("f32 values")
 }
 
-fn to_device(
-    v: &[f32],
-    shape: [usize; 2],
-    dtype: DType,
-    device: &burn::backend::cuda::CudaDevice,
-) -> Tensor<CudaCube, 2> {
+fn to_device<B: Backend>(v: &[f32], shape: [usize; 2], dtype: DType, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(
         TensorData::new(v.to_vec(), shape).convert_dtype(dtype),
         (device, dtype),
@@ -197,13 +200,38 @@ fn to_device(
 
 pub fn main(argv: impl Iterator<Item = String>) {
     let args = parse(argv);
-    let started = Instant::now();
     let (shapes, dtype) = shapes(args.model.as_deref());
+    let results = if args.cuda {
+        run::<CudaCube>(&args, &shapes, dtype, &cuda_gemm::matmul)
+    } else {
+        // A dry run of the benchmark itself: burn's matmul on the CPU in f32, the rest refused.
+        let cpu = |kernel, x: Tensor<Cpu, 2>, w: Tensor<Cpu, 2>| match kernel {
+            GemmKernel::Burn => Ok(x.matmul(w)),
+            kernel => Err(cuda_gemm::GemmError::Unavailable {
+                kernel,
+                why: "CUDA only".into(),
+            }),
+        };
+        run::<Cpu>(&args, &shapes, DType::F32, &cpu)
+    };
+    let best = summary(&results, &shapes, &args);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results).unwrap()).expect("write --json");
+    }
+    if let (Some(path), Some(env)) = (&args.recommend, best) {
+        std::fs::write(path, env).expect("write --recommend");
+    }
+}
+
+/// Checks and times every kernel of `args` on every shape, row count and layout, in that
+/// order of importance, within the time budget.
+fn run<B: Backend>(args: &Args, shapes: &[Shape], dtype: DType, gemm: &KernelFn<B>) -> Vec<Measured> {
+    let started = Instant::now();
     let device = Default::default();
-    let sync = || CudaCube::sync(&device).expect("device sync");
+    let sync = || B::sync(&device).expect("device sync");
     let mut results: Vec<Measured> = Vec::new();
     // Weights are made once per shape and layout (lm_head is the largest: 0.5 GB in bf16).
-    let mut weights: BTreeMap<(usize, usize), Weight> = BTreeMap::new();
+    let mut weights: BTreeMap<(usize, usize), Weight<B>> = BTreeMap::new();
     println!("| rows | layout | shape | k x n | kernel | µs | GB/s | max rel err | status |");
     println!("|---:|---|---|---|---|---:|---:|---:|---|");
     'rows: for &m in &args.rows {
@@ -230,8 +258,10 @@ pub fn main(argv: impl Iterator<Item = String>) {
                         .layouts
                         .iter()
                         .map(|l| match l {
-                            WeightLayout::InOut => to_device(&w, [k, n], dtype, &device),
-                            WeightLayout::OutIn => to_device(&transposed, [n, k], dtype, &device).transpose(),
+                            WeightLayout::InOut => to_device::<B>(&w, [k, n], dtype, &device),
+                            WeightLayout::OutIn => {
+                                to_device::<B>(&transposed, [n, k], dtype, &device).transpose()
+                            }
                         })
                         .collect();
                     (w, devs)
@@ -247,13 +277,13 @@ pub fn main(argv: impl Iterator<Item = String>) {
                         .to_vec::<f32>()
                         .expect("f32 reference");
                 let ref_max = reference.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(1e-6);
-                let x = to_device(&x_host, [m, k], dtype, &device);
+                let x = to_device::<B>(&x_host, [m, k], dtype, &device);
                 let w = w_dev[li].clone();
                 for &kernel in &args.kernels {
                     // A kernel that fails only when its result is read (a launch error surfaces
                     // at the next synchronisation) must not end the run either.
                     let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        cuda_gemm::matmul(kernel, x.clone(), w.clone()).map(|out| {
+                        gemm(kernel, x.clone(), w.clone()).map(|out| {
                             let got = out
                                 .cast(DType::F32)
                                 .into_data()
@@ -284,12 +314,12 @@ pub fn main(argv: impl Iterator<Item = String>) {
                         Ok(err) => {
                             let mut sink = None;
                             for _ in 0..2 {
-                                sink = cuda_gemm::matmul(kernel, x.clone(), w.clone()).ok();
+                                sink = gemm(kernel, x.clone(), w.clone()).ok();
                             }
                             sync();
                             let t = Instant::now();
                             for _ in 0..args.iters {
-                                sink = cuda_gemm::matmul(kernel, x.clone(), w.clone()).ok();
+                                sink = gemm(kernel, x.clone(), w.clone()).ok();
                             }
                             sync();
                             drop(sink);
@@ -327,13 +357,7 @@ pub fn main(argv: impl Iterator<Item = String>) {
             }
         }
     }
-    let best = summary(&results, &shapes, &args);
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results).unwrap()).expect("write --json");
-    }
-    if let (Some(path), Some(env)) = (&args.recommend, best) {
-        std::fs::write(path, env).expect("write --recommend");
-    }
+    results
 }
 
 /// Prints, per row count and layout, each kernel's GEMM time per decode step where it ran every
