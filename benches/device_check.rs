@@ -135,35 +135,20 @@ fn profile_main(args: Args) {
     let (choice, layout) = (cuda.gemm_choice(), cuda.weight_layout);
     let rows = if args.cuda {
         let dtype = device_dtype(&files, true);
-        if !choice.is_burn_only() {
+        let chosen = !choice.is_burn_only();
+        if chosen {
             eprintln!(
                 "projections: gemv {} (up to {} rows), gemm {}, weights {layout:?}, no fusion",
                 choice.small, choice.small_max_rows, choice.large
             );
-            let hook = Some(cuda_gemm::projector(choice));
-            profile::<CudaNoFusion>(
-                &files,
-                &args,
-                (Default::default(), dtype),
-                KvStorage::Device,
-                (layout, hook),
-            )
-        } else if args.fusion {
-            profile::<burn::backend::Cuda>(
-                &files,
-                &args,
-                (Default::default(), dtype),
-                KvStorage::Device,
-                (layout, None),
-            )
+        }
+        let on = (Default::default(), dtype);
+        if args.fusion && !chosen {
+            profile::<burn::backend::Cuda>(&files, &args, on, KvStorage::Device, (layout, None))
         } else {
-            profile::<CudaNoFusion>(
-                &files,
-                &args,
-                (Default::default(), dtype),
-                KvStorage::Device,
-                (layout, None),
-            )
+            // The chosen kernels run on burn's CUDA tensors directly, as in the server.
+            let hook = chosen.then(|| cuda_gemm::projector(choice));
+            profile::<CudaNoFusion>(&files, &args, on, KvStorage::Device, (layout, hook))
         }
     } else {
         profile::<burn::backend::Flex>(

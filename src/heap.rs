@@ -4,7 +4,7 @@
 //! defaults hand buffers of that size back to the kernel on free (`mmap`/`munmap`, heap trimming),
 //! so the next step's buffers fault their pages in again and the kernel zeroes them: a quarter of
 //! a CPU decode step's time went to page faults, `clear_page` and `memmove` into fresh pages
-//! (`perf`, batch 128). Keeping freed memory in the process for reuse made the model step 2.8x
+//! (`perf`, batch 128). Keeping freed memory in the process for reuse made the model step about 3x
 //! faster at batch 32 and 128 (`device_check profile`, same run), and served throughput 1.1-1.2x.
 //! The cost: resident memory stays at its peak, as with any server that keeps its buffers.
 
