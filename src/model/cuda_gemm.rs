@@ -32,6 +32,7 @@ use cubek::matmul::routines::simple_unit::SimpleUnitSelectionArgs;
 use cubek::matmul::routines::{BlueprintStrategy, TileSizeSelection};
 use cubek::std::InputBinding;
 
+use super::kernels::gemv::{self, GemvShape};
 use super::ProjectFn;
 
 /// burn's CUDA backend without the fusion layer that `burn::backend::Cuda` adds. Kernels other
@@ -65,14 +66,18 @@ pub enum GemmKernel {
     GemvUnit,
     /// cuBLAS `GemmEx` through cudarc, with a host synchronisation before and after.
     Cublas,
+    /// Our GEMV (`kernels::gemv`): a plane per output, up to `GEMV_MAX_ROWS` rows, weights
+    /// `[n, k]` only (`weight_layout = "out_in"`).
+    Gemv,
 }
 
 impl GemmKernel {
     /// Known-good kernels first: a benchmark that walks this list measures them even if a
     /// later kernel leaves the device in an error state.
-    pub const ALL: [GemmKernel; 10] = [
+    pub const ALL: [GemmKernel; 11] = [
         GemmKernel::Burn,
         GemmKernel::Cublas,
+        GemmKernel::Gemv,
         GemmKernel::Cmma,
         GemmKernel::Mma,
         GemmKernel::Unit,
@@ -95,10 +100,11 @@ impl GemmKernel {
             GemmKernel::GemvPlane => "gemv-plane",
             GemmKernel::GemvUnit => "gemv-unit",
             GemmKernel::Cublas => "cublas",
+            GemmKernel::Gemv => "gemv",
         }
     }
 
-    /// The cubek strategy; `None` for burn's own path and for cuBLAS.
+    /// The cubek strategy; `None` for burn's own path, cuBLAS and our GEMV.
     fn strategy(self) -> Option<Strategy> {
         let tiling = |tile_matmul| {
             BlueprintStrategy::Inferred(SimpleArgs {
@@ -108,7 +114,7 @@ impl GemmKernel {
         };
         let tile_size = TileSizeSelection::MaxTileSize;
         Some(match self {
-            GemmKernel::Burn | GemmKernel::Cublas => return None,
+            GemmKernel::Burn | GemmKernel::Cublas | GemmKernel::Gemv => return None,
             GemmKernel::Cmma => Strategy::SimpleCyclicCmma(tiling(TileMatmulKind::Cmma)),
             GemmKernel::Mma => Strategy::SimpleCyclicMma(tiling(TileMatmulKind::Mma)),
             GemmKernel::Unit => {
@@ -136,7 +142,7 @@ impl fmt::Display for GemmKernel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown GEMM kernel `{0}` (one of: burn, cmma, mma, unit, double-unit, vecmat, double-vecmat, gemv-plane, gemv-unit, cublas)")]
+#[error("unknown GEMM kernel `{0}` (one of: burn, cmma, mma, unit, double-unit, vecmat, double-vecmat, gemv-plane, gemv-unit, cublas, gemv)")]
 pub struct UnknownGemmKernel(pub String);
 
 impl FromStr for GemmKernel {
@@ -238,9 +244,12 @@ pub fn matmul(
     }
     let x = x.into_primitive().tensor();
     let w = w.into_primitive().tensor();
-    let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match kernel.strategy() {
-        Some(strategy) => cubek_matmul(kernel, &strategy, x, w),
-        None => cublas_matmul(x, w),
+    let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        match (kernel, kernel.strategy()) {
+            (_, Some(strategy)) => cubek_matmul(kernel, &strategy, x, w),
+            (GemmKernel::Gemv, None) => own_gemv(x, w),
+            (_, None) => cublas_matmul(x, w),
+        }
     }));
     let out = launched.map_err(|p| GemmError::Panicked {
         kernel,
@@ -272,6 +281,47 @@ fn cubek_matmul(
             kernel,
             why: format!("{e:?}"),
         })?;
+    Ok(out)
+}
+
+/// `x · w` by our GEMV: `w` must be the transposed view of a contiguous `[n, k]` weight
+/// (`weight_layout = "out_in"`), `x` at most `GEMV_MAX_ROWS` rows, both 16-byte aligned.
+fn own_gemv(
+    x: CubeTensor<CudaRuntime>,
+    w: CubeTensor<CudaRuntime>,
+) -> Result<CubeTensor<CudaRuntime>, GemmError> {
+    let refuse = |why: String| GemmError::Unavailable {
+        kernel: GemmKernel::Gemv,
+        why,
+    };
+    let x = if x.is_contiguous() { x } else { into_contiguous(x) };
+    let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
+    let n = w.meta.shape()[1];
+    let ws = w.meta.strides();
+    if ws[0] != 1 || ws[1] != k {
+        return Err(refuse(format!(
+            "weight strides {:?} are not those of an [n, k] weight (weight_layout = \"out_in\")",
+            &ws[..]
+        )));
+    }
+    if w.dtype != x.dtype {
+        return Err(refuse(format!("mixed dtypes {:?} x {:?}", x.dtype, w.dtype)));
+    }
+    let aligned = |t: &CubeTensor<CudaRuntime>| t.handle.offset_start.unwrap_or(0) % 16 == 0;
+    if !aligned(&x) || !aligned(&w) {
+        return Err(refuse("an operand starts off a 16-byte boundary".into()));
+    }
+    let out = init_matmul_output(&x, &w, x.dtype);
+    let shape = GemvShape { rows: m, k, n };
+    let handles = [x.handle.clone(), w.handle.clone(), out.handle.clone()];
+    gemv::launch(
+        &out.client,
+        handles,
+        shape,
+        (x.dtype.into(), x.dtype.size()),
+        true,
+    )
+    .map_err(|e| refuse(e.0))?;
     Ok(out)
 }
 

@@ -1,0 +1,70 @@
+//! Our own cubecl kernels, for what burn's generic ops do slowly on a GPU.
+//!
+//! Each kernel is generic over the cubecl runtime. Serving launches it on CUDA; the tests launch
+//! the same source on wgpu's OpenGL backend, which Mesa's llvmpipe runs on the CPU, so a kernel is
+//! checked against an f32 reference on every machine, GPU or not. llvmpipe's GL has no plane
+//! (warp) operations, so a kernel that reduces across a plane takes a `plane_reduce` switch: the
+//! tests run the shared-memory path and `device_check gemm` checks the plane path on the GPU.
+
+pub mod gemv;
+pub mod paged_attention;
+
+/// Why a kernel will not run a problem; the caller falls back to burn's ops.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// The widest vector of `elem_bytes`-byte elements, at most 16 bytes and `max_vector`
+/// elements, that divides `len`: rows of `len` elements then start on a vector boundary.
+pub fn vector_width(len: usize, elem_bytes: usize, max_vector: usize) -> usize {
+    let mut width = (16 / elem_bytes.max(1)).clamp(1, max_vector.max(1));
+    while width > 1 && len % width != 0 {
+        width /= 2;
+    }
+    width
+}
+
+#[cfg(test)]
+pub(crate) mod gl {
+    //! The tests' cubecl runtime: wgpu on OpenGL, which Mesa's llvmpipe runs on the CPU.
+
+    use std::sync::OnceLock;
+
+    use cubecl::prelude::*;
+    use cubecl_wgpu::{WgpuDevice, WgpuRuntime};
+
+    pub type Gl = WgpuRuntime;
+
+    /// The one GL device, set up on first use (wgpu's default is Vulkan, which these machines lack).
+    pub fn client() -> ComputeClient<Gl> {
+        static SETUP: OnceLock<()> = OnceLock::new();
+        let device = WgpuDevice::DefaultDevice;
+        SETUP.get_or_init(|| {
+            cubecl_wgpu::init_setup::<cubecl_wgpu::OpenGl>(&device, Default::default());
+        });
+        Gl::client(&device)
+    }
+
+    pub fn upload(client: &ComputeClient<Gl>, values: &[f32]) -> cubecl::server::Handle {
+        client.create_from_slice(f32::as_bytes(values))
+    }
+
+    pub fn download(client: &ComputeClient<Gl>, handle: cubecl::server::Handle) -> Vec<f32> {
+        let bytes = client.read_one(handle).expect("read back a kernel's output");
+        f32::from_bytes(&bytes).to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_width_divides_the_row_and_fits_16_bytes() {
+        assert_eq!(vector_width(2048, 2, 16), 8);
+        assert_eq!(vector_width(2048, 4, 16), 4);
+        assert_eq!(vector_width(2048, 2, 4), 4);
+        assert_eq!(vector_width(36, 2, 16), 4);
+        assert_eq!(vector_width(33, 2, 16), 1);
+    }
+}
