@@ -331,3 +331,70 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
         );
     }
 }
+
+/// A [`DecodeAttentionFn`](inferflux::model::DecodeAttentionFn) in burn's ops, one sequence at a
+/// time: the slots of `ctx_begin..ctx_end` found through the block table, then softmax attention
+/// with each KV head serving its group of query heads. It checks what the model hands a paged
+/// attention kernel (queries, tables, context bounds, cache tensors) and where it puts the result;
+/// the kernel itself is held to the same numbers in `model::kernels::paged_attention`.
+fn attention_through_block_tables(a: inferflux::model::DecodeAttention<B>) -> burn::tensor::Tensor<B, 2> {
+    use burn::tensor::{activation::softmax, Int, Tensor, TensorData};
+    let [n, heads, hd] = a.q.dims();
+    let (kv, ps) = (a.kv_heads, a.page_size);
+    let max_blocks = a.block_tables.dims()[1];
+    let ints = |t: Tensor<B, 1, Int>| t.into_data().iter::<i64>().collect::<Vec<i64>>();
+    let tables = ints(a.block_tables.reshape([n * max_blocks]));
+    let (begin, end) = (ints(a.ctx_begin), ints(a.ctx_end));
+    let device = a.q.device();
+    let rows: Vec<Tensor<B, 2>> = (0..n)
+        .map(|s| {
+            let slots: Vec<i32> = (begin[s] as usize..end[s] as usize)
+                .map(|p| (tables[s * max_blocks + p / ps] as usize * ps + p % ps) as i32)
+                .collect();
+            let len = slots.len();
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [len]), &device);
+            let k = a.k_cache.clone().select(0, index.clone()).reshape([len, kv, hd]);
+            let v = a.v_cache.clone().select(0, index).reshape([len, kv, hd]);
+            let q = a.q.clone().slice([s..s + 1]).reshape([kv, heads / kv, hd]);
+            let scores = q.matmul(k.permute([1, 2, 0])).mul_scalar(a.scale);
+            softmax(scores, 2)
+                .matmul(v.swap_dims(0, 1))
+                .reshape([1, heads * hd])
+        })
+        .collect();
+    Tensor::cat(rows, 0)
+}
+
+#[test]
+fn model_paged_decode_attention_hook_matches_transformers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // tiny-mistral's window (8) makes contexts start after position 0; tiny-qwen3 has GQA.
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen3"] {
+        let (model, _, goldens) = fixture(name);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let attend: inferflux::model::DecodeAttentionFn<B> = Arc::new(move |a| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            attention_through_block_tables(a)
+        });
+        let model = model.with_decode_attention(Some(attend));
+        let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
+        let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
+        assert_eq!(
+            greedy_batched(&model, &cases, 7, KvStorage::Device),
+            want,
+            "{name}: greedy with decode attention through block tables"
+        );
+        // A call per layer in every step with a one-token query (each decode step, and a
+        // prompt's one-token last chunk), and none with host storage (no device pages).
+        let per_layer = calls.load(Ordering::Relaxed) / model.config().num_layers;
+        assert!(
+            per_layer >= want[0].len() - 1,
+            "{name}: {per_layer} steps through the hook, fewer than the decode steps"
+        );
+        calls.store(0, Ordering::Relaxed);
+        assert_eq!(greedy_batched(&model, &cases, 7, KvStorage::Host), want);
+        assert_eq!(calls.load(Ordering::Relaxed), 0, "{name}: host storage gathers");
+    }
+}

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::config::{LlamaConfig, RopeScaling};
-use super::paged_cache::{PagedKvCache, SlotIndex};
+use super::paged_cache::{KvStorage, PagedKvCache, SlotIndex};
 use super::shard::{self, Shard};
 use super::weights::WeightIndex;
 use super::ModelError;
@@ -56,6 +56,29 @@ pub enum WeightLayout {
 /// server to run a chosen kernel on a backend (see `cuda_gemm`); burn's `matmul` otherwise.
 pub type ProjectFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
 
+/// One layer's decode attention, read through block tables: what a [`DecodeAttentionFn`] gets.
+pub struct DecodeAttention<B: Backend> {
+    /// `[n, heads, head_dim]`, after RoPE: one query token per sequence.
+    pub q: Tensor<B, 3>,
+    /// The layer's whole cache, `[slots, kv_heads * head_dim]` each; slot `page * page_size + i`.
+    pub k_cache: Tensor<B, 2>,
+    pub v_cache: Tensor<B, 2>,
+    /// `[n, max_blocks]` page ids; a shorter table is padded with page 0, never read.
+    pub block_tables: Tensor<B, 2, Int>,
+    /// `[n]` each: sequence `s` attends to positions `ctx_begin[s] .. ctx_end[s]`.
+    pub ctx_begin: Tensor<B, 1, Int>,
+    pub ctx_end: Tensor<B, 1, Int>,
+    pub page_size: usize,
+    pub kv_heads: usize,
+    /// Multiplies the scores: `head_dim^-0.5`.
+    pub scale: f32,
+}
+
+/// Computes [`DecodeAttention`] as `[n, heads * head_dim]`. Set by the server to run a paged
+/// attention kernel (`cuda_attention`) on a backend whose cache lives on the device; without it,
+/// decodes gather their context rows (`Llama::attention`).
+pub type DecodeAttentionFn<B> = Arc<dyn Fn(DecodeAttention<B>) -> Tensor<B, 2> + Send + Sync>;
+
 #[derive(Clone)]
 struct LlamaLayer<B: Backend> {
     attn_norm: Tensor<B, 1>,
@@ -84,6 +107,8 @@ struct ChunkContext {
     ctx_start: usize,
     /// Slots of positions `ctx_start .. start_pos + q_len`.
     ctx_slots: Vec<i32>,
+    /// The sequence's pages (paged decode attention reads through them).
+    block_table: Vec<u32>,
 }
 
 /// A prompt chunk's attention inputs.
@@ -111,6 +136,16 @@ enum AttentionGroup<B: Backend> {
         slots: SlotIndex<B>,
         /// `[n, 1, 1, ctx_len]`, `-inf` on padding; `None` when no context is padded.
         mask: Option<Tensor<B, 4>>,
+    },
+    /// Every single-token decode of the step, attended by the [`DecodeAttentionFn`] through
+    /// block tables: no gather, no padding.
+    Paged {
+        /// The queries' rows in the step.
+        rows: Tensor<B, 1, Int>,
+        /// `[n, max_blocks]`, padded with page 0.
+        block_tables: Tensor<B, 2, Int>,
+        ctx_begin: Tensor<B, 1, Int>,
+        ctx_end: Tensor<B, 1, Int>,
     },
     /// One sequence's prompt chunk (causal within the chunk).
     Chunk(AttentionPlan<B>),
@@ -145,6 +180,8 @@ pub struct Llama<B: Backend> {
     rope_sin: Tensor<B, 2>,
     /// `None`: burn's `matmul`.
     project: Option<ProjectFn<B>>,
+    /// `None`: decodes gather their context (see [`DecodeAttentionFn`]).
+    decode_attention: Option<DecodeAttentionFn<B>>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -321,12 +358,20 @@ impl<B: Backend> Llama<B> {
             rope_cos: table(cos),
             rope_sin: table(sin),
             project: None,
+            decode_attention: None,
         })
     }
 
     /// Runs every projection (and `lm_head`) through `project` instead of burn's `matmul`.
     pub fn with_projection(mut self, project: Option<ProjectFn<B>>) -> Self {
         self.project = project;
+        self
+    }
+
+    /// Runs single-token decodes' attention through `attend` instead of gathering their context;
+    /// used only while the cache keeps its pages on the device.
+    pub fn with_decode_attention(mut self, attend: Option<DecodeAttentionFn<B>>) -> Self {
+        self.decode_attention = attend;
         self
     }
 
@@ -423,6 +468,7 @@ impl<B: Backend> Llama<B> {
                 ctx_slots: (ctx_start..chunk.end_pos())
                     .map(|p| slot_of(&chunk.block_table, page_size, p))
                     .collect(),
+                block_table: chunk.block_table.clone(),
             });
         }
         let layout = self.attention_layout(cache, contexts, tokens.len());
@@ -506,7 +552,34 @@ impl<B: Backend> Llama<B> {
         let mut groups = Vec::new();
         // Token rows in the order the groups produce them.
         let mut grouped_rows: Vec<i32> = Vec::with_capacity(t_total);
-        for members in decode_groups(&lens) {
+        let paged = self.decode_attention.is_some() && cache.storage() == KvStorage::Device;
+        if paged && !decodes.is_empty() {
+            let members: Vec<&ChunkContext> = decodes.iter().map(|&i| &contexts[i]).collect();
+            let n = members.len();
+            let max_blocks = members
+                .iter()
+                .map(|m| m.block_table.len())
+                .max()
+                .unwrap_or(1)
+                .max(1);
+            let mut tables = Vec::with_capacity(n * max_blocks);
+            for m in &members {
+                tables.extend(m.block_table.iter().map(|&p| p as i32));
+                tables.extend(std::iter::repeat_n(0, max_blocks - m.block_table.len()));
+                grouped_rows.push(m.q_start as i32);
+            }
+            let positions = |f: fn(&ChunkContext) -> usize| {
+                int_tensor(members.iter().map(|m| f(m) as i32).collect(), dev)
+            };
+            groups.push(AttentionGroup::Paged {
+                rows: int_tensor(members.iter().map(|m| m.q_start as i32).collect(), dev),
+                block_tables: Tensor::from_data(TensorData::new(tables, [n, max_blocks]), dev),
+                ctx_begin: positions(|m| m.ctx_start),
+                ctx_end: positions(|m| m.start_pos + 1),
+            });
+        }
+        let gathered_decodes = if paged { Vec::new() } else { decode_groups(&lens) };
+        for members in gathered_decodes {
             let members: Vec<&ChunkContext> = members.iter().map(|&m| &contexts[decodes[m]]).collect();
             let ctx_len = members.iter().map(|m| m.ctx_slots.len()).max().unwrap_or(0);
             let mut slots = Vec::with_capacity(members.len() * ctx_len);
@@ -584,6 +657,31 @@ impl<B: Backend> Llama<B> {
             .groups
             .iter()
             .map(|group| match group {
+                AttentionGroup::Paged {
+                    rows,
+                    block_tables,
+                    ctx_begin,
+                    ctx_end,
+                } => {
+                    let attend = self
+                        .decode_attention
+                        .as_ref()
+                        .expect("paged groups are planned only with a decode attention");
+                    let (k_cache, v_cache) = cache
+                        .device_layer(layer)
+                        .expect("paged groups are planned only for a device cache");
+                    attend(DecodeAttention {
+                        q: q.clone().select(0, rows.clone()),
+                        k_cache,
+                        v_cache,
+                        block_tables: block_tables.clone(),
+                        ctx_begin: ctx_begin.clone(),
+                        ctx_end: ctx_end.clone(),
+                        page_size: cache.page_size(),
+                        kv_heads: nkv,
+                        scale: scale as f32,
+                    })
+                }
                 AttentionGroup::Decode {
                     rows,
                     n,

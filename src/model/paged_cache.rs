@@ -208,6 +208,15 @@ impl<B: Backend> PagedKvCache<B> {
         }
     }
 
+    /// The whole K and V tensors of `layer` (`[slots, kv_dim]`, shared, not copied), for a
+    /// kernel that reads pages in place; `None` for host storage.
+    pub fn device_layer(&self, layer: usize) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        match &self.layers[layer] {
+            LayerCache::Device { k, v } => Some((k.clone()?, v.clone()?)),
+            LayerCache::Host { .. } => None,
+        }
+    }
+
     /// Reads the K and V rows at `slots` of `layer`, in slot-list order: `[n, kv_dim]` each.
     pub fn gather(&self, layer: usize, slots: &SlotIndex<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         match &self.layers[layer] {
