@@ -2,7 +2,7 @@
 //! both on the lent GPU; on the CPU they run anywhere):
 //!
 //! ```text
-//! cargo bench --bench device_check -- logits [--device cpu|cuda|cuda-nofusion] [FIXTURE_DIR...]
+//! cargo bench --bench device_check -- logits [--device cpu|cuda|cuda-nofusion|cuda-kernels] [FIXTURE_DIR...]
 //! cargo bench --bench device_check -- profile [--device cpu|cuda|cuda-nofusion] [--model DIR] [--batches 1,8]
 //!     [--context 192] [--iters 10] [--bandwidth-gbs 3000] [--pages N] [--json FILE]
 //! cargo bench --bench device_check -- gemm [--device cuda|cpu] [--model DIR] [--rows 1,8,32,128] [--kernels all|a,b]
@@ -12,7 +12,8 @@
 //! `logits` runs every golden prompt of each fixture (default: all of `tests/fixtures`) on the CPU
 //! in f32 and on the device in the checkpoint's half precision: whole-prompt logits against the
 //! CPU's and transformers', then 24 batched greedy steps (chunked prefill, decode groups, K/V
-//! writes) against transformers' greedy tokens.
+//! writes) against transformers' greedy tokens. `cuda-kernels` runs the kernels that the
+//! `INFERFLUX__CUDA__*` settings choose (projections, paged decode attention), as the server would.
 //!
 //! `profile` shows where a decode step's time goes: one unified decode step of a checkpoint at
 //! several batch sizes, each of the step's matrix products alone at the same shapes, the
@@ -32,9 +33,11 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use inferflux::config::{CliOverrides, Settings};
+use inferflux::model::cuda_attention::{self, AttentionKernel};
 use inferflux::model::cuda_gemm;
 use inferflux::model::{
-    KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, ProjectFn, SequenceChunk, WeightLayout,
+    DecodeAttentionFn, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, ProjectFn, SequenceChunk,
+    WeightLayout,
 };
 
 const PAGE_SIZE: usize = 16;
@@ -128,27 +131,15 @@ fn main() {
 fn profile_main(args: Args) {
     let files = ModelFiles::open(&args.model).expect("model opens");
     // The server's `[cuda]` settings, from INFERFLUX__CUDA__* only (no file).
-    let vars = std::env::vars().filter(|(k, _)| k.starts_with("INFERFLUX__CUDA__"));
-    let cuda = Settings::load_with_env(None, &CliOverrides::default(), vars)
-        .expect("INFERFLUX__CUDA__* settings")
-        .cuda;
-    let (choice, layout) = (cuda.gemm_choice(), cuda.weight_layout);
     let rows = if args.cuda {
         let dtype = device_dtype(&files, true);
-        let chosen = !choice.is_burn_only();
-        if chosen {
-            eprintln!(
-                "projections: gemv {} (up to {} rows), gemm {}, weights {layout:?}, no fusion",
-                choice.small, choice.small_max_rows, choice.large
-            );
-        }
+        let kernels = chosen_kernels(&files);
         let on = (Default::default(), dtype);
-        if args.fusion && !chosen {
-            profile::<burn::backend::Cuda>(&files, &args, on, KvStorage::Device, (layout, None))
+        if args.fusion && kernels.1.is_none() && kernels.2.is_none() {
+            profile::<burn::backend::Cuda>(&files, &args, on, KvStorage::Device, (kernels.0, None, None))
         } else {
             // The chosen kernels run on burn's CUDA tensors directly, as in the server.
-            let hook = chosen.then(|| cuda_gemm::projector(choice));
-            profile::<CudaNoFusion>(&files, &args, on, KvStorage::Device, (layout, hook))
+            profile::<CudaNoFusion>(&files, &args, on, KvStorage::Device, kernels)
         }
     } else {
         profile::<burn::backend::Flex>(
@@ -156,7 +147,7 @@ fn profile_main(args: Args) {
             &args,
             (Default::default(), DType::F32),
             KvStorage::Host,
-            (WeightLayout::InOut, None),
+            (WeightLayout::InOut, None, None),
         )
     };
     println!(
@@ -183,6 +174,37 @@ fn profile_main(args: Args) {
     }
 }
 
+/// A model's weight layout, projection hook and decode attention hook.
+type Kernels<B> = (WeightLayout, Option<ProjectFn<B>>, Option<DecodeAttentionFn<B>>);
+
+/// The kernels the server's `[cuda]` settings choose, from `INFERFLUX__CUDA__*` only (no file).
+fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
+    let vars = std::env::vars().filter(|(k, _)| k.starts_with("INFERFLUX__CUDA__"));
+    let cuda = Settings::load_with_env(None, &CliOverrides::default(), vars)
+        .expect("INFERFLUX__CUDA__* settings")
+        .cuda;
+    let (choice, layout) = (cuda.gemm_choice(), cuda.weight_layout);
+    let project = (!choice.is_burn_only()).then(|| cuda_gemm::projector(choice));
+    let attend = match cuda.attention {
+        AttentionKernel::Paged => match cuda_attention::supports(&files.config) {
+            Ok(()) => Some(cuda_attention::paged_decode_attention()),
+            Err(why) => {
+                eprintln!("paged attention refused ({why}): burn's gather");
+                None
+            }
+        },
+        AttentionKernel::Burn => None,
+    };
+    eprintln!(
+        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}",
+        choice.small,
+        choice.small_max_rows,
+        choice.large,
+        attend.is_some()
+    );
+    (layout, project, attend)
+}
+
 /// The checkpoint's half precision on a GPU (as the server picks it), f32 on the CPU.
 fn device_dtype(files: &ModelFiles, cuda: bool) -> DType {
     if !cuda {
@@ -195,24 +217,20 @@ fn device_dtype(files: &ModelFiles, cuda: bool) -> DType {
     }
 }
 
-fn load<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType) -> Llama<B> {
-    let index = files.checkpoint.index().expect("weights index");
-    Llama::<B>::load(&files.config, &index, device, dtype).expect("model loads")
-}
-
 /// One [`Row`] per batch size; `projections` as the server's `[cuda]` keys make them.
 fn profile<B: Backend>(
     files: &ModelFiles,
     args: &Args,
     (device, dtype): (B::Device, DType),
     storage: KvStorage,
-    (layout, hook): (WeightLayout, Option<ProjectFn<B>>),
+    (layout, hook, attend): Kernels<B>,
 ) -> Vec<Row> {
     let started = Instant::now();
     let index = files.checkpoint.index().expect("weights index");
     let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
         .expect("model loads")
-        .with_projection(hook.clone());
+        .with_projection(hook.clone())
+        .with_decode_attention(attend);
     drop(index);
     let c = model.config().clone();
     eprintln!(
@@ -350,14 +368,15 @@ struct FixtureRun {
 }
 
 fn logits_main(mut argv: impl Iterator<Item = String>) {
-    let (mut cuda, mut fusion) = (false, true);
+    let (mut cuda, mut fusion, mut kernels) = (false, true, false);
     let mut dirs = Vec::new();
     while let Some(a) = argv.next() {
         match a.as_str() {
             "--device" => {
                 let d = argv.next().unwrap_or_default();
                 cuda = d.starts_with("cuda");
-                fusion = d != "cuda-nofusion";
+                fusion = d == "cuda";
+                kernels = d == "cuda-kernels";
             }
             dir => dirs.push(std::path::PathBuf::from(dir)),
         }
@@ -382,17 +401,44 @@ fn logits_main(mut argv: impl Iterator<Item = String>) {
         let cpu = run_fixture::<burn::backend::Flex>(
             &files,
             &goldens,
-            Default::default(),
-            DType::F32,
+            (Default::default(), DType::F32),
             KvStorage::Host,
+            plain(),
         );
         let dtype = device_dtype(&files, cuda);
         let dev = if cuda && fusion {
-            run_fixture::<burn::backend::Cuda>(&files, &goldens, Default::default(), dtype, KvStorage::Device)
+            run_fixture::<burn::backend::Cuda>(
+                &files,
+                &goldens,
+                (Default::default(), dtype),
+                KvStorage::Device,
+                plain(),
+            )
+        } else if kernels {
+            let chosen = chosen_kernels(&files);
+            run_fixture::<CudaNoFusion>(
+                &files,
+                &goldens,
+                (Default::default(), dtype),
+                KvStorage::Device,
+                chosen,
+            )
         } else if cuda {
-            run_fixture::<CudaNoFusion>(&files, &goldens, Default::default(), dtype, KvStorage::Device)
+            run_fixture::<CudaNoFusion>(
+                &files,
+                &goldens,
+                (Default::default(), dtype),
+                KvStorage::Device,
+                plain(),
+            )
         } else {
-            run_fixture::<burn::backend::Flex>(&files, &goldens, Default::default(), dtype, KvStorage::Device)
+            run_fixture::<burn::backend::Flex>(
+                &files,
+                &goldens,
+                (Default::default(), dtype),
+                KvStorage::Device,
+                plain(),
+            )
         };
         let max_diff = |a: &[Vec<f32>], b: &dyn Fn(usize) -> Vec<f32>| {
             a.iter()
@@ -439,6 +485,11 @@ fn logits_main(mut argv: impl Iterator<Item = String>) {
     }
 }
 
+/// burn's own kernels, weights `[in, out]`.
+fn plain<B: Backend>() -> Kernels<B> {
+    (WeightLayout::InOut, None, None)
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
@@ -452,11 +503,16 @@ fn argmax(v: &[f32]) -> usize {
 fn run_fixture<B: Backend>(
     files: &ModelFiles,
     goldens: &Goldens,
-    device: B::Device,
-    dtype: DType,
+    (device, dtype): (B::Device, DType),
     storage: KvStorage,
+    (layout, project, attend): Kernels<B>,
 ) -> FixtureRun {
-    let model = load::<B>(files, &device, dtype);
+    let index = files.checkpoint.index().expect("weights index");
+    let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
+        .expect("model loads")
+        .with_projection(project)
+        .with_decode_attention(attend);
+    drop(index);
     let c = model.config().clone();
     let prompts = &goldens.prompts;
     let n = prompts.len();

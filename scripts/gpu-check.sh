@@ -17,10 +17,13 @@
 #   6. one table: InferFlux against the baseline and the memory roofline (and one for step 8);
 #   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's
 #      shapes, both weight layouts, at 1, 8, 32 and 128 rows; writes the fastest `[cuda]` settings;
-#   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*), then step 4's profile with them;
-#      results under $OUT/tuned.
+#   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*) and the paged decode attention
+#      kernel (ATTENTION=burn leaves it out), then step 4's profile with them; results under
+#      $OUT/tuned;
+#   9. device_check logits with InferFlux's own kernels (the `gemv` projections on `out_in`
+#      weights, paged decode attention) against the CPU f32 path and transformers' goldens.
 # KERNELS=FILE runs step 8 with the INFERFLUX__CUDA__* lines of FILE instead.
-# The default order (27835614) fits steps 2 to 8 in about 8 minutes; 1 and 4 come last and may
+# The default order (297835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
 # not fit: STAGES=14 runs them in a call of their own.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +33,7 @@ out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 for f in "$bin"/*.xz; do [ -e "$f" ] && xz -dkf "$f" && chmod +x "${f%.xz}"; done
 t0=$(date +%s)
-stages=${STAGES:-27835614}
+stages=${STAGES:-297835614}
 device=${DEVICE:-cuda}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # Kernels compiled by NVRTC and autotune results are kept across this call's processes.
@@ -133,6 +136,8 @@ step8() { # step 5 with step 7's kernels
     local env=${KERNELS:-$out/gemm.env}
     [ -f "$env" ] || { echo "(no $env: run step 7 first)"; return; }
     mkdir -p "$out/tuned" && grep '^INFERFLUX__CUDA__' "$env" >"$out/tuned/kernels.env"
+    grep -q '^INFERFLUX__CUDA__ATTENTION=' "$out/tuned/kernels.env" ||
+        echo "INFERFLUX__CUDA__ATTENTION=${ATTENTION:-paged}" >>"$out/tuned/kernels.env"
     cat "$out/tuned/kernels.env"
     serve_bench "$out/tuned" "$out/tuned/kernels.env"
     echo "the decode step with these kernels:"
@@ -141,6 +146,14 @@ step8() { # step 5 with step 7's kernels
         timeout 60 "$bin/device_check" profile --device "$device" --model "$model" --batches 1,32,128 \
             --context 192 --iters 10 --bandwidth-gbs "$bw" --json "$out/tuned/profile.json"
     )
+}
+
+step9() { # our own kernels (gemv, paged attention) against the CPU f32 path and transformers
+    [ "$device" = cuda ] || { echo "(CUDA only: the kernels run on the CPU in cargo test)"; return; }
+    fixtures=$(for d in "$repo"/tests/fixtures/*/; do [ -f "$d/goldens.json" ] && echo "${d%/}"; done)
+    # shellcheck disable=SC2086
+    INFERFLUX__CUDA__GEMV=gemv INFERFLUX__CUDA__WEIGHT_LAYOUT=out_in INFERFLUX__CUDA__ATTENTION=paged \
+        timeout 90 "$bin/device_check" logits --device cuda-kernels $fixtures | tee "$out/logits-kernels.md"
 }
 
 # In order of value when the call's time runs short: the serving table first, then the checks.

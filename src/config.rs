@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::cuda_attention::AttentionKernel;
 use crate::model::cuda_gemm::{GemmChoice, GemmKernel};
 use crate::model::WeightLayout;
 
@@ -280,6 +281,8 @@ pub struct CudaConfig {
     pub gemv_max_rows: usize,
     /// Projection weights as `[in, out]` (transposed at load) or the checkpoint's `[out, in]`.
     pub weight_layout: WeightLayout,
+    /// Single-token decodes' attention: burn's gather, or our paged kernel.
+    pub attention: AttentionKernel,
 }
 
 impl Default for CudaConfig {
@@ -289,6 +292,7 @@ impl Default for CudaConfig {
             gemv: GemmKernel::Burn,
             gemv_max_rows: 8,
             weight_layout: WeightLayout::InOut,
+            attention: AttentionKernel::Burn,
         }
     }
 }
@@ -666,13 +670,20 @@ mod tests {
     fn cuda_kernels_come_from_env_and_unknown_names_are_refused() {
         let s = Settings::load_with_env(None, &CliOverrides::default(), env(&[])).unwrap();
         assert!(s.cuda.gemm_choice().is_burn_only(), "burn's matmul unless asked");
+        assert_eq!(
+            s.cuda.attention,
+            AttentionKernel::Burn,
+            "burn's gather unless asked"
+        );
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "gemv-plane"),
             ("INFERFLUX__CUDA__GEMM", "cublas"),
             ("INFERFLUX__CUDA__GEMV_MAX_ROWS", "4"),
             ("INFERFLUX__CUDA__WEIGHT_LAYOUT", "out_in"),
+            ("INFERFLUX__CUDA__ATTENTION", "paged"),
         ]);
         let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
+        assert_eq!(s.cuda.attention, AttentionKernel::Paged);
         let choice = s.cuda.gemm_choice();
         assert_eq!(
             (choice.kernel_for(4), choice.kernel_for(5), s.cuda.weight_layout),

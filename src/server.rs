@@ -22,9 +22,11 @@ use crate::actors::tp_ranks::{Rank, RankWorker};
 use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
+use crate::model::cuda_attention::{self, AttentionKernel};
 use crate::model::cuda_gemm::{self, CudaCube};
 use crate::model::{
-    KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache, ProjectFn, WeightIndex, WeightLayout,
+    DecodeAttentionFn, KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache, ProjectFn,
+    WeightIndex, WeightLayout,
 };
 use crate::parallel::{Communicator, LocalCommunicator};
 use crate::scheduler::SchedulerCore;
@@ -188,10 +190,20 @@ pub fn start(
             drop(index);
             let devices = (0..dp).map(|index| burn::backend::cuda::CudaDevice { index });
             let (choice, layout) = (settings.cuda.gemm_choice(), settings.cuda.weight_layout);
-            if choice.is_burn_only() {
+            let paged = settings.cuda.attention == AttentionKernel::Paged;
+            let decode_attention = match paged.then(|| cuda_attention::supports(&files.config)) {
+                Some(Ok(())) => Some(cuda_attention::paged_decode_attention()),
+                Some(Err(why)) => {
+                    tracing::warn!(%why, "the paged attention kernel cannot run this model: burn's gather serves decodes");
+                    None
+                }
+                None => None,
+            };
+            if choice.is_burn_only() && decode_attention.is_none() {
                 let projections = Projections {
                     layout,
                     project: None,
+                    decode_attention: None,
                 };
                 start_replicas::<burn::backend::Cuda>(
                     &files,
@@ -208,11 +220,13 @@ pub fn start(
                     gemv = %choice.small,
                     gemv_max_rows = choice.small_max_rows,
                     ?layout,
-                    "projections on the chosen kernels; serving without burn's fusion layer"
+                    paged_attention = decode_attention.is_some(),
+                    "projections and attention on the chosen kernels; serving without burn's fusion layer"
                 );
                 let projections = Projections {
                     layout,
-                    project: Some(cuda_gemm::projector(choice)),
+                    project: (!choice.is_burn_only()).then(|| cuda_gemm::projector(choice)),
+                    decode_attention,
                 };
                 start_replicas::<CudaCube>(
                     &files,
@@ -415,11 +429,12 @@ fn free_memory(cuda: bool) -> Result<usize, String> {
 /// One replica's ranks, loaded: a model per tensor-parallel rank and the ranks' communicators.
 type LoadedRanks<B> = (Vec<Llama<B>>, Vec<Arc<dyn Communicator>>);
 
-/// How the models keep and multiply by their projection weights (the `[cuda]` keys); burn's
-/// `matmul` on `[in, out]` weights by default.
+/// How the models keep and multiply by their projection weights and attend in decodes (the
+/// `[cuda]` keys); burn's `matmul` on `[in, out]` weights and burn's gather by default.
 struct Projections<B: Backend> {
     layout: WeightLayout,
     project: Option<ProjectFn<B>>,
+    decode_attention: Option<DecodeAttentionFn<B>>,
 }
 
 impl<B: Backend> Default for Projections<B> {
@@ -427,6 +442,7 @@ impl<B: Backend> Default for Projections<B> {
         Self {
             layout: WeightLayout::InOut,
             project: None,
+            decode_attention: None,
         }
     }
 }
@@ -463,7 +479,11 @@ fn load_ranks<B: Backend>(
                         e.into()
                     }
                 })?;
-        models.push(model.with_projection(projections.project.clone()));
+        models.push(
+            model
+                .with_projection(projections.project.clone())
+                .with_decode_attention(projections.decode_attention.clone()),
+        );
     }
     Ok((models, comms))
 }

@@ -332,39 +332,6 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
     }
 }
 
-/// A [`DecodeAttentionFn`](inferflux::model::DecodeAttentionFn) in burn's ops, one sequence at a
-/// time: the slots of `ctx_begin..ctx_end` found through the block table, then softmax attention
-/// with each KV head serving its group of query heads. It checks what the model hands a paged
-/// attention kernel (queries, tables, context bounds, cache tensors) and where it puts the result;
-/// the kernel itself is held to the same numbers in `model::kernels::paged_attention`.
-fn attention_through_block_tables(a: inferflux::model::DecodeAttention<B>) -> burn::tensor::Tensor<B, 2> {
-    use burn::tensor::{activation::softmax, Int, Tensor, TensorData};
-    let [n, heads, hd] = a.q.dims();
-    let (kv, ps) = (a.kv_heads, a.page_size);
-    let max_blocks = a.block_tables.dims()[1];
-    let ints = |t: Tensor<B, 1, Int>| t.into_data().iter::<i64>().collect::<Vec<i64>>();
-    let tables = ints(a.block_tables.reshape([n * max_blocks]));
-    let (begin, end) = (ints(a.ctx_begin), ints(a.ctx_end));
-    let device = a.q.device();
-    let rows: Vec<Tensor<B, 2>> = (0..n)
-        .map(|s| {
-            let slots: Vec<i32> = (begin[s] as usize..end[s] as usize)
-                .map(|p| (tables[s * max_blocks + p / ps] as usize * ps + p % ps) as i32)
-                .collect();
-            let len = slots.len();
-            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [len]), &device);
-            let k = a.k_cache.clone().select(0, index.clone()).reshape([len, kv, hd]);
-            let v = a.v_cache.clone().select(0, index).reshape([len, kv, hd]);
-            let q = a.q.clone().slice([s..s + 1]).reshape([kv, heads / kv, hd]);
-            let scores = q.matmul(k.permute([1, 2, 0])).mul_scalar(a.scale);
-            softmax(scores, 2)
-                .matmul(v.swap_dims(0, 1))
-                .reshape([1, heads * hd])
-        })
-        .collect();
-    Tensor::cat(rows, 0)
-}
-
 #[test]
 fn model_paged_decode_attention_hook_matches_transformers() {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -376,7 +343,7 @@ fn model_paged_decode_attention_hook_matches_transformers() {
         let counted = calls.clone();
         let attend: inferflux::model::DecodeAttentionFn<B> = Arc::new(move |a| {
             counted.fetch_add(1, Ordering::Relaxed);
-            attention_through_block_tables(a)
+            inferflux::model::llama::gathered_decode_attention(a)
         });
         let model = model.with_decode_attention(Some(attend));
         let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();

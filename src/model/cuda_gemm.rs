@@ -21,6 +21,7 @@ use burn::prelude::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::kernel::matmul::init_matmul_output;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use cubek::matmul::components::tile::TileMatmulKind;
@@ -307,11 +308,12 @@ fn own_gemv(
     if w.dtype != x.dtype {
         return Err(refuse(format!("mixed dtypes {:?} x {:?}", x.dtype, w.dtype)));
     }
-    let aligned = |t: &CubeTensor<CudaRuntime>| t.handle.offset_start.unwrap_or(0) % 16 == 0;
+    let aligned = |t: &CubeTensor<CudaRuntime>| t.handle.offset_start.unwrap_or(0).is_multiple_of(16);
     if !aligned(&x) || !aligned(&w) {
         return Err(refuse("an operand starts off a 16-byte boundary".into()));
     }
-    let out = init_matmul_output(&x, &w, x.dtype);
+    // Contiguous, as the kernel writes it (an allocation may pad rows otherwise).
+    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [m, n].into(), x.dtype);
     let shape = GemvShape { rows: m, k, n };
     let handles = [x.handle.clone(), w.handle.clone(), out.handle.clone()];
     gemv::launch(

@@ -57,6 +57,7 @@ pub enum WeightLayout {
 pub type ProjectFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
 
 /// One layer's decode attention, read through block tables: what a [`DecodeAttentionFn`] gets.
+#[derive(Clone)]
 pub struct DecodeAttention<B: Backend> {
     /// `[n, heads, head_dim]`, after RoPE: one query token per sequence.
     pub q: Tensor<B, 3>,
@@ -749,6 +750,38 @@ impl<B: Backend> Llama<B> {
         let normed = (xf * inv_rms).cast(self.dtype);
         normed * weight.clone().unsqueeze_dim::<2>(0)
     }
+}
+
+/// [`DecodeAttention`] in burn's ops, one sequence at a time: the slots of `ctx_begin..ctx_end`
+/// found through the block table and gathered, then softmax attention with each KV head serving
+/// its group of query heads. The fallback of a paged kernel that refuses a step, and the
+/// reference its plumbing is tested against (`tests/model_goldens.rs`); it reads the tables back
+/// to the host, so it is not a fast path.
+pub fn gathered_decode_attention<B: Backend>(a: DecodeAttention<B>) -> Tensor<B, 2> {
+    let [n, heads, hd] = a.q.dims();
+    let (kv, ps) = (a.kv_heads, a.page_size);
+    let max_blocks = a.block_tables.dims()[1];
+    let ints = |t: Tensor<B, 1, Int>| t.into_data().iter::<i64>().collect::<Vec<i64>>();
+    let tables = ints(a.block_tables.reshape([n * max_blocks]));
+    let (begin, end) = (ints(a.ctx_begin), ints(a.ctx_end));
+    let device = a.q.device();
+    let rows: Vec<Tensor<B, 2>> = (0..n)
+        .map(|s| {
+            let slots: Vec<i32> = (begin[s] as usize..end[s] as usize)
+                .map(|p| (tables[s * max_blocks + p / ps] as usize * ps + p % ps) as i32)
+                .collect();
+            let len = slots.len();
+            let index = int_tensor(slots, &device);
+            let k = a.k_cache.clone().select(0, index.clone()).reshape([len, kv, hd]);
+            let v = a.v_cache.clone().select(0, index).reshape([len, kv, hd]);
+            let q = a.q.clone().narrow(0, s, 1).reshape([kv, heads / kv, hd]);
+            let scores = q.matmul(k.permute([1, 2, 0])).mul_scalar(a.scale);
+            softmax(scores, 2)
+                .matmul(v.swap_dims(0, 1))
+                .reshape([1, heads * hd])
+        })
+        .collect();
+    Tensor::cat(rows, 0)
 }
 
 /// Splits decodes with context lengths `lens` into groups attended in one batched pass each,

@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod cuda_attention;
 pub mod cuda_gemm;
 pub mod kernels;
 pub mod llama;

@@ -34,14 +34,14 @@ fn gemv_kernel<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
     out: &mut Array<F>,
     k_vectors: u32,
-    n: u32,
+    outputs: u32,
     #[comptime] rows: usize,
     #[comptime] plane_reduce: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let lanes = LANES as usize;
     let o = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
-    let (kv, n) = (k_vectors as usize, n as usize);
+    let (kv, n) = (k_vectors as usize, outputs as usize);
     // f32 accumulators whatever the weights' type, as cuBLAS computes bf16 GEMMs.
     let mut acc = Array::<Vector<f32, N>>::new(rows);
     #[unroll]
@@ -123,7 +123,7 @@ pub fn launch<R: Runtime>(
     if k == 0 || n == 0 {
         return Err(Refused("an empty GEMV".into()));
     }
-    let max_vector = client.properties().hardware.max_vector_size as usize;
+    let max_vector = client.properties().hardware.max_vector_size;
     let width = super::vector_width(k, elem_bytes, max_vector);
     let kv = k / width;
     let (k_vectors, n_out) = match (u32::try_from(kv), u32::try_from(n)) {

@@ -18,7 +18,7 @@ pub struct Refused(pub String);
 /// elements, that divides `len`: rows of `len` elements then start on a vector boundary.
 pub fn vector_width(len: usize, elem_bytes: usize, max_vector: usize) -> usize {
     let mut width = (16 / elem_bytes.max(1)).clamp(1, max_vector.max(1));
-    while width > 1 && len % width != 0 {
+    while width > 1 && !len.is_multiple_of(width) {
         width /= 2;
     }
     width

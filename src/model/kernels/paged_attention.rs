@@ -165,7 +165,7 @@ pub fn launch<R: Runtime>(
     let seqs_u32 = u32::try_from(seqs).map_err(|_| too_large("seqs"))?;
     let heads_u32 = u32::try_from(heads).map_err(|_| too_large("heads"))?;
     u32::try_from(slots * kv_heads * head_dim).map_err(|_| too_large("the cache"))?;
-    let max_vector = client.properties().hardware.max_vector_size as usize;
+    let max_vector = client.properties().hardware.max_vector_size;
     let width = super::vector_width(head_dim, elem_bytes, max_vector);
     let [q, k, v, tables, begin, end, out] = handles;
     let q_len = seqs * heads * head_dim;

@@ -1,0 +1,120 @@
+//! Decode attention on CUDA by our paged kernel (`kernels::paged_attention`): each sequence's
+//! query reads K/V where its pages are, instead of burn gathering, padding and re-reading them.
+//! The server installs it as the model's [`DecodeAttentionFn`] with `[cuda] attention =
+//! "paged"` (see the AdminGuide); `device_check logits` holds it to the CPU path.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::cuda::CudaRuntime;
+
+use super::cuda_gemm::CudaCube;
+use super::kernels::paged_attention::{self, DecodeAttentionShape, TILE};
+use super::kernels::Refused;
+use super::llama::{gathered_decode_attention, DecodeAttention, DecodeAttentionFn};
+use super::LlamaConfig;
+
+/// How single-token decodes attend on CUDA (`[cuda] attention`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionKernel {
+    /// burn's ops: each context's K/V rows gathered, a group padded to its longest, softmax.
+    #[default]
+    Burn,
+    /// Our paged kernel, reading K/V through the block tables.
+    Paged,
+}
+
+/// Whether the kernel runs `config`'s attention (checked once, at start).
+pub fn supports(config: &LlamaConfig) -> Result<(), Refused> {
+    let (heads, kv_heads, head_dim) = (config.num_heads, config.num_kv_heads, config.head_dim);
+    if head_dim > TILE {
+        return Err(Refused(format!(
+            "head_dim {head_dim} is above the kernel's {TILE}"
+        )));
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Refused(format!("{heads} heads over {kv_heads} KV heads")));
+    }
+    Ok(())
+}
+
+/// The server's decode attention on [`CudaCube`]: the paged kernel, or where it refuses a step
+/// (a cache too large for 32-bit indices, an unexpected layout), burn's gather for that step,
+/// with one warning.
+pub fn paged_decode_attention() -> DecodeAttentionFn<CudaCube> {
+    let warned = Arc::new(AtomicBool::new(false));
+    Arc::new(move |a: DecodeAttention<CudaCube>| {
+        let fallback = a.clone();
+        match launch(a) {
+            Ok(out) => out,
+            Err(e) => {
+                if !warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "paged attention refused a step: burn's gather runs it");
+                }
+                gathered_decode_attention(fallback)
+            }
+        }
+    })
+}
+
+/// Queues the kernel on `a`'s tensors; `[n, heads * head_dim]`.
+pub fn launch(a: DecodeAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refused> {
+    let [n, heads, head_dim] = a.q.dims();
+    let max_blocks = a.block_tables.dims()[1];
+    let float = |t: Tensor<CudaCube, 2>| t.into_primitive().tensor();
+    let q: CubeTensor<CudaRuntime> = into_contiguous(a.q.into_primitive().tensor());
+    let (k, v) = (float(a.k_cache), float(a.v_cache));
+    let ints = [
+        into_contiguous(a.block_tables.into_primitive()),
+        into_contiguous(a.ctx_begin.into_primitive()),
+        into_contiguous(a.ctx_end.into_primitive()),
+    ];
+    if k.dtype != q.dtype || v.dtype != q.dtype {
+        return Err(Refused(format!("queries {:?}, cache {:?}", q.dtype, k.dtype)));
+    }
+    if !k.is_contiguous() || !v.is_contiguous() {
+        return Err(Refused("the cache's rows are padded".into()));
+    }
+    if ints.iter().any(|t| t.dtype != DType::I32) {
+        return Err(Refused("block tables are not 32-bit".into()));
+    }
+    let shape = DecodeAttentionShape {
+        seqs: n,
+        heads,
+        kv_heads: a.kv_heads,
+        head_dim,
+        page_size: a.page_size,
+        max_blocks,
+        slots: k.meta.shape()[0],
+    };
+    let out = empty_device_contiguous_dtype(
+        q.client.clone(),
+        q.device.clone(),
+        [n, heads * head_dim].into(),
+        q.dtype,
+    );
+    let [tables, begin, end] = ints;
+    // Page ids and positions are non-negative, so their i32 bits read as the kernel's u32.
+    let handles = [
+        q.handle.clone(),
+        k.handle.clone(),
+        v.handle.clone(),
+        tables.handle.clone(),
+        begin.handle.clone(),
+        end.handle.clone(),
+        out.handle.clone(),
+    ];
+    paged_attention::launch(
+        &q.client,
+        handles,
+        shape,
+        a.scale,
+        (q.dtype.into(), q.dtype.size()),
+    )?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
