@@ -34,10 +34,11 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use inferflux::config::{CliOverrides, Settings};
 use inferflux::model::cuda_attention::{self, AttentionKernel};
+use inferflux::model::cuda_fused;
 use inferflux::model::cuda_gemm;
 use inferflux::model::{
-    DecodeAttentionFn, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, ProjectFn, SequenceChunk,
-    WeightLayout,
+    DecodeAttentionFn, FusedOps, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, ProjectFn,
+    SequenceChunk, WeightLayout,
 };
 
 const PAGE_SIZE: usize = 16;
@@ -135,8 +136,9 @@ fn profile_main(args: Args) {
         let dtype = device_dtype(&files, true);
         let kernels = chosen_kernels(&files);
         let on = (Default::default(), dtype);
-        if args.fusion && kernels.1.is_none() && kernels.2.is_none() {
-            profile::<burn::backend::Cuda>(&files, &args, on, KvStorage::Device, (kernels.0, None, None))
+        if args.fusion && kernels.1.is_none() && kernels.2.is_none() && kernels.3.is_none() {
+            let layout_only = (kernels.0, None, None, None);
+            profile::<burn::backend::Cuda>(&files, &args, on, KvStorage::Device, layout_only)
         } else {
             // The chosen kernels run on burn's CUDA tensors directly, as in the server.
             profile::<CudaNoFusion>(&files, &args, on, KvStorage::Device, kernels)
@@ -147,7 +149,7 @@ fn profile_main(args: Args) {
             &args,
             (Default::default(), DType::F32),
             KvStorage::Host,
-            (WeightLayout::InOut, None, None),
+            plain(),
         )
     };
     println!(
@@ -174,8 +176,13 @@ fn profile_main(args: Args) {
     }
 }
 
-/// A model's weight layout, projection hook and decode attention hook.
-type Kernels<B> = (WeightLayout, Option<ProjectFn<B>>, Option<DecodeAttentionFn<B>>);
+/// A model's weight layout, projection hook, decode attention hook and fused operations.
+type Kernels<B> = (
+    WeightLayout,
+    Option<ProjectFn<B>>,
+    Option<DecodeAttentionFn<B>>,
+    Option<FusedOps<B>>,
+);
 
 /// The kernels the server's `[cuda]` settings choose, from `INFERFLUX__CUDA__*` only (no file).
 fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
@@ -195,14 +202,16 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
         },
         AttentionKernel::Burn => None,
     };
+    let fused = cuda.fused_ops.then(cuda_fused::fused_ops);
     eprintln!(
-        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}",
+        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}",
         choice.small,
         choice.small_max_rows,
         choice.large,
-        attend.is_some()
+        attend.is_some(),
+        fused.is_some()
     );
-    (layout, project, attend)
+    (layout, project, attend, fused)
 }
 
 /// The checkpoint's half precision on a GPU (as the server picks it), f32 on the CPU.
@@ -223,14 +232,15 @@ fn profile<B: Backend>(
     args: &Args,
     (device, dtype): (B::Device, DType),
     storage: KvStorage,
-    (layout, hook, attend): Kernels<B>,
+    (layout, hook, attend, fused): Kernels<B>,
 ) -> Vec<Row> {
     let started = Instant::now();
     let index = files.checkpoint.index().expect("weights index");
     let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
         .expect("model loads")
         .with_projection(hook.clone())
-        .with_decode_attention(attend);
+        .with_decode_attention(attend)
+        .with_fused_ops(fused);
     drop(index);
     let c = model.config().clone();
     eprintln!(
@@ -487,7 +497,7 @@ fn logits_main(mut argv: impl Iterator<Item = String>) {
 
 /// burn's own kernels, weights `[in, out]`.
 fn plain<B: Backend>() -> Kernels<B> {
-    (WeightLayout::InOut, None, None)
+    (WeightLayout::InOut, None, None, None)
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -505,13 +515,14 @@ fn run_fixture<B: Backend>(
     goldens: &Goldens,
     (device, dtype): (B::Device, DType),
     storage: KvStorage,
-    (layout, project, attend): Kernels<B>,
+    (layout, project, attend, fused): Kernels<B>,
 ) -> FixtureRun {
     let index = files.checkpoint.index().expect("weights index");
     let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
         .expect("model loads")
         .with_projection(project)
-        .with_decode_attention(attend);
+        .with_decode_attention(attend)
+        .with_fused_ops(fused);
     drop(index);
     let c = model.config().clone();
     let prompts = &goldens.prompts;

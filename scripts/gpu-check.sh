@@ -17,11 +17,11 @@
 #   6. one table: InferFlux against the baseline and the memory roofline (and one for step 8);
 #   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's
 #      shapes, both weight layouts, at 1, 8, 32 and 128 rows; writes the fastest `[cuda]` settings;
-#   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*) and the paged decode attention
-#      kernel (ATTENTION=burn leaves it out), then step 4's profile with them; results under
-#      $OUT/tuned;
+#   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*), the paged decode attention
+#      kernel and the fused RMSNorm and silu·up kernels (ATTENTION=burn, FUSED_OPS=false leave
+#      them out), then step 4's profile with them; results under $OUT/tuned;
 #   9. device_check logits with InferFlux's own kernels (the `gemv` projections on `out_in`
-#      weights, paged decode attention) against the CPU f32 path and transformers' goldens.
+#      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens.
 # KERNELS=FILE runs step 8 with the INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (297835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
 # not fit: STAGES=14 runs them in a call of their own.
@@ -138,6 +138,8 @@ step8() { # step 5 with step 7's kernels
     mkdir -p "$out/tuned" && grep '^INFERFLUX__CUDA__' "$env" >"$out/tuned/kernels.env"
     grep -q '^INFERFLUX__CUDA__ATTENTION=' "$out/tuned/kernels.env" ||
         echo "INFERFLUX__CUDA__ATTENTION=${ATTENTION:-paged}" >>"$out/tuned/kernels.env"
+    grep -q '^INFERFLUX__CUDA__FUSED_OPS=' "$out/tuned/kernels.env" ||
+        echo "INFERFLUX__CUDA__FUSED_OPS=${FUSED_OPS:-true}" >>"$out/tuned/kernels.env"
     cat "$out/tuned/kernels.env"
     serve_bench "$out/tuned" "$out/tuned/kernels.env"
     echo "the decode step with these kernels:"
@@ -148,11 +150,11 @@ step8() { # step 5 with step 7's kernels
     )
 }
 
-step9() { # our own kernels (gemv, paged attention) against the CPU f32 path and transformers
+step9() { # our own kernels (gemv, paged attention, fused ops) against the CPU f32 path and transformers
     [ "$device" = cuda ] || { echo "(CUDA only: the kernels run on the CPU in cargo test)"; return; }
     fixtures=$(for d in "$repo"/tests/fixtures/*/; do [ -f "$d/goldens.json" ] && echo "${d%/}"; done)
     # shellcheck disable=SC2086
-    INFERFLUX__CUDA__GEMV=gemv INFERFLUX__CUDA__WEIGHT_LAYOUT=out_in INFERFLUX__CUDA__ATTENTION=paged \
+    INFERFLUX__CUDA__GEMV=gemv INFERFLUX__CUDA__WEIGHT_LAYOUT=out_in INFERFLUX__CUDA__ATTENTION=paged INFERFLUX__CUDA__FUSED_OPS=true \
         timeout 90 "$bin/device_check" logits --device cuda-kernels $fixtures | tee "$out/logits-kernels.md"
 }
 

@@ -283,6 +283,8 @@ pub struct CudaConfig {
     pub weight_layout: WeightLayout,
     /// Single-token decodes' attention: burn's gather, or our paged kernel.
     pub attention: AttentionKernel,
+    /// RMSNorm and the MLP's `silu(gate) · up` by our one-launch kernels instead of burn's ops.
+    pub fused_ops: bool,
 }
 
 impl Default for CudaConfig {
@@ -293,6 +295,7 @@ impl Default for CudaConfig {
             gemv_max_rows: 8,
             weight_layout: WeightLayout::InOut,
             attention: AttentionKernel::Burn,
+            fused_ops: false,
         }
     }
 }
@@ -675,15 +678,18 @@ mod tests {
             AttentionKernel::Burn,
             "burn's gather unless asked"
         );
+        assert!(!s.cuda.fused_ops, "burn's ops unless asked");
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "gemv-plane"),
             ("INFERFLUX__CUDA__GEMM", "cublas"),
             ("INFERFLUX__CUDA__GEMV_MAX_ROWS", "4"),
             ("INFERFLUX__CUDA__WEIGHT_LAYOUT", "out_in"),
             ("INFERFLUX__CUDA__ATTENTION", "paged"),
+            ("INFERFLUX__CUDA__FUSED_OPS", "true"),
         ]);
         let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
         assert_eq!(s.cuda.attention, AttentionKernel::Paged);
+        assert!(s.cuda.fused_ops);
         let choice = s.cuda.gemm_choice();
         assert_eq!(
             (choice.kernel_for(4), choice.kernel_for(5), s.cuda.weight_layout),

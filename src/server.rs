@@ -23,10 +23,11 @@ use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
 use crate::model::cuda_attention::{self, AttentionKernel};
+use crate::model::cuda_fused;
 use crate::model::cuda_gemm::{self, CudaCube};
 use crate::model::{
-    DecodeAttentionFn, KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache, ProjectFn,
-    WeightIndex, WeightLayout,
+    DecodeAttentionFn, FusedOps, KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache,
+    ProjectFn, WeightIndex, WeightLayout,
 };
 use crate::parallel::{Communicator, LocalCommunicator};
 use crate::scheduler::SchedulerCore;
@@ -199,11 +200,11 @@ pub fn start(
                 }
                 None => None,
             };
-            if choice.is_burn_only() && decode_attention.is_none() {
+            let fused = settings.cuda.fused_ops.then(cuda_fused::fused_ops);
+            if choice.is_burn_only() && decode_attention.is_none() && fused.is_none() {
                 let projections = Projections {
                     layout,
-                    project: None,
-                    decode_attention: None,
+                    ..Projections::default()
                 };
                 start_replicas::<burn::backend::Cuda>(
                     &files,
@@ -221,12 +222,14 @@ pub fn start(
                     gemv_max_rows = choice.small_max_rows,
                     ?layout,
                     paged_attention = decode_attention.is_some(),
+                    fused_ops = fused.is_some(),
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"
                 );
                 let projections = Projections {
                     layout,
                     project: (!choice.is_burn_only()).then(|| cuda_gemm::projector(choice)),
                     decode_attention,
+                    fused,
                 };
                 start_replicas::<CudaCube>(
                     &files,
@@ -429,12 +432,14 @@ fn free_memory(cuda: bool) -> Result<usize, String> {
 /// One replica's ranks, loaded: a model per tensor-parallel rank and the ranks' communicators.
 type LoadedRanks<B> = (Vec<Llama<B>>, Vec<Arc<dyn Communicator>>);
 
-/// How the models keep and multiply by their projection weights and attend in decodes (the
-/// `[cuda]` keys); burn's `matmul` on `[in, out]` weights and burn's gather by default.
+/// How the models keep and multiply by their projection weights, attend in decodes and run
+/// RMSNorm and the MLP's activation (the `[cuda]` keys); burn's ops on `[in, out]` weights by
+/// default.
 struct Projections<B: Backend> {
     layout: WeightLayout,
     project: Option<ProjectFn<B>>,
     decode_attention: Option<DecodeAttentionFn<B>>,
+    fused: Option<FusedOps<B>>,
 }
 
 impl<B: Backend> Default for Projections<B> {
@@ -443,6 +448,7 @@ impl<B: Backend> Default for Projections<B> {
             layout: WeightLayout::InOut,
             project: None,
             decode_attention: None,
+            fused: None,
         }
     }
 }
@@ -482,7 +488,8 @@ fn load_ranks<B: Backend>(
         models.push(
             model
                 .with_projection(projections.project.clone())
-                .with_decode_attention(projections.decode_attention.clone()),
+                .with_decode_attention(projections.decode_attention.clone())
+                .with_fused_ops(projections.fused.clone()),
         );
     }
     Ok((models, comms))

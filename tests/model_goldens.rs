@@ -365,3 +365,56 @@ fn model_paged_decode_attention_hook_matches_transformers() {
         assert_eq!(calls.load(Ordering::Relaxed), 0, "{name}: host storage gathers");
     }
 }
+
+#[test]
+fn model_fused_ops_hooks_match_transformers() {
+    use inferflux::model::llama::{rms_norm, silu_mul};
+    use inferflux::model::FusedOps;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // tiny-qwen3 normalises q and k per head as well.
+    for (name, norms_per_layer) in [("tiny-llama", 2), ("tiny-qwen3", 4)] {
+        let (model, _, goldens) = fixture(name);
+        let (norms, acts) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (n, a) = (norms.clone(), acts.clone());
+        let fused = FusedOps::<B> {
+            rms_norm: Arc::new(move |x, w, eps| {
+                n.fetch_add(1, Ordering::Relaxed);
+                rms_norm(x, w, eps)
+            }),
+            silu_mul: Arc::new(move |g, u| {
+                a.fetch_add(1, Ordering::Relaxed);
+                silu_mul(g, u)
+            }),
+        };
+        let model = model.with_fused_ops(Some(fused));
+        let layers = model.config().num_layers;
+        let p = &goldens.prompts[0];
+        let mut cache = new_cache(&model, KvStorage::Host);
+        let chunk = SequenceChunk {
+            tokens: p.input_ids.clone(),
+            start_pos: 0,
+            block_table: block_table(0, 1, p.input_ids.len()),
+            wants_logits: true,
+        };
+        let rows = logits_rows(model.forward(&mut cache, &[chunk]));
+        assert_close(&rows[0], &p.last_logits, &format!("{name} fused ops"));
+        assert_eq!(
+            norms.load(Ordering::Relaxed),
+            norms_per_layer * layers + 1,
+            "{name}: RMSNorms per step"
+        );
+        assert_eq!(
+            acts.load(Ordering::Relaxed),
+            layers,
+            "{name}: MLP activations per step"
+        );
+        let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
+        let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
+        assert_eq!(
+            greedy_batched(&model, &cases, 7, KvStorage::Device),
+            want,
+            "{name}: greedy"
+        );
+    }
+}

@@ -80,6 +80,18 @@ pub struct DecodeAttention<B: Backend> {
 /// decodes gather their context rows (`Llama::attention`).
 pub type DecodeAttentionFn<B> = Arc<dyn Fn(DecodeAttention<B>) -> Tensor<B, 2> + Send + Sync>;
 
+/// RMSNorm of `x [rows, width]` by `weight [width]` with epsilon `eps`, as [`rms_norm`].
+pub type RmsNormFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 1>, f64) -> Tensor<B, 2> + Send + Sync>;
+/// `silu(gate) · up`, both `[rows, intermediate]`, as [`silu_mul`].
+pub type SiluMulFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
+
+/// Kernels that do in one launch what burn composes from several (`cuda_fused`).
+#[derive(Clone)]
+pub struct FusedOps<B: Backend> {
+    pub rms_norm: RmsNormFn<B>,
+    pub silu_mul: SiluMulFn<B>,
+}
+
 #[derive(Clone)]
 struct LlamaLayer<B: Backend> {
     attn_norm: Tensor<B, 1>,
@@ -183,6 +195,8 @@ pub struct Llama<B: Backend> {
     project: Option<ProjectFn<B>>,
     /// `None`: decodes gather their context (see [`DecodeAttentionFn`]).
     decode_attention: Option<DecodeAttentionFn<B>>,
+    /// `None`: burn's ops for RMSNorm and the MLP's activation.
+    fused: Option<FusedOps<B>>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -360,6 +374,7 @@ impl<B: Backend> Llama<B> {
             rope_sin: table(sin),
             project: None,
             decode_attention: None,
+            fused: None,
         })
     }
 
@@ -373,6 +388,13 @@ impl<B: Backend> Llama<B> {
     /// used only while the cache keeps its pages on the device.
     pub fn with_decode_attention(mut self, attend: Option<DecodeAttentionFn<B>>) -> Self {
         self.decode_attention = attend;
+        self
+    }
+
+    /// Runs RMSNorm (every one, q/k norms included) and the MLP's `silu(gate) · up` through
+    /// `fused` instead of burn's ops.
+    pub fn with_fused_ops(mut self, fused: Option<FusedOps<B>>) -> Self {
+        self.fused = fused;
         self
     }
 
@@ -520,9 +542,13 @@ impl<B: Backend> Llama<B> {
             x = x + out;
 
             let h = self.rms_norm(x.clone(), &layer.mlp_norm);
-            let gate = silu(self.project(h.clone(), &layer.w_gate));
+            let gate = self.project(h.clone(), &layer.w_gate);
             let up = self.project(h, &layer.w_up);
-            let mut down = self.project(gate * up, &layer.w_down);
+            let act = match &self.fused {
+                Some(f) => (f.silu_mul)(gate, up),
+                None => silu_mul(gate, up),
+            };
+            let mut down = self.project(act, &layer.w_down);
             if let Some(comm) = &self.comm {
                 down = shard::all_reduce(&**comm, down);
             }
@@ -733,23 +759,38 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// RMSNorm computed in f32 whatever the weights' dtype, as transformers does.
+    /// [`rms_norm`] by the fused kernel when one is set.
     fn rms_norm(&self, x: Tensor<B, 2>, weight: &Tensor<B, 1>) -> Tensor<B, 2> {
-        let xf = if self.dtype == DType::F32 {
-            x
-        } else {
-            x.cast(DType::F32)
-        };
-        let inv_rms = xf
-            .clone()
-            .powi_scalar(2)
-            .mean_dim(1)
-            .add_scalar(self.config.rms_norm_eps)
-            .sqrt()
-            .recip();
-        let normed = (xf * inv_rms).cast(self.dtype);
-        normed * weight.clone().unsqueeze_dim::<2>(0)
+        match &self.fused {
+            Some(f) => (f.rms_norm)(x, weight.clone(), self.config.rms_norm_eps),
+            None => rms_norm(x, weight.clone(), self.config.rms_norm_eps),
+        }
     }
+}
+
+/// RMSNorm as transformers computes it: the statistics in f32 whatever `x`'s dtype, the
+/// normalised rows cast back to it, then multiplied by `weight [width]`.
+pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    let dtype = x.dtype();
+    let xf = if dtype == DType::F32 {
+        x
+    } else {
+        x.cast(DType::F32)
+    };
+    let inv_rms = xf
+        .clone()
+        .powi_scalar(2)
+        .mean_dim(1)
+        .add_scalar(eps)
+        .sqrt()
+        .recip();
+    let normed = (xf * inv_rms).cast(dtype);
+    normed * weight.unsqueeze_dim::<2>(0)
+}
+
+/// The MLP's activation: `silu(gate) · up`.
+pub fn silu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    silu(gate) * up
 }
 
 /// [`DecodeAttention`] in burn's ops, one sequence at a time: the slots of `ctx_begin..ctx_end`

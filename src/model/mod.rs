@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod config;
 pub mod cuda_attention;
+pub mod cuda_fused;
 pub mod cuda_gemm;
 pub mod kernels;
 pub mod llama;
@@ -18,7 +19,9 @@ use std::sync::Arc;
 
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::LlamaConfig;
-pub use llama::{DecodeAttention, DecodeAttentionFn, Llama, ProjectFn, SequenceChunk, WeightLayout};
+pub use llama::{
+    DecodeAttention, DecodeAttentionFn, FusedOps, Llama, ProjectFn, SequenceChunk, WeightLayout,
+};
 pub use paged_cache::{HostPages, KvStorage, PagedKvCache, SlotIndex};
 use tokenizers::Tokenizer;
 pub use weights::{CheckpointBytes, WeightIndex};
