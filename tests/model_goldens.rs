@@ -368,15 +368,19 @@ fn model_paged_decode_attention_hook_matches_transformers() {
 
 #[test]
 fn model_fused_ops_hooks_match_transformers() {
-    use inferflux::model::llama::{rms_norm, silu_mul};
+    use inferflux::model::llama::{rms_norm, rotate_half_rope, silu_mul};
     use inferflux::model::FusedOps;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     // tiny-qwen3 normalises q and k per head as well.
     for (name, norms_per_layer) in [("tiny-llama", 2), ("tiny-qwen3", 4)] {
         let (model, _, goldens) = fixture(name);
-        let (norms, acts) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (n, a) = (norms.clone(), acts.clone());
+        let (norms, acts, ropes) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (n, a, r) = (norms.clone(), acts.clone(), ropes.clone());
         let fused = FusedOps::<B> {
             rms_norm: Arc::new(move |x, w, eps| {
                 n.fetch_add(1, Ordering::Relaxed);
@@ -385,6 +389,10 @@ fn model_fused_ops_hooks_match_transformers() {
             silu_mul: Arc::new(move |g, u| {
                 a.fetch_add(1, Ordering::Relaxed);
                 silu_mul(g, u)
+            }),
+            rope: Arc::new(move |x, cos, sin| {
+                r.fetch_add(1, Ordering::Relaxed);
+                rotate_half_rope(x, &cos, &sin)
             }),
         };
         let model = model.with_fused_ops(Some(fused));
@@ -408,6 +416,11 @@ fn model_fused_ops_hooks_match_transformers() {
             acts.load(Ordering::Relaxed),
             layers,
             "{name}: MLP activations per step"
+        );
+        assert_eq!(
+            ropes.load(Ordering::Relaxed),
+            2 * layers,
+            "{name}: RoPE of q and k per layer"
         );
         let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
         let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();

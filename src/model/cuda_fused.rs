@@ -1,5 +1,6 @@
-//! RMSNorm and the MLP's `silu(gate) · up` on CUDA in one launch each (`kernels::rms_norm`,
-//! `kernels::silu_mul`), installed as the model's [`FusedOps`] with `[cuda] fused_ops = true`.
+//! RMSNorm, RoPE and the MLP's `silu(gate) · up` on CUDA in one launch each
+//! (`kernels::rms_norm`, `kernels::rope`, `kernels::silu_mul`), installed as the model's
+//! [`FusedOps`] with `[cuda] fused_ops = true`.
 //! Each falls back to burn's ops for an input it cannot take (mixed dtypes, a size past 32 bits).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 
 use super::cuda_gemm::CudaCube;
-use super::kernels::{rms_norm, silu_mul, Refused};
+use super::kernels::{rms_norm, rope, silu_mul, Refused};
 use super::llama::{self, FusedOps};
 
 /// The server's fused operations on [`CudaCube`].
@@ -23,7 +24,7 @@ pub fn fused_ops() -> FusedOps<CudaCube> {
             tracing::warn!(error = %e, what, "a fused kernel refused its input: burn's ops run it");
         }
     };
-    let warn_norm = warn.clone();
+    let (warn_norm, warn_rope) = (warn.clone(), warn.clone());
     FusedOps {
         rms_norm: Arc::new(move |x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 1>, eps: f64| {
             launch_rms_norm(x.clone(), w.clone(), eps).unwrap_or_else(|e| {
@@ -37,6 +38,14 @@ pub fn fused_ops() -> FusedOps<CudaCube> {
                 llama::silu_mul(gate, up)
             })
         }),
+        rope: Arc::new(
+            move |x: Tensor<CudaCube, 3>, cos: Tensor<CudaCube, 3>, sin: Tensor<CudaCube, 3>| {
+                launch_rope(x.clone(), cos.clone(), sin.clone()).unwrap_or_else(|e| {
+                    warn_rope("rope", e);
+                    llama::rotate_half_rope(x, &cos, &sin)
+                })
+            },
+        ),
     }
 }
 
@@ -80,5 +89,33 @@ fn launch_silu_mul(
         empty_device_contiguous_dtype(gate.client.clone(), gate.device.clone(), dims.into(), gate.dtype);
     let handles = [gate.handle.clone(), up.handle.clone(), out.handle.clone()];
     silu_mul::launch(&gate.client, handles, dims[0] * dims[1], gate.dtype.into())?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+fn launch_rope(
+    x: Tensor<CudaCube, 3>,
+    cos: Tensor<CudaCube, 3>,
+    sin: Tensor<CudaCube, 3>,
+) -> Result<Tensor<CudaCube, 3>, Refused> {
+    let dims = x.dims();
+    let [tokens, heads, head_dim] = dims;
+    if cos.dims() != [tokens, 1, head_dim] || sin.dims() != [tokens, 1, head_dim] {
+        return Err(Refused(format!(
+            "x {dims:?}, cos {:?}, sin {:?}",
+            cos.dims(),
+            sin.dims()
+        )));
+    }
+    let (x, cos, sin) = (primitive(x), primitive(cos), primitive(sin));
+    same_dtype(&x, &cos)?;
+    same_dtype(&x, &sin)?;
+    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), dims.into(), x.dtype);
+    let handles = [
+        x.handle.clone(),
+        cos.handle.clone(),
+        sin.handle.clone(),
+        out.handle.clone(),
+    ];
+    rope::launch(&x.client, handles, (tokens, heads, head_dim), x.dtype.into())?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }

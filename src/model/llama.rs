@@ -84,12 +84,16 @@ pub type DecodeAttentionFn<B> = Arc<dyn Fn(DecodeAttention<B>) -> Tensor<B, 2> +
 pub type RmsNormFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 1>, f64) -> Tensor<B, 2> + Send + Sync>;
 /// `silu(gate) · up`, both `[rows, intermediate]`, as [`silu_mul`].
 pub type SiluMulFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
+/// RoPE of `x [tokens, heads, head_dim]` with the step's `cos` and `sin` (`[tokens, 1,
+/// head_dim]`), as [`rotate_half_rope`].
+pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
 
 /// Kernels that do in one launch what burn composes from several (`cuda_fused`).
 #[derive(Clone)]
 pub struct FusedOps<B: Backend> {
     pub rms_norm: RmsNormFn<B>,
     pub silu_mul: SiluMulFn<B>,
+    pub rope: RopeFn<B>,
 }
 
 #[derive(Clone)]
@@ -391,8 +395,8 @@ impl<B: Backend> Llama<B> {
         self
     }
 
-    /// Runs RMSNorm (every one, q/k norms included) and the MLP's `silu(gate) · up` through
-    /// `fused` instead of burn's ops.
+    /// Runs RMSNorm (every one, q/k norms included), RoPE and the MLP's `silu(gate) · up`
+    /// through `fused` instead of burn's ops.
     pub fn with_fused_ops(mut self, fused: Option<FusedOps<B>>) -> Self {
         self.fused = fused;
         self
@@ -528,8 +532,8 @@ impl<B: Backend> Llama<B> {
                     .rms_norm(k.reshape([t_total * nkv, hd]), nk)
                     .reshape([t_total, nkv, hd]);
             }
-            let q = rotate_half_rope(q, &cos, &sin);
-            let k = rotate_half_rope(k, &cos, &sin).reshape([t_total, nkv * hd]);
+            let q = self.rope(q, &cos, &sin);
+            let k = self.rope(k, &cos, &sin).reshape([t_total, nkv * hd]);
             cache.write(layer_idx, &slots, k, v);
             let attn = self.attention(cache, layer_idx, q, &layout);
             let mut out = self.project(attn, &layer.wo);
@@ -759,6 +763,14 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// [`rotate_half_rope`] by the fused kernel when one is set.
+    fn rope(&self, x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.fused {
+            Some(f) => (f.rope)(x, cos.clone(), sin.clone()),
+            None => rotate_half_rope(x, cos, sin),
+        }
+    }
+
     /// [`rms_norm`] by the fused kernel when one is set.
     fn rms_norm(&self, x: Tensor<B, 2>, weight: &Tensor<B, 1>) -> Tensor<B, 2> {
         match &self.fused {
@@ -945,7 +957,7 @@ fn rope_tables(inv_freq: &[f32], max_pos: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// `x * cos + rotate_half(x) * sin`, where rotate_half pairs element `i` with `i + d/2`.
-fn rotate_half_rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+pub fn rotate_half_rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
     let [t, heads, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..t, 0..heads, 0..half]);

@@ -9,6 +9,7 @@
 pub mod gemv;
 pub mod paged_attention;
 pub mod rms_norm;
+pub mod rope;
 pub mod silu_mul;
 
 /// Why a kernel will not run a problem; the caller falls back to burn's ops.
