@@ -499,6 +499,7 @@ impl<B: Backend> Llama<B> {
             });
         }
         let layout = self.attention_layout(cache, contexts, tokens.len());
+        let write_slots = cache.write_slots(slots);
         let t_total = tokens.len();
         let positions = int_tensor(positions, dev);
         let cos = self
@@ -534,7 +535,7 @@ impl<B: Backend> Llama<B> {
             }
             let q = self.rope(q, &cos, &sin);
             let k = self.rope(k, &cos, &sin).reshape([t_total, nkv * hd]);
-            cache.write(layer_idx, &slots, k, v);
+            cache.write(layer_idx, &write_slots, k, v);
             let attn = self.attention(cache, layer_idx, q, &layout);
             let mut out = self.project(attn, &layer.wo);
             if let Some(comm) = &self.comm {

@@ -22,7 +22,7 @@ pub use config::LlamaConfig;
 pub use llama::{
     DecodeAttention, DecodeAttentionFn, FusedOps, Llama, ProjectFn, SequenceChunk, WeightLayout,
 };
-pub use paged_cache::{HostPages, KvStorage, PagedKvCache, SlotIndex};
+pub use paged_cache::{HostPages, KvStorage, PagedKvCache, SlotIndex, WriteSlots};
 use tokenizers::Tokenizer;
 pub use weights::{CheckpointBytes, WeightIndex};
 

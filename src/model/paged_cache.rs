@@ -43,6 +43,14 @@ impl<B: Backend> SlotIndex<B> {
     }
 }
 
+/// Slots a step writes, built once per step and used by every layer: on the device, one upload
+/// of the ids instead of one per layer.
+pub struct WriteSlots<B: Backend> {
+    ids: Vec<i32>,
+    /// `[n, 1]` on the device (device storage only), as `scatter_nd` takes them.
+    tensor: Option<Tensor<B, 2, Int>>,
+}
+
 enum LayerCache<B: Backend> {
     /// `None` only while a write holds the tensor.
     Device {
@@ -119,13 +127,20 @@ impl<B: Backend> PagedKvCache<B> {
         SlotIndex { ids, tensor }
     }
 
-    /// Writes rows of `k` and `v` (`[n, kv_dim]`) into `slots` (`n` distinct slot ids) of `layer`.
-    pub fn write(&mut self, layer: usize, slots: &[i32], k: Tensor<B, 2>, v: Tensor<B, 2>) {
-        let (device, kv_dim) = (&self.device, self.kv_dim);
+    /// The slots `ids` (distinct) as [`write`](Self::write) takes them.
+    pub fn write_slots(&self, ids: Vec<i32>) -> WriteSlots<B> {
+        let n = ids.len();
+        let tensor = (self.storage() == KvStorage::Device)
+            .then(|| Tensor::from_data(TensorData::new(ids.clone(), [n, 1]), &self.device));
+        WriteSlots { ids, tensor }
+    }
+
+    /// Writes rows of `k` and `v` (`[n, kv_dim]`) into the `n` slots of `slots` of `layer`.
+    pub fn write(&mut self, layer: usize, slots: &WriteSlots<B>, k: Tensor<B, 2>, v: Tensor<B, 2>) {
+        let kv_dim = self.kv_dim;
         match &mut self.layers[layer] {
             LayerCache::Device { k: ck, v: cv } => {
-                let n = slots.len();
-                let index = Tensor::<B, 2, Int>::from_data(TensorData::new(slots.to_vec(), [n, 1]), device);
+                let index = slots.tensor.clone().expect("write slots made by this cache");
                 let old_k = ck.take().expect("layer cache present between writes");
                 let old_v = cv.take().expect("layer cache present between writes");
                 *ck = Some(old_k.scatter_nd(index.clone(), k, IndexingUpdateOp::Assign));
@@ -135,7 +150,7 @@ impl<B: Backend> PagedKvCache<B> {
                 for (store, rows) in [(hk, k), (hv, v)] {
                     let rows = rows.into_data().convert::<f32>();
                     let rows = rows.as_slice::<f32>().expect("f32 rows");
-                    for (i, &slot) in slots.iter().enumerate() {
+                    for (i, &slot) in slots.ids.iter().enumerate() {
                         let dst = slot as usize * kv_dim;
                         store[dst..dst + kv_dim].copy_from_slice(&rows[i * kv_dim..(i + 1) * kv_dim]);
                     }
@@ -199,7 +214,7 @@ impl<B: Backend> PagedKvCache<B> {
             host.pages,
             "swap-in into as many pages as were saved"
         );
-        let slots = self.slots_of(pages);
+        let slots = self.write_slots(self.slots_of(pages));
         for (layer, (k, v)) in host.layers.into_iter().enumerate() {
             let (kd, vd) = (k.dtype, v.dtype);
             let k = Tensor::<B, 2>::from_data(k, (&self.device, kd));
