@@ -155,14 +155,7 @@ pub fn launch<R: Runtime>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kernels::gl;
-
-    /// Deterministic values in [-1, 1] that differ from row to row and column to column.
-    fn values(len: usize, salt: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::model::kernels::gl::{self, values};
 
     fn reference(x: &[f32], w: &[f32], GemvShape { rows, k, n }: GemvShape) -> Vec<f32> {
         let mut out = vec![0.0f32; rows * n];

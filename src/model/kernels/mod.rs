@@ -27,6 +27,18 @@ pub fn vector_width(len: usize, elem_bytes: usize, max_vector: usize) -> usize {
     width
 }
 
+/// A grid of `units`-unit cubes for one unit per element of `len`, split over two dimensions past
+/// the 65,535 cubes one dimension may hold (kernels index with `ABSOLUTE_POS` and check `< len`).
+pub fn elementwise_cubes(len: usize, units: u32) -> Result<cubecl::prelude::CubeCount, Refused> {
+    let cubes = u32::try_from(len.div_ceil(units as usize))
+        .map_err(|_| Refused(format!("{len} elements do not fit one launch")))?;
+    let (x, y) = match cubes {
+        0..=65_535 => (cubes, 1),
+        _ => (65_535, cubes.div_ceil(65_535)),
+    };
+    Ok(cubecl::prelude::CubeCount::Static(x, y, 1))
+}
+
 #[cfg(test)]
 pub(crate) mod gl {
     //! The tests' cubecl runtime: wgpu on OpenGL, which Mesa's llvmpipe runs on the CPU.
@@ -55,6 +67,13 @@ pub(crate) mod gl {
     pub fn download(client: &ComputeClient<Gl>, handle: cubecl::server::Handle) -> Vec<f32> {
         let bytes = client.read_one(handle).expect("read back a kernel's output");
         f32::from_bytes(&bytes).to_vec()
+    }
+
+    /// Deterministic values in [-1, 1] that differ from element to element and with `salt`.
+    pub fn values(len: usize, salt: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
     }
 }
 

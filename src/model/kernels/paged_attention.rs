@@ -201,13 +201,7 @@ pub fn launch<R: Runtime>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kernels::gl;
-
-    fn values(len: usize, salt: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
+    use crate::model::kernels::gl::{self, values};
 
     /// Softmax attention in f64 over positions `begin..end` of each sequence, its K/V rows found
     /// through its block table.

@@ -48,21 +48,14 @@ pub fn launch<R: Runtime>(
     if head_dim % 2 != 0 {
         return Err(Refused(format!("RoPE over an odd head_dim {head_dim}")));
     }
-    let (Ok(heads_u32), Ok(cubes)) = (u32::try_from(heads), u32::try_from(len.div_ceil(UNITS as usize)))
-    else {
-        return Err(Refused(format!("RoPE over {len} elements")));
-    };
-    let (cx, cy) = if cubes <= 65_535 {
-        (cubes, 1)
-    } else {
-        (65_535, cubes.div_ceil(65_535))
-    };
+    let heads_u32 = u32::try_from(heads).map_err(|_| Refused(format!("RoPE over {heads} heads")))?;
+    let cubes = super::elementwise_cubes(len, UNITS)?;
     // SAFETY: the arrays' lengths are the handles' (the caller's contract); the kernel checks
     // `idx < len` and reads `x` within the same head, `cos`/`sin` within the token's row.
     unsafe {
         rope_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(cx, cy, 1),
+            cubes,
             CubeDim::new_1d(UNITS),
             ArrayArg::from_raw_parts(x, len),
             ArrayArg::from_raw_parts(cos, tokens * head_dim),

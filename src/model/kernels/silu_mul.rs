@@ -34,20 +34,13 @@ pub fn launch<R: Runtime>(
     if len == 0 {
         return Ok(());
     }
-    let cubes = u32::try_from(len.div_ceil(UNITS as usize))
-        .map_err(|_| Refused(format!("silu·up over {len} elements")))?;
-    // Split over two grid dimensions past the 65,535 cubes a dimension may hold.
-    let (x, y) = if cubes <= 65_535 {
-        (cubes, 1)
-    } else {
-        (65_535, cubes.div_ceil(65_535))
-    };
+    let cubes = super::elementwise_cubes(len, UNITS)?;
     // SAFETY: the arrays' lengths are the handles' (the caller's contract); the kernel checks
     // `ABSOLUTE_POS < len`.
     unsafe {
         silu_mul_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(x, y, 1),
+            cubes,
             CubeDim::new_1d(UNITS),
             ArrayArg::from_raw_parts(gate, len),
             ArrayArg::from_raw_parts(up, len),
