@@ -131,6 +131,11 @@ pub fn launch<R: Runtime>(
         _ => return Err(Refused(format!("a GEMV of k {k}, n {n} is too large"))),
     };
     let cubes = n_out.div_ceil(OUTPUTS_PER_CUBE);
+    if cubes > super::MAX_CUBES_PER_DIM {
+        return Err(Refused(format!(
+            "{n} outputs need more than one grid row of cubes"
+        )));
+    }
     // SAFETY: the arrays' lengths are those of the handles' buffers (the caller's contract) and
     // every index the kernel makes is below them: `o < n`, `i < kv`, `r < rows`.
     unsafe {
@@ -223,6 +228,12 @@ mod tests {
             },
             GemvShape { rows: 0, k: 8, n: 8 },
             GemvShape { rows: 1, k: 0, n: 8 },
+            // More outputs than one grid row of cubes holds (a 262,144-token vocabulary).
+            GemvShape {
+                rows: 1,
+                k: 8,
+                n: 4 * 65_536,
+            },
         ] {
             assert!(
                 launch(&client, [h(), h(), h()], shape, (f32_type, 4), false).is_err(),

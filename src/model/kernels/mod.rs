@@ -27,14 +27,17 @@ pub fn vector_width(len: usize, elem_bytes: usize, max_vector: usize) -> usize {
     width
 }
 
+/// Cubes one dimension of a grid may hold (CUDA's y and z limit, and wgpu's on every axis).
+pub const MAX_CUBES_PER_DIM: u32 = 65_535;
+
 /// A grid of `units`-unit cubes for one unit per element of `len`, split over two dimensions past
-/// the 65,535 cubes one dimension may hold (kernels index with `ABSOLUTE_POS` and check `< len`).
+/// [`MAX_CUBES_PER_DIM`] (kernels index with `ABSOLUTE_POS` and check `< len`).
 pub fn elementwise_cubes(len: usize, units: u32) -> Result<cubecl::prelude::CubeCount, Refused> {
     let cubes = u32::try_from(len.div_ceil(units as usize))
         .map_err(|_| Refused(format!("{len} elements do not fit one launch")))?;
     let (x, y) = match cubes {
-        0..=65_535 => (cubes, 1),
-        _ => (65_535, cubes.div_ceil(65_535)),
+        0..=MAX_CUBES_PER_DIM => (cubes, 1),
+        _ => (MAX_CUBES_PER_DIM, cubes.div_ceil(MAX_CUBES_PER_DIM)),
     };
     Ok(cubecl::prelude::CubeCount::Static(x, y, 1))
 }

@@ -161,6 +161,9 @@ pub fn launch<R: Runtime>(
     if page_size == 0 || max_blocks == 0 {
         return Err(Refused("no pages".into()));
     }
+    if seqs.max(heads) > super::MAX_CUBES_PER_DIM as usize {
+        return Err(Refused(format!("{seqs} sequences of {heads} heads in one grid")));
+    }
     let too_large = |what: &str| Refused(format!("{what} does not fit in 32 bits"));
     let seqs_u32 = u32::try_from(seqs).map_err(|_| too_large("seqs"))?;
     let heads_u32 = u32::try_from(heads).map_err(|_| too_large("heads"))?;

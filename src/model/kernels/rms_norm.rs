@@ -71,6 +71,11 @@ pub fn launch<R: Runtime>(
     if width == 0 {
         return Err(Refused("an RMSNorm of empty rows".into()));
     }
+    if cubes > super::MAX_CUBES_PER_DIM {
+        return Err(Refused(format!(
+            "an RMSNorm of {rows} rows (a cube each) in one grid row"
+        )));
+    }
     // SAFETY: the arrays' lengths are the handles' (the caller's contract); the kernel indexes
     // rows below `rows` and columns below `width`.
     unsafe {
