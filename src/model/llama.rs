@@ -3,8 +3,9 @@
 //! sequences in one pass.
 //!
 //! Projections and the MLP run once over all tokens of the step (`[T, hidden]`); attention runs
-//! per sequence and reads K/V from the paged cache through that sequence's slot list, so the
-//! model never holds a contiguous per-request cache. RoPE is Hugging Face's rotate-half layout.
+//! per sequence and reads K/V from the paged cache through that sequence's slot list (or, with a
+//! [`DecodeAttentionFn`], a kernel reads decodes' K/V through their block tables), so the model
+//! never holds a contiguous per-request cache. RoPE is Hugging Face's rotate-half layout.
 
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
@@ -199,7 +200,7 @@ pub struct Llama<B: Backend> {
     project: Option<ProjectFn<B>>,
     /// `None`: decodes gather their context (see [`DecodeAttentionFn`]).
     decode_attention: Option<DecodeAttentionFn<B>>,
-    /// `None`: burn's ops for RMSNorm and the MLP's activation.
+    /// `None`: burn's ops for RMSNorm, RoPE and the MLP's activation.
     fused: Option<FusedOps<B>>,
 }
 
