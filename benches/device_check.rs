@@ -37,7 +37,7 @@ use inferflux::model::cuda_attention::{self, AttentionKernel};
 use inferflux::model::cuda_fused;
 use inferflux::model::cuda_gemm;
 use inferflux::model::{
-    DecodeAttentionFn, FusedOps, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, ProjectFn,
+    FusedOps, KvStorage, Llama, ModelFiles, ModelSource, PagedAttentionFn, PagedKvCache, ProjectFn,
     SequenceChunk, WeightLayout,
 };
 
@@ -180,7 +180,7 @@ fn profile_main(args: Args) {
 type Kernels<B> = (
     WeightLayout,
     Option<ProjectFn<B>>,
-    Option<DecodeAttentionFn<B>>,
+    Option<PagedAttentionFn<B>>,
     Option<FusedOps<B>>,
 );
 
@@ -194,7 +194,7 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
     let project = (!choice.is_burn_only()).then(|| cuda_gemm::projector(choice));
     let attend = match cuda.attention {
         AttentionKernel::Paged => match cuda_attention::supports(&files.config) {
-            Ok(()) => Some(cuda_attention::paged_decode_attention()),
+            Ok(()) => Some(cuda_attention::paged()),
             Err(why) => {
                 eprintln!("paged attention refused ({why}): burn's gather");
                 None
@@ -239,7 +239,7 @@ fn profile<B: Backend>(
     let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
         .expect("model loads")
         .with_projection(hook.clone())
-        .with_decode_attention(attend)
+        .with_paged_attention(attend)
         .with_fused_ops(fused);
     drop(index);
     let c = model.config().clone();
@@ -521,7 +521,7 @@ fn run_fixture<B: Backend>(
     let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
         .expect("model loads")
         .with_projection(project)
-        .with_decode_attention(attend)
+        .with_paged_attention(attend)
         .with_fused_ops(fused);
     drop(index);
     let c = model.config().clone();

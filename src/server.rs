@@ -26,7 +26,7 @@ use crate::model::cuda_attention::{self, AttentionKernel};
 use crate::model::cuda_fused;
 use crate::model::cuda_gemm::{self, CudaCube};
 use crate::model::{
-    DecodeAttentionFn, FusedOps, KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache,
+    FusedOps, KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedAttentionFn, PagedKvCache,
     ProjectFn, WeightIndex, WeightLayout,
 };
 use crate::parallel::{Communicator, LocalCommunicator};
@@ -192,8 +192,8 @@ pub fn start(
             let devices = (0..dp).map(|index| burn::backend::cuda::CudaDevice { index });
             let (choice, layout) = (settings.cuda.gemm_choice(), settings.cuda.weight_layout);
             let paged = settings.cuda.attention == AttentionKernel::Paged;
-            let decode_attention = match paged.then(|| cuda_attention::supports(&files.config)) {
-                Some(Ok(())) => Some(cuda_attention::paged_decode_attention()),
+            let paged_attention = match paged.then(|| cuda_attention::supports(&files.config)) {
+                Some(Ok(())) => Some(cuda_attention::paged()),
                 Some(Err(why)) => {
                     tracing::warn!(%why, "the paged attention kernel cannot run this model: burn's gather serves decodes");
                     None
@@ -201,7 +201,7 @@ pub fn start(
                 None => None,
             };
             let fused = settings.cuda.fused_ops.then(cuda_fused::fused_ops);
-            if choice.is_burn_only() && decode_attention.is_none() && fused.is_none() {
+            if choice.is_burn_only() && paged_attention.is_none() && fused.is_none() {
                 let projections = Projections {
                     layout,
                     ..Projections::default()
@@ -221,14 +221,14 @@ pub fn start(
                     gemv = %choice.small,
                     gemv_max_rows = choice.small_max_rows,
                     ?layout,
-                    paged_attention = decode_attention.is_some(),
+                    paged_attention = paged_attention.is_some(),
                     fused_ops = fused.is_some(),
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"
                 );
                 let projections = Projections {
                     layout,
                     project: (!choice.is_burn_only()).then(|| cuda_gemm::projector(choice)),
-                    decode_attention,
+                    paged_attention,
                     fused,
                 };
                 start_replicas::<CudaCube>(
@@ -438,7 +438,7 @@ type LoadedRanks<B> = (Vec<Llama<B>>, Vec<Arc<dyn Communicator>>);
 struct Projections<B: Backend> {
     layout: WeightLayout,
     project: Option<ProjectFn<B>>,
-    decode_attention: Option<DecodeAttentionFn<B>>,
+    paged_attention: Option<PagedAttentionFn<B>>,
     fused: Option<FusedOps<B>>,
 }
 
@@ -447,7 +447,7 @@ impl<B: Backend> Default for Projections<B> {
         Self {
             layout: WeightLayout::InOut,
             project: None,
-            decode_attention: None,
+            paged_attention: None,
             fused: None,
         }
     }
@@ -488,7 +488,7 @@ fn load_ranks<B: Backend>(
         models.push(
             model
                 .with_projection(projections.project.clone())
-                .with_decode_attention(projections.decode_attention.clone())
+                .with_paged_attention(projections.paged_attention.clone())
                 .with_fused_ops(projections.fused.clone()),
         );
     }

@@ -333,36 +333,41 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
 }
 
 #[test]
-fn model_paged_decode_attention_hook_matches_transformers() {
+fn model_paged_attention_hook_matches_transformers() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     // tiny-mistral's window (8) makes contexts start after position 0; tiny-qwen3 has GQA.
     for name in ["tiny-llama", "tiny-mistral", "tiny-qwen3"] {
         let (model, _, goldens) = fixture(name);
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = calls.clone();
-        let attend: inferflux::model::DecodeAttentionFn<B> = Arc::new(move |a| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            inferflux::model::llama::gathered_decode_attention(a)
+        let queries = Arc::new(AtomicUsize::new(0));
+        let counted = queries.clone();
+        let attend: inferflux::model::PagedAttentionFn<B> = Arc::new(move |a| {
+            counted.fetch_add(a.q.dims()[0], Ordering::Relaxed);
+            inferflux::model::llama::gathered_paged_attention(a)
         });
-        let model = model.with_decode_attention(Some(attend));
+        let model = model.with_paged_attention(Some(attend));
         let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
         let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
         assert_eq!(
             greedy_batched(&model, &cases, 7, KvStorage::Device),
             want,
-            "{name}: greedy with decode attention through block tables"
+            "{name}: greedy with attention through block tables"
         );
-        // A call per layer in every step with a one-token query (each decode step, and a
-        // prompt's one-token last chunk), and none with host storage (no device pages).
-        let per_layer = calls.load(Ordering::Relaxed) / model.config().num_layers;
-        assert!(
-            per_layer >= want[0].len() - 1,
-            "{name}: {per_layer} steps through the hook, fewer than the decode steps"
+        // Every token of the run went through the hook once per layer: the prompts in 7-token
+        // chunks (far below PAGED_CHUNK_MAX_WORK), then each fed-back token but the last.
+        let tokens: usize = cases
+            .iter()
+            .map(|p| p.input_ids.len() + p.greedy_ids.len() - 1)
+            .sum();
+        assert_eq!(
+            queries.load(Ordering::Relaxed),
+            tokens * model.config().num_layers,
+            "{name}: queries through the hook"
         );
-        calls.store(0, Ordering::Relaxed);
+        // None with host storage (no device pages).
+        queries.store(0, Ordering::Relaxed);
         assert_eq!(greedy_batched(&model, &cases, 7, KvStorage::Host), want);
-        assert_eq!(calls.load(Ordering::Relaxed), 0, "{name}: host storage gathers");
+        assert_eq!(queries.load(Ordering::Relaxed), 0, "{name}: host storage gathers");
     }
 }
 

@@ -1,6 +1,7 @@
-//! Decode attention on CUDA by our paged kernel (`kernels::paged_attention`): each sequence's
-//! query reads K/V where its pages are, instead of burn gathering, padding and re-reading them.
-//! The server installs it as the model's [`DecodeAttentionFn`] with `[cuda] attention =
+//! Attention on CUDA by our paged kernel (`kernels::paged_attention`) for decodes and short
+//! prompt chunks: each query reads K/V where its pages are, instead of burn gathering, padding
+//! and re-reading them.
+//! The server installs it as the model's [`PagedAttentionFn`] with `[cuda] attention =
 //! "paged"` (see the AdminGuide); `device_check logits` holds it to the CPU path.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,9 +14,9 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 
 use super::cuda_gemm::CudaCube;
-use super::kernels::paged_attention::{self, DecodeAttentionShape, TILE};
+use super::kernels::paged_attention::{self, PagedAttentionShape, TILE};
 use super::kernels::Refused;
-use super::llama::{gathered_decode_attention, DecodeAttention, DecodeAttentionFn};
+use super::llama::{gathered_paged_attention, PagedAttention, PagedAttentionFn};
 use super::LlamaConfig;
 
 /// How single-token decodes attend on CUDA (`[cuda] attention`).
@@ -46,9 +47,9 @@ pub fn supports(config: &LlamaConfig) -> Result<(), Refused> {
 /// The server's decode attention on [`CudaCube`]: the paged kernel, or where it refuses a step
 /// (a cache too large for 32-bit indices, an unexpected layout), burn's gather for that step,
 /// with one warning.
-pub fn paged_decode_attention() -> DecodeAttentionFn<CudaCube> {
+pub fn paged() -> PagedAttentionFn<CudaCube> {
     let warned = Arc::new(AtomicBool::new(false));
-    Arc::new(move |a: DecodeAttention<CudaCube>| {
+    Arc::new(move |a: PagedAttention<CudaCube>| {
         let fallback = a.clone();
         match launch(a) {
             Ok(out) => out,
@@ -56,21 +57,22 @@ pub fn paged_decode_attention() -> DecodeAttentionFn<CudaCube> {
                 if !warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "paged attention refused a step: burn's gather runs it");
                 }
-                gathered_decode_attention(fallback)
+                gathered_paged_attention(fallback)
             }
         }
     })
 }
 
 /// Queues the kernel on `a`'s tensors; `[n, heads * head_dim]`.
-pub fn launch(a: DecodeAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refused> {
+pub fn launch(a: PagedAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refused> {
     let [n, heads, head_dim] = a.q.dims();
-    let max_blocks = a.block_tables.dims()[1];
+    let [seqs, max_blocks] = a.block_tables.dims();
     let float = |t: Tensor<CudaCube, 2>| t.into_primitive().tensor();
     let q: CubeTensor<CudaRuntime> = into_contiguous(a.q.into_primitive().tensor());
     let (k, v) = (float(a.k_cache), float(a.v_cache));
     let ints = [
         into_contiguous(a.block_tables.into_primitive()),
+        into_contiguous(a.query_seq.into_primitive()),
         into_contiguous(a.ctx_begin.into_primitive()),
         into_contiguous(a.ctx_end.into_primitive()),
     ];
@@ -83,8 +85,9 @@ pub fn launch(a: DecodeAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refus
     if ints.iter().any(|t| t.dtype != DType::I32) {
         return Err(Refused("block tables are not 32-bit".into()));
     }
-    let shape = DecodeAttentionShape {
-        seqs: n,
+    let shape = PagedAttentionShape {
+        queries: n,
+        seqs,
         heads,
         kv_heads: a.kv_heads,
         head_dim,
@@ -98,13 +101,14 @@ pub fn launch(a: DecodeAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refus
         [n, heads * head_dim].into(),
         q.dtype,
     );
-    let [tables, begin, end] = ints;
+    let [tables, query_seq, begin, end] = ints;
     // Page ids and positions are non-negative, so their i32 bits read as the kernel's u32.
     let handles = [
         q.handle.clone(),
         k.handle.clone(),
         v.handle.clone(),
         tables.handle.clone(),
+        query_seq.handle.clone(),
         begin.handle.clone(),
         end.handle.clone(),
         out.handle.clone(),

@@ -4,7 +4,7 @@
 //!
 //! Projections and the MLP run once over all tokens of the step (`[T, hidden]`); attention runs
 //! per sequence and reads K/V from the paged cache through that sequence's slot list (or, with a
-//! [`DecodeAttentionFn`], a kernel reads decodes' K/V through their block tables), so the model
+//! [`PagedAttentionFn`], a kernel reads decodes' K/V through their block tables), so the model
 //! never holds a contiguous per-request cache. RoPE is Hugging Face's rotate-half layout.
 
 use burn::prelude::*;
@@ -20,6 +20,12 @@ use super::shard::{self, Shard};
 use super::weights::WeightIndex;
 use super::ModelError;
 use crate::parallel::{Communicator, ParallelContext};
+
+/// Prompt chunks whose queries × context positions are at most this go through a
+/// [`PagedAttentionFn`] with the decodes: each query reads its whole prefix, so past this a
+/// chunk is cheaper gathered once and multiplied as a matrix (a 128-token prompt's first chunk is
+/// 16,384; a 512-token chunk at the end of a 2,048-token prompt would be about a million).
+pub const PAGED_CHUNK_MAX_WORK: usize = 65_536;
 
 /// One sequence's part of a step.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,17 +63,21 @@ pub enum WeightLayout {
 /// server to run a chosen kernel on a backend (see `cuda_gemm`); burn's `matmul` otherwise.
 pub type ProjectFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
 
-/// One layer's decode attention, read through block tables: what a [`DecodeAttentionFn`] gets.
+/// One layer's attention of some query tokens, read through block tables: what a
+/// [`PagedAttentionFn`] gets. A query is a decode token or a token of a short prompt chunk.
 #[derive(Clone)]
-pub struct DecodeAttention<B: Backend> {
-    /// `[n, heads, head_dim]`, after RoPE: one query token per sequence.
+pub struct PagedAttention<B: Backend> {
+    /// `[queries, heads, head_dim]`, after RoPE.
     pub q: Tensor<B, 3>,
     /// The layer's whole cache, `[slots, kv_heads * head_dim]` each; slot `page * page_size + i`.
     pub k_cache: Tensor<B, 2>,
     pub v_cache: Tensor<B, 2>,
-    /// `[n, max_blocks]` page ids; a shorter table is padded with page 0, never read.
+    /// `[seqs, max_blocks]` page ids; a shorter table is padded with page 0, never read.
     pub block_tables: Tensor<B, 2, Int>,
-    /// `[n]` each: sequence `s` attends to positions `ctx_begin[s] .. ctx_end[s]`.
+    /// `[queries]`: the row of `block_tables` of each query's sequence.
+    pub query_seq: Tensor<B, 1, Int>,
+    /// `[queries]` each: query `i` attends to positions `ctx_begin[i] .. ctx_end[i]` of its
+    /// sequence (causal: `ctx_end` is one past the query's own position).
     pub ctx_begin: Tensor<B, 1, Int>,
     pub ctx_end: Tensor<B, 1, Int>,
     pub page_size: usize,
@@ -76,10 +86,10 @@ pub struct DecodeAttention<B: Backend> {
     pub scale: f32,
 }
 
-/// Computes [`DecodeAttention`] as `[n, heads * head_dim]`. Set by the server to run a paged
+/// Computes [`PagedAttention`] as `[queries, heads * head_dim]`. Set by the server to run a paged
 /// attention kernel (`cuda_attention`) on a backend whose cache lives on the device; without it,
-/// decodes gather their context rows (`Llama::attention`).
-pub type DecodeAttentionFn<B> = Arc<dyn Fn(DecodeAttention<B>) -> Tensor<B, 2> + Send + Sync>;
+/// queries gather their context rows (`Llama::attention`).
+pub type PagedAttentionFn<B> = Arc<dyn Fn(PagedAttention<B>) -> Tensor<B, 2> + Send + Sync>;
 
 /// RMSNorm of `x [rows, width]` by `weight [width]` with epsilon `eps`, as [`rms_norm`].
 pub type RmsNormFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 1>, f64) -> Tensor<B, 2> + Send + Sync>;
@@ -155,13 +165,15 @@ enum AttentionGroup<B: Backend> {
         /// `[n, 1, 1, ctx_len]`, `-inf` on padding; `None` when no context is padded.
         mask: Option<Tensor<B, 4>>,
     },
-    /// Every single-token decode of the step, attended by the [`DecodeAttentionFn`] through
-    /// block tables: no gather, no padding.
+    /// Every single-token decode and every short prompt chunk of the step
+    /// ([`PAGED_CHUNK_MAX_WORK`]), attended by the [`PagedAttentionFn`] through block tables:
+    /// no gather, no padding, no mask.
     Paged {
         /// The queries' rows in the step.
         rows: Tensor<B, 1, Int>,
-        /// `[n, max_blocks]`, padded with page 0.
+        /// `[seqs, max_blocks]`, padded with page 0.
         block_tables: Tensor<B, 2, Int>,
+        query_seq: Tensor<B, 1, Int>,
         ctx_begin: Tensor<B, 1, Int>,
         ctx_end: Tensor<B, 1, Int>,
     },
@@ -198,8 +210,8 @@ pub struct Llama<B: Backend> {
     rope_sin: Tensor<B, 2>,
     /// `None`: burn's `matmul`.
     project: Option<ProjectFn<B>>,
-    /// `None`: decodes gather their context (see [`DecodeAttentionFn`]).
-    decode_attention: Option<DecodeAttentionFn<B>>,
+    /// `None`: decodes gather their context (see [`PagedAttentionFn`]).
+    paged_attention: Option<PagedAttentionFn<B>>,
     /// `None`: burn's ops for RMSNorm, RoPE and the MLP's activation.
     fused: Option<FusedOps<B>>,
 }
@@ -378,7 +390,7 @@ impl<B: Backend> Llama<B> {
             rope_cos: table(cos),
             rope_sin: table(sin),
             project: None,
-            decode_attention: None,
+            paged_attention: None,
             fused: None,
         })
     }
@@ -391,8 +403,8 @@ impl<B: Backend> Llama<B> {
 
     /// Runs single-token decodes' attention through `attend` instead of gathering their context;
     /// used only while the cache keeps its pages on the device.
-    pub fn with_decode_attention(mut self, attend: Option<DecodeAttentionFn<B>>) -> Self {
-        self.decode_attention = attend;
+    pub fn with_paged_attention(mut self, attend: Option<PagedAttentionFn<B>>) -> Self {
+        self.paged_attention = attend;
         self
     }
 
@@ -585,30 +597,35 @@ impl<B: Backend> Llama<B> {
         let mut groups = Vec::new();
         // Token rows in the order the groups produce them.
         let mut grouped_rows: Vec<i32> = Vec::with_capacity(t_total);
-        let paged = self.decode_attention.is_some() && cache.storage() == KvStorage::Device;
-        if paged && !decodes.is_empty() {
-            let members: Vec<&ChunkContext> = decodes.iter().map(|&i| &contexts[i]).collect();
-            let n = members.len();
-            let max_blocks = members
-                .iter()
-                .map(|m| m.block_table.len())
-                .max()
-                .unwrap_or(1)
-                .max(1);
+        let paged = self.paged_attention.is_some() && cache.storage() == KvStorage::Device;
+        let through_pages =
+            |c: &ChunkContext| paged && (c.q_len == 1 || c.q_len * c.ctx_slots.len() <= PAGED_CHUNK_MAX_WORK);
+        let members: Vec<&ChunkContext> = contexts.iter().filter(|c| through_pages(c)).collect();
+        if !members.is_empty() {
+            let (n, max_blocks) = (members.len(), members.iter().map(|m| m.block_table.len()).max());
+            let max_blocks = max_blocks.unwrap_or(1).max(1);
             let mut tables = Vec::with_capacity(n * max_blocks);
-            for m in &members {
+            let (mut rows, mut query_seq) = (Vec::new(), Vec::new());
+            let (mut begin, mut end) = (Vec::new(), Vec::new());
+            for (seq, m) in members.iter().enumerate() {
                 tables.extend(m.block_table.iter().map(|&p| p as i32));
                 tables.extend(std::iter::repeat_n(0, max_blocks - m.block_table.len()));
-                grouped_rows.push(m.q_start as i32);
+                for j in 0..m.q_len {
+                    // Query `j` sees positions up to its own, within the window if there is one.
+                    let pos = m.start_pos + j;
+                    rows.push((m.q_start + j) as i32);
+                    query_seq.push(seq as i32);
+                    begin.push(window.map_or(0, |w| (pos + 1).saturating_sub(w)) as i32);
+                    end.push((pos + 1) as i32);
+                }
             }
-            let positions = |f: fn(&ChunkContext) -> usize| {
-                int_tensor(members.iter().map(|m| f(m) as i32).collect(), dev)
-            };
+            grouped_rows.extend_from_slice(&rows);
             groups.push(AttentionGroup::Paged {
-                rows: int_tensor(members.iter().map(|m| m.q_start as i32).collect(), dev),
+                rows: int_tensor(rows, dev),
                 block_tables: Tensor::from_data(TensorData::new(tables, [n, max_blocks]), dev),
-                ctx_begin: positions(|m| m.ctx_start),
-                ctx_end: positions(|m| m.start_pos + 1),
+                query_seq: int_tensor(query_seq, dev),
+                ctx_begin: int_tensor(begin, dev),
+                ctx_end: int_tensor(end, dev),
             });
         }
         let gathered_decodes = if paged { Vec::new() } else { decode_groups(&lens) };
@@ -639,7 +656,7 @@ impl<B: Backend> Llama<B> {
                 }),
             });
         }
-        for ctx in contexts.into_iter().filter(|c| c.q_len > 1) {
+        for ctx in contexts.into_iter().filter(|c| c.q_len > 1 && !through_pages(c)) {
             grouped_rows.extend((ctx.q_start..ctx.q_start + ctx.q_len).map(|r| r as i32));
             groups.push(AttentionGroup::Chunk(AttentionPlan {
                 q_start: ctx.q_start,
@@ -693,21 +710,23 @@ impl<B: Backend> Llama<B> {
                 AttentionGroup::Paged {
                     rows,
                     block_tables,
+                    query_seq,
                     ctx_begin,
                     ctx_end,
                 } => {
                     let attend = self
-                        .decode_attention
+                        .paged_attention
                         .as_ref()
                         .expect("paged groups are planned only with a decode attention");
                     let (k_cache, v_cache) = cache
                         .device_layer(layer)
                         .expect("paged groups are planned only for a device cache");
-                    attend(DecodeAttention {
+                    attend(PagedAttention {
                         q: q.clone().select(0, rows.clone()),
                         k_cache,
                         v_cache,
                         block_tables: block_tables.clone(),
+                        query_seq: query_seq.clone(),
                         ctx_begin: ctx_begin.clone(),
                         ctx_end: ctx_end.clone(),
                         page_size: cache.page_size(),
@@ -807,23 +826,24 @@ pub fn silu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2
     silu(gate) * up
 }
 
-/// [`DecodeAttention`] in burn's ops, one sequence at a time: the slots of `ctx_begin..ctx_end`
-/// found through the block table and gathered, then softmax attention with each KV head serving
+/// [`PagedAttention`] in burn's ops, one query at a time: the slots of `ctx_begin..ctx_end`
+/// found through its sequence's block table and gathered, then softmax attention with each KV head serving
 /// its group of query heads. The fallback of a paged kernel that refuses a step, and the
 /// reference its plumbing is tested against (`tests/model_goldens.rs`); it reads the tables back
 /// to the host, so it is not a fast path.
-pub fn gathered_decode_attention<B: Backend>(a: DecodeAttention<B>) -> Tensor<B, 2> {
+pub fn gathered_paged_attention<B: Backend>(a: PagedAttention<B>) -> Tensor<B, 2> {
     let [n, heads, hd] = a.q.dims();
     let (kv, ps) = (a.kv_heads, a.page_size);
-    let max_blocks = a.block_tables.dims()[1];
+    let [seqs, max_blocks] = a.block_tables.dims();
     let ints = |t: Tensor<B, 1, Int>| t.into_data().iter::<i64>().collect::<Vec<i64>>();
-    let tables = ints(a.block_tables.reshape([n * max_blocks]));
-    let (begin, end) = (ints(a.ctx_begin), ints(a.ctx_end));
+    let tables = ints(a.block_tables.reshape([seqs * max_blocks]));
+    let (query_seq, begin, end) = (ints(a.query_seq), ints(a.ctx_begin), ints(a.ctx_end));
     let device = a.q.device();
     let rows: Vec<Tensor<B, 2>> = (0..n)
         .map(|s| {
+            let table = &tables[query_seq[s] as usize * max_blocks..][..max_blocks];
             let slots: Vec<i32> = (begin[s] as usize..end[s] as usize)
-                .map(|p| (tables[s * max_blocks + p / ps] as usize * ps + p % ps) as i32)
+                .map(|p| (table[p / ps] as usize * ps + p % ps) as i32)
                 .collect();
             let len = slots.len();
             let index = int_tensor(slots, &device);
