@@ -281,7 +281,7 @@ pub struct CudaConfig {
     pub gemv_max_rows: usize,
     /// Projection weights as `[in, out]` (transposed at load) or the checkpoint's `[out, in]`.
     pub weight_layout: WeightLayout,
-    /// Single-token decodes' attention: burn's gather, or our paged kernel.
+    /// Attention of decodes and short prompt chunks: burn's gather, or our paged kernel.
     pub attention: AttentionKernel,
     /// RMSNorm and the MLP's `silu(gate) · up` by our one-launch kernels instead of burn's ops.
     pub fused_ops: bool,

@@ -19,7 +19,7 @@ use super::kernels::Refused;
 use super::llama::{gathered_paged_attention, PagedAttention, PagedAttentionFn};
 use super::LlamaConfig;
 
-/// How single-token decodes attend on CUDA (`[cuda] attention`).
+/// How decodes and short prompt chunks attend on CUDA (`[cuda] attention`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AttentionKernel {
