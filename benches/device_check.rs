@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench device_check -- logits [--device cpu|cuda|cuda-nofusion|cuda-kernels] [FIXTURE_DIR...]
 //! cargo bench --bench device_check -- profile [--device cpu|cuda|cuda-nofusion] [--model DIR] [--batches 1,8]
-//!     [--context 192] [--iters 10] [--bandwidth-gbs 3000] [--pages N] [--json FILE]
+//!     [--context 192] [--iters 10] [--bandwidth-gbs 3000] [--pages N] [--json FILE] [--step-only]
 //! cargo bench --bench device_check -- gemm [--device cuda|cpu] [--model DIR] [--rows 1,8,32,128] [--kernels all|a,b]
 //!     [--layouts in_out,out_in] [--iters 20] [--budget-s 120] [--json FILE] [--recommend FILE]
 //! ```
@@ -59,6 +59,9 @@ struct Args {
     json: Option<String>,
     /// Pages in the pool (default: just enough); a step's cost must not grow with it.
     pages: Option<usize>,
+    /// Times the step and stops there: under cubecl's profiler (`[profiling.logger]` in
+    /// cubecl.toml) the last summary it logs is then the timed steps' kernels alone.
+    step_only: bool,
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
@@ -72,6 +75,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         bandwidth_gbs: 3000.0,
         json: None,
         pages: None,
+        step_only: false,
     };
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -93,6 +97,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
             "--bandwidth-gbs" => a.bandwidth_gbs = value().parse().expect("--bandwidth-gbs X"),
             "--json" => a.json = Some(value()),
             "--pages" => a.pages = Some(value().parse().expect("--pages N")),
+            "--step-only" => a.step_only = true,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -105,6 +110,9 @@ struct Row {
     batch: usize,
     context: usize,
     step_ms: f64,
+    /// The host's time to issue the step (`forward` returning, before the logits are read).
+    /// Near `step_ms`, the GPU waits on the host: per-op overhead or synchronisations.
+    host_issue_ms: f64,
     /// The layers' matrix products, timed alone at the step's shapes.
     layer_gemms_ms: f64,
     lm_head_ms: f64,
@@ -153,15 +161,16 @@ fn profile_main(args: Args) {
         )
     };
     println!(
-        "| batch | context | step ms | layer GEMMs ms | lm_head ms | logits to host ms | rest ms | roofline ms | step / roofline |"
+        "| batch | context | step ms | host issue ms | layer GEMMs ms | lm_head ms | logits to host ms | rest ms | roofline ms | step / roofline |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.2} | {:.2} ({:.0}%) | {:.2} | {:.2} | {:.2} | {:.3} | {:.1}x |",
+            "| {} | {} | {:.2} | {:.2} | {:.2} ({:.0}%) | {:.2} | {:.2} | {:.2} | {:.3} | {:.1}x |",
             r.batch,
             r.context,
             r.step_ms,
+            r.host_issue_ms,
             r.layer_gemms_ms,
             100.0 * r.layer_gemms_ms / r.step_ms,
             r.lm_head_ms,
@@ -311,6 +320,18 @@ fn profile<B: Backend>(
         let step_ms = time_ms(args.iters, &mut || {
             model.forward(&mut cache, &chunks).into_data();
         });
+        if args.step_only {
+            eprintln!("batch {batch}: {step_ms:.2} ms per step");
+            continue;
+        }
+        let mut issue = std::time::Duration::ZERO;
+        for _ in 0..args.iters {
+            let t = Instant::now();
+            let logits = model.forward(&mut cache, &chunks);
+            issue += t.elapsed();
+            logits.into_data();
+        }
+        let host_issue_ms = issue.as_secs_f64() * 1e3 / args.iters as f64;
         let gemm = |k: usize, n: usize| {
             let x = Tensor::<B, 2>::random([batch, k], Distribution::Default, (&device, dtype));
             let w = match layout {
@@ -345,6 +366,7 @@ fn profile<B: Backend>(
             batch,
             context: args.context,
             step_ms,
+            host_issue_ms,
             layer_gemms_ms,
             lm_head_ms,
             logits_to_host_ms,

@@ -21,8 +21,11 @@
 #      kernel and the fused RMSNorm and silu·up kernels (ATTENTION=burn, FUSED_OPS=false leave
 #      them out), then step 4's profile with them; results under $OUT/tuned;
 #   9. device_check logits with InferFlux's own kernels (the `gemv` projections on `out_in`
-#      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens.
-# KERNELS=FILE runs step 8 with the INFERFLUX__CUDA__* lines of FILE instead.
+#      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens;
+#   0. step 8's profile alone (no server): the decode step with step 8's kernels;
+#   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler).
+# GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
+# INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (297835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
 # not fit: STAGES=14 runs them in a call of their own.
 set -uo pipefail
@@ -128,20 +131,34 @@ step6() { # summary
 }
 
 step7() { # every projection kernel on the checkpoint's shapes
-    timeout 120 "$bin/device_check" gemm --device "$device" --model "$model" --rows 1,8,32,128 --budget-s 90 \
+    # cubek's unit and unit-GEMV kernels, 10-1000x slower than the rest on these shapes, are
+    # left out so that the budget reaches 128 rows; GEMM_KERNELS=all times them too.
+    timeout $((${GEMM_BUDGET_S:-90} + 30)) "$bin/device_check" gemm --device "$device" --model "$model" --rows 1,8,32,128 \
+        --kernels "${GEMM_KERNELS:-burn,cublas,gemv,mma,cmma,vecmat,gemv-plane}" --budget-s "${GEMM_BUDGET_S:-90}" \
         --json "$out/gemm.json" --recommend "$out/gemm.env" | tee "$out/gemm.md"
 }
 
-step8() { # step 5 with step 7's kernels
+# `tuned_kernels`: $out/tuned/kernels.env from step 7's choice (or KERNELS), paged attention and
+# the fused operations; false when there is no choice yet.
+tuned_kernels() {
     local env=${KERNELS:-$out/gemm.env}
-    [ -f "$env" ] || { echo "(no $env: run step 7 first)"; return; }
+    [ -f "$env" ] || { echo "(no $env: run step 7 first)"; return 1; }
     mkdir -p "$out/tuned" && grep '^INFERFLUX__CUDA__' "$env" >"$out/tuned/kernels.env"
     grep -q '^INFERFLUX__CUDA__ATTENTION=' "$out/tuned/kernels.env" ||
         echo "INFERFLUX__CUDA__ATTENTION=${ATTENTION:-paged}" >>"$out/tuned/kernels.env"
     grep -q '^INFERFLUX__CUDA__FUSED_OPS=' "$out/tuned/kernels.env" ||
         echo "INFERFLUX__CUDA__FUSED_OPS=${FUSED_OPS:-true}" >>"$out/tuned/kernels.env"
     cat "$out/tuned/kernels.env"
+}
+
+step8() { # step 5 with step 7's kernels
+    tuned_kernels || return
     serve_bench "$out/tuned" "$out/tuned/kernels.env"
+    step0
+}
+
+step0() { # step 4's profile with step 8's kernels, without the server
+    [ -f "$out/tuned/kernels.env" ] || tuned_kernels || return
     echo "the decode step with these kernels:"
     (
         set -a && . "$out/tuned/kernels.env" && set +a
@@ -152,10 +169,58 @@ step8() { # step 5 with step 7's kernels
 
 step9() { # our own kernels (gemv, paged attention, fused ops) against the CPU f32 path and transformers
     [ "$device" = cuda ] || { echo "(CUDA only: the kernels run on the CPU in cargo test)"; return; }
-    fixtures=$(for d in "$repo"/tests/fixtures/*/; do [ -f "$d/goldens.json" ] && echo "${d%/}"; done)
-    # shellcheck disable=SC2086
-    INFERFLUX__CUDA__GEMV=gemv INFERFLUX__CUDA__WEIGHT_LAYOUT=out_in INFERFLUX__CUDA__ATTENTION=paged INFERFLUX__CUDA__FUSED_OPS=true \
-        timeout 90 "$bin/device_check" logits --device cuda-kernels $fixtures | tee "$out/logits-kernels.md"
+    # The server's default kernels. One process per fixture: a failed launch leaves cubecl's CUDA
+    # server unusable for the rest of its process. The first fixture that fails runs again with
+    # fewer of them, to name the culprit.
+    local all=(INFERFLUX__CUDA__GEMV=gemv INFERFLUX__CUDA__WEIGHT_LAYOUT=out_in INFERFLUX__CUDA__GEMM=cublas
+        INFERFLUX__CUDA__ATTENTION=paged INFERFLUX__CUDA__FUSED_OPS=true) bisected=
+    for d in "$repo"/tests/fixtures/*/; do
+        [ -f "$d/goldens.json" ] || continue
+        if env "${all[@]}" timeout 60 "$bin/device_check" logits --device cuda-kernels "${d%/}" \
+            >"$work/logits.txt" 2>&1; then
+            grep '^|' "$work/logits.txt" | tail -n +3 | tee -a "$out/logits-kernels.md"
+            continue
+        fi
+        echo "$(basename "$d"): FAILED: $(grep -m1 -E "CUDA_ERROR|panicked|FAILED" "$work/logits.txt" | cut -c1-160)" |
+            tee -a "$out/logits-kernels.md"
+        grep '^|' "$work/logits.txt" | tail -n +3
+        [ -n "$bisected" ] && continue
+        bisected=1
+        for only in "${all[*]/INFERFLUX__CUDA__GEMM=cublas/}" INFERFLUX__CUDA__GEMM=cublas none fusion; do
+            local dev=cuda-kernels vars=$only
+            case $only in none) dev=cuda-nofusion vars= ;; fusion) dev=cuda vars= ;; esac
+            # shellcheck disable=SC2086
+            if env $vars timeout 60 "$bin/device_check" logits --device "$dev" "${d%/}" >"$work/one.txt" 2>&1; then
+                echo "  $only: passes: $(grep '^|' "$work/one.txt" | tail -1)"
+            else
+                echo "  $only: FAILS: $(grep -m1 -E "CUDA_ERROR|panicked|FAILED" "$work/one.txt" | cut -c1-160)"
+            fi
+        done | tee -a "$out/logits-kernels.md"
+        # cubecl logs each kernel it runs: the last ones name the launch that fails.
+        mkdir -p "$work/exec-log"
+        printf '[profiling.logger]\nlevel = "minimal"\nfile = "%s"\n' "$out/failing-launch.log" >"$work/exec-log/cubecl.toml"
+        (cd "$work/exec-log" && env "${all[@]}" timeout 60 "$bin/device_check" logits --device cuda-kernels "${d%/}" >/dev/null 2>&1)
+        echo "  the last kernels run before it failed:"
+        tail -6 "$out/failing-launch.log" 2>/dev/null | cut -c1-220
+    done
+}
+
+stepk() { # GPU time per kernel in a decode step (cubecl's profiler), with step 8's kernels
+    [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
+    [ -f "$out/tuned/kernels.env" ] || tuned_kernels || return
+    local dir=$work/kernel-profile
+    mkdir -p "$dir"
+    for b in 1 128; do
+        # cubecl times each kernel and logs it, then a summary per kind at every sync.
+        printf '[compilation]\ncache = "local"\n\n[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' \
+            "$out/kernels-b$b.log" >"$dir/cubecl.toml"
+        (
+            cd "$dir" && set -a && . "$out/tuned/kernels.env" && set +a
+            timeout 60 "$bin/device_check" profile --device "$device" --model "$model" --batches "$b" --step-only \
+                --context 192 --iters 3 --bandwidth-gbs "$bw" >/dev/null
+        ) || echo "batch $b: the profiled run failed"
+        python3 "$repo/scripts/gpu_bench.py" kernel-summary "$out/kernels-b$b.log" --steps 3 | tee "$out/kernels-b$b.md"
+    done
 }
 
 # In order of value when the call's time runs short: the serving table first, then the checks.

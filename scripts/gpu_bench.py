@@ -181,14 +181,75 @@ def table(baseline_path, bench_dir, profile_path):
         )
     if profile_path and os.path.exists(profile_path):
         print("\nWhere a decode step goes (device_check profile, context 192):\n")
-        print("| batch | step ms | layer GEMMs ms | lm_head ms | logits to host ms | rest ms | cuBLAS GEMMs ms |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("| batch | step ms | host issue ms | layer GEMMs ms | lm_head ms | logits to host ms | rest ms | cuBLAS GEMMs ms |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in json.load(open(profile_path)):
             gemm = base["cublas_step_gemms_ms"].get(str(row["batch"]), float("nan"))
             print(
-                f"| {row['batch']} | {row['step_ms']:.2f} | {row['layer_gemms_ms']:.2f} | {row['lm_head_ms']:.2f} "
+                f"| {row['batch']} | {row['step_ms']:.2f} | {row.get('host_issue_ms', float('nan')):.2f} "
+                f"| {row['layer_gemms_ms']:.2f} | {row['lm_head_ms']:.2f} "
                 f"| {row['logits_to_host_ms']:.2f} | {row['rest_ms']:.2f} | {gemm:.2f} |"
             )
+
+
+def parse_duration_us(text):
+    """A Rust `Duration` as `{:?}` prints it (`850ns`, `12.5µs`, `1.2ms`, `3s`), in µs."""
+    for unit, scale in (("ns", 1e-3), ("µs", 1.0), ("us", 1.0), ("ms", 1e3), ("s", 1e6)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    raise ValueError(f"not a duration: {text!r}")
+
+
+def kernel_summary(log_path, steps):
+    """The last summary table that cubecl's profiler logged (the timed steps of `device_check
+    profile --step-only`), per kernel: launches and GPU µs per step, and the share."""
+    if not os.path.exists(log_path):
+        print(f"(no {log_path})")
+        return
+    tables, current = [], None
+    for line in open(log_path, encoding="utf-8", errors="replace"):
+        line = line.rstrip("\n")
+        if line.startswith("|⎺"):
+            current = []
+        elif line.startswith("|⎯") and current is not None:
+            tables.append(current)
+            current = None
+        elif current is not None and line.startswith("| ") and not line.startswith("| Name "):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            if len(cells) >= 4 and cells[0] != "Total":
+                try:
+                    current.append((cells[0], parse_duration_us(cells[-3]), int(cells[-2])))
+                except ValueError:
+                    pass
+    if tables:
+        rows = tables[-1]
+    else:
+        # No summary: every launch of the log (loading, the 2 warm-up steps and the timed ones).
+        steps += 2
+        per_kernel = {}
+        for line in open(log_path, encoding="utf-8", errors="replace"):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            try:
+                us = parse_duration_us(cells[0])
+            except (ValueError, IndexError):
+                continue
+            name = " | ".join(cells[1:])
+            total_us, count = per_kernel.get(name, (0.0, 0))
+            per_kernel[name] = (total_us + us, count + 1)
+        rows = [(name, us, count) for name, (us, count) in per_kernel.items()]
+        if not rows:
+            print(f"(no profiled kernels in {log_path})")
+            return
+    total = sum(us for _, us, _ in rows) or 1.0
+    print(f"\nGPU time per decode step by kernel ({os.path.basename(log_path)}, mean of {steps} steps):\n")
+    print("| kernel | launches per step | µs per step | share |")
+    print("|---|---:|---:|---:|")
+    for name, us, count in sorted(rows, key=lambda r: -r[1]):
+        name = name.replace(" | ", " / ")
+        short = name if len(name) <= 90 else name[:87] + "..."
+        print(f"| `{short}` | {count / steps:.0f} | {us / steps:.0f} | {100 * us / total:.1f}% |")
+    launches = sum(c for _, _, c in rows)
+    print(f"| total | {launches / steps:.0f} | {total / steps:.0f} | 100% |")
 
 
 def main():
@@ -207,6 +268,9 @@ def main():
     t.add_argument("--baseline", required=True)
     t.add_argument("--bench-dir", required=True)
     t.add_argument("--profile")
+    k = sub.add_parser("kernel-summary")
+    k.add_argument("log")
+    k.add_argument("--steps", type=int, default=1)
     a = p.parse_args()
     if a.cmd == "make-model":
         make_model(a.dir)
@@ -214,6 +278,8 @@ def main():
         prompts(a.file, a.n, a.seed)
     elif a.cmd == "baseline":
         baseline(a.dir, a.out)
+    elif a.cmd == "kernel-summary":
+        kernel_summary(a.log, a.steps)
     else:
         table(a.baseline, a.bench_dir, a.profile)
 

@@ -362,9 +362,9 @@ fn run<B: Backend>(args: &Args, shapes: &[Shape], dtype: DType, gemm: &KernelFn<
 
 /// Prints, per row count and layout, each kernel's GEMM time per decode step where it ran every
 /// shape, and returns the `INFERFLUX__CUDA__*` settings of the best choice: the fastest layout
-/// at the smallest row count, and in that layout the fastest kernel at that row count (`gemv`,
-/// up to it) and over the larger ones measured (`gemm`). GEMV kernels often run only one row,
-/// so the hand-over is right after the smallest row count.
+/// at the smallest row count; in that layout, the fastest kernel at that row count (`gemv`), kept
+/// up to the largest count where it is still the fastest (`gemv_max_rows`), and the fastest over
+/// the larger counts measured (`gemm`).
 fn summary(results: &[Measured], shapes: &[Shape], args: &Args) -> Option<String> {
     println!("\nGEMM time per decode step (every layer's projections + lm_head), ms:\n");
     println!("| rows | layout | kernel | ms/step | vs burn in_out |");
@@ -412,13 +412,30 @@ fn summary(results: &[Measured], shapes: &[Shape], args: &Args) -> Option<String
     }
     let (_, layout, _, _) = *best_per_rows.first()?;
     // Both kernels run in that one layout; each is the least total over its row counts.
-    let measured: Vec<usize> = args
+    let mut measured: Vec<usize> = args
         .rows
         .iter()
         .copied()
         .filter(|&m| results.iter().any(|r| r.rows == m))
         .collect();
-    let small_max = measured.iter().copied().min()?;
+    measured.sort_unstable();
+    // The small-rows kernel is the fastest at the smallest row count; it keeps the rows up to
+    // the last count (in a run from the smallest) where it is still the fastest.
+    let fastest_at = |m: usize| {
+        args.kernels
+            .iter()
+            .filter_map(|k| step_ms(m, layout, k.name()).map(|t| (k.name(), t)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(k, _)| k)
+    };
+    let first = *measured.first()?;
+    let small_kernel = fastest_at(first);
+    let small_max = measured
+        .iter()
+        .copied()
+        .take_while(|&m| fastest_at(m) == small_kernel)
+        .last()
+        .unwrap_or(first);
     let pick = |small: bool| {
         let rows: Vec<usize> = measured
             .iter()
@@ -435,7 +452,8 @@ fn summary(results: &[Measured], shapes: &[Shape], args: &Args) -> Option<String
             .map(|(k, _)| k)
     };
     let gemv = pick(true).unwrap_or("burn");
-    let gemm = pick(false).unwrap_or("burn");
+    // With no larger count measured, the small-rows kernel takes every size.
+    let gemm = pick(false).unwrap_or(gemv);
     let env = format!(
         "INFERFLUX__CUDA__WEIGHT_LAYOUT={layout}\nINFERFLUX__CUDA__GEMV={gemv}\nINFERFLUX__CUDA__GEMV_MAX_ROWS={small_max}\nINFERFLUX__CUDA__GEMM={gemm}\n"
     );

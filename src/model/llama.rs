@@ -169,8 +169,9 @@ enum AttentionGroup<B: Backend> {
     /// ([`PAGED_CHUNK_MAX_WORK`]), attended by the [`PagedAttentionFn`] through block tables:
     /// no gather, no padding, no mask.
     Paged {
-        /// The queries' rows in the step.
-        rows: Tensor<B, 1, Int>,
+        /// The queries' rows in the step; `None` when they are all of the step's rows, in
+        /// order (every step of decodes and short chunks), which saves a copy of `q` per layer.
+        rows: Option<Tensor<B, 1, Int>>,
         /// `[seqs, max_blocks]`, padded with page 0.
         block_tables: Tensor<B, 2, Int>,
         query_seq: Tensor<B, 1, Int>,
@@ -619,9 +620,10 @@ impl<B: Backend> Llama<B> {
                     end.push((pos + 1) as i32);
                 }
             }
+            let every_row = rows.len() == t_total && rows.iter().enumerate().all(|(i, &r)| r as usize == i);
             grouped_rows.extend_from_slice(&rows);
             groups.push(AttentionGroup::Paged {
-                rows: int_tensor(rows, dev),
+                rows: (!every_row).then(|| int_tensor(rows, dev)),
                 block_tables: Tensor::from_data(TensorData::new(tables, [n, max_blocks]), dev),
                 query_seq: int_tensor(query_seq, dev),
                 ctx_begin: int_tensor(begin, dev),
@@ -722,7 +724,10 @@ impl<B: Backend> Llama<B> {
                         .device_layer(layer)
                         .expect("paged groups are planned only for a device cache");
                     attend(PagedAttention {
-                        q: q.clone().select(0, rows.clone()),
+                        q: match rows {
+                            Some(rows) => q.clone().select(0, rows.clone()),
+                            None => q.clone(),
+                        },
                         k_cache,
                         v_cache,
                         block_tables: block_tables.clone(),
@@ -777,7 +782,10 @@ impl<B: Backend> Llama<B> {
                 }
             })
             .collect();
-        let out = Tensor::cat(outputs, 0);
+        let out = match <[_; 1]>::try_from(outputs) {
+            Ok([only]) => only,
+            Err(outputs) => Tensor::cat(outputs, 0),
+        };
         match &layout.unpermute {
             Some(order) => out.select(0, order.clone()),
             None => out,
