@@ -23,10 +23,13 @@
 #   9. device_check logits with InferFlux's own kernels (the `gemv` projections on `out_in`
 #      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens;
 #   0. step 8's profile alone (no server): the decode step with step 8's kernels;
-#   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler).
+#   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
+#   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
+#      GPU), with burn's kernels and with the defaults (step 1 fails on the tiny fixtures on
+#      CUDA whatever the kernels, see docs/Performance.md).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
-# The default order (297835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
+# The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
 # not fit: STAGES=14 runs them in a call of their own.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +39,7 @@ out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 for f in "$bin"/*.xz; do [ -e "$f" ] && xz -dkf "$f" && chmod +x "${f%.xz}"; done
 t0=$(date +%s)
-stages=${STAGES:-297835614}
+stages=${STAGES:-29c7835614}
 device=${DEVICE:-cuda}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # Kernels compiled by NVRTC and autotune results are kept across this call's processes.
@@ -82,11 +85,11 @@ step5() { # inferfluxd + inferctl bench
     serve_bench "$out"
 }
 
-# `serve_bench DIR [ENV_FILE]`: inferfluxd (with ENV_FILE's INFERFLUX__* settings) and the benches,
-# results in DIR.
-serve_bench() {
+# `start_server DIR [ENV_FILE]`: inferfluxd on the checkpoint (with ENV_FILE's INFERFLUX__*
+# settings), its log in DIR; sets `server` (the pid) and `url`, and returns once it answers.
+start_server() {
     local dir=$1 port=18080
-    local url=http://127.0.0.1:$port
+    url=http://127.0.0.1:$port
     mkdir -p "$dir"
     (
         [ -n "${2:-}" ] && set -a && . "$2" && set +a
@@ -97,6 +100,18 @@ serve_bench() {
     server=$!
     for _ in $(seq 1 180); do curl -sf "$url/health" >/dev/null && break; sleep 0.5; done
     grep -m1 -E "model loaded|chosen kernels" "$dir/inferfluxd.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300
+}
+
+stop_server() {
+    kill "$server" 2>/dev/null
+    wait "$server" 2>/dev/null
+}
+
+# `serve_bench DIR [ENV_FILE]`: inferfluxd (with ENV_FILE's INFERFLUX__* settings) and the benches,
+# results in DIR.
+serve_bench() {
+    local dir=$1
+    start_server "$dir" "${2:-}"
     # `bench N CONCURRENCY OUTPUT_LEN SECONDS`: prompts of 128 random words (tokens), new ones for
     # every run so that none hits the prefix cache.
     bench() {
@@ -115,9 +130,26 @@ serve_bench() {
         fi
     done
     curl -s "$url/metrics" | grep -E "^inferflux_step_duration_seconds_(sum|count)" || true
-    kill "$server" 2>/dev/null
-    wait "$server" 2>/dev/null
+    stop_server
     tail -3 "$dir/inferfluxd.log"
+}
+
+stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint, burn's kernels and the defaults
+    [ "$device" = cuda ] || { echo "(CUDA only: the CPU path is checked against the goldens by cargo test)"; return; }
+    timeout 90 python3 "$repo/scripts/gpu_bench.py" reference "$model" --out "$out/reference.json" || return
+    printf 'INFERFLUX__CUDA__GEMM=burn\nINFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\nINFERFLUX__CUDA__ATTENTION=burn\nINFERFLUX__CUDA__FUSED_OPS=false\n' \
+        >"$work/burn.env"
+    : >"$work/defaults.env"
+    {
+        echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
+        echo "|---|---|---:|---:|"
+        for kernels in burn defaults; do
+            start_server "$out/check-$kernels" "$work/$kernels.env" >/dev/null
+            python3 "$repo/scripts/gpu_bench.py" compare "$url" "$out/reference.json" "$kernels" ||
+                echo "| $kernels | FAILED: a first token differs or a request failed | | |"
+            stop_server
+        done
+    } | tee "$out/check.md"
 }
 
 step6() { # summary

@@ -10,6 +10,12 @@ are installed there; nothing is downloaded).
                                          transformers `generate` tokens/s at batch 1, 32 and 128
   gpu_bench.py table --baseline JSON --bench-dir DIR [--profile JSON]
                                          the summary table: InferFlux against baseline and roofline
+  gpu_bench.py kernel-summary LOG [--steps N]
+                                         GPU time per kernel kind, from cubecl's profiler log
+  gpu_bench.py reference DIR --out JSON  transformers' greedy tokens and their logprobs (bf16 on
+                                         the GPU) for a few prompts: what `compare` checks
+  gpu_bench.py compare URL JSON LABEL    a server's greedy tokens and logprobs on those prompts
+                                         against the reference
 """
 import argparse
 import json
@@ -192,6 +198,68 @@ def table(baseline_path, bench_dir, profile_path):
             )
 
 
+# Prompts of the word-level tokenizer (word `wN` is token id N), short and long.
+CHECK_PROMPTS = (
+    "w1 w5 w9 w13 w17",
+    " ".join(f"w{(i * 7919) % 128000 + 3}" for i in range(40)),
+    " ".join(f"w{(i * 104729) % 128000 + 3}" for i in range(300)),
+)
+CHECK_TOKENS = 16
+
+
+def reference(path, out):
+    """Greedy continuation of CHECK_PROMPTS by transformers, with the log-probability of each
+    chosen token (from the logits in f32), recomputed from scratch at every step."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    results = []
+    with torch.no_grad():
+        for prompt in CHECK_PROMPTS:
+            ids = [int(w[1:]) for w in prompt.split()]
+            x = torch.tensor([ids], device="cuda")
+            tokens, logprobs = [], []
+            for _ in range(CHECK_TOKENS):
+                logits = model(x).logits[0, -1].float()
+                token = int(torch.argmax(logits))
+                tokens.append(token)
+                logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+                x = torch.cat([x, torch.tensor([[token]], device="cuda")], dim=1)
+            results.append({"prompt": prompt, "tokens": tokens, "logprobs": logprobs})
+    with open(out, "w") as f:
+        json.dump(results, f)
+    print(f"reference: {len(results)} prompts, {CHECK_TOKENS} greedy tokens each")
+
+
+def compare(url, reference_path, label):
+    """Asks the server at URL for the reference's greedy continuations and prints one row per
+    prompt: the tokens equal to transformers' before the first difference, and the largest
+    logprob difference over them. Returns False if a first token differs."""
+    import urllib.request
+
+    ok = True
+    for i, ref in enumerate(json.load(open(reference_path))):
+        body = json.dumps({
+            "prompt": ref["prompt"], "max_tokens": len(ref["tokens"]), "temperature": 0,
+            "logprobs": 1, "ignore_eos": True,
+        }).encode()
+        req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        try:
+            choice = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]
+        except Exception as e:  # a refused or failed request is a failed check, not a crash
+            print(f"| {label} | {i} | request failed: {e} | | |")
+            ok = False
+            continue
+        got = [int(t.strip()[1:]) for t in choice["logprobs"]["tokens"]]
+        lps = choice["logprobs"]["token_logprobs"]
+        same = next((j for j, (a, b) in enumerate(zip(got, ref["tokens"])) if a != b), min(len(got), len(ref["tokens"])))
+        diff = max((abs(a - b) for a, b in zip(lps[:same], ref["logprobs"][:same])), default=float("nan"))
+        ok &= same > 0
+        print(f"| {label} | {i} ({len(ref['prompt'].split())} tokens) | {same}/{len(ref['tokens'])} | {diff:.3f} |")
+    return ok
+
+
 def parse_duration_us(text):
     """A Rust `Duration` as `{:?}` prints it (`850ns`, `12.5µs`, `1.2ms`, `3s`), in µs."""
     for unit, scale in (("ns", 1e-3), ("µs", 1.0), ("us", 1.0), ("ms", 1e3), ("s", 1e6)):
@@ -268,6 +336,13 @@ def main():
     t.add_argument("--baseline", required=True)
     t.add_argument("--bench-dir", required=True)
     t.add_argument("--profile")
+    r = sub.add_parser("reference")
+    r.add_argument("dir")
+    r.add_argument("--out", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("url")
+    c.add_argument("reference")
+    c.add_argument("label")
     k = sub.add_parser("kernel-summary")
     k.add_argument("log")
     k.add_argument("--steps", type=int, default=1)
@@ -278,6 +353,10 @@ def main():
         prompts(a.file, a.n, a.seed)
     elif a.cmd == "baseline":
         baseline(a.dir, a.out)
+    elif a.cmd == "reference":
+        reference(a.dir, a.out)
+    elif a.cmd == "compare":
+        return 0 if compare(a.url, a.reference, a.label) else 1
     elif a.cmd == "kernel-summary":
         kernel_summary(a.log, a.steps)
     else:

@@ -290,12 +290,15 @@ pub struct CudaConfig {
 impl Default for CudaConfig {
     fn default() -> Self {
         Self {
-            gemm: GemmKernel::Burn,
-            gemv: GemmKernel::Burn,
+            // The fastest measured on the H100 (docs/Performance.md, 2026-11-27): our GEMV up
+            // to 8 rows on the checkpoint's [out, in] weights, cuBLAS above, our paged
+            // attention and fused operations.
+            gemm: GemmKernel::Cublas,
+            gemv: GemmKernel::Gemv,
             gemv_max_rows: 8,
-            weight_layout: WeightLayout::InOut,
-            attention: AttentionKernel::Burn,
-            fused_ops: false,
+            weight_layout: WeightLayout::OutIn,
+            attention: AttentionKernel::Paged,
+            fused_ops: true,
         }
     }
 }
@@ -672,13 +675,24 @@ mod tests {
     #[test]
     fn cuda_kernels_come_from_env_and_unknown_names_are_refused() {
         let s = Settings::load_with_env(None, &CliOverrides::default(), env(&[])).unwrap();
-        assert!(s.cuda.gemm_choice().is_burn_only(), "burn's matmul unless asked");
+        let choice = s.cuda.gemm_choice();
         assert_eq!(
-            s.cuda.attention,
-            AttentionKernel::Burn,
-            "burn's gather unless asked"
+            (choice.kernel_for(8), choice.kernel_for(9), s.cuda.weight_layout),
+            (GemmKernel::Gemv, GemmKernel::Cublas, WeightLayout::OutIn),
+            "the kernels measured fastest unless told otherwise"
         );
-        assert!(!s.cuda.fused_ops, "burn's ops unless asked");
+        assert_eq!(s.cuda.attention, AttentionKernel::Paged);
+        assert!(s.cuda.fused_ops);
+        let vars = env(&[
+            ("INFERFLUX__CUDA__GEMV", "burn"),
+            ("INFERFLUX__CUDA__GEMM", "burn"),
+            ("INFERFLUX__CUDA__ATTENTION", "burn"),
+            ("INFERFLUX__CUDA__FUSED_OPS", "false"),
+        ]);
+        let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
+        assert!(s.cuda.gemm_choice().is_burn_only(), "burn's matmul when asked");
+        assert_eq!(s.cuda.attention, AttentionKernel::Burn);
+        assert!(!s.cuda.fused_ops);
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "gemv-plane"),
             ("INFERFLUX__CUDA__GEMM", "cublas"),
