@@ -211,14 +211,15 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
         },
         AttentionKernel::Burn => None,
     };
-    let fused = cuda.fused_ops.then(cuda_fused::fused_ops);
+    let fused = cuda.fused_ops.then(|| cuda_fused::fused_ops(cuda.fused_kv_write));
     eprintln!(
-        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}",
+        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}, fused K/V write {}",
         choice.small,
         choice.small_max_rows,
         choice.large,
         attend.is_some(),
-        fused.is_some()
+        fused.is_some(),
+        fused.as_ref().is_some_and(|f| f.kv_write.is_some())
     );
     (layout, project, attend, fused)
 }

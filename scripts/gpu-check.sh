@@ -17,16 +17,17 @@
 #   6. one table: InferFlux against the baseline and the memory roofline (and one for step 8);
 #   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's
 #      shapes, both weight layouts, at 1, 8, 32 and 128 rows; writes the fastest `[cuda]` settings;
-#   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*), the paged decode attention
-#      kernel and the fused RMSNorm and silu·up kernels (ATTENTION=burn, FUSED_OPS=false leave
-#      them out), then step 4's profile with them; results under $OUT/tuned;
+#   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*), the paged attention kernel, the
+#      fused operations and the fused K/V write (ATTENTION=burn, FUSED_OPS=false,
+#      FUSED_KV_WRITE=false leave them out), then step 4's profile with them; results under
+#      $OUT/tuned;
 #   9. device_check logits with InferFlux's own kernels (the `gemv` projections on `out_in`
 #      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens;
 #   0. step 8's profile alone (no server): the decode step with step 8's kernels;
 #   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
-#      GPU), with burn's kernels and with the defaults (step 1 fails on the tiny fixtures on
-#      CUDA whatever the kernels, see docs/Performance.md).
+#      GPU), with burn's kernels, the defaults, and the defaults with the fused K/V write (step 1
+#      fails on the tiny fixtures on CUDA whatever the kernels, see docs/Performance.md).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
@@ -140,10 +141,11 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     printf 'INFERFLUX__CUDA__GEMM=burn\nINFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\nINFERFLUX__CUDA__ATTENTION=burn\nINFERFLUX__CUDA__FUSED_OPS=false\n' \
         >"$work/burn.env"
     : >"$work/defaults.env"
+    echo "INFERFLUX__CUDA__FUSED_KV_WRITE=true" >"$work/kv-write.env"
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"
-        for kernels in burn defaults; do
+        for kernels in burn defaults kv-write; do
             start_server "$out/check-$kernels" "$work/$kernels.env" >/dev/null
             python3 "$repo/scripts/gpu_bench.py" compare "$url" "$out/reference.json" "$kernels" ||
                 echo "| $kernels | FAILED: a first token differs or a request failed | | |"
@@ -180,6 +182,8 @@ tuned_kernels() {
         echo "INFERFLUX__CUDA__ATTENTION=${ATTENTION:-paged}" >>"$out/tuned/kernels.env"
     grep -q '^INFERFLUX__CUDA__FUSED_OPS=' "$out/tuned/kernels.env" ||
         echo "INFERFLUX__CUDA__FUSED_OPS=${FUSED_OPS:-true}" >>"$out/tuned/kernels.env"
+    grep -q '^INFERFLUX__CUDA__FUSED_KV_WRITE=' "$out/tuned/kernels.env" ||
+        echo "INFERFLUX__CUDA__FUSED_KV_WRITE=${FUSED_KV_WRITE:-true}" >>"$out/tuned/kernels.env"
     cat "$out/tuned/kernels.env"
 }
 
@@ -205,7 +209,7 @@ step9() { # our own kernels (gemv, paged attention, fused ops) against the CPU f
     # server unusable for the rest of its process. The first fixture that fails runs again with
     # fewer of them, to name the culprit.
     local all=(INFERFLUX__CUDA__GEMV=gemv INFERFLUX__CUDA__WEIGHT_LAYOUT=out_in INFERFLUX__CUDA__GEMM=cublas
-        INFERFLUX__CUDA__ATTENTION=paged INFERFLUX__CUDA__FUSED_OPS=true) bisected=
+        INFERFLUX__CUDA__ATTENTION=paged INFERFLUX__CUDA__FUSED_OPS=true INFERFLUX__CUDA__FUSED_KV_WRITE=true) bisected=
     for d in "$repo"/tests/fixtures/*/; do
         [ -f "$d/goldens.json" ] || continue
         if env "${all[@]}" timeout 60 "$bin/device_check" logits --device cuda-kernels "${d%/}" \

@@ -285,6 +285,9 @@ pub struct CudaConfig {
     pub attention: AttentionKernel,
     /// RMSNorm and the MLP's `silu(gate) · up` by our one-launch kernels instead of burn's ops.
     pub fused_ops: bool,
+    /// With `fused_ops`, the RoPE of k and the K/V write into the pages in one launch. Off until
+    /// measured on a GPU.
+    pub fused_kv_write: bool,
 }
 
 impl Default for CudaConfig {
@@ -299,6 +302,7 @@ impl Default for CudaConfig {
             weight_layout: WeightLayout::OutIn,
             attention: AttentionKernel::Paged,
             fused_ops: true,
+            fused_kv_write: false,
         }
     }
 }
@@ -683,6 +687,7 @@ mod tests {
         );
         assert_eq!(s.cuda.attention, AttentionKernel::Paged);
         assert!(s.cuda.fused_ops);
+        assert!(!s.cuda.fused_kv_write, "not yet measured on a GPU");
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "burn"),
             ("INFERFLUX__CUDA__GEMM", "burn"),
@@ -700,10 +705,11 @@ mod tests {
             ("INFERFLUX__CUDA__WEIGHT_LAYOUT", "out_in"),
             ("INFERFLUX__CUDA__ATTENTION", "paged"),
             ("INFERFLUX__CUDA__FUSED_OPS", "true"),
+            ("INFERFLUX__CUDA__FUSED_KV_WRITE", "true"),
         ]);
         let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
         assert_eq!(s.cuda.attention, AttentionKernel::Paged);
-        assert!(s.cuda.fused_ops);
+        assert!(s.cuda.fused_ops && s.cuda.fused_kv_write);
         let choice = s.cuda.gemm_choice();
         assert_eq!(
             (choice.kernel_for(4), choice.kernel_for(5), s.cuda.weight_layout),

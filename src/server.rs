@@ -200,7 +200,8 @@ pub fn start(
                 }
                 None => None,
             };
-            let fused = settings.cuda.fused_ops.then(cuda_fused::fused_ops);
+            let kv_write = settings.cuda.fused_kv_write;
+            let fused = settings.cuda.fused_ops.then(|| cuda_fused::fused_ops(kv_write));
             if choice.is_burn_only() && paged_attention.is_none() && fused.is_none() {
                 let projections = Projections {
                     layout,
@@ -223,6 +224,7 @@ pub fn start(
                     ?layout,
                     paged_attention = paged_attention.is_some(),
                     fused_ops = fused.is_some(),
+                    fused_kv_write = fused.as_ref().is_some_and(|f| f.kv_write.is_some()),
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"
                 );
                 let projections = Projections {

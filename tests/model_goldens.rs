@@ -399,6 +399,7 @@ fn model_fused_ops_hooks_match_transformers() {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)
             }),
+            kv_write: None,
         };
         let model = model.with_fused_ops(Some(fused));
         let layers = model.config().num_layers;
@@ -426,6 +427,75 @@ fn model_fused_ops_hooks_match_transformers() {
             ropes.load(Ordering::Relaxed),
             2 * layers,
             "{name}: RoPE of q and k per layer"
+        );
+        let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
+        let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
+        assert_eq!(
+            greedy_batched(&model, &cases, 7, KvStorage::Device),
+            want,
+            "{name}: greedy"
+        );
+    }
+}
+
+#[test]
+fn model_fused_kv_write_hook_matches_transformers() {
+    use inferflux::model::llama::{rms_norm, rope_and_write_kv, rotate_half_rope, silu_mul};
+    use inferflux::model::FusedOps;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // tiny-qwen3 normalises k per head before its RoPE; tiny-mistral has a sliding window.
+    for name in ["tiny-llama", "tiny-qwen3", "tiny-mistral"] {
+        let (model, _, goldens) = fixture(name);
+        let (writes, ropes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (w, r) = (writes.clone(), ropes.clone());
+        let fused = FusedOps::<B> {
+            rms_norm: Arc::new(rms_norm),
+            silu_mul: Arc::new(silu_mul),
+            rope: Arc::new(move |x, cos, sin| {
+                r.fetch_add(1, Ordering::Relaxed);
+                rotate_half_rope(x, &cos, &sin)
+            }),
+            kv_write: Some(Arc::new(move |a| {
+                w.fetch_add(1, Ordering::Relaxed);
+                rope_and_write_kv(a)
+            })),
+        };
+        let model = model.with_fused_ops(Some(fused));
+        let layers = model.config().num_layers;
+        let p = &goldens.prompts[0];
+        let mut cache = new_cache(&model, KvStorage::Device);
+        let chunk = SequenceChunk {
+            tokens: p.input_ids.clone(),
+            start_pos: 0,
+            block_table: block_table(0, 1, p.input_ids.len()),
+            wants_logits: true,
+        };
+        let rows = logits_rows(model.forward(&mut cache, &[chunk]));
+        assert_close(&rows[0], &p.last_logits, &format!("{name} fused K/V write"));
+        assert_eq!(
+            writes.load(Ordering::Relaxed),
+            layers,
+            "{name}: one K/V write per layer"
+        );
+        assert_eq!(
+            ropes.load(Ordering::Relaxed),
+            layers,
+            "{name}: only q's RoPE stays apart"
+        );
+        // Host storage keeps RoPE then its own write.
+        let mut host = new_cache(&model, KvStorage::Host);
+        let chunk = SequenceChunk {
+            tokens: p.input_ids.clone(),
+            start_pos: 0,
+            block_table: block_table(0, 1, p.input_ids.len()),
+            wants_logits: true,
+        };
+        logits_rows(model.forward(&mut host, &[chunk]));
+        assert_eq!(
+            writes.load(Ordering::Relaxed),
+            layers,
+            "{name}: host storage writes itself"
         );
         let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
         let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();

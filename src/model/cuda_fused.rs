@@ -1,7 +1,9 @@
 //! RMSNorm, RoPE and the MLP's `silu(gate) · up` on CUDA in one launch each
 //! (`kernels::rms_norm`, `kernels::rope`, `kernels::silu_mul`), installed as the model's
-//! [`FusedOps`] with `[cuda] fused_ops = true`.
-//! Each falls back to burn's ops for an input it cannot take (mixed dtypes, a size past 32 bits).
+//! [`FusedOps`] with `[cuda] fused_ops = true`; with `fused_kv_write` too, the RoPE of k and the
+//! K/V write into the pages in one launch (`kernels::kv_write`).
+//! Each falls back to burn's ops for an input it cannot take (mixed dtypes, a size past 32 bits,
+//! a cache buffer shared with another tensor).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,18 +15,28 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 
 use super::cuda_gemm::CudaCube;
+use super::kernels::kv_write::{self, KvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
-use super::llama::{self, FusedOps};
+use super::llama::{self, FusedOps, KvWrite, KvWriteFn};
 
-/// The server's fused operations on [`CudaCube`].
-pub fn fused_ops() -> FusedOps<CudaCube> {
+/// The server's fused operations on [`CudaCube`]; `kv_write` adds the fused K/V write.
+pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
     let warned = Arc::new(AtomicBool::new(false));
     let warn = move |what: &str, e: Refused| {
         if !warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(error = %e, what, "a fused kernel refused its input: burn's ops run it");
         }
     };
-    let (warn_norm, warn_rope) = (warn.clone(), warn.clone());
+    let (warn_norm, warn_rope, warn_write) = (warn.clone(), warn.clone(), warn.clone());
+    let kv_write: Option<KvWriteFn<CudaCube>> = kv_write.then(|| {
+        Arc::new(move |a: KvWrite<CudaCube>| {
+            launch_kv_write(a).unwrap_or_else(|refused| {
+                let (e, a) = *refused;
+                warn_write("kv_write", e);
+                llama::rope_and_write_kv(a)
+            })
+        }) as KvWriteFn<CudaCube>
+    });
     FusedOps {
         rms_norm: Arc::new(move |x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 1>, eps: f64| {
             launch_rms_norm(x.clone(), w.clone(), eps).unwrap_or_else(|e| {
@@ -46,6 +58,7 @@ pub fn fused_ops() -> FusedOps<CudaCube> {
                 })
             },
         ),
+        kv_write,
     }
 }
 
@@ -118,4 +131,83 @@ fn launch_rope(
     ];
     rope::launch(&x.client, handles, (tokens, heads, head_dim), x.dtype.into())?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// A layer's K and V caches after a write.
+type LayerCaches = (Tensor<CudaCube, 2>, Tensor<CudaCube, 2>);
+
+/// The fused K/V write, in place on the layer's caches. A refusal hands the write back intact, for
+/// burn's ops to run.
+fn launch_kv_write(a: KvWrite<CudaCube>) -> Result<LayerCaches, Box<(Refused, KvWrite<CudaCube>)>> {
+    let [tokens, kv_heads, head_dim] = a.k.dims();
+    let [cache_slots, kv_dim] = a.k_cache.dims();
+    let (k, v, cos, sin) = (primitive(a.k), primitive(a.v), primitive(a.cos), primitive(a.sin));
+    let slots = into_contiguous(a.slots.into_primitive());
+    let (k_cache, v_cache) = (
+        a.k_cache.into_primitive().tensor(),
+        a.v_cache.into_primitive().tensor(),
+    );
+    let check = || -> Result<(), Refused> {
+        for t in [&v, &cos, &sin, &k_cache, &v_cache] {
+            same_dtype(&k, t)?;
+        }
+        if kv_dim != kv_heads * head_dim || v.meta.shape()[..] != [tokens, kv_dim] {
+            return Err(Refused(format!(
+                "k {:?}, v {:?}, cache width {kv_dim}",
+                k.meta.shape(),
+                v.meta.shape()
+            )));
+        }
+        if cos.meta.shape()[..] != [tokens, 1, head_dim] || slots.meta.shape()[0] != tokens {
+            return Err(Refused(format!(
+                "cos {:?}, slots {:?}",
+                cos.meta.shape(),
+                slots.meta.shape()
+            )));
+        }
+        if slots.dtype != burn::tensor::DType::I32 {
+            return Err(Refused("slots are not 32-bit".into()));
+        }
+        // Written in place: no other tensor may see these buffers change.
+        if !k_cache.can_mut() || !v_cache.can_mut() || !k_cache.is_contiguous() || !v_cache.is_contiguous() {
+            return Err(Refused("the cache buffers are shared or padded".into()));
+        }
+        Ok(())
+    };
+    let launched = check().and_then(|()| {
+        let handles = [
+            k.handle.clone(),
+            v.handle.clone(),
+            cos.handle.clone(),
+            sin.handle.clone(),
+            slots.handle.clone(),
+            k_cache.handle.clone(),
+            v_cache.handle.clone(),
+        ];
+        let shape = KvWriteShape {
+            tokens,
+            kv_heads,
+            head_dim,
+            cache_slots,
+        };
+        kv_write::launch(&k.client, handles, shape, k.dtype.into())
+    });
+    fn float<const D: usize>(t: CubeTensor<CudaRuntime>) -> Tensor<CudaCube, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(t))
+    }
+    match launched {
+        Ok(()) => Ok((float(k_cache), float(v_cache))),
+        Err(e) => Err(Box::new((
+            e,
+            KvWrite {
+                k: float(k),
+                v: float(v),
+                cos: float(cos),
+                sin: float(sin),
+                slots: Tensor::from_primitive(slots),
+                k_cache: float(k_cache),
+                v_cache: float(v_cache),
+            },
+        ))),
+    }
 }

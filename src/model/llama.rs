@@ -9,13 +9,13 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{DType, IndexingUpdateOp, TensorData};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::config::{LlamaConfig, RopeScaling};
-use super::paged_cache::{KvStorage, PagedKvCache, SlotIndex};
+use super::paged_cache::{KvStorage, PagedKvCache, SlotIndex, WriteSlots};
 use super::shard::{self, Shard};
 use super::weights::WeightIndex;
 use super::ModelError;
@@ -99,12 +99,37 @@ pub type SiluMulFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2> +
 /// head_dim]`), as [`rotate_half_rope`].
 pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
 
+/// One layer's new K/V rows and where they go: what a [`KvWriteFn`] gets.
+#[derive(Clone)]
+pub struct KvWrite<B: Backend> {
+    /// `[tokens, kv_heads, head_dim]`, before RoPE.
+    pub k: Tensor<B, 3>,
+    /// `[tokens, kv_heads * head_dim]`.
+    pub v: Tensor<B, 2>,
+    /// The step's rows, `[tokens, 1, head_dim]`.
+    pub cos: Tensor<B, 3>,
+    pub sin: Tensor<B, 3>,
+    /// `[tokens, 1]`: each row's cache slot.
+    pub slots: Tensor<B, 2, Int>,
+    /// The layer's whole caches, `[cache_slots, kv_heads * head_dim]`.
+    pub k_cache: Tensor<B, 2>,
+    pub v_cache: Tensor<B, 2>,
+}
+
+/// Stores `rope(k)` and `v` in their slots and returns the layer's caches as they are after it
+/// (the same buffers when written in place), as [`rope_and_write_kv`]. Only for a cache on the
+/// device.
+pub type KvWriteFn<B> = Arc<dyn Fn(KvWrite<B>) -> (Tensor<B, 2>, Tensor<B, 2>) + Send + Sync>;
+
 /// Kernels that do in one launch what burn composes from several (`cuda_fused`).
 #[derive(Clone)]
 pub struct FusedOps<B: Backend> {
     pub rms_norm: RmsNormFn<B>,
     pub silu_mul: SiluMulFn<B>,
     pub rope: RopeFn<B>,
+    /// The RoPE of k and the K/V write into the pages in one launch; `None`: [`FusedOps::rope`]
+    /// then the cache's own write.
+    pub kv_write: Option<KvWriteFn<B>>,
 }
 
 #[derive(Clone)]
@@ -548,8 +573,7 @@ impl<B: Backend> Llama<B> {
                     .reshape([t_total, nkv, hd]);
             }
             let q = self.rope(q, &cos, &sin);
-            let k = self.rope(k, &cos, &sin).reshape([t_total, nkv * hd]);
-            cache.write(layer_idx, &write_slots, k, v);
+            self.write_kv(cache, layer_idx, &write_slots, (k, v), (&cos, &sin));
             let attn = self.attention(cache, layer_idx, q, &layout);
             let mut out = self.project(attn, &layer.wo);
             if let Some(comm) = &self.comm {
@@ -792,6 +816,37 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// Stores the layer's new K (after RoPE) and V rows: in one launch by the fused K/V write
+    /// when one is set and the cache is on the device, else RoPE then the cache's write.
+    fn write_kv(
+        &self,
+        cache: &mut PagedKvCache<B>,
+        layer: usize,
+        slots: &WriteSlots<B>,
+        (k, v): (Tensor<B, 3>, Tensor<B, 2>),
+        (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+    ) {
+        if let Some(write) = self.fused.as_ref().and_then(|f| f.kv_write.as_ref()) {
+            let stored = cache.write_device(layer, slots, |k_cache, v_cache, index| {
+                write(KvWrite {
+                    k: k.clone(),
+                    v: v.clone(),
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                    slots: index,
+                    k_cache,
+                    v_cache,
+                })
+            });
+            if stored {
+                return;
+            }
+        }
+        let [t, nkv, hd] = k.dims();
+        let k = self.rope(k, cos, sin).reshape([t, nkv * hd]);
+        cache.write(layer, slots, k, v);
+    }
+
     /// [`rotate_half_rope`] by the fused kernel when one is set.
     fn rope(&self, x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.fused {
@@ -827,6 +882,16 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> 
         .recip();
     let normed = (xf * inv_rms).cast(dtype);
     normed * weight.unsqueeze_dim::<2>(0)
+}
+
+/// [`KvWrite`] in burn's ops: RoPE of `k`, then a `scatter_nd` of K and of V into the caches.
+pub fn rope_and_write_kv<B: Backend>(a: KvWrite<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let [t, nkv, hd] = a.k.dims();
+    let k = rotate_half_rope(a.k, &a.cos, &a.sin).reshape([t, nkv * hd]);
+    (
+        a.k_cache.scatter_nd(a.slots.clone(), k, IndexingUpdateOp::Assign),
+        a.v_cache.scatter_nd(a.slots, a.v, IndexingUpdateOp::Assign),
+    )
 }
 
 /// The MLP's activation: `silu(gate) · up`.

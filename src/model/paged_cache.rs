@@ -159,6 +159,27 @@ impl<B: Backend> PagedKvCache<B> {
         }
     }
 
+    /// Device storage: hands `layer`'s K and V caches and the slot index (`[n, 1]`) to `write`,
+    /// which stores the step's rows and returns the caches to keep. `false` (and `write` not
+    /// called) for host storage.
+    pub fn write_device(
+        &mut self,
+        layer: usize,
+        slots: &WriteSlots<B>,
+        write: impl FnOnce(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 2>),
+    ) -> bool {
+        let LayerCache::Device { k: ck, v: cv } = &mut self.layers[layer] else {
+            return false;
+        };
+        let index = slots.tensor.clone().expect("write slots made by this cache");
+        let old_k = ck.take().expect("layer cache present between writes");
+        let old_v = cv.take().expect("layer cache present between writes");
+        let (k, v) = write(old_k, old_v, index);
+        *ck = Some(k);
+        *cv = Some(v);
+        true
+    }
+
     /// Copies every layer's K/V of page `src` into page `dst` (copy-on-write of a shared page).
     pub fn copy_page(&mut self, src: u32, dst: u32) {
         let ps = self.page_size;

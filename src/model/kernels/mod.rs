@@ -7,6 +7,7 @@
 //! tests run the shared-memory path and `device_check gemm` checks the plane path on the GPU.
 
 pub mod gemv;
+pub mod kv_write;
 pub mod paged_attention;
 pub mod rms_norm;
 pub mod rope;
