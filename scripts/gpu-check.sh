@@ -123,14 +123,20 @@ serve_bench() {
     }
     # Compiles and autotunes the kernels of the batch sizes the runs below will see.
     bench 128 128 8 60 >/dev/null || echo "warm-up: FAILED or timed out"
+    # The executor's own step time (sum and count of inferflux_step_duration_seconds) around
+    # each run: against the TPOT, what the serving loop adds outside the model's step.
+    step_metric() {
+        curl -s "$url/metrics" | awk '/^inferflux_step_duration_seconds_sum/ {s=$2} /^inferflux_step_duration_seconds_count/ {c=$2} END {print s+0, c+0}'
+    }
     for c in 1 32 128; do
+        read -r s0 n0 <<<"$(step_metric)"
         if bench $(( c == 1 ? 2 : c )) "$c" 128 $(( c == 1 ? 45 : 70 )) >"$dir/bench-c$c.json"; then
-            echo "concurrency $c: $(head -c 400 "$dir/bench-c$c.json")"
+            read -r s1 n1 <<<"$(step_metric)"
+            echo "concurrency $c: executor steps $((n1 - n0)), mean $(python3 -c "print(f'{($s1 - $s0) * 1e3 / max($n1 - $n0, 1):.2f}')") ms; $(head -c 400 "$dir/bench-c$c.json")"
         else
             echo "concurrency $c: FAILED or timed out"
         fi
     done
-    curl -s "$url/metrics" | grep -E "^inferflux_step_duration_seconds_(sum|count)" || true
     stop_server
     tail -3 "$dir/inferfluxd.log"
 }
