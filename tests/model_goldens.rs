@@ -59,6 +59,18 @@ fn fixture(name: &str) -> (Llama<B>, ModelFiles, Goldens) {
 }
 
 /// A page pool in `storage` (the server's CPU path uses host storage, CUDA device storage).
+/// The last position's logits of `p`'s whole prompt in one chunk, on a fresh cache.
+fn prompt_logits(model: &Llama<B>, storage: KvStorage, p: &GoldenPrompt) -> Vec<f32> {
+    let mut cache = new_cache(model, storage);
+    let chunk = SequenceChunk {
+        tokens: p.input_ids.clone(),
+        start_pos: 0,
+        block_table: block_table(0, 1, p.input_ids.len()),
+        wants_logits: true,
+    };
+    logits_rows(model.forward(&mut cache, &[chunk])).remove(0)
+}
+
 fn new_cache(model: &Llama<B>, storage: KvStorage) -> PagedKvCache<B> {
     let c = model.config();
     PagedKvCache::new(
@@ -141,15 +153,8 @@ fn check_fixture(name: &str) {
                 .to_vec();
             assert_eq!(ids, p.input_ids, "tokenization of {prompt:?}");
         }
-        let mut cache = new_cache(&model, KvStorage::Host);
-        let chunk = SequenceChunk {
-            tokens: p.input_ids.clone(),
-            start_pos: 0,
-            block_table: block_table(0, 1, p.input_ids.len()),
-            wants_logits: true,
-        };
-        let rows = logits_rows(model.forward(&mut cache, &[chunk]));
-        assert_close(&rows[0], &p.last_logits, &format!("{name} {:?}", p.input_ids));
+        let logits = prompt_logits(&model, KvStorage::Host, p);
+        assert_close(&logits, &p.last_logits, &format!("{name} {:?}", p.input_ids));
     }
     let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
     assert_eq!(
@@ -404,15 +409,8 @@ fn model_fused_ops_hooks_match_transformers() {
         let model = model.with_fused_ops(Some(fused));
         let layers = model.config().num_layers;
         let p = &goldens.prompts[0];
-        let mut cache = new_cache(&model, KvStorage::Host);
-        let chunk = SequenceChunk {
-            tokens: p.input_ids.clone(),
-            start_pos: 0,
-            block_table: block_table(0, 1, p.input_ids.len()),
-            wants_logits: true,
-        };
-        let rows = logits_rows(model.forward(&mut cache, &[chunk]));
-        assert_close(&rows[0], &p.last_logits, &format!("{name} fused ops"));
+        let logits = prompt_logits(&model, KvStorage::Host, p);
+        assert_close(&logits, &p.last_logits, &format!("{name} fused ops"));
         assert_eq!(
             norms.load(Ordering::Relaxed),
             norms_per_layer * layers + 1,
@@ -464,15 +462,8 @@ fn model_fused_kv_write_hook_matches_transformers() {
         let model = model.with_fused_ops(Some(fused));
         let layers = model.config().num_layers;
         let p = &goldens.prompts[0];
-        let mut cache = new_cache(&model, KvStorage::Device);
-        let chunk = SequenceChunk {
-            tokens: p.input_ids.clone(),
-            start_pos: 0,
-            block_table: block_table(0, 1, p.input_ids.len()),
-            wants_logits: true,
-        };
-        let rows = logits_rows(model.forward(&mut cache, &[chunk]));
-        assert_close(&rows[0], &p.last_logits, &format!("{name} fused K/V write"));
+        let logits = prompt_logits(&model, KvStorage::Device, p);
+        assert_close(&logits, &p.last_logits, &format!("{name} fused K/V write"));
         assert_eq!(
             writes.load(Ordering::Relaxed),
             layers,
@@ -484,14 +475,7 @@ fn model_fused_kv_write_hook_matches_transformers() {
             "{name}: only q's RoPE stays apart"
         );
         // Host storage keeps RoPE then its own write.
-        let mut host = new_cache(&model, KvStorage::Host);
-        let chunk = SequenceChunk {
-            tokens: p.input_ids.clone(),
-            start_pos: 0,
-            block_table: block_table(0, 1, p.input_ids.len()),
-            wants_logits: true,
-        };
-        logits_rows(model.forward(&mut host, &[chunk]));
+        prompt_logits(&model, KvStorage::Host, p);
         assert_eq!(
             writes.load(Ordering::Relaxed),
             layers,
