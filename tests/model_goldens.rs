@@ -59,6 +59,18 @@ fn fixture(name: &str) -> (Llama<B>, ModelFiles, Goldens) {
 }
 
 /// A page pool in `storage` (the server's CPU path uses host storage, CUDA device storage).
+/// Every golden prompt at once, prefilled in 7-token chunks on device K/V storage, then decoded
+/// greedily: transformers' tokens.
+fn assert_chunked_greedy_on_device(model: &Llama<B>, goldens: &Goldens, name: &str) {
+    let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
+    let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
+    assert_eq!(
+        greedy_batched(model, &cases, 7, KvStorage::Device),
+        want,
+        "{name}: greedy"
+    );
+}
+
 /// The last position's logits of `p`'s whole prompt in one chunk, on a fresh cache.
 fn prompt_logits(model: &Llama<B>, storage: KvStorage, p: &GoldenPrompt) -> Vec<f32> {
     let mut cache = new_cache(model, storage);
@@ -426,13 +438,7 @@ fn model_fused_ops_hooks_match_transformers() {
             2 * layers,
             "{name}: RoPE of q and k per layer"
         );
-        let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
-        let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
-        assert_eq!(
-            greedy_batched(&model, &cases, 7, KvStorage::Device),
-            want,
-            "{name}: greedy"
-        );
+        assert_chunked_greedy_on_device(&model, &goldens, name);
     }
 }
 
@@ -481,12 +487,6 @@ fn model_fused_kv_write_hook_matches_transformers() {
             layers,
             "{name}: host storage writes itself"
         );
-        let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
-        let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
-        assert_eq!(
-            greedy_batched(&model, &cases, 7, KvStorage::Device),
-            want,
-            "{name}: greedy"
-        );
+        assert_chunked_greedy_on_device(&model, &goldens, name);
     }
 }
