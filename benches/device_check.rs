@@ -245,6 +245,8 @@ fn profile<B: Backend>(
     (layout, hook, attend, fused): Kernels<B>,
 ) -> Vec<Row> {
     let started = Instant::now();
+    // The fused ops merge gate and up into one projection.
+    let merged_gate_up = fused.is_some();
     let index = files.checkpoint.index().expect("weights index");
     let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
         .expect("model loads")
@@ -303,7 +305,11 @@ fn profile<B: Backend>(
         (h, q_dim, 1),
         (h, kv_dim, 2),
         (q_dim, h, 1),
-        (h, inter, 2),
+        if merged_gate_up {
+            (h, 2 * inter, 1)
+        } else {
+            (h, inter, 2)
+        },
         (inter, h, 1),
     ];
     let mut rows = Vec::new();

@@ -295,7 +295,8 @@ fn chat_template_renders_like_transformers_apply_chat_template() {
 /// The checkpoint's `[out, in]` weights read through a transposed view (`WeightLayout::OutIn`,
 /// what CUDA's GEMV kernels want), with every projection routed through a projection hook (how
 /// the server runs a chosen CUDA kernel), give transformers' logits and greedy tokens: the hook
-/// sees each layer's seven projections and `lm_head`, and nothing else.
+/// sees each layer's seven projections and `lm_head`, and nothing else. With the fused ops, gate
+/// and up are one merged `[out, in]` weight: six projections per layer.
 #[test]
 fn model_out_in_weights_through_a_projection_hook_match_transformers() {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -346,6 +347,29 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             want,
             "{name}: out_in chunked prefill (7) greedy"
         );
+        // With the fused ops (as CUDA serves), gate and up merge into one `[out, in]` weight.
+        use inferflux::model::llama::{rms_norm, rotate_half_rope, silu_mul_halves};
+        let model = model.with_fused_ops(Some(inferflux::model::FusedOps {
+            rms_norm: Arc::new(rms_norm),
+            silu_mul: Arc::new(silu_mul_halves),
+            rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
+            kv_write: None,
+        }));
+        for p in &cases {
+            let before = calls.load(Ordering::Relaxed);
+            let logits = prompt_logits(&model, KvStorage::Host, p);
+            assert_eq!(
+                calls.load(Ordering::Relaxed) - before,
+                6 * model.config().num_layers + 1,
+                "{name}: projections with gate and up merged"
+            );
+            assert_close(&logits, &p.last_logits, &format!("{name} out_in merged gate/up"));
+        }
+        assert_eq!(
+            greedy_batched(&model, &cases, 7, KvStorage::Device),
+            want,
+            "{name}: out_in merged gate/up greedy"
+        );
     }
 }
 
@@ -390,7 +414,7 @@ fn model_paged_attention_hook_matches_transformers() {
 
 #[test]
 fn model_fused_ops_hooks_match_transformers() {
-    use inferflux::model::llama::{rms_norm, rotate_half_rope, silu_mul};
+    use inferflux::model::llama::{rms_norm, rotate_half_rope, silu_mul_halves};
     use inferflux::model::FusedOps;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -408,9 +432,9 @@ fn model_fused_ops_hooks_match_transformers() {
                 n.fetch_add(1, Ordering::Relaxed);
                 rms_norm(x, w, eps)
             }),
-            silu_mul: Arc::new(move |g, u| {
+            silu_mul: Arc::new(move |gate_up| {
                 a.fetch_add(1, Ordering::Relaxed);
-                silu_mul(g, u)
+                silu_mul_halves(gate_up)
             }),
             rope: Arc::new(move |x, cos, sin| {
                 r.fetch_add(1, Ordering::Relaxed);
@@ -418,7 +442,15 @@ fn model_fused_ops_hooks_match_transformers() {
             }),
             kv_write: None,
         };
-        let model = model.with_fused_ops(Some(fused));
+        // With the fused ops, gate and up are one projection: 6 per layer plus lm_head.
+        let projections = Arc::new(AtomicUsize::new(0));
+        let counted = projections.clone();
+        let model = model.with_fused_ops(Some(fused)).with_projection(Some(Arc::new(
+            move |x: burn::Tensor<B, 2>, w: burn::Tensor<B, 2>| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                x.matmul(w)
+            },
+        )));
         let layers = model.config().num_layers;
         let p = &goldens.prompts[0];
         let logits = prompt_logits(&model, KvStorage::Host, p);
@@ -438,13 +470,18 @@ fn model_fused_ops_hooks_match_transformers() {
             2 * layers,
             "{name}: RoPE of q and k per layer"
         );
+        assert_eq!(
+            projections.load(Ordering::Relaxed),
+            6 * layers + 1,
+            "{name}: projections per step, gate and up merged"
+        );
         assert_chunked_greedy_on_device(&model, &goldens, name);
     }
 }
 
 #[test]
 fn model_fused_kv_write_hook_matches_transformers() {
-    use inferflux::model::llama::{rms_norm, rope_and_write_kv, rotate_half_rope, silu_mul};
+    use inferflux::model::llama::{rms_norm, rope_and_write_kv, rotate_half_rope, silu_mul_halves};
     use inferflux::model::FusedOps;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -455,7 +492,7 @@ fn model_fused_kv_write_hook_matches_transformers() {
         let (w, r) = (writes.clone(), ropes.clone());
         let fused = FusedOps::<B> {
             rms_norm: Arc::new(rms_norm),
-            silu_mul: Arc::new(silu_mul),
+            silu_mul: Arc::new(silu_mul_halves),
             rope: Arc::new(move |x, cos, sin| {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)

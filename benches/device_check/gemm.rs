@@ -161,7 +161,8 @@ fn shapes(model: Option<&str>) -> (Vec<Shape>, DType) {
             s("q", h, q, layers),
             s("k,v", h, kv, 2 * layers),
             s("o", q, h, layers),
-            s("gate,up", h, inter, 2 * layers),
+            // One product for both, as the fused ops serve them (`[cuda] fused_ops`, the default).
+            s("gate+up", h, 2 * inter, layers),
             s("down", inter, h, layers),
             s("lm_head", h, vocab, 1),
         ],

@@ -44,10 +44,10 @@ pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
                 llama::rms_norm(x, w, eps)
             })
         }),
-        silu_mul: Arc::new(move |gate: Tensor<CudaCube, 2>, up: Tensor<CudaCube, 2>| {
-            launch_silu_mul(gate.clone(), up.clone()).unwrap_or_else(|e| {
+        silu_mul: Arc::new(move |gate_up: Tensor<CudaCube, 2>| {
+            launch_silu_mul(gate_up.clone()).unwrap_or_else(|e| {
                 warn("silu_mul", e);
-                llama::silu_mul(gate, up)
+                llama::silu_mul_halves(gate_up)
             })
         }),
         rope: Arc::new(
@@ -88,20 +88,20 @@ fn launch_rms_norm(
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
-fn launch_silu_mul(
-    gate: Tensor<CudaCube, 2>,
-    up: Tensor<CudaCube, 2>,
-) -> Result<Tensor<CudaCube, 2>, Refused> {
-    let dims = gate.dims();
-    if up.dims() != dims {
-        return Err(Refused(format!("gate {dims:?} and up {:?}", up.dims())));
+fn launch_silu_mul(gate_up: Tensor<CudaCube, 2>) -> Result<Tensor<CudaCube, 2>, Refused> {
+    let [rows, both] = gate_up.dims();
+    if both % 2 != 0 {
+        return Err(Refused(format!("gate and up of {both} columns")));
     }
-    let (gate, up) = (primitive(gate), primitive(up));
-    same_dtype(&gate, &up)?;
-    let out =
-        empty_device_contiguous_dtype(gate.client.clone(), gate.device.clone(), dims.into(), gate.dtype);
-    let handles = [gate.handle.clone(), up.handle.clone(), out.handle.clone()];
-    silu_mul::launch(&gate.client, handles, dims[0] * dims[1], gate.dtype.into())?;
+    let gate_up = primitive(gate_up);
+    let out = empty_device_contiguous_dtype(
+        gate_up.client.clone(),
+        gate_up.device.clone(),
+        [rows, both / 2].into(),
+        gate_up.dtype,
+    );
+    let handles = [gate_up.handle.clone(), out.handle.clone()];
+    silu_mul::launch(&gate_up.client, handles, (rows, both / 2), gate_up.dtype.into())?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 

@@ -93,8 +93,9 @@ pub type PagedAttentionFn<B> = Arc<dyn Fn(PagedAttention<B>) -> Tensor<B, 2> + S
 
 /// RMSNorm of `x [rows, width]` by `weight [width]` with epsilon `eps`, as [`rms_norm`].
 pub type RmsNormFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 1>, f64) -> Tensor<B, 2> + Send + Sync>;
-/// `silu(gate) · up`, both `[rows, intermediate]`, as [`silu_mul`].
-pub type SiluMulFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
+/// `silu(gate) · up` of `[rows, 2 * intermediate]` (each row: gate, then up) as
+/// `[rows, intermediate]`, as [`silu_mul_halves`].
+pub type SiluMulFn<B> = Arc<dyn Fn(Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
 /// RoPE of `x [tokens, heads, head_dim]` with the step's `cos` and `sin` (`[tokens, 1,
 /// head_dim]`), as [`rotate_half_rope`].
 pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
@@ -146,9 +147,16 @@ struct LlamaLayer<B: Backend> {
     /// Per-head RMSNorm gains `[head_dim]` of queries and keys (Qwen3).
     qk_norm: Option<[Tensor<B, 1>; 2]>,
     mlp_norm: Tensor<B, 1>,
-    w_gate: Tensor<B, 2>,
-    w_up: Tensor<B, 2>,
+    gate_up: GateUp<B>,
     w_down: Tensor<B, 2>,
+}
+
+/// The MLP's gate and up projections, logical `[in, out]` each: apart, or (with [`FusedOps`])
+/// one `[in, 2 * out]` product whose output rows hold gate then up, one launch instead of two.
+#[derive(Clone)]
+enum GateUp<B: Backend> {
+    Apart { gate: Tensor<B, 2>, up: Tensor<B, 2> },
+    Merged(Tensor<B, 2>),
 }
 
 /// Where one chunk's queries sit in the step and which cache slots they attend to.
@@ -240,6 +248,8 @@ pub struct Llama<B: Backend> {
     paged_attention: Option<PagedAttentionFn<B>>,
     /// `None`: burn's ops for RMSNorm, RoPE and the MLP's activation.
     fused: Option<FusedOps<B>>,
+    /// How the projection weights are kept (what merging gate and up must preserve).
+    layout: WeightLayout,
 }
 
 impl<B: Backend> Llama<B> {
@@ -364,18 +374,20 @@ impl<B: Backend> Llama<B> {
                 wv: column(&format!("{attn}.v_proj.weight"), kv_dim, h, &kv_rows)?,
                 wo: row(&format!("{attn}.o_proj.weight"), h, q_dim, &q_rows)?,
                 mlp_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                w_gate: column(
-                    &format!("{p}.mlp.gate_proj.weight"),
-                    c.intermediate_size,
-                    h,
-                    &sh.ffn,
-                )?,
-                w_up: column(
-                    &format!("{p}.mlp.up_proj.weight"),
-                    c.intermediate_size,
-                    h,
-                    &sh.ffn,
-                )?,
+                gate_up: GateUp::Apart {
+                    gate: column(
+                        &format!("{p}.mlp.gate_proj.weight"),
+                        c.intermediate_size,
+                        h,
+                        &sh.ffn,
+                    )?,
+                    up: column(
+                        &format!("{p}.mlp.up_proj.weight"),
+                        c.intermediate_size,
+                        h,
+                        &sh.ffn,
+                    )?,
+                },
                 w_down: row(
                     &format!("{p}.mlp.down_proj.weight"),
                     h,
@@ -418,6 +430,7 @@ impl<B: Backend> Llama<B> {
             project: None,
             paged_attention: None,
             fused: None,
+            layout,
         })
     }
 
@@ -437,6 +450,23 @@ impl<B: Backend> Llama<B> {
     /// Runs RMSNorm (every one, q/k norms included), RoPE and the MLP's `silu(gate) · up`
     /// through `fused` instead of burn's ops.
     pub fn with_fused_ops(mut self, fused: Option<FusedOps<B>>) -> Self {
+        if fused.is_some() {
+            // The fused activation reads gate and up from one tensor: one projection fewer
+            // per layer. The weights are moved, not copied twice: the old ones are dropped.
+            let layout = self.layout;
+            for layer in &mut self.layers {
+                if let GateUp::Apart { gate, up } = &layer.gate_up {
+                    let merged = match layout {
+                        WeightLayout::InOut => Tensor::cat(vec![gate.clone(), up.clone()], 1),
+                        // Keep the `[out, in]` rows contiguous: concatenate the stored tensors.
+                        WeightLayout::OutIn => {
+                            Tensor::cat(vec![gate.clone().transpose(), up.clone().transpose()], 0).transpose()
+                        }
+                    };
+                    layer.gate_up = GateUp::Merged(merged);
+                }
+            }
+        }
         self.fused = fused;
         self
     }
@@ -486,8 +516,13 @@ impl<B: Backend> Llama<B> {
             add("k_proj", n(&l.wk));
             add("v_proj", n(&l.wv));
             add("o_proj", n(&l.wo));
-            add("gate_proj", n(&l.w_gate));
-            add("up_proj", n(&l.w_up));
+            match &l.gate_up {
+                GateUp::Apart { gate, up } => {
+                    add("gate_proj", n(gate));
+                    add("up_proj", n(up));
+                }
+                GateUp::Merged(gate_up) => add("gate_up_proj", n(gate_up)),
+            }
             add("down_proj", n(&l.w_down));
             add("norms", n1(&l.attn_norm) + n1(&l.mlp_norm));
             if let Some([q, k, v]) = &l.qkv_bias {
@@ -585,11 +620,12 @@ impl<B: Backend> Llama<B> {
             x = x + out;
 
             let h = self.rms_norm(x.clone(), &layer.mlp_norm);
-            let gate = self.project(h.clone(), &layer.w_gate);
-            let up = self.project(h, &layer.w_up);
-            let act = match &self.fused {
-                Some(f) => (f.silu_mul)(gate, up),
-                None => silu_mul(gate, up),
+            let act = match (&layer.gate_up, &self.fused) {
+                (GateUp::Merged(w), Some(f)) => (f.silu_mul)(self.project(h, w)),
+                (GateUp::Merged(w), None) => silu_mul_halves(self.project(h, w)),
+                (GateUp::Apart { gate, up }, _) => {
+                    silu_mul(self.project(h.clone(), gate), self.project(h, up))
+                }
             };
             let mut down = self.project(act, &layer.w_down);
             if let Some(comm) = &self.comm {
@@ -897,6 +933,15 @@ pub fn rope_and_write_kv<B: Backend>(a: KvWrite<B>) -> (Tensor<B, 2>, Tensor<B, 
 /// The MLP's activation: `silu(gate) · up`.
 pub fn silu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
     silu(gate) * up
+}
+
+/// [`silu_mul`] of the merged gate/up product `[rows, 2 * intermediate]`: each row's first half
+/// is gate, its second half up.
+pub fn silu_mul_halves<B: Backend>(gate_up: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [rows, width] = gate_up.dims();
+    let half = width / 2;
+    let gate = gate_up.clone().slice([0..rows, 0..half]);
+    silu_mul(gate, gate_up.slice([0..rows, half..width]))
 }
 
 /// [`PagedAttention`] in burn's ops, one query at a time: the slots of `ctx_begin..ctx_end`
