@@ -219,7 +219,7 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
         choice.large,
         attend.is_some(),
         fused.is_some(),
-        fused.as_ref().is_some_and(|f| f.kv_write.is_some())
+        fused.as_ref().is_some_and(|f| f.qkv_write.is_some())
     );
     (layout, project, attend, fused)
 }

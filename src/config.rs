@@ -285,8 +285,8 @@ pub struct CudaConfig {
     pub attention: AttentionKernel,
     /// RMSNorm and the MLP's `silu(gate) · up` by our one-launch kernels instead of burn's ops.
     pub fused_ops: bool,
-    /// With `fused_ops`, the RoPE of k and the K/V write into the pages in one launch. Off until
-    /// measured on a GPU.
+    /// With `fused_ops`, q, k and v as one projection, then the RoPE of q and k and the K/V write
+    /// into the pages in one launch. Off until measured on a GPU.
     pub fused_kv_write: bool,
 }
 

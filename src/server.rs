@@ -224,7 +224,7 @@ pub fn start(
                     ?layout,
                     paged_attention = paged_attention.is_some(),
                     fused_ops = fused.is_some(),
-                    fused_kv_write = fused.as_ref().is_some_and(|f| f.kv_write.is_some()),
+                    fused_kv_write = fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"
                 );
                 let projections = Projections {

@@ -353,7 +353,7 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             rms_norm: Arc::new(rms_norm),
             silu_mul: Arc::new(silu_mul_halves),
             rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
-            kv_write: None,
+            qkv_write: None,
         }));
         for p in &cases {
             let before = calls.load(Ordering::Relaxed);
@@ -440,7 +440,7 @@ fn model_fused_ops_hooks_match_transformers() {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)
             }),
-            kv_write: None,
+            qkv_write: None,
         };
         // With the fused ops, gate and up are one projection: 6 per layer plus lm_head.
         let projections = Arc::new(AtomicUsize::new(0));
@@ -480,16 +480,18 @@ fn model_fused_ops_hooks_match_transformers() {
 }
 
 #[test]
-fn model_fused_kv_write_hook_matches_transformers() {
-    use inferflux::model::llama::{rms_norm, rope_and_write_kv, rotate_half_rope, silu_mul_halves};
+fn model_fused_qkv_write_hook_matches_transformers() {
+    use inferflux::model::llama::{rms_norm, rope_qk_and_write_kv, rotate_half_rope, silu_mul_halves};
     use inferflux::model::FusedOps;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    // tiny-qwen3 normalises k per head before its RoPE; tiny-mistral has a sliding window.
-    for name in ["tiny-llama", "tiny-qwen3", "tiny-mistral"] {
+    // tiny-qwen3 normalises q and k per head before their RoPE; tiny-mistral has a sliding
+    // window; tiny-qwen2 has q/k/v biases (merged with the weights).
+    for name in ["tiny-llama", "tiny-qwen3", "tiny-mistral", "tiny-qwen2"] {
         let (model, _, goldens) = fixture(name);
-        let (writes, ropes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (w, r) = (writes.clone(), ropes.clone());
+        let counters: [Arc<AtomicUsize>; 3] = Default::default();
+        let [writes, ropes, projections] = counters.clone();
+        let [w, r, pr] = counters;
         let fused = FusedOps::<B> {
             rms_norm: Arc::new(rms_norm),
             silu_mul: Arc::new(silu_mul_halves),
@@ -497,32 +499,58 @@ fn model_fused_kv_write_hook_matches_transformers() {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)
             }),
-            kv_write: Some(Arc::new(move |a| {
+            qkv_write: Some(Arc::new(move |a| {
                 w.fetch_add(1, Ordering::Relaxed);
-                rope_and_write_kv(a)
+                // q, k and v are column views of the one merged projection.
+                let [t, q_dim] = a.q.dims();
+                let kv_dim = a.k.dims()[1];
+                assert_eq!(a.v.dims(), [t, kv_dim]);
+                assert_eq!(q_dim, a.heads * kv_dim / a.kv_heads);
+                rope_qk_and_write_kv(a)
             })),
         };
-        let model = model.with_fused_ops(Some(fused));
+        // q/k/v and gate/up merged: 4 projections per layer plus lm_head.
+        let model = model.with_fused_ops(Some(fused)).with_projection(Some(Arc::new(
+            move |x: burn::Tensor<B, 2>, w: burn::Tensor<B, 2>| {
+                pr.fetch_add(1, Ordering::Relaxed);
+                x.matmul(w)
+            },
+        )));
         let layers = model.config().num_layers;
         let p = &goldens.prompts[0];
         let logits = prompt_logits(&model, KvStorage::Device, p);
-        assert_close(&logits, &p.last_logits, &format!("{name} fused K/V write"));
+        assert_close(
+            &logits,
+            &p.last_logits,
+            &format!("{name} fused RoPE and K/V write"),
+        );
         assert_eq!(
             writes.load(Ordering::Relaxed),
             layers,
-            "{name}: one K/V write per layer"
+            "{name}: one fused write per layer"
         );
+        assert_eq!(ropes.load(Ordering::Relaxed), 0, "{name}: no RoPE apart");
         assert_eq!(
-            ropes.load(Ordering::Relaxed),
-            layers,
-            "{name}: only q's RoPE stays apart"
+            projections.load(Ordering::Relaxed),
+            4 * layers + 1,
+            "{name}: projections per step, q/k/v and gate/up merged"
         );
-        // Host storage keeps RoPE then its own write.
-        prompt_logits(&model, KvStorage::Host, p);
+        // Host storage ropes q and k, then writes itself.
+        let logits = prompt_logits(&model, KvStorage::Host, p);
+        assert_close(
+            &logits,
+            &p.last_logits,
+            &format!("{name} merged q/k/v, host storage"),
+        );
         assert_eq!(
             writes.load(Ordering::Relaxed),
             layers,
             "{name}: host storage writes itself"
+        );
+        assert_eq!(
+            ropes.load(Ordering::Relaxed),
+            2 * layers,
+            "{name}: RoPE of q and k apart"
         );
         assert_chunked_greedy_on_device(&model, &goldens, name);
     }

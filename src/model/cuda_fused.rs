@@ -1,7 +1,8 @@
 //! RMSNorm, RoPE and the MLP's `silu(gate) · up` on CUDA in one launch each
 //! (`kernels::rms_norm`, `kernels::rope`, `kernels::silu_mul`), installed as the model's
-//! [`FusedOps`] with `[cuda] fused_ops = true`; with `fused_kv_write` too, the RoPE of k and the
-//! K/V write into the pages in one launch (`kernels::kv_write`).
+//! [`FusedOps`] with `[cuda] fused_ops = true`; with `fused_kv_write` too, the RoPE of q and k
+//! and the K/V write into the pages in one launch (`kernels::qkv_write`), reading q, k and v from
+//! the merged projection in place.
 //! Each falls back to burn's ops for an input it cannot take (mixed dtypes, a size past 32 bits,
 //! a cache buffer shared with another tensor).
 
@@ -15,11 +16,11 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 
 use super::cuda_gemm::CudaCube;
-use super::kernels::kv_write::{self, KvWriteShape};
+use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
-use super::llama::{self, FusedOps, KvWrite, KvWriteFn};
+use super::llama::{self, FusedOps, QkvWrite, QkvWriteFn};
 
-/// The server's fused operations on [`CudaCube`]; `kv_write` adds the fused K/V write.
+/// The server's fused operations on [`CudaCube`]; `kv_write` adds the fused RoPE and K/V write.
 pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
     let warned = Arc::new(AtomicBool::new(false));
     let warn = move |what: &str, e: Refused| {
@@ -28,14 +29,14 @@ pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
         }
     };
     let (warn_norm, warn_rope, warn_write) = (warn.clone(), warn.clone(), warn.clone());
-    let kv_write: Option<KvWriteFn<CudaCube>> = kv_write.then(|| {
-        Arc::new(move |a: KvWrite<CudaCube>| {
-            launch_kv_write(a).unwrap_or_else(|refused| {
+    let qkv_write: Option<QkvWriteFn<CudaCube>> = kv_write.then(|| {
+        Arc::new(move |a: QkvWrite<CudaCube>| {
+            launch_qkv_write(a).unwrap_or_else(|refused| {
                 let (e, a) = *refused;
-                warn_write("kv_write", e);
-                llama::rope_and_write_kv(a)
+                warn_write("qkv_write", e);
+                llama::rope_qk_and_write_kv(a)
             })
-        }) as KvWriteFn<CudaCube>
+        }) as QkvWriteFn<CudaCube>
     });
     FusedOps {
         rms_norm: Arc::new(move |x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 1>, eps: f64| {
@@ -58,7 +59,7 @@ pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
                 })
             },
         ),
-        kv_write,
+        qkv_write,
     }
 }
 
@@ -133,29 +134,52 @@ fn launch_rope(
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
-/// A layer's K and V caches after a write.
-type LayerCaches = (Tensor<CudaCube, 2>, Tensor<CudaCube, 2>);
+/// The queries after RoPE and the layer's K and V caches after the write.
+type RopedQAndCaches = (Tensor<CudaCube, 3>, Tensor<CudaCube, 2>, Tensor<CudaCube, 2>);
 
-/// The fused K/V write, in place on the layer's caches. A refusal hands the write back intact, for
-/// burn's ops to run.
-fn launch_kv_write(a: KvWrite<CudaCube>) -> Result<LayerCaches, Box<(Refused, KvWrite<CudaCube>)>> {
-    let [tokens, kv_heads, head_dim] = a.k.dims();
+/// `t`, and the stride between its rows: `t` itself when its elements are contiguous within each
+/// row (a column view of a merged projection is), else a contiguous copy.
+fn row_strided(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, usize) {
+    let (shape, strides) = (t.meta.shape(), t.meta.strides());
+    if shape.len() == 2 && (strides[1] == 1 || shape[1] == 1) && (strides[0] >= shape[1] || shape[0] == 1) {
+        let stride = strides[0].max(shape[1]);
+        return (t, stride);
+    }
+    let t = into_contiguous(t);
+    let stride = t.meta.shape()[1];
+    (t, stride)
+}
+
+/// The fused RoPE of q and k and K/V write, in place on the layer's caches. A refusal hands the
+/// write back intact, for burn's ops to run.
+fn launch_qkv_write(a: QkvWrite<CudaCube>) -> Result<RopedQAndCaches, Box<(Refused, QkvWrite<CudaCube>)>> {
+    let (heads, kv_heads) = (a.heads, a.kv_heads);
+    let [tokens, q_dim] = a.q.dims();
     let [cache_slots, kv_dim] = a.k_cache.dims();
-    let (k, v, cos, sin) = (primitive(a.k), primitive(a.v), primitive(a.cos), primitive(a.sin));
+    let head_dim = q_dim / heads.max(1);
+    let float2 = |t: Tensor<CudaCube, 2>| row_strided(t.into_primitive().tensor());
+    let ((q, q_stride), (k, k_stride), (v, v_stride)) = (float2(a.q), float2(a.k), float2(a.v));
+    let (cos, sin) = (primitive(a.cos), primitive(a.sin));
     let slots = into_contiguous(a.slots.into_primitive());
     let (k_cache, v_cache) = (
         a.k_cache.into_primitive().tensor(),
         a.v_cache.into_primitive().tensor(),
     );
     let check = || -> Result<(), Refused> {
-        for t in [&v, &cos, &sin, &k_cache, &v_cache] {
-            same_dtype(&k, t)?;
+        for t in [&k, &v, &cos, &sin, &k_cache, &v_cache] {
+            same_dtype(&q, t)?;
         }
-        if kv_dim != kv_heads * head_dim || v.meta.shape()[..] != [tokens, kv_dim] {
+        let widths = [
+            q.meta.shape()[..].to_vec(),
+            k.meta.shape()[..].to_vec(),
+            v.meta.shape()[..].to_vec(),
+        ];
+        if heads * head_dim != q_dim
+            || kv_dim != kv_heads * head_dim
+            || widths != [vec![tokens, q_dim], vec![tokens, kv_dim], vec![tokens, kv_dim]]
+        {
             return Err(Refused(format!(
-                "k {:?}, v {:?}, cache width {kv_dim}",
-                k.meta.shape(),
-                v.meta.shape()
+                "q, k, v {widths:?} for {heads} and {kv_heads} heads, cache width {kv_dim}"
             )));
         }
         if cos.meta.shape()[..] != [tokens, 1, head_dim] || slots.meta.shape()[0] != tokens {
@@ -175,33 +199,51 @@ fn launch_kv_write(a: KvWrite<CudaCube>) -> Result<LayerCaches, Box<(Refused, Kv
         Ok(())
     };
     let launched = check().and_then(|()| {
+        let q_out = empty_device_contiguous_dtype(
+            q.client.clone(),
+            q.device.clone(),
+            [tokens, heads, head_dim].into(),
+            q.dtype,
+        );
         let handles = [
+            q.handle.clone(),
             k.handle.clone(),
             v.handle.clone(),
             cos.handle.clone(),
             sin.handle.clone(),
             slots.handle.clone(),
+            q_out.handle.clone(),
             k_cache.handle.clone(),
             v_cache.handle.clone(),
         ];
-        let shape = KvWriteShape {
+        let shape = QkvWriteShape {
             tokens,
+            heads,
             kv_heads,
             head_dim,
             cache_slots,
         };
-        kv_write::launch(&k.client, handles, shape, k.dtype.into())
+        let strides = QkvStrides {
+            q: q_stride,
+            k: k_stride,
+            v: v_stride,
+        };
+        qkv_write::launch(&q.client, handles, shape, strides, q.dtype.into())?;
+        Ok(q_out)
     });
     fn float<const D: usize>(t: CubeTensor<CudaRuntime>) -> Tensor<CudaCube, D> {
         Tensor::from_primitive(TensorPrimitive::Float(t))
     }
     match launched {
-        Ok(()) => Ok((float(k_cache), float(v_cache))),
+        Ok(q_out) => Ok((float(q_out), float(k_cache), float(v_cache))),
         Err(e) => Err(Box::new((
             e,
-            KvWrite {
+            QkvWrite {
+                q: float(q),
                 k: float(k),
                 v: float(v),
+                heads,
+                kv_heads,
                 cos: float(cos),
                 sin: float(sin),
                 slots: Tensor::from_primitive(slots),

@@ -100,13 +100,18 @@ pub type SiluMulFn<B> = Arc<dyn Fn(Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
 /// head_dim]`), as [`rotate_half_rope`].
 pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
 
-/// One layer's new K/V rows and where they go: what a [`KvWriteFn`] gets.
+/// One layer's new q, k and v rows and where K and V go: what a [`QkvWriteFn`] gets. `q`, `k`
+/// and `v` may be column views of one merged projection (row stride past their width).
 #[derive(Clone)]
-pub struct KvWrite<B: Backend> {
-    /// `[tokens, kv_heads, head_dim]`, before RoPE.
-    pub k: Tensor<B, 3>,
+pub struct QkvWrite<B: Backend> {
+    /// `[tokens, heads * head_dim]`, before RoPE.
+    pub q: Tensor<B, 2>,
+    /// `[tokens, kv_heads * head_dim]`, before RoPE.
+    pub k: Tensor<B, 2>,
     /// `[tokens, kv_heads * head_dim]`.
     pub v: Tensor<B, 2>,
+    pub heads: usize,
+    pub kv_heads: usize,
     /// The step's rows, `[tokens, 1, head_dim]`.
     pub cos: Tensor<B, 3>,
     pub sin: Tensor<B, 3>,
@@ -117,10 +122,10 @@ pub struct KvWrite<B: Backend> {
     pub v_cache: Tensor<B, 2>,
 }
 
-/// Stores `rope(k)` and `v` in their slots and returns the layer's caches as they are after it
-/// (the same buffers when written in place), as [`rope_and_write_kv`]. Only for a cache on the
-/// device.
-pub type KvWriteFn<B> = Arc<dyn Fn(KvWrite<B>) -> (Tensor<B, 2>, Tensor<B, 2>) + Send + Sync>;
+/// Returns `rope(q)` (`[tokens, heads, head_dim]`), stores `rope(k)` and `v` in their slots and
+/// returns the layer's caches as they are after it (the same buffers when written in place), as
+/// [`rope_qk_and_write_kv`]. Only for a cache on the device.
+pub type QkvWriteFn<B> = Arc<dyn Fn(QkvWrite<B>) -> (Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 2>) + Send + Sync>;
 
 /// Kernels that do in one launch what burn composes from several (`cuda_fused`).
 #[derive(Clone)]
@@ -128,21 +133,17 @@ pub struct FusedOps<B: Backend> {
     pub rms_norm: RmsNormFn<B>,
     pub silu_mul: SiluMulFn<B>,
     pub rope: RopeFn<B>,
-    /// The RoPE of k and the K/V write into the pages in one launch; `None`: [`FusedOps::rope`]
-    /// then the cache's own write.
-    pub kv_write: Option<KvWriteFn<B>>,
+    /// The RoPE of q and k and the K/V write into the pages in one launch, reading q, k and v
+    /// from one merged projection; `None`: [`FusedOps::rope`] then the cache's own write.
+    pub qkv_write: Option<QkvWriteFn<B>>,
 }
 
 #[derive(Clone)]
 struct LlamaLayer<B: Backend> {
     attn_norm: Tensor<B, 1>,
     /// Projections, logical `[in, out]` (see [`WeightLayout`]), so `x · w`.
-    wq: Tensor<B, 2>,
-    wk: Tensor<B, 2>,
-    wv: Tensor<B, 2>,
+    qkv: Qkv<B>,
     wo: Tensor<B, 2>,
-    /// `[q_dim]`, `[kv_dim]`, `[kv_dim]` when the checkpoint has q/k/v biases.
-    qkv_bias: Option<[Tensor<B, 1>; 3]>,
     o_bias: Option<Tensor<B, 1>>,
     /// Per-head RMSNorm gains `[head_dim]` of queries and keys (Qwen3).
     qk_norm: Option<[Tensor<B, 1>; 2]>,
@@ -157,6 +158,24 @@ struct LlamaLayer<B: Backend> {
 enum GateUp<B: Backend> {
     Apart { gate: Tensor<B, 2>, up: Tensor<B, 2> },
     Merged(Tensor<B, 2>),
+}
+
+/// The attention's q, k and v projections, logical `[in, out]` each, with their biases
+/// (`[q_dim]`, `[kv_dim]`, `[kv_dim]`) when the checkpoint has them: apart, or (with the fused
+/// K/V write, which reads the three from one tensor) one `[in, q_dim + 2 * kv_dim]` product whose
+/// output rows hold q, k then v, one launch instead of three.
+#[derive(Clone)]
+enum Qkv<B: Backend> {
+    Apart {
+        q: Tensor<B, 2>,
+        k: Tensor<B, 2>,
+        v: Tensor<B, 2>,
+        bias: Option<[Tensor<B, 1>; 3]>,
+    },
+    Merged {
+        w: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    },
 }
 
 /// Where one chunk's queries sit in the step and which cache slots they attend to.
@@ -365,13 +384,15 @@ impl<B: Backend> Llama<B> {
                 None
             };
             layers.push(LlamaLayer {
-                qkv_bias,
                 o_bias,
                 qk_norm,
                 attn_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
-                wq: column(&format!("{attn}.q_proj.weight"), q_dim, h, &q_rows)?,
-                wk: column(&format!("{attn}.k_proj.weight"), kv_dim, h, &kv_rows)?,
-                wv: column(&format!("{attn}.v_proj.weight"), kv_dim, h, &kv_rows)?,
+                qkv: Qkv::Apart {
+                    q: column(&format!("{attn}.q_proj.weight"), q_dim, h, &q_rows)?,
+                    k: column(&format!("{attn}.k_proj.weight"), kv_dim, h, &kv_rows)?,
+                    v: column(&format!("{attn}.v_proj.weight"), kv_dim, h, &kv_rows)?,
+                    bias: qkv_bias,
+                },
                 wo: row(&format!("{attn}.o_proj.weight"), h, q_dim, &q_rows)?,
                 mlp_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 gate_up: GateUp::Apart {
@@ -450,20 +471,20 @@ impl<B: Backend> Llama<B> {
     /// Runs RMSNorm (every one, q/k norms included), RoPE and the MLP's `silu(gate) · up`
     /// through `fused` instead of burn's ops.
     pub fn with_fused_ops(mut self, fused: Option<FusedOps<B>>) -> Self {
-        if fused.is_some() {
-            // The fused activation reads gate and up from one tensor: one projection fewer
-            // per layer. The weights are moved, not copied twice: the old ones are dropped.
+        if let Some(f) = &fused {
+            // The fused activation reads gate and up from one tensor, and the fused K/V write q,
+            // k and v: fewer projections per layer. The weights are moved, not copied twice: the
+            // old ones are dropped.
             let layout = self.layout;
             for layer in &mut self.layers {
                 if let GateUp::Apart { gate, up } = &layer.gate_up {
-                    let merged = match layout {
-                        WeightLayout::InOut => Tensor::cat(vec![gate.clone(), up.clone()], 1),
-                        // Keep the `[out, in]` rows contiguous: concatenate the stored tensors.
-                        WeightLayout::OutIn => {
-                            Tensor::cat(vec![gate.clone().transpose(), up.clone().transpose()], 0).transpose()
-                        }
+                    layer.gate_up = GateUp::Merged(merge_outputs(layout, [gate, up]));
+                }
+                if let (Qkv::Apart { q, k, v, bias }, Some(_)) = (&layer.qkv, &f.qkv_write) {
+                    layer.qkv = Qkv::Merged {
+                        w: merge_outputs(layout, [q, k, v]),
+                        bias: bias.clone().map(|b| Tensor::cat(b.to_vec(), 0)),
                     };
-                    layer.gate_up = GateUp::Merged(merged);
                 }
             }
         }
@@ -512,9 +533,23 @@ impl<B: Backend> Llama<B> {
         add("lm_head", n(&self.lm_head));
         add("norms", n1(&self.final_norm));
         for l in &self.layers {
-            add("q_proj", n(&l.wq));
-            add("k_proj", n(&l.wk));
-            add("v_proj", n(&l.wv));
+            match &l.qkv {
+                Qkv::Apart { q, k, v, bias } => {
+                    add("q_proj", n(q));
+                    add("k_proj", n(k));
+                    add("v_proj", n(v));
+                    if let Some([q, k, v]) = bias {
+                        add("q_bias", n1(q));
+                        add("kv_bias", n1(k) + n1(v));
+                    }
+                }
+                Qkv::Merged { w, bias } => {
+                    add("qkv_proj", n(w));
+                    if let Some(b) = bias {
+                        add("qkv_bias", n1(b));
+                    }
+                }
+            }
             add("o_proj", n(&l.wo));
             match &l.gate_up {
                 GateUp::Apart { gate, up } => {
@@ -525,10 +560,6 @@ impl<B: Backend> Llama<B> {
             }
             add("down_proj", n(&l.w_down));
             add("norms", n1(&l.attn_norm) + n1(&l.mlp_norm));
-            if let Some([q, k, v]) = &l.qkv_bias {
-                add("q_bias", n1(q));
-                add("kv_bias", n1(k) + n1(v));
-            }
         }
         m
     }
@@ -589,26 +620,16 @@ impl<B: Backend> Llama<B> {
         };
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &layer.attn_norm);
-            let mut q = self.project(h.clone(), &layer.wq);
-            let mut k = self.project(h.clone(), &layer.wk);
-            let mut v = self.project(h, &layer.wv);
-            if let Some([bq, bk, bv]) = &layer.qkv_bias {
-                q = q + bq.clone().unsqueeze_dim::<2>(0);
-                k = k + bk.clone().unsqueeze_dim::<2>(0);
-                v = v + bv.clone().unsqueeze_dim::<2>(0);
-            }
-            let mut q = q.reshape([t_total, nh, hd]);
-            let mut k = k.reshape([t_total, nkv, hd]);
+            let (mut q, mut k, v) = self.project_qkv(&layer.qkv, h);
             if let Some([nq, nk]) = &layer.qk_norm {
                 q = self
                     .rms_norm(q.reshape([t_total * nh, hd]), nq)
-                    .reshape([t_total, nh, hd]);
+                    .reshape([t_total, nh * hd]);
                 k = self
                     .rms_norm(k.reshape([t_total * nkv, hd]), nk)
-                    .reshape([t_total, nkv, hd]);
+                    .reshape([t_total, nkv * hd]);
             }
-            let q = self.rope(q, &cos, &sin);
-            self.write_kv(cache, layer_idx, &write_slots, (k, v), (&cos, &sin));
+            let q = self.rope_qk_and_write_kv(cache, layer_idx, &write_slots, [q, k, v], (&cos, &sin));
             let attn = self.attention(cache, layer_idx, q, &layout);
             let mut out = self.project(attn, &layer.wo);
             if let Some(comm) = &self.comm {
@@ -852,35 +873,85 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// Stores the layer's new K (after RoPE) and V rows: in one launch by the fused K/V write
-    /// when one is set and the cache is on the device, else RoPE then the cache's write.
-    fn write_kv(
+    /// The layer's q, k and v rows (`[tokens, width]` each, biases added): column views of one
+    /// product when the projections are merged.
+    fn project_qkv(&self, qkv: &Qkv<B>, h: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
+        match qkv {
+            Qkv::Apart { q, k, v, bias } => {
+                let (mut q, mut k, mut v) = (
+                    self.project(h.clone(), q),
+                    self.project(h.clone(), k),
+                    self.project(h, v),
+                );
+                if let Some([bq, bk, bv]) = bias {
+                    q = q + bq.clone().unsqueeze_dim::<2>(0);
+                    k = k + bk.clone().unsqueeze_dim::<2>(0);
+                    v = v + bv.clone().unsqueeze_dim::<2>(0);
+                }
+                (q, k, v)
+            }
+            Qkv::Merged { w, bias } => {
+                let mut qkv = self.project(h, w);
+                if let Some(b) = bias {
+                    qkv = qkv + b.clone().unsqueeze_dim::<2>(0);
+                }
+                let [t, width] = qkv.dims();
+                let q_dim = self.shard.num_heads() * self.config.head_dim;
+                let kv_dim = (width - q_dim) / 2;
+                (
+                    qkv.clone().slice([0..t, 0..q_dim]),
+                    qkv.clone().slice([0..t, q_dim..q_dim + kv_dim]),
+                    qkv.slice([0..t, q_dim + kv_dim..width]),
+                )
+            }
+        }
+    }
+
+    /// Returns the layer's queries after RoPE (`[tokens, heads, head_dim]`) and stores its new K
+    /// (after RoPE) and V rows: in one launch by the fused K/V write when one is set and the cache
+    /// is on the device, else RoPE of each then the cache's write.
+    fn rope_qk_and_write_kv(
         &self,
         cache: &mut PagedKvCache<B>,
         layer: usize,
         slots: &WriteSlots<B>,
-        (k, v): (Tensor<B, 3>, Tensor<B, 2>),
+        [q, k, v]: [Tensor<B, 2>; 3],
         (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
-    ) {
-        if let Some(write) = self.fused.as_ref().and_then(|f| f.kv_write.as_ref()) {
-            let stored = cache.write_device(layer, slots, |k_cache, v_cache, index| {
-                write(KvWrite {
+    ) -> Tensor<B, 3> {
+        let (nh, nkv, hd) = (
+            self.shard.num_heads(),
+            self.shard.num_kv_heads(),
+            self.config.head_dim,
+        );
+        if let Some(write) = self.fused.as_ref().and_then(|f| f.qkv_write.as_ref()) {
+            let mut roped_q = None;
+            cache.write_device(layer, slots, |k_cache, v_cache, index| {
+                let (q, k_cache, v_cache) = write(QkvWrite {
+                    q: q.clone(),
                     k: k.clone(),
                     v: v.clone(),
+                    heads: nh,
+                    kv_heads: nkv,
                     cos: cos.clone(),
                     sin: sin.clone(),
                     slots: index,
                     k_cache,
                     v_cache,
-                })
+                });
+                roped_q = Some(q);
+                (k_cache, v_cache)
             });
-            if stored {
-                return;
+            if let Some(q) = roped_q {
+                return q;
             }
         }
-        let [t, nkv, hd] = k.dims();
-        let k = self.rope(k, cos, sin).reshape([t, nkv * hd]);
+        let t = q.dims()[0];
+        let q = self.rope(q.reshape([t, nh, hd]), cos, sin);
+        let k = self
+            .rope(k.reshape([t, nkv, hd]), cos, sin)
+            .reshape([t, nkv * hd]);
         cache.write(layer, slots, k, v);
+        q
     }
 
     /// [`rotate_half_rope`] by the fused kernel when one is set.
@@ -920,14 +991,33 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> 
     normed * weight.unsqueeze_dim::<2>(0)
 }
 
-/// [`KvWrite`] in burn's ops: RoPE of `k`, then a `scatter_nd` of K and of V into the caches.
-pub fn rope_and_write_kv<B: Backend>(a: KvWrite<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let [t, nkv, hd] = a.k.dims();
-    let k = rotate_half_rope(a.k, &a.cos, &a.sin).reshape([t, nkv * hd]);
+/// [`QkvWrite`] in burn's ops: RoPE of `q` and `k`, then a `scatter_nd` of K and of V into the
+/// caches.
+pub fn rope_qk_and_write_kv<B: Backend>(a: QkvWrite<B>) -> (Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 2>) {
+    let [t, q_dim] = a.q.dims();
+    let hd = q_dim / a.heads;
+    let q = rotate_half_rope(a.q.reshape([t, a.heads, hd]), &a.cos, &a.sin);
+    let k = rotate_half_rope(a.k.reshape([t, a.kv_heads, hd]), &a.cos, &a.sin).reshape([t, a.kv_heads * hd]);
     (
+        q,
         a.k_cache.scatter_nd(a.slots.clone(), k, IndexingUpdateOp::Assign),
         a.v_cache.scatter_nd(a.slots, a.v, IndexingUpdateOp::Assign),
     )
+}
+
+/// Projections that read the same input as one: `parts` (logical `[in, out_i]` each, kept as
+/// `layout` says) side by side, `[in, sum of out_i]`, whose product's columns are the parts'
+/// products in order.
+fn merge_outputs<B: Backend, const N: usize>(
+    layout: WeightLayout,
+    parts: [&Tensor<B, 2>; N],
+) -> Tensor<B, 2> {
+    let parts = parts.into_iter().cloned();
+    match layout {
+        WeightLayout::InOut => Tensor::cat(parts.collect(), 1),
+        // Keep the `[out, in]` rows contiguous: concatenate the stored tensors.
+        WeightLayout::OutIn => Tensor::cat(parts.map(|p| p.transpose()).collect(), 0).transpose(),
+    }
 }
 
 /// The MLP's activation: `silu(gate) · up`.

@@ -19,10 +19,7 @@ use std::sync::Arc;
 
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::LlamaConfig;
-pub use llama::{
-    FusedOps, KvWrite, KvWriteFn, Llama, PagedAttention, PagedAttentionFn, ProjectFn, SequenceChunk,
-    WeightLayout,
-};
+pub use llama::{FusedOps, Llama, PagedAttention, PagedAttentionFn, ProjectFn, SequenceChunk, WeightLayout};
 pub use paged_cache::{HostPages, KvStorage, PagedKvCache, SlotIndex, WriteSlots};
 use tokenizers::Tokenizer;
 pub use weights::{CheckpointBytes, WeightIndex};

@@ -7,8 +7,8 @@
 //! tests run the shared-memory path and `device_check gemm` checks the plane path on the GPU.
 
 pub mod gemv;
-pub mod kv_write;
 pub mod paged_attention;
+pub mod qkv_write;
 pub mod rms_norm;
 pub mod rope;
 pub mod silu_mul;
