@@ -348,9 +348,10 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             "{name}: out_in chunked prefill (7) greedy"
         );
         // With the fused ops (as CUDA serves), gate and up merge into one `[out, in]` weight.
-        use inferflux::model::llama::{rms_norm, rotate_half_rope, silu_mul_halves};
+        use inferflux::model::llama::{add_rms_norm, rms_norm, rotate_half_rope, silu_mul_halves};
         let model = model.with_fused_ops(Some(inferflux::model::FusedOps {
             rms_norm: Arc::new(rms_norm),
+            add_rms_norm: Arc::new(add_rms_norm),
             silu_mul: Arc::new(silu_mul_halves),
             rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
             qkv_write: None,
@@ -414,23 +415,24 @@ fn model_paged_attention_hook_matches_transformers() {
 
 #[test]
 fn model_fused_ops_hooks_match_transformers() {
-    use inferflux::model::llama::{rms_norm, rotate_half_rope, silu_mul_halves};
+    use inferflux::model::llama::{add_rms_norm, rms_norm, rotate_half_rope, silu_mul_halves};
     use inferflux::model::FusedOps;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     // tiny-qwen3 normalises q and k per head as well.
-    for (name, norms_per_layer) in [("tiny-llama", 2), ("tiny-qwen3", 4)] {
+    for (name, qk_norms_per_layer) in [("tiny-llama", 0), ("tiny-qwen3", 2)] {
         let (model, _, goldens) = fixture(name);
-        let (norms, acts, ropes) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(0)),
-        );
-        let (n, a, r) = (norms.clone(), acts.clone(), ropes.clone());
+        let counters: [Arc<AtomicUsize>; 4] = Default::default();
+        let [norms, add_norms, acts, ropes] = counters.clone();
+        let [n, an, a, r] = counters;
         let fused = FusedOps::<B> {
             rms_norm: Arc::new(move |x, w, eps| {
                 n.fetch_add(1, Ordering::Relaxed);
                 rms_norm(x, w, eps)
+            }),
+            add_rms_norm: Arc::new(move |x, delta, w, eps| {
+                an.fetch_add(1, Ordering::Relaxed);
+                add_rms_norm(x, delta, w, eps)
             }),
             silu_mul: Arc::new(move |gate_up| {
                 a.fetch_add(1, Ordering::Relaxed);
@@ -455,10 +457,16 @@ fn model_fused_ops_hooks_match_transformers() {
         let p = &goldens.prompts[0];
         let logits = prompt_logits(&model, KvStorage::Host, p);
         assert_close(&logits, &p.last_logits, &format!("{name} fused ops"));
+        // The first layer's norm alone; every later one (the final norm too) with its residual.
         assert_eq!(
             norms.load(Ordering::Relaxed),
-            norms_per_layer * layers + 1,
-            "{name}: RMSNorms per step"
+            1 + qk_norms_per_layer * layers,
+            "{name}: RMSNorms without a residual per step"
+        );
+        assert_eq!(
+            add_norms.load(Ordering::Relaxed),
+            2 * layers,
+            "{name}: residual adds with their RMSNorm per step"
         );
         assert_eq!(
             acts.load(Ordering::Relaxed),
@@ -481,7 +489,9 @@ fn model_fused_ops_hooks_match_transformers() {
 
 #[test]
 fn model_fused_qkv_write_hook_matches_transformers() {
-    use inferflux::model::llama::{rms_norm, rope_qk_and_write_kv, rotate_half_rope, silu_mul_halves};
+    use inferflux::model::llama::{
+        add_rms_norm, rms_norm, rope_qk_and_write_kv, rotate_half_rope, silu_mul_halves,
+    };
     use inferflux::model::FusedOps;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -494,6 +504,7 @@ fn model_fused_qkv_write_hook_matches_transformers() {
         let [w, r, pr] = counters;
         let fused = FusedOps::<B> {
             rms_norm: Arc::new(rms_norm),
+            add_rms_norm: Arc::new(add_rms_norm),
             silu_mul: Arc::new(silu_mul_halves),
             rope: Arc::new(move |x, cos, sin| {
                 r.fetch_add(1, Ordering::Relaxed);

@@ -1,4 +1,5 @@
-//! RMSNorm, RoPE and the MLP's `silu(gate) · up` on CUDA in one launch each
+//! RMSNorm (alone or after its residual add), RoPE and the MLP's `silu(gate) · up` on CUDA in one
+//! launch each
 //! (`kernels::rms_norm`, `kernels::rope`, `kernels::silu_mul`), installed as the model's
 //! [`FusedOps`] with `[cuda] fused_ops = true`; with `fused_kv_write` too, the RoPE of q and k
 //! and the K/V write into the pages in one launch (`kernels::qkv_write`), reading q, k and v from
@@ -28,7 +29,8 @@ pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
             tracing::warn!(error = %e, what, "a fused kernel refused its input: burn's ops run it");
         }
     };
-    let (warn_norm, warn_rope, warn_write) = (warn.clone(), warn.clone(), warn.clone());
+    let (warn_norm, warn_add_norm) = (warn.clone(), warn.clone());
+    let (warn_rope, warn_write) = (warn.clone(), warn.clone());
     let qkv_write: Option<QkvWriteFn<CudaCube>> = kv_write.then(|| {
         Arc::new(move |a: QkvWrite<CudaCube>| {
             launch_qkv_write(a).unwrap_or_else(|refused| {
@@ -45,6 +47,14 @@ pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
                 llama::rms_norm(x, w, eps)
             })
         }),
+        add_rms_norm: Arc::new(
+            move |x: Tensor<CudaCube, 2>, delta: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 1>, eps: f64| {
+                launch_add_rms_norm(x.clone(), delta.clone(), w.clone(), eps).unwrap_or_else(|e| {
+                    warn_add_norm("add_rms_norm", e);
+                    llama::add_rms_norm(x, delta, w, eps)
+                })
+            },
+        ),
         silu_mul: Arc::new(move |gate_up: Tensor<CudaCube, 2>| {
             launch_silu_mul(gate_up.clone()).unwrap_or_else(|e| {
                 warn("silu_mul", e);
@@ -87,6 +97,35 @@ fn launch_rms_norm(
     let handles = [x.handle.clone(), w.handle.clone(), out.handle.clone()];
     rms_norm::launch(&x.client, handles, (rows, width), eps as f32, x.dtype.into())?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// `(x + delta, rms_norm(x + delta))` in one launch.
+fn launch_add_rms_norm(
+    x: Tensor<CudaCube, 2>,
+    delta: Tensor<CudaCube, 2>,
+    w: Tensor<CudaCube, 1>,
+    eps: f64,
+) -> Result<(Tensor<CudaCube, 2>, Tensor<CudaCube, 2>), Refused> {
+    let dims = x.dims();
+    if delta.dims() != dims {
+        return Err(Refused(format!("x {dims:?} + delta {:?}", delta.dims())));
+    }
+    let [rows, width] = dims;
+    let (x, delta, w) = (primitive(x), primitive(delta), primitive(w));
+    same_dtype(&x, &delta)?;
+    same_dtype(&x, &w)?;
+    let empty = || empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), dims.into(), x.dtype);
+    let (sum, out) = (empty(), empty());
+    let handles = [
+        x.handle.clone(),
+        delta.handle.clone(),
+        w.handle.clone(),
+        sum.handle.clone(),
+        out.handle.clone(),
+    ];
+    rms_norm::launch_add(&x.client, handles, (rows, width), eps as f32, x.dtype.into())?;
+    let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
+    Ok((float(sum), float(out)))
 }
 
 fn launch_silu_mul(gate_up: Tensor<CudaCube, 2>) -> Result<Tensor<CudaCube, 2>, Refused> {

@@ -93,6 +93,10 @@ pub type PagedAttentionFn<B> = Arc<dyn Fn(PagedAttention<B>) -> Tensor<B, 2> + S
 
 /// RMSNorm of `x [rows, width]` by `weight [width]` with epsilon `eps`, as [`rms_norm`].
 pub type RmsNormFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 1>, f64) -> Tensor<B, 2> + Send + Sync>;
+
+/// `x + delta`, and its RMSNorm with `weight` and `eps`, as [`add_rms_norm`].
+pub type AddRmsNormFn<B> =
+    Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1>, f64) -> (Tensor<B, 2>, Tensor<B, 2>) + Send + Sync>;
 /// `silu(gate) · up` of `[rows, 2 * intermediate]` (each row: gate, then up) as
 /// `[rows, intermediate]`, as [`silu_mul_halves`].
 pub type SiluMulFn<B> = Arc<dyn Fn(Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
@@ -131,6 +135,8 @@ pub type QkvWriteFn<B> = Arc<dyn Fn(QkvWrite<B>) -> (Tensor<B, 3>, Tensor<B, 2>,
 #[derive(Clone)]
 pub struct FusedOps<B: Backend> {
     pub rms_norm: RmsNormFn<B>,
+    /// The residual add and the RMSNorm that follows it (every one but the first layer's).
+    pub add_rms_norm: AddRmsNormFn<B>,
     pub silu_mul: SiluMulFn<B>,
     pub rope: RopeFn<B>,
     /// The RoPE of q and k and the K/V write into the pages in one launch, reading q, k and v
@@ -618,8 +624,11 @@ impl<B: Backend> Llama<B> {
             None => self.embed.clone().select(0, int_tensor(tokens, dev)),
             Some(comm) => shard::embed_lookup(&**comm, &self.embed, &self.shard.vocab, &tokens),
         };
+        // `h` is the normalised `x` each block reads: the residual add before each norm but the
+        // first goes with it (one launch with the fused ops).
+        let first_norm = self.layers.first().map_or(&self.final_norm, |l| &l.attn_norm);
+        let mut h = self.rms_norm(x.clone(), first_norm);
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(x.clone(), &layer.attn_norm);
             let (mut q, mut k, v) = self.project_qkv(&layer.qkv, h);
             if let Some([nq, nk]) = &layer.qk_norm {
                 q = self
@@ -638,23 +647,27 @@ impl<B: Backend> Llama<B> {
             if let Some(bo) = &layer.o_bias {
                 out = out + bo.clone().unsqueeze_dim::<2>(0);
             }
-            x = x + out;
-
-            let h = self.rms_norm(x.clone(), &layer.mlp_norm);
+            let (x_mid, h_mlp) = self.add_rms_norm(x, out, &layer.mlp_norm);
+            x = x_mid;
             let act = match (&layer.gate_up, &self.fused) {
-                (GateUp::Merged(w), Some(f)) => (f.silu_mul)(self.project(h, w)),
-                (GateUp::Merged(w), None) => silu_mul_halves(self.project(h, w)),
+                (GateUp::Merged(w), Some(f)) => (f.silu_mul)(self.project(h_mlp, w)),
+                (GateUp::Merged(w), None) => silu_mul_halves(self.project(h_mlp, w)),
                 (GateUp::Apart { gate, up }, _) => {
-                    silu_mul(self.project(h.clone(), gate), self.project(h, up))
+                    silu_mul(self.project(h_mlp.clone(), gate), self.project(h_mlp, up))
                 }
             };
             let mut down = self.project(act, &layer.w_down);
             if let Some(comm) = &self.comm {
                 down = shard::all_reduce(&**comm, down);
             }
-            x = x + down;
+            let next_norm = self
+                .layers
+                .get(layer_idx + 1)
+                .map_or(&self.final_norm, |l| &l.attn_norm);
+            (x, h) = self.add_rms_norm(x, down, next_norm);
         }
-        let x = self.rms_norm(x, &self.final_norm);
+        // After the last layer, `h` is the final norm of `x`.
+        let x = h;
         let rows = int_tensor(logit_rows, dev);
         let logits = self.project(x.select(0, rows), &self.lm_head).cast(DType::F32);
         match &self.comm {
@@ -962,6 +975,19 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// [`add_rms_norm`] by the fused kernel when one is set.
+    fn add_rms_norm(
+        &self,
+        x: Tensor<B, 2>,
+        delta: Tensor<B, 2>,
+        weight: &Tensor<B, 1>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        match &self.fused {
+            Some(f) => (f.add_rms_norm)(x, delta, weight.clone(), self.config.rms_norm_eps),
+            None => add_rms_norm(x, delta, weight.clone(), self.config.rms_norm_eps),
+        }
+    }
+
     /// [`rms_norm`] by the fused kernel when one is set.
     fn rms_norm(&self, x: Tensor<B, 2>, weight: &Tensor<B, 1>) -> Tensor<B, 2> {
         match &self.fused {
@@ -989,6 +1015,17 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> 
         .recip();
     let normed = (xf * inv_rms).cast(dtype);
     normed * weight.unsqueeze_dim::<2>(0)
+}
+
+/// The residual add then [`rms_norm`]: `(x + delta, rms_norm(x + delta))`, the sum in `x`'s type.
+pub fn add_rms_norm<B: Backend>(
+    x: Tensor<B, 2>,
+    delta: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let sum = x + delta;
+    (sum.clone(), rms_norm(sum, weight, eps))
 }
 
 /// [`QkvWrite`] in burn's ops: RoPE of `q` and `k`, then a `scatter_nd` of K and of V into the

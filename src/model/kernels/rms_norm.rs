@@ -5,6 +5,10 @@
 //! Why: burn composes it from some eight kernels (cast, square, mean, add, sqrt, reciprocal,
 //! multiply, cast, multiply); a decode step runs it twice per layer, and at small batches the
 //! step's time is mostly launches (docs/Performance.md).
+//!
+//! [`launch_add`] also adds the residual first (`sum = x + delta`, rounded to the model's type,
+//! then normalised), writing both: every RMSNorm of a layer but the first follows a residual add,
+//! so that is one launch fewer per norm.
 
 use cubecl::prelude::*;
 
@@ -13,13 +17,19 @@ use super::Refused;
 /// Units per row (one cube per row).
 const UNITS: usize = 256;
 
+/// One cube per row. With `residual`, the row is `x + delta`, stored into `sum` on the way;
+/// otherwise `delta` and `sum` are not touched.
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn rms_norm_kernel<F: Float>(
     x: &Array<F>,
+    delta: &Array<F>,
     weight: &Array<F>,
+    sum: &mut Array<F>,
     out: &mut Array<F>,
     width: u32,
     eps: f32,
+    #[comptime] residual: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let (row, u) = (CUBE_POS_X as usize, UNIT_POS_X as usize);
@@ -28,7 +38,12 @@ fn rms_norm_kernel<F: Float>(
     let mut squares = 0.0f32;
     let mut i = u;
     while i < width {
-        let v = f32::cast_from(x[base + i]);
+        let mut value = x[base + i];
+        if residual {
+            value += delta[base + i];
+            sum[base + i] = value;
+        }
+        let v = f32::cast_from(value);
         squares += v * v;
         i += UNITS;
     }
@@ -47,7 +62,9 @@ fn rms_norm_kernel<F: Float>(
     let inv_rms = 1.0f32 / (partial[0] / f32::cast_from(width) + eps).sqrt();
     let mut i = u;
     while i < width {
-        let normed = F::cast_from(f32::cast_from(x[base + i]) * inv_rms);
+        // Each unit reads back only the elements it wrote itself.
+        let value = if residual { sum[base + i] } else { x[base + i] };
+        let normed = F::cast_from(f32::cast_from(value) * inv_rms);
         out[base + i] = normed * weight[i];
         i += UNITS;
     }
@@ -60,6 +77,38 @@ pub fn launch<R: Runtime>(
     [x, weight, out]: [cubecl::server::Handle; 3],
     (rows, width): (usize, usize),
     eps: f32,
+    dtype: StorageType,
+) -> Result<(), Refused> {
+    // `delta` and `sum` are bound but not read or written without the residual.
+    let handles = [x.clone(), x, weight, out.clone(), out];
+    launch_inner(client, handles, (rows, width), eps, false, dtype)
+}
+
+/// Queues `sum = x + delta` and RMSNorm of `sum` with `weight` into `out`: `x`, `delta`, `sum`
+/// and `out` are `[rows, width]`, contiguous, `weight` `[width]`, all of `dtype`.
+pub fn launch_add<R: Runtime>(
+    client: &ComputeClient<R>,
+    [x, delta, weight, sum, out]: [cubecl::server::Handle; 5],
+    (rows, width): (usize, usize),
+    eps: f32,
+    dtype: StorageType,
+) -> Result<(), Refused> {
+    launch_inner(
+        client,
+        [x, delta, weight, sum, out],
+        (rows, width),
+        eps,
+        true,
+        dtype,
+    )
+}
+
+fn launch_inner<R: Runtime>(
+    client: &ComputeClient<R>,
+    [x, delta, weight, sum, out]: [cubecl::server::Handle; 5],
+    (rows, width): (usize, usize),
+    eps: f32,
+    residual: bool,
     dtype: StorageType,
 ) -> Result<(), Refused> {
     if rows == 0 {
@@ -84,10 +133,13 @@ pub fn launch<R: Runtime>(
             CubeCount::Static(cubes, 1, 1),
             CubeDim::new_1d(UNITS as u32),
             ArrayArg::from_raw_parts(x, rows * width),
+            ArrayArg::from_raw_parts(delta, rows * width),
             ArrayArg::from_raw_parts(weight, width),
+            ArrayArg::from_raw_parts(sum, rows * width),
             ArrayArg::from_raw_parts(out, rows * width),
             width_u32,
             eps,
+            residual,
             dtype,
         );
     }
@@ -116,6 +168,43 @@ mod tests {
             let got = gl::download(&client, out);
             for r in 0..rows {
                 let row = &x[r * width..(r + 1) * width];
+                let mean = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / width as f64;
+                let inv = 1.0 / (mean + eps as f64).sqrt();
+                for i in 0..width {
+                    let want = (row[i] as f64 * inv) as f32 * w[i];
+                    let g = got[r * width + i];
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{rows}x{width} [{r}, {i}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_rms_norm_adds_the_residual_first() {
+        let client = gl::client();
+        let f32_type = f32::as_type_native_unchecked().storage_type();
+        for (rows, width) in [(1, 64), (3, 300), (2, 2048)] {
+            let x = gl::values(rows * width, 1);
+            let delta = gl::values(rows * width, 2);
+            let w: Vec<f32> = (0..width).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
+            let eps = 1e-6f32;
+            let (sum, out) = (client.empty(rows * width * 4), client.empty(rows * width * 4));
+            let handles = [
+                gl::upload(&client, &x),
+                gl::upload(&client, &delta),
+                gl::upload(&client, &w),
+                sum.clone(),
+                out.clone(),
+            ];
+            launch_add(&client, handles, (rows, width), eps, f32_type).unwrap();
+            let (sum_got, got) = (gl::download(&client, sum), gl::download(&client, out));
+            let sum_want: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+            assert_eq!(sum_got, sum_want, "{rows}x{width}: x + delta");
+            for r in 0..rows {
+                let row = &sum_want[r * width..(r + 1) * width];
                 let mean = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / width as f64;
                 let inv = 1.0 / (mean + eps as f64).sqrt();
                 for i in 0..width {
