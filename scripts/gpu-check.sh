@@ -26,7 +26,8 @@
 #   0. step 8's profile alone (no server): the decode step with step 8's kernels;
 #   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
-#      GPU), with burn's kernels, the defaults, and the defaults with the fused K/V write (step 1
+#      GPU), with burn's kernels, the defaults, the defaults with the fused K/V write, and those
+#      with `gemm = "cublas-ordered"` (prompts above `gemv_max_rows` tokens go through it) (step 1
 #      fails on the tiny fixtures on CUDA whatever the kernels, see docs/Performance.md).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
@@ -148,10 +149,11 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
         >"$work/burn.env"
     : >"$work/defaults.env"
     echo "INFERFLUX__CUDA__FUSED_KV_WRITE=true" >"$work/kv-write.env"
+    printf 'INFERFLUX__CUDA__FUSED_KV_WRITE=true\nINFERFLUX__CUDA__GEMM=cublas-ordered\n' >"$work/ordered.env"
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"
-        for kernels in burn defaults kv-write; do
+        for kernels in burn defaults kv-write ordered; do
             start_server "$out/check-$kernels" "$work/$kernels.env" >/dev/null
             python3 "$repo/scripts/gpu_bench.py" compare "$url" "$out/reference.json" "$kernels" ||
                 echo "| $kernels | FAILED: a first token differs or a request failed | | |"
@@ -174,7 +176,7 @@ step7() { # every projection kernel on the checkpoint's shapes
     # cubek's unit and unit-GEMV kernels, 10-1000x slower than the rest on these shapes, are
     # left out so that the budget reaches 128 rows; GEMM_KERNELS=all times them too.
     timeout $((${GEMM_BUDGET_S:-90} + 30)) "$bin/device_check" gemm --device "$device" --model "$model" --rows 1,8,32,128 \
-        --kernels "${GEMM_KERNELS:-burn,cublas,gemv,mma,cmma,vecmat,gemv-plane}" --budget-s "${GEMM_BUDGET_S:-90}" \
+        --kernels "${GEMM_KERNELS:-burn,cublas,cublas-ordered,gemv,mma,cmma,vecmat,gemv-plane}" --budget-s "${GEMM_BUDGET_S:-90}" \
         --json "$out/gemm.json" --recommend "$out/gemm.env" | tee "$out/gemm.md"
 }
 

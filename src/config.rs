@@ -700,7 +700,7 @@ mod tests {
         assert!(!s.cuda.fused_ops);
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "gemv-plane"),
-            ("INFERFLUX__CUDA__GEMM", "cublas"),
+            ("INFERFLUX__CUDA__GEMM", "cublas-ordered"),
             ("INFERFLUX__CUDA__GEMV_MAX_ROWS", "4"),
             ("INFERFLUX__CUDA__WEIGHT_LAYOUT", "out_in"),
             ("INFERFLUX__CUDA__ATTENTION", "paged"),
@@ -713,7 +713,7 @@ mod tests {
         let choice = s.cuda.gemm_choice();
         assert_eq!(
             (choice.kernel_for(4), choice.kernel_for(5), s.cuda.weight_layout),
-            (GemmKernel::GemvPlane, GemmKernel::Cublas, WeightLayout::OutIn)
+            (GemmKernel::GemvPlane, GemmKernel::CublasOrdered, WeightLayout::OutIn)
         );
         assert!(!choice.is_burn_only());
         let err = Settings::load_with_env(

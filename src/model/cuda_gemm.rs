@@ -10,7 +10,9 @@
 //!
 //! cuBLAS cannot run on cubecl's streams (they are private to its device thread), so a cuBLAS
 //! GEMM waits for the queued kernels, runs on the context's default stream and waits for itself:
-//! two host synchronisations per call. The benchmark's timings include them.
+//! two host synchronisations per call (`cublas`). The benchmark's timings include them.
+//! `cublas-ordered` orders the same GEMM on a stream of its own by flags in device memory instead
+//! (`kernels::stream_order`), so that the host never waits.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -34,6 +36,7 @@ use cubek::matmul::routines::{BlueprintStrategy, TileSizeSelection};
 use cubek::std::InputBinding;
 
 use super::kernels::gemv::{self, GemvShape};
+use super::kernels::stream_order;
 use super::ProjectFn;
 
 /// burn's CUDA backend without the fusion layer that `burn::backend::Cuda` adds. Kernels other
@@ -67,6 +70,9 @@ pub enum GemmKernel {
     GemvUnit,
     /// cuBLAS `GemmEx` through cudarc, with a host synchronisation before and after.
     Cublas,
+    /// cuBLAS `GemmEx` on a stream of its own, ordered with cubecl's by device-memory flags
+    /// (`kernels::stream_order`): no host synchronisation.
+    CublasOrdered,
     /// Our GEMV (`kernels::gemv`): a plane per output, up to `GEMV_MAX_ROWS` rows, weights
     /// `[n, k]` only (`weight_layout = "out_in"`).
     Gemv,
@@ -75,10 +81,11 @@ pub enum GemmKernel {
 impl GemmKernel {
     /// Known-good kernels first: a benchmark that walks this list measures them even if a
     /// later kernel leaves the device in an error state.
-    pub const ALL: [GemmKernel; 11] = [
+    pub const ALL: [GemmKernel; 12] = [
         GemmKernel::Burn,
         GemmKernel::Cublas,
         GemmKernel::Gemv,
+        GemmKernel::CublasOrdered,
         GemmKernel::Cmma,
         GemmKernel::Mma,
         GemmKernel::Unit,
@@ -101,6 +108,7 @@ impl GemmKernel {
             GemmKernel::GemvPlane => "gemv-plane",
             GemmKernel::GemvUnit => "gemv-unit",
             GemmKernel::Cublas => "cublas",
+            GemmKernel::CublasOrdered => "cublas-ordered",
             GemmKernel::Gemv => "gemv",
         }
     }
@@ -115,7 +123,9 @@ impl GemmKernel {
         };
         let tile_size = TileSizeSelection::MaxTileSize;
         Some(match self {
-            GemmKernel::Burn | GemmKernel::Cublas | GemmKernel::Gemv => return None,
+            GemmKernel::Burn | GemmKernel::Cublas | GemmKernel::CublasOrdered | GemmKernel::Gemv => {
+                return None
+            }
             GemmKernel::Cmma => Strategy::SimpleCyclicCmma(tiling(TileMatmulKind::Cmma)),
             GemmKernel::Mma => Strategy::SimpleCyclicMma(tiling(TileMatmulKind::Mma)),
             GemmKernel::Unit => {
@@ -143,7 +153,7 @@ impl fmt::Display for GemmKernel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown GEMM kernel `{0}` (one of: burn, cmma, mma, unit, double-unit, vecmat, double-vecmat, gemv-plane, gemv-unit, cublas, gemv)")]
+#[error("unknown GEMM kernel `{0}` (one of: burn, cmma, mma, unit, double-unit, vecmat, double-vecmat, gemv-plane, gemv-unit, cublas, cublas-ordered, gemv)")]
 pub struct UnknownGemmKernel(pub String);
 
 impl FromStr for GemmKernel {
@@ -249,7 +259,8 @@ pub fn matmul(
         match (kernel, kernel.strategy()) {
             (_, Some(strategy)) => cubek_matmul(kernel, &strategy, x, w),
             (GemmKernel::Gemv, None) => own_gemv(x, w),
-            (_, None) => cublas_matmul(x, w),
+            (GemmKernel::CublasOrdered, None) => cublas_matmul(x, w, Ordering::DeviceFlags),
+            (_, None) => cublas_matmul(x, w, Ordering::HostSync),
         }
     }));
     let out = launched.map_err(|p| GemmError::Panicked {
@@ -338,18 +349,57 @@ fn cuda_data_type(dtype: DType) -> Result<cudarc::cublas::sys::cudaDataType, Gem
     }
 }
 
+/// How a cuBLAS GEMM is ordered with cubecl's kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ordering {
+    /// The host waits for cubecl's queue, runs the GEMM on the context's default stream and waits
+    /// for it.
+    HostSync,
+    /// cubecl signals a flag that cuBLAS's own stream waits for, and holds its stream until
+    /// cuBLAS's stream sets another one (`kernels::stream_order`); the host never waits.
+    DeviceFlags,
+}
+
+/// `Ordering::DeviceFlags`' state: cuBLAS's own non-blocking stream, a handle bound to it, and
+/// the flags `[cubecl → cuBLAS, cuBLAS → cubecl, polls left]` in cubecl's memory.
+struct OrderedStream {
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    stream: cudarc::driver::sys::CUstream,
+    flags: cubecl::server::Handle,
+    flags_ptr: u64,
+    /// The last value signalled; each GEMM uses the next (never 0, the flags' initial value).
+    seq: u32,
+}
+
+/// Flags of [`OrderedStream`]: cubecl → cuBLAS, cuBLAS → cubecl, and the wait's polls left.
+const ORDER_FLAGS: usize = 3;
+
+/// Polls before cubecl's wait gives up: about a second at a poll per few hundred ns, far past any
+/// GEMM. A wait that ends this way means a lost signal: the step's results are then wrong (which
+/// `device_check gemm` reports against its reference) rather than the GPU hung for good.
+const ORDER_MAX_POLLS: u32 = 1 << 22;
+
 /// A cuBLAS handle on the primary context (the one cubecl uses), made once per thread: the
 /// executor's thread runs every step.
 struct Cublas {
     handle: cudarc::cublas::sys::cublasHandle_t,
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    /// Made on the first `cublas-ordered` GEMM.
+    ordered: Option<OrderedStream>,
 }
 
 thread_local! {
     static CUBLAS: std::cell::RefCell<Option<Cublas>> = const { std::cell::RefCell::new(None) };
 }
 
-fn with_cublas<T>(device: usize, f: impl FnOnce(&Cublas) -> Result<T, GemmError>) -> Result<T, GemmError> {
+fn cublas_error(e: impl fmt::Debug) -> GemmError {
+    GemmError::Cublas(format!("{e:?}"))
+}
+
+fn with_cublas<T>(
+    device: usize,
+    f: impl FnOnce(&mut Cublas) -> Result<T, GemmError>,
+) -> Result<T, GemmError> {
     CUBLAS.with(|slot| {
         let mut slot = slot.borrow_mut();
         if slot.is_none() {
@@ -357,98 +407,237 @@ fn with_cublas<T>(device: usize, f: impl FnOnce(&Cublas) -> Result<T, GemmError>
             if !unsafe { cudarc::cublas::sys::is_culib_present() } {
                 return Err(GemmError::CublasMissing);
             }
-            let ctx =
-                cudarc::driver::CudaContext::new(device).map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
-            ctx.bind_to_thread()
-                .map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
+            let ctx = cudarc::driver::CudaContext::new(device).map_err(cublas_error)?;
+            ctx.bind_to_thread().map_err(cublas_error)?;
             let stream = ctx.default_stream();
-            let handle =
-                cudarc::cublas::result::create_handle().map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
+            let handle = cudarc::cublas::result::create_handle().map_err(cublas_error)?;
             // SAFETY: the handle was just created; the stream lives as long as `Cublas`.
             unsafe { cudarc::cublas::result::set_stream(handle, stream.cu_stream() as _) }
-                .map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
-            *slot = Some(Cublas { handle, stream });
+                .map_err(cublas_error)?;
+            *slot = Some(Cublas {
+                handle,
+                stream,
+                ordered: None,
+            });
         }
-        let blas = slot.as_ref().expect("set above");
-        blas.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
+        let blas = slot.as_mut().expect("set above");
+        blas.stream.context().bind_to_thread().map_err(cublas_error)?;
         f(blas)
     })
 }
 
-/// `x · w` by cuBLAS. cuBLAS is column-major: the row-major `out [m, n]` is the column-major
-/// `[n, m]` = `wᵀ [n, k] · xᵀ [k, m]`, where row-major `w [k, n]` already is column-major
-/// `wᵀ` (ld n), and a transposed view of `[n, k]` is column-major `w` (so `op = T`, ld k).
+impl Cublas {
+    /// The ordered stream, made on first use with its flags in `client`'s memory.
+    fn ordered(
+        &mut self,
+        client: &cubecl::prelude::ComputeClient<CudaRuntime>,
+    ) -> Result<&mut OrderedStream, GemmError> {
+        if self.ordered.is_none() {
+            use cubecl::prelude::CubeElement;
+            let stream = cudarc::driver::result::stream::create(
+                cudarc::driver::result::stream::StreamKind::NonBlocking,
+            )
+            .map_err(cublas_error)?;
+            let handle = cudarc::cublas::result::create_handle().map_err(cublas_error)?;
+            // SAFETY: the handle was just created; the stream is never destroyed (one per thread).
+            unsafe { cudarc::cublas::result::set_stream(handle, stream as _) }.map_err(cublas_error)?;
+            let flags = client.create_from_slice(u32::as_bytes(&[0; ORDER_FLAGS]));
+            // cubecl keeps a buffer where it was allocated while its handle lives (it is kept
+            // here for the thread's life).
+            let flags_ptr = client
+                .get_resource(flags.clone())
+                .map_err(|e| GemmError::Cublas(format!("flags: {e:?}")))?
+                .resource()
+                .ptr;
+            self.ordered = Some(OrderedStream {
+                handle,
+                stream,
+                flags,
+                flags_ptr,
+                seq: 0,
+            });
+        }
+        Ok(self.ordered.as_mut().expect("set above"))
+    }
+}
+
+/// A validated cuBLAS problem: `out [m, n] = x [m, k] · w [k, n]`.
+struct CublasProblem {
+    m: usize,
+    k: usize,
+    n: usize,
+    op_w: cudarc::cublas::sys::cublasOperation_t,
+    ld_w: usize,
+    ty: cudarc::cublas::sys::cudaDataType,
+}
+
+impl CublasProblem {
+    /// cuBLAS is column-major: the row-major `out [m, n]` is the column-major `[n, m]` =
+    /// `wᵀ [n, k] · xᵀ [k, m]`, where row-major `w [k, n]` already is column-major `wᵀ` (ld n),
+    /// and a transposed view of `[n, k]` is column-major `w` (so `op = T`, ld k).
+    fn new(x: &CubeTensor<CudaRuntime>, w: &CubeTensor<CudaRuntime>) -> Result<Self, GemmError> {
+        use cudarc::cublas::sys::cublasOperation_t;
+        let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
+        let n = w.meta.shape()[1];
+        let ws = w.meta.strides();
+        let (op_w, ld_w) = if ws[1] == 1 && ws[0] == n {
+            (cublasOperation_t::CUBLAS_OP_N, n)
+        } else if ws[0] == 1 && ws[1] == k {
+            (cublasOperation_t::CUBLAS_OP_T, k)
+        } else {
+            return Err(GemmError::Cublas(format!(
+                "weight strides {:?} are neither [n, 1] nor [1, k]",
+                &ws[..]
+            )));
+        };
+        if w.dtype != x.dtype {
+            return Err(GemmError::Cublas(format!(
+                "mixed dtypes {:?} x {:?}",
+                x.dtype, w.dtype
+            )));
+        }
+        let ty = cuda_data_type(x.dtype)?;
+        Ok(Self {
+            m,
+            k,
+            n,
+            op_w,
+            ld_w,
+            ty,
+        })
+    }
+
+    /// Queues the GEMM on `handle`'s stream.
+    ///
+    /// # Safety
+    /// The pointers are live device buffers of the problem's sizes, not written by anything
+    /// else until the GEMM has run.
+    unsafe fn gemm(
+        &self,
+        handle: cudarc::cublas::sys::cublasHandle_t,
+        (x, w, out): (u64, u64, u64),
+    ) -> Result<(), GemmError> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the caller's contract; the scalars live across the call.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                handle,
+                self.op_w,
+                cublasOperation_t::CUBLAS_OP_N,
+                self.n as i32,
+                self.m as i32,
+                self.k as i32,
+                (&alpha as *const f32).cast(),
+                w as *const std::ffi::c_void,
+                self.ty,
+                self.ld_w as i32,
+                x as *const std::ffi::c_void,
+                self.ty,
+                self.k as i32,
+                (&beta as *const f32).cast(),
+                out as *mut std::ffi::c_void,
+                self.ty,
+                self.n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(cublas_error)
+    }
+}
+
+/// `x · w` by cuBLAS, ordered with cubecl's queue as `ordering` says.
 fn cublas_matmul(
     x: CubeTensor<CudaRuntime>,
     w: CubeTensor<CudaRuntime>,
+    ordering: Ordering,
 ) -> Result<CubeTensor<CudaRuntime>, GemmError> {
-    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t};
     let x = if x.is_contiguous() { x } else { into_contiguous(x) };
-    let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
-    let n = w.meta.shape()[1];
-    let ws = w.meta.strides();
-    let (op_w, ld_w) = if ws[1] == 1 && ws[0] == n {
-        (cublasOperation_t::CUBLAS_OP_N, n)
-    } else if ws[0] == 1 && ws[1] == k {
-        (cublasOperation_t::CUBLAS_OP_T, k)
-    } else {
-        return Err(GemmError::Cublas(format!(
-            "weight strides {:?} are neither [n, 1] nor [1, k]",
-            &ws[..]
-        )));
-    };
-    let ty = cuda_data_type(x.dtype)?;
-    if w.dtype != x.dtype {
-        return Err(GemmError::Cublas(format!(
-            "mixed dtypes {:?} x {:?}",
-            x.dtype, w.dtype
-        )));
-    }
+    let problem = CublasProblem::new(&x, &w)?;
     let out = init_matmul_output(&x, &w, x.dtype);
     let client = out.client.clone();
     let device = out.device.index;
-    // Everything queued so far (the producer of `x`) has run once this returns.
-    <CudaCube as Backend>::sync(&out.device).map_err(|e| GemmError::Cublas(format!("sync: {e:?}")))?;
+    if ordering == Ordering::HostSync {
+        // Everything queued so far (the producer of `x`) has run once this returns.
+        <CudaCube as Backend>::sync(&out.device).map_err(|e| GemmError::Cublas(format!("sync: {e:?}")))?;
+    }
     let ptr = |t: &CubeTensor<CudaRuntime>| {
         client
             .get_resource(t.handle.clone())
             .map_err(|e| GemmError::Cublas(format!("buffer: {e:?}")))
     };
     let (rx, rw, ro) = (ptr(&x)?, ptr(&w)?, ptr(&out)?);
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    with_cublas(device, |blas| {
-        // SAFETY: the three buffers are live (held by the resources above) and sized by their
-        // tensors' shapes; the handle's stream is the context's, synchronised below.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                blas.handle,
-                op_w,
-                cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
-                (&alpha as *const f32).cast(),
-                rw.resource().ptr as *const std::ffi::c_void,
-                ty,
-                ld_w as i32,
-                rx.resource().ptr as *const std::ffi::c_void,
-                ty,
-                k as i32,
-                (&beta as *const f32).cast(),
-                ro.resource().ptr as *mut std::ffi::c_void,
-                ty,
-                n as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+    let ptrs = (rx.resource().ptr, rw.resource().ptr, ro.resource().ptr);
+    with_cublas(device, |blas| match ordering {
+        Ordering::HostSync => {
+            // SAFETY: the three buffers are live (held by the resources above) and sized by
+            // their tensors' shapes; cubecl's queue has run and waits for the GEMM below.
+            unsafe { problem.gemm(blas.handle, ptrs) }?;
+            blas.stream.synchronize().map_err(cublas_error)
         }
-        .map_err(|e| GemmError::Cublas(format!("{e:?}")))?;
-        blas.stream
-            .synchronize()
-            .map_err(|e| GemmError::Cublas(format!("{e:?}")))
+        Ordering::DeviceFlags => ordered_gemm(blas.ordered(&client)?, &client, &problem, ptrs),
     })?;
     Ok(out)
+}
+
+/// The GEMM on the ordered stream, between cubecl's signal and its wait (see
+/// `kernels::stream_order`). Buffers stay safe to reuse: cubecl reallocates a freed buffer only
+/// for kernels queued later on its stream, which start after the wait.
+fn ordered_gemm(
+    order: &mut OrderedStream,
+    client: &cubecl::prelude::ComputeClient<CudaRuntime>,
+    problem: &CublasProblem,
+    ptrs: (u64, u64, u64),
+) -> Result<(), GemmError> {
+    use cudarc::driver::sys::{CUstreamWaitValue_flags, CUstreamWriteValue_flags};
+    order.seq = order.seq.wrapping_add(1).max(1);
+    let seq = order.seq;
+    let refused = |e: super::kernels::Refused| GemmError::Cublas(e.0);
+    stream_order::launch_signal(client, order.flags.clone(), ORDER_FLAGS, 0, seq).map_err(refused)?;
+    // The signal reaches the driver before the ordered stream waits for it: were it still in
+    // cubecl's queue, a wait that shares a hardware queue with it could block it.
+    client
+        .flush()
+        .map_err(|e| GemmError::Cublas(format!("flush: {e:?}")))?;
+    let (to_blas, from_blas) = (order.flags_ptr, order.flags_ptr + 4);
+    // SAFETY: the flags are live for the thread's life; the buffers' contract is the caller's,
+    // and cubecl's stream waits below for the GEMM before anything may reuse them.
+    let queued = unsafe {
+        cudarc::driver::sys::cuStreamWaitValue32_v2(
+            order.stream,
+            to_blas,
+            seq,
+            CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
+        )
+        .result()
+        .map_err(cublas_error)
+        .and_then(|()| problem.gemm(order.handle, ptrs))
+        .and_then(|()| {
+            cudarc::driver::sys::cuStreamWriteValue32_v2(
+                order.stream,
+                from_blas,
+                seq,
+                CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+            )
+            .result()
+            .map_err(cublas_error)
+        })
+    };
+    if let Err(e) = queued {
+        // Whatever was queued must finish before `out` goes back to cubecl's pool: nothing on
+        // cubecl's stream waits for it now.
+        // SAFETY: a stream made by `OrderedStream`.
+        let _ = unsafe { cudarc::driver::result::stream::synchronize(order.stream) };
+        return Err(e);
+    }
+    stream_order::launch_wait(
+        client,
+        order.flags.clone(),
+        ORDER_FLAGS,
+        (1, seq),
+        ORDER_MAX_POLLS,
+        2,
+    )
+    .map_err(refused)
 }

@@ -12,6 +12,7 @@ pub mod qkv_write;
 pub mod rms_norm;
 pub mod rope;
 pub mod silu_mul;
+pub mod stream_order;
 
 /// Why a kernel will not run a problem; the caller falls back to burn's ops.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
