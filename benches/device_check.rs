@@ -245,8 +245,10 @@ fn profile<B: Backend>(
     (layout, hook, attend, fused): Kernels<B>,
 ) -> Vec<Row> {
     let started = Instant::now();
-    // The fused ops merge gate and up into one projection.
+    // The fused ops merge gate and up into one projection, and with the fused K/V write q, k
+    // and v into another.
     let merged_gate_up = fused.is_some();
+    let merged_qkv = fused.as_ref().is_some_and(|f| f.qkv_write.is_some());
     let index = files.checkpoint.index().expect("weights index");
     let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
         .expect("model loads")
@@ -300,10 +302,15 @@ fn profile<B: Backend>(
         model.shard().num_heads() * c.head_dim,
         c.intermediate_size,
     );
-    // (in, out, times per layer) of q, k and v, o, gate and up, down.
+    // (in, out, times per layer) of q, k and v, o, gate and up, down; `(_, 0, 0)` stands for
+    // none (k and v merged with q).
     let layer_shapes = [
-        (h, q_dim, 1),
-        (h, kv_dim, 2),
+        if merged_qkv {
+            (h, q_dim + 2 * kv_dim, 1)
+        } else {
+            (h, q_dim, 1)
+        },
+        if merged_qkv { (h, 0, 0) } else { (h, kv_dim, 2) },
         (q_dim, h, 1),
         if merged_gate_up {
             (h, 2 * inter, 1)
@@ -361,6 +368,7 @@ fn profile<B: Backend>(
         let layer_gemms_ms = c.num_layers as f64
             * layer_shapes
                 .iter()
+                .filter(|&&(_, _, times)| times > 0)
                 .map(|&(k, n, times)| times as f64 * gemm(k, n))
                 .sum::<f64>();
         let lm_head_ms = gemm(h, c.vocab_size);

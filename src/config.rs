@@ -713,7 +713,11 @@ mod tests {
         let choice = s.cuda.gemm_choice();
         assert_eq!(
             (choice.kernel_for(4), choice.kernel_for(5), s.cuda.weight_layout),
-            (GemmKernel::GemvPlane, GemmKernel::CublasOrdered, WeightLayout::OutIn)
+            (
+                GemmKernel::GemvPlane,
+                GemmKernel::CublasOrdered,
+                WeightLayout::OutIn
+            )
         );
         assert!(!choice.is_burn_only());
         let err = Settings::load_with_env(
