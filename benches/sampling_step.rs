@@ -38,10 +38,10 @@ fn all_host(t: Tensor<Flex, 2>, params: &[SamplingParams]) -> Vec<u32> {
 
 /// The device path as `run_step` drives it: plain-greedy ids from the device, the rest sampled.
 fn split(t: Tensor<Flex, 2>, params: &[SamplingParams]) -> Vec<u32> {
-    let host: Vec<bool> = params.iter().map(|p| sampling::needs_host_logits(p, 0)).collect();
-    let out = StepOutput::read(t, &host).unwrap();
+    let plan: Vec<_> = params.iter().map(|p| sampling::row_sampling(p, 0)).collect();
+    let out = StepOutput::read(t, &plan, None).unwrap();
     let mut rows = out.host_rows.chunks_exact(VOCAB);
-    out.greedy
+    out.device
         .iter()
         .zip(params)
         .map(|(g, p)| g.unwrap_or_else(|| sampling::sample(rows.next().unwrap(), p, 0, None).token))

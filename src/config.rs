@@ -288,6 +288,10 @@ pub struct CudaConfig {
     /// With `fused_ops`, q, k and v as one projection, then the RoPE of q and k and the K/V write
     /// into the pages in one launch. Off until measured on a GPU.
     pub fused_kv_write: bool,
+    /// Plain temperature rows (no top-k/top-p/min-p, bias, penalties nor logprobs) drawn on the
+    /// device by the Gumbel-max trick, so that only their token ids come back. Off until measured
+    /// on a GPU.
+    pub device_sampling: bool,
 }
 
 impl Default for CudaConfig {
@@ -303,6 +307,7 @@ impl Default for CudaConfig {
             attention: AttentionKernel::Paged,
             fused_ops: true,
             fused_kv_write: false,
+            device_sampling: false,
         }
     }
 }
@@ -688,6 +693,7 @@ mod tests {
         assert_eq!(s.cuda.attention, AttentionKernel::Paged);
         assert!(s.cuda.fused_ops);
         assert!(!s.cuda.fused_kv_write, "not yet measured on a GPU");
+        assert!(!s.cuda.device_sampling, "not yet measured on a GPU");
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "burn"),
             ("INFERFLUX__CUDA__GEMM", "burn"),
@@ -706,10 +712,11 @@ mod tests {
             ("INFERFLUX__CUDA__ATTENTION", "paged"),
             ("INFERFLUX__CUDA__FUSED_OPS", "true"),
             ("INFERFLUX__CUDA__FUSED_KV_WRITE", "true"),
+            ("INFERFLUX__CUDA__DEVICE_SAMPLING", "true"),
         ]);
         let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
         assert_eq!(s.cuda.attention, AttentionKernel::Paged);
-        assert!(s.cuda.fused_ops && s.cuda.fused_kv_write);
+        assert!(s.cuda.fused_ops && s.cuda.fused_kv_write && s.cuda.device_sampling);
         let choice = s.cuda.gemm_choice();
         assert_eq!(
             (choice.kernel_for(4), choice.kernel_for(5), s.cuda.weight_layout),

@@ -141,6 +141,74 @@ pub fn needs_host_logits(params: &SamplingParams, n: usize) -> bool {
         || params.logprobs.is_some()
 }
 
+/// How a step gets the token of one logits row (see `actors::step_output`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RowSampling {
+    /// A plain-greedy row: the device's argmax is the token.
+    DeviceArgmax,
+    /// A plain temperature draw (no top-k, top-p, min-p, bias, penalties, `min_tokens` mask nor
+    /// logprobs): the device may draw it ([`device_draw`]), else the host samples it.
+    DeviceDraw { temperature: f32, key: u64 },
+    /// The host samples the row from its full logits ([`sample`]).
+    Host,
+}
+
+/// Where generated index `n` of a sequence with `params` can be sampled. Keep in step with
+/// [`sample`] and [`needs_host_logits`].
+pub fn row_sampling(params: &SamplingParams, n: usize) -> RowSampling {
+    if !needs_host_logits(params, n) {
+        return RowSampling::DeviceArgmax;
+    }
+    let plain_temperature = params.temperature.is_finite()
+        && params.temperature >= GREEDY_BELOW
+        && params.top_k == 0
+        && params.top_p >= 1.0
+        && params.min_p <= 0.0
+        && params.logit_bias.is_empty()
+        && !min_tokens_masked(params, n)
+        && !params.has_penalties()
+        && params.logprobs.is_none();
+    match plain_temperature {
+        true => RowSampling::DeviceDraw {
+            temperature: params.temperature,
+            key: mix(params.seed, n as u64),
+        },
+        false => RowSampling::Host,
+    }
+}
+
+/// The uniform number in (0, 1) of token `id` in the device draw of `key`: a 32-bit hash (a
+/// GPU kernel has no 64-bit integers everywhere) of the id and both halves of the key. The
+/// kernel (`model::kernels::sample`) computes the same bits.
+pub fn device_draw_uniform(key: u64, id: u32) -> f32 {
+    let (lo, hi) = (key as u32, (key >> 32) as u32);
+    let mut x = (id ^ lo).wrapping_mul(0x9E37_79B1);
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85EB_CA6B);
+    x ^= x >> 13;
+    x ^= hi;
+    x = x.wrapping_mul(0xC2B2_AE35);
+    x ^= x >> 16;
+    ((x >> 8) as f32 + 0.5) / 16_777_216.0
+}
+
+/// A draw from `softmax(logits / temperature)` by the Gumbel-max trick: the token with the
+/// largest `l / temperature - ln(-ln u)`, `u` from [`device_draw_uniform`] (the lowest id on a
+/// tie; NaN logits never win). One pass and no sort, so a GPU draws a row where it is; the same
+/// `key` gives the same token whatever the batch. This is the reference of the device kernel: it
+/// draws from the same distribution as [`sample`], but not the same token for a seed.
+pub fn device_draw(logits: &[f32], temperature: f32, key: u64) -> u32 {
+    let mut best = (f32::NEG_INFINITY, 0u32);
+    for (i, &l) in logits.iter().enumerate() {
+        let u = device_draw_uniform(key, i as u32);
+        let score = l / temperature - (-u.ln()).ln();
+        if score > best.0 {
+            best = (score, i as u32);
+        }
+    }
+    best.1
+}
+
 /// Whether the `min_tokens` mask bans the stop ids at generated index `n`.
 fn min_tokens_masked(params: &SamplingParams, n: usize) -> bool {
     n < params.min_tokens && !params.min_tokens_banned.is_empty()
@@ -337,6 +405,104 @@ mod tests {
             tokens: prompt.iter().chain(generated).copied().collect(),
             prompt_len: prompt.len(),
         }
+    }
+
+    #[test]
+    fn sampling_device_draw_follows_the_softmax_of_logits_over_temperature() {
+        let logits = [1.0f32, 0.0, 2.5, -1.0, 0.5, f32::NEG_INFINITY, 1.5, -3.0];
+        for temperature in [0.7f32, 1.0, 2.0] {
+            let weights: Vec<f64> = logits.iter().map(|&l| ((l / temperature) as f64).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let draws = 20_000;
+            let mut counts = [0usize; 8];
+            for n in 0..draws {
+                counts[device_draw(&logits, temperature, mix(42, n as u64)) as usize] += 1;
+            }
+            assert_eq!(counts[5], 0, "a -inf logit is never drawn");
+            for (id, (&c, w)) in counts.iter().zip(&weights).enumerate() {
+                let p = w / total;
+                let sd = (p * (1.0 - p) / draws as f64).sqrt();
+                let got = c as f64 / draws as f64;
+                assert!(
+                    (got - p).abs() <= 5.0 * sd + 1e-9,
+                    "T {temperature}: token {id} drawn {got:.4}, softmax {p:.4}"
+                );
+            }
+        }
+        // The same key draws the same token; the uniforms stay inside (0, 1).
+        assert_eq!(device_draw(&logits, 1.0, 7), device_draw(&logits, 1.0, 7));
+        for id in [0u32, 1, 77, u32::MAX] {
+            for key in [0u64, 1, u64::MAX, mix(3, 9)] {
+                let u = device_draw_uniform(key, id);
+                assert!(u > 0.0 && u < 1.0, "u({key}, {id}) = {u}");
+            }
+        }
+    }
+
+    #[test]
+    fn sampling_rows_go_to_the_device_only_when_the_device_can_draw_them_exactly() {
+        let plain = SamplingParams {
+            temperature: 0.8,
+            seed: 5,
+            ..Default::default()
+        };
+        assert_eq!(row_sampling(&greedy(), 0), RowSampling::DeviceArgmax);
+        assert_eq!(
+            row_sampling(&plain, 3),
+            RowSampling::DeviceDraw {
+                temperature: 0.8,
+                key: mix(5, 3)
+            }
+        );
+        let host = [
+            SamplingParams {
+                top_k: 40,
+                ..plain.clone()
+            },
+            SamplingParams {
+                top_p: 0.9,
+                ..plain.clone()
+            },
+            SamplingParams {
+                min_p: 0.1,
+                ..plain.clone()
+            },
+            SamplingParams {
+                presence_penalty: 0.5,
+                ..plain.clone()
+            },
+            SamplingParams {
+                logprobs: Some(2),
+                ..plain.clone()
+            },
+            SamplingParams {
+                logit_bias: Arc::from([(1u32, 2.0f32)]),
+                ..plain.clone()
+            },
+            SamplingParams {
+                min_tokens: 4,
+                min_tokens_banned: Arc::from([2u32]),
+                ..plain.clone()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..plain.clone()
+            },
+            SamplingParams {
+                logprobs: Some(0),
+                ..greedy()
+            },
+        ];
+        for params in host {
+            assert_eq!(row_sampling(&params, 0), RowSampling::Host, "{params:?}");
+        }
+        // Past `min_tokens` the mask is off: the device may draw again.
+        let masked = SamplingParams {
+            min_tokens: 4,
+            min_tokens_banned: Arc::from([2u32]),
+            ..plain
+        };
+        assert!(matches!(row_sampling(&masked, 4), RowSampling::DeviceDraw { .. }));
     }
 
     #[test]

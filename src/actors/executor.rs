@@ -1,8 +1,8 @@
 //! `ModelExecutor`: the model, its device and the page tensors, on a thread of its own.
 //!
 //! Runs on a `SyncArbiter` because burn calls block; the async arbiters never wait on a kernel.
-//! Plain-greedy rows take the device's argmax; the others are sampled on the host from their
-//! logits rows (see `step_output`). With tensor parallel the actor is rank 0 and drives the
+//! Plain-greedy rows take the device's argmax, plain temperature rows the device's draw when one
+//! is set (CUDA); the others are sampled on the host from their logits rows (see `step_output`). With tensor parallel the actor is rank 0 and drives the
 //! other ranks' threads with the same plan (see `tp_ranks`).
 
 use std::sync::Arc;
@@ -76,6 +76,12 @@ impl<B: Backend> ModelExecutor<B> {
         }
     }
 
+    /// Draws plain temperature rows on the device with `draw` (see `step_output`).
+    pub fn with_device_draw(mut self, draw: Option<crate::model::draw::DeviceDrawFn<B>>) -> Self {
+        self.rank0 = self.rank0.with_device_draw(draw);
+        self
+    }
+
     /// Arms the test-only fault hook on this executor's steps.
     pub fn with_fault(mut self, fault: Option<Arc<FaultInjector>>) -> Self {
         self.fault = fault;
@@ -116,30 +122,30 @@ impl<B: Backend> ModelExecutor<B> {
                 }
             })
             .collect();
-        let host_rows = samplers
+        let rows = samplers
             .iter()
-            .map(|(_, params, n, _)| sampling::needs_host_logits(params, *n))
+            .map(|(_, params, n, _)| sampling::row_sampling(params, *n))
             .collect();
         let work = StepWork {
             swap_out: swap_out.map(|s| (s.seq, s.pages)),
             copies,
             restores,
             chunks,
-            host_rows,
+            rows,
         };
         let out = self.run_ranks(work).map_err(ExecutorError)?;
-        if out.greedy.len() != samplers.len() {
+        if out.device.len() != samplers.len() {
             return Err(ExecutorError(format!(
                 "step returned {} logits rows for {} sampled chunks",
-                out.greedy.len(),
+                out.device.len(),
                 samplers.len()
             )));
         }
         // `chunks(0)` panics; a step with no host row never reads this iterator.
         let mut host_rows = out.host_rows.chunks_exact(out.vocab.max(1));
         let mut sampled = Vec::with_capacity(samplers.len());
-        for ((seq, params, n, history), greedy) in samplers.into_iter().zip(out.greedy) {
-            let (token, logprobs) = match greedy {
+        for ((seq, params, n, history), chosen) in samplers.into_iter().zip(out.device) {
+            let (token, logprobs) = match chosen {
                 Some(token) => (token, None),
                 None => {
                     let row = host_rows

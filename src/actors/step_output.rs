@@ -1,45 +1,88 @@
-//! What a step brings back from the device: a token id for every plain-greedy row (its argmax,
-//! taken on the device), the full f32 logits only of the rows the host must sample.
+//! What a step brings back from the device: a token id for every row the device can choose
+//! (the argmax of a plain-greedy row; the temperature draw of a plain temperature row when a
+//! [`DeviceDrawFn`] is set, as on CUDA), the full f32 logits only of the rows the host must sample.
 //!
 //! Why: at 128 sequences and a 128,256-token vocabulary the whole logits matrix is 65 MB per
-//! step, and a host argmax over 16M floats; greedy rows without bias, penalties, an active
-//! `min_tokens` mask or logprobs need none of it (`sampling::needs_host_logits`). Temperature,
-//! top-k/top-p/min-p, penalties, bias and logprobs stay on the host for now.
+//! step, and a host walk over 16M floats; rows without top-k/top-p/min-p, bias, penalties, an
+//! active `min_tokens` mask or logprobs need none of it (`sampling::row_sampling`). Those stay
+//! on the host for now.
 
 use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::model::draw::{DeviceDraw, DeviceDrawFn};
+use crate::sampling::RowSampling;
 
 /// A step's logits as the host receives them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutput {
     /// Values per logits row (the vocabulary size).
     pub vocab: usize,
-    /// Per logits row, in row order: the device's argmax for a plain-greedy row, `None` for a row
-    /// whose logits are in `host_rows`.
-    pub greedy: Vec<Option<u32>>,
-    /// The f32 logits of the `None` rows of `greedy`, in row order, `vocab` values each.
+    /// Per logits row, in row order: the token the device chose, `None` for a row whose logits
+    /// are in `host_rows`.
+    pub device: Vec<Option<u32>>,
+    /// The f32 logits of the `None` rows of `device`, in row order, `vocab` values each.
     pub host_rows: Vec<f32>,
 }
 
 impl StepOutput {
-    /// Splits `logits` (`[rows, vocab]`, f32) by `host_rows` (one flag per row, true when the
-    /// host samples the row). Reads back only what is needed: no device argmax when every row
-    /// is a host row, no row copy when none is. The device's argmax keeps the lowest index of
-    /// equal maxima, as `sampling::argmax` does on Flex (tested) and as cubek-reduce's `ArgMax`
-    /// documents on CUDA; its reduction order, a NaN or an all `-inf` row may still pick another
-    /// index there than the host would. An id outside the vocabulary fails the step.
-    pub fn read<B: Backend>(logits: Tensor<B, 2>, host_rows: &[bool]) -> Result<Self, String> {
+    /// Splits `logits` (`[rows, vocab]`, f32) by `plan` (one per row). Without `draw`, or when it
+    /// fails, `DeviceDraw` rows go to the host. Reads back only what is needed (one read of the
+    /// ids for both kinds of device rows): no device argmax when no row is greedy, no row copy
+    /// when none is the host's. The device's argmax keeps the lowest index of equal maxima, as
+    /// `sampling::argmax` does on Flex (tested) and as cubek-reduce's `ArgMax` documents on CUDA;
+    /// its reduction order, a NaN or an all `-inf` row may still pick another index there than
+    /// the host would. An id outside the vocabulary fails the step.
+    pub fn read<B: Backend>(
+        logits: Tensor<B, 2>,
+        plan: &[RowSampling],
+        draw: Option<&DeviceDrawFn<B>>,
+    ) -> Result<Self, String> {
         let [rows, vocab] = logits.dims();
-        if host_rows.len() != rows {
+        if plan.len() != rows {
             return Err(format!(
-                "step has {rows} logits rows but {} sampling flags",
-                host_rows.len()
+                "step has {rows} logits rows but {} sampling plans",
+                plan.len()
             ));
         }
-        let on_host: Vec<i32> = (0..rows as i32).filter(|&r| host_rows[r as usize]).collect();
         let device = logits.device();
-        // Both reads are issued before either is awaited, so a device can run them together.
-        let ids = (on_host.len() < rows).then(|| logits.clone().argmax(1));
+        let draws: Vec<DeviceDraw> = plan
+            .iter()
+            .enumerate()
+            .filter_map(|(row, p)| match *p {
+                RowSampling::DeviceDraw { temperature, key } => Some(DeviceDraw {
+                    row,
+                    temperature,
+                    key,
+                }),
+                _ => None,
+            })
+            .collect();
+        let drawn = match (draw, draws.is_empty()) {
+            (Some(f), false) => f(logits.clone(), &draws)
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, "device draw failed: the host samples those rows"),
+                )
+                .ok(),
+            _ => None,
+        };
+        let drew = drawn.is_some();
+        let on_device = |p: &RowSampling| match p {
+            RowSampling::DeviceArgmax => true,
+            RowSampling::DeviceDraw { .. } => drew,
+            RowSampling::Host => false,
+        };
+        let on_host: Vec<i32> = (0..rows as i32)
+            .filter(|&r| !on_device(&plan[r as usize]))
+            .collect();
+        // Every read is issued before any is awaited, so a device can run them together.
+        let argmax = plan
+            .contains(&RowSampling::DeviceArgmax)
+            .then(|| logits.clone().argmax(1).reshape([rows]));
+        let ids = match (argmax, drawn) {
+            (Some(a), Some(d)) => Some(Tensor::cat(vec![a, d], 0)),
+            (a, d) => a.or(d),
+        };
         let host = match on_host.len() {
             0 => None,
             n if n == rows => Some(logits),
@@ -48,28 +91,33 @@ impl StepOutput {
                 Some(logits.select(0, idx))
             }
         };
-        let greedy = match ids {
-            None => vec![None; rows],
-            Some(ids) => {
-                let data = ids.into_data();
-                let ids: Vec<i64> = data.iter::<i64>().collect();
-                ids.into_iter()
-                    .zip(host_rows)
-                    .map(|(id, &host)| match host {
-                        true => Ok(None),
-                        false if (0..vocab as i64).contains(&id) => Ok(Some(id as u32)),
-                        false => Err(format!("device argmax gave id {id} for a vocabulary of {vocab}")),
-                    })
-                    .collect::<Result<_, _>>()?
-            }
+        let ids: Vec<i64> = ids.map_or_else(Vec::new, |t| t.into_data().iter::<i64>().collect());
+        // The argmax holds one id per row, then come the draws' ids in draw order.
+        let (argmax_ids, mut drawn_ids) = match plan.contains(&RowSampling::DeviceArgmax) {
+            true => (&ids[..rows.min(ids.len())], ids[rows.min(ids.len())..].iter()),
+            false => (&ids[..0], ids[..].iter()),
         };
+        let checked = |id: Option<&i64>| match id {
+            Some(&id) if (0..vocab as i64).contains(&id) => Ok(Some(id as u32)),
+            Some(&id) => Err(format!("the device chose id {id} for a vocabulary of {vocab}")),
+            None => Err("the device returned too few ids".to_string()),
+        };
+        let device_ids = plan
+            .iter()
+            .enumerate()
+            .map(|(r, p)| match p {
+                _ if !on_device(p) => Ok(None),
+                RowSampling::DeviceArgmax => checked(argmax_ids.get(r)),
+                _ => checked(drawn_ids.next()),
+            })
+            .collect::<Result<_, _>>()?;
         let host_rows = match host {
             None => Vec::new(),
             Some(t) => t.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?,
         };
         Ok(Self {
             vocab,
-            greedy,
+            device: device_ids,
             host_rows,
         })
     }
@@ -118,8 +166,9 @@ mod tests {
     fn sampling_device_argmax_breaks_ties_as_the_host_argmax() {
         for vocab in [8, 300, 511, 512, 4096, 128_256] {
             let rows = tied_rows(vocab);
-            let out = StepOutput::read(tensor(&rows), &vec![false; rows.len()]).unwrap();
-            for (i, (row, got)) in rows.iter().zip(&out.greedy).enumerate() {
+            let out =
+                StepOutput::read(tensor(&rows), &vec![RowSampling::DeviceArgmax; rows.len()], None).unwrap();
+            for (i, (row, got)) in rows.iter().zip(&out.device).enumerate() {
                 assert_eq!(
                     *got,
                     Some(sampling::argmax(row)),
@@ -136,24 +185,100 @@ mod tests {
             .map(|r| (0..600).map(|i| ((i * 31 + r * 17) % 97) as f32 * 0.1).collect())
             .collect();
         let flags = [false, true, false, true, true];
-        let out = StepOutput::read(tensor(&rows), &flags).unwrap();
+        let plan = |host: &[bool]| -> Vec<RowSampling> {
+            host.iter()
+                .map(|&h| {
+                    if h {
+                        RowSampling::Host
+                    } else {
+                        RowSampling::DeviceArgmax
+                    }
+                })
+                .collect()
+        };
+        let out = StepOutput::read(tensor(&rows), &plan(&flags), None).unwrap();
         assert_eq!(out.vocab, 600);
         let want_ids: Vec<Option<u32>> = rows
             .iter()
             .zip(flags)
             .map(|(r, host)| (!host).then(|| sampling::argmax(r)))
             .collect();
-        assert_eq!(out.greedy, want_ids);
+        assert_eq!(out.device, want_ids);
         assert_eq!(out.host_rows, [&rows[1][..], &rows[3], &rows[4]].concat());
 
-        let all = StepOutput::read(tensor(&rows), &[true; 5]).unwrap();
-        assert_eq!(all.greedy, vec![None; 5]);
+        let all = StepOutput::read(tensor(&rows), &plan(&[true; 5]), None).unwrap();
+        assert_eq!(all.device, vec![None; 5]);
         assert_eq!(all.host_rows, rows.concat());
 
-        let none = StepOutput::read(tensor(&rows), &[false; 5]).unwrap();
+        let none = StepOutput::read(tensor(&rows), &plan(&[false; 5]), None).unwrap();
         assert!(none.host_rows.is_empty());
-        assert!(none.greedy.iter().all(Option::is_some));
+        assert!(none.device.iter().all(Option::is_some));
 
-        assert!(StepOutput::read(tensor(&rows), &[false; 4]).is_err());
+        assert!(StepOutput::read(tensor(&rows), &plan(&[false; 4]), None).is_err());
+    }
+
+    #[test]
+    fn sampling_step_output_draws_temperature_rows_through_the_hook() {
+        use crate::model::draw::draw_on_host;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let rows: Vec<Vec<f32>> = (0..5)
+            .map(|r| {
+                (0..300)
+                    .map(|i| ((i * 13 + r * 29) % 101) as f32 * 0.05)
+                    .collect()
+            })
+            .collect();
+        let draw = |key| RowSampling::DeviceDraw {
+            temperature: 0.9,
+            key,
+        };
+        let plan = [
+            RowSampling::Host,
+            draw(7),
+            RowSampling::DeviceArgmax,
+            draw(8),
+            RowSampling::Host,
+        ];
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let hook: DeviceDrawFn<Flex> = Arc::new(move |logits, draws| {
+            counted.fetch_add(draws.len(), Ordering::Relaxed);
+            draw_on_host(logits, draws)
+        });
+        let out = StepOutput::read(tensor(&rows), &plan, Some(&hook)).unwrap();
+        assert_eq!(calls.load(Ordering::Relaxed), 2, "one draw per temperature row");
+        let want = vec![
+            None,
+            Some(sampling::device_draw(&rows[1], 0.9, 7)),
+            Some(sampling::argmax(&rows[2])),
+            Some(sampling::device_draw(&rows[3], 0.9, 8)),
+            None,
+        ];
+        assert_eq!(out.device, want);
+        assert_eq!(out.host_rows, [&rows[0][..], &rows[4]].concat());
+        // Without the hook, or when it fails, the temperature rows go to the host.
+        let failing: DeviceDrawFn<Flex> = Arc::new(|_, _| Err("no kernel".into()));
+        for hook in [None, Some(&failing)] {
+            let out = StepOutput::read(tensor(&rows), &plan, hook).unwrap();
+            assert_eq!(
+                out.device,
+                vec![None, None, Some(sampling::argmax(&rows[2])), None, None]
+            );
+            assert_eq!(
+                out.host_rows,
+                [&rows[0][..], &rows[1], &rows[3], &rows[4]].concat()
+            );
+        }
+        // Only draws: no argmax, the ids are the draws'.
+        let only = [draw(1), draw(2)];
+        let out = StepOutput::read(tensor(&rows[..2]), &only, Some(&hook)).unwrap();
+        assert_eq!(
+            out.device,
+            vec![
+                Some(sampling::device_draw(&rows[0], 0.9, 1)),
+                Some(sampling::device_draw(&rows[1], 0.9, 2))
+            ]
+        );
     }
 }

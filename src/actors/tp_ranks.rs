@@ -10,8 +10,10 @@ use burn::prelude::Backend;
 
 use super::step_output::StepOutput;
 use crate::kv::{PageCopy, SeqId};
+use crate::model::draw::DeviceDrawFn;
 use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
 use crate::parallel::Communicator;
+use crate::sampling::RowSampling;
 
 /// What every rank does in one step, in this order: swap-out, page copies, swap-ins, forward.
 #[derive(Debug, Clone, Default)]
@@ -20,10 +22,9 @@ pub struct StepWork {
     pub copies: Vec<PageCopy>,
     pub restores: Vec<(SeqId, Vec<u32>)>,
     pub chunks: Vec<SequenceChunk>,
-    /// One flag per logits row (per chunk that wants logits, in order): true when the host
-    /// samples the row from its full logits (`sampling::needs_host_logits`), false when the
-    /// device's argmax is the token. Only rank 0 reads anything back.
-    pub host_rows: Vec<bool>,
+    /// How each logits row (per chunk that wants logits, in order) gets its token
+    /// (`sampling::row_sampling`). Only rank 0 reads anything back.
+    pub rows: Vec<RowSampling>,
 }
 
 /// One rank's shard and state.
@@ -32,6 +33,8 @@ pub struct Rank<B: Backend> {
     cache: Box<PagedKvCache<B>>,
     /// K/V of preempted sequences swapped out to host memory (this rank's KV heads).
     swapped: HashMap<SeqId, HostPages>,
+    /// Draws temperature rows on the device; `None`: the host samples them.
+    draw: Option<DeviceDrawFn<B>>,
 }
 
 impl<B: Backend> Rank<B> {
@@ -40,7 +43,14 @@ impl<B: Backend> Rank<B> {
             model: Box::new(model),
             cache: Box::new(cache),
             swapped: HashMap::new(),
+            draw: None,
         }
+    }
+
+    /// Draws the plain temperature rows with `draw` (rank 0 only reads anything back).
+    pub fn with_device_draw(mut self, draw: Option<DeviceDrawFn<B>>) -> Self {
+        self.draw = draw;
+        self
     }
 
     pub fn cache_page_size(&self) -> usize {
@@ -65,6 +75,7 @@ impl<B: Backend> Rank<B> {
 
     fn step(&mut self, work: StepWork, read_back: bool) -> Result<Option<StepOutput>, String> {
         let (model, cache, swapped) = (&*self.model, &mut *self.cache, &mut self.swapped);
+        let draw = self.draw.as_ref();
         std::panic::catch_unwind(AssertUnwindSafe(|| {
             if let Some((seq, pages)) = work.swap_out {
                 swapped.insert(seq, cache.read_pages(&pages));
@@ -85,7 +96,7 @@ impl<B: Backend> Rank<B> {
             }
             let logits = model.forward(cache, &work.chunks);
             match read_back {
-                true => StepOutput::read(logits, &work.host_rows).map(Some),
+                true => StepOutput::read(logits, &work.rows, draw).map(Some),
                 false => Ok(None),
             }
         }))

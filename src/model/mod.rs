@@ -8,6 +8,8 @@ pub mod config;
 pub mod cuda_attention;
 pub mod cuda_fused;
 pub mod cuda_gemm;
+pub mod cuda_sample;
+pub mod draw;
 pub mod kernels;
 pub mod llama;
 pub mod paged_cache;

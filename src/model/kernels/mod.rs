@@ -11,6 +11,7 @@ pub mod paged_attention;
 pub mod qkv_write;
 pub mod rms_norm;
 pub mod rope;
+pub mod sample;
 pub mod silu_mul;
 pub mod stream_order;
 

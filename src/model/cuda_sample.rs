@@ -1,0 +1,64 @@
+//! Temperature draws on CUDA (`kernels::sample`), installed as the executor's [`DeviceDrawFn`]
+//! with `[cuda] device_sampling = true`.
+
+use std::sync::Arc;
+
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+
+use super::cuda_gemm::CudaCube;
+use super::draw::{DeviceDraw, DeviceDrawFn};
+use super::kernels::sample;
+
+/// The executor's draw hook on [`CudaCube`].
+pub fn device_draw() -> DeviceDrawFn<CudaCube> {
+    Arc::new(|logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]| launch(logits, draws))
+}
+
+fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<CudaCube, 1, Int>, String> {
+    let [rows, vocab] = logits.dims();
+    if logits.dtype() != DType::F32 {
+        return Err(format!("{:?} logits (the draw reads f32)", logits.dtype()));
+    }
+    if let Some(d) = draws
+        .iter()
+        .find(|d| d.row >= rows || d.temperature.is_nan() || d.temperature <= 0.0)
+    {
+        return Err(format!(
+            "a draw of row {} at temperature {} from {rows} rows",
+            d.row, d.temperature
+        ));
+    }
+    let device = logits.device();
+    let n = draws.len();
+    let to_device = |data: TensorData| Tensor::<CudaCube, 1, Int>::from_data(data, &device);
+    let row_ids: Vec<i32> = draws.iter().map(|d| d.row as i32).collect();
+    let keys: Vec<i32> = draws
+        .iter()
+        .flat_map(|d| [d.key as u32 as i32, (d.key >> 32) as u32 as i32])
+        .collect();
+    let temperatures: Vec<f32> = draws.iter().map(|d| d.temperature).collect();
+    let logits = into_contiguous(logits.into_primitive().tensor());
+    // Row ids and key halves travel as i32 tensors; the kernel reads their bits as u32.
+    let row_ids = into_contiguous(to_device(TensorData::new(row_ids, [n])).into_primitive());
+    let keys = into_contiguous(to_device(TensorData::new(keys, [2 * n])).into_primitive());
+    let temperatures =
+        Tensor::<CudaCube, 1>::from_data(TensorData::new(temperatures, [n]), (&device, DType::F32));
+    let temperatures = into_contiguous(temperatures.into_primitive().tensor());
+    let ids = empty_device_contiguous_dtype(
+        logits.client.clone(),
+        logits.device.clone(),
+        [n].into(),
+        DType::I32,
+    );
+    let handles = [
+        logits.handle.clone(),
+        row_ids.handle.clone(),
+        temperatures.handle.clone(),
+        keys.handle.clone(),
+        ids.handle.clone(),
+    ];
+    sample::launch(&logits.client, handles, (n, rows, vocab)).map_err(|e| e.0)?;
+    Ok(Tensor::from_primitive(ids))
+}

@@ -1,0 +1,42 @@
+//! The hook that draws temperature rows of a step's logits where they are (on the GPU), so that
+//! only token ids come back (`actors::step_output`, `sampling::row_sampling`).
+
+use std::sync::Arc;
+
+use burn::prelude::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// One row to draw: its index in the step's logits, its temperature and its key
+/// (`sampling::row_sampling`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceDraw {
+    pub row: usize,
+    pub temperature: f32,
+    pub key: u64,
+}
+
+/// Draws `sampling::device_draw` of each listed row of `logits` (`[rows, vocab]`, f32) and
+/// returns the token ids, one per draw in order, still on the device; an error leaves the rows
+/// to the host.
+pub type DeviceDrawFn<B> =
+    Arc<dyn Fn(Tensor<B, 2>, &[DeviceDraw]) -> Result<Tensor<B, 1, Int>, String> + Send + Sync>;
+
+/// [`DeviceDrawFn`] by reading the rows back and drawing on the host: the reference the device
+/// hook must match, and the plumbing tests' hook on the CPU backend.
+pub fn draw_on_host<B: Backend>(
+    logits: Tensor<B, 2>,
+    draws: &[DeviceDraw],
+) -> Result<Tensor<B, 1, Int>, String> {
+    let [_, vocab] = logits.dims();
+    let device = logits.device();
+    let values = logits.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let ids: Vec<i32> = draws
+        .iter()
+        .map(|d| {
+            let row = &values[d.row * vocab..(d.row + 1) * vocab];
+            crate::sampling::device_draw(row, d.temperature, d.key) as i32
+        })
+        .collect();
+    let n = ids.len();
+    Ok(Tensor::from_data(TensorData::new(ids, [n]), &device))
+}
