@@ -13,7 +13,8 @@
 //! bounded). Grid `(heads / heads_per_cube, queries)`. Per tile of up to `TILE` positions:
 //! - each unit takes one key, finds its slot through the block table, reads its K row once (in
 //!   vectors) and computes one score per head of the group against the group's scaled queries,
-//!   loaded into shared memory once per cube;
+//!   loaded into shared memory once per cube in vectors of the same width (one shared read per
+//!   K vector and head);
 //! - each head's tile maximum comes from a halving reduction over shared memory, then the running
 //!   max and correction (flash-decoding's online softmax) per head, and each unit turns its
 //!   key's scores into weights;
@@ -73,7 +74,7 @@ fn shared_bytes(group: usize, head_dim: usize) -> usize {
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn paged_attention_kernel<F: Float, N: Size>(
-    q: &Array<F>,
+    q: &Array<Vector<F, N>>,
     k_cache: &Array<Vector<F, N>>,
     v_cache: &Array<F>,
     block_tables: &Array<u32>,
@@ -106,7 +107,9 @@ fn paged_attention_kernel<F: Float, N: Size>(
     let (part, d) = (u / head_dim, u % head_dim);
     let outputs = comptime!(group * head_dim);
 
-    let mut q_scaled = SharedMemory::<f32>::new(outputs);
+    // The group's queries in vectors of the K rows' width: one shared read per K vector and head.
+    let q_vectors = comptime!(outputs / width);
+    let mut q_scaled = SharedMemory::<Vector<f32, N>>::new(q_vectors);
     // Per head of the group, a tile's scores then weights; at the end, the parts' outputs.
     let mut scores = SharedMemory::<f32>::new(group * TILE);
     let mut slots = SharedMemory::<u32>::new(TILE);
@@ -116,10 +119,10 @@ fn paged_attention_kernel<F: Float, N: Size>(
     // The group's query rows are contiguous in `q`, as their outputs are in `out`.
     let base = (s * heads + h0) * head_dim;
     #[unroll]
-    for i in 0..comptime!(outputs.div_ceil(TILE)) {
+    for i in 0..comptime!(q_vectors.div_ceil(TILE)) {
         let o = i * TILE + u;
-        if o < outputs {
-            q_scaled[o] = f32::cast_from(q[base + o]) * scale;
+        if o < q_vectors {
+            q_scaled[o] = Vector::<f32, N>::cast_from(q[base / width + o]) * Vector::new(scale);
         }
     }
     // -1e30 stands for minus infinity, which WGSL cannot spell; every score is far above it.
@@ -129,6 +132,7 @@ fn paged_attention_kernel<F: Float, N: Size>(
     sync_cube();
 
     let mut dots = Array::<f32>::new(group);
+    let mut partial = Array::<Vector<f32, N>>::new(group);
     let mut acc = Array::<f32>::new(group);
     let mut sum = Array::<f32>::new(group);
     #[unroll]
@@ -154,20 +158,26 @@ fn paged_attention_kernel<F: Float, N: Size>(
             let row = slot as usize * row_vectors + kvh * head_vectors;
             #[unroll]
             for g in 0..group {
-                dots[g] = 0.0;
+                partial[g] = Vector::new(0.0);
             }
             // Not unrolled: llvmpipe takes tens of seconds to compile `head_dim × group` FMAs in
             // a row; the bound is a constant, so CUDA's compiler may unroll it.
             for i in 0..comptime!(head_dim / width) {
                 let k = Vector::<f32, N>::cast_from(k_cache[row + i]);
                 #[unroll]
-                for j in 0..width {
-                    let kj = k[j];
-                    #[unroll]
-                    for g in 0..group {
-                        dots[g] += kj * q_scaled[g * head_dim + i * width + j];
-                    }
+                for g in 0..group {
+                    partial[g] += k * q_scaled[g * comptime!(head_dim / width) + i];
                 }
+            }
+            #[unroll]
+            for g in 0..group {
+                let v = partial[g];
+                let mut dot = 0.0f32;
+                #[unroll]
+                for j in 0..width {
+                    dot += v[j];
+                }
+                dots[g] = dot;
             }
         }
         #[unroll]
@@ -327,7 +337,7 @@ pub fn launch<R: Runtime>(
             CubeCount::Static(cubes_u32, queries_u32, 1),
             CubeDim::new_1d(TILE as u32),
             width,
-            ArrayArg::from_raw_parts(q, q_len),
+            ArrayArg::from_raw_parts(q, q_len / width),
             ArrayArg::from_raw_parts(k, cache_len / width),
             ArrayArg::from_raw_parts(v, cache_len),
             ArrayArg::from_raw_parts(tables, seqs * max_blocks),
