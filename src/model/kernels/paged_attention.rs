@@ -544,7 +544,8 @@ mod tests {
         // Every head of a group must read its own query against the group's one K/V head:
         // groups of 1, 2, 4 and 8 query heads per KV head (two KV heads, so the second group's
         // rows are offset), 12 (two cubes of 6 per KV head) and 16 (two of 8); head_dim 16, 64
-        // and 128 (one, two and eight V parts per tile). Queries: one key; 300 keys (three
+        // and 128 (eight, two and one V parts per tile) and 96 (one part, 32 units idle in the
+        // V pass). Queries: one key; 300 keys (three
         // tiles, ending mid-page); a sliding window over 100..260 (starting mid-tile, crossing a
         // tile boundary); a prompt chunk at 126..129 (contexts ending on both sides of a tile).
         let mut queries = vec![decode(0, 0, 1), decode(1, 0, 300), decode(2, 100, 260)];
@@ -553,6 +554,7 @@ mod tests {
             (16, 7, [1, 2, 4, 8].as_slice()),
             (64, 16, &[1, 2, 4, 8, 12, 16]),
             (128, 5, &[1, 2, 4, 8]),
+            (96, 11, &[4]),
         ];
         for (head_dim, page_size, groups) in cases {
             for &group in groups {
