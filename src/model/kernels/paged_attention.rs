@@ -4,13 +4,30 @@
 //!
 //! Why: burn's path (`Llama::attention`) gathers every context row of K and V into new tensors,
 //! pads the group to its longest context and materialises the scores, so each step moves the
-//! KV bytes several times. Here a cube owns one (sequence, query head): each tile of up to
-//! [`TILE`] positions has one unit per key compute its score from the K row in place (found
-//! through the block table), then the units of the head's dimensions accumulate the V rows
-//! weighted by an online softmax (flash-decoding's running max and sum), so K and V are read
-//! once per query head and nothing but the output is written. Queries of one prompt chunk each
-//! read their whole prefix, so a long chunk costs `queries × context` reads (from L2 mostly):
-//! the model sends only short chunks here.
+//! KV bytes several times. Here K and V are read in place, through the block table, and nothing
+//! but the output is written.
+//!
+//! Layout: a cube of [`TILE`] units owns one (query, KV head) and the query heads of that KV
+//! head's GQA group (Llama-3.2-1B: 4 of its 32 heads over each of 8 KV heads; a group above
+//! [`MAX_GROUP`] is split over cubes of its largest divisor up to that, so registers stay
+//! bounded). Grid `(heads / heads_per_cube, queries)`. Per tile of up to `TILE` positions:
+//! - each unit takes one key, finds its slot through the block table, reads its K row once (in
+//!   vectors) and computes one score per head of the group against the group's scaled queries,
+//!   loaded into shared memory once per cube in vectors of the same width (one shared read per
+//!   K vector and head);
+//! - each head's tile maximum comes from a halving reduction over shared memory, then the running
+//!   max and correction (flash-decoding's online softmax) per head, and each unit turns its
+//!   key's scores into weights;
+//! - the V pass: the units form `TILE / head_dim` parts of `head_dim` units; unit `(part, d)`
+//!   reads V element `d` of keys `part, part + parts, ...` once and accumulates it, weighted,
+//!   into one register per head of the group (with the weights' sum). At the end the parts meet
+//!   in shared memory and the group's `group × head_dim` outputs, contiguous in `out`, are
+//!   written side by side.
+//!
+//! So each K and V row is read once per (query, KV head) instead of once per query head, and a V
+//! row's read serves the whole group. Queries of one prompt chunk each read their whole prefix,
+//! so a long chunk costs `queries × context` reads (from L2 mostly): the model sends only short
+//! chunks here.
 
 use cubecl::prelude::*;
 
@@ -18,6 +35,10 @@ use super::Refused;
 
 /// Keys per tile, and units per cube; a head's dimension must fit in it.
 pub const TILE: usize = 128;
+
+/// Query heads one cube serves at most: each unit keeps a score, a weight sum and an output
+/// accumulator per head in registers. A larger group is split over several cubes per KV head.
+pub const MAX_GROUP: usize = 8;
 
 /// Sizes of one launch. `q` and `out` are `[queries, heads * head_dim]`, the caches
 /// `[slots, kv_heads * head_dim]`, `block_tables` `[seqs, max_blocks]` (u32 page ids),
@@ -36,10 +57,24 @@ pub struct PagedAttentionShape {
     pub slots: usize,
 }
 
+/// The query heads one cube serves: the largest divisor of the GQA group up to [`MAX_GROUP`].
+fn heads_per_cube(group: usize) -> usize {
+    (1..=group.min(MAX_GROUP))
+        .rev()
+        .find(|g| group.is_multiple_of(*g))
+        .unwrap_or(1)
+}
+
+/// Bytes of shared memory a cube of `group` heads of `head_dim` uses.
+fn shared_bytes(group: usize, head_dim: usize) -> usize {
+    let parts = TILE / head_dim;
+    4 * (group * head_dim + group * TILE + TILE + 2 * group + parts * group)
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn paged_attention_kernel<F: Float, N: Size>(
-    q: &Array<F>,
+    q: &Array<Vector<F, N>>,
     k_cache: &Array<Vector<F, N>>,
     v_cache: &Array<F>,
     block_tables: &Array<u32>,
@@ -53,88 +88,190 @@ fn paged_attention_kernel<F: Float, N: Size>(
     scale: f32,
     #[comptime] head_dim: usize,
     #[comptime] width: usize,
+    #[comptime] group: usize,
     #[define(F)] _dtype: StorageType,
 ) {
-    // Query `s` of the launch, query head `h`; the query's sequence is row `table` of the tables.
-    let (s, h, u) = (CUBE_POS_Y as usize, CUBE_POS_X as usize, UNIT_POS_X as usize);
+    // Query `s` of the launch, query heads `h0 .. h0 + group` (all of one KV head `kvh`); the
+    // query's sequence is row `table` of the tables.
+    let (s, u) = (CUBE_POS_Y as usize, UNIT_POS_X as usize);
     let table = query_seq[s] as usize;
-    let heads = CUBE_COUNT_X as usize;
-    let kvh = h / (heads / kv_heads as usize);
+    let heads = CUBE_COUNT_X as usize * group;
+    let h0 = CUBE_POS_X as usize * group;
+    let kvh = h0 / (heads / kv_heads as usize);
     let kv_dim = kv_heads as usize * head_dim;
     let (row_vectors, head_vectors) = (kv_dim / width, head_dim / width);
     let page_size = page_size as usize;
+    // The V pass: `parts` sets of `head_dim` units, unit `u` the dimension `d` of every head of
+    // the group over keys `part, part + parts, ...` of a tile; the parts add up at the end.
+    let parts = comptime!(TILE / head_dim);
+    let (part, d) = (u / head_dim, u % head_dim);
+    let outputs = comptime!(group * head_dim);
 
-    let mut q_scaled = SharedMemory::<f32>::new(head_dim);
-    let mut scores = SharedMemory::<f32>::new(TILE);
+    // The group's queries in vectors of the K rows' width: one shared read per K vector and head.
+    let q_vectors = comptime!(outputs / width);
+    let mut q_scaled = SharedMemory::<Vector<f32, N>>::new(q_vectors);
+    // Per head of the group, a tile's scores then weights; at the end, the parts' outputs.
+    let mut scores = SharedMemory::<f32>::new(group * TILE);
     let mut slots = SharedMemory::<u32>::new(TILE);
-    if u < head_dim {
-        q_scaled[u] = f32::cast_from(q[(s * heads + h) * head_dim + u]) * scale;
+    let mut head_max = SharedMemory::<f32>::new(group);
+    let mut correction = SharedMemory::<f32>::new(group);
+    let mut part_sums = SharedMemory::<f32>::new(parts * group);
+    // The group's query rows are contiguous in `q`, as their outputs are in `out`.
+    let base = (s * heads + h0) * head_dim;
+    #[unroll]
+    for i in 0..comptime!(q_vectors.div_ceil(TILE)) {
+        let o = i * TILE + u;
+        if o < q_vectors {
+            q_scaled[o] = Vector::<f32, N>::cast_from(q[base / width + o]) * Vector::new(scale);
+        }
+    }
+    // -1e30 stands for minus infinity, which WGSL cannot spell; every score is far above it.
+    if u < group {
+        head_max[u] = f32::new(-1.0e30);
     }
     sync_cube();
 
+    let mut dots = Array::<f32>::new(group);
+    let mut partial = Array::<Vector<f32, N>>::new(group);
+    let mut acc = Array::<f32>::new(group);
+    let mut sum = Array::<f32>::new(group);
+    #[unroll]
+    for g in 0..group {
+        acc[g] = 0.0;
+        sum[g] = 0.0;
+    }
     let (begin, end) = (ctx_begin[s] as usize, ctx_end[s] as usize);
-    // -1e30 stands for minus infinity, which WGSL cannot spell; every score is far above it.
-    let mut max_so_far = f32::new(-1.0e30);
-    let mut sum = 0.0f32;
-    let mut acc = 0.0f32;
     let mut tile = begin;
     // `begin` and `end` are the query's, the same for every unit: the barriers below are
     // reached by all of them.
     while tile < end {
+        // Unit `u` scores key `tile + u` for every head of the group from one read of its K row.
         let pos = tile + u;
-        let mut score = f32::new(-1.0e30);
         let mut slot = 0u32;
+        #[unroll]
+        for g in 0..group {
+            dots[g] = f32::new(-1.0e30);
+        }
         if pos < end {
             let page = block_tables[table * max_blocks as usize + pos / page_size];
             slot = page * page_size as u32 + (pos % page_size) as u32;
             let row = slot as usize * row_vectors + kvh * head_vectors;
-            let mut dot = 0.0f32;
             #[unroll]
+            for g in 0..group {
+                partial[g] = Vector::new(0.0);
+            }
+            // Not unrolled: llvmpipe takes tens of seconds to compile `head_dim × group` FMAs in
+            // a row; the bound is a constant, so CUDA's compiler may unroll it.
             for i in 0..comptime!(head_dim / width) {
                 let k = Vector::<f32, N>::cast_from(k_cache[row + i]);
                 #[unroll]
-                for j in 0..width {
-                    dot += k[j] * q_scaled[i * width + j];
+                for g in 0..group {
+                    partial[g] += k * q_scaled[g * comptime!(head_dim / width) + i];
                 }
             }
-            score = dot;
+            #[unroll]
+            for g in 0..group {
+                let v = partial[g];
+                let mut dot = 0.0f32;
+                #[unroll]
+                for j in 0..width {
+                    dot += v[j];
+                }
+                dots[g] = dot;
+            }
         }
-        scores[u] = score;
+        #[unroll]
+        for g in 0..group {
+            scores[g * TILE + u] = dots[g];
+        }
         slots[u] = slot;
+        sync_cube();
+
+        // Each head's tile maximum, by halving (the scores are in `dots` still); the cube is
+        // `TILE` units wide.
+        let mut stride = CUBE_DIM_X as usize / 2;
+        while stride > 0 {
+            if u < stride {
+                #[unroll]
+                for g in 0..group {
+                    let i = g * TILE + u;
+                    scores[i] = max(scores[i], scores[i + stride]);
+                }
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        if u < group {
+            let old = head_max[u];
+            let new_max = max(old, scores[u * TILE]);
+            correction[u] = (old - new_max).exp();
+            head_max[u] = new_max;
+        }
+        sync_cube();
+        // Each unit turns its key's scores into weights once (0 past the context's end).
+        #[unroll]
+        for g in 0..group {
+            scores[g * TILE + u] = (dots[g] - head_max[g]).exp();
+        }
         sync_cube();
 
         let mut count = end - tile;
         if count > TILE {
             count = TILE;
         }
-        let mut tile_max = f32::new(-1.0e30);
-        for j in 0..count {
-            tile_max = max(tile_max, scores[j]);
-        }
-        let new_max = max(max_so_far, tile_max);
-        let correction = (max_so_far - new_max).exp();
-        sync_cube();
-        // Each unit turns its own score into a weight once.
-        scores[u] = (score - new_max).exp();
-        sync_cube();
-
-        let mut tile_sum = 0.0f32;
-        let mut tile_acc = 0.0f32;
-        for j in 0..count {
-            let p = scores[j];
-            tile_sum += p;
-            if u < head_dim {
-                tile_acc += p * f32::cast_from(v_cache[slots[j] as usize * kv_dim + kvh * head_dim + u]);
+        if u < parts * head_dim {
+            #[unroll]
+            for g in 0..group {
+                let c = correction[g];
+                acc[g] *= c;
+                sum[g] *= c;
+            }
+            // One read of each V element serves every head of the group.
+            let mut j = part;
+            while j < count {
+                let v = f32::cast_from(v_cache[slots[j] as usize * kv_dim + kvh * head_dim + d]);
+                #[unroll]
+                for g in 0..group {
+                    let p = scores[g * TILE + j];
+                    sum[g] += p;
+                    acc[g] += p * v;
+                }
+                j += parts;
             }
         }
-        sum = sum * correction + tile_sum;
-        acc = acc * correction + tile_acc;
-        max_so_far = new_max;
         sync_cube();
         tile += TILE;
     }
-    if u < head_dim && sum > 0.0 {
-        out[(s * heads + h) * head_dim + u] = F::cast_from(acc / sum);
+
+    // The parts' sums meet in shared memory; each output is written by one unit, side by side.
+    if u < parts * head_dim {
+        #[unroll]
+        for g in 0..group {
+            scores[(part * group + g) * head_dim + d] = acc[g];
+        }
+        if d == 0 {
+            #[unroll]
+            for g in 0..group {
+                part_sums[part * group + g] = sum[g];
+            }
+        }
+    }
+    sync_cube();
+    #[unroll]
+    for i in 0..comptime!(outputs.div_ceil(TILE)) {
+        let o = i * TILE + u;
+        if o < outputs {
+            let (g, e) = (o / head_dim, o % head_dim);
+            let mut total = 0.0f32;
+            let mut weight = 0.0f32;
+            for p in 0..parts {
+                total += scores[(p * group + g) * head_dim + e];
+                weight += part_sums[p * group + g];
+            }
+            if weight > 0.0 {
+                out[base + o] = F::cast_from(total / weight);
+            }
+        }
     }
 }
 
@@ -175,8 +312,16 @@ pub fn launch<R: Runtime>(
     }
     let too_large = |what: &str| Refused(format!("{what} does not fit in 32 bits"));
     let queries_u32 = u32::try_from(queries).map_err(|_| too_large("queries"))?;
-    let heads_u32 = u32::try_from(heads).map_err(|_| too_large("heads"))?;
     u32::try_from(slots * kv_heads * head_dim).map_err(|_| too_large("the cache"))?;
+    let group = heads_per_cube(heads / kv_heads);
+    let shared = shared_bytes(group, head_dim);
+    let max_shared = client.properties().hardware.max_shared_memory_size;
+    if shared > max_shared {
+        return Err(Refused(format!(
+            "{group} heads of {head_dim} need {shared} bytes of shared memory, above {max_shared}"
+        )));
+    }
+    let cubes_u32 = u32::try_from(heads / group).map_err(|_| too_large("heads"))?;
     let max_vector = client.properties().hardware.max_vector_size;
     let width = super::vector_width(head_dim, elem_bytes, max_vector);
     let [q, k, v, tables, query_seq, begin, end, out] = handles;
@@ -189,10 +334,10 @@ pub fn launch<R: Runtime>(
     unsafe {
         paged_attention_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(heads_u32, queries_u32, 1),
+            CubeCount::Static(cubes_u32, queries_u32, 1),
             CubeDim::new_1d(TILE as u32),
             width,
-            ArrayArg::from_raw_parts(q, q_len),
+            ArrayArg::from_raw_parts(q, q_len / width),
             ArrayArg::from_raw_parts(k, cache_len / width),
             ArrayArg::from_raw_parts(v, cache_len),
             ArrayArg::from_raw_parts(tables, seqs * max_blocks),
@@ -206,6 +351,7 @@ pub fn launch<R: Runtime>(
             scale,
             head_dim,
             width,
+            group,
             dtype,
         );
     }
@@ -289,11 +435,18 @@ mod tests {
         } = shape;
         assert_eq!(shape.queries, queries.len());
         let pages = slots / page_size;
-        // Each sequence's pages scattered over the pool, none shared: page ids walk the pool
-        // backwards with a stride, as a long-running pool's free list would hand them out.
-        let tables: Vec<u32> = (0..seqs * max_blocks)
-            .map(|i| ((pages - 1) - (i * 7) % pages) as u32)
-            .collect();
+        // Each sequence's pages scattered over the pool, as a long-running pool's free list
+        // would hand them out: a shuffle of the pool's page ids (xorshift, fixed seed), none
+        // shared while the tables hold no more entries than the pool has pages.
+        let mut pool: Vec<u32> = (0..pages as u32).collect();
+        let mut state = 0x9e37_79b9_u32;
+        for i in (1..pages).rev() {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            pool.swap(i, state as usize % (i + 1));
+        }
+        let tables: Vec<u32> = (0..seqs * max_blocks).map(|i| pool[i % pages]).collect();
         let q = values(queries.len() * heads * head_dim, 1);
         let k = values(slots * kv_heads * head_dim, 2);
         let v = values(slots * kv_heads * head_dim, 3);
@@ -384,6 +537,41 @@ mod tests {
             slots: 16 * 40,
         };
         check(shape, &queries);
+    }
+
+    #[test]
+    fn kernels_paged_attention_serves_a_gqa_group_per_cube() {
+        // Every head of a group must read its own query against the group's one K/V head:
+        // groups of 1, 2, 4 and 8 query heads per KV head (two KV heads, so the second group's
+        // rows are offset), 12 (two cubes of 6 per KV head) and 16 (two of 8); head_dim 16, 64
+        // and 128 (eight, two and one V parts per tile) and 96 (one part, 32 units idle in the
+        // V pass). Queries: one key; 300 keys (three
+        // tiles, ending mid-page); a sliding window over 100..260 (starting mid-tile, crossing a
+        // tile boundary); a prompt chunk at 126..129 (contexts ending on both sides of a tile).
+        let mut queries = vec![decode(0, 0, 1), decode(1, 0, 300), decode(2, 100, 260)];
+        queries.extend((126..129).map(|p| decode(3, 0, p + 1)));
+        let cases = [
+            (16, 7, [1, 2, 4, 8].as_slice()),
+            (64, 16, &[1, 2, 4, 8, 12, 16]),
+            (128, 5, &[1, 2, 4, 8]),
+            (96, 11, &[4]),
+        ];
+        for (head_dim, page_size, groups) in cases {
+            for &group in groups {
+                let max_blocks = 300usize.div_ceil(page_size);
+                let shape = PagedAttentionShape {
+                    queries: queries.len(),
+                    seqs: 4,
+                    heads: 2 * group,
+                    kv_heads: 2,
+                    head_dim,
+                    page_size,
+                    max_blocks,
+                    slots: (4 * max_blocks + 3) * page_size,
+                };
+                check(shape, &queries);
+            }
+        }
     }
 
     #[test]
