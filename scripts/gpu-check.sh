@@ -27,7 +27,8 @@
 #   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
 #      GPU), with burn's kernels, the defaults, the defaults with the fused K/V write, and those
-#      with `gemm = "cublas-ordered"` (prompts above `gemv_max_rows` tokens go through it) (step 1
+#      with `gemm = "cublas-ordered"` (prompts above `gemv_max_rows` tokens go through it), and with
+#      `device_sampling` (whose temperature draws at T=1e-4 must follow the greedy tokens) (step 1
 #      fails on the tiny fixtures on CUDA whatever the kernels, see docs/Performance.md).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
@@ -150,13 +151,19 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     : >"$work/defaults.env"
     echo "INFERFLUX__CUDA__FUSED_KV_WRITE=true" >"$work/kv-write.env"
     printf 'INFERFLUX__CUDA__FUSED_KV_WRITE=true\nINFERFLUX__CUDA__GEMM=cublas-ordered\n' >"$work/ordered.env"
+    printf 'INFERFLUX__CUDA__FUSED_KV_WRITE=true\nINFERFLUX__CUDA__DEVICE_SAMPLING=true\n' >"$work/sampling.env"
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"
-        for kernels in burn defaults kv-write ordered; do
+        for kernels in burn defaults kv-write ordered sampling; do
             start_server "$out/check-$kernels" "$work/$kernels.env" >/dev/null
             python3 "$repo/scripts/gpu_bench.py" compare "$url" "$out/reference.json" "$kernels" ||
                 echo "| $kernels | FAILED: a first token differs or a request failed | | |"
+            if [ "$kernels" = sampling ]; then
+                python3 "$repo/scripts/gpu_bench.py" draws "$url" "$out/reference.json" "$kernels" ||
+                    echo "| $kernels | FAILED: device draws | | |"
+                grep -c "device draw failed" "$out/check-$kernels/inferfluxd.log" | sed 's/^/device draw failures logged: /'
+            fi
             stop_server
         done
     } | tee "$out/check.md"

@@ -16,8 +16,12 @@ are installed there; nothing is downloaded).
                                          the GPU) for a few prompts: what `compare` checks
   gpu_bench.py compare URL JSON LABEL    a server's greedy tokens and logprobs on those prompts
                                          against the reference
+  gpu_bench.py draws URL JSON LABEL      a server's temperature draws (sampled on the device with
+                                         `[cuda] device_sampling`): at temperature 1e-4 they must
+                                         be the reference's greedy tokens; a seed repeats its text
 """
 import argparse
+import re
 import json
 import os
 import sys
@@ -260,6 +264,39 @@ def compare(url, reference_path, label):
     return ok
 
 
+def draws(url, reference_path, label):
+    """Temperature requests, which `[cuda] device_sampling` draws on the GPU: at temperature 1e-4
+    (above the greedy cut) a draw is the argmax unless two logits are within ~1e-3, so the tokens
+    must follow transformers' greedy ones; at temperature 1 the same seed must give the same text
+    twice and another seed another text. Prints one row; returns False on a failure."""
+    import urllib.request
+
+    def ask(prompt, n, temperature, seed):
+        body = json.dumps({
+            "prompt": prompt, "max_tokens": n, "temperature": temperature, "seed": seed, "ignore_eos": True,
+        }).encode()
+        req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        return json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["text"]
+
+    refs = json.load(open(reference_path))
+    try:
+        same = []
+        for ref in refs:
+            # The checkpoint's tokenizer has one word per id, spelt `w<id>`.
+            text = ask(ref["prompt"], len(ref["tokens"]), 1e-4, 1)
+            got = [int(i) for i in re.findall(r"w(\d+)", text)]
+            same.append(next((j for j, (a, b) in enumerate(zip(got, ref["tokens"])) if a != b), min(len(got), len(ref["tokens"]))))
+        prompt = refs[0]["prompt"]
+        a, b, c = ask(prompt, 16, 1.0, 7), ask(prompt, 16, 1.0, 7), ask(prompt, 16, 1.0, 8)
+    except Exception as e:  # a refused or failed request is a failed check, not a crash
+        print(f"| {label} | draws | request failed: {e} | |")
+        return False
+    ok = all(n > 0 for n in same) and a == b and a != c
+    print(f"| {label} | draws at T=1e-4 = greedy | {'/'.join(map(str, same))} of {'/'.join(str(len(r['tokens'])) for r in refs)} "
+          f"| seed 7 twice {'same' if a == b else 'DIFFERENT'}, seed 8 {'other' if a != c else 'SAME'} |")
+    return ok
+
+
 def parse_duration_us(text):
     """A Rust `Duration` as `{:?}` prints it (`850ns`, `12.5µs`, `1.2ms`, `3s`), in µs."""
     for unit, scale in (("ns", 1e-3), ("µs", 1.0), ("us", 1.0), ("ms", 1e3), ("s", 1e6)):
@@ -343,6 +380,10 @@ def main():
     c.add_argument("url")
     c.add_argument("reference")
     c.add_argument("label")
+    d = sub.add_parser("draws")
+    d.add_argument("url")
+    d.add_argument("reference")
+    d.add_argument("label")
     k = sub.add_parser("kernel-summary")
     k.add_argument("log")
     k.add_argument("--steps", type=int, default=1)
@@ -357,6 +398,8 @@ def main():
         reference(a.dir, a.out)
     elif a.cmd == "compare":
         return 0 if compare(a.url, a.reference, a.label) else 1
+    elif a.cmd == "draws":
+        return 0 if draws(a.url, a.reference, a.label) else 1
     elif a.cmd == "kernel-summary":
         kernel_summary(a.log, a.steps)
     else:
