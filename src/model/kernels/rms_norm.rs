@@ -151,6 +151,24 @@ mod tests {
     use super::*;
     use crate::model::kernels::gl;
 
+    /// `got` is transformers' RMSNorm of the rows of `x` (f64 statistics) within float error.
+    fn assert_normed(x: &[f32], w: &[f32], eps: f32, width: usize, got: &[f32]) {
+        let rows = x.len() / width;
+        for r in 0..rows {
+            let row = &x[r * width..(r + 1) * width];
+            let mean = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / width as f64;
+            let inv = 1.0 / (mean + eps as f64).sqrt();
+            for i in 0..width {
+                let want = (row[i] as f64 * inv) as f32 * w[i];
+                let g = got[r * width + i];
+                assert!(
+                    (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{rows}x{width} [{r}, {i}]: {g} vs {want}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn kernels_rms_norm_matches_transformers_formula() {
         let client = gl::client();
@@ -166,19 +184,7 @@ mod tests {
             let handles = [gl::upload(&client, &x), gl::upload(&client, &w), out.clone()];
             launch(&client, handles, (rows, width), eps, f32_type).unwrap();
             let got = gl::download(&client, out);
-            for r in 0..rows {
-                let row = &x[r * width..(r + 1) * width];
-                let mean = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / width as f64;
-                let inv = 1.0 / (mean + eps as f64).sqrt();
-                for i in 0..width {
-                    let want = (row[i] as f64 * inv) as f32 * w[i];
-                    let g = got[r * width + i];
-                    assert!(
-                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{rows}x{width} [{r}, {i}]: {g} vs {want}"
-                    );
-                }
-            }
+            assert_normed(&x, &w, eps, width, &got);
         }
     }
 
@@ -203,19 +209,7 @@ mod tests {
             let (sum_got, got) = (gl::download(&client, sum), gl::download(&client, out));
             let sum_want: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
             assert_eq!(sum_got, sum_want, "{rows}x{width}: x + delta");
-            for r in 0..rows {
-                let row = &sum_want[r * width..(r + 1) * width];
-                let mean = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / width as f64;
-                let inv = 1.0 / (mean + eps as f64).sqrt();
-                for i in 0..width {
-                    let want = (row[i] as f64 * inv) as f32 * w[i];
-                    let g = got[r * width + i];
-                    assert!(
-                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{rows}x{width} [{r}, {i}]: {g} vs {want}"
-                    );
-                }
-            }
+            assert_normed(&sum_want, &w, eps, width, &got);
         }
     }
 }
