@@ -2,8 +2,9 @@
 //!
 //! Runs on a `SyncArbiter` because burn calls block; the async arbiters never wait on a kernel.
 //! Plain-greedy rows take the device's argmax, plain temperature rows the device's draw when one
-//! is set (CUDA); the others are sampled on the host from their logits rows (see `step_output`). With tensor parallel the actor is rank 0 and drives the
-//! other ranks' threads with the same plan (see `tp_ranks`).
+//! is set (CUDA); the others are sampled on the host from their logits rows (see `step_output`).
+//! With tensor parallel the actor is rank 0 and drives the other ranks' threads with the same
+//! plan (see `tp_ranks`).
 
 use std::sync::Arc;
 
