@@ -28,8 +28,11 @@
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
 #      GPU), with burn's kernels, the defaults, the defaults with the fused K/V write, and those
 #      with `gemm = "cublas-ordered"` (prompts above `gemv_max_rows` tokens go through it), and with
-#      `device_sampling` (whose temperature draws at T=1e-4 must follow the greedy tokens) (step 1
-#      fails on the tiny fixtures on CUDA whatever the kernels, see docs/Performance.md).
+#      `device_sampling` (whose temperature draws at T=1e-4 must follow the greedy tokens); each
+#      also teacher-forced, one token at every position of transformers' continuation, where a
+#      flipped argmax must be a near-tie (step 1 fails on the tiny fixtures on CUDA whatever the
+#      kernels, see docs/Performance.md). CHECK_KERNELS picks the configurations, also from
+#      no-paged, no-fused and no-gemv (the defaults without one of our kernels each).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
@@ -115,26 +118,36 @@ stop_server() {
 serve_bench() {
     local dir=$1
     start_server "$dir" "${2:-}"
-    # `bench N CONCURRENCY OUTPUT_LEN SECONDS`: prompts of 128 random words (tokens), new ones for
-    # every run so that none hits the prefix cache.
+    # `bench N CONCURRENCY OUTPUT_LEN SECONDS [WARMUP]`: prompts of 128 random words (tokens), new
+    # ones for every run so that none hits the prefix cache.
     bench() {
         local prompts=$work/prompts-$2-$3.jsonl
         python3 "$repo/scripts/gpu_bench.py" prompts "$prompts" $(($1 + 1)) "$2$3"
         timeout "$4" "$bin/inferctl" --url "$url" bench --dataset "$prompts" --num-prompts "$1" \
-            --concurrency "$2" --output-len "$3" --warmup 1 --json
+            --concurrency "$2" --output-len "$3" --warmup "${5:-1}" --json
     }
     # Compiles and autotunes the kernels of the batch sizes the runs below will see.
     bench 128 128 8 60 >/dev/null || echo "warm-up: FAILED or timed out"
     # The executor's own step time (sum and count of inferflux_step_duration_seconds) around
-    # each run: against the TPOT, what the serving loop adds outside the model's step.
+    # each run, and its two parts on rank 0 (issuing the forward pass, then waiting for the
+    # device and reading the ids back): against the TPOT, what the serving loop adds outside the
+    # model's step, and against `device_check profile`, what the executor adds around it.
     step_metric() {
-        curl -s "$url/metrics" | awk '/^inferflux_step_duration_seconds_sum/ {s=$2} /^inferflux_step_duration_seconds_count/ {c=$2} END {print s+0, c+0}'
+        curl -s "$url/metrics" | awk '
+            /^inferflux_step_duration_seconds_sum/ {s=$2} /^inferflux_step_duration_seconds_count/ {c=$2}
+            /^inferflux_step_issue_seconds_sum/ {i=$2} /^inferflux_step_read_seconds_sum/ {r=$2}
+            /^inferflux_step_read_seconds_count/ {n=$2}
+            END {print s+0, c+0, i+0, r+0, n+0}'
     }
     for c in 1 32 128; do
-        read -r s0 n0 <<<"$(step_metric)"
-        if bench $(( c == 1 ? 2 : c )) "$c" 128 $(( c == 1 ? 45 : 70 )) >"$dir/bench-c$c.json"; then
-            read -r s1 n1 <<<"$(step_metric)"
-            echo "concurrency $c: executor steps $((n1 - n0)), mean $(python3 -c "print(f'{($s1 - $s0) * 1e3 / max($n1 - $n0, 1):.2f}')") ms; $(head -c 400 "$dir/bench-c$c.json")"
+        read -r s0 n0 i0 r0 m0 <<<"$(step_metric)"
+        # The first run compiled the kernels; a warm-up request of its own (at batch 1) would
+        # only skew the executor's means at 32 and 128.
+        if bench $(( c == 1 ? 2 : c )) "$c" 128 $(( c == 1 ? 45 : 70 )) $(( c == 1 ? 1 : 0 )) >"$dir/bench-c$c.json"; then
+            read -r s1 n1 i1 r1 m1 <<<"$(step_metric)"
+            echo "concurrency $c: executor steps $((n1 - n0)), mean $(python3 -c "
+m = max($m1 - $m0, 1)
+print(f'{($s1 - $s0) * 1e3 / max($n1 - $n0, 1):.2f} ms (issue {($i1 - $i0) * 1e3 / m:.2f}, wait and read {($r1 - $r0) * 1e3 / m:.2f})')"); $(head -c 400 "$dir/bench-c$c.json")"
         else
             echo "concurrency $c: FAILED or timed out"
         fi
@@ -152,13 +165,19 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     echo "INFERFLUX__CUDA__FUSED_KV_WRITE=true" >"$work/kv-write.env"
     printf 'INFERFLUX__CUDA__FUSED_KV_WRITE=true\nINFERFLUX__CUDA__GEMM=cublas-ordered\n' >"$work/ordered.env"
     printf 'INFERFLUX__CUDA__FUSED_KV_WRITE=true\nINFERFLUX__CUDA__DEVICE_SAMPLING=true\n' >"$work/sampling.env"
+    # Bisection: the defaults without one of our kernels each.
+    echo "INFERFLUX__CUDA__ATTENTION=burn" >"$work/no-paged.env"
+    echo "INFERFLUX__CUDA__FUSED_OPS=false" >"$work/no-fused.env"
+    printf 'INFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\n' >"$work/no-gemv.env"
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"
-        for kernels in burn defaults kv-write ordered sampling; do
+        for kernels in ${CHECK_KERNELS:-burn defaults kv-write ordered sampling}; do
             start_server "$out/check-$kernels" "$work/$kernels.env" >/dev/null
             python3 "$repo/scripts/gpu_bench.py" compare "$url" "$out/reference.json" "$kernels" ||
                 echo "| $kernels | FAILED: a first token differs or a request failed | | |"
+            python3 "$repo/scripts/gpu_bench.py" teacher-forced "$url" "$out/reference.json" "$kernels" ||
+                echo "| $kernels | FAILED: teacher-forced | | |"
             if [ "$kernels" = sampling ]; then
                 python3 "$repo/scripts/gpu_bench.py" draws "$url" "$out/reference.json" "$kernels" ||
                     echo "| $kernels | FAILED: device draws | | |"

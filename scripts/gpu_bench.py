@@ -209,6 +209,11 @@ CHECK_PROMPTS = (
     " ".join(f"w{(i * 104729) % 128000 + 3}" for i in range(300)),
 )
 CHECK_TOKENS = 16
+# A flipped argmax is rounding when transformers' top two logprobs are closer than this: bf16
+# moves a logprob by up to about 0.06 here (the max differences the check prints).
+TIE_MARGIN = 0.125
+# Alternatives per position, in the reference and in the teacher-forced check (OpenAI's limit).
+TOP_LOGPROBS = 5
 
 
 def reference(path, out):
@@ -223,14 +228,16 @@ def reference(path, out):
         for prompt in CHECK_PROMPTS:
             ids = [int(w[1:]) for w in prompt.split()]
             x = torch.tensor([ids], device="cuda")
-            tokens, logprobs = [], []
+            tokens, logprobs, top = [], [], []
             for _ in range(CHECK_TOKENS):
-                logits = model(x).logits[0, -1].float()
-                token = int(torch.argmax(logits))
+                lps = torch.log_softmax(model(x).logits[0, -1].float(), -1)
+                token = int(torch.argmax(lps))
                 tokens.append(token)
-                logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+                logprobs.append(float(lps[token]))
+                values, ids = torch.topk(lps, TOP_LOGPROBS)
+                top.append([[int(i), float(v)] for i, v in zip(ids, values)])
                 x = torch.cat([x, torch.tensor([[token]], device="cuda")], dim=1)
-            results.append({"prompt": prompt, "tokens": tokens, "logprobs": logprobs})
+            results.append({"prompt": prompt, "tokens": tokens, "logprobs": logprobs, "top": top})
     with open(out, "w") as f:
         json.dump(results, f)
     print(f"reference: {len(results)} prompts, {CHECK_TOKENS} greedy tokens each")
@@ -262,6 +269,48 @@ def compare(url, reference_path, label):
         ok &= same > 0
         print(f"| {label} | {i} ({len(ref['prompt'].split())} tokens) | {same}/{len(ref['tokens'])} | {diff:.3f} |")
     return ok
+
+
+def teacher_forced(url, reference_path, label):
+    """Greedy continuations diverge for good at the first near-tie that bf16 rounding flips, so
+    this asks for one token at every position of transformers' own continuation (prompt plus its
+    first j tokens), with the top 5 logprobs: the logprob the server gives transformers' token
+    (its difference from transformers'), and whether the server's argmax is transformers'. Prints
+    one row; returns False if an argmax differs where transformers' top two are further apart
+    than bf16 rounding explains, or if transformers' token is missing from the server's top 5."""
+    import urllib.request
+
+    positions, agree, worst_diff, worst_tie, bad = 0, 0, 0.0, 0.0, []
+    for i, ref in enumerate(json.load(open(reference_path))):
+        for j, token in enumerate(ref["tokens"]):
+            prompt = " ".join([ref["prompt"], *(f"w{t}" for t in ref["tokens"][:j])])
+            body = json.dumps({
+                "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": TOP_LOGPROBS,
+                "ignore_eos": True,
+            }).encode()
+            req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+            try:
+                top = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["logprobs"]["top_logprobs"][0]
+            except Exception as e:  # a refused or failed request is a failed check, not a crash
+                print(f"| {label} | teacher-forced | request failed: {e} | |")
+                return False
+            ours = {int(t.strip()[1:]): lp for t, lp in top.items()}
+            positions += 1
+            if token not in ours:
+                bad.append(f"{i}:{j} transformers' token not in our top {TOP_LOGPROBS}")
+                continue
+            worst_diff = max(worst_diff, abs(ours[token] - ref["logprobs"][j]))
+            if max(ours, key=ours.get) == token:
+                agree += 1
+                continue
+            # Transformers' margin between its top two: a flip within it is rounding.
+            margin = ref["top"][j][0][1] - ref["top"][j][1][1]
+            worst_tie = max(worst_tie, margin)
+            if margin > TIE_MARGIN:
+                bad.append(f"{i}:{j} argmax differs where transformers' top two are {margin:.3f} apart")
+    print(f"| {label} | teacher-forced, {positions} positions | argmax same at {agree}; the others are near-ties "
+          f"(transformers' top two within {worst_tie:.3f}){'; ' + '; '.join(bad) if bad else ''} | {worst_diff:.3f} |")
+    return not bad
 
 
 def draws(url, reference_path, label):
@@ -380,6 +429,10 @@ def main():
     c.add_argument("url")
     c.add_argument("reference")
     c.add_argument("label")
+    f = sub.add_parser("teacher-forced")
+    f.add_argument("url")
+    f.add_argument("reference")
+    f.add_argument("label")
     d = sub.add_parser("draws")
     d.add_argument("url")
     d.add_argument("reference")
@@ -398,6 +451,8 @@ def main():
         reference(a.dir, a.out)
     elif a.cmd == "compare":
         return 0 if compare(a.url, a.reference, a.label) else 1
+    elif a.cmd == "teacher-forced":
+        return 0 if teacher_forced(a.url, a.reference, a.label) else 1
     elif a.cmd == "draws":
         return 0 if draws(a.url, a.reference, a.label) else 1
     elif a.cmd == "kernel-summary":

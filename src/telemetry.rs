@@ -175,6 +175,16 @@ fn describe_all() {
         "Executor time per batch step."
     );
     describe_histogram!(
+        "inferflux_step_issue_seconds",
+        Unit::Seconds,
+        "Host time to issue a step's forward pass (on a GPU: to queue its kernels)."
+    );
+    describe_histogram!(
+        "inferflux_step_read_seconds",
+        Unit::Seconds,
+        "Waiting for the device to finish a step and reading the sampled ids (and host rows) back."
+    );
+    describe_histogram!(
         "inferflux_batched_tokens_per_step",
         Unit::Count,
         "Tokens computed per batch step."

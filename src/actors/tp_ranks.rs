@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc};
+use std::time::Instant;
 
 use burn::prelude::Backend;
 
@@ -94,11 +95,17 @@ impl<B: Backend> Rank<B> {
             if work.chunks.is_empty() {
                 return Ok(None);
             }
+            let issue = Instant::now();
             let logits = model.forward(cache, &work.chunks);
-            match read_back {
-                true => StepOutput::read(logits, &work.rows, draw).map(Some),
-                false => Ok(None),
+            if !read_back {
+                return Ok(None);
             }
+            // On a GPU `forward` returns once its kernels are queued; the read waits for them.
+            let read = Instant::now();
+            metrics::histogram!("inferflux_step_issue_seconds").record((read - issue).as_secs_f64());
+            let out = StepOutput::read(logits, &work.rows, draw);
+            metrics::histogram!("inferflux_step_read_seconds").record(read.elapsed().as_secs_f64());
+            out.map(Some)
         }))
         .map_err(panic_message)?
     }

@@ -369,6 +369,157 @@ struct OrderedStream {
     flags_ptr: u64,
     /// The last value signalled; each GEMM uses the next (never 0, the flags' initial value).
     seq: u32,
+    side: FlagOps,
+}
+
+/// How the ordered stream waits for cubecl's flag and sets its own.
+enum FlagOps {
+    /// The driver's stream memory operations (`cuStreamWaitValue32`, `cuStreamWriteValue32`):
+    /// no kernel and no SM held while waiting.
+    MemOps,
+    /// One-thread kernels of our own on the ordered stream, compiled by NVRTC, where the driver
+    /// refuses memory operations on cubecl's buffer (cubecl allocates from a stream-ordered
+    /// pool): the first H100 run of `cublas-ordered` got `CUDA_ERROR_INVALID_VALUE`.
+    Kernels {
+        wait: cudarc::driver::sys::CUfunction,
+        set: cudarc::driver::sys::CUfunction,
+    },
+}
+
+/// The ordered stream's side of [`FlagOps::Kernels`]: `wait_flag` polls as cubecl's
+/// `stream_order` wait kernel does (volatile loads go through the L2), `set_flag` stores after
+/// the GEMM before it on the stream has finished.
+const FLAG_KERNELS: &str = r#"
+extern "C" __global__ void wait_flag(volatile unsigned int *flag, unsigned int value, unsigned int max_polls) {
+    for (unsigned int left = max_polls; left > 0 && *flag != value; left--) {
+    }
+}
+extern "C" __global__ void set_flag(volatile unsigned int *flag, unsigned int value) {
+    __threadfence_system();
+    *flag = value;
+    __threadfence_system();
+}
+"#;
+
+impl FlagOps {
+    /// Memory operations if the driver takes them on `flags_ptr` (probed with a wait that holds
+    /// at once, then a write of the same value), else the kernels.
+    fn choose(stream: cudarc::driver::sys::CUstream, flags_ptr: u64) -> Result<Self, GemmError> {
+        use cudarc::driver::sys::{CUstreamWaitValue_flags, CUstreamWriteValue_flags};
+        let report = flags_ptr + 8;
+        // SAFETY: `report` is the third flag, zero since cubecl's queue (which wrote it) was
+        // synchronised; the wait holds at once and the write stores what is there.
+        let probe = unsafe {
+            cudarc::driver::sys::cuStreamWaitValue32_v2(
+                stream,
+                report,
+                0,
+                CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
+            )
+            .result()
+            .and_then(|()| {
+                cudarc::driver::sys::cuStreamWriteValue32_v2(
+                    stream,
+                    report,
+                    0,
+                    CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+                )
+                .result()
+            })
+            .and_then(|()| cudarc::driver::result::stream::synchronize(stream))
+        };
+        let Err(refused) = probe else {
+            return Ok(Self::MemOps);
+        };
+        tracing::info!(error = ?refused, "cublas-ordered: the driver refuses stream memory operations on cubecl's buffers; ordering by kernels");
+        let ptx = cudarc::nvrtc::compile_ptx(FLAG_KERNELS)
+            .map_err(|e| GemmError::Cublas(format!("compiling the flag kernels: {e:?}")))?;
+        let image = std::ffi::CString::new(ptx.to_src())
+            .map_err(|e| GemmError::Cublas(format!("flag kernels' PTX: {e}")))?;
+        let function = |module, name: &str| {
+            let name = std::ffi::CString::new(name).expect("no NUL in a kernel name");
+            // SAFETY: `module` was just loaded and is never unloaded.
+            unsafe { cudarc::driver::result::module::get_function(module, name) }
+                .map_err(|e| GemmError::Cublas(format!("flag kernel: {e:?}")))
+        };
+        // SAFETY: a NUL-terminated PTX image; the module lives for the process.
+        let module = unsafe { cudarc::driver::result::module::load_data(image.as_ptr().cast()) }
+            .map_err(|e| GemmError::Cublas(format!("loading the flag kernels: {e:?}")))?;
+        Ok(Self::Kernels {
+            wait: function(module, "wait_flag")?,
+            set: function(module, "set_flag")?,
+        })
+    }
+
+    /// Queues on `stream`: wait until `*wait_on == seq`, then `gemm`, then `*set == seq`.
+    ///
+    /// # Safety
+    /// Both pointers are live device flags; `gemm` queues on `stream`.
+    unsafe fn around(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        (wait_on, set): (u64, u64),
+        seq: u32,
+        gemm: impl FnOnce() -> Result<(), GemmError>,
+    ) -> Result<(), GemmError> {
+        use cudarc::driver::sys::{CUstreamWaitValue_flags, CUstreamWriteValue_flags};
+        let named = |call: &'static str| move |e| GemmError::Cublas(format!("{call}: {e:?}"));
+        match self {
+            FlagOps::MemOps => {
+                // SAFETY: the caller's contract.
+                unsafe {
+                    cudarc::driver::sys::cuStreamWaitValue32_v2(
+                        stream,
+                        wait_on,
+                        seq,
+                        CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
+                    )
+                }
+                .result()
+                .map_err(named("cuStreamWaitValue32"))?;
+                gemm()?;
+                // SAFETY: the caller's contract.
+                unsafe {
+                    cudarc::driver::sys::cuStreamWriteValue32_v2(
+                        stream,
+                        set,
+                        seq,
+                        CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+                    )
+                }
+                .result()
+                .map_err(named("cuStreamWriteValue32"))
+            }
+            FlagOps::Kernels { wait, set: store } => {
+                let (mut flag, mut value, mut polls) = (wait_on, seq, ORDER_MAX_POLLS);
+                let mut params = [
+                    (&mut flag as *mut u64).cast(),
+                    (&mut value as *mut u32).cast(),
+                    (&mut polls as *mut u32).cast(),
+                ];
+                // SAFETY: `wait_flag(unsigned *, unsigned, unsigned)` with its three arguments.
+                unsafe {
+                    cudarc::driver::result::launch_kernel(*wait, (1, 1, 1), (1, 1, 1), 0, stream, &mut params)
+                }
+                .map_err(named("wait_flag"))?;
+                gemm()?;
+                let mut flag = set;
+                let mut params = [(&mut flag as *mut u64).cast(), (&mut value as *mut u32).cast()];
+                // SAFETY: `set_flag(unsigned *, unsigned)` with its two arguments.
+                unsafe {
+                    cudarc::driver::result::launch_kernel(
+                        *store,
+                        (1, 1, 1),
+                        (1, 1, 1),
+                        0,
+                        stream,
+                        &mut params,
+                    )
+                }
+                .map_err(named("set_flag"))
+            }
+        }
+    }
 }
 
 /// Flags of [`OrderedStream`]: cubecl → cuBLAS, cuBLAS → cubecl, and the wait's polls left.
@@ -437,11 +588,13 @@ impl Cublas {
             let stream = cudarc::driver::result::stream::create(
                 cudarc::driver::result::stream::StreamKind::NonBlocking,
             )
-            .map_err(cublas_error)?;
+            .map_err(|e| GemmError::Cublas(format!("creating the ordered stream: {e:?}")))?;
             let handle = cudarc::cublas::result::create_handle().map_err(cublas_error)?;
             // SAFETY: the handle was just created; the stream is never destroyed (one per thread).
             unsafe { cudarc::cublas::result::set_stream(handle, stream as _) }.map_err(cublas_error)?;
             let flags = client.create_from_slice(u32::as_bytes(&[0; ORDER_FLAGS]));
+            // The flags are zero before the other stream first reads them.
+            cubecl::future::block_on(client.sync()).map_err(|e| GemmError::Cublas(format!("sync: {e:?}")))?;
             // cubecl keeps a buffer where it was allocated while its handle lives (it is kept
             // here for the thread's life).
             let flags_ptr = client
@@ -455,6 +608,7 @@ impl Cublas {
                 flags,
                 flags_ptr,
                 seq: 0,
+                side: FlagOps::choose(stream, flags_ptr)?,
             });
         }
         Ok(self.ordered.as_mut().expect("set above"))
@@ -590,7 +744,6 @@ fn ordered_gemm(
     problem: &CublasProblem,
     ptrs: (u64, u64, u64),
 ) -> Result<(), GemmError> {
-    use cudarc::driver::sys::{CUstreamWaitValue_flags, CUstreamWriteValue_flags};
     order.seq = order.seq.wrapping_add(1).max(1);
     let seq = order.seq;
     let refused = |e: super::kernels::Refused| GemmError::Cublas(e.0);
@@ -600,29 +753,13 @@ fn ordered_gemm(
     client
         .flush()
         .map_err(|e| GemmError::Cublas(format!("flush: {e:?}")))?;
-    let (to_blas, from_blas) = (order.flags_ptr, order.flags_ptr + 4);
+    let flags = (order.flags_ptr, order.flags_ptr + 4);
     // SAFETY: the flags are live for the thread's life; the buffers' contract is the caller's,
     // and cubecl's stream waits below for the GEMM before anything may reuse them.
     let queued = unsafe {
-        cudarc::driver::sys::cuStreamWaitValue32_v2(
-            order.stream,
-            to_blas,
-            seq,
-            CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
-        )
-        .result()
-        .map_err(cublas_error)
-        .and_then(|()| problem.gemm(order.handle, ptrs))
-        .and_then(|()| {
-            cudarc::driver::sys::cuStreamWriteValue32_v2(
-                order.stream,
-                from_blas,
-                seq,
-                CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
-            )
-            .result()
-            .map_err(cublas_error)
-        })
+        order
+            .side
+            .around(order.stream, flags, seq, || problem.gemm(order.handle, ptrs))
     };
     if let Err(e) = queued {
         // Whatever was queued must finish before `out` goes back to cubecl's pool: nothing on
