@@ -8,6 +8,7 @@ use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use inferflux::actors::step_output::StepOutput;
+use inferflux::model::draw::DeviceSampling;
 use inferflux::sampling::{self, SamplingParams};
 
 const ROWS: usize = 128;
@@ -39,7 +40,7 @@ fn all_host(t: Tensor<Flex, 2>, params: &[SamplingParams]) -> Vec<u32> {
 /// The device path as `run_step` drives it: plain-greedy ids from the device, the rest sampled.
 fn split(t: Tensor<Flex, 2>, params: &[SamplingParams]) -> Vec<u32> {
     let plan: Vec<_> = params.iter().map(|p| sampling::row_sampling(p, 0)).collect();
-    let out = StepOutput::read(t, &plan, None).unwrap();
+    let out = StepOutput::read(t, &plan, &DeviceSampling::default()).unwrap();
     let mut rows = out.host_rows.chunks_exact(VOCAB);
     out.device
         .iter()

@@ -18,21 +18,22 @@
 #   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's
 #      shapes, both weight layouts, at 1, 8, 32 and 128 rows; writes the fastest `[cuda]` settings;
 #   8. step 5 again with step 7's settings (INFERFLUX__CUDA__*), the paged attention kernel, the
-#      fused operations and the fused K/V write (ATTENTION=burn, FUSED_OPS=false,
-#      FUSED_KV_WRITE=false leave them out), then step 4's profile with them; results under
-#      $OUT/tuned;
+#      fused operations, the fused K/V write and the argmax kernel (ATTENTION=burn, FUSED_OPS=false,
+#      FUSED_KV_WRITE=false, DEVICE_ARGMAX=false leave them out), then step 4's profile with
+#      them; results under $OUT/tuned;
 #   9. device_check logits with InferFlux's own kernels (the `gemv` projections on `out_in`
 #      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens;
 #   0. step 8's profile alone (no server): the decode step with step 8's kernels;
 #   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
-#      GPU), with burn's kernels, the defaults, the defaults with the fused K/V write, and those
-#      with `gemm = "cublas-ordered"` (prompts above `gemv_max_rows` tokens go through it), and with
+#      GPU), with burn's kernels, the defaults, the defaults with burn's argmax (no-argmax), with
+#      `gemm = "cublas-ordered"` (prompts above `gemv_max_rows` tokens go through it), and with
 #      `device_sampling` (whose temperature draws at T=1e-4 must follow the greedy tokens); each
 #      also teacher-forced, one token at every position of transformers' continuation, where a
 #      flipped argmax must be a near-tie (step 1 fails on the tiny fixtures on CUDA whatever the
 #      kernels, see docs/Performance.md). CHECK_KERNELS picks the configurations, also from
-#      no-paged, no-fused and no-gemv (the defaults without one of our kernels each).
+#      no-paged, no-kv-write, no-fused, no-gemv and no-argmax (the defaults without one of our
+#      kernels each).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
@@ -162,17 +163,18 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     printf 'INFERFLUX__CUDA__GEMM=burn\nINFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\nINFERFLUX__CUDA__ATTENTION=burn\nINFERFLUX__CUDA__FUSED_OPS=false\n' \
         >"$work/burn.env"
     : >"$work/defaults.env"
-    echo "INFERFLUX__CUDA__FUSED_KV_WRITE=true" >"$work/kv-write.env"
-    printf 'INFERFLUX__CUDA__FUSED_KV_WRITE=true\nINFERFLUX__CUDA__GEMM=cublas-ordered\n' >"$work/ordered.env"
-    printf 'INFERFLUX__CUDA__FUSED_KV_WRITE=true\nINFERFLUX__CUDA__DEVICE_SAMPLING=true\n' >"$work/sampling.env"
+    echo "INFERFLUX__CUDA__GEMM=cublas-ordered" >"$work/ordered.env"
+    echo "INFERFLUX__CUDA__DEVICE_SAMPLING=true" >"$work/sampling.env"
     # Bisection: the defaults without one of our kernels each.
     echo "INFERFLUX__CUDA__ATTENTION=burn" >"$work/no-paged.env"
+    echo "INFERFLUX__CUDA__FUSED_KV_WRITE=false" >"$work/no-kv-write.env"
     echo "INFERFLUX__CUDA__FUSED_OPS=false" >"$work/no-fused.env"
     printf 'INFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\n' >"$work/no-gemv.env"
+    echo "INFERFLUX__CUDA__DEVICE_ARGMAX=false" >"$work/no-argmax.env"
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"
-        for kernels in ${CHECK_KERNELS:-burn defaults kv-write ordered sampling}; do
+        for kernels in ${CHECK_KERNELS:-burn defaults no-argmax ordered sampling}; do
             start_server "$out/check-$kernels" "$work/$kernels.env" >/dev/null
             python3 "$repo/scripts/gpu_bench.py" compare "$url" "$out/reference.json" "$kernels" ||
                 echo "| $kernels | FAILED: a first token differs or a request failed | | |"
@@ -218,6 +220,8 @@ tuned_kernels() {
         echo "INFERFLUX__CUDA__FUSED_OPS=${FUSED_OPS:-true}" >>"$out/tuned/kernels.env"
     grep -q '^INFERFLUX__CUDA__FUSED_KV_WRITE=' "$out/tuned/kernels.env" ||
         echo "INFERFLUX__CUDA__FUSED_KV_WRITE=${FUSED_KV_WRITE:-true}" >>"$out/tuned/kernels.env"
+    grep -q '^INFERFLUX__CUDA__DEVICE_ARGMAX=' "$out/tuned/kernels.env" ||
+        echo "INFERFLUX__CUDA__DEVICE_ARGMAX=${DEVICE_ARGMAX:-true}" >>"$out/tuned/kernels.env"
     cat "$out/tuned/kernels.env"
 }
 

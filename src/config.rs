@@ -286,8 +286,11 @@ pub struct CudaConfig {
     /// RMSNorm and the MLP's `silu(gate) · up` by our one-launch kernels instead of burn's ops.
     pub fused_ops: bool,
     /// With `fused_ops`, q, k and v as one projection, then the RoPE of q and k and the K/V write
-    /// into the pages in one launch. Off until measured on a GPU.
+    /// into the pages in one launch (checked against transformers on the H100, 2026-11-27).
     pub fused_kv_write: bool,
+    /// Greedy rows' argmax by our one-cube-per-row kernel instead of burn's `argmax`, which
+    /// (without autotune) walks each 128k-logit row with one thread.
+    pub device_argmax: bool,
     /// Plain temperature rows (no top-k/top-p/min-p, bias, penalties nor logprobs) drawn on the
     /// device by the Gumbel-max trick, so that only their token ids come back. Off until measured
     /// on a GPU.
@@ -306,7 +309,8 @@ impl Default for CudaConfig {
             weight_layout: WeightLayout::OutIn,
             attention: AttentionKernel::Paged,
             fused_ops: true,
-            fused_kv_write: false,
+            fused_kv_write: true,
+            device_argmax: true,
             device_sampling: false,
         }
     }
@@ -692,18 +696,19 @@ mod tests {
         );
         assert_eq!(s.cuda.attention, AttentionKernel::Paged);
         assert!(s.cuda.fused_ops);
-        assert!(!s.cuda.fused_kv_write, "not yet measured on a GPU");
+        assert!(s.cuda.fused_kv_write && s.cuda.device_argmax);
         assert!(!s.cuda.device_sampling, "not yet measured on a GPU");
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "burn"),
             ("INFERFLUX__CUDA__GEMM", "burn"),
             ("INFERFLUX__CUDA__ATTENTION", "burn"),
             ("INFERFLUX__CUDA__FUSED_OPS", "false"),
+            ("INFERFLUX__CUDA__DEVICE_ARGMAX", "false"),
         ]);
         let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
         assert!(s.cuda.gemm_choice().is_burn_only(), "burn's matmul when asked");
         assert_eq!(s.cuda.attention, AttentionKernel::Burn);
-        assert!(!s.cuda.fused_ops);
+        assert!(!s.cuda.fused_ops && !s.cuda.device_argmax);
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "gemv-plane"),
             ("INFERFLUX__CUDA__GEMM", "cublas-ordered"),

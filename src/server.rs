@@ -26,7 +26,7 @@ use crate::model::cuda_attention::{self, AttentionKernel};
 use crate::model::cuda_fused;
 use crate::model::cuda_gemm::{self, CudaCube};
 use crate::model::cuda_sample;
-use crate::model::draw::DeviceDrawFn;
+use crate::model::draw::DeviceSampling;
 use crate::model::{
     FusedOps, KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedAttentionFn, PagedKvCache,
     ProjectFn, WeightIndex, WeightLayout,
@@ -204,8 +204,15 @@ pub fn start(
             };
             let kv_write = settings.cuda.fused_kv_write;
             let fused = settings.cuda.fused_ops.then(|| cuda_fused::fused_ops(kv_write));
-            let device_draw = settings.cuda.device_sampling.then(cuda_sample::device_draw);
-            if choice.is_burn_only() && paged_attention.is_none() && fused.is_none() && device_draw.is_none()
+            let device_sampling = DeviceSampling {
+                argmax: settings.cuda.device_argmax.then(cuda_sample::device_argmax),
+                draw: settings.cuda.device_sampling.then(cuda_sample::device_draw),
+            };
+            let none_of_ours = paged_attention.is_none() && fused.is_none();
+            if choice.is_burn_only()
+                && none_of_ours
+                && device_sampling.argmax.is_none()
+                && device_sampling.draw.is_none()
             {
                 let projections = Projections {
                     layout,
@@ -229,7 +236,8 @@ pub fn start(
                     paged_attention = paged_attention.is_some(),
                     fused_ops = fused.is_some(),
                     fused_kv_write = fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
-                    device_sampling = device_draw.is_some(),
+                    device_argmax = device_sampling.argmax.is_some(),
+                    device_sampling = device_sampling.draw.is_some(),
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"
                 );
                 let projections = Projections {
@@ -237,7 +245,7 @@ pub fn start(
                     project: (!choice.is_burn_only()).then(|| cuda_gemm::projector(choice)),
                     paged_attention,
                     fused,
-                    device_draw,
+                    device_sampling,
                 };
                 start_replicas::<CudaCube>(
                     &files,
@@ -448,8 +456,9 @@ struct Projections<B: Backend> {
     project: Option<ProjectFn<B>>,
     paged_attention: Option<PagedAttentionFn<B>>,
     fused: Option<FusedOps<B>>,
-    /// Draws plain temperature rows on the device (`[cuda] device_sampling`).
-    device_draw: Option<DeviceDrawFn<B>>,
+    /// Chooses greedy rows' tokens (`[cuda] device_argmax`) and draws plain temperature rows
+    /// (`[cuda] device_sampling`) on the device.
+    device_sampling: DeviceSampling<B>,
 }
 
 impl<B: Backend> Default for Projections<B> {
@@ -459,7 +468,7 @@ impl<B: Backend> Default for Projections<B> {
             project: None,
             paged_attention: None,
             fused: None,
-            device_draw: None,
+            device_sampling: DeviceSampling::default(),
         }
     }
 }
@@ -520,7 +529,7 @@ fn start_replicas<B: Backend>(
     fault: Option<std::sync::Arc<FaultInjector>>,
 ) -> Result<Vec<ExecutorHandle>, StartError> {
     let started = std::time::Instant::now();
-    let device_draw = projections.device_draw.clone();
+    let device_sampling = projections.device_sampling.clone();
     let (tp, dp) = (settings.parallel.tensor_parallel_size, devices.len());
     let index = files.checkpoint.index()?;
     let share_weights = backend == ChosenBackend::Cpu && tp == 1;
@@ -587,7 +596,7 @@ fn start_replicas<B: Backend>(
                 comms,
                 (device, dtype, storage),
                 (c.num_layers, num_pages, settings.kv.page_size, kv_dim),
-                (fault.clone(), device_draw.clone()),
+                (fault.clone(), device_sampling.clone()),
             )?;
             Ok(ExecutorHandle {
                 addrs: addrs_restart.0,
@@ -606,7 +615,7 @@ fn spawn_replica<B: Backend>(
     comms: Vec<Arc<dyn Communicator>>,
     (device, dtype, storage): (B::Device, DType, KvStorage),
     (num_layers, num_pages, page_size, kv_dim): (usize, usize, usize, usize),
-    (fault, device_draw): (Option<std::sync::Arc<FaultInjector>>, Option<DeviceDrawFn<B>>),
+    (fault, device_sampling): (Option<std::sync::Arc<FaultInjector>>, DeviceSampling<B>),
 ) -> std::io::Result<(ExecutorAddrs, RestartExecutor)> {
     let tp = models.len();
     // One executor thread owns the device. A restart (see `Scheduler::recover`) builds the
@@ -638,7 +647,7 @@ fn spawn_replica<B: Backend>(
         };
         Ok(executor
             .with_fault(fault.clone())
-            .with_device_draw(device_draw.clone()))
+            .with_device_sampling(device_sampling.clone()))
     };
     let first = build()?;
     let addrs = spawn_executor(move || first);

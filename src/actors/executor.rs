@@ -77,9 +77,10 @@ impl<B: Backend> ModelExecutor<B> {
         }
     }
 
-    /// Draws plain temperature rows on the device with `draw` (see `step_output`).
-    pub fn with_device_draw(mut self, draw: Option<crate::model::draw::DeviceDrawFn<B>>) -> Self {
-        self.rank0 = self.rank0.with_device_draw(draw);
+    /// Chooses greedy and plain temperature rows' tokens on the device with `sampling`'s hooks
+    /// (see `step_output`).
+    pub fn with_device_sampling(mut self, sampling: crate::model::draw::DeviceSampling<B>) -> Self {
+        self.rank0 = self.rank0.with_device_sampling(sampling);
         self
     }
 

@@ -1,6 +1,7 @@
 //! What a step brings back from the device: a token id for every row the device can choose
-//! (the argmax of a plain-greedy row; the temperature draw of a plain temperature row when a
-//! [`DeviceDrawFn`] is set, as on CUDA), the full f32 logits only of the rows the host must sample.
+//! (the argmax of a plain-greedy row, by the [`DeviceSampling`] argmax hook where one is set, as
+//! on CUDA, else burn's; the temperature draw of a plain temperature row when a draw hook is
+//! set), the full f32 logits only of the rows the host must sample.
 //!
 //! Why: at 128 sequences and a 128,256-token vocabulary the whole logits matrix is 65 MB per
 //! step, and a host walk over 16M floats; rows without top-k/top-p/min-p, bias, penalties, an
@@ -10,7 +11,7 @@
 use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::draw::{DeviceDraw, DeviceDrawFn};
+use crate::model::draw::{DeviceDraw, DeviceSampling};
 use crate::sampling::RowSampling;
 
 /// A step's logits as the host receives them.
@@ -26,8 +27,8 @@ pub struct StepOutput {
 }
 
 impl StepOutput {
-    /// Splits `logits` (`[rows, vocab]`, f32) by `plan` (one per row). Without `draw`, or when it
-    /// fails, `DeviceDraw` rows go to the host. Reads back only what is needed (one read of the
+    /// Splits `logits` (`[rows, vocab]`, f32) by `plan` (one per row). Without a draw hook, or when
+    /// it fails, `DeviceDraw` rows go to the host; a failed argmax hook leaves the argmax to burn. Reads back only what is needed (one read of the
     /// ids for both kinds of device rows): no device argmax when no row is greedy, no row copy
     /// when none is the host's. The device's argmax keeps the lowest index of equal maxima, as
     /// `sampling::argmax` does on Flex (tested) and as cubek-reduce's `ArgMax` documents on CUDA;
@@ -36,7 +37,7 @@ impl StepOutput {
     pub fn read<B: Backend>(
         logits: Tensor<B, 2>,
         plan: &[RowSampling],
-        draw: Option<&DeviceDrawFn<B>>,
+        hooks: &DeviceSampling<B>,
     ) -> Result<Self, String> {
         let [rows, vocab] = logits.dims();
         if plan.len() != rows {
@@ -58,7 +59,7 @@ impl StepOutput {
                 _ => None,
             })
             .collect();
-        let drawn = match (draw, draws.is_empty()) {
+        let drawn = match (&hooks.draw, draws.is_empty()) {
             (Some(f), false) => f(logits.clone(), &draws)
                 .inspect_err(
                     |e| tracing::warn!(error = %e, "device draw failed: the host samples those rows"),
@@ -76,9 +77,16 @@ impl StepOutput {
             .filter(|&r| !on_device(&plan[r as usize]))
             .collect();
         // Every read is issued before any is awaited, so a device can run them together.
-        let argmax = plan
-            .contains(&RowSampling::DeviceArgmax)
-            .then(|| logits.clone().argmax(1).reshape([rows]));
+        let argmax = plan.contains(&RowSampling::DeviceArgmax).then(|| {
+            let by_hook = hooks.argmax.as_ref().and_then(|f| {
+                f(logits.clone())
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, "device argmax failed: burn's argmax runs it"),
+                    )
+                    .ok()
+            });
+            by_hook.unwrap_or_else(|| logits.clone().argmax(1).reshape([rows]))
+        });
         let ids = match (argmax, drawn) {
             (Some(a), Some(d)) => Some(Tensor::cat(vec![a, d], 0)),
             (a, d) => a.or(d),
@@ -126,8 +134,13 @@ impl StepOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::draw::{DeviceArgmaxFn, DeviceDrawFn};
     use crate::sampling;
     use burn::backend::Flex;
+
+    fn no_hooks() -> DeviceSampling<Flex> {
+        DeviceSampling::default()
+    }
 
     fn tensor(rows: &[Vec<f32>]) -> Tensor<Flex, 2> {
         let vocab = rows[0].len();
@@ -166,8 +179,12 @@ mod tests {
     fn sampling_device_argmax_breaks_ties_as_the_host_argmax() {
         for vocab in [8, 300, 511, 512, 4096, 128_256] {
             let rows = tied_rows(vocab);
-            let out =
-                StepOutput::read(tensor(&rows), &vec![RowSampling::DeviceArgmax; rows.len()], None).unwrap();
+            let out = StepOutput::read(
+                tensor(&rows),
+                &vec![RowSampling::DeviceArgmax; rows.len()],
+                &no_hooks(),
+            )
+            .unwrap();
             for (i, (row, got)) in rows.iter().zip(&out.device).enumerate() {
                 assert_eq!(
                     *got,
@@ -196,7 +213,7 @@ mod tests {
                 })
                 .collect()
         };
-        let out = StepOutput::read(tensor(&rows), &plan(&flags), None).unwrap();
+        let out = StepOutput::read(tensor(&rows), &plan(&flags), &no_hooks()).unwrap();
         assert_eq!(out.vocab, 600);
         let want_ids: Vec<Option<u32>> = rows
             .iter()
@@ -206,15 +223,15 @@ mod tests {
         assert_eq!(out.device, want_ids);
         assert_eq!(out.host_rows, [&rows[1][..], &rows[3], &rows[4]].concat());
 
-        let all = StepOutput::read(tensor(&rows), &plan(&[true; 5]), None).unwrap();
+        let all = StepOutput::read(tensor(&rows), &plan(&[true; 5]), &no_hooks()).unwrap();
         assert_eq!(all.device, vec![None; 5]);
         assert_eq!(all.host_rows, rows.concat());
 
-        let none = StepOutput::read(tensor(&rows), &plan(&[false; 5]), None).unwrap();
+        let none = StepOutput::read(tensor(&rows), &plan(&[false; 5]), &no_hooks()).unwrap();
         assert!(none.host_rows.is_empty());
         assert!(none.device.iter().all(Option::is_some));
 
-        assert!(StepOutput::read(tensor(&rows), &plan(&[false; 4]), None).is_err());
+        assert!(StepOutput::read(tensor(&rows), &plan(&[false; 4]), &no_hooks()).is_err());
     }
 
     #[test]
@@ -246,7 +263,11 @@ mod tests {
             counted.fetch_add(draws.len(), Ordering::Relaxed);
             draw_on_host(logits, draws)
         });
-        let out = StepOutput::read(tensor(&rows), &plan, Some(&hook)).unwrap();
+        let with = |draw: Option<&DeviceDrawFn<Flex>>| DeviceSampling {
+            argmax: None,
+            draw: draw.cloned(),
+        };
+        let out = StepOutput::read(tensor(&rows), &plan, &with(Some(&hook))).unwrap();
         assert_eq!(calls.load(Ordering::Relaxed), 2, "one draw per temperature row");
         let want = vec![
             None,
@@ -260,7 +281,7 @@ mod tests {
         // Without the hook, or when it fails, the temperature rows go to the host.
         let failing: DeviceDrawFn<Flex> = Arc::new(|_, _| Err("no kernel".into()));
         for hook in [None, Some(&failing)] {
-            let out = StepOutput::read(tensor(&rows), &plan, hook).unwrap();
+            let out = StepOutput::read(tensor(&rows), &plan, &with(hook)).unwrap();
             assert_eq!(
                 out.device,
                 vec![None, None, Some(sampling::argmax(&rows[2])), None, None]
@@ -272,7 +293,7 @@ mod tests {
         }
         // Only draws: no argmax, the ids are the draws'.
         let only = [draw(1), draw(2)];
-        let out = StepOutput::read(tensor(&rows[..2]), &only, Some(&hook)).unwrap();
+        let out = StepOutput::read(tensor(&rows[..2]), &only, &with(Some(&hook))).unwrap();
         assert_eq!(
             out.device,
             vec![
@@ -280,5 +301,47 @@ mod tests {
                 Some(sampling::device_draw(&rows[1], 0.9, 2))
             ]
         );
+    }
+
+    #[test]
+    fn sampling_step_output_takes_greedy_ids_from_the_argmax_hook() {
+        use std::sync::Arc;
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|r| (0..200).map(|i| ((i * 7 + r * 31) % 97) as f32 * 0.1).collect())
+            .collect();
+        let plan = [
+            RowSampling::DeviceArgmax,
+            RowSampling::Host,
+            RowSampling::DeviceArgmax,
+            RowSampling::DeviceArgmax,
+        ];
+        // A hook whose ids differ from burn's shows that they are the ones used: the argmax of
+        // every row plus one.
+        let shifted: DeviceArgmaxFn<Flex> = Arc::new(|logits: Tensor<Flex, 2>| {
+            let [rows, vocab] = logits.dims();
+            let device = logits.device();
+            let values = logits.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+            let ids: Vec<i32> = values
+                .chunks(vocab)
+                .map(|row| (sampling::argmax(row) as i32 + 1) % vocab as i32)
+                .collect();
+            Ok(Tensor::from_data(TensorData::new(ids, [rows]), &device))
+        });
+        let hooks = DeviceSampling {
+            argmax: Some(shifted),
+            draw: None,
+        };
+        let out = StepOutput::read(tensor(&rows), &plan, &hooks).unwrap();
+        let plus_one = |r: usize| Some((sampling::argmax(&rows[r]) + 1) % 200);
+        assert_eq!(out.device, vec![plus_one(0), None, plus_one(2), plus_one(3)]);
+        assert_eq!(out.host_rows, rows[1]);
+        // A failing hook leaves the argmax to burn.
+        let failing = DeviceSampling {
+            argmax: Some(Arc::new(|_: Tensor<Flex, 2>| Err("no kernel".to_string())) as DeviceArgmaxFn<Flex>),
+            draw: None,
+        };
+        let out = StepOutput::read(tensor(&rows), &plan, &failing).unwrap();
+        let argmax = |r: usize| Some(sampling::argmax(&rows[r]));
+        assert_eq!(out.device, vec![argmax(0), None, argmax(2), argmax(3)]);
     }
 }

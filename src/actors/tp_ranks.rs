@@ -11,7 +11,7 @@ use burn::prelude::Backend;
 
 use super::step_output::StepOutput;
 use crate::kv::{PageCopy, SeqId};
-use crate::model::draw::DeviceDrawFn;
+use crate::model::draw::DeviceSampling;
 use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
 use crate::parallel::Communicator;
 use crate::sampling::RowSampling;
@@ -34,8 +34,9 @@ pub struct Rank<B: Backend> {
     cache: Box<PagedKvCache<B>>,
     /// K/V of preempted sequences swapped out to host memory (this rank's KV heads).
     swapped: HashMap<SeqId, HostPages>,
-    /// Draws temperature rows on the device; `None`: the host samples them.
-    draw: Option<DeviceDrawFn<B>>,
+    /// Chooses greedy and temperature rows' tokens on the device; none: burn's argmax and the
+    /// host.
+    sampling: DeviceSampling<B>,
 }
 
 impl<B: Backend> Rank<B> {
@@ -44,13 +45,13 @@ impl<B: Backend> Rank<B> {
             model: Box::new(model),
             cache: Box::new(cache),
             swapped: HashMap::new(),
-            draw: None,
+            sampling: DeviceSampling::default(),
         }
     }
 
-    /// Draws the plain temperature rows with `draw` (rank 0 only reads anything back).
-    pub fn with_device_draw(mut self, draw: Option<DeviceDrawFn<B>>) -> Self {
-        self.draw = draw;
+    /// Chooses tokens with `sampling`'s hooks (rank 0 only reads anything back).
+    pub fn with_device_sampling(mut self, sampling: DeviceSampling<B>) -> Self {
+        self.sampling = sampling;
         self
     }
 
@@ -76,7 +77,7 @@ impl<B: Backend> Rank<B> {
 
     fn step(&mut self, work: StepWork, read_back: bool) -> Result<Option<StepOutput>, String> {
         let (model, cache, swapped) = (&*self.model, &mut *self.cache, &mut self.swapped);
-        let draw = self.draw.as_ref();
+        let sampling = &self.sampling;
         std::panic::catch_unwind(AssertUnwindSafe(|| {
             if let Some((seq, pages)) = work.swap_out {
                 swapped.insert(seq, cache.read_pages(&pages));
@@ -103,7 +104,7 @@ impl<B: Backend> Rank<B> {
             // On a GPU `forward` returns once its kernels are queued; the read waits for them.
             let read = Instant::now();
             metrics::histogram!("inferflux_step_issue_seconds").record((read - issue).as_secs_f64());
-            let out = StepOutput::read(logits, &work.rows, draw);
+            let out = StepOutput::read(logits, &work.rows, sampling);
             metrics::histogram!("inferflux_step_read_seconds").record(read.elapsed().as_secs_f64());
             out.map(Some)
         }))

@@ -1,5 +1,6 @@
-//! Temperature draws on CUDA (`kernels::sample`), installed as the executor's [`DeviceDrawFn`]
-//! with `[cuda] device_sampling = true`.
+//! Greedy rows' argmax and temperature draws on CUDA (`kernels::sample`), installed as the
+//! executor's [`DeviceArgmaxFn`] (`[cuda] device_argmax`, on by default) and [`DeviceDrawFn`]
+//! (`[cuda] device_sampling = true`).
 
 use std::sync::Arc;
 
@@ -8,8 +9,29 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::cuda_gemm::CudaCube;
-use super::draw::{DeviceDraw, DeviceDrawFn};
+use super::draw::{DeviceArgmaxFn, DeviceDraw, DeviceDrawFn};
 use super::kernels::sample;
+
+/// The executor's argmax hook on [`CudaCube`]: one cube per row, where burn's `argmax` (without
+/// autotune) walks each row with one thread.
+pub fn device_argmax() -> DeviceArgmaxFn<CudaCube> {
+    Arc::new(|logits: Tensor<CudaCube, 2>| {
+        let [rows, vocab] = logits.dims();
+        if logits.dtype() != DType::F32 {
+            return Err(format!("{:?} logits (the argmax reads f32)", logits.dtype()));
+        }
+        let logits = into_contiguous(logits.into_primitive().tensor());
+        let ids = empty_device_contiguous_dtype(
+            logits.client.clone(),
+            logits.device.clone(),
+            [rows].into(),
+            DType::I32,
+        );
+        let handles = [logits.handle.clone(), ids.handle.clone()];
+        sample::launch_argmax(&logits.client, handles, (rows, vocab)).map_err(|e| e.0)?;
+        Ok(Tensor::from_primitive(ids))
+    })
+}
 
 /// The executor's draw hook on [`CudaCube`].
 pub fn device_draw() -> DeviceDrawFn<CudaCube> {

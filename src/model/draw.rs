@@ -1,5 +1,6 @@
-//! The hook that draws temperature rows of a step's logits where they are (on the GPU), so that
-//! only token ids come back (`actors::step_output`, `sampling::row_sampling`).
+//! The hooks that choose tokens from a step's logits where they are (on the GPU), so that only
+//! token ids come back (`actors::step_output`, `sampling::row_sampling`): the argmax of greedy
+//! rows and the draw of temperature rows.
 
 use std::sync::Arc;
 
@@ -20,6 +21,35 @@ pub struct DeviceDraw {
 /// to the host.
 pub type DeviceDrawFn<B> =
     Arc<dyn Fn(Tensor<B, 2>, &[DeviceDraw]) -> Result<Tensor<B, 1, Int>, String> + Send + Sync>;
+
+/// The argmax of every row of `logits` (`[rows, vocab]`, f32), still on the device, the lowest id
+/// of a tie; an error leaves the rows to burn's `argmax`.
+pub type DeviceArgmaxFn<B> = Arc<dyn Fn(Tensor<B, 2>) -> Result<Tensor<B, 1, Int>, String> + Send + Sync>;
+
+/// The executor's token-choosing hooks: none (burn's `argmax`, host draws) unless a backend has
+/// kernels for them (CUDA, `[cuda] device_argmax` and `device_sampling`).
+pub struct DeviceSampling<B: Backend> {
+    pub argmax: Option<DeviceArgmaxFn<B>>,
+    pub draw: Option<DeviceDrawFn<B>>,
+}
+
+impl<B: Backend> Default for DeviceSampling<B> {
+    fn default() -> Self {
+        Self {
+            argmax: None,
+            draw: None,
+        }
+    }
+}
+
+impl<B: Backend> Clone for DeviceSampling<B> {
+    fn clone(&self) -> Self {
+        Self {
+            argmax: self.argmax.clone(),
+            draw: self.draw.clone(),
+        }
+    }
+}
 
 /// [`DeviceDrawFn`] by reading the rows back and drawing on the host: the reference the device
 /// hook must match, and the plumbing tests' hook on the CPU backend.

@@ -4,7 +4,8 @@
 //!
 //! Why: a temperature request otherwise brings its whole row back to the host, 0.5 MB per row
 //! with a 128,256-token vocabulary (65 MB per step at 128 sequences), and the host walks it.
-//! Here only the token id comes back, as for greedy rows.
+//! Here only the token id comes back, as for greedy rows. Greedy rows' argmax runs the same
+//! walk and reduction without the noise ([`launch_argmax`]).
 
 use cubecl::prelude::*;
 
@@ -48,27 +49,93 @@ fn draw_kernel(
         }
         i += UNITS;
     }
+    let best = cube_best(best_score, best_id);
+    if u == 0 {
+        ids[d] = best as i32;
+    }
+}
+
+/// The cube's best of its units' `(score, id)`: the largest score, the lowest id of a tie, by a
+/// tree reduction in shared memory. Every unit gets the winner's id.
+#[cube]
+fn cube_best(score: f32, id: u32) -> u32 {
+    let u = UNIT_POS_X as usize;
     let mut scores = SharedMemory::<f32>::new(UNITS);
     let mut best = SharedMemory::<u32>::new(UNITS);
-    scores[u] = best_score;
-    best[u] = best_id;
+    scores[u] = score;
+    best[u] = id;
     sync_cube();
     // `CUBE_DIM_X`, not the constant: a loop variable must be a runtime value.
     let mut stride = CUBE_DIM_X as usize / 2;
     while stride > 0 {
         if u < stride {
-            let (s, id) = (scores[u + stride], best[u + stride]);
-            if s > scores[u] || (s == scores[u] && id < best[u]) {
+            let (s, i) = (scores[u + stride], best[u + stride]);
+            if s > scores[u] || (s == scores[u] && i < best[u]) {
                 scores[u] = s;
-                best[u] = id;
+                best[u] = i;
             }
         }
         sync_cube();
         stride /= 2;
     }
-    if u == 0 {
-        ids[d] = best[0] as i32;
+    best[0]
+}
+
+/// The argmax of each logits row, one cube per row: what greedy rows need, with the same
+/// tie-break as the host's sampler (the lowest id).
+#[cube(launch_unchecked)]
+fn argmax_kernel(logits: &Array<f32>, ids: &mut Array<i32>, vocab: u32) {
+    let (r, u) = (CUBE_POS_X as usize, UNIT_POS_X as usize);
+    let vocab = vocab as usize;
+    let base = r * vocab;
+    let mut best_score = f32::new(-3.402_823_5e38);
+    let mut best_id = 0u32;
+    let mut i = u;
+    while i < vocab {
+        // Coalesced: the cube's units read 256 neighbouring logits per pass.
+        let score = logits[base + i];
+        if score > best_score {
+            best_score = score;
+            best_id = i as u32;
+        }
+        i += UNITS;
     }
+    let best = cube_best(best_score, best_id);
+    if u == 0 {
+        ids[r] = best as i32;
+    }
+}
+
+/// Queues the argmax of each of `rows` contiguous f32 rows of `vocab` in `logits`, into `ids`
+/// (i32, one per row).
+///
+/// Why: burn 0.21's `argmax`, without autotune, reduces each row with a single unit (cubek's
+/// `Unit` routine): one thread walks 128,256 logits, a serial pass of milliseconds per step.
+pub fn launch_argmax<R: Runtime>(
+    client: &ComputeClient<R>,
+    [logits, ids]: [cubecl::server::Handle; 2],
+    (rows, vocab): (usize, usize),
+) -> Result<(), Refused> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let cubes = u32::try_from(rows).map_err(|_| Refused(format!("{rows} rows")))?;
+    if vocab == 0 || cubes > super::MAX_CUBES_PER_DIM || u32::try_from(rows * vocab).is_err() {
+        return Err(Refused(format!("the argmax of {rows} rows of {vocab}")));
+    }
+    // SAFETY: `logits` holds `rows * vocab` f32 and `ids` `rows` i32 (the caller's contract);
+    // cube `r` reads row `r` below `vocab` and writes `ids[r]`.
+    unsafe {
+        argmax_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_1d(UNITS as u32),
+            ArrayArg::from_raw_parts(logits, rows * vocab),
+            ArrayArg::from_raw_parts(ids, rows),
+            vocab as u32,
+        );
+    }
+    Ok(())
 }
 
 /// Queues the draws: `logits` holds contiguous f32 rows of `vocab`; draw `d` takes row `rows[d]`
@@ -165,9 +232,35 @@ mod tests {
     }
 
     #[test]
+    fn kernels_sample_argmax_is_the_host_argmax() {
+        let client = gl::client();
+        // A vocabulary that is not a multiple of the cube; ties (the lowest id wins), a -inf
+        // logit, a row whose maximum is its last logit, and a row of equal logits.
+        let (rows, vocab) = (5, 1003);
+        let mut logits: Vec<f32> = gl::values(rows * vocab, 9).iter().map(|v| v * 4.0).collect();
+        logits[17] = 9.0;
+        logits[700] = 9.0;
+        logits[vocab + 3] = f32::NEG_INFINITY;
+        logits[3 * vocab - 1] = 50.0;
+        logits[3 * vocab..4 * vocab].fill(0.25);
+        let ids = client.empty(rows * 4);
+        let handles = [gl::upload(&client, &logits), ids.clone()];
+        launch_argmax(&client, handles, (rows, vocab)).unwrap();
+        let got = i32::from_bytes(&client.read_one(ids).expect("read back the ids")).to_vec();
+        let want: Vec<i32> = logits
+            .chunks(vocab)
+            .map(|row| crate::sampling::argmax(row) as i32)
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!((got[0], got[2], got[3]), (17, vocab as i32 - 1, 0));
+    }
+
+    #[test]
     fn kernels_sample_refuses_an_empty_vocabulary() {
         let client = gl::client();
         let handles = std::array::from_fn(|_| gl::upload(&client, &[0.0; 4]));
         assert!(launch(&client, handles, (1, 1, 0)).is_err());
+        let handles = std::array::from_fn(|_| gl::upload(&client, &[0.0; 4]));
+        assert!(launch_argmax(&client, handles, (1, 0)).is_err());
     }
 }
