@@ -155,6 +155,8 @@ print(f'{($s1 - $s0) * 1e3 / max($n1 - $n0, 1):.2f} ms (issue {($i1 - $i0) * 1e3
     done
     stop_server
     tail -3 "$dir/inferfluxd.log"
+    # Inputs our kernels had to copy (one line per call site, with shape and strides).
+    grep "copied to be contiguous" "$dir/inferfluxd.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300
 }
 
 stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint, burn's kernels and the defaults
@@ -238,6 +240,11 @@ step0() { # step 4's profile with step 8's kernels, without the server
         set -a && . "$out/tuned/kernels.env" && set +a
         timeout 60 "$bin/device_check" profile --device "$device" --model "$model" --batches 1,32,128 \
             --context 192 --iters 10 --bandwidth-gbs "$bw" --json "$out/tuned/profile.json"
+        # The step grew with the KV pool on the H100 (docs/Performance.md): the same step with
+        # the server's 4,096 pages instead of only those it uses.
+        echo "with the server's 4,096 KV pages:"
+        timeout 45 "$bin/device_check" profile --device "$device" --model "$model" --batches 1,128 \
+            --context 192 --iters 10 --pages 4096 --step-only 2>&1 | grep -E "^batch"
     )
 }
 
@@ -290,8 +297,10 @@ stepk() { # GPU time per kernel in a decode step (cubecl's profiler), with step 
             "$out/kernels-b$b.log" >"$dir/cubecl.toml"
         (
             cd "$dir" && set -a && . "$out/tuned/kernels.env" && set +a
+            # The server's pool (KERNEL_PAGES=0: only the pages the batch uses), since the step
+            # grew with it.
             timeout 60 "$bin/device_check" profile --device "$device" --model "$model" --batches "$b" --step-only \
-                --context 192 --iters 3 --bandwidth-gbs "$bw" >/dev/null
+                --context 192 --iters 3 --bandwidth-gbs "$bw" --pages "${KERNEL_PAGES:-4096}" >/dev/null
         ) || echo "batch $b: the profiled run failed"
         python3 "$repo/scripts/gpu_bench.py" kernel-summary "$out/kernels-b$b.log" --steps 3 | tee "$out/kernels-b$b.md"
     done

@@ -7,8 +7,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use super::cuda_fused::contiguous;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
@@ -68,13 +68,13 @@ pub fn launch(a: PagedAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refuse
     let [n, heads, head_dim] = a.q.dims();
     let [seqs, max_blocks] = a.block_tables.dims();
     let float = |t: Tensor<CudaCube, 2>| t.into_primitive().tensor();
-    let q: CubeTensor<CudaRuntime> = into_contiguous(a.q.into_primitive().tensor());
+    let q: CubeTensor<CudaRuntime> = contiguous(a.q.into_primitive().tensor(), "paged attention q");
     let (k, v) = (float(a.k_cache), float(a.v_cache));
     let ints = [
-        into_contiguous(a.block_tables.into_primitive()),
-        into_contiguous(a.query_seq.into_primitive()),
-        into_contiguous(a.ctx_begin.into_primitive()),
-        into_contiguous(a.ctx_end.into_primitive()),
+        contiguous(a.block_tables.into_primitive(), "paged attention block tables"),
+        contiguous(a.query_seq.into_primitive(), "paged attention query_seq"),
+        contiguous(a.ctx_begin.into_primitive(), "paged attention ctx_begin"),
+        contiguous(a.ctx_end.into_primitive(), "paged attention ctx_end"),
     ];
     if k.dtype != q.dtype || v.dtype != q.dtype {
         return Err(Refused(format!("queries {:?}, cache {:?}", q.dtype, k.dtype)));

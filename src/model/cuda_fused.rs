@@ -7,8 +7,9 @@
 //! Each falls back to burn's ops for an input it cannot take (mixed dtypes, a size past 32 bits,
 //! a cache buffer shared with another tensor).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
@@ -73,8 +74,27 @@ pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
     }
 }
 
-fn primitive<const D: usize>(t: Tensor<CudaCube, D>) -> CubeTensor<CudaRuntime> {
-    into_contiguous(t.into_primitive().tensor())
+fn primitive<const D: usize>(t: Tensor<CudaCube, D>, site: &'static str) -> CubeTensor<CudaRuntime> {
+    contiguous(t.into_primitive().tensor(), site)
+}
+
+/// `t`, made contiguous. A copy launches a `CopyKernel` over the whole tensor; the first at each
+/// `site` is logged with its shape and strides, so that the copies cubecl's profiler counts in a
+/// decode step (one per layer, not yet attributed: docs/Performance.md) can be traced to where
+/// they come from.
+pub(crate) fn contiguous(t: CubeTensor<CudaRuntime>, site: &'static str) -> CubeTensor<CudaRuntime> {
+    if !t.is_contiguous() {
+        static REPORTED: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+        if REPORTED.lock().is_ok_and(|mut sites| sites.insert(site)) {
+            tracing::info!(
+                site,
+                shape = ?t.meta.shape(),
+                strides = ?t.meta.strides(),
+                "a CUDA kernel's input is copied to be contiguous (logged once per site)"
+            );
+        }
+    }
+    into_contiguous(t)
 }
 
 fn same_dtype(a: &CubeTensor<CudaRuntime>, b: &CubeTensor<CudaRuntime>) -> Result<(), Refused> {
@@ -90,7 +110,7 @@ fn launch_rms_norm(
     eps: f64,
 ) -> Result<Tensor<CudaCube, 2>, Refused> {
     let [rows, width] = x.dims();
-    let (x, w) = (primitive(x), primitive(w));
+    let (x, w) = (primitive(x, "rms_norm x"), primitive(w, "rms_norm weight"));
     same_dtype(&x, &w)?;
     let out =
         empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [rows, width].into(), x.dtype);
@@ -111,7 +131,11 @@ fn launch_add_rms_norm(
         return Err(Refused(format!("x {dims:?} + delta {:?}", delta.dims())));
     }
     let [rows, width] = dims;
-    let (x, delta, w) = (primitive(x), primitive(delta), primitive(w));
+    let (x, delta, w) = (
+        primitive(x, "add_rms_norm x"),
+        primitive(delta, "add_rms_norm delta"),
+        primitive(w, "add_rms_norm weight"),
+    );
     same_dtype(&x, &delta)?;
     same_dtype(&x, &w)?;
     let empty = || empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), dims.into(), x.dtype);
@@ -133,7 +157,7 @@ fn launch_silu_mul(gate_up: Tensor<CudaCube, 2>) -> Result<Tensor<CudaCube, 2>, 
     if both % 2 != 0 {
         return Err(Refused(format!("gate and up of {both} columns")));
     }
-    let gate_up = primitive(gate_up);
+    let gate_up = primitive(gate_up, "silu_mul gate_up");
     let out = empty_device_contiguous_dtype(
         gate_up.client.clone(),
         gate_up.device.clone(),
@@ -159,7 +183,11 @@ fn launch_rope(
             sin.dims()
         )));
     }
-    let (x, cos, sin) = (primitive(x), primitive(cos), primitive(sin));
+    let (x, cos, sin) = (
+        primitive(x, "rope x"),
+        primitive(cos, "rope cos"),
+        primitive(sin, "rope sin"),
+    );
     same_dtype(&x, &cos)?;
     same_dtype(&x, &sin)?;
     let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), dims.into(), x.dtype);
@@ -184,7 +212,7 @@ fn row_strided(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, usize) {
         let stride = strides[0].max(shape[1]);
         return (t, stride);
     }
-    let t = into_contiguous(t);
+    let t = contiguous(t, "qkv_write q/k/v rows");
     let stride = t.meta.shape()[1];
     (t, stride)
 }
@@ -198,8 +226,11 @@ fn launch_qkv_write(a: QkvWrite<CudaCube>) -> Result<RopedQAndCaches, Box<(Refus
     let head_dim = q_dim / heads.max(1);
     let float2 = |t: Tensor<CudaCube, 2>| row_strided(t.into_primitive().tensor());
     let ((q, q_stride), (k, k_stride), (v, v_stride)) = (float2(a.q), float2(a.k), float2(a.v));
-    let (cos, sin) = (primitive(a.cos), primitive(a.sin));
-    let slots = into_contiguous(a.slots.into_primitive());
+    let (cos, sin) = (
+        primitive(a.cos, "qkv_write cos"),
+        primitive(a.sin, "qkv_write sin"),
+    );
+    let slots = contiguous(a.slots.into_primitive(), "qkv_write slots");
     let (k_cache, v_cache) = (
         a.k_cache.into_primitive().tensor(),
         a.v_cache.into_primitive().tensor(),

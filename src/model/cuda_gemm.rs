@@ -19,9 +19,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
+use super::cuda_fused::contiguous;
 use burn::prelude::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::kernel::matmul::init_matmul_output;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -306,7 +306,7 @@ fn own_gemv(
         kernel: GemmKernel::Gemv,
         why,
     };
-    let x = if x.is_contiguous() { x } else { into_contiguous(x) };
+    let x = contiguous(x, "gemv x");
     let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
     let n = w.meta.shape()[1];
     let ws = w.meta.strides();
@@ -707,7 +707,7 @@ fn cublas_matmul(
     w: CubeTensor<CudaRuntime>,
     ordering: Ordering,
 ) -> Result<CubeTensor<CudaRuntime>, GemmError> {
-    let x = if x.is_contiguous() { x } else { into_contiguous(x) };
+    let x = contiguous(x, "cublas x");
     let problem = CublasProblem::new(&x, &w)?;
     let out = init_matmul_output(&x, &w, x.dtype);
     let client = out.client.clone();

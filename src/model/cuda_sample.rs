@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::cuda_fused::contiguous;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
@@ -20,7 +21,7 @@ pub fn device_argmax() -> DeviceArgmaxFn<CudaCube> {
         if logits.dtype() != DType::F32 {
             return Err(format!("{:?} logits (the argmax reads f32)", logits.dtype()));
         }
-        let logits = into_contiguous(logits.into_primitive().tensor());
+        let logits = contiguous(logits.into_primitive().tensor(), "argmax logits");
         let ids = empty_device_contiguous_dtype(
             logits.client.clone(),
             logits.device.clone(),
@@ -61,7 +62,7 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
         .flat_map(|d| [d.key as u32 as i32, (d.key >> 32) as u32 as i32])
         .collect();
     let temperatures: Vec<f32> = draws.iter().map(|d| d.temperature).collect();
-    let logits = into_contiguous(logits.into_primitive().tensor());
+    let logits = contiguous(logits.into_primitive().tensor(), "draw logits");
     // Row ids and key halves travel as i32 tensors; the kernel reads their bits as u32.
     let row_ids = into_contiguous(to_device(TensorData::new(row_ids, [n])).into_primitive());
     let keys = into_contiguous(to_device(TensorData::new(keys, [2 * n])).into_primitive());
