@@ -25,6 +25,8 @@
 #      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens;
 #   0. step 8's profile alone (no server): the decode step with step 8's kernels;
 #   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
+#   s. temperature-1 requests at concurrency 128 with step 8's kernels, sampled on the host and
+#      then on the device (`device_sampling`), to measure the draw kernel;
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
 #      GPU), with burn's kernels, the defaults, the defaults with burn's argmax (no-argmax), with
 #      `gemm = "cublas-ordered"` (prompts above `gemv_max_rows` tokens go through it), and with
@@ -283,6 +285,34 @@ step9() { # our own kernels (gemv, paged attention, fused ops) against the CPU f
         (cd "$work/exec-log" && env "${all[@]}" timeout 60 "$bin/device_check" logits --device cuda-kernels "${d%/}" >/dev/null 2>&1)
         echo "  the last kernels run before it failed:"
         tail -6 "$out/failing-launch.log" 2>/dev/null | cut -c1-220
+    done
+}
+
+steps() { # temperature sampling served: on the host against on the device (device_sampling)
+    [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
+    [ -f "$out/tuned/kernels.env" ] || tuned_kernels || return
+    for where in host device; do
+        local env=$work/sampling-$where.env
+        grep -v '^INFERFLUX__CUDA__DEVICE_SAMPLING=' "$out/tuned/kernels.env" >"$env"
+        echo "INFERFLUX__CUDA__DEVICE_SAMPLING=$([ $where = device ] && echo true || echo false)" >>"$env"
+        start_server "$out/sampling-$where" "$env" >/dev/null
+        # Prompts of their own for the warm-up (kernels compile) and for the measured run, so that
+        # none hits the prefix cache.
+        local warm=$work/prompts-tw-$where.jsonl prompts=$work/prompts-t-$where.jsonl
+        python3 "$repo/scripts/gpu_bench.py" prompts "$warm" 129 "9$([ $where = device ] && echo 1 || echo 2)"
+        python3 "$repo/scripts/gpu_bench.py" prompts "$prompts" 129 "9$([ $where = device ] && echo 3 || echo 4)"
+        timeout 60 "$bin/inferctl" --url "$url" bench --dataset "$warm" --num-prompts 128 --concurrency 128 \
+            --output-len 8 --warmup 0 --temperature 1 --json >/dev/null
+        if timeout 70 "$bin/inferctl" --url "$url" bench --dataset "$prompts" --num-prompts 128 --concurrency 128 \
+            --output-len 128 --warmup 0 --temperature 1 --json >"$out/sampling-$where/bench.json"; then
+            python3 -c "
+import json; d = json.load(open('$out/sampling-$where/bench.json'))
+print(f'temperature 1, concurrency 128, sampled on the $where: {d[\"completed\"]}/128 completed, {d[\"output_throughput\"]:.0f} tok/s, mean TPOT {d[\"mean_tpot_ms\"]:.2f} ms')"
+        else
+            echo "sampled on the $where: FAILED or timed out"
+        fi
+        stop_server
+        grep -c "device draw failed" "$out/sampling-$where/inferfluxd.log" | sed 's/^/device draw failures logged: /'
     done
 }
 
