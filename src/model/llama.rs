@@ -718,7 +718,7 @@ impl<B: Backend> Llama<B> {
             grouped_rows.extend_from_slice(&rows);
             groups.push(AttentionGroup::Paged {
                 rows: (!every_row).then(|| int_tensor(rows, dev)),
-                block_tables: Tensor::from_data(TensorData::new(tables, [n, max_blocks]), dev),
+                block_tables: int_tensor(tables, dev).reshape([n, max_blocks]),
                 query_seq: int_tensor(query_seq, dev),
                 ctx_begin: int_tensor(begin, dev),
                 ctx_end: int_tensor(end, dev),
@@ -1135,6 +1135,9 @@ fn slot_of(block_table: &[u32], page_size: usize, pos: usize) -> i32 {
     (block_table[pos / page_size] as usize * page_size + pos % page_size) as i32
 }
 
+/// A 1-D upload, contiguous on every backend; reshape it for more dimensions. (cubecl uploads a
+/// 2-D tensor with its rows padded to an alignment, which the CUDA kernels' adapters then copy
+/// to contiguous on every use: the block tables cost a copy per layer per step that way.)
 fn int_tensor<B: Backend>(values: Vec<i32>, device: &B::Device) -> Tensor<B, 1, Int> {
     let n = values.len();
     Tensor::from_data(TensorData::new(values, [n]), device)

@@ -131,7 +131,11 @@ impl<B: Backend> PagedKvCache<B> {
     pub fn write_slots(&self, ids: Vec<i32>) -> WriteSlots<B> {
         let n = ids.len();
         let tensor = (self.storage() == KvStorage::Device)
-            .then(|| Tensor::from_data(TensorData::new(ids.clone(), [n, 1]), &self.device));
+            // Uploaded flat, then viewed as `[n, 1]`: a 2-D upload may pad its rows on the GPU.
+            .then(|| {
+                Tensor::<B, 1, Int>::from_data(TensorData::new(ids.clone(), [n]), &self.device)
+                    .reshape([n, 1])
+            });
         WriteSlots { ids, tensor }
     }
 
