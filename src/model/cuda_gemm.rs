@@ -405,28 +405,13 @@ impl FlagOps {
     /// Memory operations if the driver takes them on `flags_ptr` (probed with a wait that holds
     /// at once, then a write of the same value), else the kernels.
     fn choose(stream: cudarc::driver::sys::CUstream, flags_ptr: u64) -> Result<Self, GemmError> {
-        use cudarc::driver::sys::{CUstreamWaitValue_flags, CUstreamWriteValue_flags};
         let report = flags_ptr + 8;
         // SAFETY: `report` is the third flag, zero since cubecl's queue (which wrote it) was
         // synchronised; the wait holds at once and the write stores what is there.
         let probe = unsafe {
-            cudarc::driver::sys::cuStreamWaitValue32_v2(
-                stream,
-                report,
-                0,
-                CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
-            )
-            .result()
-            .and_then(|()| {
-                cudarc::driver::sys::cuStreamWriteValue32_v2(
-                    stream,
-                    report,
-                    0,
-                    CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
-                )
-                .result()
-            })
-            .and_then(|()| cudarc::driver::result::stream::synchronize(stream))
+            wait_value(stream, report, 0)
+                .and_then(|()| write_value(stream, report, 0))
+                .and_then(|()| cudarc::driver::result::stream::synchronize(stream))
         };
         let Err(refused) = probe else {
             return Ok(Self::MemOps);
@@ -462,33 +447,14 @@ impl FlagOps {
         seq: u32,
         gemm: impl FnOnce() -> Result<(), GemmError>,
     ) -> Result<(), GemmError> {
-        use cudarc::driver::sys::{CUstreamWaitValue_flags, CUstreamWriteValue_flags};
         let named = |call: &'static str| move |e| GemmError::Cublas(format!("{call}: {e:?}"));
         match self {
             FlagOps::MemOps => {
                 // SAFETY: the caller's contract.
-                unsafe {
-                    cudarc::driver::sys::cuStreamWaitValue32_v2(
-                        stream,
-                        wait_on,
-                        seq,
-                        CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
-                    )
-                }
-                .result()
-                .map_err(named("cuStreamWaitValue32"))?;
+                unsafe { wait_value(stream, wait_on, seq) }.map_err(named("cuStreamWaitValue32"))?;
                 gemm()?;
                 // SAFETY: the caller's contract.
-                unsafe {
-                    cudarc::driver::sys::cuStreamWriteValue32_v2(
-                        stream,
-                        set,
-                        seq,
-                        CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
-                    )
-                }
-                .result()
-                .map_err(named("cuStreamWriteValue32"))
+                unsafe { write_value(stream, set, seq) }.map_err(named("cuStreamWriteValue32"))
             }
             FlagOps::Kernels { wait, set: store } => {
                 let (mut flag, mut value, mut polls) = (wait_on, seq, ORDER_MAX_POLLS);
@@ -613,6 +579,45 @@ impl Cublas {
         }
         Ok(self.ordered.as_mut().expect("set above"))
     }
+}
+
+/// Queues on `stream` a wait until the u32 at `addr` equals `value`.
+///
+/// # Safety
+/// `addr` is a live device u32 that something will set to `value`.
+unsafe fn wait_value(
+    stream: cudarc::driver::sys::CUstream,
+    addr: u64,
+    value: u32,
+) -> Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ;
+    // SAFETY: the caller's contract.
+    unsafe {
+        cudarc::driver::sys::cuStreamWaitValue32_v2(stream, addr, value, CU_STREAM_WAIT_VALUE_EQ as u32)
+    }
+    .result()
+}
+
+/// Queues on `stream` the store of `value` into the u32 at `addr`.
+///
+/// # Safety
+/// `addr` is a live device u32.
+unsafe fn write_value(
+    stream: cudarc::driver::sys::CUstream,
+    addr: u64,
+    value: u32,
+) -> Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT;
+    // SAFETY: the caller's contract.
+    unsafe {
+        cudarc::driver::sys::cuStreamWriteValue32_v2(
+            stream,
+            addr,
+            value,
+            CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+        )
+    }
+    .result()
 }
 
 /// A validated cuBLAS problem: `out [m, n] = x [m, k] · w [k, n]`.

@@ -119,10 +119,8 @@ pub fn launch_argmax<R: Runtime>(
     if rows == 0 {
         return Ok(());
     }
-    let cubes = u32::try_from(rows).map_err(|_| Refused(format!("{rows} rows")))?;
-    if vocab == 0 || cubes > super::MAX_CUBES_PER_DIM || u32::try_from(rows * vocab).is_err() {
-        return Err(Refused(format!("the argmax of {rows} rows of {vocab}")));
-    }
+    let cubes = cube_per_row(rows, rows, vocab)
+        .ok_or_else(|| Refused(format!("the argmax of {rows} rows of {vocab}")))?;
     // SAFETY: `logits` holds `rows * vocab` f32 and `ids` `rows` i32 (the caller's contract);
     // cube `r` reads row `r` below `vocab` and writes `ids[r]`.
     unsafe {
@@ -138,6 +136,14 @@ pub fn launch_argmax<R: Runtime>(
     Ok(())
 }
 
+/// The cube count of a launch with one cube per row, each reading a row of `vocab` logits out of
+/// `logits_rows`; `None` when the vocabulary is empty or the indices would not fit 32 bits.
+fn cube_per_row(rows: usize, logits_rows: usize, vocab: usize) -> Option<u32> {
+    let cubes = u32::try_from(rows).ok()?;
+    let fits = vocab > 0 && i32::try_from(vocab).is_ok() && u32::try_from(logits_rows * vocab).is_ok();
+    (fits && cubes <= super::MAX_CUBES_PER_DIM).then_some(cubes)
+}
+
 /// Queues the draws: `logits` holds contiguous f32 rows of `vocab`; draw `d` takes row `rows[d]`
 /// (u32) with `temperatures[d]` (f32, above 0) and the key halves `keys[2d]` (low) and
 /// `keys[2d + 1]` (high), and writes its token id to `ids[d]` (i32).
@@ -149,14 +155,8 @@ pub fn launch<R: Runtime>(
     if draws == 0 {
         return Ok(());
     }
-    let (Ok(cubes), Ok(vocab_u32)) = (u32::try_from(draws), i32::try_from(vocab)) else {
-        return Err(Refused(format!("{draws} draws over a vocabulary of {vocab}")));
-    };
-    if vocab == 0 || cubes > super::MAX_CUBES_PER_DIM || u32::try_from(logits_rows * vocab).is_err() {
-        return Err(Refused(format!(
-            "{draws} draws from {logits_rows} rows of {vocab}"
-        )));
-    }
+    let cubes = cube_per_row(draws, logits_rows, vocab)
+        .ok_or_else(|| Refused(format!("{draws} draws from {logits_rows} rows of {vocab}")))?;
     // SAFETY: the arrays' lengths are the handles' (the caller's contract: every `rows[d]` is
     // below `logits_rows`); the kernel reads row `rows[d]` below `vocab` and writes `ids[d]`.
     unsafe {
@@ -169,7 +169,7 @@ pub fn launch<R: Runtime>(
             ArrayArg::from_raw_parts(temperatures, draws),
             ArrayArg::from_raw_parts(keys, 2 * draws),
             ArrayArg::from_raw_parts(ids, draws),
-            vocab_u32 as u32,
+            vocab as u32,
         );
     }
     Ok(())
