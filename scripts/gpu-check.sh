@@ -164,7 +164,7 @@ print(f'{($s1 - $s0) * 1e3 / max($n1 - $n0, 1):.2f} ms (issue {($i1 - $i0) * 1e3
 stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint, burn's kernels and the defaults
     [ "$device" = cuda ] || { echo "(CUDA only: the CPU path is checked against the goldens by cargo test)"; return; }
     timeout 90 python3 "$repo/scripts/gpu_bench.py" reference "$model" --out "$out/reference.json" || return
-    printf 'INFERFLUX__CUDA__GEMM=burn\nINFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\nINFERFLUX__CUDA__ATTENTION=burn\nINFERFLUX__CUDA__FUSED_OPS=false\n' \
+    printf 'INFERFLUX__CUDA__GEMM=burn\nINFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\nINFERFLUX__CUDA__ATTENTION=burn\nINFERFLUX__CUDA__FUSED_OPS=false\nINFERFLUX__CUDA__DEVICE_ARGMAX=false\n' \
         >"$work/burn.env"
     : >"$work/defaults.env"
     echo "INFERFLUX__CUDA__GEMM=cublas-ordered" >"$work/ordered.env"

@@ -8,6 +8,8 @@
 //! active `min_tokens` mask or logprobs need none of it (`sampling::row_sampling`). Those stay
 //! on the host for now.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -27,13 +29,14 @@ pub struct StepOutput {
 }
 
 impl StepOutput {
-    /// Splits `logits` (`[rows, vocab]`, f32) by `plan` (one per row). Without a draw hook, or when
-    /// it fails, `DeviceDraw` rows go to the host; a failed argmax hook leaves the argmax to burn. Reads back only what is needed (one read of the
-    /// ids for both kinds of device rows): no device argmax when no row is greedy, no row copy
-    /// when none is the host's. The device's argmax keeps the lowest index of equal maxima, as
-    /// `sampling::argmax` does on Flex (tested) and as cubek-reduce's `ArgMax` documents on CUDA;
-    /// its reduction order, a NaN or an all `-inf` row may still pick another index there than
-    /// the host would. An id outside the vocabulary fails the step.
+    /// Splits `logits` (`[rows, vocab]`, f32) by `plan` (one per row). Without a draw hook, or
+    /// when it fails, `DeviceDraw` rows go to the host; a failed argmax hook leaves the argmax to
+    /// burn (warned once). Reads back only what is needed (one read of the ids for both kinds of
+    /// device rows): no device argmax when no row is greedy, no row copy when none is the host's.
+    /// The device's argmax keeps the lowest index of equal maxima, as `sampling::argmax` does:
+    /// burn's on Flex (tested), cubek-reduce's `ArgMax` (as documented) and our kernel on CUDA
+    /// (tested on wgpu); its reduction order, a NaN or an all `-inf` row may still pick another
+    /// index there than the host would. An id outside the vocabulary fails the step.
     pub fn read<B: Backend>(
         logits: Tensor<B, 2>,
         plan: &[RowSampling],
@@ -80,9 +83,13 @@ impl StepOutput {
         let argmax = plan.contains(&RowSampling::DeviceArgmax).then(|| {
             let by_hook = hooks.argmax.as_ref().and_then(|f| {
                 f(logits.clone())
-                    .inspect_err(
-                        |e| tracing::warn!(error = %e, "device argmax failed: burn's argmax runs it"),
-                    )
+                    .inspect_err(|e| {
+                        // Every greedy step would fail the same way: said once.
+                        static WARNED: AtomicBool = AtomicBool::new(false);
+                        if !WARNED.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "device argmax failed: burn's argmax runs it");
+                        }
+                    })
                     .ok()
             });
             by_hook.unwrap_or_else(|| logits.clone().argmax(1).reshape([rows]))
