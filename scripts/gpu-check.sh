@@ -39,7 +39,11 @@
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
-# not fit: STAGES=14 runs them in a call of their own.
+# not fit: STAGES=14 runs them in a call of their own. With a 15-minute device budget, two calls on
+# one warm machine (the second within its idle release) cover the checks and the measurements:
+#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c78 scripts/gpu-check.sh BIN_DIR   (about 330 s)
+#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6 scripts/gpu-check.sh BIN_DIR   (about 200 s)
+# (MODEL outside the call's temporary directory and the same OUT, so the second finds both.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
