@@ -139,8 +139,12 @@ async fn unified_batch_http_stream_keeps_decoding_during_a_long_prefill() {
     // which takes 15 steps. The stream must get a token in (nearly) every step meanwhile.
     let server = start(|s| s.scheduler.max_batched_tokens = 16);
     let base = server.base.clone();
-    const STREAM_TOKENS: u64 = 80;
-    let stream_body = json!({ "prompt": "Once upon a time", "max_tokens": STREAM_TOKENS, "temperature": 0, "stream": true, "ignore_eos": true, "user": "streamer" });
+    // The stream runs as long as the fixture's 256 positions allow, so that the long prompt,
+    // whose submission races the stream's steps (a millisecond each on a loaded machine), is
+    // prefilled well inside it: its 15 steps leave about 230 steps for the submission.
+    const STREAM_PROMPT: [u32; 4] = [10, 23, 36, 49];
+    const STREAM_TOKENS: u64 = 250;
+    let stream_body = json!({ "prompt": STREAM_PROMPT, "max_tokens": STREAM_TOKENS, "temperature": 0, "stream": true, "ignore_eos": true, "user": "streamer" });
     let resp = post_completion(&base, &stream_body).await;
     let mut events = resp.bytes_stream().eventsource();
     events.next().await.unwrap().unwrap();
