@@ -28,14 +28,14 @@
 #   s. temperature-1 requests at concurrency 128 with step 8's kernels, sampled on the host and
 #      then on the device (`device_sampling`), to measure the draw kernel;
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
-#      GPU), with burn's kernels, the defaults, the defaults with burn's argmax (no-argmax), with
-#      `gemm = "cublas-ordered"` (prompts above `gemv_max_rows` tokens go through it), and with
-#      `device_sampling` (whose temperature draws at T=1e-4 must follow the greedy tokens); each
-#      also teacher-forced, one token at every position of transformers' continuation, where a
+#      GPU), with burn's kernels, the defaults, `gemm = "skinny"` (our tensor-core GEMM: prompts
+#      of 9-128 tokens go through it) and the defaults with burn's argmax (no-argmax); each also
+#      teacher-forced, one token at every position of transformers' continuation, where a
 #      flipped argmax must be a near-tie (step 1 fails on the tiny fixtures on CUDA whatever the
 #      kernels, see docs/Performance.md). CHECK_KERNELS picks the configurations, also from
-#      no-paged, no-kv-write, no-fused, no-gemv and no-argmax (the defaults without one of our
-#      kernels each).
+#      `ordered` (`gemm = "cublas-ordered"`), `sampling` (`device_sampling`, whose draws at
+#      T=1e-4 must follow the greedy tokens; both checked correct on 2026-11-27) and no-paged,
+#      no-kv-write, no-fused, no-gemv and no-argmax (the defaults without one of our kernels each).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
@@ -172,6 +172,7 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
         >"$work/burn.env"
     : >"$work/defaults.env"
     echo "INFERFLUX__CUDA__GEMM=cublas-ordered" >"$work/ordered.env"
+    echo "INFERFLUX__CUDA__GEMM=skinny" >"$work/skinny.env"
     echo "INFERFLUX__CUDA__DEVICE_SAMPLING=true" >"$work/sampling.env"
     # Bisection: the defaults without one of our kernels each.
     echo "INFERFLUX__CUDA__ATTENTION=burn" >"$work/no-paged.env"
@@ -182,7 +183,7 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"
-        for kernels in ${CHECK_KERNELS:-burn defaults no-argmax ordered sampling}; do
+        for kernels in ${CHECK_KERNELS:-burn defaults skinny no-argmax}; do
             start_server "$out/check-$kernels" "$work/$kernels.env" >/dev/null
             python3 "$repo/scripts/gpu_bench.py" compare "$url" "$out/reference.json" "$kernels" ||
                 echo "| $kernels | FAILED: a first token differs or a request failed | | |"
@@ -212,7 +213,7 @@ step7() { # every projection kernel on the checkpoint's shapes
     # cubek's unit and unit-GEMV kernels, 10-1000x slower than the rest on these shapes, are
     # left out so that the budget reaches 128 rows; GEMM_KERNELS=all times them too.
     timeout $((${GEMM_BUDGET_S:-90} + 30)) "$bin/device_check" gemm --device "$device" --model "$model" --rows 1,8,32,128 \
-        --kernels "${GEMM_KERNELS:-burn,cublas,cublas-ordered,gemv,mma,cmma,vecmat,gemv-plane}" --budget-s "${GEMM_BUDGET_S:-90}" \
+        --kernels "${GEMM_KERNELS:-burn,cublas,skinny,gemv,cublas-ordered,mma,cmma,vecmat,gemv-plane}" --budget-s "${GEMM_BUDGET_S:-90}" \
         --json "$out/gemm.json" --recommend "$out/gemm.env" | tee "$out/gemm.md"
 }
 

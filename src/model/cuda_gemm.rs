@@ -36,6 +36,7 @@ use cubek::matmul::routines::{BlueprintStrategy, TileSizeSelection};
 use cubek::std::InputBinding;
 
 use super::kernels::gemv::{self, GemvShape};
+use super::kernels::skinny_gemm::{self, SkinnyShape};
 use super::kernels::stream_order;
 use super::ProjectFn;
 
@@ -76,15 +77,19 @@ pub enum GemmKernel {
     /// Our GEMV (`kernels::gemv`): a plane per output, up to `GEMV_MAX_ROWS` rows, weights
     /// `[n, k]` only (`weight_layout = "out_in"`).
     Gemv,
+    /// Our tensor-core GEMM for 9-128 rows (`kernels::skinny_gemm`), on cubecl's stream, so the
+    /// host never waits; f16/bf16 weights `[n, k]` only (`weight_layout = "out_in"`).
+    Skinny,
 }
 
 impl GemmKernel {
     /// Known-good kernels first: a benchmark that walks this list measures them even if a
     /// later kernel leaves the device in an error state.
-    pub const ALL: [GemmKernel; 12] = [
+    pub const ALL: [GemmKernel; 13] = [
         GemmKernel::Burn,
         GemmKernel::Cublas,
         GemmKernel::Gemv,
+        GemmKernel::Skinny,
         GemmKernel::CublasOrdered,
         GemmKernel::Cmma,
         GemmKernel::Mma,
@@ -110,6 +115,7 @@ impl GemmKernel {
             GemmKernel::Cublas => "cublas",
             GemmKernel::CublasOrdered => "cublas-ordered",
             GemmKernel::Gemv => "gemv",
+            GemmKernel::Skinny => "skinny",
         }
     }
 
@@ -123,9 +129,11 @@ impl GemmKernel {
         };
         let tile_size = TileSizeSelection::MaxTileSize;
         Some(match self {
-            GemmKernel::Burn | GemmKernel::Cublas | GemmKernel::CublasOrdered | GemmKernel::Gemv => {
-                return None
-            }
+            GemmKernel::Burn
+            | GemmKernel::Cublas
+            | GemmKernel::CublasOrdered
+            | GemmKernel::Gemv
+            | GemmKernel::Skinny => return None,
             GemmKernel::Cmma => Strategy::SimpleCyclicCmma(tiling(TileMatmulKind::Cmma)),
             GemmKernel::Mma => Strategy::SimpleCyclicMma(tiling(TileMatmulKind::Mma)),
             GemmKernel::Unit => {
@@ -153,7 +161,7 @@ impl fmt::Display for GemmKernel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown GEMM kernel `{0}` (one of: burn, cmma, mma, unit, double-unit, vecmat, double-vecmat, gemv-plane, gemv-unit, cublas, cublas-ordered, gemv)")]
+#[error("unknown GEMM kernel `{0}` (one of: burn, cmma, mma, unit, double-unit, vecmat, double-vecmat, gemv-plane, gemv-unit, cublas, cublas-ordered, gemv, skinny)")]
 pub struct UnknownGemmKernel(pub String);
 
 impl FromStr for GemmKernel {
@@ -259,6 +267,7 @@ pub fn matmul(
         match (kernel, kernel.strategy()) {
             (_, Some(strategy)) => cubek_matmul(kernel, &strategy, x, w),
             (GemmKernel::Gemv, None) => own_gemv(x, w),
+            (GemmKernel::Skinny, None) => own_skinny(x, w),
             (GemmKernel::CublasOrdered, None) => cublas_matmul(x, w, Ordering::DeviceFlags),
             (_, None) => cublas_matmul(x, w, Ordering::HostSync),
         }
@@ -296,46 +305,116 @@ fn cubek_matmul(
     Ok(out)
 }
 
-/// `x · w` by our GEMV: `w` must be the transposed view of a contiguous `[n, k]` weight
-/// (`weight_layout = "out_in"`), `x` at most `GEMV_MAX_ROWS` rows, both 16-byte aligned.
+/// The operands of our own kernels, checked: `x` made contiguous `[m, k]`, `w` the transposed
+/// view of a contiguous `[n, k]` weight (`weight_layout = "out_in"`) of `x`'s dtype, both starting
+/// on an `align`-byte boundary; and an empty contiguous `[m, n]` output.
+struct OutInOperands {
+    x: CubeTensor<CudaRuntime>,
+    w: CubeTensor<CudaRuntime>,
+    out: CubeTensor<CudaRuntime>,
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+impl OutInOperands {
+    fn check(
+        kernel: GemmKernel,
+        x: CubeTensor<CudaRuntime>,
+        w: CubeTensor<CudaRuntime>,
+        align: u64,
+    ) -> Result<OutInOperands, GemmError> {
+        let refuse = |why: String| GemmError::Unavailable { kernel, why };
+        let x = contiguous(x, "own GEMM x");
+        let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
+        let n = w.meta.shape()[1];
+        let ws = w.meta.strides();
+        if ws[0] != 1 || ws[1] != k {
+            return Err(refuse(format!(
+                "weight strides {:?} are not those of an [n, k] weight (weight_layout = \"out_in\")",
+                &ws[..]
+            )));
+        }
+        if w.dtype != x.dtype {
+            return Err(refuse(format!("mixed dtypes {:?} x {:?}", x.dtype, w.dtype)));
+        }
+        let aligned = |t: &CubeTensor<CudaRuntime>| t.handle.offset_start.unwrap_or(0).is_multiple_of(align);
+        if !aligned(&x) || !aligned(&w) {
+            return Err(refuse(format!("an operand starts off a {align}-byte boundary")));
+        }
+        // Contiguous, as the kernels write it (an allocation may pad rows otherwise).
+        let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [m, n].into(), x.dtype);
+        Ok(OutInOperands { x, w, out, m, k, n })
+    }
+
+    fn handles(&self) -> [cubecl::server::Handle; 3] {
+        [
+            self.x.handle.clone(),
+            self.w.handle.clone(),
+            self.out.handle.clone(),
+        ]
+    }
+}
+
+/// `x · w` by our GEMV: at most `GEMV_MAX_ROWS` rows of `x`, both operands 16-byte aligned.
 fn own_gemv(
     x: CubeTensor<CudaRuntime>,
     w: CubeTensor<CudaRuntime>,
 ) -> Result<CubeTensor<CudaRuntime>, GemmError> {
-    let refuse = |why: String| GemmError::Unavailable {
+    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, 16)?;
+    let shape = GemvShape {
+        rows: ops.m,
+        k: ops.k,
+        n: ops.n,
+    };
+    let dtype = ops.x.dtype;
+    gemv::launch(
+        &ops.out.client,
+        ops.handles(),
+        shape,
+        (dtype.into(), dtype.size()),
+        true,
+    )
+    .map_err(|e| GemmError::Unavailable {
         kernel: GemmKernel::Gemv,
+        why: e.0,
+    })?;
+    Ok(ops.out)
+}
+
+/// `x · w` by our tensor-core GEMM: 1 to `SKINNY_MAX_ROWS` rows of f16/bf16, `k` and `n`
+/// multiples of 16, both operands 32-byte aligned (CMMA's loads). Larger products (prompt
+/// chunks) go to cuBLAS, whose two host waits are small beside such a GEMM.
+fn own_skinny(
+    x: CubeTensor<CudaRuntime>,
+    w: CubeTensor<CudaRuntime>,
+) -> Result<CubeTensor<CudaRuntime>, GemmError> {
+    if x.meta.shape()[0] > skinny_gemm::SKINNY_MAX_ROWS {
+        return cublas_matmul(x, w, Ordering::HostSync);
+    }
+    let refuse = |why: String| GemmError::Unavailable {
+        kernel: GemmKernel::Skinny,
         why,
     };
-    let x = contiguous(x, "gemv x");
-    let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
-    let n = w.meta.shape()[1];
-    let ws = w.meta.strides();
-    if ws[0] != 1 || ws[1] != k {
-        return Err(refuse(format!(
-            "weight strides {:?} are not those of an [n, k] weight (weight_layout = \"out_in\")",
-            &ws[..]
-        )));
+    if !matches!(x.dtype, DType::F16 | DType::BF16) {
+        return Err(refuse(format!("no tensor-core GEMM for {:?}", x.dtype)));
     }
-    if w.dtype != x.dtype {
-        return Err(refuse(format!("mixed dtypes {:?} x {:?}", x.dtype, w.dtype)));
-    }
-    let aligned = |t: &CubeTensor<CudaRuntime>| t.handle.offset_start.unwrap_or(0).is_multiple_of(16);
-    if !aligned(&x) || !aligned(&w) {
-        return Err(refuse("an operand starts off a 16-byte boundary".into()));
-    }
-    // Contiguous, as the kernel writes it (an allocation may pad rows otherwise).
-    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [m, n].into(), x.dtype);
-    let shape = GemvShape { rows: m, k, n };
-    let handles = [x.handle.clone(), w.handle.clone(), out.handle.clone()];
-    gemv::launch(
-        &out.client,
-        handles,
+    let ops = OutInOperands::check(GemmKernel::Skinny, x, w, 32)?;
+    let shape = SkinnyShape {
+        rows: ops.m,
+        k: ops.k,
+        n: ops.n,
+    };
+    let dtype = ops.x.dtype;
+    skinny_gemm::launch(
+        &ops.out.client,
+        ops.handles(),
         shape,
-        (x.dtype.into(), x.dtype.size()),
+        (dtype.into(), dtype.size()),
         true,
     )
     .map_err(|e| refuse(e.0))?;
-    Ok(out)
+    Ok(ops.out)
 }
 
 /// The cuBLAS data type of a burn float type.

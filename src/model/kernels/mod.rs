@@ -13,6 +13,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod sample;
 pub mod silu_mul;
+pub mod skinny_gemm;
 pub mod stream_order;
 
 /// Why a kernel will not run a problem; the caller falls back to burn's ops.
