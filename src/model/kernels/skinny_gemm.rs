@@ -47,8 +47,8 @@ const WARPS: usize = 8;
 const LANES: usize = 32;
 /// Units per cube.
 const UNITS: usize = WARPS * LANES;
-/// Bytes of `x` staged per chunk of `k`: small enough for several cubes per SM, and within
-/// llvmpipe's 32 KiB with the epilogue's scratch in f32.
+/// Bytes of `x` a chunk of `k` aims at; a chunk is at least one 16-wide step per warp, so
+/// many rows on few strips per cube stage more.
 const STAGE_BYTES: usize = 16 * 1024;
 
 /// The problem's sizes: `x` is `[rows, k]`, `w` is `[n, k]`, both contiguous.
@@ -59,10 +59,14 @@ pub struct SkinnyShape {
     pub n: usize,
 }
 
-/// How a launch divides its cube's eight warps, by the number of row tiles: few rows split `k`
-/// over more warps (more cubes' worth of parallelism on narrow weights); many rows put more
-/// strips side by side, so each staged row of `x` serves more columns (`x` is re-read by every
-/// cube, from L2).
+/// How a launch divides its cube's eight warps into `n_warps` strips of 16 columns side by side
+/// and `k_warps` warps splitting each strip's `k`.
+/// - More rows want more strips per cube: every cube re-reads all of `x` (from L2), so
+///   `rows / columns per cube` is that traffic against the weight's.
+/// - A narrow weight wants fewer strips per cube, so that there are at least [`MIN_CUBES`]
+///   cubes to stream it (o and down of a 1B Llama have 2,048 outputs: 16 cubes of 128 columns
+///   would leave most SMs idle).
+/// - Shared memory bounds both: the staged chunk of `x` grows with `k_warps`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SkinnyPlan {
     pub row_tiles: usize,
@@ -74,26 +78,53 @@ pub struct SkinnyPlan {
     pub steps: usize,
 }
 
+/// Cubes a launch aims for where the weight is wide enough: about one per SM of an H100 (132).
+pub const MIN_CUBES: usize = 128;
+/// Shared memory a plan may use, even where the device allows more (CUDA's static limit; more
+/// would cost occupancy).
+pub const MAX_SHARED_BYTES: usize = 48 * 1024;
+
 impl SkinnyPlan {
-    pub fn for_rows(rows: usize, elem_bytes: usize) -> SkinnyPlan {
+    /// The plan for `rows` rows of `n` outputs of `elem_bytes`-byte elements, in at most
+    /// `max_shared` bytes of shared memory (capped at [`MAX_SHARED_BYTES`]).
+    pub fn for_problem(rows: usize, n: usize, elem_bytes: usize, max_shared: usize) -> SkinnyPlan {
         let row_tiles = rows.div_ceil(TILE).max(1);
-        let n_warps = match row_tiles {
+        let mut n_warps = match row_tiles {
             1 => 1,
             2 => 2,
             3 | 4 => 4,
             _ => WARPS,
         };
+        while n_warps > 1 && n.div_ceil(n_warps * TILE) < MIN_CUBES {
+            n_warps /= 2;
+        }
+        let budget = max_shared.min(MAX_SHARED_BYTES);
+        loop {
+            let plan = SkinnyPlan::with_strips(row_tiles, n_warps, elem_bytes);
+            if n_warps == WARPS || plan.shared_bytes(elem_bytes) <= budget {
+                return plan;
+            }
+            n_warps *= 2;
+        }
+    }
+
+    /// `n_warps` strips per cube, and as many 16-wide steps of `k` per chunk (a power of two, at
+    /// most 4, so that a chunk divides the model's `k`) as [`STAGE_BYTES`] allows.
+    pub fn with_strips(row_tiles: usize, n_warps: usize, elem_bytes: usize) -> SkinnyPlan {
         let k_warps = WARPS / n_warps;
         let per_step = row_tiles * TILE * k_warps * TILE * elem_bytes.max(1);
-        // A power of two, so that a chunk divides the model's k.
         let steps = (STAGE_BYTES / per_step).clamp(1, 4);
-        let steps = 1 << steps.ilog2();
         SkinnyPlan {
             row_tiles,
             n_warps,
             k_warps,
-            steps,
+            steps: 1 << steps.ilog2(),
         }
+    }
+
+    /// Shared memory the kernels declare: the staged chunk and the epilogue's f32 tiles.
+    pub fn shared_bytes(&self, elem_bytes: usize) -> usize {
+        self.row_tiles * TILE * (self.chunk() + PAD) * elem_bytes + WARPS * TILE_ELEMS * 4
     }
 
     /// Columns of `k` staged at a time.
@@ -374,8 +405,22 @@ pub fn launch<R: Runtime>(
     if let Some(why) = refusal(shape) {
         return Err(why);
     }
+    let max_shared = client.properties().hardware.max_shared_memory_size;
+    let (rows, n) = (shape.rows, shape.n);
+    let plan = SkinnyPlan::for_problem(rows, n, elem_bytes, max_shared);
+    launch_planned(client, [x, w, out], shape, plan, dtype, tensor_cores)
+}
+
+/// [`launch`] with a plan of the caller's (the tests run every kind).
+fn launch_planned<R: Runtime>(
+    client: &ComputeClient<R>,
+    [x, w, out]: [cubecl::server::Handle; 3],
+    shape: SkinnyShape,
+    plan: SkinnyPlan,
+    dtype: StorageType,
+    tensor_cores: bool,
+) -> Result<(), Refused> {
     let SkinnyShape { rows, k, n } = shape;
-    let plan = SkinnyPlan::for_rows(rows, elem_bytes);
     let cubes = u32::try_from(n.div_ceil(plan.columns()))
         .ok()
         .filter(|&c| c <= super::MAX_CUBES_PER_DIM)
@@ -456,82 +501,80 @@ mod tests {
     fn kernels_skinny_gemm_matches_an_f32_product() {
         let client = gl::client();
         let f32_type = f32::as_type_native_unchecked().storage_type();
-        // Every plan (1, 2, 3-4 and 5-8 row tiles), partial last row tiles, a last cube with
-        // spare strips (n 48 with 64 columns per cube), and k that is not a whole number of
-        // chunks (k 80 against chunks of 64-256).
-        for shape in [
-            SkinnyShape {
-                rows: 9,
-                k: 256,
-                n: 32,
-            },
-            SkinnyShape {
-                rows: 16,
-                k: 80,
-                n: 48,
-            },
-            SkinnyShape {
-                rows: 27,
-                k: 144,
-                n: 64,
-            },
-            SkinnyShape {
-                rows: 50,
-                k: 80,
-                n: 48,
-            },
-            SkinnyShape {
-                rows: 64,
-                k: 64,
-                n: 80,
-            },
-            SkinnyShape {
-                rows: 100,
-                k: 96,
-                n: 144,
-            },
-            SkinnyShape {
-                rows: 128,
-                k: 48,
-                n: 16,
-            },
-        ] {
-            let SkinnyShape { rows, k, n } = shape;
+        let max_shared = client.properties().hardware.max_shared_memory_size;
+        // Every row-tile count class (1, 2, 3-4, 5-8), partial last row tiles, a last cube with
+        // spare strips (n 48 or 144 against 64 or 128 columns per cube), and k that is not a whole
+        // number of chunks (k 80, 144 against chunks of 64-256); each with the plan `launch`
+        // picks and with every strip count that fits GL's shared memory.
+        let shapes = [
+            (9, 256, 32),
+            (16, 80, 48),
+            (27, 144, 64),
+            (50, 80, 48),
+            (100, 96, 144),
+            (128, 48, 16),
+        ];
+        let mut runs = 0;
+        for (rows, k, n) in shapes {
+            let shape = SkinnyShape { rows, k, n };
             let (x, w) = (values(rows * k, 1), values(n * k, 2));
-            let out = client.empty(rows * n * 4);
-            let handles = [gl::upload(&client, &x), gl::upload(&client, &w), out.clone()];
-            launch(&client, handles, shape, (f32_type, 4), false).unwrap();
-            let got = gl::download(&client, out);
             let want = reference(&x, &w, shape);
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                    "{shape:?}: out[{}][{}] = {g}, want {e}",
-                    i / n,
-                    i % n
-                );
+            let row_tiles = rows.div_ceil(TILE);
+            let plans = [1, 2, 4, 8]
+                .map(|strips| Some(SkinnyPlan::with_strips(row_tiles, strips, 4)))
+                .into_iter()
+                .chain([None]);
+            for plan in plans {
+                if plan.is_some_and(|p| p.shared_bytes(4) > max_shared) {
+                    continue;
+                }
+                let out = client.empty(rows * n * 4);
+                let handles = [gl::upload(&client, &x), gl::upload(&client, &w), out.clone()];
+                match plan {
+                    Some(plan) => launch_planned(&client, handles, shape, plan, f32_type, false),
+                    None => launch(&client, handles, shape, (f32_type, 4), false),
+                }
+                .unwrap();
+                let got = gl::download(&client, out);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{shape:?} {plan:?}: out[{}][{}] = {g}, want {e}",
+                        i / n,
+                        i % n
+                    );
+                }
+                runs += 1;
             }
         }
+        assert!(
+            runs >= 20,
+            "only {runs} plans fit GL's {max_shared} bytes of shared memory"
+        );
     }
 
     #[test]
     fn kernels_skinny_gemm_plans_fit_shared_memory_and_cover_k() {
-        for rows in 1..=SKINNY_MAX_ROWS {
-            for elem_bytes in [2, 4] {
-                let plan = SkinnyPlan::for_rows(rows, elem_bytes);
-                assert_eq!(plan.n_warps * plan.k_warps, WARPS, "{plan:?}");
-                assert!(plan.row_tiles * TILE >= rows && plan.row_tiles <= 8, "{plan:?}");
-                let staged = plan.row_tiles * TILE * plan.chunk() * elem_bytes;
-                assert!(staged <= STAGE_BYTES, "{rows} rows stage {staged} bytes");
-                // With the padding and the epilogue's scratch, within llvmpipe's 32 KiB.
-                let shared =
-                    plan.row_tiles * TILE * (plan.chunk() + PAD) * elem_bytes + WARPS * TILE_ELEMS * 4;
-                assert!(
-                    shared <= 32 * 1024,
-                    "{rows} rows use {shared} bytes of shared memory"
-                );
-                // Llama-3.2-1B's k (2048, 8192) is a whole number of chunks.
-                assert_eq!(2048 % plan.chunk(), 0, "{plan:?}");
+        // Llama-3.2-1B's outputs (o and down, q/k/v, gate/up, lm_head) and a narrow one.
+        for n in [2048, 3072, 16384, 128_256, 48] {
+            for rows in 1..=SKINNY_MAX_ROWS {
+                for (elem_bytes, max_shared) in [(2, 227 * 1024), (4, 32 * 1024)] {
+                    let plan = SkinnyPlan::for_problem(rows, n, elem_bytes, max_shared);
+                    let cubes = n.div_ceil(plan.columns());
+                    assert_eq!(plan.n_warps * plan.k_warps, WARPS, "{plan:?}");
+                    assert!(plan.row_tiles * TILE >= rows && plan.row_tiles <= 8, "{plan:?}");
+                    let shared = plan.shared_bytes(elem_bytes);
+                    assert!(
+                        shared <= max_shared.min(MAX_SHARED_BYTES),
+                        "{rows} rows of {n}: {plan:?} uses {shared} bytes"
+                    );
+                    // Enough cubes to stream the weight, where it is wide enough.
+                    if elem_bytes == 2 && n >= MIN_CUBES * TILE {
+                        assert!(cubes >= MIN_CUBES, "{rows} rows of {n}: {cubes} cubes");
+                    }
+                    // The model's k (2048, 8192) is a whole number of chunks.
+                    assert_eq!(2048 % plan.chunk(), 0, "{plan:?}");
+                }
             }
         }
         assert!(refusal(SkinnyShape {
