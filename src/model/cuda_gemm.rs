@@ -306,8 +306,8 @@ fn cubek_matmul(
 }
 
 /// The operands of our own kernels, checked: `x` made contiguous `[m, k]`, `w` the transposed
-/// view of a contiguous `[n, k]` weight (`weight_layout = "out_in"`) of `x`'s dtype, both starting
-/// on an `align`-byte boundary; and an empty contiguous `[m, n]` output.
+/// view of a contiguous `[n, k]` weight (`weight_layout = "out_in"`) of `x`'s dtype, starting on
+/// `x_align`- and `w_align`-byte boundaries; and an empty contiguous `[m, n]` output.
 struct OutInOperands {
     x: CubeTensor<CudaRuntime>,
     w: CubeTensor<CudaRuntime>,
@@ -322,7 +322,7 @@ impl OutInOperands {
         kernel: GemmKernel,
         x: CubeTensor<CudaRuntime>,
         w: CubeTensor<CudaRuntime>,
-        align: u64,
+        [x_align, w_align]: [u64; 2],
     ) -> Result<OutInOperands, GemmError> {
         let refuse = |why: String| GemmError::Unavailable { kernel, why };
         let x = contiguous(x, "own GEMM x");
@@ -338,9 +338,11 @@ impl OutInOperands {
         if w.dtype != x.dtype {
             return Err(refuse(format!("mixed dtypes {:?} x {:?}", x.dtype, w.dtype)));
         }
-        let aligned = |t: &CubeTensor<CudaRuntime>| t.handle.offset_start.unwrap_or(0).is_multiple_of(align);
-        if !aligned(&x) || !aligned(&w) {
-            return Err(refuse(format!("an operand starts off a {align}-byte boundary")));
+        let offset = |t: &CubeTensor<CudaRuntime>| t.handle.offset_start.unwrap_or(0);
+        if !offset(&x).is_multiple_of(x_align) || !offset(&w).is_multiple_of(w_align) {
+            return Err(refuse(format!(
+                "x must start on a {x_align}-byte boundary and the weight on a {w_align}-byte one"
+            )));
         }
         // Contiguous, as the kernels write it (an allocation may pad rows otherwise).
         let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [m, n].into(), x.dtype);
@@ -361,7 +363,7 @@ fn own_gemv(
     x: CubeTensor<CudaRuntime>,
     w: CubeTensor<CudaRuntime>,
 ) -> Result<CubeTensor<CudaRuntime>, GemmError> {
-    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, 16)?;
+    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16])?;
     let shape = GemvShape {
         rows: ops.m,
         k: ops.k,
@@ -383,7 +385,7 @@ fn own_gemv(
 }
 
 /// `x · w` by our tensor-core GEMM: 1 to `SKINNY_MAX_ROWS` rows of f16/bf16, `k` and `n`
-/// multiples of 16, both operands 32-byte aligned (CMMA's loads). Larger products (prompt
+/// multiples of 16, the weight 32-byte aligned (CMMA's loads; `x` is staged element by element). Larger products (prompt
 /// chunks) go to cuBLAS, whose two host waits are small beside such a GEMM.
 fn own_skinny(
     x: CubeTensor<CudaRuntime>,
@@ -399,7 +401,7 @@ fn own_skinny(
     if !matches!(x.dtype, DType::F16 | DType::BF16) {
         return Err(refuse(format!("no tensor-core GEMM for {:?}", x.dtype)));
     }
-    let ops = OutInOperands::check(GemmKernel::Skinny, x, w, 32)?;
+    let ops = OutInOperands::check(GemmKernel::Skinny, x, w, [2, 32])?;
     let shape = SkinnyShape {
         rows: ops.m,
         k: ops.k,
