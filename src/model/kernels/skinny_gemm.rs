@@ -47,9 +47,6 @@ const WARPS: usize = 8;
 const LANES: usize = 32;
 /// Units per cube.
 const UNITS: usize = WARPS * LANES;
-/// Bytes of `x` a chunk of `k` aims at; a chunk is at least one 16-wide step per warp, so
-/// many rows on few strips per cube stage more.
-const STAGE_BYTES: usize = 16 * 1024;
 
 /// The problem's sizes: `x` is `[rows, k]`, `w` is `[n, k]`, both contiguous.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,9 +77,13 @@ pub struct SkinnyPlan {
 
 /// Cubes a launch aims for where the weight is wide enough: about one per SM of an H100 (132).
 pub const MIN_CUBES: usize = 128;
-/// Shared memory a plan may use, even where the device allows more (CUDA's static limit; more
-/// would cost occupancy).
-pub const MAX_SHARED_BYTES: usize = 48 * 1024;
+/// Shared memory a plan may use, even where the device allows more (an H100 has 228 KiB per
+/// SM: two cubes' worth, the most its registers allow at eight row tiles anyway).
+pub const MAX_SHARED_BYTES: usize = 100 * 1024;
+/// 16-wide steps of `k` per warp per chunk at most: a warp's B tiles of one chunk are in
+/// flight together (8 of them: 4 KiB per warp), and a chunk of 8 steps by 8 warps (1,024)
+/// still divides the model's `k`.
+const MAX_STEPS: usize = 8;
 
 impl SkinnyPlan {
     /// The plan for `rows` rows of `n` outputs of `elem_bytes`-byte elements, in at most
@@ -100,7 +101,7 @@ impl SkinnyPlan {
         }
         let budget = max_shared.min(MAX_SHARED_BYTES);
         loop {
-            let plan = SkinnyPlan::with_strips(row_tiles, n_warps, elem_bytes);
+            let plan = SkinnyPlan::with_strips(row_tiles, n_warps, elem_bytes, budget);
             if n_warps == WARPS || plan.shared_bytes(elem_bytes) <= budget {
                 return plan;
             }
@@ -108,18 +109,23 @@ impl SkinnyPlan {
         }
     }
 
-    /// `n_warps` strips per cube, and as many 16-wide steps of `k` per chunk (a power of two, at
-    /// most 4, so that a chunk divides the model's `k`) as [`STAGE_BYTES`] allows.
-    pub fn with_strips(row_tiles: usize, n_warps: usize, elem_bytes: usize) -> SkinnyPlan {
+    /// `n_warps` strips per cube, and as many 16-wide steps of `k` per chunk as fit `budget`
+    /// bytes of shared memory (a power of two up to [`MAX_STEPS`], so that a chunk divides the
+    /// model's `k`; at least one). Each chunk costs a round trip to memory and two cube
+    /// barriers, so fewer, longer chunks hide more of the latency.
+    pub fn with_strips(row_tiles: usize, n_warps: usize, elem_bytes: usize, budget: usize) -> SkinnyPlan {
         let k_warps = WARPS / n_warps;
-        let per_step = row_tiles * TILE * k_warps * TILE * elem_bytes.max(1);
-        let steps = (STAGE_BYTES / per_step).clamp(1, 4);
-        SkinnyPlan {
+        let plan = |steps| SkinnyPlan {
             row_tiles,
             n_warps,
             k_warps,
-            steps: 1 << steps.ilog2(),
+            steps,
+        };
+        let mut steps = MAX_STEPS;
+        while steps > 1 && plan(steps).shared_bytes(elem_bytes) > budget {
+            steps /= 2;
         }
+        plan(steps)
     }
 
     /// Shared memory the kernels declare: the staged chunk and the epilogue's f32 tiles.
@@ -521,7 +527,7 @@ mod tests {
             let want = reference(&x, &w, shape);
             let row_tiles = rows.div_ceil(TILE);
             let plans = [1, 2, 4, 8]
-                .map(|strips| Some(SkinnyPlan::with_strips(row_tiles, strips, 4)))
+                .map(|strips| Some(SkinnyPlan::with_strips(row_tiles, strips, 4, max_shared)))
                 .into_iter()
                 .chain([None]);
             for plan in plans {
