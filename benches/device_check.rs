@@ -211,7 +211,9 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
         },
         AttentionKernel::Burn => None,
     };
-    let fused = cuda.fused_ops.then(|| cuda_fused::fused_ops(cuda.fused_kv_write));
+    let fused = cuda
+        .fused_ops
+        .then(|| cuda_fused::fused_ops(cuda.fused_kv_write, cuda_fused::swiglu_rows(choice, layout)));
     eprintln!(
         "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}, fused K/V write {}",
         choice.small,

@@ -203,7 +203,10 @@ pub fn start(
                 None => None,
             };
             let kv_write = settings.cuda.fused_kv_write;
-            let fused = settings.cuda.fused_ops.then(|| cuda_fused::fused_ops(kv_write));
+            let fused = settings
+                .cuda
+                .fused_ops
+                .then(|| cuda_fused::fused_ops(kv_write, cuda_fused::swiglu_rows(choice, layout)));
             let device_sampling = DeviceSampling {
                 argmax: settings.cuda.device_argmax.then(cuda_sample::device_argmax),
                 draw: settings.cuda.device_sampling.then(cuda_sample::device_draw),

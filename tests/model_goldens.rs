@@ -353,6 +353,7 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             rms_norm: Arc::new(rms_norm),
             add_rms_norm: Arc::new(add_rms_norm),
             silu_mul: Arc::new(silu_mul_halves),
+            gate_up_act: None,
             rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
             qkv_write: None,
         }));
@@ -370,6 +371,55 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             greedy_batched(&model, &cases, 7, KvStorage::Device),
             want,
             "{name}: out_in merged gate/up greedy"
+        );
+        // With the activation hook (CUDA's fused GEMV at decode-sized batches), the gate/up
+        // projection leaves the projection hook: a host twin here, for rows up to 4.
+        use burn::tensor::Tensor;
+        let acts = Arc::new(AtomicUsize::new(0));
+        let counted = acts.clone();
+        let model = model.with_fused_ops(Some(inferflux::model::FusedOps {
+            rms_norm: Arc::new(rms_norm),
+            add_rms_norm: Arc::new(add_rms_norm),
+            silu_mul: Arc::new(silu_mul_halves),
+            gate_up_act: Some(Arc::new(move |h: Tensor<B, 2>, w: Tensor<B, 2>| {
+                (h.dims()[0] <= 4).then(|| {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    silu_mul_halves(h.matmul(w))
+                })
+            })),
+            rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
+            qkv_write: None,
+        }));
+        let layers = model.config().num_layers;
+        for p in &cases {
+            let (before, acts_before) = (calls.load(Ordering::Relaxed), acts.load(Ordering::Relaxed));
+            let logits = prompt_logits(&model, KvStorage::Host, p);
+            let (projected, fused) = (
+                calls.load(Ordering::Relaxed) - before,
+                acts.load(Ordering::Relaxed) - acts_before,
+            );
+            // A prompt of more than 4 tokens takes the projection and `silu_mul`.
+            let expect_fused = if p.input_ids.len() <= 4 { layers } else { 0 };
+            assert_eq!(fused, expect_fused, "{name}: activations through the hook");
+            assert_eq!(
+                projected,
+                6 * layers + 1 - fused,
+                "{name}: projections beside the hook"
+            );
+            assert_close(
+                &logits,
+                &p.last_logits,
+                &format!("{name} out_in gate/up activation hook"),
+            );
+        }
+        assert_eq!(
+            greedy_batched(&model, &cases, 7, KvStorage::Device),
+            want,
+            "{name}: out_in gate/up activation hook greedy"
+        );
+        assert!(
+            acts.load(Ordering::Relaxed) > 0,
+            "{name}: decodes went through the hook"
         );
     }
 }
@@ -438,6 +488,7 @@ fn model_fused_ops_hooks_match_transformers() {
                 a.fetch_add(1, Ordering::Relaxed);
                 silu_mul_halves(gate_up)
             }),
+            gate_up_act: None,
             rope: Arc::new(move |x, cos, sin| {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)
@@ -506,6 +557,7 @@ fn model_fused_qkv_write_hook_matches_transformers() {
             rms_norm: Arc::new(rms_norm),
             add_rms_norm: Arc::new(add_rms_norm),
             silu_mul: Arc::new(silu_mul_halves),
+            gate_up_act: None,
             rope: Arc::new(move |x, cos, sin| {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)

@@ -18,12 +18,23 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 
 use super::cuda_gemm::CudaCube;
+use super::cuda_gemm::{self, GemmChoice, GemmKernel};
 use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
-use super::llama::{self, FusedOps, QkvWrite, QkvWriteFn};
+use super::llama::WeightLayout;
+use super::llama::{self, FusedOps, GateUpActFn, QkvWrite, QkvWriteFn};
 
-/// The server's fused operations on [`CudaCube`]; `kv_write` adds the fused RoPE and K/V write.
-pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
+/// The rows up to which the MLP's gate/up GEMV and activation run as one launch: the GEMV's
+/// (`[cuda] gemv = "gemv"` on `out_in` weights), since that launch is the GEMV's kernel.
+pub fn swiglu_rows(choice: GemmChoice, layout: WeightLayout) -> Option<usize> {
+    (choice.small == GemmKernel::Gemv && layout == WeightLayout::OutIn && choice.small_max_rows > 0)
+        .then_some(choice.small_max_rows.min(super::kernels::gemv::GEMV_MAX_ROWS))
+}
+
+/// The server's fused operations on [`CudaCube`]; `kv_write` adds the fused RoPE and K/V write,
+/// `swiglu_rows` the MLP's gate/up GEMV and activation in one launch for batches of at most that
+/// many rows (see [`swiglu_rows`]).
+pub fn fused_ops(kv_write: bool, swiglu_rows: Option<usize>) -> FusedOps<CudaCube> {
     let warned = Arc::new(AtomicBool::new(false));
     let warn = move |what: &str, e: Refused| {
         if !warned.swap(true, Ordering::Relaxed) {
@@ -31,7 +42,17 @@ pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
         }
     };
     let (warn_norm, warn_add_norm) = (warn.clone(), warn.clone());
-    let (warn_rope, warn_write) = (warn.clone(), warn.clone());
+    let (warn_rope, warn_write, warn_act) = (warn.clone(), warn.clone(), warn.clone());
+    let gate_up_act: Option<GateUpActFn<CudaCube>> = swiglu_rows.map(|max_rows| {
+        Arc::new(move |h: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>| {
+            if h.dims()[0] > max_rows {
+                return None;
+            }
+            cuda_gemm::swiglu_gemv(h, w)
+                .map_err(|e| warn_act("gate_up_act", Refused(e.to_string())))
+                .ok()
+        }) as GateUpActFn<CudaCube>
+    });
     let qkv_write: Option<QkvWriteFn<CudaCube>> = kv_write.then(|| {
         Arc::new(move |a: QkvWrite<CudaCube>| {
             launch_qkv_write(a).unwrap_or_else(|refused| {
@@ -62,6 +83,7 @@ pub fn fused_ops(kv_write: bool) -> FusedOps<CudaCube> {
                 llama::silu_mul_halves(gate_up)
             })
         }),
+        gate_up_act,
         rope: Arc::new(
             move |x: Tensor<CudaCube, 3>, cos: Tensor<CudaCube, 3>, sin: Tensor<CudaCube, 3>| {
                 launch_rope(x.clone(), cos.clone(), sin.clone()).unwrap_or_else(|e| {

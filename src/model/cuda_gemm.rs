@@ -307,7 +307,7 @@ fn cubek_matmul(
 
 /// The operands of our own kernels, checked: `x` made contiguous `[m, k]`, `w` the transposed
 /// view of a contiguous `[n, k]` weight (`weight_layout = "out_in"`) of `x`'s dtype, starting on
-/// `x_align`- and `w_align`-byte boundaries; and an empty contiguous `[m, n]` output.
+/// `x_align`- and `w_align`-byte boundaries; and an empty contiguous `[m, out_cols]` output.
 struct OutInOperands {
     x: CubeTensor<CudaRuntime>,
     w: CubeTensor<CudaRuntime>,
@@ -323,6 +323,7 @@ impl OutInOperands {
         x: CubeTensor<CudaRuntime>,
         w: CubeTensor<CudaRuntime>,
         [x_align, w_align]: [u64; 2],
+        out_cols: usize,
     ) -> Result<OutInOperands, GemmError> {
         let refuse = |why: String| GemmError::Unavailable { kernel, why };
         let x = contiguous(x, "own GEMM x");
@@ -345,7 +346,8 @@ impl OutInOperands {
             )));
         }
         // Contiguous, as the kernels write it (an allocation may pad rows otherwise).
-        let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [m, n].into(), x.dtype);
+        let out =
+            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [m, out_cols].into(), x.dtype);
         Ok(OutInOperands { x, w, out, m, k, n })
     }
 
@@ -363,7 +365,8 @@ fn own_gemv(
     x: CubeTensor<CudaRuntime>,
     w: CubeTensor<CudaRuntime>,
 ) -> Result<CubeTensor<CudaRuntime>, GemmError> {
-    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16])?;
+    let n = w.meta.shape()[1];
+    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], n)?;
     let shape = GemvShape {
         rows: ops.m,
         k: ops.k,
@@ -384,6 +387,37 @@ fn own_gemv(
     Ok(ops.out)
 }
 
+/// `silu(x · gate) · (x · up)` by our GEMV in one launch (`kernels::gemv::launch_swiglu`), `w`
+/// the transposed view of the merged `[gate; up]` weight `[2 n, k]`; at most `GEMV_MAX_ROWS`
+/// rows of `x`, both 16-byte aligned. Bit for bit the GEMV of `w` and then `silu_mul`.
+pub fn swiglu_gemv(x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>) -> Result<Tensor<CudaCube, 2>, GemmError> {
+    let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+    let refuse = |why: String| GemmError::Unavailable {
+        kernel: GemmKernel::Gemv,
+        why,
+    };
+    let merged = w.meta.shape()[1];
+    if !merged.is_multiple_of(2) {
+        return Err(refuse(format!("an odd merged gate/up width {merged}")));
+    }
+    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], merged / 2)?;
+    let shape = GemvShape {
+        rows: ops.m,
+        k: ops.k,
+        n: merged / 2,
+    };
+    let dtype = ops.x.dtype;
+    gemv::launch_swiglu(
+        &ops.out.client,
+        ops.handles(),
+        shape,
+        (dtype.into(), dtype.size()),
+        true,
+    )
+    .map_err(|e| refuse(e.0))?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(ops.out)))
+}
+
 /// `x · w` by our tensor-core GEMM: 1 to `SKINNY_MAX_ROWS` rows of f16/bf16, `k` and `n`
 /// multiples of 16, the weight 32-byte aligned (CMMA's loads; `x` is staged element by element). Larger products (prompt
 /// chunks) go to cuBLAS, whose two host waits are small beside such a GEMM.
@@ -401,7 +435,8 @@ fn own_skinny(
     if !matches!(x.dtype, DType::F16 | DType::BF16) {
         return Err(refuse(format!("no tensor-core GEMM for {:?}", x.dtype)));
     }
-    let ops = OutInOperands::check(GemmKernel::Skinny, x, w, [2, 32])?;
+    let n = w.meta.shape()[1];
+    let ops = OutInOperands::check(GemmKernel::Skinny, x, w, [2, 32], n)?;
     let shape = SkinnyShape {
         rows: ops.m,
         k: ops.k,

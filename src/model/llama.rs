@@ -100,6 +100,11 @@ pub type AddRmsNormFn<B> =
 /// `silu(gate) · up` of `[rows, 2 * intermediate]` (each row: gate, then up) as
 /// `[rows, intermediate]`, as [`silu_mul_halves`].
 pub type SiluMulFn<B> = Arc<dyn Fn(Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
+/// The MLP's activation straight from its input: `silu(h · gate) · (h · up)` from `h [rows, in]`
+/// and the merged gate/up weight (logical `[in, 2 * intermediate]`) in one launch, as
+/// [`silu_mul_halves`] of the projection. `None` where it cannot take the input; the model then
+/// projects and applies [`FusedOps::silu_mul`].
+pub type GateUpActFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Option<Tensor<B, 2>> + Send + Sync>;
 /// RoPE of `x [tokens, heads, head_dim]` with the step's `cos` and `sin` (`[tokens, 1,
 /// head_dim]`), as [`rotate_half_rope`].
 pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
@@ -138,6 +143,9 @@ pub struct FusedOps<B: Backend> {
     /// The residual add and the RMSNorm that follows it (every one but the first layer's).
     pub add_rms_norm: AddRmsNormFn<B>,
     pub silu_mul: SiluMulFn<B>,
+    /// The merged gate/up projection and its activation in one launch (decode-sized batches on
+    /// CUDA's GEMV); `None`: always the projection, then `silu_mul`.
+    pub gate_up_act: Option<GateUpActFn<B>>,
     pub rope: RopeFn<B>,
     /// The RoPE of q and k and the K/V write into the pages in one launch, reading q, k and v
     /// from one merged projection; `None`: [`FusedOps::rope`] then the cache's own write.
@@ -650,7 +658,13 @@ impl<B: Backend> Llama<B> {
             let (x_mid, h_mlp) = self.add_rms_norm(x, out, &layer.mlp_norm);
             x = x_mid;
             let act = match (&layer.gate_up, &self.fused) {
-                (GateUp::Merged(w), Some(f)) => (f.silu_mul)(self.project(h_mlp, w)),
+                (GateUp::Merged(w), Some(f)) => {
+                    let fused = f
+                        .gate_up_act
+                        .as_ref()
+                        .and_then(|act| act(h_mlp.clone(), w.clone()));
+                    fused.unwrap_or_else(|| (f.silu_mul)(self.project(h_mlp, w)))
+                }
                 (GateUp::Merged(w), None) => silu_mul_halves(self.project(h_mlp, w)),
                 (GateUp::Apart { gate, up }, _) => {
                     silu_mul(self.project(h_mlp.clone(), gate), self.project(h_mlp, up))
