@@ -213,7 +213,7 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
     };
     let fused = cuda
         .fused_ops
-        .then(|| cuda_fused::fused_ops(cuda.fused_kv_write, cuda_fused::swiglu_rows(choice, layout)));
+        .then(|| cuda_fused::fused_ops(cuda.fused_kv_write, cuda_fused::swiglu_rows(&cuda)));
     eprintln!(
         "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}, fused K/V write {}",
         choice.small,

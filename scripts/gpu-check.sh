@@ -35,7 +35,8 @@
 #      kernels, see docs/Performance.md). CHECK_KERNELS picks the configurations, also from
 #      `ordered` (`gemm = "cublas-ordered"`), `sampling` (`device_sampling`, whose draws at
 #      T=1e-4 must follow the greedy tokens; both checked correct on 2026-11-27) and no-paged,
-#      no-kv-write, no-fused, no-gemv and no-argmax (the defaults without one of our kernels each).
+#      no-kv-write, no-fused, no-gemv, no-argmax and no-gate-up (the defaults without one of our
+#      kernels each; the defaults' gate/up GEMV with its activation is new since 2026-11-27).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
@@ -180,6 +181,7 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     echo "INFERFLUX__CUDA__FUSED_OPS=false" >"$work/no-fused.env"
     printf 'INFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\n' >"$work/no-gemv.env"
     echo "INFERFLUX__CUDA__DEVICE_ARGMAX=false" >"$work/no-argmax.env"
+    echo "INFERFLUX__CUDA__FUSED_GATE_UP=false" >"$work/no-gate-up.env"
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"

@@ -288,6 +288,9 @@ pub struct CudaConfig {
     /// With `fused_ops`, q, k and v as one projection, then the RoPE of q and k and the K/V write
     /// into the pages in one launch (checked against transformers on the H100, 2026-11-27).
     pub fused_kv_write: bool,
+    /// With `fused_ops`, the merged gate/up GEMV and `silu(gate) · up` in one launch at the
+    /// batches the GEMV serves (bit for bit the two launches; not yet run on a GPU).
+    pub fused_gate_up: bool,
     /// Greedy rows' argmax by our one-cube-per-row kernel instead of burn's `argmax`, which
     /// (without autotune) walks each 128k-logit row with one thread.
     pub device_argmax: bool,
@@ -310,6 +313,7 @@ impl Default for CudaConfig {
             attention: AttentionKernel::Paged,
             fused_ops: true,
             fused_kv_write: true,
+            fused_gate_up: true,
             device_argmax: true,
             device_sampling: false,
         }
@@ -696,7 +700,7 @@ mod tests {
         );
         assert_eq!(s.cuda.attention, AttentionKernel::Paged);
         assert!(s.cuda.fused_ops);
-        assert!(s.cuda.fused_kv_write && s.cuda.device_argmax);
+        assert!(s.cuda.fused_kv_write && s.cuda.fused_gate_up && s.cuda.device_argmax);
         assert!(!s.cuda.device_sampling, "not yet measured on a GPU");
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "burn"),
@@ -704,11 +708,12 @@ mod tests {
             ("INFERFLUX__CUDA__ATTENTION", "burn"),
             ("INFERFLUX__CUDA__FUSED_OPS", "false"),
             ("INFERFLUX__CUDA__DEVICE_ARGMAX", "false"),
+            ("INFERFLUX__CUDA__FUSED_GATE_UP", "false"),
         ]);
         let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
         assert!(s.cuda.gemm_choice().is_burn_only(), "burn's matmul when asked");
         assert_eq!(s.cuda.attention, AttentionKernel::Burn);
-        assert!(!s.cuda.fused_ops && !s.cuda.device_argmax);
+        assert!(!s.cuda.fused_ops && !s.cuda.device_argmax && !s.cuda.fused_gate_up);
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "gemv-plane"),
             ("INFERFLUX__CUDA__GEMM", "cublas-ordered"),

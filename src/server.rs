@@ -206,7 +206,7 @@ pub fn start(
             let fused = settings
                 .cuda
                 .fused_ops
-                .then(|| cuda_fused::fused_ops(kv_write, cuda_fused::swiglu_rows(choice, layout)));
+                .then(|| cuda_fused::fused_ops(kv_write, cuda_fused::swiglu_rows(&settings.cuda)));
             let device_sampling = DeviceSampling {
                 argmax: settings.cuda.device_argmax.then(cuda_sample::device_argmax),
                 draw: settings.cuda.device_sampling.then(cuda_sample::device_draw),

@@ -18,16 +18,20 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 
 use super::cuda_gemm::CudaCube;
-use super::cuda_gemm::{self, GemmChoice, GemmKernel};
+use super::cuda_gemm::{self, GemmKernel};
 use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
 use super::llama::WeightLayout;
 use super::llama::{self, FusedOps, GateUpActFn, QkvWrite, QkvWriteFn};
+use crate::config::CudaConfig;
 
-/// The rows up to which the MLP's gate/up GEMV and activation run as one launch: the GEMV's
-/// (`[cuda] gemv = "gemv"` on `out_in` weights), since that launch is the GEMV's kernel.
-pub fn swiglu_rows(choice: GemmChoice, layout: WeightLayout) -> Option<usize> {
-    (choice.small == GemmKernel::Gemv && layout == WeightLayout::OutIn && choice.small_max_rows > 0)
+/// The rows up to which the MLP's gate/up GEMV and activation run as one launch
+/// (`[cuda] fused_gate_up`): the GEMV's (`[cuda] gemv = "gemv"` on `out_in` weights), since that
+/// launch is the GEMV's kernel.
+pub fn swiglu_rows(cuda: &CudaConfig) -> Option<usize> {
+    let choice = cuda.gemm_choice();
+    let gemv = choice.small == GemmKernel::Gemv && cuda.weight_layout == WeightLayout::OutIn;
+    (cuda.fused_gate_up && gemv && choice.small_max_rows > 0)
         .then_some(choice.small_max_rows.min(super::kernels::gemv::GEMV_MAX_ROWS))
 }
 
