@@ -239,6 +239,7 @@ pub fn start(
                     paged_attention = paged_attention.is_some(),
                     fused_ops = fused.is_some(),
                     fused_kv_write = fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
+                    fused_gate_up = fused.as_ref().is_some_and(|f| f.gate_up_act.is_some()),
                     device_argmax = device_sampling.argmax.is_some(),
                     device_sampling = device_sampling.draw.is_some(),
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"
