@@ -737,6 +737,14 @@ mod tests {
             )
         );
         assert!(!choice.is_burn_only());
+        // Our tensor-core GEMM by its name, for the batches above the GEMV's.
+        let vars = env(&[("INFERFLUX__CUDA__GEMM", "skinny")]);
+        let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
+        let choice = s.cuda.gemm_choice();
+        assert_eq!(
+            (choice.kernel_for(8), choice.kernel_for(9)),
+            (GemmKernel::Gemv, GemmKernel::Skinny)
+        );
         let err = Settings::load_with_env(
             None,
             &CliOverrides::default(),
