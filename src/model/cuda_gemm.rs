@@ -314,7 +314,6 @@ struct OutInOperands {
     out: CubeTensor<CudaRuntime>,
     m: usize,
     k: usize,
-    n: usize,
 }
 
 impl OutInOperands {
@@ -328,7 +327,6 @@ impl OutInOperands {
         let refuse = |why: String| GemmError::Unavailable { kernel, why };
         let x = contiguous(x, "own GEMM x");
         let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
-        let n = w.meta.shape()[1];
         let ws = w.meta.strides();
         if ws[0] != 1 || ws[1] != k {
             return Err(refuse(format!(
@@ -348,15 +346,30 @@ impl OutInOperands {
         // Contiguous, as the kernels write it (an allocation may pad rows otherwise).
         let out =
             empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [m, out_cols].into(), x.dtype);
-        Ok(OutInOperands { x, w, out, m, k, n })
+        Ok(OutInOperands { x, w, out, m, k })
     }
 
-    fn handles(&self) -> [cubecl::server::Handle; 3] {
-        [
+    /// Queues `launch` on the operands' handles, `[m, k, out_cols]` and dtype; the output.
+    fn run(
+        self,
+        kernel: GemmKernel,
+        launch: impl FnOnce(
+            &cubecl::prelude::ComputeClient<CudaRuntime>,
+            [cubecl::server::Handle; 3],
+            [usize; 3],
+            (cubecl::ir::StorageType, usize),
+        ) -> Result<(), super::kernels::Refused>,
+    ) -> Result<CubeTensor<CudaRuntime>, GemmError> {
+        let handles = [
             self.x.handle.clone(),
             self.w.handle.clone(),
             self.out.handle.clone(),
-        ]
+        ];
+        let sizes = [self.m, self.k, self.out.meta.shape()[1]];
+        let dtype = self.x.dtype;
+        launch(&self.out.client, handles, sizes, (dtype.into(), dtype.size()))
+            .map_err(|e| GemmError::Unavailable { kernel, why: e.0 })?;
+        Ok(self.out)
     }
 }
 
@@ -367,24 +380,9 @@ fn own_gemv(
 ) -> Result<CubeTensor<CudaRuntime>, GemmError> {
     let n = w.meta.shape()[1];
     let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], n)?;
-    let shape = GemvShape {
-        rows: ops.m,
-        k: ops.k,
-        n: ops.n,
-    };
-    let dtype = ops.x.dtype;
-    gemv::launch(
-        &ops.out.client,
-        ops.handles(),
-        shape,
-        (dtype.into(), dtype.size()),
-        true,
-    )
-    .map_err(|e| GemmError::Unavailable {
-        kernel: GemmKernel::Gemv,
-        why: e.0,
-    })?;
-    Ok(ops.out)
+    ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
+        gemv::launch(client, handles, GemvShape { rows, k, n }, dtype, true)
+    })
 }
 
 /// `silu(x · gate) · (x · up)` by our GEMV in one launch (`kernels::gemv::launch_swiglu`), `w`
@@ -392,35 +390,24 @@ fn own_gemv(
 /// rows of `x`, both 16-byte aligned. Bit for bit the GEMV of `w` and then `silu_mul`.
 pub fn swiglu_gemv(x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>) -> Result<Tensor<CudaCube, 2>, GemmError> {
     let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
-    let refuse = |why: String| GemmError::Unavailable {
-        kernel: GemmKernel::Gemv,
-        why,
-    };
     let merged = w.meta.shape()[1];
     if !merged.is_multiple_of(2) {
-        return Err(refuse(format!("an odd merged gate/up width {merged}")));
+        return Err(GemmError::Unavailable {
+            kernel: GemmKernel::Gemv,
+            why: format!("an odd merged gate/up width {merged}"),
+        });
     }
     let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], merged / 2)?;
-    let shape = GemvShape {
-        rows: ops.m,
-        k: ops.k,
-        n: merged / 2,
-    };
-    let dtype = ops.x.dtype;
-    gemv::launch_swiglu(
-        &ops.out.client,
-        ops.handles(),
-        shape,
-        (dtype.into(), dtype.size()),
-        true,
-    )
-    .map_err(|e| refuse(e.0))?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(ops.out)))
+    let out = ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
+        gemv::launch_swiglu(client, handles, GemvShape { rows, k, n }, dtype, true)
+    })?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
 /// `x · w` by our tensor-core GEMM: 1 to `SKINNY_MAX_ROWS` rows of f16/bf16, `k` and `n`
-/// multiples of 16, the weight 32-byte aligned (CMMA's loads; `x` is staged element by element). Larger products (prompt
-/// chunks) go to cuBLAS, whose two host waits are small beside such a GEMM.
+/// multiples of 16, the weight 32-byte aligned (CMMA's loads; `x` is staged element by
+/// element). Larger products (prompt chunks) go to cuBLAS, whose two host waits are small
+/// beside such a GEMM.
 fn own_skinny(
     x: CubeTensor<CudaRuntime>,
     w: CubeTensor<CudaRuntime>,
@@ -428,30 +415,17 @@ fn own_skinny(
     if x.meta.shape()[0] > skinny_gemm::SKINNY_MAX_ROWS {
         return cublas_matmul(x, w, Ordering::HostSync);
     }
-    let refuse = |why: String| GemmError::Unavailable {
-        kernel: GemmKernel::Skinny,
-        why,
-    };
     if !matches!(x.dtype, DType::F16 | DType::BF16) {
-        return Err(refuse(format!("no tensor-core GEMM for {:?}", x.dtype)));
+        return Err(GemmError::Unavailable {
+            kernel: GemmKernel::Skinny,
+            why: format!("no tensor-core GEMM for {:?}", x.dtype),
+        });
     }
     let n = w.meta.shape()[1];
     let ops = OutInOperands::check(GemmKernel::Skinny, x, w, [2, 32], n)?;
-    let shape = SkinnyShape {
-        rows: ops.m,
-        k: ops.k,
-        n: ops.n,
-    };
-    let dtype = ops.x.dtype;
-    skinny_gemm::launch(
-        &ops.out.client,
-        ops.handles(),
-        shape,
-        (dtype.into(), dtype.size()),
-        true,
-    )
-    .map_err(|e| refuse(e.0))?;
-    Ok(ops.out)
+    ops.run(GemmKernel::Skinny, |client, handles, [rows, k, n], dtype| {
+        skinny_gemm::launch(client, handles, SkinnyShape { rows, k, n }, dtype, true)
+    })
 }
 
 /// The cuBLAS data type of a burn float type.

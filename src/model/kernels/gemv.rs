@@ -224,15 +224,7 @@ mod tests {
     use crate::model::kernels::gl::{self, values};
 
     fn reference(x: &[f32], w: &[f32], GemvShape { rows, k, n }: GemvShape) -> Vec<f32> {
-        let mut out = vec![0.0f32; rows * n];
-        for r in 0..rows {
-            for o in 0..n {
-                out[r * n + o] = (0..k)
-                    .map(|j| x[r * k + j] as f64 * w[o * k + j] as f64)
-                    .sum::<f64>() as f32;
-            }
-        }
-        out
+        gl::product(x, w, [rows, k, n])
     }
 
     #[test]

@@ -76,6 +76,20 @@ pub(crate) mod gl {
         f32::from_bytes(&bytes).to_vec()
     }
 
+    /// `x [rows, k] · wᵀ` with `w` stored `[n, k]`, summed in f64: the reference of the GEMV and
+    /// GEMM kernels.
+    pub fn product(x: &[f32], w: &[f32], [rows, k, n]: [usize; 3]) -> Vec<f32> {
+        let mut out = vec![0.0f32; rows * n];
+        for r in 0..rows {
+            for o in 0..n {
+                out[r * n + o] = (0..k)
+                    .map(|j| x[r * k + j] as f64 * w[o * k + j] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
     /// Deterministic values in [-1, 1] that differ from element to element and with `salt`.
     pub fn values(len: usize, salt: usize) -> Vec<f32> {
         (0..len)

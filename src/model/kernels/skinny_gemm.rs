@@ -446,41 +446,31 @@ fn launch_planned<R: Runtime>(
     // Every index the kernels make is below them: staged reads of `x` check `r < rows` and
     // `g < k`; a strip reads `w` only when `n0 < n` and `kg < k`, and `n0 + 16 <= n`,
     // `kg + 16 <= k` since both are multiples of 16; writes check `row < rows`, `col < n`.
+    macro_rules! launch_with {
+        ($kernel:ident) => {
+            $kernel::launch_unchecked::<R>(
+                client,
+                count,
+                dim,
+                ArrayArg::from_raw_parts(x, rows * k),
+                ArrayArg::from_raw_parts(w, n * k),
+                ArrayArg::from_raw_parts(out, rows * n),
+                rows_u,
+                k_u,
+                n_u,
+                row_tiles,
+                n_warps,
+                k_warps,
+                steps,
+                dtype,
+            )
+        };
+    }
     unsafe {
         if tensor_cores {
-            skinny_gemm_kernel::launch_unchecked::<R>(
-                client,
-                count,
-                dim,
-                ArrayArg::from_raw_parts(x, rows * k),
-                ArrayArg::from_raw_parts(w, n * k),
-                ArrayArg::from_raw_parts(out, rows * n),
-                rows_u,
-                k_u,
-                n_u,
-                row_tiles,
-                n_warps,
-                k_warps,
-                steps,
-                dtype,
-            );
+            launch_with!(skinny_gemm_kernel);
         } else {
-            skinny_gemm_units_kernel::launch_unchecked::<R>(
-                client,
-                count,
-                dim,
-                ArrayArg::from_raw_parts(x, rows * k),
-                ArrayArg::from_raw_parts(w, n * k),
-                ArrayArg::from_raw_parts(out, rows * n),
-                rows_u,
-                k_u,
-                n_u,
-                row_tiles,
-                n_warps,
-                k_warps,
-                steps,
-                dtype,
-            );
+            launch_with!(skinny_gemm_units_kernel);
         }
     }
     Ok(())
@@ -492,15 +482,7 @@ mod tests {
     use crate::model::kernels::gl::{self, values};
 
     fn reference(x: &[f32], w: &[f32], SkinnyShape { rows, k, n }: SkinnyShape) -> Vec<f32> {
-        let mut out = vec![0.0f32; rows * n];
-        for r in 0..rows {
-            for o in 0..n {
-                out[r * n + o] = (0..k)
-                    .map(|j| x[r * k + j] as f64 * w[o * k + j] as f64)
-                    .sum::<f64>() as f32;
-            }
-        }
-        out
+        gl::product(x, w, [rows, k, n])
     }
 
     #[test]
