@@ -25,6 +25,7 @@
 #      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens;
 #   0. step 8's profile alone (no server): the decode step with step 8's kernels;
 #   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
+#   t. the skinny GEMM's plan knobs (`[cuda.skinny]`, SKINNY_TUNINGS) at 32 and 128 rows;
 #   s. temperature-1 requests at concurrency 128 with step 8's kernels, sampled on the host and
 #      then on the device (`device_sampling`), to measure the draw kernel;
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
@@ -44,6 +45,7 @@
 # one warm machine (the second within its idle release) cover the checks and the measurements:
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c78 scripts/gpu-check.sh BIN_DIR   (about 330 s)
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6 scripts/gpu-check.sh BIN_DIR   (about 200 s)
+# and, if the skinny GEMM passed step 7, STAGES=t (about 150 s) tries its plan knobs.
 # (MODEL outside the call's temporary directory and the same OUT, so the second finds both.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -345,6 +347,19 @@ stepk() { # GPU time per kernel in a decode step (cubecl's profiler), with step 
                 --context 192 --iters 3 --bandwidth-gbs "$bw" --pages "${KERNEL_PAGES:-4096}" >/dev/null
         ) || echo "batch $b: the profiled run failed"
         python3 "$repo/scripts/gpu_bench.py" kernel-summary "$out/kernels-b$b.log" --steps 3 | tee "$out/kernels-b$b.md"
+    done
+}
+
+stept() { # the skinny GEMM's plan knobs ([cuda.skinny]) against cuBLAS, at 32 and 128 rows
+    [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
+    # min_cubes:max_shared_kib:max_steps; SKINNY_TUNINGS overrides the list.
+    for t in ${SKINNY_TUNINGS:-128:100:8 256:100:8 64:100:8 128:48:4 128:160:8 128:100:2}; do
+        IFS=: read -r cubes kib steps <<<"$t"
+        echo "min_cubes $cubes, max_shared_kib $kib, max_steps $steps:"
+        INFERFLUX__CUDA__SKINNY__MIN_CUBES=$cubes INFERFLUX__CUDA__SKINNY__MAX_SHARED_KIB=$kib \
+            INFERFLUX__CUDA__SKINNY__MAX_STEPS=$steps timeout 60 "$bin/device_check" gemm --device cuda \
+            --model "$model" --rows 32,128 --kernels skinny --layouts out_in --budget-s 30 2>&1 |
+            grep -E "^\| (32|128) " | head -16
     done
 }
 

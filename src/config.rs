@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::cuda_attention::AttentionKernel;
 use crate::model::cuda_gemm::{GemmChoice, GemmKernel};
+use crate::model::kernels::skinny_gemm::SkinnyTuning;
 use crate::model::WeightLayout;
 
 /// Why the configuration could not be assembled.
@@ -298,6 +299,8 @@ pub struct CudaConfig {
     /// device by the Gumbel-max trick, so that only their token ids come back. Off until measured
     /// on a GPU.
     pub device_sampling: bool,
+    /// The plan knobs of `gemm = "skinny"`, our tensor-core GEMM (`[cuda.skinny]`).
+    pub skinny: SkinnyTuning,
 }
 
 impl Default for CudaConfig {
@@ -316,6 +319,7 @@ impl Default for CudaConfig {
             fused_gate_up: true,
             device_argmax: true,
             device_sampling: false,
+            skinny: SkinnyTuning::DEFAULT,
         }
     }
 }
@@ -542,6 +546,12 @@ impl Settings {
             self.parallel.tensor_parallel_size,
         )?;
         positive("parallel.data_parallel_size", self.parallel.data_parallel_size)?;
+        if let Some(message) = self.cuda.skinny.refusal() {
+            return Err(ConfigError::BadValue {
+                key: "cuda.skinny",
+                message,
+            });
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::BadValue {
                 key: "log.format",
@@ -745,6 +755,16 @@ mod tests {
             (choice.kernel_for(8), choice.kernel_for(9)),
             (GemmKernel::Gemv, GemmKernel::Skinny)
         );
+        assert_eq!(s.cuda.skinny, SkinnyTuning::DEFAULT);
+        let vars = env(&[
+            ("INFERFLUX__CUDA__SKINNY__MIN_CUBES", "256"),
+            ("INFERFLUX__CUDA__SKINNY__MAX_STEPS", "4"),
+        ]);
+        let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
+        assert_eq!((s.cuda.skinny.min_cubes, s.cuda.skinny.max_steps), (256, 4));
+        let vars = env(&[("INFERFLUX__CUDA__SKINNY__MAX_STEPS", "3")]);
+        let err = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap_err();
+        assert!(err.to_string().contains("max_steps"), "{err}");
         let err = Settings::load_with_env(
             None,
             &CliOverrides::default(),

@@ -202,6 +202,8 @@ pub fn start(
                 }
                 None => None,
             };
+            // Validated with the rest of the configuration.
+            let _ = crate::model::kernels::skinny_gemm::set_tuning(settings.cuda.skinny);
             let kv_write = settings.cuda.fused_kv_write;
             let fused = settings
                 .cuda

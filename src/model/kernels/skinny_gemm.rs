@@ -60,7 +60,7 @@ pub struct SkinnyShape {
 /// and `k_warps` warps splitting each strip's `k`.
 /// - More rows want more strips per cube: every cube re-reads all of `x` (from L2), so
 ///   `rows / columns per cube` is that traffic against the weight's.
-/// - A narrow weight wants fewer strips per cube, so that there are at least [`MIN_CUBES`]
+/// - A narrow weight wants fewer strips per cube, so that there are at least `min_cubes`
 ///   cubes to stream it (o and down of a 1B Llama have 2,048 outputs: 16 cubes of 128 columns
 ///   would leave most SMs idle).
 /// - Shared memory bounds both: the staged chunk of `x` grows with `k_warps`.
@@ -75,20 +75,81 @@ pub struct SkinnyPlan {
     pub steps: usize,
 }
 
-/// Cubes a launch aims for where the weight is wide enough: about one per SM of an H100 (132).
-pub const MIN_CUBES: usize = 128;
-/// Shared memory a plan may use, even where the device allows more (an H100 has 228 KiB per
-/// SM: two cubes' worth, the most its registers allow at eight row tiles anyway).
-pub const MAX_SHARED_BYTES: usize = 100 * 1024;
-/// 16-wide steps of `k` per warp per chunk at most: a warp's B tiles of one chunk are in
-/// flight together (8 of them: 4 KiB per warp), and a chunk of 8 steps by 8 warps (1,024)
-/// still divides the model's `k`.
-const MAX_STEPS: usize = 8;
+/// The plan's knobs (`[cuda.skinny]` in the server's configuration), so that a lent GPU can
+/// try others without a rebuild. The defaults are reasoned, not yet measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SkinnyTuning {
+    /// Cubes a launch aims for where the weight is wide enough: about one per SM of an H100
+    /// (132). Fewer strips per cube give more cubes, but every cube re-reads `x`.
+    pub min_cubes: usize,
+    /// Shared memory a plan may use, KiB, even where the device allows more (an H100 has 228
+    /// KiB per SM: two cubes' worth, the most its registers allow at eight row tiles anyway).
+    pub max_shared_kib: usize,
+    /// 16-wide steps of `k` per warp per chunk at most (1, 2, 4 or 8): a warp's B tiles of one
+    /// chunk are in flight together (8 of them: 4 KiB per warp), and a chunk of 8 steps by 8
+    /// warps (1,024) still divides the model's `k`.
+    pub max_steps: usize,
+}
+
+impl SkinnyTuning {
+    pub const DEFAULT: SkinnyTuning = SkinnyTuning {
+        min_cubes: 128,
+        max_shared_kib: 100,
+        max_steps: 8,
+    };
+
+    /// Why these knobs cannot plan a launch; `None` when they can.
+    pub fn refusal(&self) -> Option<String> {
+        if self.min_cubes == 0 {
+            return Some("min_cubes must be at least 1".into());
+        }
+        if !(16..=227).contains(&self.max_shared_kib) {
+            return Some(format!(
+                "max_shared_kib must be 16 to 227, not {}",
+                self.max_shared_kib
+            ));
+        }
+        if !matches!(self.max_steps, 1 | 2 | 4 | 8) {
+            return Some(format!("max_steps must be 1, 2, 4 or 8, not {}", self.max_steps));
+        }
+        None
+    }
+}
+
+impl Default for SkinnyTuning {
+    fn default() -> Self {
+        SkinnyTuning::DEFAULT
+    }
+}
+
+/// The knobs [`launch`] plans with: one set per process, as the server's configuration says.
+static TUNING: std::sync::RwLock<SkinnyTuning> = std::sync::RwLock::new(SkinnyTuning::DEFAULT);
+
+/// Sets the knobs of every later [`launch`] in this process (the server does at start); knobs
+/// with a [`SkinnyTuning::refusal`] are refused and the old ones kept.
+pub fn set_tuning(tuning: SkinnyTuning) -> Result<(), Refused> {
+    if let Some(why) = tuning.refusal() {
+        return Err(Refused(why));
+    }
+    *TUNING.write().unwrap_or_else(|e| e.into_inner()) = tuning;
+    Ok(())
+}
+
+fn tuning() -> SkinnyTuning {
+    *TUNING.read().unwrap_or_else(|e| e.into_inner())
+}
 
 impl SkinnyPlan {
     /// The plan for `rows` rows of `n` outputs of `elem_bytes`-byte elements, in at most
-    /// `max_shared` bytes of shared memory (capped at [`MAX_SHARED_BYTES`]).
-    pub fn for_problem(rows: usize, n: usize, elem_bytes: usize, max_shared: usize) -> SkinnyPlan {
+    /// `max_shared` bytes of shared memory (capped at the tuning's).
+    pub fn for_problem(
+        rows: usize,
+        n: usize,
+        elem_bytes: usize,
+        max_shared: usize,
+        tuning: SkinnyTuning,
+    ) -> SkinnyPlan {
         let row_tiles = rows.div_ceil(TILE).max(1);
         let mut n_warps = match row_tiles {
             1 => 1,
@@ -96,12 +157,12 @@ impl SkinnyPlan {
             3 | 4 => 4,
             _ => WARPS,
         };
-        while n_warps > 1 && n.div_ceil(n_warps * TILE) < MIN_CUBES {
+        while n_warps > 1 && n.div_ceil(n_warps * TILE) < tuning.min_cubes {
             n_warps /= 2;
         }
-        let budget = max_shared.min(MAX_SHARED_BYTES);
+        let budget = max_shared.min(tuning.max_shared_kib * 1024);
         loop {
-            let plan = SkinnyPlan::with_strips(row_tiles, n_warps, elem_bytes, budget);
+            let plan = SkinnyPlan::with_strips(row_tiles, n_warps, elem_bytes, budget, tuning.max_steps);
             if n_warps == WARPS || plan.shared_bytes(elem_bytes) <= budget {
                 return plan;
             }
@@ -110,10 +171,16 @@ impl SkinnyPlan {
     }
 
     /// `n_warps` strips per cube, and as many 16-wide steps of `k` per chunk as fit `budget`
-    /// bytes of shared memory (a power of two up to [`MAX_STEPS`], so that a chunk divides the
+    /// bytes of shared memory (a power of two up to `max_steps`, so that a chunk divides the
     /// model's `k`; at least one). Each chunk costs a round trip to memory and two cube
     /// barriers, so fewer, longer chunks hide more of the latency.
-    pub fn with_strips(row_tiles: usize, n_warps: usize, elem_bytes: usize, budget: usize) -> SkinnyPlan {
+    pub fn with_strips(
+        row_tiles: usize,
+        n_warps: usize,
+        elem_bytes: usize,
+        budget: usize,
+        max_steps: usize,
+    ) -> SkinnyPlan {
         let k_warps = WARPS / n_warps;
         let plan = |steps| SkinnyPlan {
             row_tiles,
@@ -121,7 +188,7 @@ impl SkinnyPlan {
             k_warps,
             steps,
         };
-        let mut steps = MAX_STEPS;
+        let mut steps = max_steps.max(1);
         while steps > 1 && plan(steps).shared_bytes(elem_bytes) > budget {
             steps /= 2;
         }
@@ -413,7 +480,7 @@ pub fn launch<R: Runtime>(
     }
     let max_shared = client.properties().hardware.max_shared_memory_size;
     let (rows, n) = (shape.rows, shape.n);
-    let plan = SkinnyPlan::for_problem(rows, n, elem_bytes, max_shared);
+    let plan = SkinnyPlan::for_problem(rows, n, elem_bytes, max_shared, tuning());
     launch_planned(client, [x, w, out], shape, plan, dtype, tensor_cores)
 }
 
@@ -509,7 +576,7 @@ mod tests {
             let want = reference(&x, &w, shape);
             let row_tiles = rows.div_ceil(TILE);
             let plans = [1, 2, 4, 8]
-                .map(|strips| Some(SkinnyPlan::with_strips(row_tiles, strips, 4, max_shared)))
+                .map(|strips| Some(SkinnyPlan::with_strips(row_tiles, strips, 4, max_shared, 8)))
                 .into_iter()
                 .chain([None]);
             for plan in plans {
@@ -547,24 +614,50 @@ mod tests {
         for n in [2048, 3072, 16384, 128_256, 48] {
             for rows in 1..=SKINNY_MAX_ROWS {
                 for (elem_bytes, max_shared) in [(2, 227 * 1024), (4, 32 * 1024)] {
-                    let plan = SkinnyPlan::for_problem(rows, n, elem_bytes, max_shared);
+                    let tuning = SkinnyTuning::DEFAULT;
+                    let plan = SkinnyPlan::for_problem(rows, n, elem_bytes, max_shared, tuning);
                     let cubes = n.div_ceil(plan.columns());
                     assert_eq!(plan.n_warps * plan.k_warps, WARPS, "{plan:?}");
                     assert!(plan.row_tiles * TILE >= rows && plan.row_tiles <= 8, "{plan:?}");
                     let shared = plan.shared_bytes(elem_bytes);
                     assert!(
-                        shared <= max_shared.min(MAX_SHARED_BYTES),
+                        shared <= max_shared.min(tuning.max_shared_kib * 1024),
                         "{rows} rows of {n}: {plan:?} uses {shared} bytes"
                     );
                     // Enough cubes to stream the weight, where it is wide enough.
-                    if elem_bytes == 2 && n >= MIN_CUBES * TILE {
-                        assert!(cubes >= MIN_CUBES, "{rows} rows of {n}: {cubes} cubes");
+                    if elem_bytes == 2 && n >= tuning.min_cubes * TILE {
+                        assert!(cubes >= tuning.min_cubes, "{rows} rows of {n}: {cubes} cubes");
                     }
                     // The model's k (2048, 8192) is a whole number of chunks.
                     assert_eq!(2048 % plan.chunk(), 0, "{plan:?}");
                 }
             }
         }
+        // Knobs from the configuration: more cubes where asked, and only usable knobs.
+        let many = SkinnyTuning {
+            min_cubes: 512,
+            ..SkinnyTuning::DEFAULT
+        };
+        let plan = SkinnyPlan::for_problem(128, 16384, 2, 227 * 1024, many);
+        assert!(16384usize.div_ceil(plan.columns()) >= 512, "{plan:?}");
+        let few_steps = SkinnyTuning {
+            max_steps: 2,
+            ..SkinnyTuning::DEFAULT
+        };
+        assert_eq!(
+            SkinnyPlan::for_problem(9, 2048, 2, 227 * 1024, few_steps).steps,
+            2
+        );
+        for bad in [(0, 100, 8), (128, 8, 8), (128, 100, 3), (128, 100, 16)] {
+            let (min_cubes, max_shared_kib, max_steps) = bad;
+            let t = SkinnyTuning {
+                min_cubes,
+                max_shared_kib,
+                max_steps,
+            };
+            assert!(t.refusal().is_some(), "{t:?}");
+        }
+        assert!(SkinnyTuning::DEFAULT.refusal().is_none());
         assert!(refusal(SkinnyShape {
             rows: 129,
             k: 16,
