@@ -202,8 +202,10 @@ pub fn start(
                 }
                 None => None,
             };
-            // Validated with the rest of the configuration.
-            let _ = crate::model::kernels::skinny_gemm::set_tuning(settings.cuda.skinny);
+            // Validated with the rest of the configuration, so a refusal here is a bug.
+            if let Err(e) = crate::model::kernels::skinny_gemm::set_tuning(settings.cuda.skinny) {
+                tracing::warn!(error = %e, "[cuda.skinny] refused: the skinny GEMM keeps its defaults");
+            }
             let kv_write = settings.cuda.fused_kv_write;
             let fused = settings
                 .cuda

@@ -17,12 +17,10 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 
-use super::cuda_gemm::CudaCube;
-use super::cuda_gemm::{self, GemmKernel};
+use super::cuda_gemm::{self, CudaCube, GemmKernel};
 use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
-use super::llama::WeightLayout;
-use super::llama::{self, FusedOps, GateUpActFn, QkvWrite, QkvWriteFn};
+use super::llama::{self, FusedOps, GateUpActFn, QkvWrite, QkvWriteFn, WeightLayout};
 use crate::config::CudaConfig;
 
 /// The rows up to which the MLP's gate/up GEMV and activation run as one launch
