@@ -1,5 +1,5 @@
 //! A tensor-core GEMM for batched decode: `out [m, n] = x [m, k] · wᵀ`, `w` stored `[n, k]`
-//! (`[cuda] weight_layout = "out_in"`), for 9 to 128 rows.
+//! (`[cuda] weight_layout = "out_in"`), for up to 128 rows (meant for 9-128, above the GEMV's).
 //!
 //! Why: above the GEMV's 8 rows the projections ran on cuBLAS, which cannot use cubecl's private
 //! stream, so each call waits on the host before and after (75-110 µs a call where the GEMM
@@ -35,9 +35,9 @@ const TILE: usize = 16;
 const CMMA_ALIGN: usize = 32;
 /// A tile's last row or column, relative to its first.
 const TILE_LAST: usize = TILE - 1;
-/// Elements added to each staged row of `x`: rows a multiple of 1 KiB apart would put a tile's
-/// 16 rows in the same shared-memory banks; 8 more (16 bytes) spreads them. CMMA needs the
-/// pitch to be a multiple of 8 elements, which it stays.
+/// Elements added to each staged row of `x`: rows a multiple of 128 bytes apart (every chunk
+/// here) would put a tile's 16 rows in the same shared-memory banks; 8 more (16 bytes of half
+/// precision) spread them. CMMA needs the pitch to be a multiple of 8 elements, which it stays.
 const PAD: usize = 8;
 /// Elements of an output tile.
 const TILE_ELEMS: usize = TILE * TILE;
