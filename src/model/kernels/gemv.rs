@@ -35,19 +35,33 @@ pub struct GemvShape {
 }
 
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn gemv_kernel<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
     w: &Array<Vector<F, N>>,
     out: &mut Array<F>,
+    delta: &Array<Vector<F, N>>,
+    gain: &Array<Vector<F, N>>,
+    sum: &mut Array<Vector<F, N>>,
     k_vectors: u32,
     outputs: u32,
+    eps: f32,
     #[comptime] rows: usize,
     #[comptime] plane_reduce: bool,
     #[comptime] swiglu: bool,
+    #[comptime] norm: bool,
+    #[comptime] residual: bool,
+    #[comptime] staged_len: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let lanes = LANES as usize;
     let (kv, n) = (k_vectors as usize, outputs as usize);
+    // With `norm`, the rows the product reads are those of `x` (plus `delta`'s, with `residual`)
+    // after RMSNorm with `gain`, staged in shared memory by the whole cube first.
+    let mut staged = SharedMemory::<Vector<F, N>>::new(staged_len);
+    if norm {
+        stage_normed_rows::<F, N>(x, delta, gain, sum, &mut staged, kv, eps, rows, plane_reduce, residual);
+    }
     // This warp's output and its row of `w`. With `swiglu`, `n` is the activation's width, `w`
     // has `2 n` rows (gate, then up), and the cube's warps 0-1 take the gate rows of outputs
     // `2 c`, `2 c + 1`, warps 2-3 their up rows.
@@ -70,7 +84,12 @@ fn gemv_kernel<F: Float, N: Size>(
             let wv = Vector::<f32, N>::cast_from(w[row + i]);
             #[unroll]
             for r in 0..rows {
-                acc[r] += wv * Vector::<f32, N>::cast_from(x[r * kv + i]);
+                let xv = if norm {
+                    staged[r * kv + i]
+                } else {
+                    x[r * kv + i]
+                };
+                acc[r] += wv * Vector::<f32, N>::cast_from(xv);
             }
             i += lanes;
         }
@@ -138,6 +157,112 @@ fn gemv_kernel<F: Float, N: Size>(
     }
 }
 
+/// Units of a GEMV cube: [`LANES`] × [`OUTPUTS_PER_CUBE`].
+const CUBE_UNITS: usize = (LANES * OUTPUTS_PER_CUBE) as usize;
+
+/// The GEMV's RMSNorm prologue, by the whole cube: stages `x` (or `x + delta`, rounded to the
+/// model's type and written to `sum` by the first cube) into `staged`, sums its squares per row
+/// in f32, then normalises each element in place as `kernels::rms_norm` does (the normalised
+/// value rounded to the model's type, then multiplied by `gain` in that type). Every unit ends
+/// at the barrier, so the product may read any staged element.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_normed_rows<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    delta: &Array<Vector<F, N>>,
+    gain: &Array<Vector<F, N>>,
+    sum: &mut Array<Vector<F, N>>,
+    staged: &mut SharedMemory<Vector<F, N>>,
+    kv: usize,
+    eps: f32,
+    #[comptime] rows: usize,
+    #[comptime] plane_reduce: bool,
+    #[comptime] residual: bool,
+) {
+    let unit = (UNIT_POS_Y * LANES + UNIT_POS_X) as usize;
+    let mut squares = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        let mut s = 0.0f32;
+        let mut i = unit;
+        while i < kv {
+            let mut v = x[r * kv + i];
+            if residual {
+                v += delta[r * kv + i];
+                if CUBE_POS_X == 0 {
+                    sum[r * kv + i] = v;
+                }
+            }
+            staged[r * kv + i] = v;
+            let f = Vector::<f32, N>::cast_from(v);
+            let f2 = f * f;
+            #[unroll]
+            for j in 0..f2.vector_size() {
+                s += f2[j];
+            }
+            i += CUBE_UNITS;
+        }
+        squares[r] = s;
+    }
+    // The rows' sums of squares over the cube, in a fixed order.
+    let mut totals = Array::<f32>::new(rows);
+    if comptime!(plane_reduce) {
+        let mut per_warp = SharedMemory::<f32>::new(rows * OUTPUTS_PER_CUBE as usize);
+        #[unroll]
+        for r in 0..rows {
+            let s = plane_sum(squares[r]);
+            if UNIT_POS_X == 0 {
+                per_warp[r * OUTPUTS_PER_CUBE as usize + UNIT_POS_Y as usize] = s;
+            }
+        }
+        sync_cube();
+        #[unroll]
+        for r in 0..rows {
+            let mut t = 0.0f32;
+            #[unroll]
+            for y in 0..OUTPUTS_PER_CUBE as usize {
+                t += per_warp[r * OUTPUTS_PER_CUBE as usize + y];
+            }
+            totals[r] = t;
+        }
+    } else {
+        let mut partial = SharedMemory::<f32>::new(rows * CUBE_UNITS);
+        #[unroll]
+        for r in 0..rows {
+            partial[r * CUBE_UNITS + unit] = squares[r];
+        }
+        sync_cube();
+        let mut stride = CUBE_DIM as usize / 2;
+        while stride > 0 {
+            if unit < stride {
+                #[unroll]
+                for r in 0..rows {
+                    partial[r * CUBE_UNITS + unit] += partial[r * CUBE_UNITS + unit + stride];
+                }
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        #[unroll]
+        for r in 0..rows {
+            totals[r] = partial[r * CUBE_UNITS];
+        }
+    }
+    let width = f32::cast_from(kv * gain.vector_size());
+    #[unroll]
+    for r in 0..rows {
+        let inv_rms = Vector::<f32, N>::new(1.0f32 / (totals[r] / width + eps).sqrt());
+        // Each unit rewrites only the elements it staged.
+        let mut i = unit;
+        while i < kv {
+            let f = Vector::<f32, N>::cast_from(staged[r * kv + i]);
+            staged[r * kv + i] = Vector::<F, N>::cast_from(f * inv_rms) * gain[i];
+            i += CUBE_UNITS;
+        }
+    }
+    sync_cube();
+}
+
 /// Queues `out = x · wᵀ` on `client`. The handles hold contiguous `[rows, k]`, `[n, k]` and
 /// `[rows, n]` elements of `dtype`, `elem_bytes` each. `plane_reduce` sums a plane's lanes
 /// with a plane operation (CUDA); without it, through shared memory (any runtime).
@@ -148,7 +273,7 @@ pub fn launch<R: Runtime>(
     dtype: (StorageType, usize),
     plane_reduce: bool,
 ) -> Result<(), Refused> {
-    launch_kernel(client, handles, shape, dtype, plane_reduce, false)
+    launch_kernel(client, handles, None, shape, dtype, plane_reduce, false)
 }
 
 /// Queues `out = silu(x · gateᵀ) · (x · upᵀ)` on `client`, `w` holding `[2 n, k]` elements
@@ -160,12 +285,52 @@ pub fn launch_swiglu<R: Runtime>(
     dtype: (StorageType, usize),
     plane_reduce: bool,
 ) -> Result<(), Refused> {
-    launch_kernel(client, handles, shape, dtype, plane_reduce, true)
+    launch_kernel(client, handles, None, shape, dtype, plane_reduce, true)
+}
+
+/// The RMSNorm a GEMV applies to its input first ([`launch_normed`]).
+#[derive(Debug, Clone)]
+pub struct NormPrologue {
+    /// The norm's gain, `[k]` elements of the GEMV's type.
+    pub gain: cubecl::server::Handle,
+    pub eps: f32,
+    /// `[delta, sum]`, both `[rows, k]`: the rows normalised are `x + delta`, written to `sum`
+    /// (the residual stream the next layer adds to).
+    pub residual: Option<[cubecl::server::Handle; 2]>,
+}
+
+/// Rows of `x` staged in shared memory by [`launch_normed`] at most, in bytes: CUDA's static
+/// shared memory without opting in to more (8 rows of a 2,048-wide bf16 model take 32 KiB).
+pub const NORM_STAGE_MAX_BYTES: usize = 48 * 1024;
+
+/// Queues the product of [`launch`] (or, with `swiglu`, of [`launch_swiglu`]) on the RMSNorm of
+/// `x`'s rows, or of `x + delta`'s, in one launch: the norm's launch before the GEMV, and the
+/// write and read back of its output, are saved. The normalised rows are rounded as
+/// `kernels::rms_norm` rounds them; their statistics are summed in another order, so the result
+/// matches the two launches to f32's rounding, not bit for bit.
+pub fn launch_normed<R: Runtime>(
+    client: &ComputeClient<R>,
+    handles: [cubecl::server::Handle; 3],
+    norm: NormPrologue,
+    shape: GemvShape,
+    dtype: (StorageType, usize),
+    (plane_reduce, swiglu): (bool, bool),
+) -> Result<(), Refused> {
+    let staged = shape.rows * shape.k * dtype.1;
+    let limit = NORM_STAGE_MAX_BYTES.min(client.properties().hardware.max_shared_memory_size);
+    if staged > limit {
+        return Err(Refused(format!(
+            "{} rows of {} staged for the norm take {staged} bytes of shared memory, past {limit}",
+            shape.rows, shape.k
+        )));
+    }
+    launch_kernel(client, handles, Some(norm), shape, dtype, plane_reduce, swiglu)
 }
 
 fn launch_kernel<R: Runtime>(
     client: &ComputeClient<R>,
     [x, w, out]: [cubecl::server::Handle; 3],
+    norm: Option<NormPrologue>,
     shape: GemvShape,
     (dtype, elem_bytes): (StorageType, usize),
     plane_reduce: bool,
@@ -195,9 +360,24 @@ fn launch_kernel<R: Runtime>(
             "{n} outputs need more than one grid row of cubes"
         )));
     }
+    // Without a norm, the prologue's arrays are bound to `x` (never read or written); without a
+    // residual, `delta` and `sum` are.
+    let (is_norm, eps, staged_len) = match &norm {
+        Some(p) => (true, p.eps, rows * kv),
+        None => (false, 0.0, 1),
+    };
+    let residual = norm.as_ref().is_some_and(|p| p.residual.is_some());
+    let (gain, gain_len) = match &norm {
+        Some(p) => (p.gain.clone(), kv),
+        None => (x.clone(), rows * kv),
+    };
+    let [delta, sum] = norm
+        .and_then(|p| p.residual)
+        .unwrap_or_else(|| [x.clone(), x.clone()]);
     // SAFETY: the arrays' lengths are those of the handles' buffers (the caller's contract) and
     // every index the kernel makes is below them: `o < n` (so the row of `w` is below `w_rows`),
-    // `i < kv`, `r < rows`.
+    // `i < kv`, `r < rows`; the prologue's arrays are only indexed with a norm, then below
+    // `rows * kv` (`kv` for the gain).
     unsafe {
         gemv_kernel::launch_unchecked::<R>(
             client,
@@ -207,11 +387,18 @@ fn launch_kernel<R: Runtime>(
             ArrayArg::from_raw_parts(x, rows * kv),
             ArrayArg::from_raw_parts(w, w_rows * kv),
             ArrayArg::from_raw_parts(out, rows * n),
+            ArrayArg::from_raw_parts(delta, rows * kv),
+            ArrayArg::from_raw_parts(gain, gain_len),
+            ArrayArg::from_raw_parts(sum, rows * kv),
             k_vectors,
             n_out,
+            eps,
             rows,
             plane_reduce,
             swiglu,
+            is_norm,
+            residual,
+            staged_len,
             dtype,
         );
     }
@@ -302,6 +489,80 @@ mod tests {
         }
     }
 
+    /// The norm prologue is RMSNorm (after the residual add, with `delta`) and then the GEMV, or
+    /// the fused gate/up GEMV, to f32's rounding; the residual's sum is the add's, bit for bit.
+    #[test]
+    fn kernels_gemv_norm_prologue_is_rms_norm_then_the_gemv() {
+        use crate::model::kernels::rms_norm;
+        let client = gl::client();
+        let f32_type = f32::as_type_native_unchecked().storage_type();
+        let eps = 1e-5f32;
+        // k 2048 gives each of the cube's 128 units 4 vectors, k 64 leaves units idle, k 36 makes
+        // 4-wide vectors and k 7 scalar ones; n 5 and 33 leave the last cube part empty.
+        for (rows, k, n, swiglu, residual) in [
+            (1, 2048, 64, false, true),
+            (3, 2048, 33, true, true),
+            (8, 64, 5, false, false),
+            (5, 36, 9, true, false),
+            (2, 7, 6, false, true),
+            (8, 128, 33, true, true),
+        ] {
+            let what = format!("rows {rows}, k {k}, n {n}, swiglu {swiglu}, residual {residual}");
+            let x = values(rows * k, 5);
+            let delta = values(rows * k, 6);
+            let gain: Vec<f32> = (0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+            let w_rows = if swiglu { 2 * n } else { n };
+            // Scrambled: `values`' near-linear rows would make every gate a large negative sum.
+            let w: Vec<f32> = (0..w_rows * k)
+                .map(|i| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as f32 / 1024.0 - 1.0)
+                .collect();
+            // Apart: the norm's launch, then the GEMV's.
+            let (sum_apart, normed) = (client.empty(rows * k * 4), client.empty(rows * k * 4));
+            if residual {
+                let handles = [
+                    gl::upload(&client, &x),
+                    gl::upload(&client, &delta),
+                    gl::upload(&client, &gain),
+                    sum_apart.clone(),
+                    normed.clone(),
+                ];
+                rms_norm::launch_add(&client, handles, (rows, k), eps, f32_type).unwrap();
+            } else {
+                let handles = [gl::upload(&client, &x), gl::upload(&client, &gain), normed.clone()];
+                rms_norm::launch(&client, handles, (rows, k), eps, f32_type).unwrap();
+            }
+            let apart = client.empty(rows * n * 4);
+            let handles = [normed, gl::upload(&client, &w), apart.clone()];
+            let shape = GemvShape { rows, k, n };
+            match swiglu {
+                true => launch_swiglu(&client, handles, shape, (f32_type, 4), false),
+                false => launch(&client, handles, shape, (f32_type, 4), false),
+            }
+            .unwrap();
+            // Fused.
+            let (sum, fused) = (client.empty(rows * k * 4), client.empty(rows * n * 4));
+            let norm = NormPrologue {
+                gain: gl::upload(&client, &gain),
+                eps,
+                residual: residual.then(|| [gl::upload(&client, &delta), sum.clone()]),
+            };
+            let handles = [gl::upload(&client, &x), gl::upload(&client, &w), fused.clone()];
+            launch_normed(&client, handles, norm, shape, (f32_type, 4), (false, swiglu)).unwrap();
+            let (apart, fused) = (gl::download(&client, apart), gl::download(&client, fused));
+            for (i, (f, a)) in fused.iter().zip(&apart).enumerate() {
+                assert!(
+                    (f - a).abs() <= 1e-5 * (1.0 + a.abs()),
+                    "{what}, output {i}: fused {f}, apart {a}"
+                );
+            }
+            assert!(fused.iter().any(|v| *v != 0.0), "{what}");
+            if residual {
+                let want: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+                assert_eq!(gl::download(&client, sum), want, "{what}: x + delta");
+            }
+        }
+    }
+
     #[test]
     fn kernels_gemv_refuses_what_it_cannot_run() {
         let client = gl::client();
@@ -327,5 +588,18 @@ mod tests {
                 "{shape:?}"
             );
         }
+        // Rows staged for the norm past the shared memory it may take.
+        let norm = NormPrologue {
+            gain: h(),
+            eps: 1e-5,
+            residual: None,
+        };
+        let shape = GemvShape {
+            rows: GEMV_MAX_ROWS,
+            k: NORM_STAGE_MAX_BYTES / 4 / GEMV_MAX_ROWS + 4,
+            n: 8,
+        };
+        let flags = (false, false);
+        assert!(launch_normed(&client, [h(), h(), h()], norm, shape, (f32_type, 4), flags).is_err());
     }
 }
