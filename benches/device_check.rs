@@ -218,18 +218,17 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
         },
         AttentionKernel::Burn => None,
     };
-    let fused = cuda
-        .fused_ops
-        .then(|| cuda_fused::fused_ops(cuda.fused_kv_write, cuda_fused::swiglu_rows(&cuda)));
+    let fused = cuda.fused_ops.then(|| cuda_fused::fused_ops(&cuda));
     eprintln!(
-        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}, fused K/V write {}, fused gate/up {}",
+        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}, fused K/V write {}, fused gate/up {}, norms in the GEMVs {}",
         choice.small,
         choice.small_max_rows,
         choice.large,
         attend.is_some(),
         fused.is_some(),
         fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
-        fused.as_ref().is_some_and(|f| f.gate_up_act.is_some())
+        fused.as_ref().is_some_and(|f| f.gate_up_act.is_some()),
+        fused.as_ref().is_some_and(|f| f.norm_project.is_some())
     );
     (layout, project, attend, fused)
 }

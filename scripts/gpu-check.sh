@@ -25,12 +25,15 @@
 #      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens;
 #   0. step 8's profile alone (no server): the decode step with step 8's kernels;
 #   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
+#   n. the decode step at batch 1 and 8 without and with the norms inside the GEMVs
+#      (`fused_norm_gemv`, off by default until this measures it), alternated;
 #   t. the skinny GEMM's plan knobs (`[cuda.skinny]`, SKINNY_TUNINGS) at 32 and 128 rows;
 #   s. temperature-1 requests at concurrency 128 with step 8's kernels, sampled on the host and
 #      then on the device (`device_sampling`), to measure the draw kernel;
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
 #      GPU), with burn's kernels, the defaults, `gemm = "skinny"` (our tensor-core GEMM: prompts
-#      of 9-128 tokens go through it) and the defaults with burn's argmax (no-argmax); each also
+#      of 9-128 tokens go through it), norm-gemv (`fused_norm_gemv`: decodes' norms inside the
+#      q/k/v and gate/up GEMVs) and the defaults with burn's argmax (no-argmax); each also
 #      teacher-forced, one token at every position of transformers' continuation, where a
 #      flipped argmax must be a near-tie (step 1 fails on the tiny fixtures on CUDA whatever the
 #      kernels, see docs/Performance.md). CHECK_KERNELS picks the configurations, also from
@@ -43,8 +46,8 @@
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
 # not fit: STAGES=14 runs them in a call of their own. With a 15-minute device budget, two calls on
 # one warm machine (the second within its idle release) cover the checks and the measurements:
-#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c78 scripts/gpu-check.sh BIN_DIR   (about 330 s)
-#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6 scripts/gpu-check.sh BIN_DIR   (about 200 s)
+#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c78 scripts/gpu-check.sh BIN_DIR   (about 360 s)
+#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6n scripts/gpu-check.sh BIN_DIR  (about 260 s)
 # and, if the skinny GEMM passed step 7, STAGES=t (about 150 s) tries its plan knobs.
 # (MODEL outside the call's temporary directory and the same OUT, so the second finds both.)
 set -uo pipefail
@@ -184,17 +187,19 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     printf 'INFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\n' >"$work/no-gemv.env"
     echo "INFERFLUX__CUDA__DEVICE_ARGMAX=false" >"$work/no-argmax.env"
     echo "INFERFLUX__CUDA__FUSED_GATE_UP=false" >"$work/no-gate-up.env"
+    echo "INFERFLUX__CUDA__FUSED_NORM_GEMV=true" >"$work/norm-gemv.env"
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"
-        for kernels in ${CHECK_KERNELS:-burn defaults skinny no-argmax}; do
+        for kernels in ${CHECK_KERNELS:-burn defaults skinny norm-gemv no-argmax}; do
             start_server "$out/check-$kernels" "$work/$kernels.env" >/dev/null
             python3 "$repo/scripts/gpu_bench.py" compare "$url" "$out/reference.json" "$kernels" ||
                 echo "| $kernels | FAILED: a first token differs or a request failed | | |"
             python3 "$repo/scripts/gpu_bench.py" teacher-forced "$url" "$out/reference.json" "$kernels" ||
                 echo "| $kernels | FAILED: teacher-forced | | |"
             # A kernel that cannot run falls back to burn's matmul, which would pass the check.
-            grep "GEMM kernel refused" "$out/check-$kernels/inferfluxd.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300 | head -3
+            grep -E "GEMM kernel refused|fused kernel refused" "$out/check-$kernels/inferfluxd.log" |
+                sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300 | head -3
             if [ "$kernels" = sampling ]; then
                 python3 "$repo/scripts/gpu_bench.py" draws "$url" "$out/reference.json" "$kernels" ||
                     echo "| $kernels | FAILED: device draws | | |"
@@ -347,6 +352,17 @@ stepk() { # GPU time per kernel in a decode step (cubecl's profiler), with step 
                 --context 192 --iters 3 --bandwidth-gbs "$bw" --pages "${KERNEL_PAGES:-4096}" >/dev/null
         ) || echo "batch $b: the profiled run failed"
         python3 "$repo/scripts/gpu_bench.py" kernel-summary "$out/kernels-b$b.log" --steps 3 | tee "$out/kernels-b$b.md"
+    done
+}
+
+stepn() { # the norms inside the GEMVs (fused_norm_gemv): the bare decode step at batch 1 and 8, without and with
+    [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
+    # Alternated, two runs each, since two runs of one configuration differ by some 10%.
+    for on in false true false true; do
+        echo "fused_norm_gemv = $on:"
+        INFERFLUX__CUDA__FUSED_NORM_GEMV=$on timeout 45 "$bin/device_check" profile --device "$device" \
+            --model "$model" --batches 1,8 --context 192 --iters 20 --step-only 2>&1 |
+            grep -E "^batch|norms in the GEMVs|refused"
     done
 }
 

@@ -206,11 +206,10 @@ pub fn start(
             if let Err(e) = crate::model::kernels::skinny_gemm::set_tuning(settings.cuda.skinny) {
                 tracing::warn!(error = %e, "[cuda.skinny] refused: the skinny GEMM keeps its defaults");
             }
-            let kv_write = settings.cuda.fused_kv_write;
             let fused = settings
                 .cuda
                 .fused_ops
-                .then(|| cuda_fused::fused_ops(kv_write, cuda_fused::swiglu_rows(&settings.cuda)));
+                .then(|| cuda_fused::fused_ops(&settings.cuda));
             let device_sampling = DeviceSampling {
                 argmax: settings.cuda.device_argmax.then(cuda_sample::device_argmax),
                 draw: settings.cuda.device_sampling.then(cuda_sample::device_draw),
@@ -244,6 +243,7 @@ pub fn start(
                     fused_ops = fused.is_some(),
                     fused_kv_write = fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
                     fused_gate_up = fused.as_ref().is_some_and(|f| f.gate_up_act.is_some()),
+                    fused_norm_gemv = fused.as_ref().is_some_and(|f| f.norm_project.is_some()),
                     device_argmax = device_sampling.argmax.is_some(),
                     device_sampling = device_sampling.draw.is_some(),
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"

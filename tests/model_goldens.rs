@@ -354,6 +354,7 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             add_rms_norm: Arc::new(add_rms_norm),
             silu_mul: Arc::new(silu_mul_halves),
             gate_up_act: None,
+            norm_project: None,
             rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
             qkv_write: None,
         }));
@@ -387,6 +388,7 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
                     silu_mul_halves(h.matmul(w))
                 })
             })),
+            norm_project: None,
             rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
             qkv_write: None,
         }));
@@ -489,6 +491,7 @@ fn model_fused_ops_hooks_match_transformers() {
                 silu_mul_halves(gate_up)
             }),
             gate_up_act: None,
+            norm_project: None,
             rope: Arc::new(move |x, cos, sin| {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)
@@ -558,6 +561,7 @@ fn model_fused_qkv_write_hook_matches_transformers() {
             add_rms_norm: Arc::new(add_rms_norm),
             silu_mul: Arc::new(silu_mul_halves),
             gate_up_act: None,
+            norm_project: None,
             rope: Arc::new(move |x, cos, sin| {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)
@@ -616,5 +620,102 @@ fn model_fused_qkv_write_hook_matches_transformers() {
             "{name}: RoPE of q and k apart"
         );
         assert_chunked_greedy_on_device(&model, &goldens, name);
+    }
+}
+
+/// With `norm_project` (CUDA's GEMV with a norm prologue, here a host twin for batches of up to
+/// 5 rows), each layer's two norms run inside the merged q/k/v and gate/up projections at decode
+/// steps, the residual stream passing through the hook: greedy continuations stay transformers',
+/// and a decode's logits are those of the norms run apart.
+#[test]
+fn model_norms_inside_the_projections_match_transformers() {
+    use burn::tensor::Tensor;
+    use inferflux::model::llama::{
+        add_rms_norm, rms_norm, rope_qk_and_write_kv, rotate_half_rope, silu_mul_halves, NormProject,
+    };
+    use inferflux::model::FusedOps;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const MAX_ROWS: usize = 5;
+    // tiny-qwen3 normalises q and k per head after the projection; tiny-qwen2 has q/k/v biases.
+    for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen2"] {
+        let (model, _, goldens) = fixture(name);
+        let layers = model.config().num_layers;
+        // With the fused activation (the product is the activation) and without (the product is
+        // gate/up, then `silu_mul`).
+        for swiglu in [true, false] {
+            let what = format!("{name}, fused activation {swiglu}");
+            let normed = Arc::new(AtomicUsize::new(0));
+            let counted = normed.clone();
+            let fused = |norm_project| FusedOps::<B> {
+                rms_norm: Arc::new(rms_norm),
+                add_rms_norm: Arc::new(add_rms_norm),
+                silu_mul: Arc::new(silu_mul_halves),
+                gate_up_act: swiglu.then(|| {
+                    Arc::new(|h: Tensor<B, 2>, w: Tensor<B, 2>| Some(silu_mul_halves(h.matmul(w))))
+                        as inferflux::model::llama::GateUpActFn<B>
+                }),
+                norm_project,
+                rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
+                qkv_write: Some(Arc::new(rope_qk_and_write_kv)),
+            };
+            let hook: inferflux::model::llama::NormProjectFn<B> = Arc::new(move |a: NormProject<B>| {
+                (a.x.dims()[0] <= MAX_ROWS).then(|| {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    let (x, h) = match a.delta {
+                        Some(delta) => add_rms_norm(a.x, delta, a.gain, a.eps),
+                        None => {
+                            let h = rms_norm(a.x.clone(), a.gain, a.eps);
+                            (a.x, h)
+                        }
+                    };
+                    let product = h.matmul(a.w);
+                    (
+                        x,
+                        if a.swiglu {
+                            silu_mul_halves(product)
+                        } else {
+                            product
+                        },
+                    )
+                })
+            });
+            let apart = model.clone().with_fused_ops(Some(fused(None)));
+            let inside = model.clone().with_fused_ops(Some(fused(Some(hook))));
+            assert_chunked_greedy_on_device(&inside, &goldens, &what);
+            let calls = normed.load(Ordering::Relaxed);
+            assert!(
+                calls > 0 && calls.is_multiple_of(2 * layers),
+                "{what}: {calls} norms through the hook, two per layer of a step"
+            );
+            // A decode after the prompt: one row, through the hook in every layer.
+            let p = &goldens.prompts[0];
+            let decode_logits = |m: &Llama<B>| {
+                let mut cache = new_cache(m, KvStorage::Device);
+                let table = block_table(0, 1, p.input_ids.len() + 1);
+                let prompt = SequenceChunk {
+                    tokens: p.input_ids.clone(),
+                    start_pos: 0,
+                    block_table: table.clone(),
+                    wants_logits: false,
+                };
+                m.forward(&mut cache, &[prompt]);
+                let decode = SequenceChunk {
+                    tokens: vec![p.greedy_ids[0]],
+                    start_pos: p.input_ids.len(),
+                    block_table: table,
+                    wants_logits: true,
+                };
+                logits_rows(m.forward(&mut cache, &[decode])).remove(0)
+            };
+            let before = normed.load(Ordering::Relaxed);
+            let (got, want) = (decode_logits(&inside), decode_logits(&apart));
+            assert_eq!(
+                normed.load(Ordering::Relaxed) - before,
+                2 * layers,
+                "{what}: one decode"
+            );
+            assert_close(&got, &want, &format!("{what}: a decode's logits"));
+        }
     }
 }

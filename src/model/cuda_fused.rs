@@ -20,23 +20,30 @@ use cubecl::cuda::CudaRuntime;
 use super::cuda_gemm::{self, CudaCube, GemmKernel};
 use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
-use super::llama::{self, FusedOps, GateUpActFn, QkvWrite, QkvWriteFn, WeightLayout};
+use super::llama::{
+    self, FusedOps, GateUpActFn, NormProject, NormProjectFn, QkvWrite, QkvWriteFn, WeightLayout,
+};
 use crate::config::CudaConfig;
 
-/// The rows up to which the MLP's gate/up GEMV and activation run as one launch
-/// (`[cuda] fused_gate_up`): the GEMV's (`[cuda] gemv = "gemv"` on `out_in` weights), since that
-/// launch is the GEMV's kernel.
-pub fn swiglu_rows(cuda: &CudaConfig) -> Option<usize> {
+/// The rows up to which our GEMV serves the projections (`[cuda] gemv = "gemv"` on `out_in`
+/// weights): the batches the fused launches built on it (`[cuda] fused_gate_up`,
+/// `fused_norm_gemv`) can take.
+pub fn gemv_rows(cuda: &CudaConfig) -> Option<usize> {
     let choice = cuda.gemm_choice();
     let gemv = choice.small == GemmKernel::Gemv && cuda.weight_layout == WeightLayout::OutIn;
-    (cuda.fused_gate_up && gemv && choice.small_max_rows > 0)
+    (gemv && choice.small_max_rows > 0)
         .then_some(choice.small_max_rows.min(super::kernels::gemv::GEMV_MAX_ROWS))
 }
 
-/// The server's fused operations on [`CudaCube`]; `kv_write` adds the fused RoPE and K/V write,
-/// `swiglu_rows` the MLP's gate/up GEMV and activation in one launch for batches of at most that
-/// many rows (see [`swiglu_rows`]).
-pub fn fused_ops(kv_write: bool, swiglu_rows: Option<usize>) -> FusedOps<CudaCube> {
+/// The server's fused operations on [`CudaCube`], as `cuda` asks: the fused RoPE and K/V write
+/// (`fused_kv_write`), and at the batches the GEMV serves ([`gemv_rows`]) the MLP's gate/up GEMV
+/// and activation in one launch (`fused_gate_up`) and the norms inside the GEMVs after them
+/// (`fused_norm_gemv`).
+pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
+    let gemv_rows = gemv_rows(cuda);
+    let swiglu_rows = gemv_rows.filter(|_| cuda.fused_gate_up);
+    let norm_rows = gemv_rows.filter(|_| cuda.fused_norm_gemv);
+    let kv_write = cuda.fused_kv_write;
     let warned = Arc::new(AtomicBool::new(false));
     let warn = move |what: &str, e: Refused| {
         if !warned.swap(true, Ordering::Relaxed) {
@@ -45,6 +52,17 @@ pub fn fused_ops(kv_write: bool, swiglu_rows: Option<usize>) -> FusedOps<CudaCub
     };
     let (warn_norm, warn_add_norm) = (warn.clone(), warn.clone());
     let (warn_rope, warn_write, warn_act) = (warn.clone(), warn.clone(), warn.clone());
+    let warn_norm_gemv = warn.clone();
+    let norm_project: Option<NormProjectFn<CudaCube>> = norm_rows.map(|max_rows| {
+        Arc::new(move |input: NormProject<CudaCube>| {
+            if input.x.dims()[0] > max_rows {
+                return None;
+            }
+            cuda_gemm::norm_gemv(input)
+                .map_err(|e| warn_norm_gemv("norm_project", Refused(e.to_string())))
+                .ok()
+        }) as NormProjectFn<CudaCube>
+    });
     let gate_up_act: Option<GateUpActFn<CudaCube>> = swiglu_rows.map(|max_rows| {
         Arc::new(move |h: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>| {
             if h.dims()[0] > max_rows {
@@ -86,6 +104,7 @@ pub fn fused_ops(kv_write: bool, swiglu_rows: Option<usize>) -> FusedOps<CudaCub
             })
         }),
         gate_up_act,
+        norm_project,
         rope: Arc::new(
             move |x: Tensor<CudaCube, 3>, cos: Tensor<CudaCube, 3>, sin: Tensor<CudaCube, 3>| {
                 launch_rope(x.clone(), cos.clone(), sin.clone()).unwrap_or_else(|e| {

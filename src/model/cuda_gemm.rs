@@ -35,9 +35,10 @@ use cubek::matmul::routines::simple_unit::SimpleUnitSelectionArgs;
 use cubek::matmul::routines::{BlueprintStrategy, TileSizeSelection};
 use cubek::std::InputBinding;
 
-use super::kernels::gemv::{self, GemvShape};
+use super::kernels::gemv::{self, GemvShape, NormPrologue};
 use super::kernels::skinny_gemm::{self, SkinnyShape};
 use super::kernels::stream_order;
+use super::llama::NormProject;
 use super::ProjectFn;
 
 /// burn's CUDA backend without the fusion layer that `burn::backend::Cuda` adds. Kernels other
@@ -402,6 +403,81 @@ pub fn swiglu_gemv(x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>) -> Result<Ten
         gemv::launch_swiglu(client, handles, GemvShape { rows, k, n }, dtype, true)
     })?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// `(x + delta, product)` by our GEMV with the RMSNorm of `x + delta` (of `x` without a delta)
+/// by `gain` and `eps` as its prologue (`kernels::gemv::launch_normed`): the product with `w`
+/// (the transposed view of an `[n, k]` weight), or with `swiglu` the activation of the merged
+/// gate/up weight, as [`swiglu_gemv`]. At most `GEMV_MAX_ROWS` rows, every operand 16-byte
+/// aligned, the rows staged within `NORM_STAGE_MAX_BYTES`.
+pub fn norm_gemv(
+    input: NormProject<CudaCube>,
+) -> Result<(Tensor<CudaCube, 2>, Tensor<CudaCube, 2>), GemmError> {
+    let refuse = |why: String| GemmError::Unavailable {
+        kernel: GemmKernel::Gemv,
+        why,
+    };
+    let NormProject {
+        x,
+        delta,
+        gain,
+        eps,
+        w,
+        swiglu,
+    } = input;
+    let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+    let width = w.meta.shape()[1];
+    if swiglu && !width.is_multiple_of(2) {
+        return Err(refuse(format!("an odd merged gate/up width {width}")));
+    }
+    let out_cols = if swiglu { width / 2 } else { width };
+    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], out_cols)?;
+    let x = ops.x.clone();
+    let operand = |t: CubeTensor<CudaRuntime>, site, dims: &[usize]| {
+        let t = contiguous(t, site);
+        if t.dtype != x.dtype || t.meta.shape()[..] != *dims {
+            return Err(refuse(format!(
+                "{site} {:?} {:?} beside x {:?} {:?}",
+                t.dtype,
+                t.meta.shape(),
+                x.dtype,
+                x.meta.shape()
+            )));
+        }
+        if !t.handle.offset_start.unwrap_or(0).is_multiple_of(16) {
+            return Err(refuse(format!("{site} must start on a 16-byte boundary")));
+        }
+        Ok(t)
+    };
+    let dims = x.meta.shape()[..].to_vec();
+    let gain = operand(gain.into_primitive().tensor(), "norm gain", &dims[1..])?;
+    let residual = match delta {
+        Some(delta) => {
+            let delta = operand(delta.into_primitive().tensor(), "norm delta", &dims)?;
+            let sum = empty_device_contiguous_dtype(
+                x.client.clone(),
+                x.device.clone(),
+                dims.clone().into(),
+                x.dtype,
+            );
+            Some((delta, sum))
+        }
+        None => None,
+    };
+    let norm = NormPrologue {
+        gain: gain.handle.clone(),
+        eps: eps as f32,
+        residual: residual
+            .as_ref()
+            .map(|(delta, sum)| [delta.handle.clone(), sum.handle.clone()]),
+    };
+    let out = ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
+        let shape = GemvShape { rows, k, n };
+        gemv::launch_normed(client, handles, norm, shape, dtype, (true, swiglu))
+    })?;
+    let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
+    let stream = residual.map_or(x, |(_, sum)| sum);
+    Ok((float(stream), float(out)))
 }
 
 /// `x · w` by our tensor-core GEMM: 1 to `SKINNY_MAX_ROWS` rows of f16/bf16, `k` and `n`

@@ -105,6 +105,23 @@ pub type SiluMulFn<B> = Arc<dyn Fn(Tensor<B, 2>) -> Tensor<B, 2> + Send + Sync>;
 /// [`silu_mul_halves`] of the projection. `None` where it cannot take the input; the model then
 /// projects and applies [`FusedOps::silu_mul`].
 pub type GateUpActFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Option<Tensor<B, 2>> + Send + Sync>;
+/// A block's RMSNorm and its first projection, what a [`NormProjectFn`] gets: the norm of `x`
+/// (of `x + delta`, the residual add before it, when there is a `delta`) with `gain` and `eps`,
+/// times `w` (logical `[in, out]`); with `swiglu`, `w` is the merged gate/up weight and the
+/// product is the MLP's activation, as [`GateUpActFn`]'s.
+#[derive(Clone)]
+pub struct NormProject<B: Backend> {
+    pub x: Tensor<B, 2>,
+    pub delta: Option<Tensor<B, 2>>,
+    pub gain: Tensor<B, 1>,
+    pub eps: f64,
+    pub w: Tensor<B, 2>,
+    pub swiglu: bool,
+}
+/// Returns `(x + delta, product)` (`x` itself without a delta) of a [`NormProject`] in one launch
+/// (CUDA's GEMV with a norm prologue, at decode-sized batches); `None` where it cannot take the
+/// input, and the model then runs the norm and the projection apart.
+pub type NormProjectFn<B> = Arc<dyn Fn(NormProject<B>) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> + Send + Sync>;
 /// RoPE of `x [tokens, heads, head_dim]` with the step's `cos` and `sin` (`[tokens, 1,
 /// head_dim]`), as [`rotate_half_rope`].
 pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
@@ -146,6 +163,9 @@ pub struct FusedOps<B: Backend> {
     /// The merged gate/up projection and its activation in one launch (decode-sized batches on
     /// CUDA's GEMV); `None`: always the projection, then `silu_mul`.
     pub gate_up_act: Option<GateUpActFn<B>>,
+    /// The RMSNorms before the attention and the MLP inside their first projections (q/k/v when
+    /// merged, gate/up when merged); `None`: the norm's own launch, then the projection.
+    pub norm_project: Option<NormProjectFn<B>>,
     pub rope: RopeFn<B>,
     /// The RoPE of q and k and the K/V write into the pages in one launch, reading q, k and v
     /// from one merged projection; `None`: [`FusedOps::rope`] then the cache's own write.
@@ -632,12 +652,11 @@ impl<B: Backend> Llama<B> {
             None => self.embed.clone().select(0, int_tensor(tokens, dev)),
             Some(comm) => shard::embed_lookup(&**comm, &self.embed, &self.shard.vocab, &tokens),
         };
-        // `h` is the normalised `x` each block reads: the residual add before each norm but the
-        // first goes with it (one launch with the fused ops).
-        let first_norm = self.layers.first().map_or(&self.final_norm, |l| &l.attn_norm);
-        let mut h = self.rms_norm(x.clone(), first_norm);
+        // Each block's output is added to the residual stream `x` by the norm that follows it (one
+        // launch with the fused ops, or inside the next projection with `norm_project`).
+        let mut delta = None;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            let (mut q, mut k, v) = self.project_qkv(&layer.qkv, h);
+            let (x_attn, [mut q, mut k, v]) = self.normed_qkv(x, delta.take(), &layer.attn_norm, &layer.qkv);
             if let Some([nq, nk]) = &layer.qk_norm {
                 q = self
                     .rms_norm(q.reshape([t_total * nh, hd]), nq)
@@ -655,33 +674,15 @@ impl<B: Backend> Llama<B> {
             if let Some(bo) = &layer.o_bias {
                 out = out + bo.clone().unsqueeze_dim::<2>(0);
             }
-            let (x_mid, h_mlp) = self.add_rms_norm(x, out, &layer.mlp_norm);
+            let (x_mid, act) = self.normed_mlp_act(x_attn, out, &layer.mlp_norm, &layer.gate_up);
             x = x_mid;
-            let act = match (&layer.gate_up, &self.fused) {
-                (GateUp::Merged(w), Some(f)) => {
-                    let fused = f
-                        .gate_up_act
-                        .as_ref()
-                        .and_then(|act| act(h_mlp.clone(), w.clone()));
-                    fused.unwrap_or_else(|| (f.silu_mul)(self.project(h_mlp, w)))
-                }
-                (GateUp::Merged(w), None) => silu_mul_halves(self.project(h_mlp, w)),
-                (GateUp::Apart { gate, up }, _) => {
-                    silu_mul(self.project(h_mlp.clone(), gate), self.project(h_mlp, up))
-                }
-            };
             let mut down = self.project(act, &layer.w_down);
             if let Some(comm) = &self.comm {
                 down = shard::all_reduce(&**comm, down);
             }
-            let next_norm = self
-                .layers
-                .get(layer_idx + 1)
-                .map_or(&self.final_norm, |l| &l.attn_norm);
-            (x, h) = self.add_rms_norm(x, down, next_norm);
+            delta = Some(down);
         }
-        // After the last layer, `h` is the final norm of `x`.
-        let x = h;
+        let (_, x) = self.residual_norm(x, delta, &self.final_norm);
         let rows = int_tensor(logit_rows, dev);
         let logits = self.project(x.select(0, rows), &self.lm_head).cast(DType::F32);
         match &self.comm {
@@ -900,36 +901,117 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// The layer's q, k and v rows (`[tokens, width]` each, biases added): column views of one
-    /// product when the projections are merged.
-    fn project_qkv(&self, qkv: &Qkv<B>, h: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
-        match qkv {
-            Qkv::Apart { q, k, v, bias } => {
-                let (mut q, mut k, mut v) = (
-                    self.project(h.clone(), q),
-                    self.project(h.clone(), k),
-                    self.project(h, v),
-                );
-                if let Some([bq, bk, bv]) = bias {
-                    q = q + bq.clone().unsqueeze_dim::<2>(0);
-                    k = k + bk.clone().unsqueeze_dim::<2>(0);
-                    v = v + bv.clone().unsqueeze_dim::<2>(0);
-                }
-                (q, k, v)
-            }
+    /// The residual stream after the add before the attention's norm, and the layer's q, k and v
+    /// rows (`[tokens, width]` each, biases added): column views of one product when the
+    /// projections are merged, which the norm then runs inside where `norm_project` takes it.
+    fn normed_qkv(
+        &self,
+        x: Tensor<B, 2>,
+        delta: Option<Tensor<B, 2>>,
+        gain: &Tensor<B, 1>,
+        qkv: &Qkv<B>,
+    ) -> (Tensor<B, 2>, [Tensor<B, 2>; 3]) {
+        let (q, k, v, bias) = match qkv {
             Qkv::Merged { w, bias } => {
-                let mut qkv = self.project(h, w);
-                if let Some(b) = bias {
-                    qkv = qkv + b.clone().unsqueeze_dim::<2>(0);
+                if let Some((x, product)) = self.norm_project(&x, &delta, gain, w, false) {
+                    return (x, self.split_qkv(product, bias));
                 }
-                let [t, width] = qkv.dims();
-                let q_dim = self.shard.num_heads() * self.config.head_dim;
-                let kv_dim = (width - q_dim) / 2;
-                (
-                    qkv.clone().slice([0..t, 0..q_dim]),
-                    qkv.clone().slice([0..t, q_dim..q_dim + kv_dim]),
-                    qkv.slice([0..t, q_dim + kv_dim..width]),
-                )
+                let (x, h) = self.residual_norm(x, delta, gain);
+                return (x, self.split_qkv(self.project(h, w), bias));
+            }
+            Qkv::Apart { q, k, v, bias } => (q, k, v, bias),
+        };
+        let (x, h) = self.residual_norm(x, delta, gain);
+        let (mut q, mut k, mut v) = (
+            self.project(h.clone(), q),
+            self.project(h.clone(), k),
+            self.project(h, v),
+        );
+        if let Some([bq, bk, bv]) = bias {
+            q = q + bq.clone().unsqueeze_dim::<2>(0);
+            k = k + bk.clone().unsqueeze_dim::<2>(0);
+            v = v + bv.clone().unsqueeze_dim::<2>(0);
+        }
+        (x, [q, k, v])
+    }
+
+    /// q, k and v as column views of the merged projection's product, its bias added.
+    fn split_qkv(&self, mut qkv: Tensor<B, 2>, bias: &Option<Tensor<B, 1>>) -> [Tensor<B, 2>; 3] {
+        if let Some(b) = bias {
+            qkv = qkv + b.clone().unsqueeze_dim::<2>(0);
+        }
+        let [t, width] = qkv.dims();
+        let q_dim = self.shard.num_heads() * self.config.head_dim;
+        let kv_dim = (width - q_dim) / 2;
+        [
+            qkv.clone().slice([0..t, 0..q_dim]),
+            qkv.clone().slice([0..t, q_dim..q_dim + kv_dim]),
+            qkv.slice([0..t, q_dim + kv_dim..width]),
+        ]
+    }
+
+    /// The residual stream after the add before the MLP's norm (of the attention's output
+    /// `delta`), and the MLP's activation `silu(h · gate) · (h · up)` of the normalised rows `h`:
+    /// inside the merged gate/up projection where `norm_project` takes it, else by
+    /// `gate_up_act`'s one launch where that takes it, else the projection, then `silu_mul`.
+    fn normed_mlp_act(
+        &self,
+        x: Tensor<B, 2>,
+        delta: Tensor<B, 2>,
+        gain: &Tensor<B, 1>,
+        gate_up: &GateUp<B>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let delta = Some(delta);
+        if let (GateUp::Merged(w), Some(f)) = (gate_up, &self.fused) {
+            let swiglu = f.gate_up_act.is_some();
+            if let Some((x, product)) = self.norm_project(&x, &delta, gain, w, swiglu) {
+                return (x, if swiglu { product } else { (f.silu_mul)(product) });
+            }
+        }
+        let (x, h) = self.residual_norm(x, delta, gain);
+        let act = match (gate_up, &self.fused) {
+            (GateUp::Merged(w), Some(f)) => {
+                let fused = f.gate_up_act.as_ref().and_then(|act| act(h.clone(), w.clone()));
+                fused.unwrap_or_else(|| (f.silu_mul)(self.project(h, w)))
+            }
+            (GateUp::Merged(w), None) => silu_mul_halves(self.project(h, w)),
+            (GateUp::Apart { gate, up }, _) => silu_mul(self.project(h.clone(), gate), self.project(h, up)),
+        };
+        (x, act)
+    }
+
+    /// `(x + delta, product)` by the fused `norm_project` when one is set and takes the rows.
+    fn norm_project(
+        &self,
+        x: &Tensor<B, 2>,
+        delta: &Option<Tensor<B, 2>>,
+        gain: &Tensor<B, 1>,
+        w: &Tensor<B, 2>,
+        swiglu: bool,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        let f = self.fused.as_ref()?.norm_project.as_ref()?;
+        f(NormProject {
+            x: x.clone(),
+            delta: delta.clone(),
+            gain: gain.clone(),
+            eps: self.config.rms_norm_eps,
+            w: w.clone(),
+            swiglu,
+        })
+    }
+
+    /// `(x + delta, rms_norm(x + delta))`, or `(x, rms_norm(x))` without a delta.
+    fn residual_norm(
+        &self,
+        x: Tensor<B, 2>,
+        delta: Option<Tensor<B, 2>>,
+        gain: &Tensor<B, 1>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        match delta {
+            Some(delta) => self.add_rms_norm(x, delta, gain),
+            None => {
+                let h = self.rms_norm(x.clone(), gain);
+                (x, h)
             }
         }
     }

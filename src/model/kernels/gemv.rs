@@ -60,7 +60,18 @@ fn gemv_kernel<F: Float, N: Size>(
     // after RMSNorm with `gain`, staged in shared memory by the whole cube first.
     let mut staged = SharedMemory::<Vector<F, N>>::new(staged_len);
     if norm {
-        stage_normed_rows::<F, N>(x, delta, gain, sum, &mut staged, kv, eps, rows, plane_reduce, residual);
+        stage_normed_rows::<F, N>(
+            x,
+            delta,
+            gain,
+            sum,
+            &mut staged,
+            kv,
+            eps,
+            rows,
+            plane_reduce,
+            residual,
+        );
     }
     // This warp's output and its row of `w`. With `swiglu`, `n` is the activation's width, `w`
     // has `2 n` rows (gate, then up), and the cube's warps 0-1 take the gate rows of outputs
@@ -84,11 +95,7 @@ fn gemv_kernel<F: Float, N: Size>(
             let wv = Vector::<f32, N>::cast_from(w[row + i]);
             #[unroll]
             for r in 0..rows {
-                let xv = if norm {
-                    staged[r * kv + i]
-                } else {
-                    x[r * kv + i]
-                };
+                let xv = if norm { staged[r * kv + i] } else { x[r * kv + i] };
                 acc[r] += wv * Vector::<f32, N>::cast_from(xv);
             }
             i += lanes;
@@ -528,7 +535,11 @@ mod tests {
                 ];
                 rms_norm::launch_add(&client, handles, (rows, k), eps, f32_type).unwrap();
             } else {
-                let handles = [gl::upload(&client, &x), gl::upload(&client, &gain), normed.clone()];
+                let handles = [
+                    gl::upload(&client, &x),
+                    gl::upload(&client, &gain),
+                    normed.clone(),
+                ];
                 rms_norm::launch(&client, handles, (rows, k), eps, f32_type).unwrap();
             }
             let apart = client.empty(rows * n * 4);
