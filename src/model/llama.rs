@@ -683,8 +683,14 @@ impl<B: Backend> Llama<B> {
             delta = Some(down);
         }
         let (_, x) = self.residual_norm(x, delta, &self.final_norm);
-        let rows = int_tensor(logit_rows, dev);
-        let logits = self.project(x.select(0, rows), &self.lm_head).cast(DType::F32);
+        // A decode-only step wants every row's logits: no upload and no gather for it.
+        let every_row =
+            logit_rows.iter().enumerate().all(|(i, &r)| r as usize == i) && logit_rows.len() == t_total;
+        let x = match every_row {
+            true => x,
+            false => x.select(0, int_tensor(logit_rows, dev)),
+        };
+        let logits = self.project(x, &self.lm_head).cast(DType::F32);
         match &self.comm {
             None => logits,
             Some(comm) => shard::gather_logits(&**comm, logits, self.shard.vocab_size),
