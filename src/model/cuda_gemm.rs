@@ -35,7 +35,7 @@ use cubek::matmul::routines::simple_unit::SimpleUnitSelectionArgs;
 use cubek::matmul::routines::{BlueprintStrategy, TileSizeSelection};
 use cubek::std::InputBinding;
 
-use super::kernels::gemv::{self, GemvShape, NormPrologue};
+use super::kernels::gemv::{self, Epilogue, GemvShape, NormPrologue};
 use super::kernels::skinny_gemm::{self, SkinnyShape};
 use super::kernels::stream_order;
 use super::llama::NormProject;
@@ -473,7 +473,8 @@ pub fn norm_gemv(
     };
     let out = ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
         let shape = GemvShape { rows, k, n };
-        gemv::launch_normed(client, handles, norm, shape, dtype, (true, swiglu))
+        let epilogue = if swiglu { Epilogue::SwiGlu } else { Epilogue::Plain };
+        gemv::launch_normed(client, handles, norm, epilogue, shape, dtype, true)
     })?;
     let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
     let stream = residual.map_or(x, |(_, sum)| sum);

@@ -43,12 +43,21 @@ fn gemv_kernel<F: Float, N: Size>(
     delta: &Array<Vector<F, N>>,
     gain: &Array<Vector<F, N>>,
     sum: &mut Array<Vector<F, N>>,
+    cos: &Array<F>,
+    sin: &Array<F>,
+    slots: &Array<u32>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
     k_vectors: u32,
     outputs: u32,
     eps: f32,
+    q_dim: u32,
+    kv_dim: u32,
     #[comptime] rows: usize,
     #[comptime] plane_reduce: bool,
     #[comptime] swiglu: bool,
+    #[comptime] rope_write: bool,
+    #[comptime] head_dim: usize,
     #[comptime] norm: bool,
     #[comptime] residual: bool,
     #[comptime] staged_len: usize,
@@ -75,12 +84,19 @@ fn gemv_kernel<F: Float, N: Size>(
     }
     // This warp's output and its row of `w`. With `swiglu`, `n` is the activation's width, `w`
     // has `2 n` rows (gate, then up), and the cube's warps 0-1 take the gate rows of outputs
-    // `2 c`, `2 c + 1`, warps 2-3 their up rows.
+    // `2 c`, `2 c + 1`, warps 2-3 their up rows. With `rope_write`, `n` counts the pairs of
+    // columns RoPE rotates together (`d` and `d + head_dim / 2` of a head: q's heads, k's, then
+    // v's, paired alike), warps 0-1 take the first of pairs `2 c`, `2 c + 1`, warps 2-3 the second.
     let mut o = (CUBE_POS_X * OUTPUTS_PER_CUBE + UNIT_POS_Y) as usize;
     let mut w_row = o;
     if swiglu {
         o = (CUBE_POS_X * 2 + UNIT_POS_Y % 2) as usize;
         w_row = o + (UNIT_POS_Y / 2) as usize * n;
+    }
+    if rope_write {
+        let half = comptime!(head_dim / 2);
+        o = (CUBE_POS_X * 2 + UNIT_POS_Y % 2) as usize;
+        w_row = (o / half) * head_dim + o % half + (UNIT_POS_Y / 2) as usize * half;
     }
     // f32 accumulators whatever the weights' type, as cuBLAS computes bf16 GEMMs.
     let mut acc = Array::<Vector<f32, N>>::new(rows);
@@ -137,7 +153,7 @@ fn gemv_kernel<F: Float, N: Size>(
             }
         }
     }
-    if swiglu {
+    if swiglu || rope_write {
         // Every unit reaches the barrier; lane 0 of each warp holds its sums.
         let mut pair = SharedMemory::<f32>::new(rows * OUTPUTS_PER_CUBE as usize);
         if UNIT_POS_X == 0 {
@@ -147,7 +163,29 @@ fn gemv_kernel<F: Float, N: Size>(
             }
         }
         sync_cube();
-        if UNIT_POS_X == 0 && UNIT_POS_Y < 2 && o < n {
+        if rope_write {
+            if UNIT_POS_X == 0 && UNIT_POS_Y < 2 && o < n {
+                let (q_dim, kv_dim) = (q_dim as usize, kv_dim as usize);
+                #[unroll]
+                for r in 0..rows {
+                    // Rounded to the model's type as the GEMV writes its output.
+                    let first = F::cast_from(pair[UNIT_POS_Y as usize * rows + r]);
+                    let second = F::cast_from(pair[(UNIT_POS_Y as usize + 2) * rows + r]);
+                    write_roped_pair::<F>(
+                        first,
+                        second,
+                        o,
+                        r,
+                        (cos, sin, slots),
+                        out,
+                        k_cache,
+                        v_cache,
+                        (q_dim, kv_dim),
+                        head_dim,
+                    );
+                }
+            }
+        } else if UNIT_POS_X == 0 && UNIT_POS_Y < 2 && o < n {
             #[unroll]
             for r in 0..rows {
                 let gate = F::cast_from(pair[UNIT_POS_Y as usize * rows + r]);
@@ -161,6 +199,47 @@ fn gemv_kernel<F: Float, N: Size>(
         for r in 0..rows {
             out[r * n + o] = F::cast_from(sums[r]);
         }
+    }
+}
+
+/// The `rope_write` epilogue of pair `o` (columns `d` and `d + head_dim / 2` of one head) of row
+/// `r`: a q head's pair rotated into `q_out`, a K head's rotated into its slot of `k_cache`, a V
+/// head's stored as it is into `v_cache`; the rotation is `kernels::qkv_write`'s, in the
+/// model's type.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_roped_pair<F: Float>(
+    first: F,
+    second: F,
+    o: usize,
+    r: usize,
+    tables: (&Array<F>, &Array<F>, &Array<u32>),
+    q_out: &mut Array<F>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
+    dims: (usize, usize),
+    #[comptime] head_dim: usize,
+) {
+    let (cos, sin, slots) = tables;
+    let (q_dim, kv_dim) = dims;
+    let half = comptime!(head_dim / 2);
+    let (d, col) = (o % half, (o / half) * head_dim + o % half);
+    let at = r * head_dim + d;
+    if col < q_dim + kv_dim {
+        let a = first * cos[at] + -second * sin[at];
+        let b = second * cos[at + half] + first * sin[at + half];
+        if col < q_dim {
+            q_out[r * q_dim + col] = a;
+            q_out[r * q_dim + col + half] = b;
+        } else {
+            let dst = slots[r] as usize * kv_dim + col - q_dim;
+            k_cache[dst] = a;
+            k_cache[dst + half] = b;
+        }
+    } else {
+        let dst = slots[r] as usize * kv_dim + col - q_dim - kv_dim;
+        v_cache[dst] = first;
+        v_cache[dst + half] = second;
     }
 }
 
@@ -280,7 +359,7 @@ pub fn launch<R: Runtime>(
     dtype: (StorageType, usize),
     plane_reduce: bool,
 ) -> Result<(), Refused> {
-    launch_kernel(client, handles, None, shape, dtype, plane_reduce, false)
+    launch_kernel(client, handles, None, Epilogue::Plain, shape, dtype, plane_reduce)
 }
 
 /// Queues `out = silu(x · gateᵀ) · (x · upᵀ)` on `client`, `w` holding `[2 n, k]` elements
@@ -292,7 +371,7 @@ pub fn launch_swiglu<R: Runtime>(
     dtype: (StorageType, usize),
     plane_reduce: bool,
 ) -> Result<(), Refused> {
-    launch_kernel(client, handles, None, shape, dtype, plane_reduce, true)
+    launch_kernel(client, handles, None, Epilogue::SwiGlu, shape, dtype, plane_reduce)
 }
 
 /// The RMSNorm a GEMV applies to its input first ([`launch_normed`]).
@@ -306,22 +385,54 @@ pub struct NormPrologue {
     pub residual: Option<[cubecl::server::Handle; 2]>,
 }
 
-/// Rows of `x` staged in shared memory by [`launch_normed`] at most, in bytes: CUDA's static
-/// shared memory without opting in to more (8 rows of a 2,048-wide bf16 model take 32 KiB).
+/// Where the merged q/k/v product goes instead of a plain output ([`Epilogue::RopeWrite`]): q
+/// through RoPE into the output (`[rows, heads * head_dim]`), K through RoPE and V into their
+/// slots of the caches, as `kernels::qkv_write` would store them.
+#[derive(Debug, Clone)]
+pub struct RopeWrite {
+    /// The rows' `cos` and `sin` (`[rows, head_dim]` each) and cache slots (`[rows]`, 32-bit).
+    pub cos: cubecl::server::Handle,
+    pub sin: cubecl::server::Handle,
+    pub slots: cubecl::server::Handle,
+    /// The layer's caches, `[cache_slots, kv_heads * head_dim]` each, written in place.
+    pub k_cache: cubecl::server::Handle,
+    pub v_cache: cubecl::server::Handle,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub cache_slots: usize,
+}
+
+/// What a GEMV does with its sums.
+#[derive(Debug, Clone)]
+pub enum Epilogue {
+    /// Writes them ([`launch`]).
+    Plain,
+    /// The MLP's activation of the merged gate/up product ([`launch_swiglu`]).
+    SwiGlu,
+    /// RoPE and the K/V write of the merged q/k/v product ([`launch_normed`]).
+    RopeWrite(RopeWrite),
+}
+
+/// Rows of `x` staged in shared memory by [`launch_normed`] at most, in bytes (8 rows of a
+/// 2,048-wide bf16 model take 32 KiB): more would leave an SM too few cubes, and so too few
+/// weight reads in flight, for a memory-bound GEMV.
 pub const NORM_STAGE_MAX_BYTES: usize = 48 * 1024;
 
-/// Queues the product of [`launch`] (or, with `swiglu`, of [`launch_swiglu`]) on the RMSNorm of
-/// `x`'s rows, or of `x + delta`'s, in one launch: the norm's launch before the GEMV, and the
-/// write and read back of its output, are saved. The normalised rows are rounded as
-/// `kernels::rms_norm` rounds them; their statistics are summed in another order, so the result
-/// matches the two launches to f32's rounding, not bit for bit.
+/// Queues the GEMV with `epilogue` on the RMSNorm of `x`'s rows, or of `x + delta`'s, in one
+/// launch: the norm's launch before the GEMV, and the write and read back of its output, are
+/// saved. The normalised rows are rounded as `kernels::rms_norm` rounds them; their statistics
+/// are summed in another order, so the result matches the two launches to f32's rounding, not
+/// bit for bit. With [`Epilogue::RopeWrite`], `w` is the merged `[q; k; v]` weight
+/// (`[(heads + 2 kv_heads) head_dim, k]`) and `out` receives q after RoPE; `shape.n` is ignored.
 pub fn launch_normed<R: Runtime>(
     client: &ComputeClient<R>,
     handles: [cubecl::server::Handle; 3],
     norm: NormPrologue,
+    epilogue: Epilogue,
     shape: GemvShape,
     dtype: (StorageType, usize),
-    (plane_reduce, swiglu): (bool, bool),
+    plane_reduce: bool,
 ) -> Result<(), Refused> {
     let staged = shape.rows * shape.k * dtype.1;
     let limit = NORM_STAGE_MAX_BYTES.min(client.properties().hardware.max_shared_memory_size);
@@ -331,19 +442,38 @@ pub fn launch_normed<R: Runtime>(
             shape.rows, shape.k
         )));
     }
-    launch_kernel(client, handles, Some(norm), shape, dtype, plane_reduce, swiglu)
+    launch_kernel(client, handles, Some(norm), epilogue, shape, dtype, plane_reduce)
 }
 
 fn launch_kernel<R: Runtime>(
     client: &ComputeClient<R>,
     [x, w, out]: [cubecl::server::Handle; 3],
     norm: Option<NormPrologue>,
+    epilogue: Epilogue,
     shape: GemvShape,
     (dtype, elem_bytes): (StorageType, usize),
     plane_reduce: bool,
-    swiglu: bool,
 ) -> Result<(), Refused> {
-    let GemvShape { rows, k, n } = shape;
+    let GemvShape { rows, k, mut n } = shape;
+    // The rows of `w` and the elements of `out`; with RoPE, `n` counts pairs of columns.
+    let (w_rows, out_len) = match &epilogue {
+        Epilogue::Plain => (n, rows * n),
+        Epilogue::SwiGlu => (2 * n, rows * n),
+        Epilogue::RopeWrite(r) => {
+            let (q_dim, kv_dim) = (r.heads * r.head_dim, r.kv_heads * r.head_dim);
+            if !r.head_dim.is_multiple_of(2) || r.heads == 0 || r.kv_heads == 0 {
+                return Err(Refused(format!(
+                    "RoPE of {} and {} heads of {}",
+                    r.heads, r.kv_heads, r.head_dim
+                )));
+            }
+            if u32::try_from(r.cache_slots * kv_dim).is_err() {
+                return Err(Refused("the cache does not fit in 32 bits".into()));
+            }
+            n = (q_dim + 2 * kv_dim) / 2;
+            (2 * n, rows * q_dim)
+        }
+    };
     if rows == 0 || rows > GEMV_MAX_ROWS {
         return Err(Refused(format!(
             "the GEMV takes 1 to {GEMV_MAX_ROWS} rows, not {rows}"
@@ -359,16 +489,18 @@ fn launch_kernel<R: Runtime>(
         (Ok(a), Ok(b)) => (a, b),
         _ => return Err(Refused(format!("a GEMV of k {k}, n {n} is too large"))),
     };
-    let outputs_per_cube = if swiglu { 2 } else { OUTPUTS_PER_CUBE };
+    let outputs_per_cube = match epilogue {
+        Epilogue::Plain => OUTPUTS_PER_CUBE,
+        Epilogue::SwiGlu | Epilogue::RopeWrite(_) => 2,
+    };
     let cubes = n_out.div_ceil(outputs_per_cube);
-    let w_rows = if swiglu { 2 * n } else { n };
     if cubes > super::MAX_CUBES_PER_DIM {
         return Err(Refused(format!(
             "{n} outputs need more than one grid row of cubes"
         )));
     }
     // Without a norm, the prologue's arrays are bound to `x` (never read or written); without a
-    // residual, `delta` and `sum` are.
+    // residual, `delta` and `sum` are; without RoPE, the tables to `x` and the caches to `out`.
     let (is_norm, eps, staged_len) = match &norm {
         Some(p) => (true, p.eps, rows * kv),
         None => (false, 0.0, 1),
@@ -381,10 +513,24 @@ fn launch_kernel<R: Runtime>(
     let [delta, sum] = norm
         .and_then(|p| p.residual)
         .unwrap_or_else(|| [x.clone(), x.clone()]);
+    let swiglu = matches!(epilogue, Epilogue::SwiGlu);
+    let (rope_write, head_dim, q_dim, kv_dim) = match &epilogue {
+        Epilogue::RopeWrite(r) => (true, r.head_dim, r.heads * r.head_dim, r.kv_heads * r.head_dim),
+        _ => (false, 2, 0, 0),
+    };
+    let ([cos, sin, slots, k_cache, v_cache], [table_len, slots_len, cache_len]) = match epilogue {
+        Epilogue::RopeWrite(r) => (
+            [r.cos, r.sin, r.slots, r.k_cache, r.v_cache],
+            [rows * head_dim, rows, r.cache_slots * kv_dim],
+        ),
+        _ => ([x.clone(), x.clone(), x.clone(), out.clone(), out.clone()], [1, 1, 1]),
+    };
     // SAFETY: the arrays' lengths are those of the handles' buffers (the caller's contract) and
     // every index the kernel makes is below them: `o < n` (so the row of `w` is below `w_rows`),
     // `i < kv`, `r < rows`; the prologue's arrays are only indexed with a norm, then below
-    // `rows * kv` (`kv` for the gain).
+    // `rows * kv` (`kv` for the gain); the RoPE tables and the caches only with `rope_write`,
+    // then below `rows * head_dim` and at the rows' slots (below `cache_slots`, the caller's
+    // contract).
     unsafe {
         gemv_kernel::launch_unchecked::<R>(
             client,
@@ -393,16 +539,25 @@ fn launch_kernel<R: Runtime>(
             width,
             ArrayArg::from_raw_parts(x, rows * kv),
             ArrayArg::from_raw_parts(w, w_rows * kv),
-            ArrayArg::from_raw_parts(out, rows * n),
+            ArrayArg::from_raw_parts(out, out_len),
             ArrayArg::from_raw_parts(delta, rows * kv),
             ArrayArg::from_raw_parts(gain, gain_len),
             ArrayArg::from_raw_parts(sum, rows * kv),
+            ArrayArg::from_raw_parts(cos, table_len),
+            ArrayArg::from_raw_parts(sin, table_len),
+            ArrayArg::from_raw_parts(slots, slots_len),
+            ArrayArg::from_raw_parts(k_cache, cache_len),
+            ArrayArg::from_raw_parts(v_cache, cache_len),
             k_vectors,
             n_out,
             eps,
+            q_dim as u32,
+            kv_dim as u32,
             rows,
             plane_reduce,
             swiglu,
+            rope_write,
+            head_dim,
             is_norm,
             residual,
             staged_len,
@@ -558,7 +713,8 @@ mod tests {
                 residual: residual.then(|| [gl::upload(&client, &delta), sum.clone()]),
             };
             let handles = [gl::upload(&client, &x), gl::upload(&client, &w), fused.clone()];
-            launch_normed(&client, handles, norm, shape, (f32_type, 4), (false, swiglu)).unwrap();
+            let epilogue = if swiglu { Epilogue::SwiGlu } else { Epilogue::Plain };
+            launch_normed(&client, handles, norm, epilogue, shape, (f32_type, 4), false).unwrap();
             let (apart, fused) = (gl::download(&client, apart), gl::download(&client, fused));
             for (i, (f, a)) in fused.iter().zip(&apart).enumerate() {
                 assert!(
@@ -570,6 +726,114 @@ mod tests {
             if residual {
                 let want: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
                 assert_eq!(gl::download(&client, sum), want, "{what}: x + delta");
+            }
+        }
+    }
+
+    /// With the RoPE epilogue, one launch leaves q, the caches' K and V rows (and every other
+    /// row of the caches untouched) as the norm's launch, three GEMVs and `qkv_write` do.
+    #[test]
+    fn kernels_gemv_rope_write_is_the_gemv_then_qkv_write() {
+        use crate::model::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
+        use crate::model::kernels::rms_norm;
+        let client = gl::client();
+        let f32_type = f32::as_type_native_unchecked().storage_type();
+        let (eps, cache_slots) = (1e-5f32, 24);
+        // GQA (4 query heads over 2 KV heads), one KV head, and as many KV heads as query heads;
+        // k 36 makes 4-wide vectors.
+        for (rows, k, heads, kv_heads, head_dim) in [(1, 64, 4, 2, 16), (3, 36, 2, 1, 8), (8, 128, 4, 4, 32)] {
+            let what = format!("rows {rows}, k {k}, heads {heads}/{kv_heads} of {head_dim}");
+            let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
+            let x = values(rows * k, 8);
+            let delta = values(rows * k, 9);
+            let gain: Vec<f32> = (0..k).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
+            let w: Vec<f32> = (0..(q_dim + 2 * kv_dim) * k)
+                .map(|i| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as f32 / 1024.0 - 1.0)
+                .collect();
+            let (cos, sin) = (values(rows * head_dim, 10), values(rows * head_dim, 11));
+            // Distinct slots, out of order.
+            let slots: Vec<u32> = (0..rows as u32).map(|r| (r * 7 + 5) % cache_slots as u32).collect();
+            let cache_init = values(cache_slots * kv_dim, 12);
+            let upload_slots = || client.create_from_slice(u32::as_bytes(&slots));
+            // Apart: the norm, q, k and v's GEMVs, then the RoPE and the write.
+            let (sum_apart, normed) = (client.empty(rows * k * 4), client.empty(rows * k * 4));
+            let handles = [
+                gl::upload(&client, &x),
+                gl::upload(&client, &delta),
+                gl::upload(&client, &gain),
+                sum_apart,
+                normed.clone(),
+            ];
+            rms_norm::launch_add(&client, handles, (rows, k), eps, f32_type).unwrap();
+            let mut parts = Vec::new();
+            for (begin, width) in [(0, q_dim), (q_dim, kv_dim), (q_dim + kv_dim, kv_dim)] {
+                let part = client.empty(rows * width * 4);
+                let w_part = gl::upload(&client, &w[begin * k..(begin + width) * k]);
+                let shape = GemvShape { rows, k, n: width };
+                launch(&client, [normed.clone(), w_part, part.clone()], shape, (f32_type, 4), false).unwrap();
+                parts.push(part);
+            }
+            let (q_apart, k_apart, v_apart) = (
+                client.empty(rows * q_dim * 4),
+                gl::upload(&client, &cache_init),
+                gl::upload(&client, &cache_init),
+            );
+            let [q, kp, vp]: [_; 3] = parts.try_into().unwrap();
+            let handles = [
+                q,
+                kp,
+                vp,
+                gl::upload(&client, &cos),
+                gl::upload(&client, &sin),
+                upload_slots(),
+                q_apart.clone(),
+                k_apart.clone(),
+                v_apart.clone(),
+            ];
+            let shape = QkvWriteShape {
+                tokens: rows,
+                heads,
+                kv_heads,
+                head_dim,
+                cache_slots,
+            };
+            let strides = QkvStrides {
+                q: q_dim,
+                k: kv_dim,
+                v: kv_dim,
+            };
+            qkv_write::launch(&client, handles, shape, strides, f32_type).unwrap();
+            // Fused.
+            let (sum, q_fused) = (client.empty(rows * k * 4), client.empty(rows * q_dim * 4));
+            let (k_fused, v_fused) = (gl::upload(&client, &cache_init), gl::upload(&client, &cache_init));
+            let norm = NormPrologue {
+                gain: gl::upload(&client, &gain),
+                eps,
+                residual: Some([gl::upload(&client, &delta), sum]),
+            };
+            let rope = RopeWrite {
+                cos: gl::upload(&client, &cos),
+                sin: gl::upload(&client, &sin),
+                slots: upload_slots(),
+                k_cache: k_fused.clone(),
+                v_cache: v_fused.clone(),
+                heads,
+                kv_heads,
+                head_dim,
+                cache_slots,
+            };
+            let handles = [gl::upload(&client, &x), gl::upload(&client, &w), q_fused.clone()];
+            let shape = GemvShape { rows, k, n: 0 };
+            let epilogue = Epilogue::RopeWrite(rope);
+            launch_normed(&client, handles, norm, epilogue, shape, (f32_type, 4), false).unwrap();
+            for (name, fused, apart) in [("q", q_fused, q_apart), ("K", k_fused, k_apart), ("V", v_fused, v_apart)] {
+                let (fused, apart) = (gl::download(&client, fused), gl::download(&client, apart));
+                for (i, (f, a)) in fused.iter().zip(&apart).enumerate() {
+                    assert!(
+                        (f - a).abs() <= 1e-5 * (1.0 + a.abs()),
+                        "{what}: {name} element {i}: fused {f}, apart {a}"
+                    );
+                }
             }
         }
     }
@@ -610,7 +874,7 @@ mod tests {
             k: NORM_STAGE_MAX_BYTES / 4 / GEMV_MAX_ROWS + 4,
             n: 8,
         };
-        let flags = (false, false);
-        assert!(launch_normed(&client, [h(), h(), h()], norm, shape, (f32_type, 4), flags).is_err());
+        let plain = Epilogue::Plain;
+        assert!(launch_normed(&client, [h(), h(), h()], norm, plain, shape, (f32_type, 4), false).is_err());
     }
 }
