@@ -220,7 +220,7 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
     };
     let fused = cuda.fused_ops.then(|| cuda_fused::fused_ops(&cuda));
     eprintln!(
-        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}, fused K/V write {}, fused gate/up {}, norms in the GEMVs {}",
+        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}, fused K/V write {}, fused gate/up {}, norms in the GEMVs {} (with RoPE and K/V write {})",
         choice.small,
         choice.small_max_rows,
         choice.large,
@@ -228,7 +228,8 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
         fused.is_some(),
         fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
         fused.as_ref().is_some_and(|f| f.gate_up_act.is_some()),
-        fused.as_ref().is_some_and(|f| f.norm_project.is_some())
+        fused.as_ref().is_some_and(|f| f.norm_project.is_some()),
+        fused.as_ref().is_some_and(|f| f.norm_qkv_write.is_some())
     );
     (layout, project, attend, fused)
 }

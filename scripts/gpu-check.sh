@@ -33,14 +33,16 @@
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
 #      GPU), with burn's kernels, the defaults, `gemm = "skinny"` (our tensor-core GEMM: prompts
 #      of 9-128 tokens go through it), norm-gemv (`fused_norm_gemv`: decodes' norms inside the
-#      q/k/v and gate/up GEMVs) and the defaults with burn's argmax (no-argmax); each also
+#      q/k/v and gate/up GEMVs, the attention's RoPE and K/V write in the q/k/v GEMV's epilogue)
+#      and the defaults with burn's argmax (no-argmax); each also
 #      teacher-forced, one token at every position of transformers' continuation, where a
 #      flipped argmax must be a near-tie (step 1 fails on the tiny fixtures on CUDA whatever the
 #      kernels, see docs/Performance.md). CHECK_KERNELS picks the configurations, also from
 #      `ordered` (`gemm = "cublas-ordered"`), `sampling` (`device_sampling`, whose draws at
 #      T=1e-4 must follow the greedy tokens; both checked correct on 2026-11-27) and no-paged,
 #      no-kv-write, no-fused, no-gemv, no-argmax and no-gate-up (the defaults without one of our
-#      kernels each; the defaults' gate/up GEMV with its activation is new since 2026-11-27).
+#      kernels each; the defaults' gate/up GEMV with its activation is new since 2026-11-27), and
+#      norm-gemv-apart (norm-gemv with q/k/v apart: only the MLP's norm inside its GEMV).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
@@ -188,6 +190,8 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     echo "INFERFLUX__CUDA__DEVICE_ARGMAX=false" >"$work/no-argmax.env"
     echo "INFERFLUX__CUDA__FUSED_GATE_UP=false" >"$work/no-gate-up.env"
     echo "INFERFLUX__CUDA__FUSED_NORM_GEMV=true" >"$work/norm-gemv.env"
+    # Its bisection: q/k/v apart, so only the MLP's norm runs inside a GEMV (no RoPE epilogue).
+    printf 'INFERFLUX__CUDA__FUSED_NORM_GEMV=true\nINFERFLUX__CUDA__FUSED_KV_WRITE=false\n' >"$work/norm-gemv-apart.env"
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"

@@ -244,6 +244,7 @@ pub fn start(
                     fused_kv_write = fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
                     fused_gate_up = fused.as_ref().is_some_and(|f| f.gate_up_act.is_some()),
                     fused_norm_gemv = fused.as_ref().is_some_and(|f| f.norm_project.is_some()),
+                    fused_norm_qkv_write = fused.as_ref().is_some_and(|f| f.norm_qkv_write.is_some()),
                     device_argmax = device_sampling.argmax.is_some(),
                     device_sampling = device_sampling.draw.is_some(),
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"

@@ -355,6 +355,7 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             silu_mul: Arc::new(silu_mul_halves),
             gate_up_act: None,
             norm_project: None,
+            norm_qkv_write: None,
             rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
             qkv_write: None,
         }));
@@ -389,6 +390,7 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
                 })
             })),
             norm_project: None,
+            norm_qkv_write: None,
             rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
             qkv_write: None,
         }));
@@ -492,6 +494,7 @@ fn model_fused_ops_hooks_match_transformers() {
             }),
             gate_up_act: None,
             norm_project: None,
+            norm_qkv_write: None,
             rope: Arc::new(move |x, cos, sin| {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)
@@ -562,6 +565,7 @@ fn model_fused_qkv_write_hook_matches_transformers() {
             silu_mul: Arc::new(silu_mul_halves),
             gate_up_act: None,
             norm_project: None,
+            norm_qkv_write: None,
             rope: Arc::new(move |x, cos, sin| {
                 r.fetch_add(1, Ordering::Relaxed);
                 rotate_half_rope(x, &cos, &sin)
@@ -625,70 +629,109 @@ fn model_fused_qkv_write_hook_matches_transformers() {
 
 /// With `norm_project` (CUDA's GEMV with a norm prologue, here a host twin for batches of up to
 /// 5 rows), each layer's two norms run inside the merged q/k/v and gate/up projections at decode
-/// steps, the residual stream passing through the hook: greedy continuations stay transformers',
-/// and a decode's logits are those of the norms run apart.
+/// steps, the residual stream passing through the hook; with `norm_qkv_write` too, the
+/// attention's norm, projection, RoPE and K/V write are one hook where q/k/v have no bias and no
+/// q/k norms. Greedy continuations stay transformers', and a decode's logits are those of the
+/// norms run apart.
 #[test]
 fn model_norms_inside_the_projections_match_transformers() {
     use burn::tensor::Tensor;
     use inferflux::model::llama::{
-        add_rms_norm, rms_norm, rope_qk_and_write_kv, rotate_half_rope, silu_mul_halves, NormProject,
+        add_rms_norm, rms_norm, rope_qk_and_write_kv, rotate_half_rope, silu_mul_halves, GateUpActFn,
+        NormProject, NormProjectFn, NormQkvWrite, NormQkvWriteFn, NormQkvWritten, QkvWrite,
     };
     use inferflux::model::FusedOps;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     const MAX_ROWS: usize = 5;
-    // tiny-qwen3 normalises q and k per head after the projection; tiny-qwen2 has q/k/v biases.
-    for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen2"] {
+    /// `(x + delta, rms_norm(x + delta) · w)` as the CUDA GEMV computes it.
+    fn norm_product(a: NormProject<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let (x, h) = match a.delta {
+            Some(delta) => add_rms_norm(a.x, delta, a.gain, a.eps),
+            None => {
+                let h = rms_norm(a.x.clone(), a.gain, a.eps);
+                (a.x, h)
+            }
+        };
+        (x, h.matmul(a.w))
+    }
+    // tiny-qwen3 normalises q and k per head after the projection, tiny-qwen2 has q/k/v biases:
+    // neither takes `norm_qkv_write`.
+    for (name, takes_qkv_write) in [("tiny-llama", true), ("tiny-qwen3", false), ("tiny-qwen2", false)] {
         let (model, _, goldens) = fixture(name);
         let layers = model.config().num_layers;
-        // With the fused activation (the product is the activation) and without (the product is
-        // gate/up, then `silu_mul`).
-        for swiglu in [true, false] {
-            let what = format!("{name}, fused activation {swiglu}");
-            let normed = Arc::new(AtomicUsize::new(0));
-            let counted = normed.clone();
-            let fused = |norm_project| FusedOps::<B> {
+        // With the fused activation (the product is the activation) and the attention's input in
+        // one hook, and with neither (the product is gate/up, then `silu_mul`).
+        for both in [true, false] {
+            let what = format!("{name}, fused activation and q/k/v write {both}");
+            let counters: [Arc<AtomicUsize>; 2] = Default::default();
+            let [normed, written] = counters.clone();
+            let [count_norm, count_write] = counters;
+            let fused = |norm_project, norm_qkv_write| FusedOps::<B> {
                 rms_norm: Arc::new(rms_norm),
                 add_rms_norm: Arc::new(add_rms_norm),
                 silu_mul: Arc::new(silu_mul_halves),
-                gate_up_act: swiglu.then(|| {
+                gate_up_act: both.then(|| {
                     Arc::new(|h: Tensor<B, 2>, w: Tensor<B, 2>| Some(silu_mul_halves(h.matmul(w))))
-                        as inferflux::model::llama::GateUpActFn<B>
+                        as GateUpActFn<B>
                 }),
                 norm_project,
+                norm_qkv_write,
                 rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
                 qkv_write: Some(Arc::new(rope_qk_and_write_kv)),
             };
-            let hook: inferflux::model::llama::NormProjectFn<B> = Arc::new(move |a: NormProject<B>| {
+            let project: NormProjectFn<B> = Arc::new(move |a: NormProject<B>| {
                 (a.x.dims()[0] <= MAX_ROWS).then(|| {
-                    counted.fetch_add(1, Ordering::Relaxed);
-                    let (x, h) = match a.delta {
-                        Some(delta) => add_rms_norm(a.x, delta, a.gain, a.eps),
-                        None => {
-                            let h = rms_norm(a.x.clone(), a.gain, a.eps);
-                            (a.x, h)
-                        }
-                    };
-                    let product = h.matmul(a.w);
-                    (
-                        x,
-                        if a.swiglu {
-                            silu_mul_halves(product)
-                        } else {
-                            product
-                        },
-                    )
+                    count_norm.fetch_add(1, Ordering::Relaxed);
+                    let swiglu = a.swiglu;
+                    let (x, product) = norm_product(a);
+                    (x, if swiglu { silu_mul_halves(product) } else { product })
                 })
             });
-            let apart = model.clone().with_fused_ops(Some(fused(None)));
-            let inside = model.clone().with_fused_ops(Some(fused(Some(hook))));
+            let write: NormQkvWriteFn<B> = Arc::new(move |a: NormQkvWrite<B>| {
+                if a.input.x.dims()[0] > MAX_ROWS {
+                    return Err(Box::new([a.k_cache, a.v_cache]));
+                }
+                count_write.fetch_add(1, Ordering::Relaxed);
+                let (x, qkv) = norm_product(a.input);
+                let [t, width] = qkv.dims();
+                let kv_dim = a.k_cache.dims()[1];
+                let q_dim = width - 2 * kv_dim;
+                let (q, k_cache, v_cache) = rope_qk_and_write_kv(QkvWrite {
+                    q: qkv.clone().slice([0..t, 0..q_dim]),
+                    k: qkv.clone().slice([0..t, q_dim..q_dim + kv_dim]),
+                    v: qkv.slice([0..t, q_dim + kv_dim..width]),
+                    heads: a.heads,
+                    kv_heads: a.kv_heads,
+                    cos: a.cos,
+                    sin: a.sin,
+                    slots: a.slots,
+                    k_cache: a.k_cache,
+                    v_cache: a.v_cache,
+                });
+                Ok(NormQkvWritten {
+                    x,
+                    q,
+                    k_cache,
+                    v_cache,
+                })
+            });
+            let apart = model.clone().with_fused_ops(Some(fused(None, None)));
+            let inside = model
+                .clone()
+                .with_fused_ops(Some(fused(Some(project), both.then_some(write))));
             assert_chunked_greedy_on_device(&inside, &goldens, &what);
-            let calls = normed.load(Ordering::Relaxed);
+            let (norms, writes) = (normed.load(Ordering::Relaxed), written.load(Ordering::Relaxed));
             assert!(
-                calls > 0 && calls.is_multiple_of(2 * layers),
-                "{what}: {calls} norms through the hook, two per layer of a step"
+                norms > 0 && (norms + writes).is_multiple_of(2 * layers),
+                "{what}: {norms} norms and {writes} q/k/v writes through the hooks, two per layer of a step"
             );
-            // A decode after the prompt: one row, through the hook in every layer.
+            assert_eq!(
+                writes > 0,
+                both && takes_qkv_write,
+                "{what}: q/k/v writes through the hook"
+            );
+            // A decode after the prompt: one row, through the hooks in every layer.
             let p = &goldens.prompts[0];
             let decode_logits = |m: &Llama<B>| {
                 let mut cache = new_cache(m, KvStorage::Device);
@@ -708,12 +751,17 @@ fn model_norms_inside_the_projections_match_transformers() {
                 };
                 logits_rows(m.forward(&mut cache, &[decode])).remove(0)
             };
-            let before = normed.load(Ordering::Relaxed);
+            let before = [normed.load(Ordering::Relaxed), written.load(Ordering::Relaxed)];
             let (got, want) = (decode_logits(&inside), decode_logits(&apart));
+            let writes = written.load(Ordering::Relaxed) - before[1];
             assert_eq!(
-                normed.load(Ordering::Relaxed) - before,
-                2 * layers,
-                "{what}: one decode"
+                (normed.load(Ordering::Relaxed) - before[0], writes),
+                if both && takes_qkv_write {
+                    (layers, layers)
+                } else {
+                    (2 * layers, 0)
+                },
+                "{what}: one decode's norms and q/k/v writes through the hooks"
             );
             assert_close(&got, &want, &format!("{what}: a decode's logits"));
         }

@@ -21,7 +21,8 @@ use super::cuda_gemm::{self, CudaCube, GemmKernel};
 use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
 use super::llama::{
-    self, FusedOps, GateUpActFn, NormProject, NormProjectFn, QkvWrite, QkvWriteFn, WeightLayout,
+    self, FusedOps, GateUpActFn, NormProject, NormProjectFn, NormQkvWrite, NormQkvWriteFn, QkvWrite,
+    QkvWriteFn, WeightLayout,
 };
 use crate::config::CudaConfig;
 
@@ -38,7 +39,8 @@ pub fn gemv_rows(cuda: &CudaConfig) -> Option<usize> {
 /// The server's fused operations on [`CudaCube`], as `cuda` asks: the fused RoPE and K/V write
 /// (`fused_kv_write`), and at the batches the GEMV serves ([`gemv_rows`]) the MLP's gate/up GEMV
 /// and activation in one launch (`fused_gate_up`) and the norms inside the GEMVs after them
-/// (`fused_norm_gemv`).
+/// (`fused_norm_gemv`; with `fused_kv_write`, the attention's norm, q/k/v GEMV, RoPE and K/V
+/// write are then one launch).
 pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
     let gemv_rows = gemv_rows(cuda);
     let swiglu_rows = gemv_rows.filter(|_| cuda.fused_gate_up);
@@ -52,7 +54,19 @@ pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
     };
     let (warn_norm, warn_add_norm) = (warn.clone(), warn.clone());
     let (warn_rope, warn_write, warn_act) = (warn.clone(), warn.clone(), warn.clone());
-    let warn_norm_gemv = warn.clone();
+    let (warn_norm_gemv, warn_norm_qkv) = (warn.clone(), warn.clone());
+    let norm_qkv_write: Option<NormQkvWriteFn<CudaCube>> = norm_rows.filter(|_| kv_write).map(|max_rows| {
+        Arc::new(move |a: NormQkvWrite<CudaCube>| {
+            if a.input.x.dims()[0] > max_rows {
+                return Err(Box::new([a.k_cache, a.v_cache]));
+            }
+            cuda_gemm::norm_qkv_write(a).map_err(|refused| {
+                let (e, caches) = *refused;
+                warn_norm_qkv("norm_qkv_write", Refused(e.to_string()));
+                Box::new(caches)
+            })
+        }) as NormQkvWriteFn<CudaCube>
+    });
     let norm_project: Option<NormProjectFn<CudaCube>> = norm_rows.map(|max_rows| {
         Arc::new(move |input: NormProject<CudaCube>| {
             if input.x.dims()[0] > max_rows {
@@ -105,6 +119,7 @@ pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
         }),
         gate_up_act,
         norm_project,
+        norm_qkv_write,
         rope: Arc::new(
             move |x: Tensor<CudaCube, 3>, cos: Tensor<CudaCube, 3>, sin: Tensor<CudaCube, 3>| {
                 launch_rope(x.clone(), cos.clone(), sin.clone()).unwrap_or_else(|e| {

@@ -35,10 +35,10 @@ use cubek::matmul::routines::simple_unit::SimpleUnitSelectionArgs;
 use cubek::matmul::routines::{BlueprintStrategy, TileSizeSelection};
 use cubek::std::InputBinding;
 
-use super::kernels::gemv::{self, Epilogue, GemvShape, NormPrologue};
+use super::kernels::gemv::{self, Epilogue, GemvShape, NormPrologue, RopeWrite};
 use super::kernels::skinny_gemm::{self, SkinnyShape};
 use super::kernels::stream_order;
-use super::llama::NormProject;
+use super::llama::{NormProject, NormQkvWrite, NormQkvWritten};
 use super::ProjectFn;
 
 /// burn's CUDA backend without the fusion layer that `burn::backend::Cuda` adds. Kernels other
@@ -413,72 +413,195 @@ pub fn swiglu_gemv(x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>) -> Result<Ten
 pub fn norm_gemv(
     input: NormProject<CudaCube>,
 ) -> Result<(Tensor<CudaCube, 2>, Tensor<CudaCube, 2>), GemmError> {
-    let refuse = |why: String| GemmError::Unavailable {
-        kernel: GemmKernel::Gemv,
-        why,
-    };
-    let NormProject {
-        x,
-        delta,
-        gain,
-        eps,
-        w,
-        swiglu,
-    } = input;
-    let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
-    let width = w.meta.shape()[1];
+    let swiglu = input.swiglu;
+    let width = input.w.dims()[1];
     if swiglu && !width.is_multiple_of(2) {
-        return Err(refuse(format!("an odd merged gate/up width {width}")));
+        return Err(refused(format!("an odd merged gate/up width {width}")));
     }
-    let out_cols = if swiglu { width / 2 } else { width };
-    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], out_cols)?;
-    let x = ops.x.clone();
-    let operand = |t: CubeTensor<CudaRuntime>, site, dims: &[usize]| {
-        let t = contiguous(t, site);
-        if t.dtype != x.dtype || t.meta.shape()[..] != *dims {
-            return Err(refuse(format!(
-                "{site} {:?} {:?} beside x {:?} {:?}",
-                t.dtype,
-                t.meta.shape(),
-                x.dtype,
-                x.meta.shape()
+    let normed = NormedGemv::check(input, if swiglu { width / 2 } else { width })?;
+    let epilogue = if swiglu { Epilogue::SwiGlu } else { Epilogue::Plain };
+    let (stream, out) = normed.run(epilogue)?;
+    let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
+    Ok((float(stream), float(out)))
+}
+
+/// Why [`norm_qkv_write`] refused its step, and the caches (K, V) it hands back untouched.
+pub type QkvWriteRefused = (GemmError, [Tensor<CudaCube, 2>; 2]);
+
+/// The attention's input in one launch: [`norm_gemv`] of the merged q/k/v weight, then the RoPE
+/// of q and k and the write of K and V into their slots of the caches, in place
+/// (`kernels::gemv::Epilogue::RopeWrite`). A refusal hands the caches back untouched.
+pub fn norm_qkv_write(a: NormQkvWrite<CudaCube>) -> Result<NormQkvWritten<CudaCube>, Box<QkvWriteRefused>> {
+    let NormQkvWrite {
+        input,
+        heads,
+        kv_heads,
+        cos,
+        sin,
+        slots,
+        k_cache,
+        v_cache,
+    } = a;
+    let [rows, width] = [input.x.dims()[0], input.w.dims()[1]];
+    let head_dim = width / (heads + 2 * kv_heads).max(1);
+    let [cache_slots, kv_dim] = k_cache.dims();
+    let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
+    let (k_cache, v_cache) = (
+        k_cache.into_primitive().tensor(),
+        v_cache.into_primitive().tensor(),
+    );
+    let launched = (|| {
+        if head_dim * (heads + 2 * kv_heads) != width || kv_dim != kv_heads * head_dim {
+            return Err(refused(format!(
+                "a q/k/v width {width} for {heads} and {kv_heads} heads, cache width {kv_dim}"
             )));
         }
-        if !t.handle.offset_start.unwrap_or(0).is_multiple_of(16) {
-            return Err(refuse(format!("{site} must start on a 16-byte boundary")));
+        let (cos, sin) = (
+            contiguous(cos.into_primitive().tensor(), "norm_qkv_write cos"),
+            contiguous(sin.into_primitive().tensor(), "norm_qkv_write sin"),
+        );
+        let slots = contiguous(slots.into_primitive(), "norm_qkv_write slots");
+        let normed = NormedGemv::check(input, heads * head_dim)?;
+        let dtype = normed.ops.x.dtype;
+        for t in [&cos, &sin, &k_cache, &v_cache] {
+            if t.dtype != dtype {
+                return Err(refused(format!("mixed dtypes {:?} and {dtype:?}", t.dtype)));
+            }
         }
-        Ok(t)
-    };
-    let dims = x.meta.shape()[..].to_vec();
-    let gain = operand(gain.into_primitive().tensor(), "norm gain", &dims[1..])?;
-    let residual = match delta {
-        Some(delta) => {
-            let delta = operand(delta.into_primitive().tensor(), "norm delta", &dims)?;
-            let sum = empty_device_contiguous_dtype(
-                x.client.clone(),
-                x.device.clone(),
-                dims.clone().into(),
-                x.dtype,
-            );
-            Some((delta, sum))
+        if cos.meta.shape()[..] != [rows, 1, head_dim]
+            || slots.meta.shape()[0] != rows
+            || slots.dtype != DType::I32
+        {
+            return Err(refused(format!(
+                "cos {:?}, slots {:?} of {:?}",
+                cos.meta.shape(),
+                slots.meta.shape(),
+                slots.dtype
+            )));
         }
-        None => None,
-    };
-    let norm = NormPrologue {
-        gain: gain.handle.clone(),
-        eps: eps as f32,
-        residual: residual
-            .as_ref()
-            .map(|(delta, sum)| [delta.handle.clone(), sum.handle.clone()]),
-    };
-    let out = ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
-        let shape = GemvShape { rows, k, n };
-        let epilogue = if swiglu { Epilogue::SwiGlu } else { Epilogue::Plain };
-        gemv::launch_normed(client, handles, norm, epilogue, shape, dtype, true)
-    })?;
-    let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
-    let stream = residual.map_or(x, |(_, sum)| sum);
-    Ok((float(stream), float(out)))
+        // Written in place: no other tensor may see these buffers change.
+        if !k_cache.can_mut() || !v_cache.can_mut() || !k_cache.is_contiguous() || !v_cache.is_contiguous() {
+            return Err(refused("the cache buffers are shared or padded".into()));
+        }
+        let rope = RopeWrite {
+            cos: cos.handle.clone(),
+            sin: sin.handle.clone(),
+            slots: slots.handle.clone(),
+            k_cache: k_cache.handle.clone(),
+            v_cache: v_cache.handle.clone(),
+            heads,
+            kv_heads,
+            head_dim,
+            cache_slots,
+        };
+        let (stream, q) = normed.run(Epilogue::RopeWrite(Box::new(rope)))?;
+        let q = CubeTensor::new_contiguous(
+            q.client,
+            q.device,
+            [rows, heads, head_dim].into(),
+            q.handle,
+            q.dtype,
+        );
+        Ok((stream, q))
+    })();
+    match launched {
+        Ok((x, q)) => Ok(NormQkvWritten {
+            x: float(x),
+            q: Tensor::from_primitive(TensorPrimitive::Float(q)),
+            k_cache: float(k_cache),
+            v_cache: float(v_cache),
+        }),
+        Err(e) => Err(Box::new((e, [float(k_cache), float(v_cache)]))),
+    }
+}
+
+fn refused(why: String) -> GemmError {
+    GemmError::Unavailable {
+        kernel: GemmKernel::Gemv,
+        why,
+    }
+}
+
+/// A GEMV's operands with its norm prologue's, checked: what [`norm_gemv`] and
+/// [`norm_qkv_write`] share.
+struct NormedGemv {
+    ops: OutInOperands,
+    norm: NormPrologue,
+    /// The residual stream the launch leaves: `x + delta`'s new buffer, or `x`.
+    stream: CubeTensor<CudaRuntime>,
+}
+
+impl NormedGemv {
+    fn check(input: NormProject<CudaCube>, out_cols: usize) -> Result<NormedGemv, GemmError> {
+        let NormProject {
+            x,
+            delta,
+            gain,
+            eps,
+            w,
+            swiglu: _,
+        } = input;
+        let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+        let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], out_cols)?;
+        let x = &ops.x;
+        let operand = |t: CubeTensor<CudaRuntime>, site, dims: &[usize]| {
+            let t = contiguous(t, site);
+            if t.dtype != x.dtype || t.meta.shape()[..] != *dims {
+                return Err(refused(format!(
+                    "{site} {:?} {:?} beside x {:?} {:?}",
+                    t.dtype,
+                    t.meta.shape(),
+                    x.dtype,
+                    x.meta.shape()
+                )));
+            }
+            if !t.handle.offset_start.unwrap_or(0).is_multiple_of(16) {
+                return Err(refused(format!("{site} must start on a 16-byte boundary")));
+            }
+            Ok(t)
+        };
+        let dims = x.meta.shape()[..].to_vec();
+        let gain = operand(gain.into_primitive().tensor(), "norm gain", &dims[1..])?;
+        let (residual, stream) = match delta {
+            Some(delta) => {
+                let delta = operand(delta.into_primitive().tensor(), "norm delta", &dims)?;
+                let sum = empty_device_contiguous_dtype(
+                    x.client.clone(),
+                    x.device.clone(),
+                    dims.clone().into(),
+                    x.dtype,
+                );
+                (Some([delta.handle.clone(), sum.handle.clone()]), sum)
+            }
+            None => (None, x.clone()),
+        };
+        let norm = NormPrologue {
+            gain: gain.handle.clone(),
+            eps: eps as f32,
+            residual,
+        };
+        Ok(NormedGemv { ops, norm, stream })
+    }
+
+    /// Queues the launch; the residual stream and the output.
+    fn run(
+        self,
+        epilogue: Epilogue,
+    ) -> Result<(CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>), GemmError> {
+        let NormedGemv { ops, norm, stream } = self;
+        let out = ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
+            gemv::launch_normed(
+                client,
+                handles,
+                norm,
+                epilogue,
+                GemvShape { rows, k, n },
+                dtype,
+                true,
+            )
+        })?;
+        Ok((stream, out))
+    }
 }
 
 /// `x · w` by our tensor-core GEMM: 1 to `SKINNY_MAX_ROWS` rows of f16/bf16, `k` and `n`

@@ -122,6 +122,33 @@ pub struct NormProject<B: Backend> {
 /// (CUDA's GEMV with a norm prologue, at decode-sized batches); `None` where it cannot take the
 /// input, and the model then runs the norm and the projection apart.
 pub type NormProjectFn<B> = Arc<dyn Fn(NormProject<B>) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> + Send + Sync>;
+/// The attention's input in one launch, what a [`NormQkvWriteFn`] gets: `input`'s norm and
+/// merged q/k/v projection (no bias, no q/k norms), then the RoPE of q and k with the step's
+/// `cos` and `sin` (`[tokens, 1, head_dim]`) and the write of K and V into their `slots`
+/// (`[tokens, 1]`) of the layer's caches, as [`rope_qk_and_write_kv`].
+pub struct NormQkvWrite<B: Backend> {
+    pub input: NormProject<B>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub cos: Tensor<B, 3>,
+    pub sin: Tensor<B, 3>,
+    pub slots: Tensor<B, 2, Int>,
+    pub k_cache: Tensor<B, 2>,
+    pub v_cache: Tensor<B, 2>,
+}
+/// What a [`NormQkvWriteFn`] leaves: the residual stream (`x + delta`), q after RoPE
+/// (`[tokens, heads, head_dim]`) and the caches after the write.
+pub struct NormQkvWritten<B: Backend> {
+    pub x: Tensor<B, 2>,
+    pub q: Tensor<B, 3>,
+    pub k_cache: Tensor<B, 2>,
+    pub v_cache: Tensor<B, 2>,
+}
+/// Runs a [`NormQkvWrite`] in one launch (CUDA's GEMV with a norm prologue and a RoPE and K/V
+/// write epilogue, at decode-sized batches); `Err` hands the caches (K, V) back untouched where
+/// it cannot take the step, and the model runs the norm, the projection and the write apart.
+pub type NormQkvWriteFn<B> =
+    Arc<dyn Fn(NormQkvWrite<B>) -> Result<NormQkvWritten<B>, Box<[Tensor<B, 2>; 2]>> + Send + Sync>;
 /// RoPE of `x [tokens, heads, head_dim]` with the step's `cos` and `sin` (`[tokens, 1,
 /// head_dim]`), as [`rotate_half_rope`].
 pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
@@ -166,6 +193,10 @@ pub struct FusedOps<B: Backend> {
     /// The RMSNorms before the attention and the MLP inside their first projections (q/k/v when
     /// merged, gate/up when merged); `None`: the norm's own launch, then the projection.
     pub norm_project: Option<NormProjectFn<B>>,
+    /// The attention's norm, merged q/k/v projection, RoPE and K/V write in one launch (device
+    /// storage); `None`, or a refusal: `norm_project` or the norm, then the projection, then
+    /// `qkv_write` or RoPE and the cache's write.
+    pub norm_qkv_write: Option<NormQkvWriteFn<B>>,
     pub rope: RopeFn<B>,
     /// The RoPE of q and k and the K/V write into the pages in one launch, reading q, k and v
     /// from one merged projection; `None`: [`FusedOps::rope`] then the cache's own write.
@@ -211,6 +242,9 @@ enum Qkv<B: Backend> {
         bias: Option<Tensor<B, 1>>,
     },
 }
+
+/// The residual stream `x` and the block output still to be added to it before the next norm.
+type ResidualInput<B> = (Tensor<B, 2>, Option<Tensor<B, 2>>);
 
 /// Where one chunk's queries sit in the step and which cache slots they attend to.
 struct ChunkContext {
@@ -656,16 +690,25 @@ impl<B: Backend> Llama<B> {
         // launch with the fused ops, or inside the next projection with `norm_project`).
         let mut delta = None;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            let (x_attn, [mut q, mut k, v]) = self.normed_qkv(x, delta.take(), &layer.attn_norm, &layer.qkv);
-            if let Some([nq, nk]) = &layer.qk_norm {
-                q = self
-                    .rms_norm(q.reshape([t_total * nh, hd]), nq)
-                    .reshape([t_total, nh * hd]);
-                k = self
-                    .rms_norm(k.reshape([t_total * nkv, hd]), nk)
-                    .reshape([t_total, nkv * hd]);
-            }
-            let q = self.rope_qk_and_write_kv(cache, layer_idx, &write_slots, [q, k, v], (&cos, &sin));
+            let input =
+                self.fused_attention_input(cache, layer_idx, &write_slots, (x, delta.take()), (&cos, &sin));
+            let (x_attn, q) = match input {
+                Ok(done) => done,
+                Err((x, delta)) => {
+                    let (x_attn, [mut q, mut k, v]) = self.normed_qkv(x, delta, &layer.attn_norm, &layer.qkv);
+                    if let Some([nq, nk]) = &layer.qk_norm {
+                        q = self
+                            .rms_norm(q.reshape([t_total * nh, hd]), nq)
+                            .reshape([t_total, nh * hd]);
+                        k = self
+                            .rms_norm(k.reshape([t_total * nkv, hd]), nk)
+                            .reshape([t_total, nkv * hd]);
+                    }
+                    let q =
+                        self.rope_qk_and_write_kv(cache, layer_idx, &write_slots, [q, k, v], (&cos, &sin));
+                    (x_attn, q)
+                }
+            };
             let attn = self.attention(cache, layer_idx, q, &layout);
             let mut out = self.project(attn, &layer.wo);
             if let Some(comm) = &self.comm {
@@ -905,6 +948,56 @@ impl<B: Backend> Llama<B> {
             Some(order) => out.select(0, order.clone()),
             None => out,
         }
+    }
+
+    /// The attention's input in one launch by `norm_qkv_write` where it is set and takes the
+    /// step: the residual stream after the add, and the layer's queries after RoPE, its K and V
+    /// rows stored. `Err` hands `x` and `delta` back, nothing done: no hook, q/k/v not merged or
+    /// with a bias or q/k norms, host storage, or a refusal.
+    fn fused_attention_input(
+        &self,
+        cache: &mut PagedKvCache<B>,
+        layer_idx: usize,
+        slots: &WriteSlots<B>,
+        (x, delta): (Tensor<B, 2>, Option<Tensor<B, 2>>),
+        (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+    ) -> Result<(Tensor<B, 2>, Tensor<B, 3>), ResidualInput<B>> {
+        let layer = &self.layers[layer_idx];
+        let hook = self.fused.as_ref().and_then(|f| f.norm_qkv_write.as_ref());
+        let (Some(hook), Qkv::Merged { w, bias: None }, None) = (hook, &layer.qkv, &layer.qk_norm) else {
+            return Err((x, delta));
+        };
+        let mut done = None;
+        cache.write_device(layer_idx, slots, |k_cache, v_cache, index| {
+            let input = NormQkvWrite {
+                input: NormProject {
+                    x: x.clone(),
+                    delta: delta.clone(),
+                    gain: layer.attn_norm.clone(),
+                    eps: self.config.rms_norm_eps,
+                    w: w.clone(),
+                    swiglu: false,
+                },
+                heads: self.shard.num_heads(),
+                kv_heads: self.shard.num_kv_heads(),
+                cos: cos.clone(),
+                sin: sin.clone(),
+                slots: index,
+                k_cache,
+                v_cache,
+            };
+            match hook(input) {
+                Ok(written) => {
+                    done = Some((written.x, written.q));
+                    (written.k_cache, written.v_cache)
+                }
+                Err(caches) => {
+                    let [k_cache, v_cache] = *caches;
+                    (k_cache, v_cache)
+                }
+            }
+        });
+        done.ok_or((x, delta))
     }
 
     /// The residual stream after the add before the attention's norm, and the layer's q, k and v

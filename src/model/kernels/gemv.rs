@@ -371,7 +371,15 @@ pub fn launch_swiglu<R: Runtime>(
     dtype: (StorageType, usize),
     plane_reduce: bool,
 ) -> Result<(), Refused> {
-    launch_kernel(client, handles, None, Epilogue::SwiGlu, shape, dtype, plane_reduce)
+    launch_kernel(
+        client,
+        handles,
+        None,
+        Epilogue::SwiGlu,
+        shape,
+        dtype,
+        plane_reduce,
+    )
 }
 
 /// The RMSNorm a GEMV applies to its input first ([`launch_normed`]).
@@ -411,7 +419,7 @@ pub enum Epilogue {
     /// The MLP's activation of the merged gate/up product ([`launch_swiglu`]).
     SwiGlu,
     /// RoPE and the K/V write of the merged q/k/v product ([`launch_normed`]).
-    RopeWrite(RopeWrite),
+    RopeWrite(Box<RopeWrite>),
 }
 
 /// Rows of `x` staged in shared memory by [`launch_normed`] at most, in bytes (8 rows of a
@@ -523,7 +531,10 @@ fn launch_kernel<R: Runtime>(
             [r.cos, r.sin, r.slots, r.k_cache, r.v_cache],
             [rows * head_dim, rows, r.cache_slots * kv_dim],
         ),
-        _ => ([x.clone(), x.clone(), x.clone(), out.clone(), out.clone()], [1, 1, 1]),
+        _ => (
+            [x.clone(), x.clone(), x.clone(), out.clone(), out.clone()],
+            [1, 1, 1],
+        ),
     };
     // SAFETY: the arrays' lengths are those of the handles' buffers (the caller's contract) and
     // every index the kernel makes is below them: `o < n` (so the row of `w` is below `w_rows`),
@@ -741,7 +752,8 @@ mod tests {
         let (eps, cache_slots) = (1e-5f32, 24);
         // GQA (4 query heads over 2 KV heads), one KV head, and as many KV heads as query heads;
         // k 36 makes 4-wide vectors.
-        for (rows, k, heads, kv_heads, head_dim) in [(1, 64, 4, 2, 16), (3, 36, 2, 1, 8), (8, 128, 4, 4, 32)] {
+        for (rows, k, heads, kv_heads, head_dim) in [(1, 64, 4, 2, 16), (3, 36, 2, 1, 8), (8, 128, 4, 4, 32)]
+        {
             let what = format!("rows {rows}, k {k}, heads {heads}/{kv_heads} of {head_dim}");
             let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
             let x = values(rows * k, 8);
@@ -752,7 +764,9 @@ mod tests {
                 .collect();
             let (cos, sin) = (values(rows * head_dim, 10), values(rows * head_dim, 11));
             // Distinct slots, out of order.
-            let slots: Vec<u32> = (0..rows as u32).map(|r| (r * 7 + 5) % cache_slots as u32).collect();
+            let slots: Vec<u32> = (0..rows as u32)
+                .map(|r| (r * 7 + 5) % cache_slots as u32)
+                .collect();
             let cache_init = values(cache_slots * kv_dim, 12);
             let upload_slots = || client.create_from_slice(u32::as_bytes(&slots));
             // Apart: the norm, q, k and v's GEMVs, then the RoPE and the write.
@@ -770,7 +784,14 @@ mod tests {
                 let part = client.empty(rows * width * 4);
                 let w_part = gl::upload(&client, &w[begin * k..(begin + width) * k]);
                 let shape = GemvShape { rows, k, n: width };
-                launch(&client, [normed.clone(), w_part, part.clone()], shape, (f32_type, 4), false).unwrap();
+                launch(
+                    &client,
+                    [normed.clone(), w_part, part.clone()],
+                    shape,
+                    (f32_type, 4),
+                    false,
+                )
+                .unwrap();
                 parts.push(part);
             }
             let (q_apart, k_apart, v_apart) = (
@@ -824,9 +845,13 @@ mod tests {
             };
             let handles = [gl::upload(&client, &x), gl::upload(&client, &w), q_fused.clone()];
             let shape = GemvShape { rows, k, n: 0 };
-            let epilogue = Epilogue::RopeWrite(rope);
+            let epilogue = Epilogue::RopeWrite(Box::new(rope));
             launch_normed(&client, handles, norm, epilogue, shape, (f32_type, 4), false).unwrap();
-            for (name, fused, apart) in [("q", q_fused, q_apart), ("K", k_fused, k_apart), ("V", v_fused, v_apart)] {
+            for (name, fused, apart) in [
+                ("q", q_fused, q_apart),
+                ("K", k_fused, k_apart),
+                ("V", v_fused, v_apart),
+            ] {
                 let (fused, apart) = (gl::download(&client, fused), gl::download(&client, apart));
                 for (i, (f, a)) in fused.iter().zip(&apart).enumerate() {
                     assert!(
