@@ -293,8 +293,9 @@ pub struct CudaConfig {
     /// batches the GEMV serves (bit for bit the two launches; not yet run on a GPU).
     pub fused_gate_up: bool,
     /// With `fused_ops`, the RMSNorm before the attention and before the MLP (with its residual
-    /// add) inside the q/k/v and gate/up GEMVs, at the batches the GEMV serves: 32 launches fewer
-    /// per decode step of a 16-layer model. Off until measured on a GPU.
+    /// add) inside the q/k/v and gate/up GEMVs, at the batches the GEMV serves, and with
+    /// `fused_kv_write` the RoPE and K/V write in the q/k/v GEMV too: 48 launches fewer per
+    /// decode step of a 16-layer model. Off until measured on a GPU.
     pub fused_norm_gemv: bool,
     /// Greedy rows' argmax by our one-cube-per-row kernel instead of burn's `argmax`, which
     /// (without autotune) walks each 128k-logit row with one thread.
