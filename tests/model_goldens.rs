@@ -576,7 +576,7 @@ fn model_fused_qkv_write_hook_matches_transformers() {
                 let [t, q_dim] = a.q.dims();
                 let kv_dim = a.k.dims()[1];
                 assert_eq!(a.v.dims(), [t, kv_dim]);
-                assert_eq!(q_dim, a.heads * kv_dim / a.kv_heads);
+                assert_eq!(q_dim, a.write.heads * kv_dim / a.write.kv_heads);
                 rope_qk_and_write_kv(a)
             })),
         };
@@ -638,7 +638,7 @@ fn model_norms_inside_the_projections_match_transformers() {
     use burn::tensor::Tensor;
     use inferflux::model::llama::{
         add_rms_norm, rms_norm, rope_qk_and_write_kv, rotate_half_rope, silu_mul_halves, GateUpActFn,
-        NormProject, NormProjectFn, NormQkvWrite, NormQkvWriteFn, NormQkvWritten, QkvWrite,
+        NormProject, NormProjectFn, NormQkvWrite, NormQkvWriteFn, NormQkvWritten,
     };
     use inferflux::model::FusedOps;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -690,25 +690,18 @@ fn model_norms_inside_the_projections_match_transformers() {
             });
             let write: NormQkvWriteFn<B> = Arc::new(move |a: NormQkvWrite<B>| {
                 if a.input.x.dims()[0] > MAX_ROWS {
-                    return Err(Box::new([a.k_cache, a.v_cache]));
+                    return Err(Box::new([a.write.k_cache, a.write.v_cache]));
                 }
                 count_write.fetch_add(1, Ordering::Relaxed);
                 let (x, qkv) = norm_product(a.input);
                 let [t, width] = qkv.dims();
-                let kv_dim = a.k_cache.dims()[1];
+                let kv_dim = a.write.k_cache.dims()[1];
                 let q_dim = width - 2 * kv_dim;
-                let (q, k_cache, v_cache) = rope_qk_and_write_kv(QkvWrite {
-                    q: qkv.clone().slice([0..t, 0..q_dim]),
-                    k: qkv.clone().slice([0..t, q_dim..q_dim + kv_dim]),
-                    v: qkv.slice([0..t, q_dim + kv_dim..width]),
-                    heads: a.heads,
-                    kv_heads: a.kv_heads,
-                    cos: a.cos,
-                    sin: a.sin,
-                    slots: a.slots,
-                    k_cache: a.k_cache,
-                    v_cache: a.v_cache,
-                });
+                let (q, k_cache, v_cache) = rope_qk_and_write_kv(a.write.with_rows([
+                    qkv.clone().slice([0..t, 0..q_dim]),
+                    qkv.clone().slice([0..t, q_dim..q_dim + kv_dim]),
+                    qkv.slice([0..t, q_dim + kv_dim..width]),
+                ]));
                 Ok(NormQkvWritten {
                     x,
                     q,

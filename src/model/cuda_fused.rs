@@ -21,7 +21,7 @@ use super::cuda_gemm::{self, CudaCube, GemmKernel};
 use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
 use super::llama::{
-    self, FusedOps, GateUpActFn, NormProject, NormProjectFn, NormQkvWrite, NormQkvWriteFn, QkvWrite,
+    self, FusedOps, GateUpActFn, KvWrite, NormProject, NormProjectFn, NormQkvWrite, NormQkvWriteFn, QkvWrite,
     QkvWriteFn, WeightLayout,
 };
 use crate::config::CudaConfig;
@@ -58,7 +58,7 @@ pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
     let norm_qkv_write: Option<NormQkvWriteFn<CudaCube>> = norm_rows.filter(|_| kv_write).map(|max_rows| {
         Arc::new(move |a: NormQkvWrite<CudaCube>| {
             if a.input.x.dims()[0] > max_rows {
-                return Err(Box::new([a.k_cache, a.v_cache]));
+                return Err(Box::new([a.write.k_cache, a.write.v_cache]));
             }
             cuda_gemm::norm_qkv_write(a).map_err(|refused| {
                 let (e, caches) = *refused;
@@ -278,20 +278,21 @@ fn row_strided(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, usize) {
 /// The fused RoPE of q and k and K/V write, in place on the layer's caches. A refusal hands the
 /// write back intact, for burn's ops to run.
 fn launch_qkv_write(a: QkvWrite<CudaCube>) -> Result<RopedQAndCaches, Box<(Refused, QkvWrite<CudaCube>)>> {
-    let (heads, kv_heads) = (a.heads, a.kv_heads);
-    let [tokens, q_dim] = a.q.dims();
-    let [cache_slots, kv_dim] = a.k_cache.dims();
+    let QkvWrite { q, k, v, write: w } = a;
+    let (heads, kv_heads) = (w.heads, w.kv_heads);
+    let [tokens, q_dim] = q.dims();
+    let [cache_slots, kv_dim] = w.k_cache.dims();
     let head_dim = q_dim / heads.max(1);
     let float2 = |t: Tensor<CudaCube, 2>| row_strided(t.into_primitive().tensor());
-    let ((q, q_stride), (k, k_stride), (v, v_stride)) = (float2(a.q), float2(a.k), float2(a.v));
+    let ((q, q_stride), (k, k_stride), (v, v_stride)) = (float2(q), float2(k), float2(v));
     let (cos, sin) = (
-        primitive(a.cos, "qkv_write cos"),
-        primitive(a.sin, "qkv_write sin"),
+        primitive(w.cos, "qkv_write cos"),
+        primitive(w.sin, "qkv_write sin"),
     );
-    let slots = contiguous(a.slots.into_primitive(), "qkv_write slots");
+    let slots = contiguous(w.slots.into_primitive(), "qkv_write slots");
     let (k_cache, v_cache) = (
-        a.k_cache.into_primitive().tensor(),
-        a.v_cache.into_primitive().tensor(),
+        w.k_cache.into_primitive().tensor(),
+        w.v_cache.into_primitive().tensor(),
     );
     let check = || -> Result<(), Refused> {
         for t in [&k, &v, &cos, &sin, &k_cache, &v_cache] {
@@ -366,10 +367,7 @@ fn launch_qkv_write(a: QkvWrite<CudaCube>) -> Result<RopedQAndCaches, Box<(Refus
         Ok(q_out) => Ok((float(q_out), float(k_cache), float(v_cache))),
         Err(e) => Err(Box::new((
             e,
-            QkvWrite {
-                q: float(q),
-                k: float(k),
-                v: float(v),
+            KvWrite {
                 heads,
                 kv_heads,
                 cos: float(cos),
@@ -377,7 +375,8 @@ fn launch_qkv_write(a: QkvWrite<CudaCube>) -> Result<RopedQAndCaches, Box<(Refus
                 slots: Tensor::from_primitive(slots),
                 k_cache: float(k_cache),
                 v_cache: float(v_cache),
-            },
+            }
+            .with_rows([float(q), float(k), float(v)]),
         ))),
     }
 }

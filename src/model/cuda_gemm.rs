@@ -38,7 +38,7 @@ use cubek::std::InputBinding;
 use super::kernels::gemv::{self, Epilogue, GemvShape, NormPrologue, RopeWrite};
 use super::kernels::skinny_gemm::{self, SkinnyShape};
 use super::kernels::stream_order;
-use super::llama::{NormProject, NormQkvWrite, NormQkvWritten};
+use super::llama::{KvWrite, NormProject, NormQkvWrite, NormQkvWritten};
 use super::ProjectFn;
 
 /// burn's CUDA backend without the fusion layer that `burn::backend::Cuda` adds. Kernels other
@@ -432,8 +432,8 @@ pub type QkvWriteRefused = (GemmError, [Tensor<CudaCube, 2>; 2]);
 /// of q and k and the write of K and V into their slots of the caches, in place
 /// (`kernels::gemv::Epilogue::RopeWrite`). A refusal hands the caches back untouched.
 pub fn norm_qkv_write(a: NormQkvWrite<CudaCube>) -> Result<NormQkvWritten<CudaCube>, Box<QkvWriteRefused>> {
-    let NormQkvWrite {
-        input,
+    let NormQkvWrite { input, write } = a;
+    let KvWrite {
         heads,
         kv_heads,
         cos,
@@ -441,7 +441,7 @@ pub fn norm_qkv_write(a: NormQkvWrite<CudaCube>) -> Result<NormQkvWritten<CudaCu
         slots,
         k_cache,
         v_cache,
-    } = a;
+    } = write;
     let [rows, width] = [input.x.dims()[0], input.w.dims()[1]];
     let head_dim = width / (heads + 2 * kv_heads).max(1);
     let [cache_slots, kv_dim] = k_cache.dims();

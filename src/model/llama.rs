@@ -123,18 +123,11 @@ pub struct NormProject<B: Backend> {
 /// input, and the model then runs the norm and the projection apart.
 pub type NormProjectFn<B> = Arc<dyn Fn(NormProject<B>) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> + Send + Sync>;
 /// The attention's input in one launch, what a [`NormQkvWriteFn`] gets: `input`'s norm and
-/// merged q/k/v projection (no bias, no q/k norms), then the RoPE of q and k with the step's
-/// `cos` and `sin` (`[tokens, 1, head_dim]`) and the write of K and V into their `slots`
-/// (`[tokens, 1]`) of the layer's caches, as [`rope_qk_and_write_kv`].
+/// merged q/k/v projection (no bias, no q/k norms), then `write`: the RoPE of q and k and the
+/// write of K and V into the layer's caches, as [`rope_qk_and_write_kv`].
 pub struct NormQkvWrite<B: Backend> {
     pub input: NormProject<B>,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub cos: Tensor<B, 3>,
-    pub sin: Tensor<B, 3>,
-    pub slots: Tensor<B, 2, Int>,
-    pub k_cache: Tensor<B, 2>,
-    pub v_cache: Tensor<B, 2>,
+    pub write: KvWrite<B>,
 }
 /// What a [`NormQkvWriteFn`] leaves: the residual stream (`x + delta`), q after RoPE
 /// (`[tokens, heads, head_dim]`) and the caches after the write.
@@ -153,16 +146,9 @@ pub type NormQkvWriteFn<B> =
 /// head_dim]`), as [`rotate_half_rope`].
 pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
 
-/// One layer's new q, k and v rows and where K and V go: what a [`QkvWriteFn`] gets. `q`, `k`
-/// and `v` may be column views of one merged projection (row stride past their width).
+/// Where a layer's new K and V rows go, and the step's RoPE rows: [`QkvWrite`] without the rows.
 #[derive(Clone)]
-pub struct QkvWrite<B: Backend> {
-    /// `[tokens, heads * head_dim]`, before RoPE.
-    pub q: Tensor<B, 2>,
-    /// `[tokens, kv_heads * head_dim]`, before RoPE.
-    pub k: Tensor<B, 2>,
-    /// `[tokens, kv_heads * head_dim]`.
-    pub v: Tensor<B, 2>,
+pub struct KvWrite<B: Backend> {
     pub heads: usize,
     pub kv_heads: usize,
     /// The step's rows, `[tokens, 1, head_dim]`.
@@ -173,6 +159,26 @@ pub struct QkvWrite<B: Backend> {
     /// The layer's whole caches, `[cache_slots, kv_heads * head_dim]`.
     pub k_cache: Tensor<B, 2>,
     pub v_cache: Tensor<B, 2>,
+}
+
+impl<B: Backend> KvWrite<B> {
+    /// The write of these q, k and v rows.
+    pub fn with_rows(self, [q, k, v]: [Tensor<B, 2>; 3]) -> QkvWrite<B> {
+        QkvWrite { q, k, v, write: self }
+    }
+}
+
+/// One layer's new q, k and v rows and where K and V go: what a [`QkvWriteFn`] gets. `q`, `k`
+/// and `v` may be column views of one merged projection (row stride past their width).
+#[derive(Clone)]
+pub struct QkvWrite<B: Backend> {
+    /// `[tokens, heads * head_dim]`, before RoPE.
+    pub q: Tensor<B, 2>,
+    /// `[tokens, kv_heads * head_dim]`, before RoPE.
+    pub k: Tensor<B, 2>,
+    /// `[tokens, kv_heads * head_dim]`.
+    pub v: Tensor<B, 2>,
+    pub write: KvWrite<B>,
 }
 
 /// Returns `rope(q)` (`[tokens, heads, head_dim]`), stores `rope(k)` and `v` in their slots and
@@ -978,13 +984,7 @@ impl<B: Backend> Llama<B> {
                     w: w.clone(),
                     swiglu: false,
                 },
-                heads: self.shard.num_heads(),
-                kv_heads: self.shard.num_kv_heads(),
-                cos: cos.clone(),
-                sin: sin.clone(),
-                slots: index,
-                k_cache,
-                v_cache,
+                write: self.kv_write((cos, sin), index, [k_cache, v_cache]),
             };
             match hook(input) {
                 Ok(written) => {
@@ -1134,18 +1134,11 @@ impl<B: Backend> Llama<B> {
         if let Some(write) = self.fused.as_ref().and_then(|f| f.qkv_write.as_ref()) {
             let mut roped_q = None;
             cache.write_device(layer, slots, |k_cache, v_cache, index| {
-                let (q, k_cache, v_cache) = write(QkvWrite {
-                    q: q.clone(),
-                    k: k.clone(),
-                    v: v.clone(),
-                    heads: nh,
-                    kv_heads: nkv,
-                    cos: cos.clone(),
-                    sin: sin.clone(),
-                    slots: index,
-                    k_cache,
-                    v_cache,
-                });
+                let rows = [q.clone(), k.clone(), v.clone()];
+                let (q, k_cache, v_cache) = write(
+                    self.kv_write((cos, sin), index, [k_cache, v_cache])
+                        .with_rows(rows),
+                );
                 roped_q = Some(q);
                 (k_cache, v_cache)
             });
@@ -1160,6 +1153,25 @@ impl<B: Backend> Llama<B> {
             .reshape([t, nkv * hd]);
         cache.write(layer, slots, k, v);
         q
+    }
+
+    /// This rank's write of the step's K and V rows into `caches` at `slots`, with the step's RoPE
+    /// rows.
+    fn kv_write(
+        &self,
+        (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+        slots: Tensor<B, 2, Int>,
+        [k_cache, v_cache]: [Tensor<B, 2>; 2],
+    ) -> KvWrite<B> {
+        KvWrite {
+            heads: self.shard.num_heads(),
+            kv_heads: self.shard.num_kv_heads(),
+            cos: cos.clone(),
+            sin: sin.clone(),
+            slots,
+            k_cache,
+            v_cache,
+        }
     }
 
     /// [`rotate_half_rope`] by the fused kernel when one is set.
@@ -1226,14 +1238,15 @@ pub fn add_rms_norm<B: Backend>(
 /// [`QkvWrite`] in burn's ops: RoPE of `q` and `k`, then a `scatter_nd` of K and of V into the
 /// caches.
 pub fn rope_qk_and_write_kv<B: Backend>(a: QkvWrite<B>) -> (Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 2>) {
-    let [t, q_dim] = a.q.dims();
-    let hd = q_dim / a.heads;
-    let q = rotate_half_rope(a.q.reshape([t, a.heads, hd]), &a.cos, &a.sin);
-    let k = rotate_half_rope(a.k.reshape([t, a.kv_heads, hd]), &a.cos, &a.sin).reshape([t, a.kv_heads * hd]);
+    let QkvWrite { q, k, v, write: w } = a;
+    let [t, q_dim] = q.dims();
+    let hd = q_dim / w.heads;
+    let q = rotate_half_rope(q.reshape([t, w.heads, hd]), &w.cos, &w.sin);
+    let k = rotate_half_rope(k.reshape([t, w.kv_heads, hd]), &w.cos, &w.sin).reshape([t, w.kv_heads * hd]);
     (
         q,
-        a.k_cache.scatter_nd(a.slots.clone(), k, IndexingUpdateOp::Assign),
-        a.v_cache.scatter_nd(a.slots, a.v, IndexingUpdateOp::Assign),
+        w.k_cache.scatter_nd(w.slots.clone(), k, IndexingUpdateOp::Assign),
+        w.v_cache.scatter_nd(w.slots, v, IndexingUpdateOp::Assign),
     )
 }
 
