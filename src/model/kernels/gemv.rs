@@ -13,6 +13,12 @@
 //! meet in shared memory and write the activation, rounded as the GEMV and `kernels::silu_mul`
 //! would round it apart (each product to the model's type, SiLU in f32 to that type, then the
 //! product in that type), so it is bit for bit the two launches it replaces.
+//!
+//! [`launch_normed`] adds the RMSNorm before a projection (and the residual add before it) as a
+//! prologue: each cube normalises the rows into shared memory, then reads them there. With
+//! [`Epilogue::RopeWrite`] the merged q/k/v product is not written out: q goes through RoPE into
+//! the output and K (through RoPE) and V into their slots of the paged cache. So at decode-sized
+//! batches a layer's attention input and its MLP input are one launch each.
 
 use cubecl::prelude::*;
 
