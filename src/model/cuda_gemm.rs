@@ -382,11 +382,18 @@ fn own_gemv(
     let n = w.meta.shape()[1];
     let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], n)?;
     ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
-        gemv::launch(client, handles, GemvShape { rows, k, n }, dtype, true)
+        gemv::launch(
+            client,
+            handles,
+            Epilogue::Plain,
+            GemvShape { rows, k, n },
+            dtype,
+            true,
+        )
     })
 }
 
-/// `silu(x · gate) · (x · up)` by our GEMV in one launch (`kernels::gemv::launch_swiglu`), `w`
+/// `silu(x · gate) · (x · up)` by our GEMV in one launch (`kernels::gemv::Epilogue::SwiGlu`), `w`
 /// the transposed view of the merged `[gate; up]` weight `[2 n, k]`; at most `GEMV_MAX_ROWS`
 /// rows of `x`, both 16-byte aligned. Bit for bit the GEMV of `w` and then `silu_mul`.
 pub fn swiglu_gemv(x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>) -> Result<Tensor<CudaCube, 2>, GemmError> {
@@ -400,7 +407,14 @@ pub fn swiglu_gemv(x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>) -> Result<Ten
     }
     let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], merged / 2)?;
     let out = ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
-        gemv::launch_swiglu(client, handles, GemvShape { rows, k, n }, dtype, true)
+        gemv::launch(
+            client,
+            handles,
+            Epilogue::SwiGlu,
+            GemvShape { rows, k, n },
+            dtype,
+            true,
+        )
     })?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }

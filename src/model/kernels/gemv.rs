@@ -8,7 +8,7 @@
 //! rows of `x` (kept hot in L1). The lanes' partial sums meet in a plane sum. Nothing waits on
 //! the host, unlike cuBLAS here (see `cuda_gemm`).
 //!
-//! [`launch_swiglu`] is the MLP's first half in one launch: `silu(x · gateᵀ) · (x · upᵀ)` from
+//! [`Epilogue::SwiGlu`] is the MLP's first half in one launch: `silu(x · gateᵀ) · (x · upᵀ)` from
 //! the merged `[gate; up]` weight. A cube's four warps take the gate and up rows of two outputs,
 //! meet in shared memory and write the activation, rounded as the GEMV and `kernels::silu_mul`
 //! would round it apart (each product to the model's type, SiLU in f32 to that type, then the
@@ -355,37 +355,20 @@ fn stage_normed_rows<F: Float, N: Size>(
     sync_cube();
 }
 
-/// Queues `out = x · wᵀ` on `client`. The handles hold contiguous `[rows, k]`, `[n, k]` and
-/// `[rows, n]` elements of `dtype`, `elem_bytes` each. `plane_reduce` sums a plane's lanes
-/// with a plane operation (CUDA); without it, through shared memory (any runtime).
+/// Queues `out = x · wᵀ` on `client` (or, per `epilogue`, the activation or the RoPE and K/V
+/// write of that product). The handles hold contiguous `[rows, k]`, `[n, k]` and `[rows, n]`
+/// elements of `dtype`, `elem_bytes` each (`[2 n, k]` weights with [`Epilogue::SwiGlu`]).
+/// `plane_reduce` sums a plane's lanes with a plane operation (CUDA); without it, through shared
+/// memory (any runtime).
 pub fn launch<R: Runtime>(
     client: &ComputeClient<R>,
     handles: [cubecl::server::Handle; 3],
+    epilogue: Epilogue,
     shape: GemvShape,
     dtype: (StorageType, usize),
     plane_reduce: bool,
 ) -> Result<(), Refused> {
-    launch_kernel(client, handles, None, Epilogue::Plain, shape, dtype, plane_reduce)
-}
-
-/// Queues `out = silu(x · gateᵀ) · (x · upᵀ)` on `client`, `w` holding `[2 n, k]` elements
-/// (`n` gate rows, then `n` up rows) and `out` `[rows, n]`; otherwise as [`launch`].
-pub fn launch_swiglu<R: Runtime>(
-    client: &ComputeClient<R>,
-    handles: [cubecl::server::Handle; 3],
-    shape: GemvShape,
-    dtype: (StorageType, usize),
-    plane_reduce: bool,
-) -> Result<(), Refused> {
-    launch_kernel(
-        client,
-        handles,
-        None,
-        Epilogue::SwiGlu,
-        shape,
-        dtype,
-        plane_reduce,
-    )
+    launch_kernel(client, handles, None, epilogue, shape, dtype, plane_reduce)
 }
 
 /// The RMSNorm a GEMV applies to its input first ([`launch_normed`]).
@@ -420,11 +403,12 @@ pub struct RopeWrite {
 /// What a GEMV does with its sums.
 #[derive(Debug, Clone)]
 pub enum Epilogue {
-    /// Writes them ([`launch`]).
+    /// Writes them.
     Plain,
-    /// The MLP's activation of the merged gate/up product ([`launch_swiglu`]).
+    /// `silu(x · gateᵀ) · (x · upᵀ)` of the merged `[gate; up]` weight (`[2 n, k]`) into
+    /// `out` (`[rows, n]`).
     SwiGlu,
-    /// RoPE and the K/V write of the merged q/k/v product ([`launch_normed`]).
+    /// RoPE and the K/V write of the merged q/k/v product.
     RopeWrite(Box<RopeWrite>),
 }
 
@@ -622,7 +606,7 @@ mod tests {
             let (x, w) = (values(rows * k, 1), values(n * k, 2));
             let out = client.empty(rows * n * 4);
             let handles = [gl::upload(&client, &x), gl::upload(&client, &w), out.clone()];
-            launch(&client, handles, shape, (f32_type, 4), false).unwrap();
+            launch(&client, handles, Epilogue::Plain, shape, (f32_type, 4), false).unwrap();
             let got = gl::download(&client, out);
             let want = reference(&x, &w, shape);
             for (i, (g, e)) in got.iter().zip(&want).enumerate() {
@@ -649,7 +633,7 @@ mod tests {
             };
             let gate_up = client.empty(rows * 2 * width * 4);
             let handles = [gl::upload(&client, &x), gl::upload(&client, &w), gate_up.clone()];
-            launch(&client, handles, merged, (f32_type, 4), false).unwrap();
+            launch(&client, handles, Epilogue::Plain, merged, (f32_type, 4), false).unwrap();
             let apart = client.empty(rows * width * 4);
             crate::model::kernels::silu_mul::launch(
                 &client,
@@ -661,7 +645,7 @@ mod tests {
             let fused = client.empty(rows * width * 4);
             let handles = [gl::upload(&client, &x), gl::upload(&client, &w), fused.clone()];
             let shape = GemvShape { rows, k, n: width };
-            launch_swiglu(&client, handles, shape, (f32_type, 4), false).unwrap();
+            launch(&client, handles, Epilogue::SwiGlu, shape, (f32_type, 4), false).unwrap();
             let (apart, fused) = (gl::download(&client, apart), gl::download(&client, fused));
             assert_eq!(fused, apart, "rows {rows}, k {k}, width {width}");
             assert!(fused.iter().any(|v| *v != 0.0));
@@ -717,11 +701,8 @@ mod tests {
             let apart = client.empty(rows * n * 4);
             let handles = [normed, gl::upload(&client, &w), apart.clone()];
             let shape = GemvShape { rows, k, n };
-            match swiglu {
-                true => launch_swiglu(&client, handles, shape, (f32_type, 4), false),
-                false => launch(&client, handles, shape, (f32_type, 4), false),
-            }
-            .unwrap();
+            let epilogue = || if swiglu { Epilogue::SwiGlu } else { Epilogue::Plain };
+            launch(&client, handles, epilogue(), shape, (f32_type, 4), false).unwrap();
             // Fused.
             let (sum, fused) = (client.empty(rows * k * 4), client.empty(rows * n * 4));
             let norm = NormPrologue {
@@ -730,8 +711,7 @@ mod tests {
                 residual: residual.then(|| [gl::upload(&client, &delta), sum.clone()]),
             };
             let handles = [gl::upload(&client, &x), gl::upload(&client, &w), fused.clone()];
-            let epilogue = if swiglu { Epilogue::SwiGlu } else { Epilogue::Plain };
-            launch_normed(&client, handles, norm, epilogue, shape, (f32_type, 4), false).unwrap();
+            launch_normed(&client, handles, norm, epilogue(), shape, (f32_type, 4), false).unwrap();
             let (apart, fused) = (gl::download(&client, apart), gl::download(&client, fused));
             for (i, (f, a)) in fused.iter().zip(&apart).enumerate() {
                 assert!(
@@ -793,6 +773,7 @@ mod tests {
                 launch(
                     &client,
                     [normed.clone(), w_part, part.clone()],
+                    Epilogue::Plain,
                     shape,
                     (f32_type, 4),
                     false,
@@ -890,7 +871,15 @@ mod tests {
             },
         ] {
             assert!(
-                launch(&client, [h(), h(), h()], shape, (f32_type, 4), false).is_err(),
+                launch(
+                    &client,
+                    [h(), h(), h()],
+                    Epilogue::Plain,
+                    shape,
+                    (f32_type, 4),
+                    false
+                )
+                .is_err(),
                 "{shape:?}"
             );
         }
