@@ -43,20 +43,35 @@ async fn unified_batch_http_late_client_is_served_before_the_backlog() {
             order.lock().unwrap().push(who);
         })
     };
-    let mut handles: Vec<_> = (0..50).map(|i| send("a", i)).collect();
+    let mut handles: Vec<_> = (0..80).map(|i| send("a", i)).collect();
     // Wait until A's backlog is queued.
     loop {
         let q = common::queue_report(&base).await;
-        if q["waiting"].as_u64().unwrap() + q["running"].as_u64().unwrap() >= 45 {
+        if q["waiting"].as_u64().unwrap() + q["running"].as_u64().unwrap() >= 75 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     handles.extend((0..5).map(|i| send("b", i)));
+    let done = |who: &str| order.lock().unwrap().iter().filter(|w| **w == who).count();
+    // A's completions when the server had all of B's requests: B's connections may take a while
+    // to arrive on a loaded machine, and A is rightly served meanwhile, so count from there.
+    let mut a_done_when_b_arrived = None;
     let mut jain_while_both = Vec::new();
-    while order.lock().unwrap().iter().filter(|w| **w == "b").count() < 5 {
+    while done("b") < 5 {
+        let a_done = done("a");
         let q = common::queue_report(&base).await;
         let clients = q["clients"].as_array().unwrap();
+        let b_in = clients.iter().find(|c| c["client"] == "b").map_or(0, |c| {
+            c["waiting"].as_u64().unwrap() + c["running"].as_u64().unwrap()
+        });
+        if a_done_when_b_arrived.is_none() && b_in as usize + done("b") >= 5 {
+            let a_waiting = clients
+                .iter()
+                .find(|c| c["client"] == client_a)
+                .map_or(0, |c| c["waiting"].as_u64().unwrap());
+            a_done_when_b_arrived = Some((a_done, a_waiting));
+        }
         let has_work =
             |c: &serde_json::Value| c["waiting"].as_u64().unwrap() + c["running"].as_u64().unwrap() > 0;
         if clients.len() == 2 && clients.iter().all(has_work) {
@@ -64,10 +79,18 @@ async fn unified_batch_http_late_client_is_served_before_the_backlog() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    let a_left = 50 - order.lock().unwrap().iter().filter(|w| **w == "a").count();
+    // First come first served would finish the ~75 A requests queued ahead of B first. A fair
+    // share gives A about half the steps while B has work: about 5 of A's requests, as many as
+    // B's.
+    let (a_done_before, a_waiting) = a_done_when_b_arrived.expect("B's requests reached the server");
+    let a_done_while_b = done("a") - a_done_before;
     assert!(
-        a_left >= 35,
-        "B's 5 requests were served before A's backlog: {a_left} of A's left"
+        a_waiting >= 30,
+        "A's backlog was nearly served before B's requests arrived ({a_waiting} waiting)"
+    );
+    assert!(
+        a_done_while_b <= 15,
+        "B's 5 requests were not served before A's backlog: {a_done_while_b} of A's {a_waiting} waiting finished first"
     );
     let metrics = common::metrics_text(&base).await;
     let jain = metric(&metrics, "inferflux_fairness_jain_index").unwrap();
@@ -75,13 +98,14 @@ async fn unified_batch_http_late_client_is_served_before_the_backlog() {
         h.await.unwrap();
     }
     // While both had work the index rose toward 1 (B is served as much as A); right after B's
-    // last request it still reflects B's recent share.
+    // last request it still reflects B's recent share (with none it would be 0.5), though how
+    // much has decayed depends on how many steps the scrape came after.
     let best = jain_while_both.iter().copied().fold(0.0, f64::max);
     assert!(
         best > 0.8,
         "fairness index while both were active: {jain_while_both:?}"
     );
-    assert!(jain > 0.8, "fairness index when B was done: {jain}");
+    assert!(jain > 0.6, "fairness index when B was done: {jain}");
     let served_b = metric(&metrics, "inferflux_client_tokens_served_total{client=\"b\"}").unwrap();
     let served_a = metric(
         &metrics,
