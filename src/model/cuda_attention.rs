@@ -119,6 +119,7 @@ pub fn launch(a: PagedAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refuse
         shape,
         a.scale,
         (q.dtype.into(), q.dtype.size()),
+        true,
     )?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }

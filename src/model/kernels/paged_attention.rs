@@ -15,14 +15,19 @@
 //!   vectors) and computes one score per head of the group against the group's scaled queries,
 //!   loaded into shared memory once per cube in vectors of the same width (one shared read per
 //!   K vector and head);
-//! - each head's tile maximum comes from a halving reduction over shared memory, then the running
-//!   max and correction (flash-decoding's online softmax) per head, and each unit turns its
-//!   key's scores into weights;
-//! - the V pass: the units form `TILE / head_dim` parts of `head_dim` units; unit `(part, d)`
-//!   reads V element `d` of keys `part, part + parts, ...` once and accumulates it, weighted,
-//!   into one register per head of the group (with the weights' sum). At the end the parts meet
-//!   in shared memory and the group's `group × head_dim` outputs, contiguous in `out`, are
-//!   written side by side.
+//! - each head's tile maximum comes from a plane maximum per warp and one barrier (CUDA), or a
+//!   halving over shared memory (GL, which has no plane operations). Every unit keeps the
+//!   running max of each head in registers (all compute the same), applies flash-decoding's
+//!   online-softmax correction and turns its key's scores into weights;
+//! - the V pass: the units form `TILE / (head_dim / width)` parts of `head_dim / width` units;
+//!   unit `(part, c)` reads vector `c` of the V rows of keys `part, part + parts, ...` and
+//!   accumulates it, weighted, into one vector register per head of the group (with the
+//!   weights' sum). A part's keys are a constant number of independent reads (8 for
+//!   Llama-3.2-1B's `head_dim` 64 in bf16), so they can all be in flight at once. A decode of
+//!   one sequence has only one cube per KV head, so its time is this chain's latency: with one
+//!   element per unit, each unit read 64 keys in a loop (41 µs per launch at context 192 in the
+//!   fourth run's profile, for 0.4 MB of K/V). At the end the parts meet in shared memory, one head at a time, and the
+//!   group's `group × head_dim` outputs, contiguous in `out`, are written side by side.
 //!
 //! So each K and V row is read once per (query, KV head) instead of once per query head, and a V
 //! row's read serves the whole group. Queries of one prompt chunk each read their whole prefix,
@@ -65,10 +70,19 @@ fn heads_per_cube(group: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// Bytes of shared memory a cube of `group` heads of `head_dim` uses.
-fn shared_bytes(group: usize, head_dim: usize) -> usize {
-    let parts = TILE / head_dim;
-    4 * (group * head_dim + group * TILE + TILE + 2 * group + parts * group)
+/// Units of a V vector and the parts of a tile's keys the V pass splits over: unit `(part, c)`
+/// reads vector `c` of a head's V row for keys `part, part + parts, ...` of a tile.
+fn v_parts(head_dim: usize, width: usize) -> usize {
+    TILE / (head_dim / width)
+}
+
+/// Planes of a cube the plane path's tile maximum has room for (planes of 4 lanes or more).
+const MAX_PLANES: usize = TILE / 4;
+
+/// Bytes of shared memory a cube of `group` heads of `head_dim`, in vectors of `width`, uses.
+fn shared_bytes(group: usize, head_dim: usize, width: usize) -> usize {
+    let parts = v_parts(head_dim, width);
+    4 * (group * head_dim + group * TILE + TILE + group * MAX_PLANES + parts * group + TILE * width)
 }
 
 #[cube(launch_unchecked)]
@@ -76,12 +90,12 @@ fn shared_bytes(group: usize, head_dim: usize) -> usize {
 fn paged_attention_kernel<F: Float, N: Size>(
     q: &Array<Vector<F, N>>,
     k_cache: &Array<Vector<F, N>>,
-    v_cache: &Array<F>,
+    v_cache: &Array<Vector<F, N>>,
     block_tables: &Array<u32>,
     query_seq: &Array<u32>,
     ctx_begin: &Array<u32>,
     ctx_end: &Array<u32>,
-    out: &mut Array<F>,
+    out: &mut Array<Vector<F, N>>,
     max_blocks: u32,
     page_size: u32,
     kv_heads: u32,
@@ -89,6 +103,7 @@ fn paged_attention_kernel<F: Float, N: Size>(
     #[comptime] head_dim: usize,
     #[comptime] width: usize,
     #[comptime] group: usize,
+    #[comptime] plane_reduce: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     // Query `s` of the launch, query heads `h0 .. h0 + group` (all of one KV head `kvh`); the
@@ -99,22 +114,21 @@ fn paged_attention_kernel<F: Float, N: Size>(
     let h0 = CUBE_POS_X as usize * group;
     let kvh = h0 / (heads / kv_heads as usize);
     let kv_dim = kv_heads as usize * head_dim;
-    let (row_vectors, head_vectors) = (kv_dim / width, head_dim / width);
+    let (row_vectors, head_vectors) = (kv_dim / width, comptime!(head_dim / width));
     let page_size = page_size as usize;
-    // The V pass: `parts` sets of `head_dim` units, unit `u` the dimension `d` of every head of
+    // The V pass: `parts` sets of `head_vectors` units, unit `u` the vector `c` of every head of
     // the group over keys `part, part + parts, ...` of a tile; the parts add up at the end.
-    let parts = comptime!(TILE / head_dim);
-    let (part, d) = (u / head_dim, u % head_dim);
+    let parts = comptime!(TILE / (head_dim / width));
+    let (part, c) = (u / head_vectors, u % head_vectors);
     let outputs = comptime!(group * head_dim);
 
     // The group's queries in vectors of the K rows' width: one shared read per K vector and head.
     let q_vectors = comptime!(outputs / width);
     let mut q_scaled = SharedMemory::<Vector<f32, N>>::new(q_vectors);
-    // Per head of the group, a tile's scores then weights; at the end, the parts' outputs.
+    // Per head of the group, a tile's scores (the tree path reduces them in place) then weights.
     let mut scores = SharedMemory::<f32>::new(group * TILE);
     let mut slots = SharedMemory::<u32>::new(TILE);
-    let mut head_max = SharedMemory::<f32>::new(group);
-    let mut correction = SharedMemory::<f32>::new(group);
+    let mut plane_max_of = SharedMemory::<f32>::new(group * MAX_PLANES);
     let mut part_sums = SharedMemory::<f32>::new(parts * group);
     // The group's query rows are contiguous in `q`, as their outputs are in `out`.
     let base = (s * heads + h0) * head_dim;
@@ -125,19 +139,21 @@ fn paged_attention_kernel<F: Float, N: Size>(
             q_scaled[o] = Vector::<f32, N>::cast_from(q[base / width + o]) * Vector::new(scale);
         }
     }
-    // -1e30 stands for minus infinity, which WGSL cannot spell; every score is far above it.
-    if u < group {
-        head_max[u] = f32::new(-1.0e30);
-    }
     sync_cube();
 
     let mut dots = Array::<f32>::new(group);
     let mut partial = Array::<Vector<f32, N>>::new(group);
-    let mut acc = Array::<f32>::new(group);
+    // Every unit keeps the running maximum of each head: all compute the same from the same
+    // tile maxima, so no barrier is spent sharing it. -1e30 stands for minus infinity, which
+    // WGSL cannot spell; every score is far above it.
+    let mut running_max = Array::<f32>::new(group);
+    let mut tile_max = Array::<f32>::new(group);
+    let mut acc = Array::<Vector<f32, N>>::new(group);
     let mut sum = Array::<f32>::new(group);
     #[unroll]
     for g in 0..group {
-        acc[g] = 0.0;
+        running_max[g] = f32::new(-1.0e30);
+        acc[g] = Vector::new(0.0);
         sum[g] = 0.0;
     }
     let (begin, end) = (ctx_begin[s] as usize, ctx_end[s] as usize);
@@ -162,11 +178,11 @@ fn paged_attention_kernel<F: Float, N: Size>(
             }
             // Not unrolled: llvmpipe takes tens of seconds to compile `head_dim × group` FMAs in
             // a row; the bound is a constant, so CUDA's compiler may unroll it.
-            for i in 0..comptime!(head_dim / width) {
+            for i in 0..head_vectors {
                 let k = Vector::<f32, N>::cast_from(k_cache[row + i]);
                 #[unroll]
                 for g in 0..group {
-                    partial[g] += k * q_scaled[g * comptime!(head_dim / width) + i];
+                    partial[g] += k * q_scaled[g * head_vectors + i];
                 }
             }
             #[unroll]
@@ -180,38 +196,64 @@ fn paged_attention_kernel<F: Float, N: Size>(
                 dots[g] = dot;
             }
         }
-        #[unroll]
-        for g in 0..group {
-            scores[g * TILE + u] = dots[g];
-        }
         slots[u] = slot;
-        sync_cube();
 
-        // Each head's tile maximum, by halving (the scores are in `dots` still); the cube is
-        // `TILE` units wide.
-        let mut stride = CUBE_DIM_X as usize / 2;
-        while stride > 0 {
-            if u < stride {
-                #[unroll]
-                for g in 0..group {
-                    let i = g * TILE + u;
-                    scores[i] = max(scores[i], scores[i + stride]);
+        // Each head's tile maximum, into every unit's registers.
+        if comptime!(plane_reduce) {
+            // A plane maximum per warp, then the warps' maxima (one barrier).
+            let planes = CUBE_DIM_X as usize / PLANE_DIM as usize;
+            #[unroll]
+            for g in 0..group {
+                let m = plane_max(dots[g]);
+                if UNIT_POS_PLANE == 0 {
+                    plane_max_of[PLANE_POS as usize * group + g] = m;
                 }
             }
             sync_cube();
-            stride /= 2;
+            #[unroll]
+            for g in 0..group {
+                let mut m = f32::new(-1.0e30);
+                for w in 0..planes {
+                    m = max(m, plane_max_of[w * group + g]);
+                }
+                tile_max[g] = m;
+            }
+        } else {
+            // Halving over shared memory; the cube is `TILE` units wide.
+            #[unroll]
+            for g in 0..group {
+                scores[g * TILE + u] = dots[g];
+            }
+            sync_cube();
+            let mut stride = CUBE_DIM_X as usize / 2;
+            while stride > 0 {
+                if u < stride {
+                    #[unroll]
+                    for g in 0..group {
+                        let i = g * TILE + u;
+                        scores[i] = max(scores[i], scores[i + stride]);
+                    }
+                }
+                sync_cube();
+                stride /= 2;
+            }
+            #[unroll]
+            for g in 0..group {
+                tile_max[g] = scores[g * TILE];
+            }
+            // Everyone has read the maxima before the weights overwrite them.
+            sync_cube();
         }
-        if u < group {
-            let old = head_max[u];
-            let new_max = max(old, scores[u * TILE]);
-            correction[u] = (old - new_max).exp();
-            head_max[u] = new_max;
-        }
-        sync_cube();
-        // Each unit turns its key's scores into weights once (0 past the context's end).
+        // The running max and the correction of what was accumulated (flash-decoding's online
+        // softmax); each unit turns its key's scores into weights once (0 past the context's
+        // end).
+        let mut correction = Array::<f32>::new(group);
         #[unroll]
         for g in 0..group {
-            scores[g * TILE + u] = (dots[g] - head_max[g]).exp();
+            let new_max = max(running_max[g], tile_max[g]);
+            correction[g] = (running_max[g] - new_max).exp();
+            running_max[g] = new_max;
+            scores[g * TILE + u] = (dots[g] - new_max).exp();
         }
         sync_cube();
 
@@ -219,71 +261,76 @@ fn paged_attention_kernel<F: Float, N: Size>(
         if count > TILE {
             count = TILE;
         }
-        if u < parts * head_dim {
+        if u < parts * head_vectors {
             #[unroll]
             for g in 0..group {
                 let c = correction[g];
-                acc[g] *= c;
+                acc[g] *= Vector::new(c);
                 sum[g] *= c;
             }
-            // One read of each V element serves every head of the group.
-            let mut j = part;
-            while j < count {
-                let v = f32::cast_from(v_cache[slots[j] as usize * kv_dim + kvh * head_dim + d]);
-                #[unroll]
-                for g in 0..group {
-                    let p = scores[g * TILE + j];
-                    sum[g] += p;
-                    acc[g] += p * v;
+            // One read of each V vector serves every head of the group; a part's keys are a
+            // fixed number of independent reads, so they can all be in flight at once.
+            for i in 0..comptime!(TILE.div_ceil(TILE / (head_dim / width))) {
+                let j = part + i * parts;
+                if j < count {
+                    let v = Vector::<f32, N>::cast_from(
+                        v_cache[slots[j] as usize * row_vectors + kvh * head_vectors + c],
+                    );
+                    #[unroll]
+                    for g in 0..group {
+                        let p = scores[g * TILE + j];
+                        sum[g] += p;
+                        acc[g] += v * Vector::new(p);
+                    }
                 }
-                j += parts;
             }
         }
         sync_cube();
         tile += TILE;
     }
 
-    // The parts' sums meet in shared memory; each output is written by one unit, side by side.
-    if u < parts * head_dim {
+    // The parts' sums meet in shared memory, one head at a time; each output vector is written
+    // by one unit, side by side.
+    let mut part_acc = SharedMemory::<Vector<f32, N>>::new(TILE);
+    if u < parts * head_vectors && c == 0 {
         #[unroll]
         for g in 0..group {
-            scores[(part * group + g) * head_dim + d] = acc[g];
-        }
-        if d == 0 {
-            #[unroll]
-            for g in 0..group {
-                part_sums[part * group + g] = sum[g];
-            }
+            part_sums[part * group + g] = sum[g];
         }
     }
-    sync_cube();
     #[unroll]
-    for i in 0..comptime!(outputs.div_ceil(TILE)) {
-        let o = i * TILE + u;
-        if o < outputs {
-            let (g, e) = (o / head_dim, o % head_dim);
-            let mut total = 0.0f32;
+    for g in 0..group {
+        if u < parts * head_vectors {
+            part_acc[u] = acc[g];
+        }
+        sync_cube();
+        if u < head_vectors {
+            let mut total = Vector::<f32, N>::new(0.0);
             let mut weight = 0.0f32;
             for p in 0..parts {
-                total += scores[(p * group + g) * head_dim + e];
+                total += part_acc[p * head_vectors + u];
                 weight += part_sums[p * group + g];
             }
             if weight > 0.0 {
-                out[base + o] = F::cast_from(total / weight);
+                out[(base + g * head_dim) / width + u] =
+                    Vector::<F, N>::cast_from(total / Vector::new(weight));
             }
         }
+        sync_cube();
     }
 }
 
 /// Queues paged attention on `client`: handles `[q, k_cache, v_cache, block_tables, query_seq,
 /// ctx_begin, ctx_end, out]`, laid out as [`PagedAttentionShape`] says, floats of `dtype`
-/// (`elem_bytes` each); `scale` multiplies the scores (`head_dim^-0.5`).
+/// (`elem_bytes` each); `scale` multiplies the scores (`head_dim^-0.5`). `plane_reduce` takes
+/// each tile's maxima with plane operations (CUDA) instead of a halving through shared memory.
 pub fn launch<R: Runtime>(
     client: &ComputeClient<R>,
     handles: [cubecl::server::Handle; 8],
     shape: PagedAttentionShape,
     scale: f32,
     (dtype, elem_bytes): (StorageType, usize),
+    plane_reduce: bool,
 ) -> Result<(), Refused> {
     let PagedAttentionShape {
         queries,
@@ -314,7 +361,9 @@ pub fn launch<R: Runtime>(
     let queries_u32 = u32::try_from(queries).map_err(|_| too_large("queries"))?;
     u32::try_from(slots * kv_heads * head_dim).map_err(|_| too_large("the cache"))?;
     let group = heads_per_cube(heads / kv_heads);
-    let shared = shared_bytes(group, head_dim);
+    let max_vector = client.properties().hardware.max_vector_size;
+    let width = super::vector_width(head_dim, elem_bytes, max_vector);
+    let shared = shared_bytes(group, head_dim, width);
     let max_shared = client.properties().hardware.max_shared_memory_size;
     if shared > max_shared {
         return Err(Refused(format!(
@@ -322,8 +371,6 @@ pub fn launch<R: Runtime>(
         )));
     }
     let cubes_u32 = u32::try_from(heads / group).map_err(|_| too_large("heads"))?;
-    let max_vector = client.properties().hardware.max_vector_size;
-    let width = super::vector_width(head_dim, elem_bytes, max_vector);
     let [q, k, v, tables, query_seq, begin, end, out] = handles;
     let q_len = queries * heads * head_dim;
     let cache_len = slots * kv_heads * head_dim;
@@ -339,12 +386,12 @@ pub fn launch<R: Runtime>(
             width,
             ArrayArg::from_raw_parts(q, q_len / width),
             ArrayArg::from_raw_parts(k, cache_len / width),
-            ArrayArg::from_raw_parts(v, cache_len),
+            ArrayArg::from_raw_parts(v, cache_len / width),
             ArrayArg::from_raw_parts(tables, seqs * max_blocks),
             ArrayArg::from_raw_parts(query_seq, queries),
             ArrayArg::from_raw_parts(begin, queries),
             ArrayArg::from_raw_parts(end, queries),
-            ArrayArg::from_raw_parts(out, q_len),
+            ArrayArg::from_raw_parts(out, q_len / width),
             max_blocks as u32,
             page_size as u32,
             kv_heads as u32,
@@ -352,6 +399,7 @@ pub fn launch<R: Runtime>(
             head_dim,
             width,
             group,
+            plane_reduce,
             dtype,
         );
     }
@@ -464,7 +512,7 @@ mod tests {
             up(&column(|q| q.end)),
             out.clone(),
         ];
-        launch(&client, handles, shape, scale, (f32_type, 4)).unwrap();
+        launch(&client, handles, shape, scale, (f32_type, 4), false).unwrap();
         let got = gl::download(&client, out);
         let want = reference(shape, (&q, &k, &v), &tables, queries, scale);
         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
@@ -598,7 +646,7 @@ mod tests {
         ] {
             let handles = std::array::from_fn(|_| client.empty(4));
             assert!(
-                launch(&client, handles, shape, 1.0, (f32_type, 4)).is_err(),
+                launch(&client, handles, shape, 1.0, (f32_type, 4), false).is_err(),
                 "{shape:?}"
             );
         }
