@@ -210,7 +210,7 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
     let project = (!choice.is_burn_only()).then(|| cuda_gemm::projector(choice));
     let attend = match cuda.attention {
         AttentionKernel::Paged => match cuda_attention::supports(&files.config) {
-            Ok(()) => Some(cuda_attention::paged()),
+            Ok(()) => Some(cuda_attention::paged(cuda.split_attention)),
             Err(why) => {
                 eprintln!("paged attention refused ({why}): burn's gather");
                 None
@@ -220,11 +220,12 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
     };
     let fused = cuda.fused_ops.then(|| cuda_fused::fused_ops(&cuda));
     eprintln!(
-        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {}, fused ops {}, fused K/V write {}, fused gate/up {}, norms in the GEMVs {} (with RoPE and K/V write {})",
+        "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {} (split {}), fused ops {}, fused K/V write {}, fused gate/up {}, norms in the GEMVs {} (with RoPE and K/V write {})",
         choice.small,
         choice.small_max_rows,
         choice.large,
         attend.is_some(),
+        attend.is_some() && cuda.split_attention,
         fused.is_some(),
         fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
         fused.as_ref().is_some_and(|f| f.gate_up_act.is_some()),

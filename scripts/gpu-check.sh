@@ -27,6 +27,8 @@
 #   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
 #   n. the decode step at batch 1 and 8 without and with the norms inside the GEMVs
 #      (`fused_norm_gemv`, off by default until this measures it), alternated;
+#   a. the decode step at context 2048 (batch 1 and 8) without and with the split paged attention
+#      (`split_attention`: partitions of a long context on cubes of their own), alternated;
 #   t. the skinny GEMM's plan knobs (`[cuda.skinny]`, SKINNY_TUNINGS) at 32 and 128 rows;
 #   s. temperature-1 requests at concurrency 128 with step 8's kernels, sampled on the host and
 #      then on the device (`device_sampling`), to measure the draw kernel;
@@ -40,7 +42,7 @@
 #      kernels, see docs/Performance.md). CHECK_KERNELS picks the configurations, also from
 #      `ordered` (`gemm = "cublas-ordered"`), `sampling` (`device_sampling`, whose draws at
 #      T=1e-4 must follow the greedy tokens; both checked correct on 2026-11-27) and no-paged,
-#      no-kv-write, no-fused, no-gemv, no-argmax and no-gate-up (the defaults without one of our
+#      no-kv-write, no-fused, no-gemv, no-argmax, no-gate-up and no-split (the defaults without one of our
 #      kernels each; the defaults' gate/up GEMV with its activation is new since 2026-11-27), and
 #      norm-gemv-apart (norm-gemv with q/k/v apart: only the MLP's norm inside its GEMV).
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
@@ -49,7 +51,7 @@
 # not fit: STAGES=14 runs them in a call of their own. With a 15-minute device budget, two calls on
 # one warm machine (the second within its idle release) cover the checks and the measurements:
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c78 scripts/gpu-check.sh BIN_DIR   (about 360 s)
-#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6n scripts/gpu-check.sh BIN_DIR  (about 260 s)
+#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6na scripts/gpu-check.sh BIN_DIR  (about 320 s)
 # and, if the skinny GEMM passed step 7, STAGES=t (about 150 s) tries its plan knobs.
 # (MODEL outside the call's temporary directory and the same OUT, so the second finds both.)
 set -uo pipefail
@@ -189,6 +191,7 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     printf 'INFERFLUX__CUDA__GEMV=burn\nINFERFLUX__CUDA__WEIGHT_LAYOUT=in_out\n' >"$work/no-gemv.env"
     echo "INFERFLUX__CUDA__DEVICE_ARGMAX=false" >"$work/no-argmax.env"
     echo "INFERFLUX__CUDA__FUSED_GATE_UP=false" >"$work/no-gate-up.env"
+    echo "INFERFLUX__CUDA__SPLIT_ATTENTION=false" >"$work/no-split.env"
     echo "INFERFLUX__CUDA__FUSED_NORM_GEMV=true" >"$work/norm-gemv.env"
     # Its bisection: q/k/v apart, so only the MLP's norm runs inside a GEMV (no RoPE epilogue).
     printf 'INFERFLUX__CUDA__FUSED_NORM_GEMV=true\nINFERFLUX__CUDA__FUSED_KV_WRITE=false\n' >"$work/norm-gemv-apart.env"
@@ -367,6 +370,18 @@ stepn() { # the norms inside the GEMVs (fused_norm_gemv): the bare decode step a
         INFERFLUX__CUDA__FUSED_NORM_GEMV=$on timeout 45 "$bin/device_check" profile --device "$device" \
             --model "$model" --batches 1,8 --context 192 --iters 20 --step-only 2>&1 |
             grep -E "^batch|norms in the GEMVs|refused"
+    done
+}
+
+stepa() { # long contexts: the decode step at context 2048, batch 1 and 8, with the split attention off and on
+    [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
+    # Alternated, two runs each. At batch 1 a split makes about 4 partitions of 512 keys per context
+    # (32 cubes instead of 8); at batch 8, 2 partitions (128 cubes instead of 64).
+    for on in false true false true; do
+        echo "split_attention = $on:"
+        INFERFLUX__CUDA__SPLIT_ATTENTION=$on timeout 45 "$bin/device_check" profile --device "$device" \
+            --model "$model" --batches 1,8 --context 2048 --iters 10 --step-only 2>&1 |
+            grep -E "^batch|paged attention|refused"
     done
 }
 

@@ -207,6 +207,8 @@ CHECK_PROMPTS = (
     "w1 w5 w9 w13 w17",
     " ".join(f"w{(i * 7919) % 128000 + 3}" for i in range(40)),
     " ".join(f"w{(i * 104729) % 128000 + 3}" for i in range(300)),
+    # Past 512 keys, so that a decode of it alone is split into partitions (`split_attention`).
+    " ".join(f"w{(i * 15485863) % 128000 + 3}" for i in range(1500)),
 )
 CHECK_TOKENS = 16
 # A flipped argmax is rounding when transformers' top two logprobs are closer than this: bf16

@@ -297,6 +297,10 @@ pub struct CudaConfig {
     /// `fused_kv_write` the RoPE and K/V write in the q/k/v GEMV too: 48 launches fewer per
     /// decode step of a 16-layer model. Off until measured on a GPU.
     pub fused_norm_gemv: bool,
+    /// With `attention = "paged"`, a decode batch too small to fill the GPU splits contexts of
+    /// more than 512 keys into partitions attended by cubes of their own, then put together
+    /// (flash-decoding's split-K; one launch more per layer where it splits).
+    pub split_attention: bool,
     /// Greedy rows' argmax by our one-cube-per-row kernel instead of burn's `argmax`, which
     /// (without autotune) walks each 128k-logit row with one thread.
     pub device_argmax: bool,
@@ -323,6 +327,7 @@ impl Default for CudaConfig {
             fused_kv_write: true,
             fused_gate_up: true,
             fused_norm_gemv: false,
+            split_attention: true,
             device_argmax: true,
             device_sampling: false,
             skinny: SkinnyTuning::DEFAULT,
@@ -715,6 +720,7 @@ mod tests {
             "the kernels measured fastest unless told otherwise"
         );
         assert_eq!(s.cuda.attention, AttentionKernel::Paged);
+        assert!(s.cuda.split_attention);
         assert!(s.cuda.fused_ops);
         assert!(s.cuda.fused_kv_write && s.cuda.fused_gate_up && s.cuda.device_argmax);
         assert!(!s.cuda.device_sampling, "not yet measured on a GPU");
@@ -727,12 +733,14 @@ mod tests {
             ("INFERFLUX__CUDA__DEVICE_ARGMAX", "false"),
             ("INFERFLUX__CUDA__FUSED_GATE_UP", "false"),
             ("INFERFLUX__CUDA__FUSED_NORM_GEMV", "true"),
+            ("INFERFLUX__CUDA__SPLIT_ATTENTION", "false"),
         ]);
         let s = Settings::load_with_env(None, &CliOverrides::default(), vars).unwrap();
         assert!(s.cuda.gemm_choice().is_burn_only(), "burn's matmul when asked");
         assert_eq!(s.cuda.attention, AttentionKernel::Burn);
         assert!(!s.cuda.fused_ops && !s.cuda.device_argmax && !s.cuda.fused_gate_up);
         assert!(s.cuda.fused_norm_gemv);
+        assert!(!s.cuda.split_attention);
         let vars = env(&[
             ("INFERFLUX__CUDA__GEMV", "gemv-plane"),
             ("INFERFLUX__CUDA__GEMM", "cublas-ordered"),

@@ -195,7 +195,7 @@ pub fn start(
             let (choice, layout) = (settings.cuda.gemm_choice(), settings.cuda.weight_layout);
             let paged = settings.cuda.attention == AttentionKernel::Paged;
             let paged_attention = match paged.then(|| cuda_attention::supports(&files.config)) {
-                Some(Ok(())) => Some(cuda_attention::paged()),
+                Some(Ok(())) => Some(cuda_attention::paged(settings.cuda.split_attention)),
                 Some(Err(why)) => {
                     tracing::warn!(%why, "the paged attention kernel cannot run this model: burn's gather serves decodes");
                     None
@@ -240,6 +240,7 @@ pub fn start(
                     gemv_max_rows = choice.small_max_rows,
                     ?layout,
                     paged_attention = paged_attention.is_some(),
+                    split_attention = paged_attention.is_some() && settings.cuda.split_attention,
                     fused_ops = fused.is_some(),
                     fused_kv_write = fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
                     fused_gate_up = fused.as_ref().is_some_and(|f| f.gate_up_act.is_some()),

@@ -46,12 +46,13 @@ pub fn supports(config: &LlamaConfig) -> Result<(), Refused> {
 
 /// The server's decode attention on [`CudaCube`]: the paged kernel, or where it refuses a step
 /// (a cache too large for 32-bit indices, an unexpected layout), burn's gather for that step,
-/// with one warning.
-pub fn paged() -> PagedAttentionFn<CudaCube> {
+/// with one warning. With `split`, long contexts of a batch too small to fill the GPU are
+/// split in partitions (`[cuda] split_attention`, see `paged_attention::partition_len`).
+pub fn paged(split: bool) -> PagedAttentionFn<CudaCube> {
     let warned = Arc::new(AtomicBool::new(false));
     Arc::new(move |a: PagedAttention<CudaCube>| {
         let fallback = a.clone();
-        match launch(a) {
+        match launch(a, split) {
             Ok(out) => out,
             Err(e) => {
                 if !warned.swap(true, Ordering::Relaxed) {
@@ -63,8 +64,9 @@ pub fn paged() -> PagedAttentionFn<CudaCube> {
     })
 }
 
-/// Queues the kernel on `a`'s tensors; `[n, heads * head_dim]`.
-pub fn launch(a: PagedAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refused> {
+/// Queues the kernel on `a`'s tensors, split where `split` allows and it pays;
+/// `[n, heads * head_dim]`.
+pub fn launch(a: PagedAttention<CudaCube>, split: bool) -> Result<Tensor<CudaCube, 2>, Refused> {
     let [n, heads, head_dim] = a.q.dims();
     let [seqs, max_blocks] = a.block_tables.dims();
     let float = |t: Tensor<CudaCube, 2>| t.into_primitive().tensor();
@@ -113,6 +115,9 @@ pub fn launch(a: PagedAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refuse
         end.handle.clone(),
         out.handle.clone(),
     ];
+    let partition_len = split
+        .then(|| paged_attention::auto_partition_len(&q.client, &shape))
+        .flatten();
     paged_attention::launch(
         &q.client,
         handles,
@@ -120,6 +125,7 @@ pub fn launch(a: PagedAttention<CudaCube>) -> Result<Tensor<CudaCube, 2>, Refuse
         a.scale,
         (q.dtype.into(), q.dtype.size()),
         true,
+        partition_len,
     )?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }

@@ -96,14 +96,18 @@ fn paged_attention_kernel<F: Float, N: Size>(
     ctx_begin: &Array<u32>,
     ctx_end: &Array<u32>,
     out: &mut Array<Vector<F, N>>,
+    partition_out: &mut Array<Vector<f32, N>>,
+    partition_stats: &mut Array<f32>,
     max_blocks: u32,
     page_size: u32,
     kv_heads: u32,
     scale: f32,
+    partition_len: u32,
     #[comptime] head_dim: usize,
     #[comptime] width: usize,
     #[comptime] group: usize,
     #[comptime] plane_reduce: bool,
+    #[comptime] split: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     // Query `s` of the launch, query heads `h0 .. h0 + group` (all of one KV head `kvh`); the
@@ -156,7 +160,14 @@ fn paged_attention_kernel<F: Float, N: Size>(
         acc[g] = Vector::new(0.0);
         sum[g] = 0.0;
     }
-    let (begin, end) = (ctx_begin[s] as usize, ctx_end[s] as usize);
+    // Split: partition `CUBE_POS_Z` of the context, `partition_len` keys; past the context's end
+    // the range is empty and the partition's weight 0.
+    let mut begin = ctx_begin[s] as usize;
+    let mut end = ctx_end[s] as usize;
+    if comptime!(split) {
+        begin += CUBE_POS_Z as usize * partition_len as usize;
+        end = min(end, begin + partition_len as usize);
+    }
     let mut tile = begin;
     // `begin` and `end` are the query's, the same for every unit: the barriers below are
     // reached by all of them.
@@ -212,8 +223,8 @@ fn paged_attention_kernel<F: Float, N: Size>(
             sync_cube();
             #[unroll]
             for g in 0..group {
-                let mut m = f32::new(-1.0e30);
-                for w in 0..planes {
+                let mut m = plane_max_of[g];
+                for w in 1..planes {
                     m = max(m, plane_max_of[w * group + g]);
                 }
                 tile_max[g] = m;
@@ -311,7 +322,16 @@ fn paged_attention_kernel<F: Float, N: Size>(
                 total += part_acc[p * head_vectors + u];
                 weight += part_sums[p * group + g];
             }
-            if weight > 0.0 {
+            if comptime!(split) {
+                // Unnormalised, with the running max it is relative to and the weights' sum:
+                // `combine_partitions_kernel` weighs the partitions against each other.
+                let row = (s * heads + h0 + g) * CUBE_COUNT_Z as usize + CUBE_POS_Z as usize;
+                partition_out[row * head_vectors + u] = total;
+                if u == 0 {
+                    partition_stats[2 * row] = running_max[g];
+                    partition_stats[2 * row + 1] = weight;
+                }
+            } else if weight > 0.0 {
                 out[(base + g * head_dim) / width + u] =
                     Vector::<F, N>::cast_from(total / Vector::new(weight));
             }
@@ -320,10 +340,68 @@ fn paged_attention_kernel<F: Float, N: Size>(
     }
 }
 
+/// The partitions of a split context, each relative to its own running max, put together: unit
+/// `d` of cube `(head, query)` rescales each partition's output element and weight sum to the
+/// largest of the maxima and divides. An empty partition has weight 0 and a max far below.
+#[cube(launch_unchecked)]
+fn combine_partitions_kernel<F: Float>(
+    partition_out: &Array<f32>,
+    partition_stats: &Array<f32>,
+    out: &mut Array<F>,
+    partitions: u32,
+    #[comptime] head_dim: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let d = UNIT_POS_X as usize;
+    let partitions = partitions as usize;
+    let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    if d < head_dim {
+        let first = row * partitions;
+        // Mutable variables start from runtime values: a literal would make them constants.
+        let mut max_all = partition_stats[2 * first];
+        for p in 1..partitions {
+            max_all = max(max_all, partition_stats[2 * (first + p)]);
+        }
+        let mut total = 0.0f32;
+        let mut weight = 0.0f32;
+        for p in 0..partitions {
+            let scaled = (partition_stats[2 * (first + p)] - max_all).exp();
+            weight += partition_stats[2 * (first + p) + 1] * scaled;
+            total += partition_out[(first + p) * head_dim + d] * scaled;
+        }
+        if weight > 0.0 {
+            out[row * head_dim + d] = F::cast_from(total / weight);
+        }
+    }
+}
+
+/// Keys a partition of a split context holds at least: each extra partition costs its cube's
+/// setup and the combine reads its outputs, and splitting needs a second launch, so contexts
+/// up to this length are never split.
+pub const SPLIT_MIN_KEYS: usize = 4 * TILE;
+
+/// Flash-decoding's split-K: the keys per partition, when a launch of `cubes` cubes (queries ×
+/// KV-head groups) over contexts of at most `max_context` keys leaves SMs idle (`sms` of them,
+/// unknown on GL) and its contexts are long enough to share; `None` runs one cube per context.
+/// Partitions fill about one wave of cubes, at least [`SPLIT_MIN_KEYS`] keys each, in whole
+/// tiles. A decode of one sequence at context 4,096 (Llama-3.2-1B on an H100: 8 cubes, 132
+/// SMs) becomes 8 partitions of 512 keys instead of 8 cubes walking 32 tiles each.
+pub fn partition_len(cubes: usize, max_context: usize, sms: Option<u32>) -> Option<usize> {
+    let sms = sms? as usize;
+    if cubes == 0 || cubes * 2 > sms || max_context <= SPLIT_MIN_KEYS {
+        return None;
+    }
+    let partitions = (sms / cubes).min(max_context.div_ceil(SPLIT_MIN_KEYS));
+    (partitions >= 2).then(|| max_context.div_ceil(partitions).div_ceil(TILE) * TILE)
+}
+
 /// Queues paged attention on `client`: handles `[q, k_cache, v_cache, block_tables, query_seq,
 /// ctx_begin, ctx_end, out]`, laid out as [`PagedAttentionShape`] says, floats of `dtype`
 /// (`elem_bytes` each); `scale` multiplies the scores (`head_dim^-0.5`). `plane_reduce` takes
 /// each tile's maxima with plane operations (CUDA) instead of a halving through shared memory.
+/// With `partition_len`, each context is split in partitions of that many keys (a multiple of
+/// [`TILE`]), attended by cubes of their own and put together by a second launch (see
+/// [`auto_partition_len`]).
 pub fn launch<R: Runtime>(
     client: &ComputeClient<R>,
     handles: [cubecl::server::Handle; 8],
@@ -331,6 +409,7 @@ pub fn launch<R: Runtime>(
     scale: f32,
     (dtype, elem_bytes): (StorageType, usize),
     plane_reduce: bool,
+    partition_len: Option<usize>,
 ) -> Result<(), Refused> {
     let PagedAttentionShape {
         queries,
@@ -371,17 +450,43 @@ pub fn launch<R: Runtime>(
         )));
     }
     let cubes_u32 = u32::try_from(heads / group).map_err(|_| too_large("heads"))?;
+    let max_context = max_blocks * page_size;
+    let partitions = match partition_len {
+        Some(len) if len == 0 || !len.is_multiple_of(TILE) => {
+            return Err(Refused(format!("partitions of {len} keys are not whole tiles")));
+        }
+        Some(len) => max_context.div_ceil(len),
+        None => 1,
+    };
+    let partitions_u32 = u32::try_from(partitions)
+        .ok()
+        .filter(|&p| p <= super::MAX_CUBES_PER_DIM)
+        .ok_or_else(|| Refused(format!("{partitions} partitions in one grid")))?;
     let [q, k, v, tables, query_seq, begin, end, out] = handles;
     let q_len = queries * heads * head_dim;
     let cache_len = slots * kv_heads * head_dim;
+    // Split: each partition's unnormalised outputs and (running max, weight sum) per query head,
+    // in f32. Unsplit, the kernel never touches them, and they are bound to `out`.
+    let split = partition_len.is_some();
+    let scratch = |len: usize| if split { client.empty(len * 4) } else { out.clone() };
+    let (partition_out, partition_stats) = (
+        scratch(queries * heads * partitions * head_dim),
+        scratch(queries * heads * partitions * 2),
+    );
+    let (out_len, stats_len) = match split {
+        true => (q_len * partitions, queries * heads * partitions * 2),
+        false => (0, 0),
+    };
     // SAFETY: the arrays' lengths are the handles' (the caller's contract); the kernel indexes
     // below them as long as every page id is below `slots / page_size` and every `ctx_end[s]`
     // is at most `max_blocks * page_size` and every `query_seq[i]` below `seqs`, which the
-    // caller's block tables guarantee.
+    // caller's block tables guarantee. The partitions' arrays are only indexed when split, then
+    // below `queries * heads * partitions` rows; `partitions * partition_len` covers
+    // `max_blocks * page_size`, so every key of a context falls in a partition.
     unsafe {
         paged_attention_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(cubes_u32, queries_u32, 1),
+            CubeCount::Static(cubes_u32, queries_u32, partitions_u32),
             CubeDim::new_1d(TILE as u32),
             width,
             ArrayArg::from_raw_parts(q, q_len / width),
@@ -391,19 +496,48 @@ pub fn launch<R: Runtime>(
             ArrayArg::from_raw_parts(query_seq, queries),
             ArrayArg::from_raw_parts(begin, queries),
             ArrayArg::from_raw_parts(end, queries),
-            ArrayArg::from_raw_parts(out, q_len / width),
+            ArrayArg::from_raw_parts(out.clone(), q_len / width),
+            ArrayArg::from_raw_parts(partition_out.clone(), out_len / width),
+            ArrayArg::from_raw_parts(partition_stats.clone(), stats_len),
             max_blocks as u32,
             page_size as u32,
             kv_heads as u32,
             scale,
+            partition_len.unwrap_or(0) as u32,
             head_dim,
             width,
             group,
             plane_reduce,
+            split,
             dtype,
         );
+        if split {
+            combine_partitions_kernel::launch_unchecked::<R>(
+                client,
+                CubeCount::Static(heads as u32, queries_u32, 1),
+                CubeDim::new_1d(head_dim as u32),
+                ArrayArg::from_raw_parts(partition_out, out_len),
+                ArrayArg::from_raw_parts(partition_stats, stats_len),
+                ArrayArg::from_raw_parts(out, q_len),
+                partitions_u32,
+                head_dim,
+                dtype,
+            );
+        }
     }
     Ok(())
+}
+
+/// [`partition_len`] for `shape` on `client`'s device: its contexts are at most its block
+/// tables' `max_blocks * page_size` keys.
+pub fn auto_partition_len<R: Runtime>(
+    client: &ComputeClient<R>,
+    shape: &PagedAttentionShape,
+) -> Option<usize> {
+    let kv_heads = shape.kv_heads.max(1);
+    let cubes = shape.queries * shape.heads / heads_per_cube(shape.heads / kv_heads).max(1);
+    let sms = client.properties().hardware.num_streaming_multiprocessors;
+    partition_len(cubes, shape.max_blocks * shape.page_size, sms)
 }
 
 #[cfg(test)]
@@ -469,6 +603,10 @@ mod tests {
     }
 
     fn check(shape: PagedAttentionShape, queries: &[Query]) {
+        check_split(shape, queries, None);
+    }
+
+    fn check_split(shape: PagedAttentionShape, queries: &[Query], partition_len: Option<usize>) {
         let client = gl::client();
         let f32_type = f32::as_type_native_unchecked().storage_type();
         let PagedAttentionShape {
@@ -512,13 +650,22 @@ mod tests {
             up(&column(|q| q.end)),
             out.clone(),
         ];
-        launch(&client, handles, shape, scale, (f32_type, 4), false).unwrap();
+        launch(
+            &client,
+            handles,
+            shape,
+            scale,
+            (f32_type, 4),
+            false,
+            partition_len,
+        )
+        .unwrap();
         let got = gl::download(&client, out);
         let want = reference(shape, (&q, &k, &v), &tables, queries, scale);
         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
             assert!(
                 (g - e).abs() <= 1e-4,
-                "{shape:?} output {i} (query {}): kernel {g}, reference {e}",
+                "{shape:?} split {partition_len:?} output {i} (query {}): kernel {g}, reference {e}",
                 i / (heads * head_dim)
             );
         }
@@ -646,9 +793,67 @@ mod tests {
         ] {
             let handles = std::array::from_fn(|_| client.empty(4));
             assert!(
-                launch(&client, handles, shape, 1.0, (f32_type, 4), false).is_err(),
+                launch(&client, handles, shape, 1.0, (f32_type, 4), false, None).is_err(),
                 "{shape:?}"
             );
         }
+        // Partitions must be whole tiles.
+        for len in [0, TILE / 2, TILE + 1] {
+            let handles = std::array::from_fn(|_| client.empty(4));
+            assert!(
+                launch(&client, handles, base, 1.0, (f32_type, 4), false, Some(len)).is_err(),
+                "partitions of {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn kernels_paged_attention_split_contexts_match_softmax_attention() {
+        // Partitions of one and two tiles over: one key (every other partition empty); 300 keys
+        // (the last partition partial); a sliding window over 100..260 (its partitions start at
+        // 100, not at a tile of the sequence); a chunk at 126..129; and 700 keys over a pool
+        // whose tables allow 750 (six partitions of 128, the sixth past every context). GQA
+        // groups of 1, 4 and 12 (two cubes per KV head), head_dim 16, 64 and 96.
+        let mut queries = vec![decode(0, 0, 1), decode(1, 0, 300), decode(2, 100, 260)];
+        queries.extend((126..129).map(|p| decode(3, 0, p + 1)));
+        queries.push(decode(4, 0, 700));
+        for (head_dim, page_size, group) in [(16, 7, 1), (64, 16, 4), (64, 5, 12), (96, 11, 4)] {
+            let max_blocks = 750usize.div_ceil(page_size);
+            let shape = PagedAttentionShape {
+                queries: queries.len(),
+                seqs: 5,
+                heads: 2 * group,
+                kv_heads: 2,
+                head_dim,
+                page_size,
+                max_blocks,
+                slots: (5 * max_blocks + 3) * page_size,
+            };
+            for len in [TILE, 2 * TILE] {
+                check_split(shape, &queries, Some(len));
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_paged_attention_splits_only_long_contexts_on_idle_sms() {
+        // Llama-3.2-1B on an H100: 8 cubes per decode, 132 SMs.
+        assert_eq!(partition_len(8, 4096, Some(132)), Some(512));
+        // Up to four tiles per context: one cube walks them.
+        assert_eq!(partition_len(8, SPLIT_MIN_KEYS, Some(132)), None);
+        assert_eq!(partition_len(8, 192, Some(132)), None);
+        // Just past: two partitions, in whole tiles.
+        assert_eq!(partition_len(8, SPLIT_MIN_KEYS + 1, Some(132)), Some(3 * TILE));
+        // Batch 8: 64 cubes, two partitions fill the SMs.
+        assert_eq!(partition_len(64, 4096, Some(132)), Some(2048));
+        // Enough cubes already, or an unknown device (GL).
+        assert_eq!(partition_len(128, 4096, Some(132)), None);
+        assert_eq!(partition_len(8, 4096, None), None);
+        // A very long context: one wave of partitions, each longer than the minimum.
+        let len = partition_len(8, 131_072, Some(132)).unwrap();
+        assert!(
+            len.is_multiple_of(TILE) && 131_072usize.div_ceil(len) <= 16,
+            "{len}"
+        );
     }
 }
