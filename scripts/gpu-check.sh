@@ -31,7 +31,8 @@
 #      (`split_attention`: partitions of a long context on cubes of their own), alternated;
 #   t. the skinny GEMM's plan knobs (`[cuda.skinny]`, SKINNY_TUNINGS) at 32 and 128 rows;
 #   s. temperature-1 requests at concurrency 128 with step 8's kernels, sampled on the host and
-#      then on the device (`device_sampling`), to measure the draw kernel;
+#      then on the device (`device_sampling`), to measure the draw kernel; SAMPLING_CUTS="--top-p
+#      0.9 --top-k 50" measures the cut draws (top-k/top-p/min-p bisected on the device);
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
 #      GPU), with burn's kernels, the defaults, `gemm = "skinny"` (our tensor-core GEMM: prompts
 #      of 9-128 tokens go through it), norm-gemv (`fused_norm_gemv`: decodes' norms inside the
@@ -317,6 +318,9 @@ step9() { # our own kernels (gemv, paged attention, fused ops) against the CPU f
 steps() { # temperature sampling served: on the host against on the device (device_sampling)
     [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
     [ -f "$out/tuned/kernels.env" ] || tuned_kernels || return
+    # SAMPLING_CUTS adds warpers to every request, e.g. "--top-p 0.9 --top-k 50": the host sorts
+    # each row for them, the device bisects (kernels/sample.rs).
+    local cuts=${SAMPLING_CUTS:-}
     for where in host device; do
         local env=$work/sampling-$where.env
         grep -v '^INFERFLUX__CUDA__DEVICE_SAMPLING=' "$out/tuned/kernels.env" >"$env"
@@ -327,13 +331,15 @@ steps() { # temperature sampling served: on the host against on the device (devi
         local warm=$work/prompts-tw-$where.jsonl prompts=$work/prompts-t-$where.jsonl
         python3 "$repo/scripts/gpu_bench.py" prompts "$warm" 129 "9$([ $where = device ] && echo 1 || echo 2)"
         python3 "$repo/scripts/gpu_bench.py" prompts "$prompts" 129 "9$([ $where = device ] && echo 3 || echo 4)"
+        # shellcheck disable=SC2086 # $cuts is a list of flags
         timeout 60 "$bin/inferctl" --url "$url" bench --dataset "$warm" --num-prompts 128 --concurrency 128 \
-            --output-len 8 --warmup 0 --temperature 1 --json >/dev/null
+            --output-len 8 --warmup 0 --temperature 1 $cuts --json >/dev/null
+        # shellcheck disable=SC2086
         if timeout 70 "$bin/inferctl" --url "$url" bench --dataset "$prompts" --num-prompts 128 --concurrency 128 \
-            --output-len 128 --warmup 0 --temperature 1 --json >"$out/sampling-$where/bench.json"; then
+            --output-len 128 --warmup 0 --temperature 1 $cuts --json >"$out/sampling-$where/bench.json"; then
             python3 -c "
 import json; d = json.load(open('$out/sampling-$where/bench.json'))
-print(f'temperature 1, concurrency 128, sampled on the $where: {d[\"completed\"]}/128 completed, {d[\"output_throughput\"]:.0f} tok/s, mean TPOT {d[\"mean_tpot_ms\"]:.2f} ms')"
+print(f'temperature 1 $cuts, concurrency 128, sampled on the $where: {d[\"completed\"]}/128 completed, {d[\"output_throughput\"]:.0f} tok/s, mean TPOT {d[\"mean_tpot_ms\"]:.2f} ms')"
         else
             echo "sampled on the $where: FAILED or timed out"
         fi

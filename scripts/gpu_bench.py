@@ -318,33 +318,43 @@ def teacher_forced(url, reference_path, label):
 def draws(url, reference_path, label):
     """Temperature requests, which `[cuda] device_sampling` draws on the GPU: at temperature 1e-4
     (above the greedy cut) a draw is the argmax unless two logits are within ~1e-3, so the tokens
-    must follow transformers' greedy ones; at temperature 1 the same seed must give the same text
-    twice and another seed another text. Prints one row; returns False on a failure."""
+    must follow transformers' greedy ones, as must draws at temperature 1 cut to the top 1 token
+    (`top_k` 1: the device's bisection keeps the argmax alone); at temperature 1 the same seed must
+    give the same text twice and another seed another text. Prints one row; returns False on a
+    failure."""
     import urllib.request
 
-    def ask(prompt, n, temperature, seed):
+    def ask(prompt, n, temperature, seed, **cuts):
         body = json.dumps({
             "prompt": prompt, "max_tokens": n, "temperature": temperature, "seed": seed, "ignore_eos": True,
+            **cuts,
         }).encode()
         req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
         return json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["text"]
 
     refs = json.load(open(reference_path))
-    try:
+
+    def followed(temperature, **cuts):
+        """Tokens equal to transformers' greedy ones before the first difference, per prompt."""
         same = []
         for ref in refs:
             # The checkpoint's tokenizer has one word per id, spelt `w<id>`.
-            text = ask(ref["prompt"], len(ref["tokens"]), 1e-4, 1)
+            text = ask(ref["prompt"], len(ref["tokens"]), temperature, 1, **cuts)
             got = [int(i) for i in re.findall(r"w(\d+)", text)]
             same.append(next((j for j, (a, b) in enumerate(zip(got, ref["tokens"])) if a != b), min(len(got), len(ref["tokens"]))))
+        return same
+
+    try:
+        same, top1 = followed(1e-4), followed(1.0, top_k=1)
         prompt = refs[0]["prompt"]
         a, b, c = ask(prompt, 16, 1.0, 7), ask(prompt, 16, 1.0, 7), ask(prompt, 16, 1.0, 8)
     except Exception as e:  # a refused or failed request is a failed check, not a crash
         print(f"| {label} | draws | request failed: {e} | |")
         return False
-    ok = all(n > 0 for n in same) and a == b and a != c
-    print(f"| {label} | draws at T=1e-4 = greedy | {'/'.join(map(str, same))} of {'/'.join(str(len(r['tokens'])) for r in refs)} "
-          f"| seed 7 twice {'same' if a == b else 'DIFFERENT'}, seed 8 {'other' if a != c else 'SAME'} |")
+    ok = all(n > 0 for n in same + top1) and a == b and a != c
+    of = '/'.join(str(len(r['tokens'])) for r in refs)
+    print(f"| {label} | draws at T=1e-4 = greedy: {'/'.join(map(str, same))} of {of}; top_k 1 at T=1: "
+          f"{'/'.join(map(str, top1))} | seed 7 twice {'same' if a == b else 'DIFFERENT'}, seed 8 {'other' if a != c else 'SAME'} |")
     return ok
 
 

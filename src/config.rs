@@ -304,9 +304,9 @@ pub struct CudaConfig {
     /// Greedy rows' argmax by our one-cube-per-row kernel instead of burn's `argmax`, which
     /// (without autotune) walks each 128k-logit row with one thread.
     pub device_argmax: bool,
-    /// Plain temperature rows (no top-k/top-p/min-p, bias, penalties nor logprobs) drawn on the
-    /// device by the Gumbel-max trick, so that only their token ids come back. Off until measured
-    /// on a GPU.
+    /// Temperature rows, top-k/top-p/min-p included (no bias, penalties nor logprobs), drawn on
+    /// the device by the Gumbel-max trick among the tokens the cuts keep, so that only their token
+    /// ids come back. Off until measured on a GPU.
     pub device_sampling: bool,
     /// The plan knobs of `gemm = "skinny"`, our tensor-core GEMM (`[cuda.skinny]`).
     pub skinny: SkinnyTuning,

@@ -146,11 +146,47 @@ pub fn needs_host_logits(params: &SamplingParams, n: usize) -> bool {
 pub enum RowSampling {
     /// A plain-greedy row: the device's argmax is the token.
     DeviceArgmax,
-    /// A plain temperature draw (no top-k, top-p, min-p, bias, penalties, `min_tokens` mask nor
-    /// logprobs): the device may draw it ([`device_draw`]), else the host samples it.
-    DeviceDraw { temperature: f32, key: u64 },
+    /// A temperature draw, cut by top-k, top-p or min-p or not, with no bias, penalties,
+    /// `min_tokens` mask nor logprobs: the device may draw it ([`device_draw`]), else the host
+    /// samples it.
+    DeviceDraw {
+        temperature: f32,
+        cuts: DrawCuts,
+        key: u64,
+    },
     /// The host samples the row from its full logits ([`sample`]).
     Host,
+}
+
+/// The warpers that cut a draw's vocabulary, as [`kept_tokens`] applies them: `top_k` (0 keeps
+/// all), then `top_p` (1 keeps all), then `min_p` (0 keeps all).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawCuts {
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+}
+
+impl DrawCuts {
+    /// Nothing cut: the draw is over the whole vocabulary.
+    pub const NONE: Self = Self {
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+    };
+
+    pub fn of(params: &SamplingParams) -> Self {
+        Self {
+            top_k: params.top_k,
+            top_p: params.top_p,
+            min_p: params.min_p,
+        }
+    }
+
+    /// Whether the draw keeps every token.
+    pub fn keep_all(&self) -> bool {
+        self.top_k == 0 && self.top_p >= 1.0 && self.min_p <= 0.0
+    }
 }
 
 /// Where generated index `n` of a sequence with `params` can be sampled. Keep in step with
@@ -159,18 +195,16 @@ pub fn row_sampling(params: &SamplingParams, n: usize) -> RowSampling {
     if !needs_host_logits(params, n) {
         return RowSampling::DeviceArgmax;
     }
-    let plain_temperature = params.temperature.is_finite()
+    let drawable = params.temperature.is_finite()
         && params.temperature >= GREEDY_BELOW
-        && params.top_k == 0
-        && params.top_p >= 1.0
-        && params.min_p <= 0.0
         && params.logit_bias.is_empty()
         && !min_tokens_masked(params, n)
         && !params.has_penalties()
         && params.logprobs.is_none();
-    match plain_temperature {
+    match drawable {
         true => RowSampling::DeviceDraw {
             temperature: params.temperature,
+            cuts: DrawCuts::of(params),
             key: mix(params.seed, n as u64),
         },
         false => RowSampling::Host,
@@ -192,19 +226,34 @@ pub fn device_draw_uniform(key: u64, id: u32) -> f32 {
     ((x >> 8) as f32 + 0.5) / 16_777_216.0
 }
 
-/// A draw from `softmax(logits / temperature)` by the Gumbel-max trick: the token with the
-/// largest `l / temperature - ln(-ln u)`, `u` from [`device_draw_uniform`] (the lowest id on a
-/// tie; NaN logits never win). One pass and no sort, so a GPU draws a row where it is; the same
-/// `key` gives the same token whatever the batch. This is the reference of the device kernel: it
-/// draws from the same distribution as [`sample`], but not the same token for a seed.
-pub fn device_draw(logits: &[f32], temperature: f32, key: u64) -> u32 {
+/// A draw from `softmax(logits / temperature)` over the tokens `cuts` keep ([`kept_tokens`]) by
+/// the Gumbel-max trick: the kept token with the largest `l / temperature - ln(-ln u)`, `u` from
+/// [`device_draw_uniform`] (the lowest id on a tie; NaN logits never win). No sort of the row
+/// and one pass without cuts, so a GPU draws a row where it is; the same `key` gives the same
+/// token whatever the batch. This is the reference of the device kernel: it draws from the same
+/// distribution as [`sample`], but not the same token for a seed.
+pub fn device_draw(logits: &[f32], temperature: f32, cuts: DrawCuts, key: u64) -> u32 {
+    let score = |i: u32| logits[i as usize] / temperature - (-device_draw_uniform(key, i).ln()).ln();
     let mut best = (f32::NEG_INFINITY, 0u32);
-    for (i, &l) in logits.iter().enumerate() {
-        let u = device_draw_uniform(key, i as u32);
-        let score = l / temperature - (-u.ln()).ln();
-        if score > best.0 {
-            best = (score, i as u32);
+    let mut consider = |i: u32| {
+        let s = score(i);
+        if s > best.0 || (s == best.0 && s > f32::NEG_INFINITY && i < best.1) {
+            best = (s, i);
         }
+    };
+    if cuts.keep_all() {
+        (0..logits.len() as u32).for_each(&mut consider);
+    } else {
+        let params = SamplingParams {
+            temperature,
+            top_k: cuts.top_k,
+            top_p: cuts.top_p,
+            min_p: cuts.min_p,
+            ..SamplingParams::default()
+        };
+        kept_tokens(logits, &params)
+            .iter()
+            .for_each(|&(i, _)| consider(i));
     }
     best.1
 }
@@ -416,7 +465,7 @@ mod tests {
             let draws = 20_000;
             let mut counts = [0usize; 8];
             for n in 0..draws {
-                counts[device_draw(&logits, temperature, mix(42, n as u64)) as usize] += 1;
+                counts[device_draw(&logits, temperature, DrawCuts::NONE, mix(42, n as u64)) as usize] += 1;
             }
             assert_eq!(counts[5], 0, "a -inf logit is never drawn");
             for (id, (&c, w)) in counts.iter().zip(&weights).enumerate() {
@@ -430,12 +479,92 @@ mod tests {
             }
         }
         // The same key draws the same token; the uniforms stay inside (0, 1).
-        assert_eq!(device_draw(&logits, 1.0, 7), device_draw(&logits, 1.0, 7));
+        assert_eq!(
+            device_draw(&logits, 1.0, DrawCuts::NONE, 7),
+            device_draw(&logits, 1.0, DrawCuts::NONE, 7)
+        );
         for id in [0u32, 1, 77, u32::MAX] {
             for key in [0u64, 1, u64::MAX, mix(3, 9)] {
                 let u = device_draw_uniform(key, id);
                 assert!(u > 0.0 && u < 1.0, "u({key}, {id}) = {u}");
             }
+        }
+    }
+
+    #[test]
+    fn sampling_device_draw_with_cuts_follows_what_the_warpers_keep() {
+        // Distinct logits, so that every cut has one answer; -inf is never kept.
+        let logits = [
+            1.0f32,
+            0.0,
+            2.5,
+            -1.0,
+            0.5,
+            f32::NEG_INFINITY,
+            1.5,
+            -3.0,
+            2.0,
+            -0.5,
+        ];
+        let cases = [
+            (
+                1.0f32,
+                DrawCuts {
+                    top_k: 3,
+                    ..DrawCuts::NONE
+                },
+            ),
+            (
+                0.8,
+                DrawCuts {
+                    top_p: 0.7,
+                    ..DrawCuts::NONE
+                },
+            ),
+            (
+                1.3,
+                DrawCuts {
+                    min_p: 0.2,
+                    ..DrawCuts::NONE
+                },
+            ),
+            (
+                1.0,
+                DrawCuts {
+                    top_k: 5,
+                    top_p: 0.8,
+                    min_p: 0.3,
+                },
+            ),
+        ];
+        for (temperature, cuts) in cases {
+            let params = SamplingParams {
+                temperature,
+                top_k: cuts.top_k,
+                top_p: cuts.top_p,
+                min_p: cuts.min_p,
+                ..Default::default()
+            };
+            let kept = kept_tokens(&logits, &params);
+            let total: f64 = kept.iter().map(|p| p.1 as f64).sum();
+            let draws = 20_000;
+            let mut counts = [0usize; 10];
+            for n in 0..draws {
+                counts[device_draw(&logits, temperature, cuts, mix(9, n as u64)) as usize] += 1;
+            }
+            for id in 0..logits.len() as u32 {
+                let p = kept
+                    .iter()
+                    .find(|k| k.0 == id)
+                    .map_or(0.0, |k| k.1 as f64 / total);
+                let sd = (p * (1.0 - p) / draws as f64).sqrt();
+                let got = counts[id as usize] as f64 / draws as f64;
+                assert!(
+                    (got - p).abs() <= 5.0 * sd + 1e-9,
+                    "T {temperature}, {cuts:?}: token {id} drawn {got:.4}, kept with {p:.4}"
+                );
+            }
+            assert!(kept.len() < 9, "{cuts:?} cut something");
         }
     }
 
@@ -451,22 +580,32 @@ mod tests {
             row_sampling(&plain, 3),
             RowSampling::DeviceDraw {
                 temperature: 0.8,
+                cuts: DrawCuts::NONE,
                 key: mix(5, 3)
             }
         );
+        // The warpers travel with the draw.
+        let cut = SamplingParams {
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.1,
+            ..plain.clone()
+        };
+        let cuts = DrawCuts {
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.1,
+        };
+        assert_eq!(
+            row_sampling(&cut, 0),
+            RowSampling::DeviceDraw {
+                temperature: 0.8,
+                cuts,
+                key: mix(5, 0)
+            }
+        );
+        assert!(!cuts.keep_all() && DrawCuts::NONE.keep_all());
         let host = [
-            SamplingParams {
-                top_k: 40,
-                ..plain.clone()
-            },
-            SamplingParams {
-                top_p: 0.9,
-                ..plain.clone()
-            },
-            SamplingParams {
-                min_p: 0.1,
-                ..plain.clone()
-            },
             SamplingParams {
                 presence_penalty: 0.5,
                 ..plain.clone()

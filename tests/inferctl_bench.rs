@@ -98,10 +98,23 @@ fn inferctl_bench_concurrency_json_is_exact_and_coherent() {
 
 #[test]
 fn inferctl_bench_request_rate_spreads_the_arrivals() {
-    let v = bench_json(&["--request-rate", "40", "--seed", "7"]);
+    // Cut draws, as `vllm bench serve --top-p --top-k` sends them.
+    let v = bench_json(&[
+        "--request-rate",
+        "40",
+        "--seed",
+        "7",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "20",
+    ]);
     assert_coherent(&v);
     assert_eq!(v["request_rate"], 40.0);
     assert_eq!(v["max_concurrency"], Value::Null);
+    assert_eq!((f(&v, "top_p"), v["top_k"].as_u64()), (0.9, Some(20)), "{v}");
 }
 
 #[test]

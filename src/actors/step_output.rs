@@ -54,9 +54,14 @@ impl StepOutput {
             .iter()
             .enumerate()
             .filter_map(|(row, p)| match *p {
-                RowSampling::DeviceDraw { temperature, key } => Some(DeviceDraw {
+                RowSampling::DeviceDraw {
+                    temperature,
+                    cuts,
+                    key,
+                } => Some(DeviceDraw {
                     row,
                     temperature,
+                    cuts,
                     key,
                 }),
                 _ => None,
@@ -244,6 +249,7 @@ mod tests {
     #[test]
     fn sampling_step_output_draws_temperature_rows_through_the_hook() {
         use crate::model::draw::draw_on_host;
+        use crate::sampling::DrawCuts;
         use std::sync::atomic::{AtomicUsize, Ordering};
         use std::sync::Arc;
         let rows: Vec<Vec<f32>> = (0..5)
@@ -255,13 +261,24 @@ mod tests {
             .collect();
         let draw = |key| RowSampling::DeviceDraw {
             temperature: 0.9,
+            cuts: DrawCuts::NONE,
             key,
+        };
+        // A top-k/top-p draw: its cuts reach the hook.
+        let cuts = DrawCuts {
+            top_k: 20,
+            top_p: 0.5,
+            min_p: 0.0,
         };
         let plan = [
             RowSampling::Host,
             draw(7),
             RowSampling::DeviceArgmax,
-            draw(8),
+            RowSampling::DeviceDraw {
+                temperature: 0.9,
+                cuts,
+                key: 8,
+            },
             RowSampling::Host,
         ];
         let calls = Arc::new(AtomicUsize::new(0));
@@ -278,9 +295,9 @@ mod tests {
         assert_eq!(calls.load(Ordering::Relaxed), 2, "one draw per temperature row");
         let want = vec![
             None,
-            Some(sampling::device_draw(&rows[1], 0.9, 7)),
+            Some(sampling::device_draw(&rows[1], 0.9, DrawCuts::NONE, 7)),
             Some(sampling::argmax(&rows[2])),
-            Some(sampling::device_draw(&rows[3], 0.9, 8)),
+            Some(sampling::device_draw(&rows[3], 0.9, cuts, 8)),
             None,
         ];
         assert_eq!(out.device, want);
@@ -304,8 +321,8 @@ mod tests {
         assert_eq!(
             out.device,
             vec![
-                Some(sampling::device_draw(&rows[0], 0.9, 1)),
-                Some(sampling::device_draw(&rows[1], 0.9, 2))
+                Some(sampling::device_draw(&rows[0], 0.9, DrawCuts::NONE, 1)),
+                Some(sampling::device_draw(&rows[1], 0.9, DrawCuts::NONE, 2))
             ]
         );
     }

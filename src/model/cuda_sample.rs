@@ -1,4 +1,5 @@
-//! Greedy rows' argmax and temperature draws on CUDA (`kernels::sample`), installed as the
+//! Greedy rows' argmax and temperature draws (top-k, top-p and min-p included) on CUDA
+//! (`kernels::sample`), installed as the
 //! executor's [`DeviceArgmaxFn`] (`[cuda] device_argmax`, on by default) and [`DeviceDrawFn`]
 //! (`[cuda] device_sampling = true`).
 
@@ -62,6 +63,12 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
         .flat_map(|d| [d.key as u32 as i32, (d.key >> 32) as u32 as i32])
         .collect();
     let temperatures: Vec<f32> = draws.iter().map(|d| d.temperature).collect();
+    // top-k travels as a float (exact below 2^24, far above any vocabulary here).
+    let cuts: Vec<f32> = draws
+        .iter()
+        .flat_map(|d| [d.cuts.top_k.min(1 << 24) as f32, d.cuts.top_p, d.cuts.min_p])
+        .collect();
+    let any_cuts = draws.iter().any(|d| !d.cuts.keep_all());
     let logits = contiguous(logits.into_primitive().tensor(), "draw logits");
     // Row ids and key halves travel as i32 tensors; the kernel reads their bits as u32.
     let row_ids = into_contiguous(to_device(TensorData::new(row_ids, [n])).into_primitive());
@@ -69,6 +76,8 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
     let temperatures =
         Tensor::<CudaCube, 1>::from_data(TensorData::new(temperatures, [n]), (&device, DType::F32));
     let temperatures = into_contiguous(temperatures.into_primitive().tensor());
+    let cuts = Tensor::<CudaCube, 1>::from_data(TensorData::new(cuts, [3 * n]), (&device, DType::F32));
+    let cuts = into_contiguous(cuts.into_primitive().tensor());
     let ids = empty_device_contiguous_dtype(
         logits.client.clone(),
         logits.device.clone(),
@@ -79,9 +88,10 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
         logits.handle.clone(),
         row_ids.handle.clone(),
         temperatures.handle.clone(),
+        cuts.handle.clone(),
         keys.handle.clone(),
         ids.handle.clone(),
     ];
-    sample::launch(&logits.client, handles, (n, rows, vocab)).map_err(|e| e.0)?;
+    sample::launch(&logits.client, handles, (n, rows, vocab), any_cuts).map_err(|e| e.0)?;
     Ok(Tensor::from_primitive(ids))
 }

@@ -7,12 +7,15 @@ use std::sync::Arc;
 use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-/// One row to draw: its index in the step's logits, its temperature and its key
-/// (`sampling::row_sampling`).
+use crate::sampling::DrawCuts;
+
+/// One row to draw: its index in the step's logits, its temperature, the warpers that cut its
+/// vocabulary and its key (`sampling::row_sampling`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DeviceDraw {
     pub row: usize,
     pub temperature: f32,
+    pub cuts: DrawCuts,
     pub key: u64,
 }
 
@@ -64,7 +67,7 @@ pub fn draw_on_host<B: Backend>(
         .iter()
         .map(|d| {
             let row = &values[d.row * vocab..(d.row + 1) * vocab];
-            crate::sampling::device_draw(row, d.temperature, d.key) as i32
+            crate::sampling::device_draw(row, d.temperature, d.cuts, d.key) as i32
         })
         .collect();
     let n = ids.len();

@@ -83,6 +83,12 @@ pub struct BenchArgs {
     /// Sampling temperature (0: greedy, the cheapest to sample).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Nucleus sampling's mass (as `vllm bench serve --top-p`); 1 keeps every token.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Keep only the most likely K tokens (as `vllm bench serve --top-k`); 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    top_k: u64,
     /// Print one JSON object with the results and the arguments (and nothing else) on stdout.
     #[arg(long)]
     json: bool,
@@ -199,6 +205,8 @@ fn arguments(args: &BenchArgs, model: &str, base: &str) -> Map<String, Value> {
         "seed": args.seed,
         "warmup": args.warmup,
         "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
     });
     match v {
         Value::Object(map) => map,
@@ -248,6 +256,13 @@ fn request_body(args: &BenchArgs, model: &str, prompt: &str) -> Value {
         "stream": true,
         "stream_options": { "include_usage": true },
     });
+    // Sent only when set, so that a server without the extension still takes the default run.
+    if args.top_p < 1.0 {
+        body["top_p"] = json!(args.top_p);
+    }
+    if args.top_k > 0 {
+        body["top_k"] = json!(args.top_k);
+    }
     match args.endpoint {
         Endpoint::Completions => body["prompt"] = json!(prompt),
         Endpoint::Chat => body["messages"] = json!([{ "role": "user", "content": prompt }]),

@@ -15,19 +15,30 @@ use super::Refused;
 const UNITS: usize = 256;
 
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn draw_kernel(
     logits: &Array<f32>,
     rows: &Array<u32>,
     temperatures: &Array<f32>,
+    cuts: &Array<f32>,
     keys: &Array<u32>,
     ids: &mut Array<i32>,
     vocab: u32,
+    #[comptime] any_cuts: bool,
 ) {
     let (d, u) = (CUBE_POS_X as usize, UNIT_POS_X as usize);
     let vocab = vocab as usize;
     let base = rows[d] as usize * vocab;
     let temperature = temperatures[d];
     let (lo, hi) = (keys[2 * d], keys[2 * d + 1]);
+    // With cuts, a token is kept when its probability relative to the row's most likely,
+    // `exp((l - max) / temperature)`, is at least `floor` (0 keeps every token).
+    let mut row_max = f32::new(0.0);
+    let mut floor = f32::new(0.0);
+    if comptime!(any_cuts) {
+        row_max = cube_max(row_local_max(logits, base, vocab));
+        floor = kept_floor(logits, base, vocab, temperature, row_max, cuts, d);
+    }
     // f32::MIN stands for minus infinity (WGSL cannot spell it); a -inf logit never wins.
     let mut best_score = f32::new(-3.402_823_5e38);
     let mut best_id = 0u32;
@@ -41,9 +52,14 @@ fn draw_kernel(
         x *= 0xC2B2_AE35u32;
         x ^= x >> 16u32;
         let uniform = (f32::cast_from(x >> 8u32) + 0.5) / 16_777_216.0;
-        let score = logits[base + i] / temperature - (-uniform.ln()).ln();
+        let l = logits[base + i];
+        let score = l / temperature - (-uniform.ln()).ln();
+        let mut kept = true;
+        if comptime!(any_cuts) {
+            kept = ((l - row_max) / temperature).exp() >= floor;
+        }
         // Ids grow along a unit's walk: a strict `>` keeps the lowest id of a tie (and skips NaN).
-        if score > best_score {
+        if kept && score > best_score {
             best_score = score;
             best_id = i as u32;
         }
@@ -53,6 +69,141 @@ fn draw_kernel(
     if u == 0 {
         ids[d] = best as i32;
     }
+}
+
+/// The largest logit a unit sees on its walk of the row.
+#[cube]
+fn row_local_max(logits: &Array<f32>, base: usize, vocab: usize) -> f32 {
+    let mut local = f32::new(-3.402_823_5e38);
+    let mut i = UNIT_POS_X as usize;
+    while i < vocab {
+        local = max(local, logits[base + i]);
+        i += UNITS;
+    }
+    local
+}
+
+/// The smallest relative probability `p = exp((l - row_max) / temperature)` draw `d` keeps
+/// (`cuts[3d..3d + 3]`: top-k as a float, top-p, min-p), as `sampling::kept_tokens` cuts:
+/// - top-k: the k-th largest `p`, the largest `v` with `count(p >= v) >= k`;
+/// - top-p: the largest `v` (at least top-k's) with `Σ(p >= v) p >= top_p · Σ(kept by top-k) p`;
+/// - min-p: `min_p` itself, the most likely token having `p = 1`.
+///
+/// Both searches bisect the bits of `v`, which order as the values do for floats in `[0, 1]`:
+/// 30 passes over the row each, a sort of it never. Tokens tied at the boundary are all kept
+/// (the host keeps the lower ids of a tie up to the count).
+#[cube]
+fn kept_floor(
+    logits: &Array<f32>,
+    base: usize,
+    vocab: usize,
+    temperature: f32,
+    row_max: f32,
+    cuts: &Array<f32>,
+    d: usize,
+) -> f32 {
+    let (top_k, top_p, min_p) = (cuts[3 * d], cuts[3 * d + 1], cuts[3 * d + 2]);
+    let u = UNIT_POS_X as usize;
+    let mut floor = f32::new(0.0);
+    // Every unit gets the same sums, so the bisections' branches and barriers are uniform.
+    if top_k >= 1.0 && top_k < f32::cast_from(vocab) {
+        let mut low = 0u32;
+        // Just above the bits of 1.0, where no token is: the count there is 0.
+        let mut high = 0x3F80_0001u32;
+        while low + 1 < high {
+            let mid = low + (high - low) / 2;
+            let v = f32::reinterpret::<u32>(mid);
+            let mut count = 0.0f32;
+            let mut i = u;
+            while i < vocab {
+                if ((logits[base + i] - row_max) / temperature).exp() >= v {
+                    count += 1.0;
+                }
+                i += UNITS;
+            }
+            if cube_sum(count) >= top_k {
+                low = mid;
+            } else {
+                high = mid;
+            }
+        }
+        floor = f32::reinterpret::<u32>(low);
+    }
+    if top_p < 1.0 {
+        let mut kept = 0.0f32;
+        let mut i = u;
+        while i < vocab {
+            let p = ((logits[base + i] - row_max) / temperature).exp();
+            if p >= floor {
+                kept += p;
+            }
+            i += UNITS;
+        }
+        let target = top_p * cube_sum(kept);
+        let mut low = u32::reinterpret::<f32>(floor);
+        let mut high = 0x3F80_0001u32;
+        while low + 1 < high {
+            let mid = low + (high - low) / 2;
+            let v = f32::reinterpret::<u32>(mid);
+            let mut mass = 0.0f32;
+            let mut j = u;
+            while j < vocab {
+                let p = ((logits[base + j] - row_max) / temperature).exp();
+                if p >= v {
+                    mass += p;
+                }
+                j += UNITS;
+            }
+            if cube_sum(mass) >= target {
+                low = mid;
+            } else {
+                high = mid;
+            }
+        }
+        floor = f32::reinterpret::<u32>(low);
+    }
+    max(floor, min_p)
+}
+
+/// The sum of every unit's `x`, for every unit, by a tree in shared memory (in a fixed order).
+#[cube]
+fn cube_sum(x: f32) -> f32 {
+    let u = UNIT_POS_X as usize;
+    let mut partial = SharedMemory::<f32>::new(UNITS);
+    partial[u] = x;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if u < stride {
+            partial[u] += partial[u + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = partial[0];
+    // Everyone has read the total before a next call writes over it.
+    sync_cube();
+    total
+}
+
+/// The largest of every unit's `x`, for every unit.
+#[cube]
+fn cube_max(x: f32) -> f32 {
+    let u = UNIT_POS_X as usize;
+    let mut partial = SharedMemory::<f32>::new(UNITS);
+    partial[u] = x;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if u < stride {
+            partial[u] = max(partial[u], partial[u + stride]);
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let top = partial[0];
+    sync_cube();
+    top
 }
 
 /// The cube's best of its units' `(score, id)`: the largest score, the lowest id of a tie, by a
@@ -145,12 +296,15 @@ fn cube_per_row(rows: usize, logits_rows: usize, vocab: usize) -> Option<u32> {
 }
 
 /// Queues the draws: `logits` holds contiguous f32 rows of `vocab`; draw `d` takes row `rows[d]`
-/// (u32) with `temperatures[d]` (f32, above 0) and the key halves `keys[2d]` (low) and
-/// `keys[2d + 1]` (high), and writes its token id to `ids[d]` (i32).
+/// (u32) with `temperatures[d]` (f32, above 0), the cuts `cuts[3d..3d + 3]` (f32: top-k, 0 for
+/// none; top-p, 1 for none; min-p, 0 for none) and the key halves `keys[2d]` (low) and
+/// `keys[2d + 1]` (high), and writes its token id to `ids[d]` (i32). Without `any_cuts` the cuts
+/// are never read and every draw is over its whole row: one pass, where a cut costs up to 61.
 pub fn launch<R: Runtime>(
     client: &ComputeClient<R>,
-    [logits, rows, temperatures, keys, ids]: [cubecl::server::Handle; 5],
+    [logits, rows, temperatures, cuts, keys, ids]: [cubecl::server::Handle; 6],
     (draws, logits_rows, vocab): (usize, usize, usize),
+    any_cuts: bool,
 ) -> Result<(), Refused> {
     if draws == 0 {
         return Ok(());
@@ -167,9 +321,11 @@ pub fn launch<R: Runtime>(
             ArrayArg::from_raw_parts(logits, logits_rows * vocab),
             ArrayArg::from_raw_parts(rows, draws),
             ArrayArg::from_raw_parts(temperatures, draws),
+            ArrayArg::from_raw_parts(cuts, 3 * draws),
             ArrayArg::from_raw_parts(keys, 2 * draws),
             ArrayArg::from_raw_parts(ids, draws),
             vocab as u32,
+            any_cuts,
         );
     }
     Ok(())
@@ -179,11 +335,51 @@ pub fn launch<R: Runtime>(
 mod tests {
     use super::*;
     use crate::model::kernels::gl;
-    use crate::sampling::device_draw;
+    use crate::sampling::{device_draw, DrawCuts};
+
+    /// One draw: its row, temperature, cuts and key.
+    type Draw = (u32, f32, DrawCuts, u64);
+
+    /// The kernel's tokens for `draws` of `logits` (rows of `vocab`).
+    fn draw_on_gl(logits: &[f32], vocab: usize, draws: &[Draw], any_cuts: bool) -> Vec<i32> {
+        let client = gl::client();
+        let rows: Vec<u32> = draws.iter().map(|d| d.0).collect();
+        let temps: Vec<f32> = draws.iter().map(|d| d.1).collect();
+        let cuts: Vec<f32> = draws
+            .iter()
+            .flat_map(|d| [d.2.top_k as f32, d.2.top_p, d.2.min_p])
+            .collect();
+        let keys: Vec<u32> = draws
+            .iter()
+            .flat_map(|d| [d.3 as u32, (d.3 >> 32) as u32])
+            .collect();
+        let ids = client.empty(draws.len() * 4);
+        let handles = [
+            gl::upload(&client, logits),
+            client.create_from_slice(u32::as_bytes(&rows)),
+            gl::upload(&client, &temps),
+            gl::upload(&client, &cuts),
+            client.create_from_slice(u32::as_bytes(&keys)),
+            ids.clone(),
+        ];
+        let shape = (draws.len(), logits.len() / vocab, vocab);
+        launch(&client, handles, shape, any_cuts).unwrap();
+        i32::from_bytes(&client.read_one(ids).expect("read back the ids")).to_vec()
+    }
+
+    /// The host reference's tokens (`sampling::device_draw`).
+    fn draw_on_host(logits: &[f32], vocab: usize, draws: &[Draw]) -> Vec<i32> {
+        draws
+            .iter()
+            .map(|&(row, t, cuts, key)| {
+                let row = &logits[row as usize * vocab..(row as usize + 1) * vocab];
+                device_draw(row, t, cuts, key) as i32
+            })
+            .collect()
+    }
 
     #[test]
     fn kernels_sample_draws_the_token_of_the_host_reference() {
-        let client = gl::client();
         // A vocabulary that is not a multiple of the cube, a -inf logit, rows drawn twice with
         // other keys and temperatures.
         let (logits_rows, vocab) = (3, 1000);
@@ -192,43 +388,106 @@ mod tests {
             .map(|v| v * 4.0)
             .collect();
         logits[vocab + 17] = f32::NEG_INFINITY;
-        let draws: Vec<(u32, f32, u64)> = (0..24u64)
+        let draws: Vec<Draw> = (0..24u64)
             .map(|d| {
                 (
                     (d % 3) as u32,
                     [0.5f32, 1.0, 1.7][(d / 3 % 3) as usize],
+                    DrawCuts::NONE,
                     d * 0x1234_5678_9ABC + 11,
                 )
             })
             .collect();
-        let rows: Vec<u32> = draws.iter().map(|d| d.0).collect();
-        let temps: Vec<f32> = draws.iter().map(|d| d.1).collect();
-        let keys: Vec<u32> = draws
-            .iter()
-            .flat_map(|d| [d.2 as u32, (d.2 >> 32) as u32])
-            .collect();
-        let ids = client.empty(draws.len() * 4);
-        let handles = [
-            gl::upload(&client, &logits),
-            client.create_from_slice(u32::as_bytes(&rows)),
-            gl::upload(&client, &temps),
-            client.create_from_slice(u32::as_bytes(&keys)),
-            ids.clone(),
-        ];
-        launch(&client, handles, (draws.len(), logits_rows, vocab)).unwrap();
-        let got = client.read_one(ids).expect("read back the ids");
-        let got = i32::from_bytes(&got).to_vec();
-        let want: Vec<i32> = draws
-            .iter()
-            .map(|&(row, t, key)| {
-                let row = &logits[row as usize * vocab..(row as usize + 1) * vocab];
-                device_draw(row, t, key) as i32
-            })
-            .collect();
-        assert_eq!(got, want);
+        let got = draw_on_gl(&logits, vocab, &draws, false);
+        assert_eq!(got, draw_on_host(&logits, vocab, &draws));
+        // The launch that can cut draws the uncut ones the same.
+        assert_eq!(draw_on_gl(&logits, vocab, &draws, true), got);
         // Different keys really draw different tokens.
         let distinct: std::collections::HashSet<i32> = got.iter().copied().collect();
         assert!(distinct.len() > 3, "{got:?}");
+    }
+
+    #[test]
+    fn kernels_sample_draws_within_top_k_top_p_and_min_p_as_the_host() {
+        // Distinct logits in [-4, 4) (1,000 of the 2,001 values `gl::values` takes), one -inf.
+        let (logits_rows, vocab) = (2, 1000);
+        let mut logits: Vec<f32> = gl::values(logits_rows * vocab, 3)
+            .iter()
+            .map(|v| v * 4.0)
+            .collect();
+        logits[vocab + 5] = f32::NEG_INFINITY;
+        let cut = |top_k, top_p, min_p| DrawCuts { top_k, top_p, min_p };
+        let cuts = [
+            cut(1, 1.0, 0.0),
+            cut(7, 1.0, 0.0),
+            cut(999, 1.0, 0.0),
+            cut(0, 0.05, 0.0),
+            cut(0, 0.5, 0.0),
+            cut(0, 0.9, 0.0),
+            cut(0, 1.0, 0.2),
+            cut(50, 0.6, 0.0),
+            cut(200, 0.9, 0.1),
+            DrawCuts::NONE,
+        ];
+        // The likeliest-first running mass of a row's tokens that top-k keeps, in f64.
+        let running_mass = |row: u32, t: f32, top_k: usize| {
+            let row = &logits[row as usize * vocab..(row as usize + 1) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let mut p: Vec<f64> = row.iter().map(|&l| ((l as f64 - max) / t as f64).exp()).collect();
+            p.sort_by(|a, b| b.total_cmp(a));
+            if top_k > 0 {
+                p.truncate(top_k);
+            }
+            let total: f64 = p.iter().sum();
+            p.iter()
+                .scan(0.0, |mass, q| {
+                    *mass += q / total;
+                    Some(*mass)
+                })
+                .collect::<Vec<f64>>()
+        };
+        let mut draws: Vec<Draw> = Vec::new();
+        for (c, &cuts) in cuts.iter().enumerate() {
+            for (r, t) in [(0u32, 1.0f32), (1, 0.5), (0, 1.7)] {
+                let mut cuts = cuts;
+                if cuts.top_p < 1.0 {
+                    // Halfway between the running masses around the asked top-p, so that f32's
+                    // rounding of the host's running sum and the kernel's sums (in another
+                    // order) cut at the same token.
+                    let mass = running_mass(r, t, cuts.top_k);
+                    let j = mass.iter().position(|&m| m >= cuts.top_p as f64).unwrap();
+                    let below = if j == 0 { 0.0 } else { mass[j - 1] };
+                    cuts.top_p = ((below + mass[j]) / 2.0) as f32;
+                    assert!(
+                        mass[j] - below > 1e-5,
+                        "{cuts:?} at T {t}: steps of {}",
+                        mass[j] - below
+                    );
+                }
+                for k in 0..3u64 {
+                    draws.push((r, t, cuts, (c as u64 * 31 + k) * 0x9E37_79B9_7F4A + 5));
+                }
+            }
+        }
+        let got = draw_on_gl(&logits, vocab, &draws, true);
+        assert_eq!(got, draw_on_host(&logits, vocab, &draws));
+        // The cuts changed draws: top-k 1 is the argmax, and many draws are not the uncut one (the
+        // mild cuts, top-k 999 and top-p 0.9, and the uncut draws change few or none).
+        let uncut: Vec<Draw> = draws
+            .iter()
+            .map(|&(r, t, _, k)| (r, t, DrawCuts::NONE, k))
+            .collect();
+        let free = draw_on_host(&logits, vocab, &uncut);
+        for (i, d) in draws.iter().enumerate().filter(|(_, d)| d.2.top_k == 1) {
+            let row = &logits[d.0 as usize * vocab..(d.0 as usize + 1) * vocab];
+            assert_eq!(got[i], crate::sampling::argmax(row) as i32);
+        }
+        let changed = got.iter().zip(&free).filter(|(a, b)| a != b).count();
+        assert!(
+            changed > draws.len() / 4,
+            "{changed} of {} draws changed",
+            draws.len()
+        );
     }
 
     #[test]
@@ -259,7 +518,7 @@ mod tests {
     fn kernels_sample_refuses_an_empty_vocabulary() {
         let client = gl::client();
         let handles = std::array::from_fn(|_| gl::upload(&client, &[0.0; 4]));
-        assert!(launch(&client, handles, (1, 1, 0)).is_err());
+        assert!(launch(&client, handles, (1, 1, 0), false).is_err());
         let handles = std::array::from_fn(|_| gl::upload(&client, &[0.0; 4]));
         assert!(launch_argmax(&client, handles, (1, 0)).is_err());
     }
