@@ -125,12 +125,13 @@ pub fn sample(logits: &[f32], params: &SamplingParams, n: usize, history: Option
     }
 }
 
-/// Whether sampling generated index `n` needs the row's logits on the host. False only for a
-/// "plain greedy" row: greedy, and nothing that [`process_logits`] applies (bias, an active
-/// `min_tokens` mask, penalties) nor logprobs, so [`sample`] would return the plain [`argmax`]
-/// of the raw logits and the device's argmax is the whole answer (the executor then brings back
-/// one id instead of a vocabulary of floats). Conservative: a penalty counts even without a
-/// history. Keep in step with [`sample`] and [`process_logits`].
+/// Whether sampling generated index `n` needs the row's logits on the host of a backend without
+/// device draws nor device logprobs (the CPU). False only for a "plain greedy" row: greedy, and
+/// nothing that [`process_logits`] applies (bias, an active `min_tokens` mask, penalties) nor
+/// logprobs, so [`sample`] would return the plain [`argmax`] of the raw logits and the device's
+/// argmax is the whole answer (the executor then brings back one id instead of a vocabulary of
+/// floats). Conservative: a penalty counts even without a history. Keep in step with [`sample`],
+/// [`process_logits`] and [`row_sampling`].
 pub fn needs_host_logits(params: &SamplingParams, n: usize) -> bool {
     // Written as `sample` tests it, so that a NaN temperature samples on the host too.
     let greedy = params.temperature < GREEDY_BELOW;
@@ -141,21 +142,36 @@ pub fn needs_host_logits(params: &SamplingParams, n: usize) -> bool {
         || params.logprobs.is_some()
 }
 
-/// How a step gets the token of one logits row (see `actors::step_output`).
+/// How a step gets the token of one logits row (see `actors::step_output`). A device row that
+/// asks for `logprobs` (the top count) gets them from the device where a hook computes them
+/// ([`raw_logprobs`]'s numbers), else goes to the host whole.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RowSampling {
-    /// A plain-greedy row: the device's argmax is the token.
-    DeviceArgmax,
-    /// A temperature draw, cut by top-k, top-p or min-p or not, with no bias, penalties,
-    /// `min_tokens` mask nor logprobs: the device may draw it ([`device_draw`]), else the host
-    /// samples it.
+    /// A greedy row with nothing that changes its logits: the device's argmax is the token.
+    DeviceArgmax { logprobs: Option<usize> },
+    /// A temperature draw, cut by top-k, top-p or min-p or not, with no bias, penalties nor
+    /// `min_tokens` mask: the device may draw it ([`device_draw`]), else the host samples it.
     DeviceDraw {
         temperature: f32,
         cuts: DrawCuts,
         key: u64,
+        logprobs: Option<usize>,
     },
     /// The host samples the row from its full logits ([`sample`]).
     Host,
+}
+
+impl RowSampling {
+    /// A greedy row without logprobs.
+    pub const GREEDY: Self = Self::DeviceArgmax { logprobs: None };
+
+    /// The top count of the logprobs the row asks for, if any.
+    pub fn logprobs(&self) -> Option<usize> {
+        match *self {
+            Self::DeviceArgmax { logprobs } | Self::DeviceDraw { logprobs, .. } => logprobs,
+            Self::Host => None,
+        }
+    }
 }
 
 /// The warpers that cut a draw's vocabulary, as [`kept_tokens`] applies them: `top_k` (0 keeps
@@ -192,22 +208,23 @@ impl DrawCuts {
 /// Where generated index `n` of a sequence with `params` can be sampled. Keep in step with
 /// [`sample`] and [`needs_host_logits`].
 pub fn row_sampling(params: &SamplingParams, n: usize) -> RowSampling {
-    if !needs_host_logits(params, n) {
-        return RowSampling::DeviceArgmax;
-    }
-    let drawable = params.temperature.is_finite()
-        && params.temperature >= GREEDY_BELOW
-        && params.logit_bias.is_empty()
-        && !min_tokens_masked(params, n)
-        && !params.has_penalties()
-        && params.logprobs.is_none();
-    match drawable {
-        true => RowSampling::DeviceDraw {
-            temperature: params.temperature,
-            cuts: DrawCuts::of(params),
-            key: mix(params.seed, n as u64),
-        },
-        false => RowSampling::Host,
+    let logprobs = params.logprobs;
+    // Raw logprobs come from the raw row, so only what changes the logits keeps a row here.
+    let processed = !params.logit_bias.is_empty() || min_tokens_masked(params, n) || params.has_penalties();
+    // Written as `sample` tests it, so that a NaN temperature samples on the host.
+    let greedy = params.temperature < GREEDY_BELOW;
+    match () {
+        _ if processed => RowSampling::Host,
+        _ if greedy => RowSampling::DeviceArgmax { logprobs },
+        _ if params.temperature.is_finite() && params.temperature >= GREEDY_BELOW => {
+            RowSampling::DeviceDraw {
+                temperature: params.temperature,
+                cuts: DrawCuts::of(params),
+                key: mix(params.seed, n as u64),
+                logprobs,
+            }
+        }
+        _ => RowSampling::Host,
     }
 }
 
@@ -569,21 +586,40 @@ mod tests {
     }
 
     #[test]
-    fn sampling_rows_go_to_the_device_only_when_the_device_can_draw_them_exactly() {
+    fn sampling_rows_go_to_the_device_unless_their_logits_are_processed() {
         let plain = SamplingParams {
             temperature: 0.8,
             seed: 5,
             ..Default::default()
         };
-        assert_eq!(row_sampling(&greedy(), 0), RowSampling::DeviceArgmax);
+        assert_eq!(row_sampling(&greedy(), 0), RowSampling::GREEDY);
         assert_eq!(
             row_sampling(&plain, 3),
             RowSampling::DeviceDraw {
                 temperature: 0.8,
                 cuts: DrawCuts::NONE,
-                key: mix(5, 3)
+                key: mix(5, 3),
+                logprobs: None,
             }
         );
+        // Logprobs are of the raw row: they travel with the device's choice.
+        let greedy_logprobs = SamplingParams {
+            logprobs: Some(0),
+            ..greedy()
+        };
+        assert_eq!(
+            row_sampling(&greedy_logprobs, 0),
+            RowSampling::DeviceArgmax { logprobs: Some(0) }
+        );
+        let drawn_logprobs = SamplingParams {
+            logprobs: Some(2),
+            ..plain.clone()
+        };
+        assert_eq!(row_sampling(&drawn_logprobs, 0).logprobs(), Some(2));
+        assert!(matches!(
+            row_sampling(&drawn_logprobs, 0),
+            RowSampling::DeviceDraw { .. }
+        ));
         // The warpers travel with the draw.
         let cut = SamplingParams {
             top_k: 40,
@@ -601,7 +637,8 @@ mod tests {
             RowSampling::DeviceDraw {
                 temperature: 0.8,
                 cuts,
-                key: mix(5, 0)
+                key: mix(5, 0),
+                logprobs: None,
             }
         );
         assert!(!cuts.keep_all() && DrawCuts::NONE.keep_all());
@@ -611,8 +648,8 @@ mod tests {
                 ..plain.clone()
             },
             SamplingParams {
-                logprobs: Some(2),
-                ..plain.clone()
+                repetition_penalty: 1.1,
+                ..greedy()
             },
             SamplingParams {
                 logit_bias: Arc::from([(1u32, 2.0f32)]),
@@ -628,7 +665,8 @@ mod tests {
                 ..plain.clone()
             },
             SamplingParams {
-                logprobs: Some(0),
+                logit_bias: Arc::from([(1u32, 2.0f32)]),
+                logprobs: Some(1),
                 ..greedy()
             },
         ];

@@ -213,12 +213,14 @@ pub fn start(
             let device_sampling = DeviceSampling {
                 argmax: settings.cuda.device_argmax.then(cuda_sample::device_argmax),
                 draw: settings.cuda.device_sampling.then(cuda_sample::device_draw),
+                logprobs: settings.cuda.device_sampling.then(cuda_sample::device_logprobs),
             };
             let none_of_ours = paged_attention.is_none() && fused.is_none();
             if choice.is_burn_only()
                 && none_of_ours
                 && device_sampling.argmax.is_none()
                 && device_sampling.draw.is_none()
+                && device_sampling.logprobs.is_none()
             {
                 let projections = Projections {
                     layout,

@@ -266,6 +266,43 @@ fn sampling_on_the_device_matches_the_all_host_path() {
 }
 
 #[test]
+fn sampling_logprobs_on_the_device_match_the_all_host_path() {
+    use inferflux::model::draw::{logprobs_on_host, DeviceLogprobsFn, DeviceSampling};
+    let files = files();
+    let (mut models, _) = load_ranks(&files, 1);
+    let model = models.remove(0);
+    let prompts = prompts(10);
+    let (want, best) = reference(&model, &prompts);
+    let params = settings(&best);
+    let cache = new_cache(&model);
+    // The host reference as the logprobs hook: the greedy logprobs row (4) gets its token from
+    // the argmax and its logprobs from the hook; without a draw hook, the temperature ones stay
+    // on the host.
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let hook: DeviceLogprobsFn<B> = Arc::new(move |logits, ids, rows, top| {
+        counted.fetch_add(rows.len(), std::sync::atomic::Ordering::Relaxed);
+        logprobs_on_host(logits, ids, rows, top)
+    });
+    let executor = ModelExecutor::new(model, cache).with_device_sampling(DeviceSampling {
+        logprobs: Some(hook),
+        ..DeviceSampling::default()
+    });
+    let got = through_executor(executor, &prompts, &params);
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g, w,
+            "step {step}: executor with device logprobs against the all-host path"
+        );
+    }
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::Relaxed),
+        STEPS,
+        "row 4 once per step"
+    );
+}
+
+#[test]
 fn sampling_on_the_device_with_tensor_parallel_matches_one_rank() {
     let files = files();
     let prompts = prompts(10);

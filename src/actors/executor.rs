@@ -146,9 +146,12 @@ impl<B: Backend> ModelExecutor<B> {
         // `chunks(0)` panics; a step with no host row never reads this iterator.
         let mut host_rows = out.host_rows.chunks_exact(out.vocab.max(1));
         let mut sampled = Vec::with_capacity(samplers.len());
-        for ((seq, params, n, history), chosen) in samplers.into_iter().zip(out.device) {
+        let device_logprobs = out.logprobs.into_iter().chain(std::iter::repeat(None));
+        for (((seq, params, n, history), chosen), logprobs) in
+            samplers.into_iter().zip(out.device).zip(device_logprobs)
+        {
             let (token, logprobs) = match chosen {
-                Some(token) => (token, None),
+                Some(token) => (token, logprobs),
                 None => {
                     let row = host_rows
                         .next()

@@ -1,20 +1,20 @@
 //! What a step brings back from the device: a token id for every row the device can choose
-//! (the argmax of a plain-greedy row, by the [`DeviceSampling`] argmax hook where one is set, as
-//! on CUDA, else burn's; the temperature draw of a plain temperature row when a draw hook is
-//! set), the full f32 logits only of the rows the host must sample.
+//! (the argmax of a greedy row, by the [`DeviceSampling`] argmax hook where one is set, as on
+//! CUDA, else burn's; the draw of a temperature row, top-k/top-p/min-p included, when a draw
+//! hook is set), their raw logprobs when asked and a logprobs hook is set, and the full f32
+//! logits only of the rows the host must sample.
 //!
 //! Why: at 128 sequences and a 128,256-token vocabulary the whole logits matrix is 65 MB per
-//! step, and a host walk over 16M floats; rows without top-k/top-p/min-p, bias, penalties, an
-//! active `min_tokens` mask or logprobs need none of it (`sampling::row_sampling`). Those stay
-//! on the host for now.
+//! step, and a host walk over 16M floats; rows without bias, penalties or an active
+//! `min_tokens` mask need none of it (`sampling::row_sampling`). Those stay on the host for now.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::draw::{DeviceDraw, DeviceSampling};
-use crate::sampling::RowSampling;
+use crate::model::draw::{DeviceDraw, DeviceSampling, LogprobsRow};
+use crate::sampling::{RowSampling, SampledLogprobs};
 
 /// A step's logits as the host receives them.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -24,19 +24,23 @@ pub struct StepOutput {
     /// Per logits row, in row order: the token the device chose, `None` for a row whose logits
     /// are in `host_rows`.
     pub device: Vec<Option<u32>>,
+    /// Per logits row: the logprobs the device computed for a `device` row that asked for them.
+    pub logprobs: Vec<Option<SampledLogprobs>>,
     /// The f32 logits of the `None` rows of `device`, in row order, `vocab` values each.
     pub host_rows: Vec<f32>,
 }
 
 impl StepOutput {
     /// Splits `logits` (`[rows, vocab]`, f32) by `plan` (one per row). Without a draw hook, or
-    /// when it fails, `DeviceDraw` rows go to the host; a failed argmax hook leaves the argmax to
-    /// burn (warned once). Reads back only what is needed (one read of the ids for both kinds of
-    /// device rows): no device argmax when no row is greedy, no row copy when none is the host's.
-    /// The device's argmax keeps the lowest index of equal maxima, as `sampling::argmax` does:
-    /// burn's on Flex (tested), cubek-reduce's `ArgMax` (as documented) and our kernel on CUDA
-    /// (tested on wgpu); its reduction order, a NaN or an all `-inf` row may still pick another
-    /// index there than the host would. An id outside the vocabulary fails the step.
+    /// when it fails, `DeviceDraw` rows go to the host; so do device rows that ask for logprobs
+    /// without a logprobs hook, or when it fails; a failed argmax hook leaves the argmax to burn
+    /// (warned once). Reads back only what is needed (one read of the ids for both kinds of
+    /// device rows, one of their logprobs): no device argmax when no row is greedy, no row copy
+    /// when none is the host's. The device's argmax keeps the lowest index of equal maxima, as
+    /// `sampling::argmax` does: burn's on Flex (tested), cubek-reduce's `ArgMax` (as documented)
+    /// and our kernel on CUDA (tested on wgpu); its reduction order, a NaN or an all `-inf` row
+    /// may still pick another index there than the host would. An id outside the vocabulary
+    /// fails the step.
     pub fn read<B: Backend>(
         logits: Tensor<B, 2>,
         plan: &[RowSampling],
@@ -58,6 +62,7 @@ impl StepOutput {
                     temperature,
                     cuts,
                     key,
+                    ..
                 } => Some(DeviceDraw {
                     row,
                     temperature,
@@ -76,16 +81,15 @@ impl StepOutput {
             _ => None,
         };
         let drew = drawn.is_some();
-        let on_device = |p: &RowSampling| match p {
-            RowSampling::DeviceArgmax => true,
+        // Whether the device chooses the row's token (its logprobs aside).
+        let chosen = |p: &RowSampling| match p {
+            RowSampling::DeviceArgmax { .. } => true,
             RowSampling::DeviceDraw { .. } => drew,
             RowSampling::Host => false,
         };
-        let on_host: Vec<i32> = (0..rows as i32)
-            .filter(|&r| !on_device(&plan[r as usize]))
-            .collect();
+        let any_greedy = plan.iter().any(|p| matches!(p, RowSampling::DeviceArgmax { .. }));
         // Every read is issued before any is awaited, so a device can run them together.
-        let argmax = plan.contains(&RowSampling::DeviceArgmax).then(|| {
+        let argmax = any_greedy.then(|| {
             let by_hook = hooks.argmax.as_ref().and_then(|f| {
                 f(logits.clone())
                     .inspect_err(|e| {
@@ -103,6 +107,42 @@ impl StepOutput {
             (Some(a), Some(d)) => Some(Tensor::cat(vec![a, d], 0)),
             (a, d) => a.or(d),
         };
+        // Where each device row's id is in `ids`: the argmax holds one id per row, then come the
+        // draws' ids in draw order.
+        let mut next_draw = if any_greedy { rows } else { 0 };
+        let id_at: Vec<Option<usize>> = plan
+            .iter()
+            .enumerate()
+            .map(|(r, p)| match p {
+                _ if !chosen(p) => None,
+                RowSampling::DeviceArgmax { .. } => Some(r),
+                _ => {
+                    next_draw += 1;
+                    Some(next_draw - 1)
+                }
+            })
+            .collect();
+        // The logprobs of the device rows that ask for them, by the hook, for the top count the
+        // most demanding row asks (the others keep the head of it).
+        let asking: Vec<LogprobsRow> = plan
+            .iter()
+            .zip(&id_at)
+            .enumerate()
+            .filter_map(|(row, (p, at))| {
+                Some(LogprobsRow { row, id_at: (*at)? }).filter(|_| p.logprobs().is_some())
+            })
+            .collect();
+        let top = plan.iter().filter_map(RowSampling::logprobs).max().unwrap_or(0);
+        let logprobs = match (&hooks.logprobs, &ids, asking.is_empty()) {
+            (Some(f), Some(ids), false) => f(logits.clone(), ids.clone(), &asking, top)
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, "device logprobs failed: the host samples those rows"),
+                )
+                .ok(),
+            _ => None,
+        };
+        let on_device = |r: usize| id_at[r].is_some() && (plan[r].logprobs().is_none() || logprobs.is_some());
+        let on_host: Vec<i32> = (0..rows).filter(|&r| !on_device(r)).map(|r| r as i32).collect();
         let host = match on_host.len() {
             0 => None,
             n if n == rows => Some(logits),
@@ -112,25 +152,31 @@ impl StepOutput {
             }
         };
         let ids: Vec<i64> = ids.map_or_else(Vec::new, |t| t.into_data().iter::<i64>().collect());
-        // The argmax holds one id per row, then come the draws' ids in draw order.
-        let (argmax_ids, mut drawn_ids) = match plan.contains(&RowSampling::DeviceArgmax) {
-            true => (&ids[..rows.min(ids.len())], ids[rows.min(ids.len())..].iter()),
-            false => (&ids[..0], ids[..].iter()),
-        };
-        let checked = |id: Option<&i64>| match id {
+        let checked = |at: usize| match ids.get(at) {
             Some(&id) if (0..vocab as i64).contains(&id) => Ok(Some(id as u32)),
             Some(&id) => Err(format!("the device chose id {id} for a vocabulary of {vocab}")),
             None => Err("the device returned too few ids".to_string()),
         };
-        let device_ids = plan
-            .iter()
-            .enumerate()
-            .map(|(r, p)| match p {
-                _ if !on_device(p) => Ok(None),
-                RowSampling::DeviceArgmax => checked(argmax_ids.get(r)),
-                _ => checked(drawn_ids.next()),
+        let device_ids = (0..rows)
+            .map(|r| match id_at[r] {
+                Some(at) if on_device(r) => checked(at),
+                _ => Ok(None),
             })
             .collect::<Result<_, _>>()?;
+        let mut row_logprobs = vec![None; rows];
+        if let Some(t) = logprobs {
+            let values = t.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+            for (a, v) in asking.iter().zip(values.chunks_exact(1 + 2 * top)) {
+                let k = plan[a.row].logprobs().unwrap_or(0);
+                row_logprobs[a.row] = Some(SampledLogprobs {
+                    logprob: v[0],
+                    top: v[1..1 + 2 * k]
+                        .chunks_exact(2)
+                        .map(|p| (p[0] as u32, p[1]))
+                        .collect(),
+                });
+            }
+        }
         let host_rows = match host {
             None => Vec::new(),
             Some(t) => t.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?,
@@ -138,6 +184,7 @@ impl StepOutput {
         Ok(Self {
             vocab,
             device: device_ids,
+            logprobs: row_logprobs,
             host_rows,
         })
     }
@@ -191,12 +238,8 @@ mod tests {
     fn sampling_device_argmax_breaks_ties_as_the_host_argmax() {
         for vocab in [8, 300, 511, 512, 4096, 128_256] {
             let rows = tied_rows(vocab);
-            let out = StepOutput::read(
-                tensor(&rows),
-                &vec![RowSampling::DeviceArgmax; rows.len()],
-                &no_hooks(),
-            )
-            .unwrap();
+            let out =
+                StepOutput::read(tensor(&rows), &vec![RowSampling::GREEDY; rows.len()], &no_hooks()).unwrap();
             for (i, (row, got)) in rows.iter().zip(&out.device).enumerate() {
                 assert_eq!(
                     *got,
@@ -216,13 +259,7 @@ mod tests {
         let flags = [false, true, false, true, true];
         let plan = |host: &[bool]| -> Vec<RowSampling> {
             host.iter()
-                .map(|&h| {
-                    if h {
-                        RowSampling::Host
-                    } else {
-                        RowSampling::DeviceArgmax
-                    }
-                })
+                .map(|&h| if h { RowSampling::Host } else { RowSampling::GREEDY })
                 .collect()
         };
         let out = StepOutput::read(tensor(&rows), &plan(&flags), &no_hooks()).unwrap();
@@ -263,6 +300,7 @@ mod tests {
             temperature: 0.9,
             cuts: DrawCuts::NONE,
             key,
+            logprobs: None,
         };
         // A top-k/top-p draw: its cuts reach the hook.
         let cuts = DrawCuts {
@@ -273,11 +311,12 @@ mod tests {
         let plan = [
             RowSampling::Host,
             draw(7),
-            RowSampling::DeviceArgmax,
+            RowSampling::GREEDY,
             RowSampling::DeviceDraw {
                 temperature: 0.9,
                 cuts,
                 key: 8,
+                logprobs: None,
             },
             RowSampling::Host,
         ];
@@ -290,6 +329,7 @@ mod tests {
         let with = |draw: Option<&DeviceDrawFn<Flex>>| DeviceSampling {
             argmax: None,
             draw: draw.cloned(),
+            logprobs: None,
         };
         let out = StepOutput::read(tensor(&rows), &plan, &with(Some(&hook))).unwrap();
         assert_eq!(calls.load(Ordering::Relaxed), 2, "one draw per temperature row");
@@ -334,10 +374,10 @@ mod tests {
             .map(|r| (0..200).map(|i| ((i * 7 + r * 31) % 97) as f32 * 0.1).collect())
             .collect();
         let plan = [
-            RowSampling::DeviceArgmax,
+            RowSampling::GREEDY,
             RowSampling::Host,
-            RowSampling::DeviceArgmax,
-            RowSampling::DeviceArgmax,
+            RowSampling::GREEDY,
+            RowSampling::GREEDY,
         ];
         // A hook whose ids differ from burn's shows that they are the ones used: the argmax of
         // every row plus one.
@@ -354,6 +394,7 @@ mod tests {
         let hooks = DeviceSampling {
             argmax: Some(shifted),
             draw: None,
+            logprobs: None,
         };
         let out = StepOutput::read(tensor(&rows), &plan, &hooks).unwrap();
         let plus_one = |r: usize| Some((sampling::argmax(&rows[r]) + 1) % 200);
@@ -363,9 +404,68 @@ mod tests {
         let failing = DeviceSampling {
             argmax: Some(Arc::new(|_: Tensor<Flex, 2>| Err("no kernel".to_string())) as DeviceArgmaxFn<Flex>),
             draw: None,
+            logprobs: None,
         };
         let out = StepOutput::read(tensor(&rows), &plan, &failing).unwrap();
         let argmax = |r: usize| Some(sampling::argmax(&rows[r]));
         assert_eq!(out.device, vec![argmax(0), None, argmax(2), argmax(3)]);
+    }
+
+    #[test]
+    fn sampling_step_output_brings_back_logprobs_instead_of_rows() {
+        use crate::model::draw::{draw_on_host, logprobs_on_host, DeviceDrawFn, DeviceLogprobsFn};
+        use crate::sampling::DrawCuts;
+        use std::sync::Arc;
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|r| (0..300).map(|i| ((i * 11 + r * 37) % 89) as f32 * 0.07).collect())
+            .collect();
+        // Greedy with 3 alternatives, a draw with none, a plain greedy row, a host row.
+        let drawn = RowSampling::DeviceDraw {
+            temperature: 0.7,
+            cuts: DrawCuts::NONE,
+            key: 3,
+            logprobs: Some(0),
+        };
+        let plan = [
+            RowSampling::DeviceArgmax { logprobs: Some(3) },
+            drawn,
+            RowSampling::GREEDY,
+            RowSampling::Host,
+        ];
+        let draw: DeviceDrawFn<Flex> = Arc::new(draw_on_host);
+        let logprobs: DeviceLogprobsFn<Flex> = Arc::new(logprobs_on_host);
+        let hooks = |logprobs: Option<DeviceLogprobsFn<Flex>>| DeviceSampling {
+            argmax: None,
+            draw: Some(draw.clone()),
+            logprobs,
+        };
+        let out = StepOutput::read(tensor(&rows), &plan, &hooks(Some(logprobs))).unwrap();
+        let greedy = sampling::argmax(&rows[0]);
+        let token = sampling::device_draw(&rows[1], 0.7, DrawCuts::NONE, 3);
+        assert_eq!(
+            out.device,
+            vec![Some(greedy), Some(token), Some(sampling::argmax(&rows[2])), None]
+        );
+        assert_eq!(
+            out.logprobs,
+            vec![
+                Some(sampling::raw_logprobs(&rows[0], greedy, 3)),
+                Some(sampling::raw_logprobs(&rows[1], token, 0)),
+                None,
+                None
+            ]
+        );
+        assert_eq!(out.host_rows, rows[3], "only the host row comes back whole");
+        // Without a logprobs hook, or when it fails, the rows that ask for logprobs go to the host.
+        let failing: DeviceLogprobsFn<Flex> = Arc::new(|_, _, _, _| Err("no kernel".into()));
+        for hook in [None, Some(failing)] {
+            let out = StepOutput::read(tensor(&rows), &plan, &hooks(hook)).unwrap();
+            assert_eq!(
+                out.device,
+                vec![None, None, Some(sampling::argmax(&rows[2])), None]
+            );
+            assert_eq!(out.logprobs, vec![None; 4]);
+            assert_eq!(out.host_rows, [&rows[0][..], &rows[1], &rows[3]].concat());
+        }
     }
 }

@@ -11,7 +11,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::cuda_gemm::CudaCube;
-use super::draw::{DeviceArgmaxFn, DeviceDraw, DeviceDrawFn};
+use super::draw::{DeviceArgmaxFn, DeviceDraw, DeviceDrawFn, DeviceLogprobsFn, LogprobsRow};
 use super::kernels::sample;
 
 /// The executor's argmax hook on [`CudaCube`]: one cube per row, where burn's `argmax` (without
@@ -94,4 +94,61 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
     ];
     sample::launch(&logits.client, handles, (n, rows, vocab), any_cuts).map_err(|e| e.0)?;
     Ok(Tensor::from_primitive(ids))
+}
+
+/// The executor's logprobs hook on [`CudaCube`]: the raw logprobs of the rows whose token the
+/// device chose, so that only `1 + 2 * top` floats per row come back instead of the row.
+pub fn device_logprobs() -> DeviceLogprobsFn<CudaCube> {
+    Arc::new(|logits, ids, rows: &[LogprobsRow], top| launch_logprobs(logits, ids, rows, top))
+}
+
+fn launch_logprobs(
+    logits: Tensor<CudaCube, 2>,
+    ids: Tensor<CudaCube, 1, Int>,
+    rows: &[LogprobsRow],
+    top: usize,
+) -> Result<Tensor<CudaCube, 2>, String> {
+    let [logits_rows, vocab] = logits.dims();
+    let [ids_len] = ids.dims();
+    if logits.dtype() != DType::F32 {
+        return Err(format!("{:?} logits (the logprobs read f32)", logits.dtype()));
+    }
+    if let Some(r) = rows.iter().find(|r| r.row >= logits_rows || r.id_at >= ids_len) {
+        return Err(format!(
+            "logprobs of row {} with id {} of {ids_len}",
+            r.row, r.id_at
+        ));
+    }
+    let device = logits.device();
+    let n = rows.len();
+    let ids = contiguous(ids.into_primitive(), "logprobs ids");
+    if ids.dtype != DType::I32 {
+        return Err(format!("{:?} ids (the logprobs read i32)", ids.dtype));
+    }
+    let to_device = |v: Vec<i32>| {
+        let t = Tensor::<CudaCube, 1, Int>::from_data(TensorData::new(v, [n]), &device);
+        into_contiguous(t.into_primitive())
+    };
+    // Row indices travel as i32 tensors; the kernel reads their bits as u32.
+    let row_ids = to_device(rows.iter().map(|r| r.row as i32).collect());
+    let id_at = to_device(rows.iter().map(|r| r.id_at as i32).collect());
+    let logits = contiguous(logits.into_primitive().tensor(), "logprobs logits");
+    // Flat, then viewed as 2-D: cubecl pads the rows of a 2-D allocation (see `llama::int_tensor`).
+    let out = empty_device_contiguous_dtype(
+        logits.client.clone(),
+        logits.device.clone(),
+        [n * (1 + 2 * top)].into(),
+        DType::F32,
+    );
+    let handles = [
+        logits.handle.clone(),
+        row_ids.handle.clone(),
+        ids.handle.clone(),
+        id_at.handle.clone(),
+        out.handle.clone(),
+    ];
+    sample::launch_logprobs(&logits.client, handles, (n, logits_rows, vocab, ids_len), top)
+        .map_err(|e| e.0)?;
+    let out: Tensor<CudaCube, 1> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out));
+    Ok(out.reshape([n, 1 + 2 * top]))
 }

@@ -1,6 +1,6 @@
 //! The hooks that choose tokens from a step's logits where they are (on the GPU), so that only
 //! token ids come back (`actors::step_output`, `sampling::row_sampling`): the argmax of greedy
-//! rows and the draw of temperature rows.
+//! rows, the draw of temperature rows, and the raw logprobs of the rows that ask for them.
 
 use std::sync::Arc;
 
@@ -29,11 +29,29 @@ pub type DeviceDrawFn<B> =
 /// of a tie; an error leaves the rows to burn's `argmax`.
 pub type DeviceArgmaxFn<B> = Arc<dyn Fn(Tensor<B, 2>) -> Result<Tensor<B, 1, Int>, String> + Send + Sync>;
 
-/// The executor's token-choosing hooks: none (burn's `argmax`, host draws) unless a backend has
-/// kernels for them (CUDA, `[cuda] device_argmax` and `device_sampling`).
+/// One row whose raw logprobs to compute: its index in the step's logits and the index of its
+/// chosen id in the step's ids tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogprobsRow {
+    pub row: usize,
+    pub id_at: usize,
+}
+
+/// `sampling::raw_logprobs` of each listed row of `logits` (`[rows, vocab]`, f32) for the id
+/// `ids[id_at]` and the `top` most likely ids, as `[n, 1 + 2 * top]` f32 still on the device:
+/// the logprob, then `(id, logprob)` pairs; an error leaves the rows to the host.
+pub type DeviceLogprobsFn<B> = Arc<
+    dyn Fn(Tensor<B, 2>, Tensor<B, 1, Int>, &[LogprobsRow], usize) -> Result<Tensor<B, 2>, String>
+        + Send
+        + Sync,
+>;
+
+/// The executor's token-choosing hooks: none (burn's `argmax`, host draws and logprobs) unless a
+/// backend has kernels for them (CUDA, `[cuda] device_argmax` and `device_sampling`).
 pub struct DeviceSampling<B: Backend> {
     pub argmax: Option<DeviceArgmaxFn<B>>,
     pub draw: Option<DeviceDrawFn<B>>,
+    pub logprobs: Option<DeviceLogprobsFn<B>>,
 }
 
 impl<B: Backend> Default for DeviceSampling<B> {
@@ -41,6 +59,7 @@ impl<B: Backend> Default for DeviceSampling<B> {
         Self {
             argmax: None,
             draw: None,
+            logprobs: None,
         }
     }
 }
@@ -50,6 +69,7 @@ impl<B: Backend> Clone for DeviceSampling<B> {
         Self {
             argmax: self.argmax.clone(),
             draw: self.draw.clone(),
+            logprobs: self.logprobs.clone(),
         }
     }
 }
@@ -72,4 +92,29 @@ pub fn draw_on_host<B: Backend>(
         .collect();
     let n = ids.len();
     Ok(Tensor::from_data(TensorData::new(ids, [n]), &device))
+}
+
+/// [`DeviceLogprobsFn`] by reading the rows and ids back and computing on the host: the
+/// reference the device hook must match, and the plumbing tests' hook on the CPU backend.
+pub fn logprobs_on_host<B: Backend>(
+    logits: Tensor<B, 2>,
+    ids: Tensor<B, 1, Int>,
+    rows: &[LogprobsRow],
+    top: usize,
+) -> Result<Tensor<B, 2>, String> {
+    let [_, vocab] = logits.dims();
+    let device = logits.device();
+    let values = logits.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let ids: Vec<i64> = ids.into_data().iter::<i64>().collect();
+    let mut out = Vec::with_capacity(rows.len() * (1 + 2 * top));
+    for r in rows {
+        let id = *ids.get(r.id_at).ok_or("an id index past the ids")? as u32;
+        let lp = crate::sampling::raw_logprobs(&values[r.row * vocab..(r.row + 1) * vocab], id, top);
+        out.push(lp.logprob);
+        out.extend(lp.top.iter().flat_map(|&(id, l)| [id as f32, l]));
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(out, [rows.len(), 1 + 2 * top]),
+        &device,
+    ))
 }

@@ -229,7 +229,105 @@ fn cube_best(score: f32, id: u32) -> u32 {
         sync_cube();
         stride /= 2;
     }
-    best[0]
+    let winner = best[0];
+    // Everyone has read the winner before a next call writes over it.
+    sync_cube();
+    winner
+}
+
+/// The raw logprobs of a row, as `sampling::raw_logprobs` computes them on the host: the chosen
+/// token's `l - lse` (`lse` = max + ln Σ exp(l - max), in f32 here, f64 there) and the `top`
+/// largest logits' ids and logprobs, most likely first, the lower id of a tie first. Draw `d`
+/// reads row `rows[d]` and its chosen id `ids[id_at[d]]` (the step's argmax and draw ids, where
+/// they are), and writes `1 + 2 * top` floats at `out[d * (1 + 2 * top)]`: the logprob, then
+/// `(id, logprob)` pairs (ids are exact as f32 below 2^24). One pass for the max, one for the
+/// sum, one per top entry (at most 20, OpenAI's limit); a row needs at least `top` finite logits.
+#[cube(launch_unchecked)]
+fn logprobs_kernel(
+    logits: &Array<f32>,
+    rows: &Array<u32>,
+    ids: &Array<i32>,
+    id_at: &Array<u32>,
+    out: &mut Array<f32>,
+    vocab: u32,
+    #[comptime] top: usize,
+) {
+    let (d, u) = (CUBE_POS_X as usize, UNIT_POS_X as usize);
+    let vocab = vocab as usize;
+    let base = rows[d] as usize * vocab;
+    let at = d * (1 + 2 * top);
+    let row_max = cube_max(row_local_max(logits, base, vocab));
+    let mut sum = 0.0f32;
+    let mut i = u;
+    while i < vocab {
+        sum += (logits[base + i] - row_max).exp();
+        i += UNITS;
+    }
+    let lse = row_max + cube_sum(sum).ln();
+    if u == 0 {
+        let token = ids[id_at[d] as usize] as usize;
+        out[at] = logits[base + token] - lse;
+    }
+    // Each entry is the best of what comes after the previous one in (logit down, id up) order.
+    let mut previous = f32::new(3.402_823_5e38);
+    let mut previous_id = 0u32;
+    for j in 0..top {
+        let mut best_score = f32::new(-3.402_823_5e38);
+        let mut best_id = 0u32;
+        let mut i = u;
+        while i < vocab {
+            let l = logits[base + i];
+            let after = l < previous || (l == previous && i as u32 > previous_id);
+            if after && l > best_score {
+                best_score = l;
+                best_id = i as u32;
+            }
+            i += UNITS;
+        }
+        let id = cube_best(best_score, best_id);
+        previous = logits[base + id as usize];
+        previous_id = id;
+        if u == 0 {
+            out[at + 1 + 2 * j] = f32::cast_from(id);
+            out[at + 2 + 2 * j] = previous - lse;
+        }
+    }
+}
+
+/// Queues the logprobs of `n` rows (see `logprobs_kernel`): `logits` holds `logits_rows`
+/// contiguous f32 rows of `vocab`, `rows` and `id_at` (u32) one entry per row, `ids` (i32) the
+/// step's chosen ids (`ids_len` of them), `out` `n * (1 + 2 * top)` f32.
+pub fn launch_logprobs<R: Runtime>(
+    client: &ComputeClient<R>,
+    [logits, rows, ids, id_at, out]: [cubecl::server::Handle; 5],
+    (n, logits_rows, vocab, ids_len): (usize, usize, usize, usize),
+    top: usize,
+) -> Result<(), Refused> {
+    if n == 0 {
+        return Ok(());
+    }
+    if top > crate::sampling::MAX_TOP_LOGPROBS || top >= vocab {
+        return Err(Refused(format!("{top} top logprobs of a vocabulary of {vocab}")));
+    }
+    let cubes = cube_per_row(n, logits_rows, vocab)
+        .ok_or_else(|| Refused(format!("logprobs of {n} rows of {vocab}")))?;
+    // SAFETY: the arrays' lengths are the handles' (the caller's contract: every `rows[d]` is
+    // below `logits_rows`, every `id_at[d]` below `ids_len` and every id below `vocab`).
+    unsafe {
+        logprobs_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_1d(UNITS as u32),
+            ArrayArg::from_raw_parts(logits, logits_rows * vocab),
+            ArrayArg::from_raw_parts(rows, n),
+            ArrayArg::from_raw_parts(ids, ids_len),
+            ArrayArg::from_raw_parts(id_at, n),
+            ArrayArg::from_raw_parts(out, n * (1 + 2 * top)),
+            vocab as u32,
+            top,
+        );
+    }
+    Ok(())
 }
 
 /// The argmax of each logits row, one cube per row: what greedy rows need, with the same
@@ -512,6 +610,67 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert_eq!((got[0], got[2], got[3]), (17, vocab as i32 - 1, 0));
+    }
+
+    #[test]
+    fn kernels_sample_logprobs_are_the_host_raw_logprobs() {
+        let client = gl::client();
+        // A vocabulary that is not a multiple of the cube; ties across the top (the lower id
+        // first), a -inf logit; the chosen ids come from anywhere in an ids array.
+        let (logits_rows, vocab) = (3, 1003);
+        let mut logits: Vec<f32> = gl::values(logits_rows * vocab, 11)
+            .iter()
+            .map(|v| v * 6.0)
+            .collect();
+        logits[40] = 7.0;
+        logits[900] = 7.0;
+        logits[2] = 7.0;
+        logits[vocab + 10] = f32::NEG_INFINITY;
+        logits[2 * vocab + 1002] = 9.5;
+        let ids: Vec<i32> = vec![5, 900, 1002, 10, 0, 333];
+        // (row, index in `ids`)
+        let draws: [(u32, u32); 5] = [(0, 1), (1, 3), (2, 2), (0, 0), (2, 5)];
+        for top in [0usize, 1, 5, 20] {
+            let out = client.empty(draws.len() * (1 + 2 * top) * 4);
+            let rows: Vec<u32> = draws.iter().map(|d| d.0).collect();
+            let id_at: Vec<u32> = draws.iter().map(|d| d.1).collect();
+            let handles = [
+                gl::upload(&client, &logits),
+                client.create_from_slice(u32::as_bytes(&rows)),
+                client.create_from_slice(i32::as_bytes(&ids)),
+                client.create_from_slice(u32::as_bytes(&id_at)),
+                out.clone(),
+            ];
+            launch_logprobs(
+                &client,
+                handles,
+                (draws.len(), logits_rows, vocab, ids.len()),
+                top,
+            )
+            .unwrap();
+            let got = gl::download(&client, out);
+            for (d, &(row, at)) in draws.iter().enumerate() {
+                let row = &logits[row as usize * vocab..(row as usize + 1) * vocab];
+                let want = crate::sampling::raw_logprobs(row, ids[at as usize] as u32, top);
+                let got = &got[d * (1 + 2 * top)..(d + 1) * (1 + 2 * top)];
+                // Draw 1 chose the -inf logit: its logprob is -inf on both sides.
+                let close = got[0] == want.logprob || (got[0] - want.logprob).abs() < 1e-4;
+                assert!(close, "top {top} draw {d}: {} vs {}", got[0], want.logprob);
+                for (j, &(id, lp)) in want.top.iter().enumerate() {
+                    assert_eq!(got[1 + 2 * j] as u32, id, "top {top} draw {d} entry {j}");
+                    assert!((got[2 + 2 * j] - lp).abs() < 1e-4, "top {top} draw {d} entry {j}");
+                }
+            }
+            if top >= 5 {
+                // Row 0's three tied 7.0s, lower ids first.
+                assert_eq!([got[1], got[3], got[5]], [2.0, 40.0, 900.0]);
+            }
+        }
+        let handles = std::array::from_fn(|_| gl::upload(&client, &[0.0; 4]));
+        assert!(
+            launch_logprobs(&client, handles, (1, 1, 4, 1), 21).is_err(),
+            "more than OpenAI's 20"
+        );
     }
 
     #[test]
