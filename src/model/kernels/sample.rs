@@ -36,7 +36,7 @@ fn draw_kernel(
     let mut row_max = f32::new(0.0);
     let mut floor = f32::new(0.0);
     if comptime!(any_cuts) {
-        row_max = cube_max(row_local_max(logits, base, vocab));
+        row_max = cube_reduce(row_local_max(logits, base, vocab), true);
         floor = kept_floor(logits, base, vocab, temperature, row_max, cuts, d);
     }
     // f32::MIN stands for minus infinity (WGSL cannot spell it); a -inf logit never wins.
@@ -89,9 +89,9 @@ fn row_local_max(logits: &Array<f32>, base: usize, vocab: usize) -> f32 {
 /// - top-p: the largest `v` (at least top-k's) with `Σ(p >= v) p >= top_p · Σ(kept by top-k) p`;
 /// - min-p: `min_p` itself, the most likely token having `p = 1`.
 ///
-/// Both searches bisect the bits of `v`, which order as the values do for floats in `[0, 1]`:
-/// 30 passes over the row each, a sort of it never. Tokens tied at the boundary are all kept
-/// (the host keeps the lower ids of a tie up to the count).
+/// Both searches bisect the bits of `v` ([`bisect_floor`]): 30 passes over the row each, a sort
+/// of it never. Tokens tied at the boundary are all kept (the host keeps the lower ids of a tie
+/// up to the count).
 #[cube]
 fn kept_floor(
     logits: &Array<f32>,
@@ -103,71 +103,79 @@ fn kept_floor(
     d: usize,
 ) -> f32 {
     let (top_k, top_p, min_p) = (cuts[3 * d], cuts[3 * d + 1], cuts[3 * d + 2]);
-    let u = UNIT_POS_X as usize;
     let mut floor = f32::new(0.0);
     // Every unit gets the same sums, so the bisections' branches and barriers are uniform.
     if top_k >= 1.0 && top_k < f32::cast_from(vocab) {
-        let mut low = 0u32;
-        // Just above the bits of 1.0, where no token is: the count there is 0.
-        let mut high = 0x3F80_0001u32;
-        while low + 1 < high {
-            let mid = low + (high - low) / 2;
-            let v = f32::reinterpret::<u32>(mid);
-            let mut count = 0.0f32;
-            let mut i = u;
-            while i < vocab {
-                if ((logits[base + i] - row_max) / temperature).exp() >= v {
-                    count += 1.0;
-                }
-                i += UNITS;
-            }
-            if cube_sum(count) >= top_k {
-                low = mid;
-            } else {
-                high = mid;
-            }
-        }
-        floor = f32::reinterpret::<u32>(low);
+        floor = bisect_floor(logits, base, vocab, temperature, row_max, 0u32, top_k, false);
     }
     if top_p < 1.0 {
-        let mut kept = 0.0f32;
-        let mut i = u;
-        while i < vocab {
-            let p = ((logits[base + i] - row_max) / temperature).exp();
-            if p >= floor {
-                kept += p;
-            }
-            i += UNITS;
-        }
-        let target = top_p * cube_sum(kept);
-        let mut low = u32::reinterpret::<f32>(floor);
-        let mut high = 0x3F80_0001u32;
-        while low + 1 < high {
-            let mid = low + (high - low) / 2;
-            let v = f32::reinterpret::<u32>(mid);
-            let mut mass = 0.0f32;
-            let mut j = u;
-            while j < vocab {
-                let p = ((logits[base + j] - row_max) / temperature).exp();
-                if p >= v {
-                    mass += p;
-                }
-                j += UNITS;
-            }
-            if cube_sum(mass) >= target {
-                low = mid;
-            } else {
-                high = mid;
-            }
-        }
-        floor = f32::reinterpret::<u32>(low);
+        let kept = row_total(logits, base, vocab, temperature, row_max, floor, true);
+        let low = u32::reinterpret::<f32>(floor);
+        floor = bisect_floor(logits, base, vocab, temperature, row_max, low, top_p * kept, true);
     }
     max(floor, min_p)
 }
 
-/// The sum of every unit's `x`, for every unit, by a tree in shared memory (in a fixed order).
+/// The largest `v` from the bits `low` up (where the condition holds) with
+/// `Σ(p >= v) weight(p) >= target`, `weight` being `p` itself (`mass`) or 1: the bits of floats in
+/// `[0, 1]` order as their values do, and just above 1.0 no token is left.
 #[cube]
-fn cube_sum(x: f32) -> f32 {
+#[allow(clippy::too_many_arguments)]
+fn bisect_floor(
+    logits: &Array<f32>,
+    base: usize,
+    vocab: usize,
+    temperature: f32,
+    row_max: f32,
+    low: u32,
+    target: f32,
+    #[comptime] mass: bool,
+) -> f32 {
+    let mut low = low;
+    let mut high = 0x3F80_0001u32;
+    while low + 1 < high {
+        let mid = low + (high - low) / 2;
+        let v = f32::reinterpret::<u32>(mid);
+        if row_total(logits, base, vocab, temperature, row_max, v, mass) >= target {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    f32::reinterpret::<u32>(low)
+}
+
+/// `Σ(p >= v) weight(p)` over the row, `weight` being `p` itself (`mass`) or 1, for every unit.
+#[cube]
+fn row_total(
+    logits: &Array<f32>,
+    base: usize,
+    vocab: usize,
+    temperature: f32,
+    row_max: f32,
+    v: f32,
+    #[comptime] mass: bool,
+) -> f32 {
+    let mut total = 0.0f32;
+    let mut i = UNIT_POS_X as usize;
+    while i < vocab {
+        let p = ((logits[base + i] - row_max) / temperature).exp();
+        if p >= v {
+            if comptime!(mass) {
+                total += p;
+            } else {
+                total += 1.0;
+            }
+        }
+        i += UNITS;
+    }
+    cube_reduce(total, false)
+}
+
+/// The sum (or with `largest`, the largest) of every unit's `x`, for every unit, by a tree in
+/// shared memory (in a fixed order).
+#[cube]
+fn cube_reduce(x: f32, #[comptime] largest: bool) -> f32 {
     let u = UNIT_POS_X as usize;
     let mut partial = SharedMemory::<f32>::new(UNITS);
     partial[u] = x;
@@ -175,7 +183,11 @@ fn cube_sum(x: f32) -> f32 {
     let mut stride = CUBE_DIM_X as usize / 2;
     while stride > 0 {
         if u < stride {
-            partial[u] += partial[u + stride];
+            if comptime!(largest) {
+                partial[u] = max(partial[u], partial[u + stride]);
+            } else {
+                partial[u] += partial[u + stride];
+            }
         }
         sync_cube();
         stride /= 2;
@@ -184,26 +196,6 @@ fn cube_sum(x: f32) -> f32 {
     // Everyone has read the total before a next call writes over it.
     sync_cube();
     total
-}
-
-/// The largest of every unit's `x`, for every unit.
-#[cube]
-fn cube_max(x: f32) -> f32 {
-    let u = UNIT_POS_X as usize;
-    let mut partial = SharedMemory::<f32>::new(UNITS);
-    partial[u] = x;
-    sync_cube();
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if u < stride {
-            partial[u] = max(partial[u], partial[u + stride]);
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let top = partial[0];
-    sync_cube();
-    top
 }
 
 /// The cube's best of its units' `(score, id)`: the largest score, the lowest id of a tie, by a
@@ -256,14 +248,14 @@ fn logprobs_kernel(
     let vocab = vocab as usize;
     let base = rows[d] as usize * vocab;
     let at = d * (1 + 2 * top);
-    let row_max = cube_max(row_local_max(logits, base, vocab));
+    let row_max = cube_reduce(row_local_max(logits, base, vocab), true);
     let mut sum = 0.0f32;
     let mut i = u;
     while i < vocab {
         sum += (logits[base + i] - row_max).exp();
         i += UNITS;
     }
-    let lse = row_max + cube_sum(sum).ln();
+    let lse = row_max + cube_reduce(sum, false).ln();
     if u == 0 {
         let token = ids[id_at[d] as usize] as usize;
         out[at] = logits[base + token] - lse;
