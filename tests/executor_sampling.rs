@@ -246,16 +246,42 @@ fn through_executor(
     steps
 }
 
-#[test]
-fn sampling_on_the_device_matches_the_all_host_path() {
-    let files = files();
-    let (mut models, _) = load_ranks(&files, 1);
+/// One rank's executor over ten sequences, with the all-host path's steps, the first rows'
+/// argmax and the sequences' settings.
+struct OneRank {
+    executor: ModelExecutor<B>,
+    prompts: Vec<Vec<u32>>,
+    want: Vec<Vec<SampledToken>>,
+    best: Vec<u32>,
+    params: Vec<SamplingParams>,
+}
+
+fn one_rank() -> OneRank {
+    let (mut models, _) = load_ranks(&files(), 1);
     let model = models.remove(0);
     let prompts = prompts(10);
     let (want, best) = reference(&model, &prompts);
     let params = settings(&best);
     let cache = new_cache(&model);
-    let got = through_executor(ModelExecutor::new(model, cache), &prompts, &params);
+    OneRank {
+        executor: ModelExecutor::new(model, cache),
+        prompts,
+        want,
+        best,
+        params,
+    }
+}
+
+#[test]
+fn sampling_on_the_device_matches_the_all_host_path() {
+    let OneRank {
+        executor,
+        prompts,
+        want,
+        best,
+        params,
+    } = one_rank();
+    let got = through_executor(executor, &prompts, &params);
     for (step, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g, w, "step {step}: executor against the all-host path");
     }
@@ -268,13 +294,13 @@ fn sampling_on_the_device_matches_the_all_host_path() {
 #[test]
 fn sampling_logprobs_on_the_device_match_the_all_host_path() {
     use inferflux::model::draw::{logprobs_on_host, DeviceLogprobsFn, DeviceSampling};
-    let files = files();
-    let (mut models, _) = load_ranks(&files, 1);
-    let model = models.remove(0);
-    let prompts = prompts(10);
-    let (want, best) = reference(&model, &prompts);
-    let params = settings(&best);
-    let cache = new_cache(&model);
+    let OneRank {
+        executor,
+        prompts,
+        want,
+        params,
+        ..
+    } = one_rank();
     // The host reference as the logprobs hook: the greedy logprobs row (4) gets its token from
     // the argmax and its logprobs from the hook; without a draw hook, the temperature ones stay
     // on the host.
@@ -284,7 +310,7 @@ fn sampling_logprobs_on_the_device_match_the_all_host_path() {
         counted.fetch_add(rows.len(), std::sync::atomic::Ordering::Relaxed);
         logprobs_on_host(logits, ids, rows, top)
     });
-    let executor = ModelExecutor::new(model, cache).with_device_sampling(DeviceSampling {
+    let executor = executor.with_device_sampling(DeviceSampling {
         logprobs: Some(hook),
         ..DeviceSampling::default()
     });
