@@ -40,7 +40,8 @@ fn all_host(t: Tensor<Flex, 2>, params: &[SamplingParams]) -> Vec<u32> {
 /// The device path as `run_step` drives it: plain-greedy ids from the device, the rest sampled.
 fn split(t: Tensor<Flex, 2>, params: &[SamplingParams]) -> Vec<u32> {
     let plan: Vec<_> = params.iter().map(|p| sampling::row_sampling(p, 0)).collect();
-    let out = StepOutput::read(t, &plan, &DeviceSampling::default()).unwrap();
+    let edits: Vec<_> = params.iter().map(|p| sampling::logit_edits(p, 0, None)).collect();
+    let out = StepOutput::read(t, &plan, &edits, &DeviceSampling::default()).unwrap();
     let mut rows = out.host_rows.chunks_exact(VOCAB);
     out.device
         .iter()

@@ -319,9 +319,10 @@ def draws(url, reference_path, label):
     """Temperature requests, which `[cuda] device_sampling` draws on the GPU: at temperature 1e-4
     (above the greedy cut) a draw is the argmax unless two logits are within ~1e-3, so the tokens
     must follow transformers' greedy ones, as must draws at temperature 1 cut to the top 1 token
-    (`top_k` 1: the device's bisection keeps the argmax alone); at temperature 1 the same seed must
-    give the same text twice and another seed another text. Prints one row; returns False on a
-    failure."""
+    (`top_k` 1: the device's bisection keeps the argmax alone), and a draw whose first choice a
+    `logit_bias` of -100 bans must pick transformers' second (the device's logit edits); at
+    temperature 1 the same seed must give the same text twice and another seed another text.
+    Prints one row; returns False on a failure."""
     import urllib.request
 
     def ask(prompt, n, temperature, seed, **cuts):
@@ -348,13 +349,20 @@ def draws(url, reference_path, label):
         same, top1 = followed(1e-4), followed(1.0, top_k=1)
         prompt = refs[0]["prompt"]
         a, b, c = ask(prompt, 16, 1.0, 7), ask(prompt, 16, 1.0, 7), ask(prompt, 16, 1.0, 8)
+        # A bias of -100 on transformers' first token (the device edits the row): greedy then
+        # picks its second, unless the second and third are a near-tie.
+        top = refs[0]["top"][0]
+        banned = ask(prompt, 1, 1e-4, 1, logit_bias={str(top[0][0]): -100})
+        banned = [int(i) for i in re.findall(r"w(\d+)", banned)]
     except Exception as e:  # a refused or failed request is a failed check, not a crash
         print(f"| {label} | draws | request failed: {e} | |")
         return False
-    ok = all(n > 0 for n in same + top1) and a == b and a != c
+    second_ok = banned[:1] == [top[1][0]] or (top[1][1] - top[2][1] <= TIE_MARGIN and banned[:1] == [top[2][0]])
+    ok = all(n > 0 for n in same + top1) and a == b and a != c and second_ok
     of = '/'.join(str(len(r['tokens'])) for r in refs)
     print(f"| {label} | draws at T=1e-4 = greedy: {'/'.join(map(str, same))} of {of}; top_k 1 at T=1: "
-          f"{'/'.join(map(str, top1))} | seed 7 twice {'same' if a == b else 'DIFFERENT'}, seed 8 {'other' if a != c else 'SAME'} |")
+          f"{'/'.join(map(str, top1))}; first token banned: {'the second' if second_ok else f'{banned} (WRONG)'} "
+          f"| seed 7 twice {'same' if a == b else 'DIFFERENT'}, seed 8 {'other' if a != c else 'SAME'} |")
     return ok
 
 

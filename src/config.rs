@@ -304,10 +304,10 @@ pub struct CudaConfig {
     /// Greedy rows' argmax by our one-cube-per-row kernel instead of burn's `argmax`, which
     /// (without autotune) walks each 128k-logit row with one thread.
     pub device_argmax: bool,
-    /// Temperature rows, top-k/top-p/min-p included (no bias nor penalties), drawn on the device
-    /// by the Gumbel-max trick among the tokens the cuts keep, and the raw logprobs of the device
-    /// rows that ask for them computed there, so that only token ids (and logprobs) come back.
-    /// Off until measured on a GPU.
+    /// Every row's token chosen on the device: temperature rows drawn by the Gumbel-max trick
+    /// among the tokens top-k/top-p/min-p keep, rows with bias, penalties or `min_tokens` from
+    /// copies edited there, and the raw logprobs of the rows that ask for them computed there, so
+    /// that only token ids (and logprobs) come back. Off until measured on a GPU.
     pub device_sampling: bool,
     /// The plan knobs of `gemm = "skinny"`, our tensor-core GEMM (`[cuda.skinny]`).
     pub skinny: SkinnyTuning,

@@ -144,13 +144,14 @@ pub fn needs_host_logits(params: &SamplingParams, n: usize) -> bool {
 
 /// How a step gets the token of one logits row (see `actors::step_output`). A device row that
 /// asks for `logprobs` (the top count) gets them from the device where a hook computes them
-/// ([`raw_logprobs`]'s numbers), else goes to the host whole.
+/// ([`raw_logprobs`]'s numbers), else goes to the host whole; so does a device row with
+/// [`logit_edits`] where the device cannot edit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RowSampling {
-    /// A greedy row with nothing that changes its logits: the device's argmax is the token.
+    /// A greedy row: the device's argmax (of its edited logits, if any) is the token.
     DeviceArgmax { logprobs: Option<usize> },
-    /// A temperature draw, cut by top-k, top-p or min-p or not, with no bias, penalties nor
-    /// `min_tokens` mask: the device may draw it ([`device_draw`]), else the host samples it.
+    /// A temperature draw, cut by top-k, top-p or min-p or not: the device may draw it
+    /// ([`device_draw`], from its edited logits, if any), else the host samples it.
     DeviceDraw {
         temperature: f32,
         cuts: DrawCuts,
@@ -205,16 +206,15 @@ impl DrawCuts {
     }
 }
 
-/// Where generated index `n` of a sequence with `params` can be sampled. Keep in step with
-/// [`sample`] and [`needs_host_logits`].
+/// Where generated index `n` of a sequence with `params` can be sampled: every row but one of a
+/// NaN temperature may be chosen on the device; a row whose logits bias, the `min_tokens` mask
+/// or penalties change is chosen from an edited copy ([`logit_edits`]) where the device can
+/// edit, else on the host. Keep in step with [`sample`] and [`needs_host_logits`].
 pub fn row_sampling(params: &SamplingParams, n: usize) -> RowSampling {
     let logprobs = params.logprobs;
-    // Raw logprobs come from the raw row, so only what changes the logits keeps a row here.
-    let processed = !params.logit_bias.is_empty() || min_tokens_masked(params, n) || params.has_penalties();
     // Written as `sample` tests it, so that a NaN temperature samples on the host.
     let greedy = params.temperature < GREEDY_BELOW;
     match () {
-        _ if processed => RowSampling::Host,
         _ if greedy => RowSampling::DeviceArgmax { logprobs },
         _ if params.temperature.is_finite() && params.temperature >= GREEDY_BELOW => {
             RowSampling::DeviceDraw {
@@ -280,71 +280,94 @@ fn min_tokens_masked(params: &SamplingParams, n: usize) -> bool {
     n < params.min_tokens && !params.min_tokens_banned.is_empty()
 }
 
-/// The logits after everything that may change the argmax (bias, `min_tokens`, penalties);
-/// borrowed untouched when none of them applies, so the plain path copies nothing.
+/// One change [`process_logits`] makes to one logit; applied in order ([`apply_edits`]), so a
+/// device applying the same list gets the same bits. Ids past the vocabulary are ignored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LogitEdit {
+    /// `logit += value`: a `logit_bias` entry, or minus a presence/frequency penalty.
+    Add { id: u32, value: f32 },
+    /// `logit = -inf`: a stop id under the `min_tokens` mask.
+    Ban { id: u32 },
+    /// transformers' repetition penalty: a positive logit divided by `penalty`, any other
+    /// multiplied by it.
+    Repeat { id: u32, penalty: f32 },
+}
+
+/// What [`process_logits`] does to a row, as a list of edits, in its order: `logit_bias` (in the
+/// request's order), the `min_tokens` mask, the repetition penalty once per distinct token of
+/// the history (prompt and generated), then OpenAI's penalties, `logit -= frequency * count +
+/// presence` for every token generated `count > 0` times. Empty when none applies (penalties
+/// need the `history`).
+pub fn logit_edits(params: &SamplingParams, n: usize, history: Option<&TokenHistory>) -> Vec<LogitEdit> {
+    let mut edits: Vec<LogitEdit> = params
+        .logit_bias
+        .iter()
+        .map(|&(id, value)| LogitEdit::Add { id, value })
+        .collect();
+    if min_tokens_masked(params, n) {
+        edits.extend(params.min_tokens_banned.iter().map(|&id| LogitEdit::Ban { id }));
+    }
+    if let Some(h) = history.filter(|_| params.has_penalties()) {
+        if params.repetition_penalty != 1.0 {
+            let mut seen = h.tokens.to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            let penalty = params.repetition_penalty;
+            edits.extend(seen.into_iter().map(|id| LogitEdit::Repeat { id, penalty }));
+        }
+        let (presence, frequency) = (params.presence_penalty, params.frequency_penalty);
+        if presence != 0.0 || frequency != 0.0 {
+            let mut sorted = h.generated().to_vec();
+            sorted.sort_unstable();
+            edits.extend(sorted.chunk_by(|a, b| a == b).map(|run| LogitEdit::Add {
+                id: run[0],
+                // `l + -(x)` is `l - x` exactly.
+                value: -(frequency * run.len() as f32 + presence),
+            }));
+        }
+    }
+    edits
+}
+
+/// Applies `edits` to the row `w` in order (ids past it ignored).
+pub fn apply_edits(w: &mut [f32], edits: &[LogitEdit]) {
+    for edit in edits {
+        match *edit {
+            LogitEdit::Add { id, value } => {
+                if let Some(l) = w.get_mut(id as usize) {
+                    *l += value;
+                }
+            }
+            LogitEdit::Ban { id } => {
+                if let Some(l) = w.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            LogitEdit::Repeat { id, penalty } => {
+                if let Some(l) = w.get_mut(id as usize) {
+                    *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+                }
+            }
+        }
+    }
+}
+
+/// The logits after everything that may change the argmax (bias, `min_tokens`, penalties:
+/// [`logit_edits`]); borrowed untouched when none of them applies, so the plain path copies
+/// nothing.
 pub fn process_logits<'a>(
     logits: &'a [f32],
     params: &SamplingParams,
     n: usize,
     history: Option<&TokenHistory>,
 ) -> Cow<'a, [f32]> {
-    let mask = min_tokens_masked(params, n);
-    let penalized = history.filter(|_| params.has_penalties());
-    if params.logit_bias.is_empty() && !mask && penalized.is_none() {
+    let edits = logit_edits(params, n, history);
+    if edits.is_empty() {
         return Cow::Borrowed(logits);
     }
     let mut w = logits.to_vec();
-    for &(id, bias) in params.logit_bias.iter() {
-        if let Some(l) = w.get_mut(id as usize) {
-            *l += bias;
-        }
-    }
-    if mask {
-        for &id in params.min_tokens_banned.iter() {
-            if let Some(l) = w.get_mut(id as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-    }
-    if let Some(h) = penalized {
-        if params.repetition_penalty != 1.0 {
-            apply_repetition_penalty(&mut w, params.repetition_penalty, &h.tokens);
-        }
-        if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
-            apply_presence_frequency(
-                &mut w,
-                params.presence_penalty,
-                params.frequency_penalty,
-                h.generated(),
-            );
-        }
-    }
+    apply_edits(&mut w, &edits);
     Cow::Owned(w)
-}
-
-/// transformers' `RepetitionPenaltyLogitsProcessor`: once per distinct token of `tokens`, a
-/// positive logit is divided by `penalty`, any other multiplied by it.
-pub fn apply_repetition_penalty(w: &mut [f32], penalty: f32, tokens: &[u32]) {
-    let mut seen = tokens.to_vec();
-    seen.sort_unstable();
-    seen.dedup();
-    for id in seen {
-        if let Some(l) = w.get_mut(id as usize) {
-            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
-        }
-    }
-}
-
-/// OpenAI's penalties: `logit -= frequency * count + presence` for every token generated
-/// `count > 0` times.
-pub fn apply_presence_frequency(w: &mut [f32], presence: f32, frequency: f32, generated: &[u32]) {
-    let mut sorted = generated.to_vec();
-    sorted.sort_unstable();
-    for run in sorted.chunk_by(|a, b| a == b) {
-        if let Some(l) = w.get_mut(run[0] as usize) {
-            *l -= frequency * run.len() as f32 + presence;
-        }
-    }
 }
 
 /// The tokens a draw may pick, with unnormalised probabilities `exp((l - max) / temperature)`, in
@@ -586,7 +609,7 @@ mod tests {
     }
 
     #[test]
-    fn sampling_rows_go_to_the_device_unless_their_logits_are_processed() {
+    fn sampling_rows_go_to_the_device_but_a_nan_temperature() {
         let plain = SamplingParams {
             temperature: 0.8,
             seed: 5,
@@ -642,7 +665,9 @@ mod tests {
             }
         );
         assert!(!cuts.keep_all() && DrawCuts::NONE.keep_all());
-        let host = [
+        // Rows whose logits are processed stay device rows: the step output edits them there
+        // when it can (`logit_edits`), else sends them to the host.
+        let processed = [
             SamplingParams {
                 presence_penalty: 0.5,
                 ..plain.clone()
@@ -658,28 +683,53 @@ mod tests {
             SamplingParams {
                 min_tokens: 4,
                 min_tokens_banned: Arc::from([2u32]),
-                ..plain.clone()
-            },
-            SamplingParams {
-                temperature: f32::NAN,
-                ..plain.clone()
-            },
-            SamplingParams {
-                logit_bias: Arc::from([(1u32, 2.0f32)]),
-                logprobs: Some(1),
                 ..greedy()
             },
         ];
-        for params in host {
-            assert_eq!(row_sampling(&params, 0), RowSampling::Host, "{params:?}");
+        for params in processed {
+            assert_ne!(row_sampling(&params, 0), RowSampling::Host, "{params:?}");
         }
-        // Past `min_tokens` the mask is off: the device may draw again.
-        let masked = SamplingParams {
-            min_tokens: 4,
-            min_tokens_banned: Arc::from([2u32]),
+        let nan = SamplingParams {
+            temperature: f32::NAN,
             ..plain
         };
-        assert!(matches!(row_sampling(&masked, 4), RowSampling::DeviceDraw { .. }));
+        assert_eq!(row_sampling(&nan, 0), RowSampling::Host);
+    }
+
+    #[test]
+    fn sampling_logit_edits_are_process_logits_in_order() {
+        let h = TokenHistory {
+            tokens: Arc::from([3u32, 5, 3, 7, 5, 5]),
+            prompt_len: 2,
+        };
+        let p = SamplingParams {
+            logit_bias: Arc::from([(4u32, 1.5f32), (4, -0.5)]),
+            min_tokens: 3,
+            min_tokens_banned: Arc::from([2u32]),
+            repetition_penalty: 1.2,
+            presence_penalty: 0.25,
+            frequency_penalty: 0.5,
+            ..greedy()
+        };
+        assert_eq!(
+            logit_edits(&p, 2, Some(&h)),
+            vec![
+                LogitEdit::Add { id: 4, value: 1.5 },
+                LogitEdit::Add { id: 4, value: -0.5 },
+                LogitEdit::Ban { id: 2 },
+                LogitEdit::Repeat { id: 3, penalty: 1.2 },
+                LogitEdit::Repeat { id: 5, penalty: 1.2 },
+                LogitEdit::Repeat { id: 7, penalty: 1.2 },
+                // Generated: 3 once, 5 twice, 7 once.
+                LogitEdit::Add { id: 3, value: -0.75 },
+                LogitEdit::Add { id: 5, value: -1.25 },
+                LogitEdit::Add { id: 7, value: -0.75 },
+            ]
+        );
+        // Past `min_tokens` no ban; without a history no penalty; nothing set, nothing to do.
+        assert!(!logit_edits(&p, 3, Some(&h)).contains(&LogitEdit::Ban { id: 2 }));
+        assert_eq!(logit_edits(&p, 3, None).len(), 2);
+        assert!(logit_edits(&greedy(), 0, Some(&h)).is_empty());
     }
 
     #[test]

@@ -214,6 +214,7 @@ pub fn start(
                 argmax: settings.cuda.device_argmax.then(cuda_sample::device_argmax),
                 draw: settings.cuda.device_sampling.then(cuda_sample::device_draw),
                 logprobs: settings.cuda.device_sampling.then(cuda_sample::device_logprobs),
+                edit: settings.cuda.device_sampling.then(cuda_sample::device_edit),
             };
             let none_of_ours = paged_attention.is_none() && fused.is_none();
             if choice.is_burn_only()
@@ -221,6 +222,7 @@ pub fn start(
                 && device_sampling.argmax.is_none()
                 && device_sampling.draw.is_none()
                 && device_sampling.logprobs.is_none()
+                && device_sampling.edit.is_none()
             {
                 let projections = Projections {
                     layout,

@@ -292,8 +292,10 @@ fn sampling_on_the_device_matches_the_all_host_path() {
 }
 
 #[test]
-fn sampling_logprobs_on_the_device_match_the_all_host_path() {
-    use inferflux::model::draw::{logprobs_on_host, DeviceLogprobsFn, DeviceSampling};
+fn sampling_logprobs_and_logit_edits_on_the_device_match_the_all_host_path() {
+    use inferflux::model::draw::{
+        edit_on_host, logprobs_on_host, DeviceEditFn, DeviceLogprobsFn, DeviceSampling,
+    };
     let OneRank {
         executor,
         prompts,
@@ -310,15 +312,24 @@ fn sampling_logprobs_on_the_device_match_the_all_host_path() {
         counted.fetch_add(rows.len(), std::sync::atomic::Ordering::Relaxed);
         logprobs_on_host(logits, ids, rows, top)
     });
+    // And as the edit hook: the greedy rows with bias, penalties or `min_tokens` (6 to 9) are
+    // chosen from edited copies on the "device" (row 9 only while its mask is on, at step 0).
+    let edited = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let edited_count = edited.clone();
+    let edit: DeviceEditFn<B> = Arc::new(move |logits, rows| {
+        edited_count.fetch_add(rows.len(), std::sync::atomic::Ordering::Relaxed);
+        edit_on_host(logits, rows)
+    });
     let executor = executor.with_device_sampling(DeviceSampling {
         logprobs: Some(hook),
+        edit: Some(edit),
         ..DeviceSampling::default()
     });
     let got = through_executor(executor, &prompts, &params);
     for (step, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(
             g, w,
-            "step {step}: executor with device logprobs against the all-host path"
+            "step {step}: executor with device logprobs and edits against the all-host path"
         );
     }
     assert_eq!(
@@ -326,6 +337,9 @@ fn sampling_logprobs_on_the_device_match_the_all_host_path() {
         STEPS,
         "row 4 once per step"
     );
+    // Step 0: bias (6), repetition (7) and the mask (9); step 1: bias, repetition, and the
+    // presence/frequency penalty of row 8's first generated token.
+    assert_eq!(edited.load(std::sync::atomic::Ordering::Relaxed), 6);
 }
 
 #[test]

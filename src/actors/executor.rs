@@ -128,12 +128,17 @@ impl<B: Backend> ModelExecutor<B> {
             .iter()
             .map(|(_, params, n, _)| sampling::row_sampling(params, *n))
             .collect();
+        let edits = samplers
+            .iter()
+            .map(|(_, params, n, history)| sampling::logit_edits(params, *n, history.as_ref()))
+            .collect();
         let work = StepWork {
             swap_out: swap_out.map(|s| (s.seq, s.pages)),
             copies,
             restores,
             chunks,
             rows,
+            edits,
         };
         let out = self.run_ranks(work).map_err(ExecutorError)?;
         if out.device.len() != samplers.len() {

@@ -1,12 +1,13 @@
 //! What a step brings back from the device: a token id for every row the device can choose
 //! (the argmax of a greedy row, by the [`DeviceSampling`] argmax hook where one is set, as on
 //! CUDA, else burn's; the draw of a temperature row, top-k/top-p/min-p included, when a draw
-//! hook is set), their raw logprobs when asked and a logprobs hook is set, and the full f32
+//! hook is set; for a row with bias, penalties or an active `min_tokens`, from a copy the edit
+//! hook edited), their raw logprobs when asked and a logprobs hook is set, and the full f32
 //! logits only of the rows the host must sample.
 //!
 //! Why: at 128 sequences and a 128,256-token vocabulary the whole logits matrix is 65 MB per
-//! step, and a host walk over 16M floats; rows without bias, penalties or an active
-//! `min_tokens` mask need none of it (`sampling::row_sampling`). Those stay on the host for now.
+//! step, and a host walk over 16M floats; with every hook set (CUDA with `device_sampling`) no
+//! row needs it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -14,7 +15,7 @@ use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::draw::{DeviceDraw, DeviceSampling, LogprobsRow};
-use crate::sampling::{RowSampling, SampledLogprobs};
+use crate::sampling::{LogitEdit, RowSampling, SampledLogprobs};
 
 /// A step's logits as the host receives them.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -31,10 +32,12 @@ pub struct StepOutput {
 }
 
 impl StepOutput {
-    /// Splits `logits` (`[rows, vocab]`, f32) by `plan` (one per row). Without a draw hook, or
-    /// when it fails, `DeviceDraw` rows go to the host; so do device rows that ask for logprobs
-    /// without a logprobs hook, or when it fails; a failed argmax hook leaves the argmax to burn
-    /// (warned once). Reads back only what is needed (one read of the ids for both kinds of
+    /// Splits `logits` (`[rows, vocab]`, f32) by `plan` (one per row) and `edits` (per row,
+    /// `sampling::logit_edits`; a row past the slice has none). Without a draw hook, or when it
+    /// fails, `DeviceDraw` rows go to the host; so do device rows that ask for logprobs without
+    /// a logprobs hook, or when it fails, and rows with edits without an edit hook, or when it
+    /// fails (the others choose from edited copies); a failed argmax hook leaves the argmax to
+    /// burn (warned once). Reads back only what is needed (one read of the ids for both kinds of
     /// device rows, one of their logprobs): no device argmax when no row is greedy, no row copy
     /// when none is the host's. The device's argmax keeps the lowest index of equal maxima, as
     /// `sampling::argmax` does: burn's on Flex (tested), cubek-reduce's `ArgMax` (as documented)
@@ -44,6 +47,7 @@ impl StepOutput {
     pub fn read<B: Backend>(
         logits: Tensor<B, 2>,
         plan: &[RowSampling],
+        edits: &[Vec<LogitEdit>],
         hooks: &DeviceSampling<B>,
     ) -> Result<Self, String> {
         let [rows, vocab] = logits.dims();
@@ -54,76 +58,50 @@ impl StepOutput {
             ));
         }
         let device = logits.device();
-        let draws: Vec<DeviceDraw> = plan
-            .iter()
-            .enumerate()
-            .filter_map(|(row, p)| match *p {
-                RowSampling::DeviceDraw {
-                    temperature,
-                    cuts,
-                    key,
-                    ..
-                } => Some(DeviceDraw {
-                    row,
-                    temperature,
-                    cuts,
-                    key,
-                }),
-                _ => None,
-            })
+        let edits_of = |r: usize| edits.get(r).map_or(&[][..], |e| &e[..]);
+        let on_device_plan = |r: usize| plan[r] != RowSampling::Host;
+        // Rows whose logits bias, the `min_tokens` mask or penalties change: chosen from edited
+        // copies (row `i` of them is `edited_rows[i]`) by the edit hook, else on the host.
+        let edited_rows: Vec<usize> = (0..rows)
+            .filter(|&r| on_device_plan(r) && !edits_of(r).is_empty())
             .collect();
-        let drawn = match (&hooks.draw, draws.is_empty()) {
-            (Some(f), false) => f(logits.clone(), &draws)
-                .inspect_err(
-                    |e| tracing::warn!(error = %e, "device draw failed: the host samples those rows"),
-                )
-                .ok(),
+        let edited = match (&hooks.edit, edited_rows.is_empty()) {
+            (Some(f), false) => {
+                let list: Vec<(usize, &[LogitEdit])> =
+                    edited_rows.iter().map(|&r| (r, edits_of(r))).collect();
+                f(logits.clone(), &list)
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, "device logit edits failed: the host samples those rows"),
+                    )
+                    .ok()
+            }
             _ => None,
         };
-        let drew = drawn.is_some();
-        // Whether the device chooses the row's token (its logprobs aside).
-        let chosen = |p: &RowSampling| match p {
-            RowSampling::DeviceArgmax { .. } => true,
-            RowSampling::DeviceDraw { .. } => drew,
-            RowSampling::Host => false,
-        };
-        let any_greedy = plan.iter().any(|p| matches!(p, RowSampling::DeviceArgmax { .. }));
         // Every read is issued before any is awaited, so a device can run them together.
-        let argmax = any_greedy.then(|| {
-            let by_hook = hooks.argmax.as_ref().and_then(|f| {
-                f(logits.clone())
-                    .inspect_err(|e| {
-                        // Every greedy step would fail the same way: said once.
-                        static WARNED: AtomicBool = AtomicBool::new(false);
-                        if !WARNED.swap(true, Ordering::Relaxed) {
-                            tracing::warn!(error = %e, "device argmax failed: burn's argmax runs it");
-                        }
-                    })
-                    .ok()
-            });
-            by_hook.unwrap_or_else(|| logits.clone().argmax(1).reshape([rows]))
-        });
-        let ids = match (argmax, drawn) {
-            (Some(a), Some(d)) => Some(Tensor::cat(vec![a, d], 0)),
-            (a, d) => a.or(d),
+        let mut chosen = Chosen {
+            segments: Vec::new(),
+            len: 0,
+            id_at: vec![None; rows],
         };
-        // Where each device row's id is in `ids`: the argmax holds one id per row, then come the
-        // draws' ids in draw order.
-        let mut next_draw = if any_greedy { rows } else { 0 };
-        let id_at: Vec<Option<usize>> = plan
-            .iter()
-            .enumerate()
-            .map(|(r, p)| match p {
-                _ if !chosen(p) => None,
-                RowSampling::DeviceArgmax { .. } => Some(r),
-                _ => {
-                    next_draw += 1;
-                    Some(next_draw - 1)
-                }
-            })
+        let raw: Vec<(usize, usize)> = (0..rows)
+            .filter(|&r| on_device_plan(r) && edits_of(r).is_empty())
+            .map(|r| (r, r))
             .collect();
-        // The logprobs of the device rows that ask for them, by the hook, for the top count the
-        // most demanding row asks (the others keep the head of it).
+        chosen.choose(&logits, &raw, plan, hooks);
+        if let Some(edited) = &edited {
+            let members: Vec<(usize, usize)> = edited_rows.iter().enumerate().map(|(i, &r)| (r, i)).collect();
+            chosen.choose(edited, &members, plan, hooks);
+        }
+        let Chosen {
+            mut segments, id_at, ..
+        } = chosen;
+        let ids = match segments.len() {
+            0 => None,
+            1 => segments.pop(),
+            _ => Some(Tensor::cat(segments, 0)),
+        };
+        // The logprobs of the device rows that ask for them, from their raw logits, by the hook,
+        // for the top count the most demanding row asks (the others keep the head of it).
         let asking: Vec<LogprobsRow> = plan
             .iter()
             .zip(&id_at)
@@ -190,6 +168,87 @@ impl StepOutput {
     }
 }
 
+/// The ids the device chose, still on the device: segments to concatenate, and where each row's
+/// id is in them.
+struct Chosen<B: Backend> {
+    segments: Vec<Tensor<B, 1, Int>>,
+    len: usize,
+    id_at: Vec<Option<usize>>,
+}
+
+impl<B: Backend> Chosen<B> {
+    /// Chooses the tokens of `members` (`(row, its row in src)`) from `src`: the argmax of the
+    /// greedy ones (one id per row of `src`: the hook's, or burn's when there is none or it
+    /// fails, warned once), then the draws of the temperature ones when a draw hook is set and
+    /// succeeds.
+    fn choose(
+        &mut self,
+        src: &Tensor<B, 2>,
+        members: &[(usize, usize)],
+        plan: &[RowSampling],
+        hooks: &DeviceSampling<B>,
+    ) {
+        let greedy: Vec<(usize, usize)> = members
+            .iter()
+            .copied()
+            .filter(|&(r, _)| matches!(plan[r], RowSampling::DeviceArgmax { .. }))
+            .collect();
+        if !greedy.is_empty() {
+            let [src_rows, _] = src.dims();
+            let by_hook = hooks.argmax.as_ref().and_then(|f| {
+                f(src.clone())
+                    .inspect_err(|e| {
+                        // Every greedy step would fail the same way: said once.
+                        static WARNED: AtomicBool = AtomicBool::new(false);
+                        if !WARNED.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "device argmax failed: burn's argmax runs it");
+                        }
+                    })
+                    .ok()
+            });
+            self.segments
+                .push(by_hook.unwrap_or_else(|| src.clone().argmax(1).reshape([src_rows])));
+            for (r, local) in greedy {
+                self.id_at[r] = Some(self.len + local);
+            }
+            self.len += src_rows;
+        }
+        let (drawn, draws): (Vec<usize>, Vec<DeviceDraw>) = members
+            .iter()
+            .filter_map(|&(r, local)| match plan[r] {
+                RowSampling::DeviceDraw {
+                    temperature,
+                    cuts,
+                    key,
+                    ..
+                } => Some((
+                    r,
+                    DeviceDraw {
+                        row: local,
+                        temperature,
+                        cuts,
+                        key,
+                    },
+                )),
+                _ => None,
+            })
+            .unzip();
+        let Some(f) = hooks.draw.as_ref().filter(|_| !draws.is_empty()) else {
+            return;
+        };
+        match f(src.clone(), &draws) {
+            Ok(ids) => {
+                for (k, r) in drawn.into_iter().enumerate() {
+                    self.id_at[r] = Some(self.len + k);
+                }
+                self.segments.push(ids);
+                self.len += draws.len();
+            }
+            Err(e) => tracing::warn!(error = %e, "device draw failed: the host samples those rows"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,8 +297,13 @@ mod tests {
     fn sampling_device_argmax_breaks_ties_as_the_host_argmax() {
         for vocab in [8, 300, 511, 512, 4096, 128_256] {
             let rows = tied_rows(vocab);
-            let out =
-                StepOutput::read(tensor(&rows), &vec![RowSampling::GREEDY; rows.len()], &no_hooks()).unwrap();
+            let out = StepOutput::read(
+                tensor(&rows),
+                &vec![RowSampling::GREEDY; rows.len()],
+                &[],
+                &no_hooks(),
+            )
+            .unwrap();
             for (i, (row, got)) in rows.iter().zip(&out.device).enumerate() {
                 assert_eq!(
                     *got,
@@ -262,7 +326,7 @@ mod tests {
                 .map(|&h| if h { RowSampling::Host } else { RowSampling::GREEDY })
                 .collect()
         };
-        let out = StepOutput::read(tensor(&rows), &plan(&flags), &no_hooks()).unwrap();
+        let out = StepOutput::read(tensor(&rows), &plan(&flags), &[], &no_hooks()).unwrap();
         assert_eq!(out.vocab, 600);
         let want_ids: Vec<Option<u32>> = rows
             .iter()
@@ -272,15 +336,15 @@ mod tests {
         assert_eq!(out.device, want_ids);
         assert_eq!(out.host_rows, [&rows[1][..], &rows[3], &rows[4]].concat());
 
-        let all = StepOutput::read(tensor(&rows), &plan(&[true; 5]), &no_hooks()).unwrap();
+        let all = StepOutput::read(tensor(&rows), &plan(&[true; 5]), &[], &no_hooks()).unwrap();
         assert_eq!(all.device, vec![None; 5]);
         assert_eq!(all.host_rows, rows.concat());
 
-        let none = StepOutput::read(tensor(&rows), &plan(&[false; 5]), &no_hooks()).unwrap();
+        let none = StepOutput::read(tensor(&rows), &plan(&[false; 5]), &[], &no_hooks()).unwrap();
         assert!(none.host_rows.is_empty());
         assert!(none.device.iter().all(Option::is_some));
 
-        assert!(StepOutput::read(tensor(&rows), &plan(&[false; 4]), &no_hooks()).is_err());
+        assert!(StepOutput::read(tensor(&rows), &plan(&[false; 4]), &[], &no_hooks()).is_err());
     }
 
     #[test]
@@ -330,8 +394,9 @@ mod tests {
             argmax: None,
             draw: draw.cloned(),
             logprobs: None,
+            edit: None,
         };
-        let out = StepOutput::read(tensor(&rows), &plan, &with(Some(&hook))).unwrap();
+        let out = StepOutput::read(tensor(&rows), &plan, &[], &with(Some(&hook))).unwrap();
         assert_eq!(calls.load(Ordering::Relaxed), 2, "one draw per temperature row");
         let want = vec![
             None,
@@ -345,7 +410,7 @@ mod tests {
         // Without the hook, or when it fails, the temperature rows go to the host.
         let failing: DeviceDrawFn<Flex> = Arc::new(|_, _| Err("no kernel".into()));
         for hook in [None, Some(&failing)] {
-            let out = StepOutput::read(tensor(&rows), &plan, &with(hook)).unwrap();
+            let out = StepOutput::read(tensor(&rows), &plan, &[], &with(hook)).unwrap();
             assert_eq!(
                 out.device,
                 vec![None, None, Some(sampling::argmax(&rows[2])), None, None]
@@ -357,7 +422,7 @@ mod tests {
         }
         // Only draws: no argmax, the ids are the draws'.
         let only = [draw(1), draw(2)];
-        let out = StepOutput::read(tensor(&rows[..2]), &only, &with(Some(&hook))).unwrap();
+        let out = StepOutput::read(tensor(&rows[..2]), &only, &[], &with(Some(&hook))).unwrap();
         assert_eq!(
             out.device,
             vec![
@@ -395,8 +460,9 @@ mod tests {
             argmax: Some(shifted),
             draw: None,
             logprobs: None,
+            edit: None,
         };
-        let out = StepOutput::read(tensor(&rows), &plan, &hooks).unwrap();
+        let out = StepOutput::read(tensor(&rows), &plan, &[], &hooks).unwrap();
         let plus_one = |r: usize| Some((sampling::argmax(&rows[r]) + 1) % 200);
         assert_eq!(out.device, vec![plus_one(0), None, plus_one(2), plus_one(3)]);
         assert_eq!(out.host_rows, rows[1]);
@@ -405,8 +471,9 @@ mod tests {
             argmax: Some(Arc::new(|_: Tensor<Flex, 2>| Err("no kernel".to_string())) as DeviceArgmaxFn<Flex>),
             draw: None,
             logprobs: None,
+            edit: None,
         };
-        let out = StepOutput::read(tensor(&rows), &plan, &failing).unwrap();
+        let out = StepOutput::read(tensor(&rows), &plan, &[], &failing).unwrap();
         let argmax = |r: usize| Some(sampling::argmax(&rows[r]));
         assert_eq!(out.device, vec![argmax(0), None, argmax(2), argmax(3)]);
     }
@@ -438,8 +505,9 @@ mod tests {
             argmax: None,
             draw: Some(draw.clone()),
             logprobs,
+            edit: None,
         };
-        let out = StepOutput::read(tensor(&rows), &plan, &hooks(Some(logprobs))).unwrap();
+        let out = StepOutput::read(tensor(&rows), &plan, &[], &hooks(Some(logprobs))).unwrap();
         let greedy = sampling::argmax(&rows[0]);
         let token = sampling::device_draw(&rows[1], 0.7, DrawCuts::NONE, 3);
         assert_eq!(
@@ -459,12 +527,83 @@ mod tests {
         // Without a logprobs hook, or when it fails, the rows that ask for logprobs go to the host.
         let failing: DeviceLogprobsFn<Flex> = Arc::new(|_, _, _, _| Err("no kernel".into()));
         for hook in [None, Some(failing)] {
-            let out = StepOutput::read(tensor(&rows), &plan, &hooks(hook)).unwrap();
+            let out = StepOutput::read(tensor(&rows), &plan, &[], &hooks(hook)).unwrap();
             assert_eq!(
                 out.device,
                 vec![None, None, Some(sampling::argmax(&rows[2])), None]
             );
             assert_eq!(out.logprobs, vec![None; 4]);
+            assert_eq!(out.host_rows, [&rows[0][..], &rows[1], &rows[3]].concat());
+        }
+    }
+
+    #[test]
+    fn sampling_step_output_chooses_edited_rows_from_edited_copies() {
+        use crate::model::draw::{draw_on_host, edit_on_host, DeviceDrawFn, DeviceEditFn};
+        use crate::sampling::{DrawCuts, LogitEdit};
+        use std::sync::Arc;
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|r| (0..300).map(|i| ((i * 17 + r * 23) % 83) as f32 * 0.09).collect())
+            .collect();
+        // Row 0: greedy, its argmax banned; row 1: a draw with a bias far up on one id; row 2:
+        // plain greedy; row 3: greedy with a penalty that changes nothing of its argmax.
+        let best0 = sampling::argmax(&rows[0]);
+        let edits = vec![
+            vec![LogitEdit::Ban { id: best0 }],
+            vec![LogitEdit::Add { id: 77, value: 100.0 }],
+            Vec::new(),
+            vec![LogitEdit::Repeat { id: 1, penalty: 1.5 }],
+        ];
+        let drawn = RowSampling::DeviceDraw {
+            temperature: 0.8,
+            cuts: DrawCuts::NONE,
+            key: 4,
+            logprobs: None,
+        };
+        let plan = [
+            RowSampling::GREEDY,
+            drawn,
+            RowSampling::GREEDY,
+            RowSampling::GREEDY,
+        ];
+        let edit: DeviceEditFn<Flex> = Arc::new(edit_on_host);
+        let draw: DeviceDrawFn<Flex> = Arc::new(draw_on_host);
+        let hooks = |edit: Option<DeviceEditFn<Flex>>| DeviceSampling {
+            argmax: None,
+            draw: Some(draw.clone()),
+            logprobs: None,
+            edit,
+        };
+        let out = StepOutput::read(tensor(&rows), &plan, &edits, &hooks(Some(edit))).unwrap();
+        let processed: Vec<Vec<f32>> = rows
+            .iter()
+            .zip(&edits)
+            .map(|(r, e)| {
+                let mut w = r.clone();
+                sampling::apply_edits(&mut w, e);
+                w
+            })
+            .collect();
+        assert_eq!(
+            out.device,
+            vec![
+                Some(sampling::argmax(&processed[0])),
+                Some(sampling::device_draw(&processed[1], 0.8, DrawCuts::NONE, 4)),
+                Some(sampling::argmax(&rows[2])),
+                Some(sampling::argmax(&processed[3])),
+            ]
+        );
+        assert_ne!(out.device[0], Some(best0), "the ban moved the argmax");
+        assert_eq!(out.device[1], Some(77), "the bias won the draw");
+        assert!(out.host_rows.is_empty());
+        // Without an edit hook, or when it fails, the edited rows go to the host.
+        let failing: DeviceEditFn<Flex> = Arc::new(|_, _| Err("no kernel".into()));
+        for hook in [None, Some(failing)] {
+            let out = StepOutput::read(tensor(&rows), &plan, &edits, &hooks(hook)).unwrap();
+            assert_eq!(
+                out.device,
+                vec![None, None, Some(sampling::argmax(&rows[2])), None]
+            );
             assert_eq!(out.host_rows, [&rows[0][..], &rows[1], &rows[3]].concat());
         }
     }

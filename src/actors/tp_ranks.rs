@@ -14,7 +14,7 @@ use crate::kv::{PageCopy, SeqId};
 use crate::model::draw::DeviceSampling;
 use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
 use crate::parallel::Communicator;
-use crate::sampling::RowSampling;
+use crate::sampling::{LogitEdit, RowSampling};
 
 /// What every rank does in one step, in this order: swap-out, page copies, swap-ins, forward.
 #[derive(Debug, Clone, Default)]
@@ -26,6 +26,9 @@ pub struct StepWork {
     /// How each logits row (per chunk that wants logits, in order) gets its token
     /// (`sampling::row_sampling`). Only rank 0 reads anything back.
     pub rows: Vec<RowSampling>,
+    /// Per logits row, what bias, the `min_tokens` mask and penalties change in its logits
+    /// (`sampling::logit_edits`), for a device that chooses from edited copies.
+    pub edits: Vec<Vec<LogitEdit>>,
 }
 
 /// One rank's shard and state.
@@ -104,7 +107,7 @@ impl<B: Backend> Rank<B> {
             // On a GPU `forward` returns once its kernels are queued; the read waits for them.
             let read = Instant::now();
             metrics::histogram!("inferflux_step_issue_seconds").record((read - issue).as_secs_f64());
-            let out = StepOutput::read(logits, &work.rows, sampling);
+            let out = StepOutput::read(logits, &work.rows, &work.edits, sampling);
             metrics::histogram!("inferflux_step_read_seconds").record(read.elapsed().as_secs_f64());
             out.map(Some)
         }))

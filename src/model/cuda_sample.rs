@@ -11,8 +11,9 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::cuda_gemm::CudaCube;
-use super::draw::{DeviceArgmaxFn, DeviceDraw, DeviceDrawFn, DeviceLogprobsFn, LogprobsRow};
+use super::draw::{DeviceArgmaxFn, DeviceDraw, DeviceDrawFn, DeviceEditFn, DeviceLogprobsFn, LogprobsRow};
 use super::kernels::sample;
+use crate::sampling::LogitEdit;
 
 /// The executor's argmax hook on [`CudaCube`]: one cube per row, where burn's `argmax` (without
 /// autotune) walks each row with one thread.
@@ -151,4 +152,76 @@ fn launch_logprobs(
         .map_err(|e| e.0)?;
     let out: Tensor<CudaCube, 1> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out));
     Ok(out.reshape([n, 1 + 2 * top]))
+}
+
+/// The executor's logit-edit hook on [`CudaCube`]: edited copies of the rows that bias, the
+/// `min_tokens` mask or penalties change, so that the device chooses their tokens too.
+pub fn device_edit() -> DeviceEditFn<CudaCube> {
+    Arc::new(|logits, rows: &[(usize, &[LogitEdit])]| launch_edits(logits, rows))
+}
+
+fn launch_edits(
+    logits: Tensor<CudaCube, 2>,
+    rows: &[(usize, &[LogitEdit])],
+) -> Result<Tensor<CudaCube, 2>, String> {
+    let [logits_rows, vocab] = logits.dims();
+    if logits.dtype() != DType::F32 {
+        return Err(format!("{:?} logits (the edits read f32)", logits.dtype()));
+    }
+    if let Some((r, _)) = rows.iter().find(|(r, _)| *r >= logits_rows) {
+        return Err(format!("edits of row {r} of {logits_rows}"));
+    }
+    let device = logits.device();
+    let n = rows.len();
+    // Offsets, kinds and ids travel as i32 tensors; the kernel reads their bits as u32.
+    let mut starts = vec![0i32];
+    let (mut ops, mut values) = (Vec::new(), Vec::new());
+    for (_, edits) in rows {
+        for e in edits.iter() {
+            let (kind, id, value) = match *e {
+                LogitEdit::Add { id, value } => (sample::EDIT_ADD, id, value),
+                LogitEdit::Ban { id } => (sample::EDIT_BAN, id, 0.0),
+                LogitEdit::Repeat { id, penalty } => (sample::EDIT_REPEAT, id, penalty),
+            };
+            ops.extend([kind as i32, id as i32]);
+            values.push(value);
+        }
+        starts.push(values.len() as i32);
+    }
+    let edits = values.len();
+    // A launch's arrays hold one element at least.
+    if edits == 0 {
+        ops.extend([0, i32::MAX]);
+        values.push(0.0);
+    }
+    let ints = |v: Vec<i32>| {
+        let len = v.len();
+        into_contiguous(
+            Tensor::<CudaCube, 1, Int>::from_data(TensorData::new(v, [len]), &device).into_primitive(),
+        )
+    };
+    let row_ids = ints(rows.iter().map(|(r, _)| *r as i32).collect());
+    let (starts, ops) = (ints(starts), ints(ops));
+    let len = values.len();
+    let values = Tensor::<CudaCube, 1>::from_data(TensorData::new(values, [len]), (&device, DType::F32));
+    let values = into_contiguous(values.into_primitive().tensor());
+    let logits = contiguous(logits.into_primitive().tensor(), "edited logits");
+    // Flat, then viewed as 2-D: cubecl pads the rows of a 2-D allocation.
+    let out = empty_device_contiguous_dtype(
+        logits.client.clone(),
+        logits.device.clone(),
+        [n * vocab].into(),
+        DType::F32,
+    );
+    let handles = [
+        logits.handle.clone(),
+        row_ids.handle.clone(),
+        starts.handle.clone(),
+        ops.handle.clone(),
+        values.handle.clone(),
+        out.handle.clone(),
+    ];
+    sample::launch_edits(&logits.client, handles, (n, logits_rows, vocab, edits)).map_err(|e| e.0)?;
+    let out: Tensor<CudaCube, 1> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out));
+    Ok(out.reshape([n, vocab]))
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::sampling::DrawCuts;
+use crate::sampling::{DrawCuts, LogitEdit};
 
 /// One row to draw: its index in the step's logits, its temperature, the warpers that cut its
 /// vocabulary and its key (`sampling::row_sampling`).
@@ -46,12 +46,19 @@ pub type DeviceLogprobsFn<B> = Arc<
         + Sync,
 >;
 
-/// The executor's token-choosing hooks: none (burn's `argmax`, host draws and logprobs) unless a
-/// backend has kernels for them (CUDA, `[cuda] device_argmax` and `device_sampling`).
+/// The rows of `logits` (`[rows, vocab]`, f32) listed as `(row, edits)`, each a copy with its
+/// `sampling::logit_edits` applied (`sampling::apply_edits`), as `[n, vocab]` still on the
+/// device: bias, the `min_tokens` mask and penalties; an error leaves the rows to the host.
+pub type DeviceEditFn<B> =
+    Arc<dyn Fn(Tensor<B, 2>, &[(usize, &[LogitEdit])]) -> Result<Tensor<B, 2>, String> + Send + Sync>;
+
+/// The executor's token-choosing hooks: none (burn's `argmax`, host draws, logprobs and edits)
+/// unless a backend has kernels for them (CUDA, `[cuda] device_argmax` and `device_sampling`).
 pub struct DeviceSampling<B: Backend> {
     pub argmax: Option<DeviceArgmaxFn<B>>,
     pub draw: Option<DeviceDrawFn<B>>,
     pub logprobs: Option<DeviceLogprobsFn<B>>,
+    pub edit: Option<DeviceEditFn<B>>,
 }
 
 impl<B: Backend> Default for DeviceSampling<B> {
@@ -60,6 +67,7 @@ impl<B: Backend> Default for DeviceSampling<B> {
             argmax: None,
             draw: None,
             logprobs: None,
+            edit: None,
         }
     }
 }
@@ -70,6 +78,7 @@ impl<B: Backend> Clone for DeviceSampling<B> {
             argmax: self.argmax.clone(),
             draw: self.draw.clone(),
             logprobs: self.logprobs.clone(),
+            edit: self.edit.clone(),
         }
     }
 }
@@ -115,6 +124,27 @@ pub fn logprobs_on_host<B: Backend>(
     }
     Ok(Tensor::from_data(
         TensorData::new(out, [rows.len(), 1 + 2 * top]),
+        &device,
+    ))
+}
+
+/// [`DeviceEditFn`] by reading the rows back and editing them on the host: the reference the
+/// device hook must match, and the plumbing tests' hook on the CPU backend.
+pub fn edit_on_host<B: Backend>(
+    logits: Tensor<B, 2>,
+    rows: &[(usize, &[LogitEdit])],
+) -> Result<Tensor<B, 2>, String> {
+    let [_, vocab] = logits.dims();
+    let device = logits.device();
+    let values = logits.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let mut out = Vec::with_capacity(rows.len() * vocab);
+    for &(row, edits) in rows {
+        let mut w = values[row * vocab..(row + 1) * vocab].to_vec();
+        crate::sampling::apply_edits(&mut w, edits);
+        out.extend(w);
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(out, [rows.len(), vocab]),
         &device,
     ))
 }

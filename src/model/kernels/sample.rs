@@ -322,6 +322,91 @@ pub fn launch_logprobs<R: Runtime>(
     Ok(())
 }
 
+/// `sampling::LogitEdit` kinds as the edit kernel reads them.
+pub const EDIT_ADD: u32 = 0;
+pub const EDIT_BAN: u32 = 1;
+pub const EDIT_REPEAT: u32 = 2;
+
+/// Row `d` of `out` is row `rows[d]` of `logits` with its edits applied in order, as
+/// `sampling::apply_edits` does: edits `starts[d] .. starts[d + 1]`, each a kind and an id in
+/// `ops` and a value in `values`. The cube copies the row, then one unit walks the edits (a
+/// request's list is short beside the row, and its order is the host's).
+#[cube(launch_unchecked)]
+fn edit_kernel(
+    logits: &Array<f32>,
+    rows: &Array<u32>,
+    starts: &Array<u32>,
+    ops: &Array<u32>,
+    values: &Array<f32>,
+    out: &mut Array<f32>,
+    vocab: u32,
+) {
+    let (d, u) = (CUBE_POS_X as usize, UNIT_POS_X as usize);
+    let (src, dst) = (rows[d] as usize * vocab as usize, d * vocab as usize);
+    let mut i = u;
+    while i < vocab as usize {
+        out[dst + i] = logits[src + i];
+        i += UNITS;
+    }
+    // The block's writes are visible to its units past the barrier.
+    sync_cube();
+    if u == 0 {
+        // Minus infinity, made at run time: WGSL cannot spell it.
+        let banned = f32::new(-1.0) / (f32::cast_from(vocab) * 0.0);
+        for e in starts[d]..starts[d + 1] {
+            let (kind, id, value) = (ops[2 * e as usize], ops[2 * e as usize + 1], values[e as usize]);
+            if id < vocab {
+                let at = dst + id as usize;
+                let l = out[at];
+                if kind == EDIT_ADD {
+                    out[at] = l + value;
+                } else if kind == EDIT_BAN {
+                    out[at] = banned;
+                } else if l < 0.0 {
+                    out[at] = l * value;
+                } else {
+                    out[at] = l / value;
+                }
+            }
+        }
+    }
+}
+
+/// Queues the edited copies of `n` rows (see `edit_kernel`): `logits` holds `logits_rows`
+/// contiguous f32 rows of `vocab`, `rows` (u32) `n` row indices, `starts` (u32) `n + 1` offsets
+/// into the `edits` edits (`ops`: u32 pairs, `values`: f32), `out` `n * vocab` f32.
+pub fn launch_edits<R: Runtime>(
+    client: &ComputeClient<R>,
+    [logits, rows, starts, ops, values, out]: [cubecl::server::Handle; 6],
+    (n, logits_rows, vocab, edits): (usize, usize, usize, usize),
+) -> Result<(), Refused> {
+    if n == 0 {
+        return Ok(());
+    }
+    let cubes = cube_per_row(n, logits_rows.max(n), vocab)
+        .ok_or_else(|| Refused(format!("edits of {n} rows of {vocab}")))?;
+    if u32::try_from(edits).is_err() {
+        return Err(Refused(format!("{edits} logit edits")));
+    }
+    // SAFETY: the arrays' lengths are the handles' (the caller's contract: every `rows[d]` below
+    // `logits_rows`, `starts` ascending up to `edits`); ids past the vocabulary are skipped.
+    unsafe {
+        edit_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_1d(UNITS as u32),
+            ArrayArg::from_raw_parts(logits, logits_rows * vocab),
+            ArrayArg::from_raw_parts(rows, n),
+            ArrayArg::from_raw_parts(starts, n + 1),
+            ArrayArg::from_raw_parts(ops, 2 * edits.max(1)),
+            ArrayArg::from_raw_parts(values, edits.max(1)),
+            ArrayArg::from_raw_parts(out, n * vocab),
+            vocab as u32,
+        );
+    }
+    Ok(())
+}
+
 /// The argmax of each logits row, one cube per row: what greedy rows need, with the same
 /// tie-break as the host's sampler (the lowest id).
 #[cube(launch_unchecked)]
@@ -663,6 +748,78 @@ mod tests {
             launch_logprobs(&client, handles, (1, 1, 4, 1), 21).is_err(),
             "more than OpenAI's 20"
         );
+    }
+
+    #[test]
+    fn kernels_sample_edits_are_the_host_process_logits() {
+        use crate::sampling::{apply_edits, LogitEdit};
+        let client = gl::client();
+        let (logits_rows, vocab) = (3, 700);
+        let logits: Vec<f32> = gl::values(logits_rows * vocab, 13)
+            .iter()
+            .map(|v| v * 5.0)
+            .collect();
+        // Bias twice on one id (in order), a ban, repetition on a negative and a positive logit
+        // (the sign picks the operation), a penalty after a repetition on the same id, ids past
+        // the vocabulary, and a row without edits.
+        let edit_rows: [(u32, Vec<LogitEdit>); 3] = [
+            (
+                2,
+                vec![
+                    LogitEdit::Add { id: 5, value: 1.25 },
+                    LogitEdit::Add { id: 5, value: -0.5 },
+                    LogitEdit::Ban { id: 9 },
+                    LogitEdit::Repeat { id: 11, penalty: 1.3 },
+                    LogitEdit::Repeat { id: 12, penalty: 1.3 },
+                    LogitEdit::Add { id: 11, value: -0.75 },
+                    LogitEdit::Add { id: 900, value: 3.0 },
+                    LogitEdit::Ban { id: 700 },
+                ],
+            ),
+            (0, Vec::new()),
+            (
+                2,
+                vec![LogitEdit::Repeat {
+                    id: 699,
+                    penalty: 0.7,
+                }],
+            ),
+        ];
+        let mut starts = vec![0u32];
+        let (mut ops, mut values) = (Vec::new(), Vec::new());
+        for (_, edits) in &edit_rows {
+            for e in edits {
+                let (kind, id, value) = match *e {
+                    LogitEdit::Add { id, value } => (EDIT_ADD, id, value),
+                    LogitEdit::Ban { id } => (EDIT_BAN, id, 0.0),
+                    LogitEdit::Repeat { id, penalty } => (EDIT_REPEAT, id, penalty),
+                };
+                ops.extend([kind, id]);
+                values.push(value);
+            }
+            starts.push(values.len() as u32);
+        }
+        let rows: Vec<u32> = edit_rows.iter().map(|r| r.0).collect();
+        let out = client.empty(rows.len() * vocab * 4);
+        let handles = [
+            gl::upload(&client, &logits),
+            client.create_from_slice(u32::as_bytes(&rows)),
+            client.create_from_slice(u32::as_bytes(&starts)),
+            client.create_from_slice(u32::as_bytes(&ops)),
+            gl::upload(&client, &values),
+            out.clone(),
+        ];
+        launch_edits(&client, handles, (rows.len(), logits_rows, vocab, values.len())).unwrap();
+        let got = gl::download(&client, out);
+        for (d, (row, edits)) in edit_rows.iter().enumerate() {
+            let mut want = logits[*row as usize * vocab..(*row as usize + 1) * vocab].to_vec();
+            apply_edits(&mut want, edits);
+            let got = &got[d * vocab..(d + 1) * vocab];
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "row {d} id {i}: kernel {g}, host {w}");
+            }
+        }
+        assert_eq!(got[9], f32::NEG_INFINITY, "a ban is minus infinity");
     }
 
     #[test]
