@@ -178,11 +178,7 @@ fn launch_edits(
     let (mut ops, mut values) = (Vec::new(), Vec::new());
     for (_, edits) in rows {
         for e in edits.iter() {
-            let (kind, id, value) = match *e {
-                LogitEdit::Add { id, value } => (sample::EDIT_ADD, id, value),
-                LogitEdit::Ban { id } => (sample::EDIT_BAN, id, 0.0),
-                LogitEdit::Repeat { id, penalty } => (sample::EDIT_REPEAT, id, penalty),
-            };
+            let (kind, id, value) = sample::edit_parts(e);
             ops.extend([kind as i32, id as i32]);
             values.push(value);
         }

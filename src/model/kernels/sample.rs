@@ -327,6 +327,16 @@ pub const EDIT_ADD: u32 = 0;
 pub const EDIT_BAN: u32 = 1;
 pub const EDIT_REPEAT: u32 = 2;
 
+/// An edit as the kernel reads it: its kind, its id and its value.
+pub fn edit_parts(edit: &crate::sampling::LogitEdit) -> (u32, u32, f32) {
+    use crate::sampling::LogitEdit;
+    match *edit {
+        LogitEdit::Add { id, value } => (EDIT_ADD, id, value),
+        LogitEdit::Ban { id } => (EDIT_BAN, id, 0.0),
+        LogitEdit::Repeat { id, penalty } => (EDIT_REPEAT, id, penalty),
+    }
+}
+
 /// Row `d` of `out` is row `rows[d]` of `logits` with its edits applied in order, as
 /// `sampling::apply_edits` does: edits `starts[d] .. starts[d + 1]`, each a kind and an id in
 /// `ops` and a value in `values`. The cube copies the row, then one unit walks the edits (a
@@ -789,11 +799,7 @@ mod tests {
         let (mut ops, mut values) = (Vec::new(), Vec::new());
         for (_, edits) in &edit_rows {
             for e in edits {
-                let (kind, id, value) = match *e {
-                    LogitEdit::Add { id, value } => (EDIT_ADD, id, value),
-                    LogitEdit::Ban { id } => (EDIT_BAN, id, 0.0),
-                    LogitEdit::Repeat { id, penalty } => (EDIT_REPEAT, id, penalty),
-                };
+                let (kind, id, value) = edit_parts(e);
                 ops.extend([kind, id]);
                 values.push(value);
             }
