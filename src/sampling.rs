@@ -113,7 +113,20 @@ pub struct Sampled {
 /// of the processed logits), `top_k`, `top_p`, `min_p`. Logprobs are of the raw logits.
 pub fn sample(logits: &[f32], params: &SamplingParams, n: usize, history: Option<&TokenHistory>) -> Sampled {
     debug_assert!(history.is_some() || !params.has_penalties());
-    let processed = process_logits(logits, params, n, history);
+    sample_edited(logits, params, n, &logit_edits(params, n, history))
+}
+
+/// [`sample`] with the row's [`logit_edits`] already made (the executor makes them once per
+/// step, for the device and for the host).
+pub fn sample_edited(logits: &[f32], params: &SamplingParams, n: usize, edits: &[LogitEdit]) -> Sampled {
+    let processed = match edits.is_empty() {
+        true => Cow::Borrowed(logits),
+        false => {
+            let mut w = logits.to_vec();
+            apply_edits(&mut w, edits);
+            Cow::Owned(w)
+        }
+    };
     let token = if params.temperature < GREEDY_BELOW {
         argmax(&processed)
     } else {

@@ -128,7 +128,8 @@ impl<B: Backend> ModelExecutor<B> {
             .iter()
             .map(|(_, params, n, _)| sampling::row_sampling(params, *n))
             .collect();
-        let edits = samplers
+        // Made once: the device edits its copies with them, the host samples its rows with them.
+        let edits: Arc<[Vec<sampling::LogitEdit>]> = samplers
             .iter()
             .map(|(_, params, n, history)| sampling::logit_edits(params, *n, history.as_ref()))
             .collect();
@@ -138,7 +139,7 @@ impl<B: Backend> ModelExecutor<B> {
             restores,
             chunks,
             rows,
-            edits,
+            edits: edits.clone(),
         };
         let out = self.run_ranks(work).map_err(ExecutorError)?;
         if out.device.len() != samplers.len() {
@@ -152,8 +153,11 @@ impl<B: Backend> ModelExecutor<B> {
         let mut host_rows = out.host_rows.chunks_exact(out.vocab.max(1));
         let mut sampled = Vec::with_capacity(samplers.len());
         let device_logprobs = out.logprobs.into_iter().chain(std::iter::repeat(None));
-        for (((seq, params, n, history), chosen), logprobs) in
-            samplers.into_iter().zip(out.device).zip(device_logprobs)
+        for ((((seq, params, n, _), chosen), logprobs), edits) in samplers
+            .into_iter()
+            .zip(out.device)
+            .zip(device_logprobs)
+            .zip(edits.iter())
         {
             let (token, logprobs) = match chosen {
                 Some(token) => (token, logprobs),
@@ -161,7 +165,7 @@ impl<B: Backend> ModelExecutor<B> {
                     let row = host_rows
                         .next()
                         .ok_or_else(|| ExecutorError("step returned too few host logits rows".into()))?;
-                    let s = sampling::sample(row, &params, n, history.as_ref());
+                    let s = sampling::sample_edited(row, &params, n, edits);
                     (s.token, s.logprobs)
                 }
             };

@@ -27,8 +27,9 @@ pub struct StepWork {
     /// (`sampling::row_sampling`). Only rank 0 reads anything back.
     pub rows: Vec<RowSampling>,
     /// Per logits row, what bias, the `min_tokens` mask and penalties change in its logits
-    /// (`sampling::logit_edits`), for a device that chooses from edited copies.
-    pub edits: Vec<Vec<LogitEdit>>,
+    /// (`sampling::logit_edits`), for a device that chooses from edited copies; shared with the
+    /// executor, which samples the host rows with them.
+    pub edits: Arc<[Vec<LogitEdit>]>,
 }
 
 /// One rank's shard and state.
