@@ -63,22 +63,26 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
         .iter()
         .flat_map(|d| [d.key as u32 as i32, (d.key >> 32) as u32 as i32])
         .collect();
-    let temperatures: Vec<f32> = draws.iter().map(|d| d.temperature).collect();
-    // top-k travels as a float (exact below 2^24, far above any vocabulary here).
-    let cuts: Vec<f32> = draws
+    // Temperature and cuts in one upload; top-k travels as a float (exact below 2^24, far above
+    // any vocabulary here).
+    let params: Vec<f32> = draws
         .iter()
-        .flat_map(|d| [d.cuts.top_k.min(1 << 24) as f32, d.cuts.top_p, d.cuts.min_p])
+        .flat_map(|d| {
+            [
+                d.temperature,
+                d.cuts.top_k.min(1 << 24) as f32,
+                d.cuts.top_p,
+                d.cuts.min_p,
+            ]
+        })
         .collect();
     let any_cuts = draws.iter().any(|d| !d.cuts.keep_all());
     let logits = contiguous(logits.into_primitive().tensor(), "draw logits");
     // Row ids and key halves travel as i32 tensors; the kernel reads their bits as u32.
     let row_ids = into_contiguous(to_device(TensorData::new(row_ids, [n])).into_primitive());
     let keys = into_contiguous(to_device(TensorData::new(keys, [2 * n])).into_primitive());
-    let temperatures =
-        Tensor::<CudaCube, 1>::from_data(TensorData::new(temperatures, [n]), (&device, DType::F32));
-    let temperatures = into_contiguous(temperatures.into_primitive().tensor());
-    let cuts = Tensor::<CudaCube, 1>::from_data(TensorData::new(cuts, [3 * n]), (&device, DType::F32));
-    let cuts = into_contiguous(cuts.into_primitive().tensor());
+    let params = Tensor::<CudaCube, 1>::from_data(TensorData::new(params, [4 * n]), (&device, DType::F32));
+    let params = into_contiguous(params.into_primitive().tensor());
     let ids = empty_device_contiguous_dtype(
         logits.client.clone(),
         logits.device.clone(),
@@ -88,8 +92,7 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
     let handles = [
         logits.handle.clone(),
         row_ids.handle.clone(),
-        temperatures.handle.clone(),
-        cuts.handle.clone(),
+        params.handle.clone(),
         keys.handle.clone(),
         ids.handle.clone(),
     ];

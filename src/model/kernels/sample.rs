@@ -19,8 +19,7 @@ const UNITS: usize = 256;
 fn draw_kernel(
     logits: &Array<f32>,
     rows: &Array<u32>,
-    temperatures: &Array<f32>,
-    cuts: &Array<f32>,
+    params: &Array<f32>,
     keys: &Array<u32>,
     ids: &mut Array<i32>,
     vocab: u32,
@@ -29,7 +28,7 @@ fn draw_kernel(
     let (d, u) = (CUBE_POS_X as usize, UNIT_POS_X as usize);
     let vocab = vocab as usize;
     let base = rows[d] as usize * vocab;
-    let temperature = temperatures[d];
+    let temperature = params[4 * d];
     let (lo, hi) = (keys[2 * d], keys[2 * d + 1]);
     // With cuts, a token is kept when its probability relative to the row's most likely,
     // `exp((l - max) / temperature)`, is at least `floor` (0 keeps every token).
@@ -37,7 +36,7 @@ fn draw_kernel(
     let mut floor = f32::new(0.0);
     if comptime!(any_cuts) {
         row_max = cube_reduce(row_local_max(logits, base, vocab), true);
-        floor = kept_floor(logits, base, vocab, temperature, row_max, cuts, d);
+        floor = kept_floor(logits, base, vocab, temperature, row_max, params, d);
     }
     // f32::MIN stands for minus infinity (WGSL cannot spell it); a -inf logit never wins.
     let mut best_score = f32::new(-3.402_823_5e38);
@@ -84,7 +83,7 @@ fn row_local_max(logits: &Array<f32>, base: usize, vocab: usize) -> f32 {
 }
 
 /// The smallest relative probability `p = exp((l - row_max) / temperature)` draw `d` keeps
-/// (`cuts[3d..3d + 3]`: top-k as a float, top-p, min-p), as `sampling::kept_tokens` cuts:
+/// (`params[4d + 1..4d + 4]`: top-k as a float, top-p, min-p), as `sampling::kept_tokens` cuts:
 /// - top-k: the k-th largest `p`, the largest `v` with `count(p >= v) >= k`;
 /// - top-p: the largest `v` (at least top-k's) with `Σ(p >= v) p >= top_p · Σ(kept by top-k) p`;
 /// - min-p: `min_p` itself, the most likely token having `p = 1`.
@@ -99,10 +98,10 @@ fn kept_floor(
     vocab: usize,
     temperature: f32,
     row_max: f32,
-    cuts: &Array<f32>,
+    params: &Array<f32>,
     d: usize,
 ) -> f32 {
-    let (top_k, top_p, min_p) = (cuts[3 * d], cuts[3 * d + 1], cuts[3 * d + 2]);
+    let (top_k, top_p, min_p) = (params[4 * d + 1], params[4 * d + 2], params[4 * d + 3]);
     let mut floor = f32::new(0.0);
     // Every unit gets the same sums, so the bisections' branches and barriers are uniform.
     if top_k >= 1.0 && top_k < f32::cast_from(vocab) {
@@ -481,13 +480,14 @@ fn cube_per_row(rows: usize, logits_rows: usize, vocab: usize) -> Option<u32> {
 }
 
 /// Queues the draws: `logits` holds contiguous f32 rows of `vocab`; draw `d` takes row `rows[d]`
-/// (u32) with `temperatures[d]` (f32, above 0), the cuts `cuts[3d..3d + 3]` (f32: top-k, 0 for
-/// none; top-p, 1 for none; min-p, 0 for none) and the key halves `keys[2d]` (low) and
-/// `keys[2d + 1]` (high), and writes its token id to `ids[d]` (i32). Without `any_cuts` the cuts
-/// are never read and every draw is over its whole row: one pass, where a cut costs up to 61.
+/// (u32) with the parameters `params[4d..4d + 4]` (f32: the temperature, above 0; top-k, 0 for
+/// none; top-p, 1 for none; min-p, 0 for none: one upload for all) and the key halves `keys[2d]`
+/// (low) and `keys[2d + 1]` (high), and writes its token id to `ids[d]` (i32). Without
+/// `any_cuts` the cuts are never read and every draw is over its whole row: one pass, where a
+/// cut costs up to 61.
 pub fn launch<R: Runtime>(
     client: &ComputeClient<R>,
-    [logits, rows, temperatures, cuts, keys, ids]: [cubecl::server::Handle; 6],
+    [logits, rows, params, keys, ids]: [cubecl::server::Handle; 5],
     (draws, logits_rows, vocab): (usize, usize, usize),
     any_cuts: bool,
 ) -> Result<(), Refused> {
@@ -505,8 +505,7 @@ pub fn launch<R: Runtime>(
             CubeDim::new_1d(UNITS as u32),
             ArrayArg::from_raw_parts(logits, logits_rows * vocab),
             ArrayArg::from_raw_parts(rows, draws),
-            ArrayArg::from_raw_parts(temperatures, draws),
-            ArrayArg::from_raw_parts(cuts, 3 * draws),
+            ArrayArg::from_raw_parts(params, 4 * draws),
             ArrayArg::from_raw_parts(keys, 2 * draws),
             ArrayArg::from_raw_parts(ids, draws),
             vocab as u32,
@@ -529,10 +528,9 @@ mod tests {
     fn draw_on_gl(logits: &[f32], vocab: usize, draws: &[Draw], any_cuts: bool) -> Vec<i32> {
         let client = gl::client();
         let rows: Vec<u32> = draws.iter().map(|d| d.0).collect();
-        let temps: Vec<f32> = draws.iter().map(|d| d.1).collect();
-        let cuts: Vec<f32> = draws
+        let params: Vec<f32> = draws
             .iter()
-            .flat_map(|d| [d.2.top_k as f32, d.2.top_p, d.2.min_p])
+            .flat_map(|d| [d.1, d.2.top_k as f32, d.2.top_p, d.2.min_p])
             .collect();
         let keys: Vec<u32> = draws
             .iter()
@@ -542,8 +540,7 @@ mod tests {
         let handles = [
             gl::upload(&client, logits),
             client.create_from_slice(u32::as_bytes(&rows)),
-            gl::upload(&client, &temps),
-            gl::upload(&client, &cuts),
+            gl::upload(&client, &params),
             client.create_from_slice(u32::as_bytes(&keys)),
             ids.clone(),
         ];
