@@ -119,14 +119,7 @@ pub fn sample(logits: &[f32], params: &SamplingParams, n: usize, history: Option
 /// [`sample`] with the row's [`logit_edits`] already made (the executor makes them once per
 /// step, for the device and for the host).
 pub fn sample_edited(logits: &[f32], params: &SamplingParams, n: usize, edits: &[LogitEdit]) -> Sampled {
-    let processed = match edits.is_empty() {
-        true => Cow::Borrowed(logits),
-        false => {
-            let mut w = logits.to_vec();
-            apply_edits(&mut w, edits);
-            Cow::Owned(w)
-        }
-    };
+    let processed = edited(logits, edits);
     let token = if params.temperature < GREEDY_BELOW {
         argmax(&processed)
     } else {
@@ -374,12 +367,16 @@ pub fn process_logits<'a>(
     n: usize,
     history: Option<&TokenHistory>,
 ) -> Cow<'a, [f32]> {
-    let edits = logit_edits(params, n, history);
+    edited(logits, &logit_edits(params, n, history))
+}
+
+/// `logits` with `edits` applied; borrowed untouched when there are none.
+fn edited<'a>(logits: &'a [f32], edits: &[LogitEdit]) -> Cow<'a, [f32]> {
     if edits.is_empty() {
         return Cow::Borrowed(logits);
     }
     let mut w = logits.to_vec();
-    apply_edits(&mut w, &edits);
+    apply_edits(&mut w, edits);
     Cow::Owned(w)
 }
 
