@@ -27,8 +27,9 @@ use super::Refused;
 /// Rows of `x` one launch takes: each lane keeps a vector accumulator per row, so registers
 /// bound it. Larger batches go to a tiling kernel.
 pub const GEMV_MAX_ROWS: usize = 8;
-/// Lanes per output: NVIDIA's plane (warp) size.
-const LANES: u32 = 32;
+/// Lanes per output on the shared-memory path; the plane path takes one plane's, which is this
+/// on NVIDIA (see [`lanes_per_output`]).
+const LANES: usize = 32;
 /// Outputs per cube (a cube of 128 units).
 const OUTPUTS_PER_CUBE: u32 = 4;
 
@@ -60,6 +61,7 @@ fn gemv_kernel<F: Float, N: Size>(
     q_dim: u32,
     kv_dim: u32,
     #[comptime] rows: usize,
+    #[comptime] lanes: usize,
     #[comptime] plane_reduce: bool,
     #[comptime] swiglu: bool,
     #[comptime] rope_write: bool,
@@ -69,7 +71,6 @@ fn gemv_kernel<F: Float, N: Size>(
     #[comptime] staged_len: usize,
     #[define(F)] _dtype: StorageType,
 ) {
-    let lanes = LANES as usize;
     let (kv, n) = (k_vectors as usize, outputs as usize);
     // With `norm`, the rows the product reads are those of `x` (plus `delta`'s, with `residual`)
     // after RMSNorm with `gain`, staged in shared memory by the whole cube first.
@@ -84,6 +85,7 @@ fn gemv_kernel<F: Float, N: Size>(
             kv,
             eps,
             rows,
+            lanes,
             plane_reduce,
             residual,
         );
@@ -141,7 +143,7 @@ fn gemv_kernel<F: Float, N: Size>(
         }
     } else {
         // Every unit reaches the barrier, including those past the last output.
-        let mut partial = SharedMemory::<f32>::new(rows * (LANES * OUTPUTS_PER_CUBE) as usize);
+        let mut partial = SharedMemory::<f32>::new(rows * lanes * OUTPUTS_PER_CUBE as usize);
         let base = UNIT_POS_Y as usize * lanes * rows;
         #[unroll]
         for r in 0..rows {
@@ -249,9 +251,6 @@ fn write_roped_pair<F: Float>(
     }
 }
 
-/// Units of a GEMV cube: [`LANES`] × [`OUTPUTS_PER_CUBE`].
-const CUBE_UNITS: usize = (LANES * OUTPUTS_PER_CUBE) as usize;
-
 /// The GEMV's RMSNorm prologue, by the whole cube: stages `x` (or `x + delta`, rounded to the
 /// model's type and written to `sum` by the first cube) into `staged`, sums its squares per row
 /// in f32, then normalises each element in place as `kernels::rms_norm` does (the normalised
@@ -268,10 +267,13 @@ fn stage_normed_rows<F: Float, N: Size>(
     kv: usize,
     eps: f32,
     #[comptime] rows: usize,
+    #[comptime] lanes: usize,
     #[comptime] plane_reduce: bool,
     #[comptime] residual: bool,
 ) {
-    let unit = (UNIT_POS_Y * LANES + UNIT_POS_X) as usize;
+    // The cube's units: `lanes` × [`OUTPUTS_PER_CUBE`].
+    let cube_units = comptime!(lanes * OUTPUTS_PER_CUBE as usize);
+    let unit = UNIT_POS_Y as usize * lanes + UNIT_POS_X as usize;
     let mut squares = Array::<f32>::new(rows);
     #[unroll]
     for r in 0..rows {
@@ -292,7 +294,7 @@ fn stage_normed_rows<F: Float, N: Size>(
             for j in 0..f2.vector_size() {
                 s += f2[j];
             }
-            i += CUBE_UNITS;
+            i += cube_units;
         }
         squares[r] = s;
     }
@@ -318,10 +320,10 @@ fn stage_normed_rows<F: Float, N: Size>(
             totals[r] = t;
         }
     } else {
-        let mut partial = SharedMemory::<f32>::new(rows * CUBE_UNITS);
+        let mut partial = SharedMemory::<f32>::new(rows * cube_units);
         #[unroll]
         for r in 0..rows {
-            partial[r * CUBE_UNITS + unit] = squares[r];
+            partial[r * cube_units + unit] = squares[r];
         }
         sync_cube();
         let mut stride = CUBE_DIM as usize / 2;
@@ -329,7 +331,7 @@ fn stage_normed_rows<F: Float, N: Size>(
             if unit < stride {
                 #[unroll]
                 for r in 0..rows {
-                    partial[r * CUBE_UNITS + unit] += partial[r * CUBE_UNITS + unit + stride];
+                    partial[r * cube_units + unit] += partial[r * cube_units + unit + stride];
                 }
             }
             sync_cube();
@@ -337,7 +339,7 @@ fn stage_normed_rows<F: Float, N: Size>(
         }
         #[unroll]
         for r in 0..rows {
-            totals[r] = partial[r * CUBE_UNITS];
+            totals[r] = partial[r * cube_units];
         }
     }
     let width = f32::cast_from(kv * gain.vector_size());
@@ -349,7 +351,7 @@ fn stage_normed_rows<F: Float, N: Size>(
         while i < kv {
             let f = Vector::<f32, N>::cast_from(staged[r * kv + i]);
             staged[r * kv + i] = Vector::<F, N>::cast_from(f * inv_rms) * gain[i];
-            i += CUBE_UNITS;
+            i += cube_units;
         }
     }
     sync_cube();
@@ -443,6 +445,22 @@ pub fn launch_normed<R: Runtime>(
     launch_kernel(client, handles, Some(norm), epilogue, shape, dtype, plane_reduce)
 }
 
+/// Lanes per output column: on the plane path one plane's, since a plane sum must span exactly
+/// one output's lanes (32 on NVIDIA; lavapipe, which the tests run it on, has 8); 32 otherwise.
+fn lanes_per_output<R: Runtime>(client: &ComputeClient<R>, plane_reduce: bool) -> Result<usize, Refused> {
+    if !plane_reduce {
+        return Ok(LANES);
+    }
+    let hardware = &client.properties().hardware;
+    let (min, max) = (hardware.plane_size_min, hardware.plane_size_max);
+    if min != max || !(4..=LANES as u32).contains(&max) || !max.is_power_of_two() {
+        return Err(Refused(format!(
+            "plane sums need planes of one width from 4 to {LANES} lanes, not {min} to {max}"
+        )));
+    }
+    Ok(max as usize)
+}
+
 fn launch_kernel<R: Runtime>(
     client: &ComputeClient<R>,
     [x, w, out]: [cubecl::server::Handle; 3],
@@ -480,6 +498,7 @@ fn launch_kernel<R: Runtime>(
     if k == 0 || n == 0 {
         return Err(Refused("an empty GEMV".into()));
     }
+    let lanes = lanes_per_output(client, plane_reduce)?;
     let max_vector = client.properties().hardware.max_vector_size;
     let width = super::vector_width(k, elem_bytes, max_vector);
     let kv = k / width;
@@ -536,7 +555,7 @@ fn launch_kernel<R: Runtime>(
         gemv_kernel::launch_unchecked::<R>(
             client,
             CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_2d(LANES, OUTPUTS_PER_CUBE),
+            CubeDim::new_2d(lanes as u32, OUTPUTS_PER_CUBE),
             width,
             ArrayArg::from_raw_parts(x, rows * kv),
             ArrayArg::from_raw_parts(w, w_rows * kv),
@@ -555,6 +574,7 @@ fn launch_kernel<R: Runtime>(
             q_dim as u32,
             kv_dim as u32,
             rows,
+            lanes,
             plane_reduce,
             swiglu,
             rope_write,
@@ -579,41 +599,50 @@ mod tests {
 
     #[test]
     fn kernels_gemv_matches_an_f32_product() {
-        let client = gl::client();
-        let f32_type = f32::as_type_native_unchecked().storage_type();
-        // Llama-3.2-1B's k (2048) with its q/k/v widths cut down; k 36 makes 4-wide vectors and
-        // k 7 scalar ones; n 5 and 33 leave the last cube part empty.
-        for shape in [
-            GemvShape {
-                rows: 1,
-                k: 2048,
-                n: 64,
-            },
-            GemvShape {
-                rows: 3,
-                k: 2048,
-                n: 33,
-            },
-            GemvShape {
-                rows: 8,
-                k: 512,
-                n: 96,
-            },
-            GemvShape { rows: 2, k: 36, n: 5 },
-            GemvShape { rows: 5, k: 7, n: 9 },
-        ] {
-            let GemvShape { rows, k, n } = shape;
-            let (x, w) = (values(rows * k, 1), values(n * k, 2));
-            let out = client.empty(rows * n * 4);
-            let handles = [gl::upload(&client, &x), gl::upload(&client, &w), out.clone()];
-            launch(&client, handles, Epilogue::Plain, shape, (f32_type, 4), false).unwrap();
-            let got = gl::download(&client, out);
-            let want = reference(&x, &w, shape);
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                    "{shape:?} output {i}: kernel {g}, f32 product {e}"
-                );
+        for (client, plane_reduce) in gl::reduction_paths() {
+            let f32_type = f32::as_type_native_unchecked().storage_type();
+            // Llama-3.2-1B's k (2048) with its q/k/v widths cut down; k 36 makes 4-wide vectors and
+            // k 7 scalar ones; n 5 and 33 leave the last cube part empty.
+            for shape in [
+                GemvShape {
+                    rows: 1,
+                    k: 2048,
+                    n: 64,
+                },
+                GemvShape {
+                    rows: 3,
+                    k: 2048,
+                    n: 33,
+                },
+                GemvShape {
+                    rows: 8,
+                    k: 512,
+                    n: 96,
+                },
+                GemvShape { rows: 2, k: 36, n: 5 },
+                GemvShape { rows: 5, k: 7, n: 9 },
+            ] {
+                let GemvShape { rows, k, n } = shape;
+                let (x, w) = (values(rows * k, 1), values(n * k, 2));
+                let out = client.empty(rows * n * 4);
+                let handles = [gl::upload(&client, &x), gl::upload(&client, &w), out.clone()];
+                launch(
+                    &client,
+                    handles,
+                    Epilogue::Plain,
+                    shape,
+                    (f32_type, 4),
+                    plane_reduce,
+                )
+                .unwrap();
+                let got = gl::download(&client, out);
+                let want = reference(&x, &w, shape);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{shape:?} output {i}: kernel {g}, f32 product {e}"
+                    );
+                }
             }
         }
     }
@@ -621,34 +650,51 @@ mod tests {
     /// The fused launch is bit for bit the GEMV of the merged weight and then `silu_mul`.
     #[test]
     fn kernels_gemv_swiglu_is_the_gemv_then_silu_mul() {
-        let client = gl::client();
-        let f32_type = f32::as_type_native_unchecked().storage_type();
-        // An odd width leaves the last cube half empty; k 36 makes 4-wide vectors.
-        for (rows, k, width) in [(1, 64, 6), (3, 36, 5), (8, 128, 33)] {
-            let (x, w) = (values(rows * k, 3), values(2 * width * k, 4));
-            let merged = GemvShape {
-                rows,
-                k,
-                n: 2 * width,
-            };
-            let gate_up = client.empty(rows * 2 * width * 4);
-            let handles = [gl::upload(&client, &x), gl::upload(&client, &w), gate_up.clone()];
-            launch(&client, handles, Epilogue::Plain, merged, (f32_type, 4), false).unwrap();
-            let apart = client.empty(rows * width * 4);
-            crate::model::kernels::silu_mul::launch(
-                &client,
-                [gate_up, apart.clone()],
-                (rows, width),
-                f32_type,
-            )
-            .unwrap();
-            let fused = client.empty(rows * width * 4);
-            let handles = [gl::upload(&client, &x), gl::upload(&client, &w), fused.clone()];
-            let shape = GemvShape { rows, k, n: width };
-            launch(&client, handles, Epilogue::SwiGlu, shape, (f32_type, 4), false).unwrap();
-            let (apart, fused) = (gl::download(&client, apart), gl::download(&client, fused));
-            assert_eq!(fused, apart, "rows {rows}, k {k}, width {width}");
-            assert!(fused.iter().any(|v| *v != 0.0));
+        for (client, plane_reduce) in gl::reduction_paths() {
+            let f32_type = f32::as_type_native_unchecked().storage_type();
+            // An odd width leaves the last cube half empty; k 36 makes 4-wide vectors.
+            for (rows, k, width) in [(1, 64, 6), (3, 36, 5), (8, 128, 33)] {
+                let (x, w) = (values(rows * k, 3), values(2 * width * k, 4));
+                let merged = GemvShape {
+                    rows,
+                    k,
+                    n: 2 * width,
+                };
+                let gate_up = client.empty(rows * 2 * width * 4);
+                let handles = [gl::upload(&client, &x), gl::upload(&client, &w), gate_up.clone()];
+                launch(
+                    &client,
+                    handles,
+                    Epilogue::Plain,
+                    merged,
+                    (f32_type, 4),
+                    plane_reduce,
+                )
+                .unwrap();
+                let apart = client.empty(rows * width * 4);
+                crate::model::kernels::silu_mul::launch(
+                    &client,
+                    [gate_up, apart.clone()],
+                    (rows, width),
+                    f32_type,
+                )
+                .unwrap();
+                let fused = client.empty(rows * width * 4);
+                let handles = [gl::upload(&client, &x), gl::upload(&client, &w), fused.clone()];
+                let shape = GemvShape { rows, k, n: width };
+                launch(
+                    &client,
+                    handles,
+                    Epilogue::SwiGlu,
+                    shape,
+                    (f32_type, 4),
+                    plane_reduce,
+                )
+                .unwrap();
+                let (apart, fused) = (gl::download(&client, apart), gl::download(&client, fused));
+                assert_eq!(fused, apart, "rows {rows}, k {k}, width {width}");
+                assert!(fused.iter().any(|v| *v != 0.0));
+            }
         }
     }
 
@@ -657,72 +703,82 @@ mod tests {
     #[test]
     fn kernels_gemv_norm_prologue_is_rms_norm_then_the_gemv() {
         use crate::model::kernels::rms_norm;
-        let client = gl::client();
-        let f32_type = f32::as_type_native_unchecked().storage_type();
-        let eps = 1e-5f32;
-        // k 2048 gives each of the cube's 128 units 4 vectors, k 64 leaves units idle, k 36 makes
-        // 4-wide vectors and k 7 scalar ones; n 5 and 33 leave the last cube part empty.
-        for (rows, k, n, swiglu, residual) in [
-            (1, 2048, 64, false, true),
-            (3, 2048, 33, true, true),
-            (8, 64, 5, false, false),
-            (5, 36, 9, true, false),
-            (2, 7, 6, false, true),
-            (8, 128, 33, true, true),
-        ] {
-            let what = format!("rows {rows}, k {k}, n {n}, swiglu {swiglu}, residual {residual}");
-            let x = values(rows * k, 5);
-            let delta = values(rows * k, 6);
-            let gain: Vec<f32> = (0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
-            let w_rows = if swiglu { 2 * n } else { n };
-            // Scrambled: `values`' near-linear rows would make every gate a large negative sum.
-            let w: Vec<f32> = (0..w_rows * k)
-                .map(|i| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as f32 / 1024.0 - 1.0)
-                .collect();
-            // Apart: the norm's launch, then the GEMV's.
-            let (sum_apart, normed) = (client.empty(rows * k * 4), client.empty(rows * k * 4));
-            if residual {
-                let handles = [
-                    gl::upload(&client, &x),
-                    gl::upload(&client, &delta),
-                    gl::upload(&client, &gain),
-                    sum_apart.clone(),
-                    normed.clone(),
-                ];
-                rms_norm::launch_add(&client, handles, (rows, k), eps, f32_type).unwrap();
-            } else {
-                let handles = [
-                    gl::upload(&client, &x),
-                    gl::upload(&client, &gain),
-                    normed.clone(),
-                ];
-                rms_norm::launch(&client, handles, (rows, k), eps, f32_type).unwrap();
-            }
-            let apart = client.empty(rows * n * 4);
-            let handles = [normed, gl::upload(&client, &w), apart.clone()];
-            let shape = GemvShape { rows, k, n };
-            let epilogue = || if swiglu { Epilogue::SwiGlu } else { Epilogue::Plain };
-            launch(&client, handles, epilogue(), shape, (f32_type, 4), false).unwrap();
-            // Fused.
-            let (sum, fused) = (client.empty(rows * k * 4), client.empty(rows * n * 4));
-            let norm = NormPrologue {
-                gain: gl::upload(&client, &gain),
-                eps,
-                residual: residual.then(|| [gl::upload(&client, &delta), sum.clone()]),
-            };
-            let handles = [gl::upload(&client, &x), gl::upload(&client, &w), fused.clone()];
-            launch_normed(&client, handles, norm, epilogue(), shape, (f32_type, 4), false).unwrap();
-            let (apart, fused) = (gl::download(&client, apart), gl::download(&client, fused));
-            for (i, (f, a)) in fused.iter().zip(&apart).enumerate() {
-                assert!(
-                    (f - a).abs() <= 1e-5 * (1.0 + a.abs()),
-                    "{what}, output {i}: fused {f}, apart {a}"
-                );
-            }
-            assert!(fused.iter().any(|v| *v != 0.0), "{what}");
-            if residual {
-                let want: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
-                assert_eq!(gl::download(&client, sum), want, "{what}: x + delta");
+        for (client, plane_reduce) in gl::reduction_paths() {
+            let f32_type = f32::as_type_native_unchecked().storage_type();
+            let eps = 1e-5f32;
+            // k 2048 gives each of the cube's 128 units 4 vectors, k 64 leaves units idle, k 36 makes
+            // 4-wide vectors and k 7 scalar ones; n 5 and 33 leave the last cube part empty.
+            for (rows, k, n, swiglu, residual) in [
+                (1, 2048, 64, false, true),
+                (3, 2048, 33, true, true),
+                (8, 64, 5, false, false),
+                (5, 36, 9, true, false),
+                (2, 7, 6, false, true),
+                (8, 128, 33, true, true),
+            ] {
+                let what = format!("rows {rows}, k {k}, n {n}, swiglu {swiglu}, residual {residual}");
+                let x = values(rows * k, 5);
+                let delta = values(rows * k, 6);
+                let gain: Vec<f32> = (0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+                let w_rows = if swiglu { 2 * n } else { n };
+                // Scrambled: `values`' near-linear rows would make every gate a large negative sum.
+                let w: Vec<f32> = (0..w_rows * k)
+                    .map(|i| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as f32 / 1024.0 - 1.0)
+                    .collect();
+                // Apart: the norm's launch, then the GEMV's.
+                let (sum_apart, normed) = (client.empty(rows * k * 4), client.empty(rows * k * 4));
+                if residual {
+                    let handles = [
+                        gl::upload(&client, &x),
+                        gl::upload(&client, &delta),
+                        gl::upload(&client, &gain),
+                        sum_apart.clone(),
+                        normed.clone(),
+                    ];
+                    rms_norm::launch_add(&client, handles, (rows, k), eps, f32_type).unwrap();
+                } else {
+                    let handles = [
+                        gl::upload(&client, &x),
+                        gl::upload(&client, &gain),
+                        normed.clone(),
+                    ];
+                    rms_norm::launch(&client, handles, (rows, k), eps, f32_type).unwrap();
+                }
+                let apart = client.empty(rows * n * 4);
+                let handles = [normed, gl::upload(&client, &w), apart.clone()];
+                let shape = GemvShape { rows, k, n };
+                let epilogue = || if swiglu { Epilogue::SwiGlu } else { Epilogue::Plain };
+                launch(&client, handles, epilogue(), shape, (f32_type, 4), plane_reduce).unwrap();
+                // Fused.
+                let (sum, fused) = (client.empty(rows * k * 4), client.empty(rows * n * 4));
+                let norm = NormPrologue {
+                    gain: gl::upload(&client, &gain),
+                    eps,
+                    residual: residual.then(|| [gl::upload(&client, &delta), sum.clone()]),
+                };
+                let handles = [gl::upload(&client, &x), gl::upload(&client, &w), fused.clone()];
+                launch_normed(
+                    &client,
+                    handles,
+                    norm,
+                    epilogue(),
+                    shape,
+                    (f32_type, 4),
+                    plane_reduce,
+                )
+                .unwrap();
+                let (apart, fused) = (gl::download(&client, apart), gl::download(&client, fused));
+                for (i, (f, a)) in fused.iter().zip(&apart).enumerate() {
+                    assert!(
+                        (f - a).abs() <= 1e-5 * (1.0 + a.abs()),
+                        "{what}, output {i}: fused {f}, apart {a}"
+                    );
+                }
+                assert!(fused.iter().any(|v| *v != 0.0), "{what}");
+                if residual {
+                    let want: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+                    assert_eq!(gl::download(&client, sum), want, "{what}: x + delta");
+                }
             }
         }
     }
@@ -733,118 +789,129 @@ mod tests {
     fn kernels_gemv_rope_write_is_the_gemv_then_qkv_write() {
         use crate::model::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
         use crate::model::kernels::rms_norm;
-        let client = gl::client();
-        let f32_type = f32::as_type_native_unchecked().storage_type();
-        let (eps, cache_slots) = (1e-5f32, 24);
-        // GQA (4 query heads over 2 KV heads), one KV head, and as many KV heads as query heads;
-        // k 36 makes 4-wide vectors.
-        for (rows, k, heads, kv_heads, head_dim) in [(1, 64, 4, 2, 16), (3, 36, 2, 1, 8), (8, 128, 4, 4, 32)]
-        {
-            let what = format!("rows {rows}, k {k}, heads {heads}/{kv_heads} of {head_dim}");
-            let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
-            let x = values(rows * k, 8);
-            let delta = values(rows * k, 9);
-            let gain: Vec<f32> = (0..k).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
-            let w: Vec<f32> = (0..(q_dim + 2 * kv_dim) * k)
-                .map(|i| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as f32 / 1024.0 - 1.0)
-                .collect();
-            let (cos, sin) = (values(rows * head_dim, 10), values(rows * head_dim, 11));
-            // Distinct slots, out of order.
-            let slots: Vec<u32> = (0..rows as u32)
-                .map(|r| (r * 7 + 5) % cache_slots as u32)
-                .collect();
-            let cache_init = values(cache_slots * kv_dim, 12);
-            let upload_slots = || client.create_from_slice(u32::as_bytes(&slots));
-            // Apart: the norm, q, k and v's GEMVs, then the RoPE and the write.
-            let (sum_apart, normed) = (client.empty(rows * k * 4), client.empty(rows * k * 4));
-            let handles = [
-                gl::upload(&client, &x),
-                gl::upload(&client, &delta),
-                gl::upload(&client, &gain),
-                sum_apart,
-                normed.clone(),
-            ];
-            rms_norm::launch_add(&client, handles, (rows, k), eps, f32_type).unwrap();
-            let mut parts = Vec::new();
-            for (begin, width) in [(0, q_dim), (q_dim, kv_dim), (q_dim + kv_dim, kv_dim)] {
-                let part = client.empty(rows * width * 4);
-                let w_part = gl::upload(&client, &w[begin * k..(begin + width) * k]);
-                let shape = GemvShape { rows, k, n: width };
-                launch(
+        for (client, plane_reduce) in gl::reduction_paths() {
+            let f32_type = f32::as_type_native_unchecked().storage_type();
+            let (eps, cache_slots) = (1e-5f32, 24);
+            // GQA (4 query heads over 2 KV heads), one KV head, and as many KV heads as query heads;
+            // k 36 makes 4-wide vectors.
+            for (rows, k, heads, kv_heads, head_dim) in
+                [(1, 64, 4, 2, 16), (3, 36, 2, 1, 8), (8, 128, 4, 4, 32)]
+            {
+                let what = format!("rows {rows}, k {k}, heads {heads}/{kv_heads} of {head_dim}");
+                let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
+                let x = values(rows * k, 8);
+                let delta = values(rows * k, 9);
+                let gain: Vec<f32> = (0..k).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
+                let w: Vec<f32> = (0..(q_dim + 2 * kv_dim) * k)
+                    .map(|i| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as f32 / 1024.0 - 1.0)
+                    .collect();
+                let (cos, sin) = (values(rows * head_dim, 10), values(rows * head_dim, 11));
+                // Distinct slots, out of order.
+                let slots: Vec<u32> = (0..rows as u32)
+                    .map(|r| (r * 7 + 5) % cache_slots as u32)
+                    .collect();
+                let cache_init = values(cache_slots * kv_dim, 12);
+                let upload_slots = || client.create_from_slice(u32::as_bytes(&slots));
+                // Apart: the norm, q, k and v's GEMVs, then the RoPE and the write.
+                let (sum_apart, normed) = (client.empty(rows * k * 4), client.empty(rows * k * 4));
+                let handles = [
+                    gl::upload(&client, &x),
+                    gl::upload(&client, &delta),
+                    gl::upload(&client, &gain),
+                    sum_apart,
+                    normed.clone(),
+                ];
+                rms_norm::launch_add(&client, handles, (rows, k), eps, f32_type).unwrap();
+                let mut parts = Vec::new();
+                for (begin, width) in [(0, q_dim), (q_dim, kv_dim), (q_dim + kv_dim, kv_dim)] {
+                    let part = client.empty(rows * width * 4);
+                    let w_part = gl::upload(&client, &w[begin * k..(begin + width) * k]);
+                    let shape = GemvShape { rows, k, n: width };
+                    launch(
+                        &client,
+                        [normed.clone(), w_part, part.clone()],
+                        Epilogue::Plain,
+                        shape,
+                        (f32_type, 4),
+                        plane_reduce,
+                    )
+                    .unwrap();
+                    parts.push(part);
+                }
+                let (q_apart, k_apart, v_apart) = (
+                    client.empty(rows * q_dim * 4),
+                    gl::upload(&client, &cache_init),
+                    gl::upload(&client, &cache_init),
+                );
+                let [q, kp, vp]: [_; 3] = parts.try_into().unwrap();
+                let handles = [
+                    q,
+                    kp,
+                    vp,
+                    gl::upload(&client, &cos),
+                    gl::upload(&client, &sin),
+                    upload_slots(),
+                    q_apart.clone(),
+                    k_apart.clone(),
+                    v_apart.clone(),
+                ];
+                let shape = QkvWriteShape {
+                    tokens: rows,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    cache_slots,
+                };
+                let strides = QkvStrides {
+                    q: q_dim,
+                    k: kv_dim,
+                    v: kv_dim,
+                };
+                qkv_write::launch(&client, handles, shape, strides, f32_type).unwrap();
+                // Fused.
+                let (sum, q_fused) = (client.empty(rows * k * 4), client.empty(rows * q_dim * 4));
+                let (k_fused, v_fused) = (gl::upload(&client, &cache_init), gl::upload(&client, &cache_init));
+                let norm = NormPrologue {
+                    gain: gl::upload(&client, &gain),
+                    eps,
+                    residual: Some([gl::upload(&client, &delta), sum]),
+                };
+                let rope = RopeWrite {
+                    cos: gl::upload(&client, &cos),
+                    sin: gl::upload(&client, &sin),
+                    slots: upload_slots(),
+                    k_cache: k_fused.clone(),
+                    v_cache: v_fused.clone(),
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    cache_slots,
+                };
+                let handles = [gl::upload(&client, &x), gl::upload(&client, &w), q_fused.clone()];
+                let shape = GemvShape { rows, k, n: 0 };
+                let epilogue = Epilogue::RopeWrite(Box::new(rope));
+                launch_normed(
                     &client,
-                    [normed.clone(), w_part, part.clone()],
-                    Epilogue::Plain,
+                    handles,
+                    norm,
+                    epilogue,
                     shape,
                     (f32_type, 4),
-                    false,
+                    plane_reduce,
                 )
                 .unwrap();
-                parts.push(part);
-            }
-            let (q_apart, k_apart, v_apart) = (
-                client.empty(rows * q_dim * 4),
-                gl::upload(&client, &cache_init),
-                gl::upload(&client, &cache_init),
-            );
-            let [q, kp, vp]: [_; 3] = parts.try_into().unwrap();
-            let handles = [
-                q,
-                kp,
-                vp,
-                gl::upload(&client, &cos),
-                gl::upload(&client, &sin),
-                upload_slots(),
-                q_apart.clone(),
-                k_apart.clone(),
-                v_apart.clone(),
-            ];
-            let shape = QkvWriteShape {
-                tokens: rows,
-                heads,
-                kv_heads,
-                head_dim,
-                cache_slots,
-            };
-            let strides = QkvStrides {
-                q: q_dim,
-                k: kv_dim,
-                v: kv_dim,
-            };
-            qkv_write::launch(&client, handles, shape, strides, f32_type).unwrap();
-            // Fused.
-            let (sum, q_fused) = (client.empty(rows * k * 4), client.empty(rows * q_dim * 4));
-            let (k_fused, v_fused) = (gl::upload(&client, &cache_init), gl::upload(&client, &cache_init));
-            let norm = NormPrologue {
-                gain: gl::upload(&client, &gain),
-                eps,
-                residual: Some([gl::upload(&client, &delta), sum]),
-            };
-            let rope = RopeWrite {
-                cos: gl::upload(&client, &cos),
-                sin: gl::upload(&client, &sin),
-                slots: upload_slots(),
-                k_cache: k_fused.clone(),
-                v_cache: v_fused.clone(),
-                heads,
-                kv_heads,
-                head_dim,
-                cache_slots,
-            };
-            let handles = [gl::upload(&client, &x), gl::upload(&client, &w), q_fused.clone()];
-            let shape = GemvShape { rows, k, n: 0 };
-            let epilogue = Epilogue::RopeWrite(Box::new(rope));
-            launch_normed(&client, handles, norm, epilogue, shape, (f32_type, 4), false).unwrap();
-            for (name, fused, apart) in [
-                ("q", q_fused, q_apart),
-                ("K", k_fused, k_apart),
-                ("V", v_fused, v_apart),
-            ] {
-                let (fused, apart) = (gl::download(&client, fused), gl::download(&client, apart));
-                for (i, (f, a)) in fused.iter().zip(&apart).enumerate() {
-                    assert!(
-                        (f - a).abs() <= 1e-5 * (1.0 + a.abs()),
-                        "{what}: {name} element {i}: fused {f}, apart {a}"
-                    );
+                for (name, fused, apart) in [
+                    ("q", q_fused, q_apart),
+                    ("K", k_fused, k_apart),
+                    ("V", v_fused, v_apart),
+                ] {
+                    let (fused, apart) = (gl::download(&client, fused), gl::download(&client, apart));
+                    for (i, (f, a)) in fused.iter().zip(&apart).enumerate() {
+                        assert!(
+                            (f - a).abs() <= 1e-5 * (1.0 + a.abs()),
+                            "{what}: {name} element {i}: fused {f}, apart {a}"
+                        );
+                    }
                 }
             }
         }

@@ -3,8 +3,9 @@
 //! Each kernel is generic over the cubecl runtime. Serving launches it on CUDA; the tests launch
 //! the same source on wgpu's OpenGL backend, which Mesa's llvmpipe runs on the CPU, so a kernel is
 //! checked against an f32 reference on every machine, GPU or not. llvmpipe's GL has no plane
-//! (warp) operations, so a kernel that reduces across a plane takes a `plane_reduce` switch: the
-//! tests run the shared-memory path and `device_check gemm` checks the plane path on the GPU.
+//! (warp) operations, so a kernel that reduces across a plane takes a `plane_reduce` switch. The
+//! tests run the shared-memory path on GL and the plane path on wgpu's Vulkan backend over Mesa's
+//! lavapipe (also the CPU), whose planes are 8 lanes wide where CUDA's warps are 32.
 
 pub mod gemv;
 pub mod paged_attention;
@@ -65,6 +66,38 @@ pub(crate) mod gl {
             cubecl_wgpu::init_setup::<cubecl_wgpu::OpenGl>(&device, Default::default());
         });
         Gl::client(&device)
+    }
+
+    /// The plane path's runtime: wgpu on Vulkan over Mesa's lavapipe, a CPU driver with
+    /// subgroups (8 lanes). cubecl does not list plane operations for a CPU adapter, but it
+    /// requests the adapter's subgroup feature and compiles them all the same.
+    pub fn plane_client() -> ComputeClient<Gl> {
+        static SETUP: OnceLock<()> = OnceLock::new();
+        let device = WgpuDevice::Cpu;
+        SETUP.get_or_init(|| {
+            let icds = std::fs::read_dir("/usr/share/vulkan/icd.d")
+                .map(|dir| {
+                    dir.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                })
+                .into_iter()
+                .flatten();
+            assert!(
+                icds.into_iter().any(|name| name.starts_with("lvp_icd")),
+                "the plane-path kernel tests need Mesa's Vulkan CPU driver (lavapipe): \
+                 apt-get install mesa-vulkan-drivers (.ci/run installs it)"
+            );
+            let setup = cubecl_wgpu::init_setup::<cubecl_wgpu::Vulkan>(&device, Default::default());
+            let info = setup.adapter.get_info();
+            assert_eq!(format!("{:?}", setup.backend), "Vulkan", "{info:?}");
+        });
+        Gl::client(&device)
+    }
+
+    /// Each reduction path with its runtime: `(client, plane_reduce)`, shared memory on GL and
+    /// planes on Vulkan.
+    pub fn reduction_paths() -> [(ComputeClient<Gl>, bool); 2] {
+        [(client(), false), (plane_client(), true)]
     }
 
     pub fn upload(client: &ComputeClient<Gl>, values: &[f32]) -> cubecl::server::Handle {

@@ -607,7 +607,30 @@ mod tests {
     }
 
     fn check_split(shape: PagedAttentionShape, queries: &[Query], partition_len: Option<usize>) {
-        let client = gl::client();
+        check_scaled(shape, queries, partition_len, 4.0);
+    }
+
+    /// The kernel against the reference on both reduction paths, with scores scaled by
+    /// `score_scale / sqrt(head_dim)`.
+    fn check_scaled(
+        shape: PagedAttentionShape,
+        queries: &[Query],
+        partition_len: Option<usize>,
+        score_scale: f32,
+    ) {
+        for (client, plane_reduce) in gl::reduction_paths() {
+            check_on(&client, plane_reduce, shape, queries, partition_len, score_scale);
+        }
+    }
+
+    fn check_on(
+        client: &ComputeClient<gl::Gl>,
+        plane_reduce: bool,
+        shape: PagedAttentionShape,
+        queries: &[Query],
+        partition_len: Option<usize>,
+        score_scale: f32,
+    ) {
         let f32_type = f32::as_type_native_unchecked().storage_type();
         let PagedAttentionShape {
             seqs,
@@ -637,13 +660,13 @@ mod tests {
         let k = values(slots * kv_heads * head_dim, 2);
         let v = values(slots * kv_heads * head_dim, 3);
         let column = |f: fn(&Query) -> u32| queries.iter().map(f).collect::<Vec<u32>>();
-        let scale = (head_dim as f32).powf(-0.5) * 4.0;
+        let scale = (head_dim as f32).powf(-0.5) * score_scale;
         let out = client.empty(q.len() * 4);
         let up = |x: &[u32]| client.create_from_slice(u32::as_bytes(x));
         let handles = [
-            gl::upload(&client, &q),
-            gl::upload(&client, &k),
-            gl::upload(&client, &v),
+            gl::upload(client, &q),
+            gl::upload(client, &k),
+            gl::upload(client, &v),
             up(&tables),
             up(&column(|q| q.seq)),
             up(&column(|q| q.begin)),
@@ -651,21 +674,22 @@ mod tests {
             out.clone(),
         ];
         launch(
-            &client,
+            client,
             handles,
             shape,
             scale,
             (f32_type, 4),
-            false,
+            plane_reduce,
             partition_len,
         )
         .unwrap();
-        let got = gl::download(&client, out);
+        let got = gl::download(client, out);
         let want = reference(shape, (&q, &k, &v), &tables, queries, scale);
         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
             assert!(
                 (g - e).abs() <= 1e-4,
-                "{shape:?} split {partition_len:?} output {i} (query {}): kernel {g}, reference {e}",
+                "{shape:?} split {partition_len:?} plane_reduce {plane_reduce} output {i} (query {}): \
+                 kernel {g}, reference {e}",
                 i / (heads * head_dim)
             );
         }
@@ -710,6 +734,27 @@ mod tests {
             slots: 5 * 64,
         };
         check(shape, &queries);
+    }
+
+    /// Scores hundreds apart, as a sharp attention head's are: `exp` of a score less the
+    /// wrong maximum overflows, so this fails where a tile's maximum (plane or tree) or the
+    /// online rescaling is wrong, as the mild scores above cannot show.
+    #[test]
+    fn kernels_paged_attention_large_scores_stay_finite() {
+        let queries = [decode(0, 0, 300), decode(1, 37, 170), decode(2, 0, 700)];
+        let shape = PagedAttentionShape {
+            queries: queries.len(),
+            seqs: 3,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 64,
+            page_size: 16,
+            max_blocks: 44,
+            slots: 16 * 140,
+        };
+        for partition_len in [None, Some(2 * TILE)] {
+            check_scaled(shape, &queries, partition_len, 400.0);
+        }
     }
 
     #[test]
