@@ -1,16 +1,19 @@
 //! Tokens per second of the f32 CPU backend (burn Flex), so that regressions show: prefill and
-//! decode at batch 1 and 8, for the embedded tiny model and for a ~110M-parameter Llama whose
+//! decode at batch 1, 2 and 8 as the server runs them, and at batch 8 with burn Flex's `matmul`
+//! for every projection (the baseline of `model::cpu_gemm`), for the embedded tiny model and for a ~110M-parameter Llama whose
 //! random weights are built here (seeded; nothing is downloaded). Times the model step alone
 //! (forward and the logits back on the host), not sampling or serving. Compare the batch-8 against
-//! the batch-1 decode throughput within one run; absolute numbers depend on the machine.
+//! the batch-1 decode throughput, and the skinny GEMM against Flex's `matmul`, within one run;
+//! absolute numbers depend on the machine.
 //!
-//! `cargo bench --bench cpu_throughput` (about a minute on 2 cores).
+//! `cargo bench --bench cpu_throughput` (about two minutes on 2 cores).
 
 use std::time::{Duration, Instant};
 
 use burn::backend::Flex;
 use burn::tensor::DType;
 use half::bf16;
+use inferflux::model::cpu_gemm;
 use inferflux::model::{
     CheckpointBytes, KvStorage, Llama, LlamaConfig, ModelFiles, ModelSource, PagedKvCache, SequenceChunk,
 };
@@ -247,18 +250,37 @@ fn main() {
         },
     ];
     println!(
-        "{:<14} {:>7} {:>5} {:>7} {:>14} {:>13} {:>14}",
-        "model", "params", "batch", "prompt", "prefill tok/s", "decode tok/s", "decode ms/step"
+        "{:<14} {:>7} {:>11} {:>5} {:>7} {:>14} {:>13} {:>14}",
+        "model",
+        "params",
+        "projections",
+        "batch",
+        "prompt",
+        "prefill tok/s",
+        "decode tok/s",
+        "decode ms/step"
     );
     for case in &cases {
         let index = case.checkpoint.index().expect("checkpoint index");
-        let model = Llama::<Flex>::load(&case.config, &index, &Default::default(), DType::F32).expect("load");
-        let rows: Vec<Row> = [1, 8].into_iter().map(|b| measure(&model, case, b)).collect();
-        for r in &rows {
+        let flex = Llama::<Flex>::load(&case.config, &index, &Default::default(), DType::F32).expect("load");
+        // As the server runs it: the skinny GEMM for 2 to 16 rows (`model::cpu_gemm`).
+        let server = flex.clone().with_projection(Some(cpu_gemm::projection()));
+        let runs = [
+            ("server", &server, 1),
+            ("server", &server, 2),
+            ("server", &server, 8),
+            ("flex", &flex, 8),
+        ];
+        let rows: Vec<Row> = runs
+            .iter()
+            .map(|&(_, model, b)| measure(model, case, b))
+            .collect();
+        for ((projections, _, _), r) in runs.iter().zip(&rows) {
             println!(
-                "{:<14} {:>6.1}M {:>5} {:>7} {:>14.1} {:>13.1} {:>14.2}",
+                "{:<14} {:>6.1}M {:>11} {:>5} {:>7} {:>14.1} {:>13.1} {:>14.2}",
                 case.name,
                 parameters(&case.config) as f64 / 1e6,
+                projections,
                 r.batch,
                 case.prompt_len,
                 r.prefill_tok_s,
@@ -267,9 +289,10 @@ fn main() {
             );
         }
         println!(
-            "{:<14} decode tok/s batch 8 / batch 1: {:.2}x",
+            "{:<14} decode tok/s batch 8 / batch 1: {:.2}x; batch 8, skinny GEMM / Flex matmul: {:.2}x",
             case.name,
-            rows[1].decode_tok_s / rows[0].decode_tok_s
+            rows[2].decode_tok_s / rows[0].decode_tok_s,
+            rows[2].decode_tok_s / rows[3].decode_tok_s
         );
     }
 }

@@ -159,12 +159,19 @@ fn profile_main(args: Args) {
             profile::<CudaNoFusion>(&files, &args, on, KvStorage::Device, kernels)
         }
     } else {
+        // As the server runs the CPU: its projection hook (`model::cpu_gemm`).
+        let server_cpu = (
+            WeightLayout::InOut,
+            Some(inferflux::model::cpu_gemm::projection()),
+            None,
+            None,
+        );
         profile::<burn::backend::Flex>(
             &files,
             &args,
             (Default::default(), DType::F32),
             KvStorage::Host,
-            plain(),
+            server_cpu,
         )
     };
     println!(

@@ -22,6 +22,7 @@ use crate::actors::tp_ranks::{Rank, RankWorker};
 use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
+use crate::model::cpu_gemm;
 use crate::model::cuda_attention::{self, AttentionKernel};
 use crate::model::cuda_fused;
 use crate::model::cuda_gemm::{self, CudaCube};
@@ -181,7 +182,10 @@ pub fn start(
             settings,
             backend,
             (vec![Default::default(); dp], DType::F32),
-            Projections::default(),
+            Projections {
+                project: Some(cpu_gemm::projection()),
+                ..Projections::default()
+            },
             fault.clone(),
         )?,
         ChosenBackend::Cuda => {
@@ -464,7 +468,7 @@ type LoadedRanks<B> = (Vec<Llama<B>>, Vec<Arc<dyn Communicator>>);
 
 /// How the models keep and multiply by their projection weights, attend in decodes and run
 /// RMSNorm and the MLP's activation (the `[cuda]` keys); burn's ops on `[in, out]` weights by
-/// default.
+/// default. The CPU backend takes its few-row products through `model::cpu_gemm`.
 struct Projections<B: Backend> {
     layout: WeightLayout,
     project: Option<ProjectFn<B>>,

@@ -5,7 +5,9 @@
 
 use burn::backend::Flex;
 use burn::tensor::DType;
-use inferflux::model::{ChatMessage, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::model::{
+    ChatMessage, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, ProjectFn, SequenceChunk,
+};
 use serde::Deserialize;
 
 type B = Flex;
@@ -153,7 +155,13 @@ fn greedy_batched(
 }
 
 fn check_fixture(name: &str) {
+    check_fixture_through(name, None);
+}
+
+/// [`check_fixture`] with `project` as the model's projection hook.
+fn check_fixture_through(name: &str, project: Option<ProjectFn<B>>) {
     let (model, files, goldens) = fixture(name);
+    let model = model.with_projection(project);
     let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().chain(&goldens.chat).collect();
     for p in &cases {
         if let Some(prompt) = &p.prompt {
@@ -236,6 +244,15 @@ fn check_decode_groups(model: &Llama<B>, cases: &[&GoldenPrompt], name: &str) {
 #[test]
 fn paged_kv_llama_f32_matches_transformers() {
     check_fixture("tiny-llama");
+}
+
+/// The server's CPU projections (`model::cpu_gemm`): its skinny GEMM serves the steps that
+/// decode the five prompts at once (5 rows), and the later steps of the chunked prefill (one
+/// 7-token chunk beside the others' decodes); Flex's `matmul` the single rows and the longer
+/// steps.
+#[test]
+fn model_cpu_skinny_gemm_matches_transformers() {
+    check_fixture_through("tiny-llama", Some(inferflux::model::cpu_gemm::projection()));
 }
 
 #[test]

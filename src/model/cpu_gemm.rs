@@ -1,0 +1,331 @@
+//! Decode-shaped products on the CPU backend: `x [m, k] · w [k, n]` for 2 to 16 rows, the
+//! weight read once.
+//!
+//! Why: burn Flex's `matmul` (the `gemm` crate) has a fast path for one row, but from two rows on
+//! it packs the weight into panels on every call. A decode step reads each weight once, so the
+//! packing is pure cost: on the 110M bench model a batch-8 decode step took 4-5x a batch-1 step
+//! (docs/Performance.md, "CPU tokens per second"). Here a tile of up to 4 rows × 16 columns of
+//! the output stays in registers while the tile walks down its strip of the weight, one 64-byte
+//! line per weight row, fetched ahead in software since the rows are far apart; the other row
+//! tiles of the strip then find it in L2. One row stays with Flex, whose GEMV streams whole rows.
+//!
+//! Each output element is one in-order sum over `k` (fused multiply-adds where the CPU has them),
+//! whatever the number of rows and wherever the row falls: a sequence's logits do not depend on
+//! which other 1 to 15 sequences decode beside it.
+
+use std::sync::Arc;
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::llama::ProjectFn;
+
+/// Rows this kernel takes, from 2; one row and more than this go to Flex's `matmul`.
+pub const CPU_SKINNY_MAX_ROWS: usize = 16;
+/// Columns of a strip: two 8-lane f32 vectors, one 64-byte line of each weight row.
+const STRIP: usize = 16;
+/// Rows of a register tile at most: 4 × 2 vector accumulators, the strip's 2 weight vectors and
+/// a broadcast of `x` fit AVX2's 16 registers.
+const TILE_ROWS: usize = 4;
+/// Weight rows fetched ahead of the one being multiplied.
+const PREFETCH_ROWS: usize = 16;
+/// Multiply-adds below which one thread does it all: splitting costs more than it saves.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// The projection hook of the CPU backend (`Llama::with_projection`): this kernel for f32
+/// products of 2 to [`CPU_SKINNY_MAX_ROWS`] rows with contiguous operands, Flex's `matmul` for
+/// everything else.
+pub fn projection() -> ProjectFn<Flex> {
+    Arc::new(project)
+}
+
+/// `x · w` (see [`projection`]).
+pub fn project(x: Tensor<Flex, 2>, w: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
+    let ([m, k], [k_w, n]) = (x.dims(), w.dims());
+    let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    if !(2..=CPU_SKINNY_MAX_ROWS).contains(&m) || k != k_w || !f32s {
+        return x.matmul(w);
+    }
+    let device = x.device();
+    let (xp, wp) = (
+        x.clone().into_primitive().tensor(),
+        w.clone().into_primitive().tensor(),
+    );
+    let (Some(xs), Some(ws)) = (xp.as_slice::<f32>(), wp.as_slice::<f32>()) else {
+        return x.matmul(w);
+    };
+    let out = skinny_gemm(xs, ws, [m, k, n]);
+    Tensor::from_data(TensorData::new(out, [m, n]), &device)
+}
+
+/// `x [m, k] · w [k, n]`, both row-major, into a new row-major `[m, n]`.
+pub fn skinny_gemm(x: &[f32], w: &[f32], [m, k, n]: [usize; 3]) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "x is [m, k]");
+    assert_eq!(w.len(), k * n, "w is [k, n]");
+    let mut out = vec![0.0f32; m * n];
+    let strips = n.div_ceil(STRIP);
+    let threads = rayon::current_num_threads();
+    let parts = if m * k * n < PARALLEL_MIN_WORK || threads == 1 {
+        1
+    } else {
+        // A few parts per thread, so that a thread slowed by other work is caught up.
+        (4 * threads).min(strips)
+    };
+    let per_part = strips.div_ceil(parts);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..parts).into_par_iter().for_each(|part| {
+        let first = part * per_part * STRIP;
+        let end = ((part + 1) * per_part * STRIP).min(n);
+        if first < end {
+            // SAFETY: parts write disjoint column ranges `first..end` of `out`'s rows, and `out`
+            // outlives the parallel loop.
+            unsafe { columns(x, w, [m, k, n], first..end, &out_ptr) };
+        }
+    });
+    out
+}
+
+/// `out`'s buffer, written by several threads at disjoint columns.
+struct SharedOut(*mut f32);
+// SAFETY: see `skinny_gemm`: every thread writes only its own columns.
+unsafe impl Sync for SharedOut {}
+
+/// Columns `cols` of every row of the product, through the widest instructions the CPU has.
+///
+/// # Safety
+/// `out` points to `m * n` floats, and no other thread writes columns `cols`.
+unsafe fn columns(x: &[f32], w: &[f32], mkn: [usize; 3], cols: std::ops::Range<usize>, out: &SharedOut) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, just checked; the rest is the caller's contract.
+        unsafe { columns_avx2_fma(x, w, mkn, cols, out) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { columns_with::<Portable>(x, w, mkn, cols, out) };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn columns_avx2_fma(
+    x: &[f32],
+    w: &[f32],
+    mkn: [usize; 3],
+    cols: std::ops::Range<usize>,
+    out: &SharedOut,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { columns_with::<Avx2Fma>(x, w, mkn, cols, out) };
+}
+
+/// What the tile loop compiles to on one kind of CPU.
+trait Isa {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+    fn prefetch(at: *const f32);
+}
+
+/// x86-64 with AVX2 and FMA: one rounding per multiply-add, and software prefetch.
+#[cfg(target_arch = "x86_64")]
+struct Avx2Fma;
+#[cfg(target_arch = "x86_64")]
+impl Isa for Avx2Fma {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+
+    #[inline(always)]
+    fn prefetch(at: *const f32) {
+        // SAFETY: a prefetch is a hint that never faults, whatever the address.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast()) };
+    }
+}
+
+/// Anything else: a multiply and an add (`mul_add` without an FMA instruction would call libm).
+struct Portable;
+impl Isa for Portable {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+
+    #[inline(always)]
+    fn prefetch(_: *const f32) {}
+}
+
+/// # Safety
+/// As [`columns`].
+#[inline(always)]
+unsafe fn columns_with<I: Isa>(
+    x: &[f32],
+    w: &[f32],
+    [m, k, n]: [usize; 3],
+    cols: std::ops::Range<usize>,
+    out: &SharedOut,
+) {
+    // Row tiles as even as they can be (9 rows are 3 + 3 + 3, not 4 + 4 + 1): a tile's time is
+    // that of its loop over `k`, whatever its height.
+    let tile_rows = m.div_ceil(m.div_ceil(TILE_ROWS));
+    let mut c = cols.start;
+    while c < cols.end {
+        let width = STRIP.min(cols.end - c);
+        let mut r = 0;
+        while r < m {
+            let rows = tile_rows.min(m - r);
+            let tile = match (rows, width) {
+                (4, STRIP) => tile::<I, 4>(x, w, [k, n], r, c),
+                (3, STRIP) => tile::<I, 3>(x, w, [k, n], r, c),
+                (2, STRIP) => tile::<I, 2>(x, w, [k, n], r, c),
+                (1, STRIP) => tile::<I, 1>(x, w, [k, n], r, c),
+                _ => narrow_tile::<I>(x, w, [k, n], (r, rows), (c, width)),
+            };
+            for (i, row) in tile.iter().take(rows).enumerate() {
+                // SAFETY: row `r + i < m`, columns `c..c + width` within `cols` (the caller's).
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.0.add((r + i) * n + c), width) };
+            }
+            r += rows;
+        }
+        c += width;
+    }
+}
+
+/// Rows `r..r + R` × columns `c..c + STRIP` of the product, accumulated in registers.
+#[inline(always)]
+fn tile<I: Isa, const R: usize>(
+    x: &[f32],
+    w: &[f32],
+    [k, n]: [usize; 2],
+    r: usize,
+    c: usize,
+) -> [[f32; STRIP]; TILE_ROWS] {
+    let mut acc = [[0.0f32; STRIP]; R];
+    let xs: [&[f32]; R] = std::array::from_fn(|i| &x[(r + i) * k..][..k]);
+    for kk in 0..k {
+        I::prefetch(w.as_ptr().wrapping_add((kk + PREFETCH_ROWS) * n + c));
+        let wv: &[f32; STRIP] = w[kk * n + c..][..STRIP].try_into().expect("a strip's row");
+        for i in 0..R {
+            let xv = xs[i][kk];
+            for j in 0..STRIP {
+                acc[i][j] = I::mul_add(xv, wv[j], acc[i][j]);
+            }
+        }
+    }
+    let mut tile = [[0.0f32; STRIP]; TILE_ROWS];
+    tile[..R].copy_from_slice(&acc);
+    tile
+}
+
+/// The last strip's few columns (`n` not a multiple of the strip), summed as [`tile`] sums.
+#[inline(always)]
+fn narrow_tile<I: Isa>(
+    x: &[f32],
+    w: &[f32],
+    [k, n]: [usize; 2],
+    (r, rows): (usize, usize),
+    (c, width): (usize, usize),
+) -> [[f32; STRIP]; TILE_ROWS] {
+    let mut acc = [[0.0f32; STRIP]; TILE_ROWS];
+    for kk in 0..k {
+        let wv = &w[kk * n + c..][..width];
+        for (i, row) in acc.iter_mut().enumerate().take(rows) {
+            let xv = x[(r + i) * k + kk];
+            for (a, &wj) in row.iter_mut().zip(wv) {
+                *a = I::mul_add(xv, wj, *a);
+            }
+        }
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `x · w` summed in f64.
+    fn reference(x: &[f32], w: &[f32], [m, k, n]: [usize; 3]) -> Vec<f32> {
+        let mut out = vec![0.0f32; m * n];
+        for r in 0..m {
+            for o in 0..n {
+                out[r * n + o] = (0..k)
+                    .map(|j| x[r * k + j] as f64 * w[j * n + o] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, salt: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn cpu_gemm_skinny_matches_an_f64_product() {
+        // Whole strips and a narrow last one; tiles of 1 to 4 rows; one thread's work and parts
+        // over threads (768 × 2048 at 8 rows passes PARALLEL_MIN_WORK).
+        for mkn in [
+            [1, 64, 64],
+            [3, 7, 5],
+            [5, 36, 33],
+            [8, 768, 2048],
+            [16, 100, 50],
+            [9, 2048, 130],
+        ] {
+            let [m, k, n] = mkn;
+            let (x, w) = (values(m * k, 1), values(k * n, 2));
+            let got = skinny_gemm(&x, &w, mkn);
+            let want = reference(&x, &w, mkn);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()) * k as f32,
+                    "{mkn:?} output {i}: kernel {g}, f64 product {e}"
+                );
+            }
+        }
+    }
+
+    /// A row's products are the same bits alone or among 15 others, at any place in its tile:
+    /// a sequence's logits do not depend on its batch.
+    #[test]
+    fn cpu_gemm_skinny_rows_do_not_depend_on_the_batch() {
+        let (k, n) = (300, 70);
+        let w = values(k * n, 3);
+        let x = values(16 * k, 4);
+        let all = skinny_gemm(&x, &w, [16, k, n]);
+        for r in [0, 1, 5, 14, 15] {
+            let alone = skinny_gemm(&x[r * k..(r + 1) * k], &w, [1, k, n]);
+            assert_eq!(alone, all[r * n..(r + 1) * n], "row {r}");
+        }
+        for (first, rows) in [(2, 5), (9, 7), (3, 2)] {
+            let some = skinny_gemm(&x[first * k..(first + rows) * k], &w, [rows, k, n]);
+            assert_eq!(some, all[first * n..(first + rows) * n], "rows {first}..+{rows}");
+        }
+    }
+
+    /// The hook takes f32 products of 2 to 16 contiguous rows and hands the rest to Flex's
+    /// `matmul`; both agree with it.
+    #[test]
+    fn cpu_gemm_projection_agrees_with_flex_matmul() {
+        let device = Default::default();
+        let (k, n) = (96, 40);
+        let tensor =
+            |v: Vec<f32>, shape: [usize; 2]| Tensor::<Flex, 2>::from_data(TensorData::new(v, shape), &device);
+        let w = tensor(values(k * n, 5), [k, n]);
+        let tolerance = burn::tensor::Tolerance::absolute(1e-4);
+        for m in [1, 2, 8, 16, 17] {
+            let x = tensor(values(m * k, 6), [m, k]);
+            let want = x.clone().matmul(w.clone()).into_data();
+            project(x, w.clone())
+                .into_data()
+                .assert_approx_eq::<f32>(&want, tolerance);
+        }
+        // A transposed (strided) x falls back to `matmul`.
+        let xt = tensor(values(k * 4, 7), [k, 4]).transpose();
+        let want = xt.clone().matmul(w.clone()).into_data();
+        project(xt, w)
+            .into_data()
+            .assert_approx_eq::<f32>(&want, tolerance);
+    }
+}
