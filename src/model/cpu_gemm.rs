@@ -242,23 +242,11 @@ fn narrow_tile<I: Isa>(
 mod tests {
     use super::*;
 
-    /// `x · w` summed in f64.
-    fn reference(x: &[f32], w: &[f32], [m, k, n]: [usize; 3]) -> Vec<f32> {
-        let mut out = vec![0.0f32; m * n];
-        for r in 0..m {
-            for o in 0..n {
-                out[r * n + o] = (0..k)
-                    .map(|j| x[r * k + j] as f64 * w[j * n + o] as f64)
-                    .sum::<f64>() as f32;
-            }
-        }
-        out
-    }
+    use crate::model::kernels::gl::{product, values};
 
-    fn values(len: usize, salt: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
+    /// `w [k, n]` of `w_t [n, k]`: the kernels' tests' f64 reference takes the weight `[n, k]`.
+    fn transposed(w_t: &[f32], [k, n]: [usize; 2]) -> Vec<f32> {
+        (0..k * n).map(|i| w_t[(i % n) * k + i / n]).collect()
     }
 
     #[test]
@@ -274,9 +262,9 @@ mod tests {
             [9, 2048, 130],
         ] {
             let [m, k, n] = mkn;
-            let (x, w) = (values(m * k, 1), values(k * n, 2));
-            let got = skinny_gemm(&x, &w, mkn);
-            let want = reference(&x, &w, mkn);
+            let (x, w_t) = (values(m * k, 1), values(n * k, 2));
+            let got = skinny_gemm(&x, &transposed(&w_t, [k, n]), mkn);
+            let want = product(&x, &w_t, mkn);
             for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - e).abs() <= 1e-5 * (1.0 + e.abs()) * k as f32,
