@@ -1,7 +1,7 @@
 //! Tokens per second of the f32 CPU backend (burn Flex), so that regressions show: prefill and
 //! decode at batch 1, 2 and 8 as the server runs them, and at batch 8 with burn Flex's `matmul`
-//! for every projection (the baseline of `model::cpu_gemm`), for the embedded tiny model and for a ~110M-parameter Llama whose
-//! random weights are built here (seeded; nothing is downloaded). Times the model step alone
+//! for every projection (the baseline of `model::cpu_gemm`), for the embedded tiny model and for
+//! a ~110M-parameter Llama whose random weights are built here (seeded; nothing is downloaded). Times the model step alone
 //! (forward and the logits back on the host), not sampling or serving. Compare the batch-8 against
 //! the batch-1 decode throughput, and the skinny GEMM against Flex's `matmul`, within one run;
 //! absolute numbers depend on the machine.
