@@ -291,6 +291,15 @@ enum AttentionGroup<B: Backend> {
         /// `[n, 1, 1, ctx_len]`, `-inf` on padding; `None` when no context is padded.
         mask: Option<Tensor<B, 4>>,
     },
+    /// Every single-token decode of the step when there are two or more, on host storage:
+    /// attended over the cache's rows in place (`PagedKvCache::attend_decodes`), without a
+    /// gather, padding or a mask.
+    HostDecode {
+        /// The queries' rows in the step.
+        rows: Tensor<B, 1, Int>,
+        /// Each query's context slots, in position order.
+        contexts: Vec<Vec<i32>>,
+    },
     /// Every single-token decode and every short prompt chunk of the step
     /// ([`PAGED_CHUNK_MAX_WORK`]), attended by the [`PagedAttentionFn`] through block tables:
     /// no gather, no padding, no mask.
@@ -794,7 +803,22 @@ impl<B: Backend> Llama<B> {
                 ctx_end: int_tensor(end, dev),
             });
         }
-        let gathered_decodes = if paged { Vec::new() } else { decode_groups(&lens) };
+        // A lone decode stays with the gather and Flex's batched matmul, measured faster for it
+        // (docs/Performance.md, "Decode attention over host pages").
+        let on_host = cache.storage() == KvStorage::Host && decodes.len() >= 2;
+        if on_host {
+            let rows: Vec<i32> = decodes.iter().map(|&i| contexts[i].q_start as i32).collect();
+            grouped_rows.extend_from_slice(&rows);
+            groups.push(AttentionGroup::HostDecode {
+                rows: int_tensor(rows, dev),
+                contexts: decodes.iter().map(|&i| contexts[i].ctx_slots.clone()).collect(),
+            });
+        }
+        let gathered_decodes = if paged || on_host {
+            Vec::new()
+        } else {
+            decode_groups(&lens)
+        };
         for members in gathered_decodes {
             let members: Vec<&ChunkContext> = members.iter().map(|&m| &contexts[decodes[m]]).collect();
             let ctx_len = members.iter().map(|m| m.ctx_slots.len()).max().unwrap_or(0);
@@ -902,6 +926,15 @@ impl<B: Backend> Llama<B> {
                         kv_heads: nkv,
                         scale: scale as f32,
                     })
+                }
+                AttentionGroup::HostDecode { rows, contexts } => {
+                    let n = contexts.len();
+                    let q = q.clone().select(0, rows.clone()).into_data().convert::<f32>();
+                    let q = q.as_slice::<f32>().expect("f32 queries");
+                    let out = cache
+                        .attend_decodes(layer, q, contexts, [nh, hd], scale as f32)
+                        .expect("host decodes are planned only for host storage");
+                    Tensor::from_data(TensorData::new(out, [n, nh * hd]), (&self.device, self.dtype))
                 }
                 AttentionGroup::Decode {
                     rows,
