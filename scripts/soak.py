@@ -275,7 +275,7 @@ def main():
     p.add_argument("--max-requests", type=int, default=100_000)
     p.add_argument("--concurrency", type=int, default=24)
     p.add_argument("--warmup", type=float, default=20, help="seconds before the RSS baseline")
-    p.add_argument("--rss-slack-mib", type=float, default=64)
+    p.add_argument("--rss-slack-mib", type=float, default=16)
     p.add_argument("--rss-slack-frac", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=None)
     args = p.parse_args()
