@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use burn::backend::Flex;
 use burn::tensor::DType;
 use half::bf16;
-use inferflux::model::cpu_gemm;
+use inferflux::model::{cpu_fused, cpu_gemm};
 use inferflux::model::{
     CheckpointBytes, KvStorage, Llama, LlamaConfig, ModelFiles, ModelSource, PagedKvCache, SequenceChunk,
 };
@@ -263,7 +263,10 @@ fn main() {
     for case in &cases {
         let index = case.checkpoint.index().expect("checkpoint index");
         let flex = Llama::<Flex>::load(&case.config, &index, &Default::default(), DType::F32).expect("load");
-        // As the server runs it: the skinny GEMM for 2 to 16 rows (`model::cpu_gemm`).
+        // The skinny GEMM's baseline: RoPE, RMSNorm and the activation over host rows as in the
+        // server (`model::cpu_fused`), and Flex's `matmul` for every projection.
+        let flex = flex.with_fused_ops(Some(cpu_fused::fused_ops()));
+        // As the server runs it: the same, with the skinny GEMM for 2 to 16 rows (`model::cpu_gemm`).
         let server = flex.clone().with_projection(Some(cpu_gemm::projection()));
         let runs = [
             ("server", &server, 1),

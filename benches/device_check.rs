@@ -159,12 +159,13 @@ fn profile_main(args: Args) {
             profile::<CudaNoFusion>(&files, &args, on, KvStorage::Device, kernels)
         }
     } else {
-        // As the server runs the CPU: its projection hook (`model::cpu_gemm`).
+        // As the server runs the CPU: its projection hook (`model::cpu_gemm`) and its row-wise
+        // ops (`model::cpu_fused`).
         let server_cpu = (
             WeightLayout::InOut,
             Some(inferflux::model::cpu_gemm::projection()),
             None,
-            None,
+            Some(inferflux::model::cpu_fused::fused_ops()),
         );
         profile::<burn::backend::Flex>(
             &files,

@@ -22,12 +22,12 @@ use crate::actors::tp_ranks::{Rank, RankWorker};
 use crate::config::{DeviceKind, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
-use crate::model::cpu_gemm;
 use crate::model::cuda_attention::{self, AttentionKernel};
 use crate::model::cuda_fused;
 use crate::model::cuda_gemm::{self, CudaCube};
 use crate::model::cuda_sample;
 use crate::model::draw::DeviceSampling;
+use crate::model::{cpu_fused, cpu_gemm};
 use crate::model::{
     FusedOps, KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedAttentionFn, PagedKvCache,
     ProjectFn, WeightIndex, WeightLayout,
@@ -184,6 +184,7 @@ pub fn start(
             (vec![Default::default(); dp], DType::F32),
             Projections {
                 project: Some(cpu_gemm::projection()),
+                fused: Some(cpu_fused::fused_ops()),
                 ..Projections::default()
             },
             fault.clone(),
@@ -468,7 +469,8 @@ type LoadedRanks<B> = (Vec<Llama<B>>, Vec<Arc<dyn Communicator>>);
 
 /// How the models keep and multiply by their projection weights, attend in decodes and run
 /// RMSNorm and the MLP's activation (the `[cuda]` keys); burn's ops on `[in, out]` weights by
-/// default. The CPU backend takes its few-row products through `model::cpu_gemm`.
+/// default. The CPU backend takes its few-row products through `model::cpu_gemm`, and RoPE,
+/// RMSNorm and the activation through `model::cpu_fused`.
 struct Projections<B: Backend> {
     layout: WeightLayout,
     project: Option<ProjectFn<B>>,

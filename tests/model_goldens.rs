@@ -5,9 +5,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::DType;
-use inferflux::model::{
-    ChatMessage, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, ProjectFn, SequenceChunk,
-};
+use inferflux::model::{ChatMessage, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
 use serde::Deserialize;
 
 type B = Flex;
@@ -155,13 +153,14 @@ fn greedy_batched(
 }
 
 fn check_fixture(name: &str) {
-    check_fixture_through(name, None);
+    check_fixture_through(name, |model| model);
 }
 
 /// [`check_fixture`] with `project` as the model's projection hook.
-fn check_fixture_through(name: &str, project: Option<ProjectFn<B>>) {
+/// [`check_fixture`] of the model as `setup` leaves it.
+fn check_fixture_through(name: &str, setup: fn(Llama<B>) -> Llama<B>) {
     let (model, files, goldens) = fixture(name);
-    let model = model.with_projection(project);
+    let model = setup(model);
     let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().chain(&goldens.chat).collect();
     for p in &cases {
         if let Some(prompt) = &p.prompt {
@@ -246,13 +245,26 @@ fn paged_kv_llama_f32_matches_transformers() {
     check_fixture("tiny-llama");
 }
 
-/// The server's CPU projections (`model::cpu_gemm`): its skinny GEMM serves the steps that
-/// decode the five prompts at once (5 rows), and the later steps of the chunked prefill (one
+/// The model as the server runs it on the CPU: `model::cpu_gemm`'s skinny GEMM serves the steps
+/// that decode the five prompts at once (5 rows), and the later steps of the chunked prefill (one
 /// 7-token chunk beside the others' decodes); Flex's `matmul` the single rows and the longer
-/// steps.
+/// steps. `model::cpu_fused` runs every RoPE, RMSNorm (Qwen3's q/k norms too) and activation.
 #[test]
-fn model_cpu_skinny_gemm_matches_transformers() {
-    check_fixture_through("tiny-llama", Some(inferflux::model::cpu_gemm::projection()));
+fn model_cpu_server_kernels_match_transformers() {
+    fn as_the_server_runs_it(model: Llama<B>) -> Llama<B> {
+        model
+            .with_projection(Some(inferflux::model::cpu_gemm::projection()))
+            .with_fused_ops(Some(inferflux::model::cpu_fused::fused_ops()))
+    }
+    for name in [
+        "tiny-llama",
+        "tiny-llama3",
+        "tiny-mistral",
+        "tiny-qwen2",
+        "tiny-qwen3",
+    ] {
+        check_fixture_through(name, as_the_server_runs_it);
+    }
 }
 
 #[test]

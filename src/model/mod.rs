@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod cpu_fused;
 pub mod cpu_gemm;
 pub mod cuda_attention;
 pub mod cuda_fused;
