@@ -8,6 +8,8 @@
 //! the output stays in registers while the tile walks down its strip of the weight, one 64-byte
 //! line per weight row, fetched ahead in software since the rows are far apart; the other row
 //! tiles of the strip then find it in L2. One row stays with Flex, whose GEMV streams whole rows.
+//! With AVX-512's 32 registers a tile is up to 8 rows × 32 columns: two lines per weight row, so
+//! the walk touches half as many pages per byte, and a batch of 8 reads each line once.
 //!
 //! Each output element is one in-order sum over `k` (fused multiply-adds where the CPU has them),
 //! whatever the number of rows and wherever the row falls: a sequence's logits do not depend on
@@ -23,11 +25,18 @@ use super::llama::ProjectFn;
 
 /// Rows this kernel takes, from 2; one row and more than this go to Flex's `matmul`.
 pub const CPU_SKINNY_MAX_ROWS: usize = 16;
-/// Columns of a strip: two 8-lane f32 vectors, one 64-byte line of each weight row.
+/// Columns of a strip with AVX2 (and elsewhere): two 8-lane f32 vectors, one 64-byte line of each
+/// weight row.
 const STRIP: usize = 16;
-/// Rows of a register tile at most: 4 × 2 vector accumulators, the strip's 2 weight vectors and
-/// a broadcast of `x` fit AVX2's 16 registers.
+/// Rows of a register tile at most with AVX2: 4 × 2 vector accumulators, the strip's 2 weight
+/// vectors and a broadcast of `x` fit its 16 registers.
 const TILE_ROWS: usize = 4;
+/// Columns of a strip with AVX-512: two 16-lane vectors, two lines of each weight row, so the walk
+/// down the weight touches half as many pages per byte.
+const WIDE_STRIP: usize = 32;
+/// Rows of a register tile at most with AVX-512: 8 × 2 accumulators of its 32 registers, so a
+/// batch of 8 reads each weight line once.
+const WIDE_TILE_ROWS: usize = 8;
 /// Weight rows fetched ahead of the one being multiplied.
 const PREFETCH_ROWS: usize = 16;
 /// Multiply-adds below which one thread does it all: splitting costs more than it saves.
@@ -61,10 +70,61 @@ pub fn project(x: Tensor<Flex, 2>, w: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
 
 /// `x [m, k] · w [k, n]`, both row-major, into a new row-major `[m, n]`.
 pub fn skinny_gemm(x: &[f32], w: &[f32], [m, k, n]: [usize; 3]) -> Vec<f32> {
+    skinny_gemm_with(Kernel::best(), x, w, [m, k, n])
+}
+
+/// The instruction sets the kernel is compiled for; [`Kernel::best`] is the one used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// x86-64 with AVX-512F and FMA: strips of [`WIDE_STRIP`], tiles of up to [`WIDE_TILE_ROWS`].
+    Avx512,
+    /// x86-64 with AVX2 and FMA: strips of [`STRIP`], tiles of up to [`TILE_ROWS`].
+    Avx2Fma,
+    /// Anything: the AVX2 shapes with a multiply and an add.
+    Portable,
+}
+
+impl Kernel {
+    /// Every kernel this CPU can run, the best first.
+    pub fn available() -> Vec<Kernel> {
+        [Kernel::Avx512, Kernel::Avx2Fma, Kernel::Portable]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
+    }
+
+    /// Whether this CPU has the kernel's instructions (std caches the CPU's features).
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Kernel::Avx512 => has!("avx512f") && has!("fma"),
+                Kernel::Avx2Fma => has!("avx2") && has!("fma"),
+                Kernel::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kernel::Portable
+        }
+    }
+
+    /// The widest kernel this CPU runs (checked once).
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| Kernel::available()[0])
+    }
+}
+
+/// [`skinny_gemm`] through `kernel`, which the CPU must run (one of [`Kernel::available`]).
+pub fn skinny_gemm_with(kernel: Kernel, x: &[f32], w: &[f32], [m, k, n]: [usize; 3]) -> Vec<f32> {
+    assert!(kernel.runs_here(), "{kernel:?} on this CPU");
     assert_eq!(x.len(), m * k, "x is [m, k]");
     assert_eq!(w.len(), k * n, "w is [k, n]");
     let mut out = vec![0.0f32; m * n];
-    let strips = n.div_ceil(STRIP);
+    // Parts split the columns in whole strips of either width.
+    let strips = n.div_ceil(WIDE_STRIP);
     let threads = rayon::current_num_threads();
     let parts = if m * k * n < PARALLEL_MIN_WORK || threads == 1 {
         1
@@ -75,12 +135,12 @@ pub fn skinny_gemm(x: &[f32], w: &[f32], [m, k, n]: [usize; 3]) -> Vec<f32> {
     let per_part = strips.div_ceil(parts);
     let out_ptr = SharedOut(out.as_mut_ptr());
     (0..parts).into_par_iter().for_each(|part| {
-        let first = part * per_part * STRIP;
-        let end = ((part + 1) * per_part * STRIP).min(n);
+        let first = part * per_part * WIDE_STRIP;
+        let end = ((part + 1) * per_part * WIDE_STRIP).min(n);
         if first < end {
             // SAFETY: parts write disjoint column ranges `first..end` of `out`'s rows, and `out`
-            // outlives the parallel loop.
-            unsafe { columns(x, w, [m, k, n], first..end, &out_ptr) };
+            // outlives the parallel loop; `kernel` runs on this CPU (asserted above).
+            unsafe { columns(kernel, x, w, [m, k, n], first..end, &out_ptr) };
         }
     });
     out
@@ -91,19 +151,40 @@ struct SharedOut(*mut f32);
 // SAFETY: see `skinny_gemm`: every thread writes only its own columns.
 unsafe impl Sync for SharedOut {}
 
-/// Columns `cols` of every row of the product, through the widest instructions the CPU has.
+/// Columns `cols` of every row of the product, through `kernel`.
 ///
 /// # Safety
-/// `out` points to `m * n` floats, and no other thread writes columns `cols`.
-unsafe fn columns(x: &[f32], w: &[f32], mkn: [usize; 3], cols: std::ops::Range<usize>, out: &SharedOut) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, just checked; the rest is the caller's contract.
-        unsafe { columns_avx2_fma(x, w, mkn, cols, out) };
-        return;
+/// The CPU runs `kernel`; `out` points to `m * n` floats, and no other thread writes columns
+/// `cols`.
+unsafe fn columns(
+    kernel: Kernel,
+    x: &[f32],
+    w: &[f32],
+    mkn: [usize; 3],
+    cols: std::ops::Range<usize>,
+    out: &SharedOut,
+) {
+    match kernel {
+        // SAFETY (all three): the caller's contract.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { columns_avx512(x, w, mkn, cols, out) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2Fma => unsafe { columns_avx2_fma(x, w, mkn, cols, out) },
+        _ => unsafe { columns_with::<Portable, STRIP>(x, w, mkn, cols, TILE_ROWS, out) },
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn columns_avx512(
+    x: &[f32],
+    w: &[f32],
+    mkn: [usize; 3],
+    cols: std::ops::Range<usize>,
+    out: &SharedOut,
+) {
     // SAFETY: the caller's contract.
-    unsafe { columns_with::<Portable>(x, w, mkn, cols, out) };
+    unsafe { columns_with::<Avx2Fma, WIDE_STRIP>(x, w, mkn, cols, WIDE_TILE_ROWS, out) };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -116,7 +197,7 @@ unsafe fn columns_avx2_fma(
     out: &SharedOut,
 ) {
     // SAFETY: the caller's contract.
-    unsafe { columns_with::<Avx2Fma>(x, w, mkn, cols, out) };
+    unsafe { columns_with::<Avx2Fma, STRIP>(x, w, mkn, cols, TILE_ROWS, out) };
 }
 
 /// What the tile loop compiles to on one kind of CPU.
@@ -125,7 +206,8 @@ trait Isa {
     fn prefetch(at: *const f32);
 }
 
-/// x86-64 with AVX2 and FMA: one rounding per multiply-add, and software prefetch.
+/// x86-64 with FMA (AVX2 or AVX-512, as the caller's target features say): one rounding per
+/// multiply-add, and software prefetch.
 #[cfg(target_arch = "x86_64")]
 struct Avx2Fma;
 #[cfg(target_arch = "x86_64")]
@@ -154,31 +236,39 @@ impl Isa for Portable {
     fn prefetch(_: *const f32) {}
 }
 
+/// Strips of `S` columns, tiles of at most `max_rows` rows (at most [`WIDE_TILE_ROWS`]).
+///
 /// # Safety
 /// As [`columns`].
 #[inline(always)]
-unsafe fn columns_with<I: Isa>(
+unsafe fn columns_with<I: Isa, const S: usize>(
     x: &[f32],
     w: &[f32],
     [m, k, n]: [usize; 3],
     cols: std::ops::Range<usize>,
+    max_rows: usize,
     out: &SharedOut,
 ) {
     // Row tiles as even as they can be (9 rows are 3 + 3 + 3, not 4 + 4 + 1): a tile's time is
     // that of its loop over `k`, whatever its height.
-    let tile_rows = m.div_ceil(m.div_ceil(TILE_ROWS));
+    let tile_rows = m.div_ceil(m.div_ceil(max_rows));
     let mut c = cols.start;
     while c < cols.end {
-        let width = STRIP.min(cols.end - c);
+        let width = S.min(cols.end - c);
         let mut r = 0;
         while r < m {
             let rows = tile_rows.min(m - r);
-            let tile = match (rows, width) {
-                (4, STRIP) => tile::<I, 4>(x, w, [k, n], r, c),
-                (3, STRIP) => tile::<I, 3>(x, w, [k, n], r, c),
-                (2, STRIP) => tile::<I, 2>(x, w, [k, n], r, c),
-                (1, STRIP) => tile::<I, 1>(x, w, [k, n], r, c),
-                _ => narrow_tile::<I>(x, w, [k, n], (r, rows), (c, width)),
+            let whole = width == S;
+            let tile = match rows {
+                8 if whole => tile::<I, 8, S>(x, w, [k, n], r, c),
+                7 if whole => tile::<I, 7, S>(x, w, [k, n], r, c),
+                6 if whole => tile::<I, 6, S>(x, w, [k, n], r, c),
+                5 if whole => tile::<I, 5, S>(x, w, [k, n], r, c),
+                4 if whole => tile::<I, 4, S>(x, w, [k, n], r, c),
+                3 if whole => tile::<I, 3, S>(x, w, [k, n], r, c),
+                2 if whole => tile::<I, 2, S>(x, w, [k, n], r, c),
+                1 if whole => tile::<I, 1, S>(x, w, [k, n], r, c),
+                _ => narrow_tile::<I, S>(x, w, [k, n], (r, rows), (c, width)),
             };
             for (i, row) in tile.iter().take(rows).enumerate() {
                 // SAFETY: row `r + i < m`, columns `c..c + width` within `cols` (the caller's).
@@ -190,42 +280,45 @@ unsafe fn columns_with<I: Isa>(
     }
 }
 
-/// Rows `r..r + R` × columns `c..c + STRIP` of the product, accumulated in registers.
+/// Rows `r..r + R` × columns `c..c + S` of the product, accumulated in registers.
 #[inline(always)]
-fn tile<I: Isa, const R: usize>(
+fn tile<I: Isa, const R: usize, const S: usize>(
     x: &[f32],
     w: &[f32],
     [k, n]: [usize; 2],
     r: usize,
     c: usize,
-) -> [[f32; STRIP]; TILE_ROWS] {
-    let mut acc = [[0.0f32; STRIP]; R];
+) -> [[f32; S]; WIDE_TILE_ROWS] {
+    let mut acc = [[0.0f32; S]; R];
     let xs: [&[f32]; R] = std::array::from_fn(|i| &x[(r + i) * k..][..k]);
     for kk in 0..k {
-        I::prefetch(w.as_ptr().wrapping_add((kk + PREFETCH_ROWS) * n + c));
-        let wv: &[f32; STRIP] = w[kk * n + c..][..STRIP].try_into().expect("a strip's row");
+        // One prefetch per 64-byte line of the strip's row.
+        for line in (0..S).step_by(16) {
+            I::prefetch(w.as_ptr().wrapping_add((kk + PREFETCH_ROWS) * n + c + line));
+        }
+        let wv: &[f32; S] = w[kk * n + c..][..S].try_into().expect("a strip's row");
         for i in 0..R {
             let xv = xs[i][kk];
-            for j in 0..STRIP {
+            for j in 0..S {
                 acc[i][j] = I::mul_add(xv, wv[j], acc[i][j]);
             }
         }
     }
-    let mut tile = [[0.0f32; STRIP]; TILE_ROWS];
+    let mut tile = [[0.0f32; S]; WIDE_TILE_ROWS];
     tile[..R].copy_from_slice(&acc);
     tile
 }
 
 /// The last strip's few columns (`n` not a multiple of the strip), summed as [`tile`] sums.
 #[inline(always)]
-fn narrow_tile<I: Isa>(
+fn narrow_tile<I: Isa, const S: usize>(
     x: &[f32],
     w: &[f32],
     [k, n]: [usize; 2],
     (r, rows): (usize, usize),
     (c, width): (usize, usize),
-) -> [[f32; STRIP]; TILE_ROWS] {
-    let mut acc = [[0.0f32; STRIP]; TILE_ROWS];
+) -> [[f32; S]; WIDE_TILE_ROWS] {
+    let mut acc = [[0.0f32; S]; WIDE_TILE_ROWS];
     for kk in 0..k {
         let wv = &w[kk * n + c..][..width];
         for (i, row) in acc.iter_mut().enumerate().take(rows) {
@@ -249,46 +342,61 @@ mod tests {
         (0..k * n).map(|i| w_t[(i % n) * k + i / n]).collect()
     }
 
+    /// Every kernel this CPU runs.
     #[test]
     fn cpu_gemm_skinny_matches_an_f64_product() {
-        // Whole strips and a narrow last one; tiles of 1 to 4 rows; one thread's work and parts
+        // Whole strips and a narrow last one; tiles of 1 to 8 rows; one thread's work and parts
         // over threads (768 × 2048 at 8 rows passes PARALLEL_MIN_WORK).
-        for mkn in [
-            [1, 64, 64],
-            [3, 7, 5],
-            [5, 36, 33],
-            [8, 768, 2048],
-            [16, 100, 50],
-            [9, 2048, 130],
-        ] {
+        for (kernel, mkn) in Kernel::available().into_iter().flat_map(|kernel| {
+            [
+                [1, 64, 64],
+                [3, 7, 5],
+                [5, 36, 33],
+                [8, 768, 2048],
+                [16, 100, 50],
+                [9, 2048, 130],
+                [7, 40, 96],
+            ]
+            .map(|mkn| (kernel, mkn))
+        }) {
             let [m, k, n] = mkn;
             let (x, w_t) = (values(m * k, 1), values(n * k, 2));
-            let got = skinny_gemm(&x, &transposed(&w_t, [k, n]), mkn);
+            let got = skinny_gemm_with(kernel, &x, &transposed(&w_t, [k, n]), mkn);
             let want = product(&x, &w_t, mkn);
             for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - e).abs() <= 1e-5 * (1.0 + e.abs()) * k as f32,
-                    "{mkn:?} output {i}: kernel {g}, f64 product {e}"
+                    "{kernel:?} {mkn:?} output {i}: kernel {g}, f64 product {e}"
                 );
             }
         }
     }
 
     /// A row's products are the same bits alone or among 15 others, at any place in its tile:
-    /// a sequence's logits do not depend on its batch.
+    /// a sequence's logits do not depend on its batch. Every kernel this CPU runs.
     #[test]
     fn cpu_gemm_skinny_rows_do_not_depend_on_the_batch() {
         let (k, n) = (300, 70);
         let w = values(k * n, 3);
         let x = values(16 * k, 4);
-        let all = skinny_gemm(&x, &w, [16, k, n]);
-        for r in [0, 1, 5, 14, 15] {
-            let alone = skinny_gemm(&x[r * k..(r + 1) * k], &w, [1, k, n]);
-            assert_eq!(alone, all[r * n..(r + 1) * n], "row {r}");
-        }
-        for (first, rows) in [(2, 5), (9, 7), (3, 2)] {
-            let some = skinny_gemm(&x[first * k..(first + rows) * k], &w, [rows, k, n]);
-            assert_eq!(some, all[first * n..(first + rows) * n], "rows {first}..+{rows}");
+        for kernel in Kernel::available() {
+            let gemm = |x: &[f32], rows: usize| skinny_gemm_with(kernel, x, &w, [rows, k, n]);
+            let all = gemm(&x, 16);
+            for r in [0, 1, 5, 14, 15] {
+                assert_eq!(
+                    gemm(&x[r * k..(r + 1) * k], 1),
+                    all[r * n..(r + 1) * n],
+                    "{kernel:?} row {r}"
+                );
+            }
+            for (first, rows) in [(2, 5), (9, 7), (3, 2), (4, 8)] {
+                let some = gemm(&x[first * k..(first + rows) * k], rows);
+                assert_eq!(
+                    some,
+                    all[first * n..(first + rows) * n],
+                    "{kernel:?} rows {first}..+{rows}"
+                );
+            }
         }
     }
 
