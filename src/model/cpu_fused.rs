@@ -15,7 +15,8 @@
 use std::sync::Arc;
 
 use burn::backend::Flex;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData};
 
 use super::llama::{self, FusedOps};
 
@@ -34,22 +35,10 @@ pub fn fused_ops() -> FusedOps<Flex> {
     }
 }
 
-/// The f32 elements of `t` when it is contiguous f32 storage, else `None`.
-fn host_f32<const D: usize>(t: &Tensor<Flex, D>) -> Option<Vec<f32>> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    let primitive = t.clone().into_primitive().tensor();
-    primitive.as_slice::<f32>().map(<[f32]>::to_vec)
-}
-
-/// Runs `f` on the borrowed f32 elements of `t` when it is contiguous f32 storage.
-fn with_host_f32<const D: usize, R>(t: &Tensor<Flex, D>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    let primitive = t.clone().into_primitive().tensor();
-    primitive.as_slice::<f32>().map(f)
+/// `t`'s storage (shared, not copied); `.as_slice::<f32>()` then borrows its elements when it is
+/// contiguous f32.
+fn storage<const D: usize>(t: &Tensor<Flex, D>) -> FloatTensor<Flex> {
+    t.clone().into_primitive().tensor()
 }
 
 /// A tensor of `values` on the device of `like`.
@@ -62,15 +51,12 @@ fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], like: &Tensor<Fle
 pub fn rope(x: Tensor<Flex, 3>, cos: Tensor<Flex, 3>, sin: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
     let [t, heads, d] = x.dims();
     let tables_fit = cos.dims() == [t, 1, d] && sin.dims() == [t, 1, d] && d % 2 == 0;
-    let roped = tables_fit
-        .then(|| {
-            let (cos, sin) = (host_f32(&cos)?, host_f32(&sin)?);
-            with_host_f32(&x, |x| rope_rows(x, &cos, &sin, [t, heads, d]))
-        })
-        .flatten();
-    match roped {
-        Some(out) => tensor(out, [t, heads, d], &x),
-        None => llama::rotate_half_rope(x, &cos, &sin),
+    let (xs, cs, ss) = (storage(&x), storage(&cos), storage(&sin));
+    match (xs.as_slice::<f32>(), cs.as_slice::<f32>(), ss.as_slice::<f32>()) {
+        (Some(xs), Some(cs), Some(ss)) if tables_fit => {
+            tensor(rope_rows(xs, cs, ss, [t, heads, d]), [t, heads, d], &x)
+        }
+        _ => llama::rotate_half_rope(x, &cos, &sin),
     }
 }
 
@@ -95,12 +81,10 @@ fn rope_rows(x: &[f32], cos: &[f32], sin: &[f32], [t, heads, d]: [usize; 3]) -> 
 /// RMSNorm of each row of `x [rows, width]` with gain `weight [width]`, as [`llama::rms_norm`].
 pub fn rms_norm(x: Tensor<Flex, 2>, weight: Tensor<Flex, 1>, eps: f64) -> Tensor<Flex, 2> {
     let dims = x.dims();
-    let normed = host_f32(&weight)
-        .filter(|w| w.len() == dims[1])
-        .and_then(|w| with_host_f32(&x, |x| rms_norm_rows(x, &w, eps)));
-    match normed {
-        Some(out) => tensor(out, dims, &x),
-        None => llama::rms_norm(x, weight, eps),
+    let (xs, ws) = (storage(&x), storage(&weight));
+    match (xs.as_slice::<f32>(), ws.as_slice::<f32>()) {
+        (Some(xs), Some(ws)) if ws.len() == dims[1] => tensor(rms_norm_rows(xs, ws, eps), dims, &x),
+        _ => llama::rms_norm(x, weight, eps),
     }
 }
 
@@ -112,20 +96,13 @@ pub fn add_rms_norm(
     eps: f64,
 ) -> (Tensor<Flex, 2>, Tensor<Flex, 2>) {
     let dims = x.dims();
-    let summed = (delta.dims() == dims)
-        .then(|| {
-            let delta = host_f32(&delta)?;
-            with_host_f32(&x, |x| {
-                x.iter().zip(&delta).map(|(a, b)| a + b).collect::<Vec<f32>>()
-            })
-        })
-        .flatten();
-    match summed {
-        Some(sum) => {
-            let sum = tensor(sum, dims, &x);
+    let (xs, ds) = (storage(&x), storage(&delta));
+    match (xs.as_slice::<f32>(), ds.as_slice::<f32>()) {
+        (Some(xs), Some(ds)) if delta.dims() == dims => {
+            let sum = tensor(xs.iter().zip(ds).map(|(a, b)| a + b).collect(), dims, &x);
             (sum.clone(), rms_norm(sum, weight, eps))
         }
-        None => llama::add_rms_norm(x, delta, weight, eps),
+        _ => llama::add_rms_norm(x, delta, weight, eps),
     }
 }
 
@@ -161,21 +138,17 @@ fn sum_of_squares(row: &[f32]) -> f32 {
 pub fn silu_mul_halves(gate_up: Tensor<Flex, 2>) -> Tensor<Flex, 2> {
     let [rows, width] = gate_up.dims();
     let half = width / 2;
-    let act = (width % 2 == 0)
-        .then(|| {
-            with_host_f32(&gate_up, |g| {
-                let mut out = Vec::with_capacity(rows * half);
-                for row in g.chunks_exact(width) {
-                    let (gate, up) = row.split_at(half);
-                    out.extend(gate.iter().zip(up).map(|(&g, &u)| (g * sigmoid(g)) * u));
-                }
-                out
-            })
-        })
-        .flatten();
-    match act {
-        Some(out) => tensor(out, [rows, half], &gate_up),
-        None => llama::silu_mul_halves(gate_up),
+    let gs = storage(&gate_up);
+    match gs.as_slice::<f32>() {
+        Some(gs) if width % 2 == 0 => {
+            let mut out = Vec::with_capacity(rows * half);
+            for row in gs.chunks_exact(width) {
+                let (gate, up) = row.split_at(half);
+                out.extend(gate.iter().zip(up).map(|(&g, &u)| (g * sigmoid(g)) * u));
+            }
+            tensor(out, [rows, half], &gate_up)
+        }
+        _ => llama::silu_mul_halves(gate_up),
     }
 }
 
