@@ -239,8 +239,8 @@ pub const METRICS_UPKEEP_PERIOD: Duration = Duration::from_secs(5);
 /// process) returns the first handle.
 ///
 /// A histogram keeps every recorded sample until the recorder's upkeep (or a scrape) folds them
-/// into its buckets. With no Prometheus scraping, the inter-token latencies alone grew the heap
-/// by about 0.5 MiB a second under load (the soak, `heaptrack`), so a thread runs the upkeep
+/// into its buckets. With no Prometheus scraping, the histograms (inter-token latency most) grew
+/// the heap by about 0.5 MiB a second under load (the soak, `heaptrack`), so a thread runs the upkeep
 /// every [`METRICS_UPKEEP_PERIOD`], as the exporter's own `install` would on a tokio runtime.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
