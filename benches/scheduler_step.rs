@@ -78,6 +78,9 @@ impl Harness {
             .collect();
         let progress: Vec<_> = plan.iter().map(PlannedChunk::progress).collect();
         let outcome = self.core.complete(&progress, &sampled);
+        if let Some(v) = victim {
+            self.core.settle_preemption(v, false);
+        }
         for c in &outcome.commits {
             self.pool.commit(c.seq, c.first, &c.hashes);
         }

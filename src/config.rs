@@ -185,6 +185,11 @@ pub struct SchedulerConfig {
     /// Half-life, in steps, of the recent served tokens behind Jain's fairness index; a client
     /// counts as active while it has work or such tokens left.
     pub fairness_half_life_steps: usize,
+    /// Plan the next step while the executor runs the current one (vLLM's async scheduling):
+    /// each decode's input is the token the running step samples, which the executor feeds back.
+    /// The executor then waits for no scheduling, page bookkeeping or streaming between steps.
+    /// A sequence that a stop string ends computes at most one token more, which is dropped.
+    pub async_scheduling: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -196,6 +201,7 @@ impl Default for SchedulerConfig {
             preemption: PreemptionMode::Recompute,
             client_weights: HashMap::new(),
             fairness_half_life_steps: 64,
+            async_scheduling: true,
         }
     }
 }

@@ -310,6 +310,7 @@ pub fn start(
                     settings.scheduler.preemption,
                 )
                 .with_supervisor(executor.restart)
+                .with_async_scheduling(settings.scheduler.async_scheduling)
                 .with_router(ctx.address().recipient());
                 if dp > 1 {
                     scheduler = scheduler.with_replica_label(r);

@@ -227,6 +227,7 @@ fn through_executor(
                     start_pos: c.start_pos,
                     block_table: c.block_table,
                     wants_logits: true,
+                    fed_back: false,
                     sampling: params[i].clone(),
                     generated_index: step,
                     history: params[i]
@@ -376,4 +377,83 @@ fn sampling_on_the_device_with_tensor_parallel_matches_one_rank() {
         }
         assert_eq!(g.len(), w.len());
     }
+}
+
+/// Async scheduling: a decode planned before the previous step returned carries `FED_BACK`,
+/// and the executor puts in the token that step sampled (and appends it to the penalties'
+/// history). The tokens must be those of planning with the token known, through the actor's
+/// mailbox; a step that does not follow the last one that ran is refused.
+#[test]
+fn sampling_fed_back_tokens_match_planning_with_the_tokens_known() {
+    use inferflux::actors::executor::{spawn_executor, ExecuteStep};
+    use inferflux::scheduler::FED_BACK;
+    let OneRank {
+        executor,
+        prompts,
+        best,
+        mut params,
+        ..
+    } = one_rank();
+    // A row whose second token hangs on the history: the bias makes the first argmax the pick
+    // again, unless the presence penalty sees it in the history (out of the API's range, so
+    // that it outweighs the bias).
+    params[8] = SamplingParams {
+        logit_bias: Arc::from([(best[8], 50.0)]),
+        presence_penalty: 100.0,
+        ..greedy()
+    };
+    let want = through_executor(one_rank().executor, &prompts, &params);
+    assert_eq!(want[0][8].token, best[8]);
+    assert_ne!(want[1][8].token, best[8], "the penalty saw the first token");
+    let n = prompts.len();
+    let plan = |step: usize| -> Vec<PlannedChunk> {
+        (0..n)
+            .map(|i| {
+                let c = chunk(i, n, &prompts[i], prompts[i].len(), 0);
+                let (tokens, start_pos) = match step {
+                    0 => (c.tokens, 0),
+                    _ => (vec![FED_BACK], prompts[i].len()),
+                };
+                PlannedChunk {
+                    seq: SeqId(i as u64),
+                    tokens,
+                    start_pos,
+                    block_table: c.block_table,
+                    wants_logits: true,
+                    fed_back: step > 0,
+                    sampling: params[i].clone(),
+                    generated_index: step,
+                    // Planned before step 0's tokens were known: the prompt only.
+                    history: params[i]
+                        .has_penalties()
+                        .then(|| history(&prompts[i], prompts[i].len())),
+                    page_copies: Vec::new(),
+                    swap_in: false,
+                }
+            })
+            .collect()
+    };
+    let slot = std::sync::Mutex::new(Some(executor));
+    let (got, refused) = actix::System::new().block_on(async move {
+        let addrs = spawn_executor(move || slot.lock().unwrap().take().unwrap());
+        let step = |step: u64, follows: Option<u64>, plan: Vec<PlannedChunk>| {
+            addrs.step.send(ExecuteStep {
+                step,
+                follows,
+                swap_out: None,
+                plan,
+            })
+        };
+        // Both queued before either returns, as the scheduler does.
+        let (first, second) = (step(1, None, plan(0)), step(2, Some(1), plan(1)));
+        let got = vec![first.await.unwrap().unwrap(), second.await.unwrap().unwrap()];
+        let refused = step(4, Some(3), plan(1)).await.unwrap();
+        (got, refused)
+    });
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "step {step}: fed back against the tokens known");
+    }
+    assert!(params.iter().filter(|p| p.has_penalties()).count() >= 2);
+    let err = refused.expect_err("step 3 never ran").to_string();
+    assert!(err.contains("step 3"), "{err}");
 }

@@ -131,3 +131,88 @@ async fn unified_batch_http_outputs_are_batch_invariant() {
         common::wait_until_no_page_is_referenced(&server.base).await;
     }
 }
+
+/// Request `i` with seeded sampling (penalties on every third) and `stop`.
+fn sampled_body(prompt: &serde_json::Value, i: usize, stop: Option<&str>) -> serde_json::Value {
+    let mut b = json!({
+        "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": 100 + i,
+        "stream": true, "ignore_eos": true, "stream_options": { "include_usage": true },
+    });
+    if i.is_multiple_of(3) {
+        b["presence_penalty"] = json!(0.5);
+        b["frequency_penalty"] = json!(0.3);
+    }
+    if let Some(stop) = stop {
+        b["stop"] = json!([stop]);
+    }
+    b
+}
+
+/// `(text, finish reason, completion tokens)` of every request, sent all at once.
+type Outputs = Vec<(String, Option<String>, Option<serde_json::Value>)>;
+
+async fn all_sampled_at_once(base: &str, prompts: &[serde_json::Value], stops: &[Option<String>]) -> Outputs {
+    let handles: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (base, body) = (base.to_string(), sampled_body(p, i, stops[i].as_deref()));
+            tokio::spawn(async move { stream_completion(&base, body).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        let got = h.await.unwrap();
+        let reason = got.finish_reason().map(str::to_string);
+        out.push((
+            got.text,
+            reason,
+            got.usage.map(|u| u["completion_tokens"].clone()),
+        ));
+    }
+    out
+}
+
+/// Seeded sampling, penalties and stop strings, 16 requests at once in a pool small enough to
+/// preempt (swap): planning each step while the last one runs (async scheduling) changes no
+/// byte, finish reason or token count against planning one step at a time.
+#[tokio::test]
+async fn unified_batch_http_async_scheduling_changes_no_output() {
+    let prompts = prompts();
+    let tiny_pool = |async_scheduling: bool| {
+        move |s: &mut Settings| {
+            s.kv.num_pages = 64;
+            s.kv.page_size = 4;
+            s.kv.enable_prefix_caching = false;
+            s.scheduler.max_batched_tokens = 48;
+            s.scheduler.preemption = PreemptionMode::Swap;
+            s.scheduler.async_scheduling = async_scheduling;
+        }
+    };
+    let (one_step, ahead) = (start(tiny_pool(false)), start(tiny_pool(true)));
+    let no_stops = vec![None; prompts.len()];
+    let want = all_sampled_at_once(&one_step.base, &prompts, &no_stops).await;
+    let got = all_sampled_at_once(&ahead.base, &prompts, &no_stops).await;
+    assert_eq!(got, want, "without stop strings");
+    // Stop strings that each output meets halfway, so the detector ends it mid-stream.
+    let stops: Vec<Option<String>> = want
+        .iter()
+        .map(|(text, _, _)| {
+            let chars: Vec<char> = text.chars().collect();
+            Some(chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect())
+        })
+        .collect();
+    let want = all_sampled_at_once(&one_step.base, &prompts, &stops).await;
+    let stopped = want
+        .iter()
+        .filter(|(_, r, _)| r.as_deref() == Some("stop"))
+        .count();
+    assert!(stopped >= 12, "{stopped} of 16 stopped: {want:?}");
+    let got = all_sampled_at_once(&ahead.base, &prompts, &stops).await;
+    assert_eq!(got, want, "with stop strings");
+    for server in [&one_step, &ahead] {
+        let q = common::queue_report(&server.base).await;
+        assert!(q["preemptions_total"].as_u64().unwrap() > 0, "no preemption: {q}");
+        common::wait_until_no_page_is_referenced(&server.base).await;
+    }
+}

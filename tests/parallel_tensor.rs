@@ -287,6 +287,7 @@ fn plan(seq: u64, tokens: Vec<u32>, pages: Vec<u32>) -> PlannedChunk {
         start_pos: 0,
         block_table: pages,
         wants_logits: true,
+        fed_back: false,
         sampling: SamplingParams::default(),
         generated_index: 0,
         history: None,

@@ -6,6 +6,7 @@
 //! With tensor parallel the actor is rank 0 and drives the other ranks' threads with the same
 //! plan (see `tp_ranks`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -17,7 +18,7 @@ use super::tp_ranks::{Rank, RankWorker, StepWork};
 use crate::kv::{PageCopy, SeqId};
 use crate::model::{Llama, PagedKvCache, SequenceChunk};
 use crate::parallel::Communicator;
-use crate::sampling::{self, SampledLogprobs};
+use crate::sampling::{self, SampledLogprobs, TokenHistory};
 use crate::scheduler::PlannedChunk;
 
 /// A token sampled for a sequence in a step, with its logprobs when the request asked for them.
@@ -44,6 +45,9 @@ pub struct ModelExecutor<B: Backend> {
     broken: Option<String>,
     /// The test-only fault hook (`INFERFLUX_FAULT_INJECTION=1`).
     fault: Option<Arc<FaultInjector>>,
+    /// The last step that succeeded and the tokens it sampled: the inputs of the next step's
+    /// fed-back chunks (async scheduling).
+    last_sampled: Option<(u64, HashMap<SeqId, u32>)>,
 }
 
 /// Copy a preempted sequence's pages to host memory before anything else in the step.
@@ -62,6 +66,7 @@ impl<B: Backend> ModelExecutor<B> {
             comm: None,
             broken: None,
             fault: None,
+            last_sampled: None,
         }
     }
 
@@ -74,6 +79,7 @@ impl<B: Backend> ModelExecutor<B> {
             comm: Some(comm),
             broken: None,
             fault: None,
+            last_sampled: None,
         }
     }
 
@@ -174,6 +180,39 @@ impl<B: Backend> ModelExecutor<B> {
         Ok(sampled)
     }
 
+    /// Puts the tokens that step `follows` sampled in place of the plan's fed-back ones (and at
+    /// the end of their histories). Fails when that step is not the last one that succeeded here.
+    fn feed_back(&self, follows: u64, plan: &mut [PlannedChunk]) -> Result<(), ExecutorError> {
+        let sampled = match &self.last_sampled {
+            Some((step, sampled)) if *step == follows => sampled,
+            _ => {
+                return Err(ExecutorError(format!(
+                    "the step feeds back the tokens of step {follows}, which did not just run here"
+                )))
+            }
+        };
+        for chunk in plan.iter_mut().filter(|c| c.fed_back) {
+            let token = *sampled.get(&chunk.seq).ok_or_else(|| {
+                ExecutorError(format!(
+                    "step {follows} sampled no token for sequence {}",
+                    chunk.seq
+                ))
+            })?;
+            if let Some(last) = chunk.tokens.last_mut() {
+                *last = token;
+            }
+            if let Some(h) = &mut chunk.history {
+                let tokens: Vec<u32> = h.tokens.iter().copied().chain([token]).collect();
+                *h = TokenHistory {
+                    tokens: Arc::from(tokens),
+                    prompt_len: h.prompt_len,
+                };
+            }
+            chunk.fed_back = false;
+        }
+        Ok(())
+    }
+
     /// Runs `work` on every rank; the step fails if any rank failed.
     fn run_ranks(&mut self, work: StepWork) -> Result<StepOutput, String> {
         let Some(comm) = self.comm.clone() else {
@@ -225,6 +264,8 @@ impl<B: Backend> Actor for ModelExecutor<B> {
 #[rtype(result = "Result<Vec<SampledToken>, ExecutorError>")]
 pub struct ExecuteStep {
     pub step: u64,
+    /// The step whose sampled tokens the plan's fed-back chunks take (async scheduling).
+    pub follows: Option<u64>,
     pub swap_out: Option<SwapOut>,
     pub plan: Vec<PlannedChunk>,
 }
@@ -252,7 +293,16 @@ impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
         let span = tracing::debug_span!("step", step = msg.step, seqs = seqs, tokens);
         let _enter = span.enter();
         let started = std::time::Instant::now();
-        let result = self.run_step(msg.swap_out, msg.plan);
+        let mut plan = msg.plan;
+        let result = match msg.follows {
+            Some(follows) => self.feed_back(follows, &mut plan),
+            None => Ok(()),
+        }
+        .and_then(|()| self.run_step(msg.swap_out, plan));
+        self.last_sampled = result
+            .as_ref()
+            .ok()
+            .map(|sampled| (msg.step, sampled.iter().map(|s| (s.seq, s.token)).collect()));
         metrics::histogram!("inferflux_step_duration_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("inferflux_batched_tokens_per_step").record(tokens as f64);
         metrics::histogram!("inferflux_batch_size").record(seqs as f64);

@@ -1,9 +1,12 @@
-//! `Scheduler`: the step loop. One step in flight at a time: reserve pages for the candidates,
-//! plan, execute, hand the sampled tokens to the stop detector, repeat while there is work.
+//! `Scheduler`: the step loop. Reserve pages for the candidates, plan, execute, hand the sampled
+//! tokens to the stop detector, repeat while there is work. With async scheduling the next step
+//! is planned and queued at the executor while the current one runs (two steps in flight), so
+//! that the executor never waits for the bookkeeping between steps; results are taken in step
+//! order.
 //! It also knows each sequence's `request_id` (for `/admin/requests/{id}/cancel`) and whether
 //! the server is draining (no new requests admitted).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -13,9 +16,9 @@ use super::executor::{DiscardSwapped, ExecuteStep, ExecutorError, RestartExecuto
 use super::kv_pages::{CommitPages, KvPageManager, Preempt, Release, ReserveStep, ResetAfterExecutorFailure};
 use super::stop_detector::{Abort, FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
 use crate::config::PreemptionMode;
-use crate::kv::SeqId;
+use crate::kv::{Grant, SeqId};
 use crate::scheduler::throughput::{Throughput, ThroughputWindow};
-use crate::scheduler::{ClientId, ClientReport, PlannedChunk, SchedulerCore, Sequence};
+use crate::scheduler::{Candidate, ClientId, ClientReport, PlannedChunk, SchedulerCore, Sequence};
 
 pub struct Scheduler {
     core: SchedulerCore,
@@ -24,8 +27,19 @@ pub struct Scheduler {
     discard_swapped: Recipient<DiscardSwapped>,
     detector: Addr<StopSequenceDetector>,
     preemption: PreemptionMode,
-    step_in_flight: bool,
+    /// A step is being planned (its pages reserved, its preemption settled): one at a time.
+    planning: bool,
+    /// Steps planned whose results have not been taken yet.
+    in_flight: usize,
+    /// 2 with async scheduling (one step runs while the next is queued), else 1.
+    max_in_flight: usize,
     steps: u64,
+    /// Results that came back ahead of an earlier step's, by step number.
+    returned: BTreeMap<u64, StepResult>,
+    /// The step whose result is taken next.
+    next_to_finish: u64,
+    /// Bumped when the executor is replaced: results of steps planned before are dropped.
+    epoch: u64,
     /// `request_id` -> sequence, and back, for every sequence the core holds.
     /// (The choices of an `n > 1` request share one id.)
     by_request: HashMap<String, Vec<SeqId>>,
@@ -56,12 +70,26 @@ pub const MAX_EXECUTOR_FAILURES_IN_A_ROW: u32 = 3;
 
 /// What came back from one step.
 struct StepResult {
+    /// `Scheduler::epoch` when it was planned.
+    epoch: u64,
     progress: Vec<(SeqId, usize)>,
     /// Tokens of prompts (and of recomputed sequences) the step ran, decode tokens excluded.
     prefill_tokens: usize,
     /// The sequence preempted in this step, and whether its K/V went to host memory.
     preempted: Option<(SeqId, bool)>,
     sampled: Result<Vec<SampledToken>, ExecutorError>,
+}
+
+/// A step planned, before it is queued at the executor.
+#[derive(Default)]
+struct PlannedStep {
+    plan: Vec<PlannedChunk>,
+    progress: Vec<(SeqId, usize)>,
+    prefill_tokens: usize,
+    /// The preemption to settle with the page manager first.
+    preempt: Option<Preempt>,
+    preempted: Option<(SeqId, bool)>,
+    swap_out: Option<SwapOut>,
 }
 
 /// The sampled tokens the core kept (`kept`: those of sequences still running, in order), with
@@ -98,8 +126,13 @@ impl Scheduler {
             discard_swapped,
             detector,
             preemption,
-            step_in_flight: false,
+            planning: false,
+            in_flight: 0,
+            max_in_flight: 1,
             steps: 0,
+            returned: BTreeMap::new(),
+            next_to_finish: 1,
+            epoch: 0,
             by_request: HashMap::new(),
             request_of: HashMap::new(),
             spans: HashMap::new(),
@@ -112,6 +145,12 @@ impl Scheduler {
             router: None,
             labels: Vec::new(),
         }
+    }
+
+    /// Plans the next step while the executor runs the current one (`scheduler.async_scheduling`).
+    pub fn with_async_scheduling(mut self, on: bool) -> Self {
+        self.max_in_flight = if on { 2 } else { 1 };
+        self
     }
 
     /// Tell `router` of every sequence that leaves this scheduler.
@@ -154,8 +193,11 @@ impl Scheduler {
                 message: message.clone(),
             });
         }
-        let requeued_swapped = self.core.forget_host_kv();
+        let requeued_swapped = self.core.forget_executor_state();
         self.kv.do_send(ResetAfterExecutorFailure);
+        // A step queued behind the failed one ran (or not) on the old executor, with pages the
+        // reset just freed: its result means nothing now.
+        self.epoch += 1;
         self.failures_in_a_row += 1;
         match &mut self.restart {
             Some(restart) => {
@@ -244,19 +286,21 @@ impl Scheduler {
         }
     }
 
-    /// Starts the next step unless one is running or nothing is left to do: reserve pages,
-    /// plan, settle a preemption with the page manager, execute.
+    /// Plans the next step unless one is being planned, enough are in flight or nothing is left
+    /// to do: reserve pages, plan, settle a preemption with the page manager, queue the step at
+    /// the executor. Every step planned ends in exactly one `step_returned`.
     fn maybe_step(&mut self, ctx: &mut Context<Self>) {
-        if self.step_in_flight || !self.core.has_work() {
+        if self.planning || self.in_flight >= self.max_in_flight || !self.core.has_work() {
             return;
         }
         let candidates = self.core.candidates();
         if candidates.is_empty() {
             return;
         }
-        self.step_in_flight = true;
+        self.planning = true;
+        self.in_flight += 1;
         self.steps += 1;
-        let step = self.steps;
+        let (step, epoch) = (self.steps, self.epoch);
         let kv = self.kv.clone();
         let reserve = async move {
             kv.send(ReserveStep {
@@ -267,74 +311,157 @@ impl Scheduler {
         };
         let fut = actix::fut::wrap_future::<_, Self>(reserve)
             .then(move |reserved, act, _| {
-                let (plan, victim) = match reserved {
-                    Ok((candidates, grants)) => act.core.plan(&candidates, grants),
-                    Err(e) => {
-                        tracing::error!(error = %e, "KV page manager unreachable");
-                        (Vec::new(), None)
-                    }
+                let planned = if act.epoch == epoch {
+                    Some(act.plan_step(reserved))
+                } else {
+                    act.release_stale_grants(reserved);
+                    None
                 };
-                for seq in act.core.take_orphaned_grants() {
-                    // Cancelled or finished while its grant was on the way.
-                    tracing::debug!(seq = %seq, "releasing a grant nobody can use");
-                    act.kv.do_send(Release { seq });
-                }
-                for a in act.core.take_admissions() {
-                    metrics::histogram!("inferflux_client_wait_seconds", "client" => a.client.to_string())
-                        .record(a.waited.as_secs_f64());
-                    act.detector.do_send(PrefixCached {
-                        seq: a.seq,
-                        cached_tokens: a.cached_tokens,
-                    });
-                }
-                for (client, tokens) in act.core.take_served() {
-                    metrics::counter!("inferflux_client_tokens_served_total", "client" => client.to_string())
-                        .increment(tokens);
-                }
-                let preempt = victim.map(|seq| Preempt {
-                    seq,
-                    computed_tokens: act.core.preempted_tokens(seq),
-                    swap: act.preemption == PreemptionMode::Swap,
-                });
-                let (kv, executor) = (act.kv.clone(), act.executor.clone());
-                let progress: Vec<(SeqId, usize)> = plan.iter().map(PlannedChunk::progress).collect();
-                let prefill_tokens = plan
-                    .iter()
-                    .filter(|c| !(c.tokens.len() == 1 && c.wants_logits && c.generated_index > 0))
-                    .map(|c| c.tokens.len())
-                    .sum();
+                let kv = act.kv.clone();
                 actix::fut::wrap_future(async move {
-                    let mut swap_out = None;
-                    let mut preempted = None;
-                    if let Some(p) = preempt {
+                    let mut planned = planned?;
+                    if let Some(p) = planned.preempt.take() {
                         let seq = p.seq;
                         let pages = kv.send(p).await.ok().flatten();
-                        preempted = Some((seq, pages.is_some()));
-                        swap_out = pages.map(|pages| SwapOut { seq, pages });
+                        planned.preempted = Some((seq, pages.is_some()));
+                        planned.swap_out = pages.map(|pages| SwapOut { seq, pages });
                     }
-                    let sampled = if plan.is_empty() && swap_out.is_none() {
-                        Ok(Vec::new())
-                    } else {
-                        executor
-                            .send(ExecuteStep { step, swap_out, plan })
-                            .await
-                            .unwrap_or_else(|e| Err(ExecutorError(format!("executor unreachable: {e}"))))
-                    };
-                    StepResult {
-                        progress,
-                        prefill_tokens,
-                        preempted,
-                        sampled,
-                    }
+                    Some(planned)
                 })
             })
-            .map(|result, act, ctx| {
-                act.step_in_flight = false;
-                act.finish_step(result);
-                act.publish();
+            .map(move |planned, act, ctx| {
+                act.planning = false;
+                act.dispatch(step, epoch, planned, ctx);
                 act.maybe_step(ctx);
             });
         ctx.spawn(fut);
+    }
+
+    /// The executor failed while this step's pages were being reserved, and every sequence
+    /// that ran is gone. The page manager's reset may have come before the reservation: give
+    /// back what it granted. (The next reservation is sent after these releases.)
+    fn release_stale_grants(&self, reserved: Result<(Vec<Candidate>, Vec<Option<Grant>>), MailboxError>) {
+        let Ok((candidates, grants)) = reserved else {
+            return;
+        };
+        for (cand, _) in candidates.iter().zip(grants).filter(|(_, g)| g.is_some()) {
+            self.kv.do_send(Release { seq: cand.seq });
+        }
+    }
+
+    /// Turns the page grants into the step's plan and tells the detector and the metrics of the
+    /// admissions it made.
+    fn plan_step(
+        &mut self,
+        reserved: Result<(Vec<Candidate>, Vec<Option<Grant>>), MailboxError>,
+    ) -> PlannedStep {
+        let (plan, victim) = match reserved {
+            Ok((candidates, grants)) => self.core.plan(&candidates, grants),
+            Err(e) => {
+                tracing::error!(error = %e, "KV page manager unreachable");
+                (Vec::new(), None)
+            }
+        };
+        for seq in self.core.take_orphaned_grants() {
+            // Cancelled or finished while its grant was on the way.
+            tracing::debug!(seq = %seq, "releasing a grant nobody can use");
+            self.kv.do_send(Release { seq });
+        }
+        for a in self.core.take_admissions() {
+            metrics::histogram!("inferflux_client_wait_seconds", "client" => a.client.to_string())
+                .record(a.waited.as_secs_f64());
+            self.detector.do_send(PrefixCached {
+                seq: a.seq,
+                cached_tokens: a.cached_tokens,
+            });
+        }
+        for (client, tokens) in self.core.take_served() {
+            metrics::counter!("inferflux_client_tokens_served_total", "client" => client.to_string())
+                .increment(tokens);
+        }
+        let preempt = victim.map(|seq| Preempt {
+            seq,
+            computed_tokens: self.core.preempted_tokens(seq),
+            swap: self.preemption == PreemptionMode::Swap,
+        });
+        let progress = plan.iter().map(PlannedChunk::progress).collect();
+        let prefill_tokens = plan
+            .iter()
+            .filter(|c| !(c.tokens.len() == 1 && c.wants_logits && c.generated_index > 0))
+            .map(|c| c.tokens.len())
+            .sum();
+        PlannedStep {
+            plan,
+            progress,
+            prefill_tokens,
+            preempt,
+            preempted: None,
+            swap_out: None,
+        }
+    }
+
+    /// Queues a planned step at the executor (at once, so that steps reach it in order) and
+    /// arranges for its result. A step planned before the executor was replaced is dropped.
+    fn dispatch(&mut self, step: u64, epoch: u64, planned: Option<PlannedStep>, ctx: &mut Context<Self>) {
+        let planned = planned.filter(|_| self.epoch == epoch).unwrap_or_default();
+        let PlannedStep {
+            plan,
+            progress,
+            prefill_tokens,
+            preempted,
+            swap_out,
+            ..
+        } = planned;
+        let request = if plan.is_empty() && swap_out.is_none() {
+            None
+        } else {
+            // A fed-back token comes from the step queued just before this one.
+            let follows = plan.iter().any(|c| c.fed_back).then(|| step - 1);
+            Some(self.executor.send(ExecuteStep {
+                step,
+                follows,
+                swap_out,
+                plan,
+            }))
+        };
+        let result = async move {
+            let sampled = match request {
+                None => Ok(Vec::new()),
+                Some(request) => request
+                    .await
+                    .unwrap_or_else(|e| Err(ExecutorError(format!("executor unreachable: {e}")))),
+            };
+            StepResult {
+                epoch,
+                progress,
+                prefill_tokens,
+                preempted,
+                sampled,
+            }
+        };
+        let fut = actix::fut::wrap_future::<_, Self>(result).map(move |result, act, ctx| {
+            act.step_returned(step, result, ctx);
+        });
+        ctx.spawn(fut);
+    }
+
+    /// Takes the results that are due, in step order, then plans what can be planned.
+    fn step_returned(&mut self, step: u64, result: StepResult, ctx: &mut Context<Self>) {
+        self.returned.insert(step, result);
+        while let Some(result) = self.returned.remove(&self.next_to_finish) {
+            self.next_to_finish += 1;
+            self.in_flight -= 1;
+            if result.epoch == self.epoch {
+                self.finish_step(result);
+            } else {
+                tracing::debug!(
+                    step,
+                    "dropped the result of a step planned before the executor was replaced"
+                );
+            }
+        }
+        self.publish();
+        self.maybe_step(ctx);
     }
 
     fn finish_step(&mut self, result: StepResult) {
@@ -343,15 +470,16 @@ impl Scheduler {
             prefill_tokens,
             preempted,
             sampled,
+            ..
         } = result;
         if let Some((seq, swapped)) = preempted {
             let swapped = swapped && sampled.is_ok();
             let mode = if swapped { "swap" } else { "recompute" };
             tracing::info!(parent: &self.span_of(seq), seq = %seq, mode, "preempted for KV pages");
             metrics::counter!("inferflux_num_preemptions_total", "mode" => mode).increment(1);
-            if swapped && self.core.is_waiting(seq) {
-                self.core.settle_swapped(seq);
-            } else if preempted.is_some_and(|(_, s)| s) && sampled.is_ok() {
+            if self.core.is_waiting(seq) {
+                self.core.settle_preemption(seq, swapped);
+            } else if swapped {
                 // Cancelled while being swapped out: drop the host copy. (A failed step resets
                 // every page and replaces the executor, host copies included: see `recover`.)
                 self.kv.do_send(Release { seq });

@@ -36,8 +36,16 @@ pub struct Sequence {
     /// Prompt followed by every generated token.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
-    /// Tokens whose K/V are in the cache.
+    /// Tokens whose K/V are in the cache once the steps planned so far have run.
     pub computed: usize,
+    /// Tokens sampled by a step still running, whose values are not known yet (0 or 1; with
+    /// async scheduling the next step is planned before the last one returns).
+    pending: usize,
+    /// Tokens whose K/V a step that returned has written: pages up to here go to the prefix cache.
+    confirmed: usize,
+    /// Preempted by a step still running: not admitted again until that step says whether its
+    /// K/V were swapped out.
+    settling: bool,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     /// Keys of every full page of `tokens` (empty when prefix caching is off).
@@ -63,6 +71,9 @@ impl Sequence {
             prompt_len: prompt.len(),
             tokens: prompt,
             computed: 0,
+            pending: 0,
+            confirmed: 0,
+            settling: false,
             max_tokens,
             sampling,
             block_hashes: Vec::new(),
@@ -86,8 +97,14 @@ impl Sequence {
         (self.priority, self.arrival, self.id)
     }
 
+    /// Generated tokens known so far.
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Every token, the pending ones included: where the next chunk ends.
+    fn len_with_pending(&self) -> usize {
+        self.tokens.len() + self.pending
     }
 }
 
@@ -137,6 +154,10 @@ pub struct PageCommit {
     pub hashes: Vec<BlockHash>,
 }
 
+/// Placeholder of a token that the previous step samples (see [`PlannedChunk::fed_back`]); out
+/// of every vocabulary, so that one left in place fails loudly.
+pub const FED_BACK: u32 = u32::MAX;
+
 /// One sequence's work in a step, with its pages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedChunk {
@@ -145,6 +166,9 @@ pub struct PlannedChunk {
     pub start_pos: usize,
     pub block_table: Vec<u32>,
     pub wants_logits: bool,
+    /// The last of `tokens` is [`FED_BACK`]: the token the previous step samples for this
+    /// sequence, which the executor puts in its place (and at the end of `history`).
+    pub fed_back: bool,
     pub sampling: SamplingParams,
     /// Index of the token this chunk samples among the generated ones.
     pub generated_index: usize,
@@ -335,7 +359,7 @@ impl SchedulerCore {
     }
 
     fn chunk_len(seq: &Sequence, budget: usize) -> usize {
-        (seq.tokens.len() - seq.computed).min(budget)
+        (seq.len_with_pending() - seq.computed).min(budget)
     }
 
     /// The sequences that would run this step within the token budget: every running one
@@ -355,7 +379,7 @@ impl SchedulerCore {
                 running,
                 computed: seq.computed,
                 chunk: n,
-                len: seq.tokens.len(),
+                len: seq.len_with_pending(),
                 prefix: if running || seq.computed > 0 {
                     Vec::new()
                 } else {
@@ -365,6 +389,10 @@ impl SchedulerCore {
             true
         };
         for seq in self.running.values() {
+            // Its last token is being sampled: nothing left to do.
+            if seq.generated() + seq.pending >= seq.max_tokens {
+                continue;
+            }
             if !push(&mut out, &mut budget, seq, true) {
                 return out;
             }
@@ -378,6 +406,10 @@ impl SchedulerCore {
             let Some(seq) = self.waiting.get(id) else {
                 continue;
             };
+            // Preempted while a step ran: its token or its swap-out is not settled yet.
+            if seq.pending > 0 || seq.settling {
+                continue;
+            }
             if !push(&mut out, &mut budget, seq, false) {
                 break;
             }
@@ -412,6 +444,7 @@ impl SchedulerCore {
                 self.fair.admit(&seq.client, key);
                 swap_in = seq.computed > 0;
                 seq.computed = grant.cached_tokens;
+                seq.confirmed = grant.cached_tokens;
                 if seq.cached_tokens.is_none() {
                     seq.cached_tokens = Some(grant.cached_tokens);
                     self.admissions.push(Admission {
@@ -434,21 +467,29 @@ impl SchedulerCore {
                 self.orphaned_grants.push(cand.seq);
                 continue;
             };
-            let end = (seq.computed + cand.chunk).min(seq.tokens.len());
-            let wants_logits = end == seq.tokens.len();
-            // The token sampled next follows all of `tokens`: they are its whole history.
+            let end = (seq.computed + cand.chunk).min(seq.len_with_pending());
+            let wants_logits = end == seq.len_with_pending();
+            // A pending token is the last one, and only a running decode has one.
+            let fed_back = end > seq.tokens.len();
+            let mut tokens = seq.tokens[seq.computed..end.min(seq.tokens.len())].to_vec();
+            if fed_back {
+                tokens.push(FED_BACK);
+            }
+            // The token sampled next follows all of `tokens` (and the fed-back one, which the
+            // executor appends): they are its whole history.
             let history = (wants_logits && seq.sampling.has_penalties()).then(|| TokenHistory {
                 tokens: Arc::from(&seq.tokens[..]),
                 prompt_len: seq.prompt_len,
             });
             plan.push(PlannedChunk {
                 seq: seq.id,
-                tokens: seq.tokens[seq.computed..end].to_vec(),
+                tokens,
                 start_pos: seq.computed,
                 block_table: grant.block_table,
                 wants_logits,
+                fed_back,
                 sampling: seq.sampling.clone(),
-                generated_index: seq.generated(),
+                generated_index: seq.generated() + seq.pending,
                 history,
                 page_copies: grant.copies,
                 swap_in,
@@ -458,13 +499,14 @@ impl SchedulerCore {
         if let Some(v) = victim {
             plan.retain(|c| c.seq != v);
         }
+        // The plan will run: the next plan starts where this one ends, and each sampling chunk
+        // leaves a token pending until its step returns.
         for chunk in &plan {
-            if let Some(seq) = self
-                .running_index
-                .get(&chunk.seq)
-                .and_then(|o| self.running.get(o))
-            {
-                self.fair.charge(&seq.client, chunk.tokens.len());
+            if let Some(seq) = self.running_mut(chunk.seq) {
+                seq.computed = chunk.start_pos + chunk.tokens.len();
+                seq.pending += usize::from(chunk.wants_logits);
+                let client = seq.client.clone();
+                self.fair.charge(&client, chunk.tokens.len());
             }
         }
         self.fair.end_step();
@@ -478,6 +520,7 @@ impl SchedulerCore {
         self.running_index.remove(&seq.id);
         seq.preempted_computed = seq.computed;
         seq.computed = 0;
+        seq.settling = true;
         self.preemptions += 1;
         self.fair.preempt(&seq.client);
         let id = seq.id;
@@ -491,10 +534,14 @@ impl SchedulerCore {
         self.waiting.get(&id).map_or(0, |s| s.preempted_computed)
     }
 
-    /// The victim's K/V went to host memory: it resumes where it stopped instead of from zero.
-    pub fn settle_swapped(&mut self, id: SeqId) {
+    /// The step that preempted `id` returned; `swapped`: its K/V went to host memory, so it
+    /// resumes where it stopped instead of from zero. Until then it is not admitted again.
+    pub fn settle_preemption(&mut self, id: SeqId, swapped: bool) {
         if let Some(s) = self.waiting.get_mut(&id) {
-            s.computed = s.preempted_computed;
+            s.settling = false;
+            if swapped {
+                s.computed = s.preempted_computed;
+            }
         }
     }
 
@@ -512,13 +559,18 @@ impl SchedulerCore {
             .collect()
     }
 
-    /// The host copies of swapped-out K/V are gone (the executor was replaced): waiting
-    /// sequences recompute from their tokens instead. Returns how many were swapped.
-    pub fn forget_host_kv(&mut self) -> usize {
+    /// The executor was replaced: the host copies of swapped-out K/V are gone, and so are the
+    /// tokens its steps were sampling. Waiting sequences recompute from their known tokens.
+    /// Returns how many were swapped.
+    pub fn forget_executor_state(&mut self) -> usize {
         let mut n = 0;
-        for s in self.waiting.values_mut().filter(|s| s.computed > 0) {
-            s.computed = 0;
-            n += 1;
+        for s in self.waiting.values_mut() {
+            s.pending = 0;
+            s.settling = false;
+            if s.computed > 0 {
+                s.computed = 0;
+                n += 1;
+            }
         }
         n
     }
@@ -538,8 +590,9 @@ impl SchedulerCore {
         self.running.get_mut(order)
     }
 
-    /// Records a finished step: advances `computed` for every planned chunk and appends sampled
-    /// tokens. Sequences removed while the step ran are skipped.
+    /// Records a step that returned, in plan order: confirms each planned chunk's K/V (full
+    /// pages go to the prefix cache) and appends the sampled tokens. Sequences removed while the
+    /// step ran are skipped; one preempted meanwhile keeps its token.
     pub fn complete(&mut self, progress: &[(SeqId, usize)], sampled: &[(SeqId, u32)]) -> StepOutcome {
         let mut outcome = StepOutcome::default();
         let page_size = self.hasher.as_ref().map_or(1, BlockHasher::page_size);
@@ -547,8 +600,8 @@ impl SchedulerCore {
             let Some(seq) = self.running_mut(id) else {
                 continue;
             };
-            let (was, now) = (seq.computed / page_size, computed / page_size);
-            seq.computed = computed;
+            let (was, now) = (seq.confirmed / page_size, computed / page_size);
+            seq.confirmed = computed;
             let now = now.min(seq.block_hashes.len());
             if now > was {
                 let hashes = seq.block_hashes[was..now].to_vec();
@@ -560,9 +613,14 @@ impl SchedulerCore {
             }
         }
         for &(id, token) in sampled {
-            let Some(seq) = self.running_index.get(&id).and_then(|o| self.running.get_mut(o)) else {
+            let seq = match self.running_index.get(&id) {
+                Some(order) => self.running.get_mut(order),
+                None => self.waiting.get_mut(&id),
+            };
+            let Some(seq) = seq else {
                 continue;
             };
+            seq.pending = seq.pending.saturating_sub(1);
             seq.tokens.push(token);
             if let Some(h) = &self.hasher {
                 h.extend(&mut seq.block_hashes, &seq.tokens);
@@ -582,6 +640,8 @@ impl SchedulerCore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::kv::PagePool;
 
@@ -617,6 +677,9 @@ mod tests {
             let (plan, victim) = core.plan(&cands, grants);
             for seq in victim.into_iter().chain(core.take_orphaned_grants()) {
                 pool.release(seq);
+            }
+            if let Some(seq) = victim {
+                core.settle_preemption(seq, false);
             }
             let sampled: Vec<(SeqId, u32)> = plan
                 .iter()
@@ -658,6 +721,198 @@ mod tests {
             .map(|c| (c.tokens.len(), c.wants_logits))
             .collect();
         assert_eq!(&chunks[..3], &[(7, false), (7, false), (6, true)]);
+    }
+
+    /// The executor as the async harness needs it: one token per page slot, written and read
+    /// through the chunks' block tables; host copies of swapped-out sequences; and the tokens
+    /// the last step sampled, which the next one feeds back.
+    #[derive(Default)]
+    struct FakeExecutor {
+        slots: HashMap<usize, u32>,
+        tables: HashMap<SeqId, Vec<u32>>,
+        host: HashMap<SeqId, Vec<u32>>,
+        last: HashMap<SeqId, u32>,
+        fed_back: usize,
+    }
+
+    const FAKE_PAGE: usize = 2;
+
+    impl FakeExecutor {
+        fn slot(table: &[u32], pos: usize) -> usize {
+            table[pos / FAKE_PAGE] as usize * FAKE_PAGE + pos % FAKE_PAGE
+        }
+
+        /// The tokens at positions `0..n` of `seq`, read through its block table.
+        fn read(&self, table: &[u32], n: usize) -> Vec<u32> {
+            (0..n).map(|p| self.slots[&Self::slot(table, p)]).collect()
+        }
+
+        /// Copies the first `n` tokens of a preempted sequence to host memory, before anything
+        /// else in the step (its pages may be someone else's from then on).
+        fn swap_out(&mut self, seq: SeqId, n: usize) {
+            let table = self.tables[&seq].clone();
+            self.host.insert(seq, self.read(&table, n));
+        }
+
+        /// Runs a step. A sample depends on every token before it, read back from the pages, so
+        /// a wrong fed-back token, position, history or page changes everything after it.
+        fn run(&mut self, plan: &[PlannedChunk]) -> Vec<(SeqId, u32)> {
+            let mut sampled = Vec::new();
+            for c in plan {
+                if c.swap_in {
+                    let host = self.host.remove(&c.seq).expect("a host copy to swap in");
+                    assert_eq!(
+                        host.len(),
+                        c.start_pos,
+                        "{} resumes where it was swapped out",
+                        c.seq
+                    );
+                    for (p, t) in host.into_iter().enumerate() {
+                        self.slots.insert(Self::slot(&c.block_table, p), t);
+                    }
+                }
+                for (j, &t) in c.tokens.iter().enumerate() {
+                    let last = c.fed_back && j + 1 == c.tokens.len();
+                    let t = if last { self.last[&c.seq] } else { t };
+                    assert_ne!(t, FED_BACK, "{}: a placeholder not fed back", c.seq);
+                    self.slots.insert(Self::slot(&c.block_table, c.start_pos + j), t);
+                }
+                self.tables.insert(c.seq, c.block_table.clone());
+                self.fed_back += usize::from(c.fed_back);
+                let context = self.read(&c.block_table, c.start_pos + c.tokens.len());
+                if let Some(h) = &c.history {
+                    let mut full = h.tokens.to_vec();
+                    if c.fed_back {
+                        full.push(self.last[&c.seq]);
+                    }
+                    assert_eq!(full, context, "{}: the history is every token", c.seq);
+                }
+                if c.wants_logits {
+                    let h = context
+                        .iter()
+                        .fold(0u64, |h, &t| (h * 31 + u64::from(t)) % 1_000_003);
+                    sampled.push((c.seq, 1000 + (h % 97) as u32));
+                }
+            }
+            self.last = sampled.iter().copied().collect();
+            sampled
+        }
+    }
+
+    /// Runs every sequence to its end with up to `depth` steps planned ahead of their results
+    /// (2 is async scheduling: the next plan is made before the last step returned), preempting
+    /// by swap or recompute. Returns each sequence's tokens, the steps planned while another was
+    /// in flight, and the fed-back chunks.
+    fn run_in_flight(
+        core: &mut SchedulerCore,
+        pool: &mut PagePool,
+        depth: usize,
+        swap: bool,
+    ) -> (BTreeMap<SeqId, Vec<u32>>, usize, usize) {
+        let mut exec = FakeExecutor::default();
+        let mut in_flight: VecDeque<(Vec<PlannedChunk>, Option<SeqId>)> = VecDeque::new();
+        let mut out: BTreeMap<SeqId, Vec<u32>> = BTreeMap::new();
+        let mut overlapped = 0;
+        for _ in 0..10_000 {
+            if in_flight.len() < depth {
+                let cands = core.candidates();
+                if !cands.is_empty() {
+                    let grants = cands.iter().map(|c| c.reserve(pool).ok()).collect();
+                    let (plan, victim) = core.plan(&cands, grants);
+                    for seq in victim.into_iter().chain(core.take_orphaned_grants()) {
+                        pool.release(seq);
+                    }
+                    overlapped += usize::from(!in_flight.is_empty());
+                    in_flight.push_back((plan, victim));
+                    continue;
+                }
+            }
+            let Some((plan, victim)) = in_flight.pop_front() else {
+                break;
+            };
+            // The step that preempts by swap copies its victim's K/V out first.
+            if let Some((v, n)) = victim.filter(|_| swap).map(|v| (v, core.preempted_tokens(v))) {
+                exec.swap_out(v, n);
+            }
+            let sampled = exec.run(&plan);
+            let progress: Vec<_> = plan.iter().map(PlannedChunk::progress).collect();
+            let outcome = core.complete(&progress, &sampled);
+            // As the scheduler actor does: a swapped victim that is no longer waiting was
+            // cancelled meanwhile, and its pages go.
+            if let Some(v) = victim {
+                if core.is_waiting(v) {
+                    core.settle_preemption(v, swap);
+                } else if swap {
+                    pool.release(v);
+                }
+            }
+            for &(seq, t) in &outcome.tokens {
+                out.entry(seq).or_default().push(t);
+            }
+            for id in outcome.finished {
+                pool.release(id);
+            }
+            pool.check_invariants().unwrap();
+        }
+        assert!(!core.has_work() && in_flight.is_empty(), "everything finished");
+        (out, overlapped, exec.fed_back)
+    }
+
+    /// Async scheduling plans step N+1 before step N's tokens are known: the decodes of N+1 take
+    /// the tokens N samples from the executor. Outputs, histories and pages must be exactly those
+    /// of planning one step at a time, through chunked prefill and preemption by swap and by
+    /// recompute.
+    #[test]
+    fn unified_batch_async_scheduling_matches_one_step_at_a_time() {
+        let penalised = SamplingParams {
+            repetition_penalty: 1.2,
+            ..SamplingParams::default()
+        };
+        for swap in [false, true] {
+            let mut outputs = Vec::new();
+            for depth in [1, 2] {
+                let mut core = core_with(8, 4, 16);
+                // 12 pages of 2 tokens: not enough for all five at once, so some are preempted.
+                let mut pool = PagePool::new(12, FAKE_PAGE);
+                for id in 1..=5u64 {
+                    let prompt: Vec<u32> = (0..(3 + 2 * id as u32)).map(|t| t * 7 + id as u32).collect();
+                    let sampling = if id == 2 {
+                        penalised.clone()
+                    } else {
+                        SamplingParams::default()
+                    };
+                    core.enqueue(Sequence::new(SeqId(id), prompt, 5 + id as usize, sampling))
+                        .unwrap();
+                }
+                let (out, overlapped, fed_back) = run_in_flight(&mut core, &mut pool, depth, swap);
+                assert!(
+                    core.preemptions() > 0,
+                    "swap {swap}, depth {depth}: something was preempted"
+                );
+                assert_eq!(
+                    pool.free_pages(),
+                    12,
+                    "swap {swap}, depth {depth}: every page came back"
+                );
+                for id in 1..=5u64 {
+                    assert_eq!(
+                        out[&SeqId(id)].len(),
+                        5 + id as usize,
+                        "seq {id}: max_tokens tokens"
+                    );
+                }
+                if depth == 2 {
+                    assert!(
+                        overlapped > 10 && fed_back > 10,
+                        "planned ahead {overlapped}, fed back {fed_back}"
+                    );
+                } else {
+                    assert_eq!((overlapped, fed_back), (0, 0));
+                }
+                outputs.push(out);
+            }
+            assert_eq!(outputs[0], outputs[1], "swap {swap}: the same tokens either way");
+        }
     }
 
     #[test]
