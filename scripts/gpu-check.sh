@@ -33,6 +33,8 @@
 #   s. temperature-1 requests at concurrency 128 with step 8's kernels, sampled on the host and
 #      then on the device (`device_sampling`), to measure the draw kernel; SAMPLING_CUTS="--top-p
 #      0.9 --top-k 50" measures the cut draws (top-k/top-p/min-p bisected on the device);
+#   y. async scheduling (`scheduler.async_scheduling`, the default) off and on at concurrency 128 with
+#      step 8's kernels, alternated, two runs each (about 90 s);
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
 #      GPU), with burn's kernels, the defaults, `gemm = "skinny"` (our tensor-core GEMM: prompts
 #      of 9-128 tokens go through it), norm-gemv (`fused_norm_gemv`: decodes' norms inside the
@@ -53,7 +55,8 @@
 # one warm machine (the second within its idle release) cover the checks and the measurements:
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c78 scripts/gpu-check.sh BIN_DIR   (about 360 s)
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6na scripts/gpu-check.sh BIN_DIR  (about 320 s)
-# and, if the skinny GEMM passed step 7, STAGES=t (about 150 s) tries its plan knobs.
+# and, if the skinny GEMM passed step 7, STAGES=t (about 150 s) tries its plan knobs, or STAGES=y
+# (about 90 s) measures async scheduling.
 # (MODEL outside the call's temporary directory and the same OUT, so the second finds both.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -131,32 +134,35 @@ stop_server() {
     wait "$server" 2>/dev/null
 }
 
+# `bench N CONCURRENCY OUTPUT_LEN SECONDS [WARMUP]`: `inferctl bench` (JSON) against the running
+# server, prompts of 128 random words (tokens), new ones for every run so that none hits the prefix
+# cache.
+bench() {
+    local prompts=$work/prompts-$2-$3.jsonl
+    python3 "$repo/scripts/gpu_bench.py" prompts "$prompts" $(($1 + 1)) "$2$3"
+    timeout "$4" "$bin/inferctl" --url "$url" bench --dataset "$prompts" --num-prompts "$1" \
+        --concurrency "$2" --output-len "$3" --warmup "${5:-1}" --json
+}
+
+# The executor's own step time (sum and count of inferflux_step_duration_seconds), and its two
+# parts on rank 0 (issuing the forward pass, then waiting for the device and reading the ids
+# back): taken around a run, against the TPOT, what the serving loop adds outside the model's
+# step, and against `device_check profile`, what the executor adds around it.
+step_metric() {
+    curl -s "$url/metrics" | awk '
+        /^inferflux_step_duration_seconds_sum/ {s=$2} /^inferflux_step_duration_seconds_count/ {c=$2}
+        /^inferflux_step_issue_seconds_sum/ {i=$2} /^inferflux_step_read_seconds_sum/ {r=$2}
+        /^inferflux_step_read_seconds_count/ {n=$2}
+        END {print s+0, c+0, i+0, r+0, n+0}'
+}
+
 # `serve_bench DIR [ENV_FILE]`: inferfluxd (with ENV_FILE's INFERFLUX__* settings) and the benches,
 # results in DIR.
 serve_bench() {
     local dir=$1
     start_server "$dir" "${2:-}"
-    # `bench N CONCURRENCY OUTPUT_LEN SECONDS [WARMUP]`: prompts of 128 random words (tokens), new
-    # ones for every run so that none hits the prefix cache.
-    bench() {
-        local prompts=$work/prompts-$2-$3.jsonl
-        python3 "$repo/scripts/gpu_bench.py" prompts "$prompts" $(($1 + 1)) "$2$3"
-        timeout "$4" "$bin/inferctl" --url "$url" bench --dataset "$prompts" --num-prompts "$1" \
-            --concurrency "$2" --output-len "$3" --warmup "${5:-1}" --json
-    }
     # Compiles and autotunes the kernels of the batch sizes the runs below will see.
     bench 128 128 8 60 >/dev/null || echo "warm-up: FAILED or timed out"
-    # The executor's own step time (sum and count of inferflux_step_duration_seconds) around
-    # each run, and its two parts on rank 0 (issuing the forward pass, then waiting for the
-    # device and reading the ids back): against the TPOT, what the serving loop adds outside the
-    # model's step, and against `device_check profile`, what the executor adds around it.
-    step_metric() {
-        curl -s "$url/metrics" | awk '
-            /^inferflux_step_duration_seconds_sum/ {s=$2} /^inferflux_step_duration_seconds_count/ {c=$2}
-            /^inferflux_step_issue_seconds_sum/ {i=$2} /^inferflux_step_read_seconds_sum/ {r=$2}
-            /^inferflux_step_read_seconds_count/ {n=$2}
-            END {print s+0, c+0, i+0, r+0, n+0}'
-    }
     for c in 1 32 128; do
         read -r s0 n0 i0 r0 m0 <<<"$(step_metric)"
         # The first run compiled the kernels; a warm-up request of its own (at batch 1) would
@@ -345,6 +351,29 @@ print(f'temperature 1 $cuts, concurrency 128, sampled on the $where: {d[\"comple
         fi
         stop_server
         grep -c "device draw failed" "$out/sampling-$where/inferfluxd.log" | sed 's/^/device draw failures logged: /'
+    done
+}
+
+stepy() { # async scheduling off and on at concurrency 128, with step 8's kernels, alternated
+    [ -f "$out/tuned/kernels.env" ] || tuned_kernels || return
+    local on
+    for on in false true false true; do
+        local dir=$work/async-$on env=$work/async-$on.env
+        { cat "$out/tuned/kernels.env"; echo "INFERFLUX__SCHEDULER__ASYNC_SCHEDULING=$on"; } >"$env"
+        start_server "$dir" "$env" >/dev/null
+        bench 128 128 8 60 0 >/dev/null || echo "warm-up: FAILED or timed out"
+        read -r s0 n0 _ <<<"$(step_metric)"
+        if bench 128 128 128 70 0 >"$dir/bench.json"; then
+            read -r s1 n1 _ <<<"$(step_metric)"
+            python3 -c "
+import json; d = json.load(open('$dir/bench.json'))
+steps = max($n1 - $n0, 1); busy = $s1 - $s0
+print(f'async_scheduling = $on: {d[\"output_throughput\"]:.0f} tok/s, mean TPOT {d[\"mean_tpot_ms\"]:.2f} ms, '
+      f'executor step {busy * 1e3 / steps:.2f} ms, busy {busy / d[\"duration_s\"]:.2f} of the run')"
+        else
+            echo "async_scheduling = $on: FAILED or timed out"
+        fi
+        stop_server
     done
 }
 
