@@ -33,8 +33,9 @@
 #   s. temperature-1 requests at concurrency 128 with step 8's kernels, sampled on the host and
 #      then on the device (`device_sampling`), to measure the draw kernel; SAMPLING_CUTS="--top-p
 #      0.9 --top-k 50" measures the cut draws (top-k/top-p/min-p bisected on the device);
-#   y. async scheduling (`scheduler.async_scheduling`, the default) off and on at concurrency 128 with
-#      step 8's kernels, alternated, two runs each (about 90 s);
+#   y. one step at a time, async scheduling (`scheduler.async_scheduling`) and async scheduling with
+#      overlapped steps (`scheduler.overlap_steps`, the default on CUDA) at concurrency 128 with
+#      step 8's kernels, alternated, two runs each (about 120 s);
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
 #      GPU), with burn's kernels, the defaults, `gemm = "skinny"` (our tensor-core GEMM: prompts
 #      of 9-128 tokens go through it), norm-gemv (`fused_norm_gemv`: decodes' norms inside the
@@ -354,24 +355,38 @@ print(f'temperature 1 $cuts, concurrency 128, sampled on the $where: {d[\"comple
     done
 }
 
-stepy() { # async scheduling off and on at concurrency 128, with step 8's kernels, alternated
+stepy() { # one step at a time, async scheduling, and async with overlapped steps at concurrency 128,
+           # with step 8's kernels, alternated
     [ -f "$out/tuned/kernels.env" ] || tuned_kernels || return
-    local on
-    for on in false true false true; do
-        local dir=$work/async-$on env=$work/async-$on.env
-        { cat "$out/tuned/kernels.env"; echo "INFERFLUX__SCHEDULER__ASYNC_SCHEDULING=$on"; } >"$env"
+    local mode
+    for mode in off async overlap off async overlap; do
+        local dir=$work/async-$mode env=$work/async-$mode.env
+        {
+            cat "$out/tuned/kernels.env"
+            case $mode in
+                off) echo "INFERFLUX__SCHEDULER__ASYNC_SCHEDULING=false" ;;
+                async) echo "INFERFLUX__SCHEDULER__ASYNC_SCHEDULING=true"
+                       echo "INFERFLUX__SCHEDULER__OVERLAP_STEPS=off" ;;
+                overlap) echo "INFERFLUX__SCHEDULER__ASYNC_SCHEDULING=true"
+                         echo "INFERFLUX__SCHEDULER__OVERLAP_STEPS=on" ;;
+            esac
+        } >"$env"
         start_server "$dir" "$env" >/dev/null
         bench 128 128 8 60 0 >/dev/null || echo "warm-up: FAILED or timed out"
-        read -r s0 n0 _ <<<"$(step_metric)"
+        read -r s0 n0 i0 r0 _ <<<"$(step_metric)"
         if bench 128 128 128 70 0 >"$dir/bench.json"; then
-            read -r s1 n1 _ <<<"$(step_metric)"
+            read -r s1 n1 i1 r1 _ <<<"$(step_metric)"
+            local fed
+            fed=$(curl -s "$url/metrics" | awk '/^inferflux_steps_fed_on_device_total/ {print $2}')
             python3 -c "
 import json; d = json.load(open('$dir/bench.json'))
 steps = max($n1 - $n0, 1); busy = $s1 - $s0
-print(f'async_scheduling = $on: {d[\"output_throughput\"]:.0f} tok/s, mean TPOT {d[\"mean_tpot_ms\"]:.2f} ms, '
-      f'executor step {busy * 1e3 / steps:.2f} ms, busy {busy / d[\"duration_s\"]:.2f} of the run')"
+print(f'$mode: {d[\"output_throughput\"]:.0f} tok/s, mean TPOT {d[\"mean_tpot_ms\"]:.2f} ms, '
+      f'executor step {busy * 1e3 / steps:.2f} ms (issue {($i1 - $i0) * 1e3 / steps:.2f}, '
+      f'wait and read {($r1 - $r0) * 1e3 / steps:.2f}), busy {busy / d[\"duration_s\"]:.2f} of the run, '
+      f'steps fed on the device: ${fed:-0}')"
         else
-            echo "async_scheduling = $on: FAILED or timed out"
+            echo "$mode: FAILED or timed out"
         fi
         stop_server
     done

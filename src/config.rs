@@ -190,6 +190,21 @@ pub struct SchedulerConfig {
     /// The executor then waits for no scheduling, page bookkeeping or streaming between steps.
     /// A sequence that a stop string ends computes at most one token more, which is dropped.
     pub async_scheduling: bool,
+    /// With async scheduling: queue step N+1 on the device before reading step N back, taking
+    /// N+1's decode inputs from N's sampled ids on the device, so that the device never waits
+    /// for the host between steps. `auto`: on for CUDA (one rank), off on the CPU, whose steps
+    /// run while they are queued.
+    pub overlap_steps: OverlapSteps,
+}
+
+/// `scheduler.overlap_steps`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OverlapSteps {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl Default for SchedulerConfig {
@@ -202,6 +217,7 @@ impl Default for SchedulerConfig {
             client_weights: HashMap::new(),
             fairness_half_life_steps: 64,
             async_scheduling: true,
+            overlap_steps: OverlapSteps::Auto,
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::actors::kv_pages::KvPageManager;
 use crate::actors::scheduler::Scheduler;
 use crate::actors::stop_detector::{ConnectScheduler, StopSequenceDetector};
 use crate::actors::tp_ranks::{Rank, RankWorker};
-use crate::config::{DeviceKind, Settings};
+use crate::config::{DeviceKind, OverlapSteps, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
 use crate::model::cuda_attention::{self, AttentionKernel};
@@ -291,6 +291,12 @@ pub fn start(
     // One hasher (one random key) for every replica and the router, so that their keys agree.
     let hasher = prefix_caching
         .then(|| BlockHasher::new(&format!("{}/{backend:?}", files.name), settings.kv.page_size));
+    // Only a device that runs queued kernels while the host goes on gains from holding a step.
+    let overlap_steps = match settings.scheduler.overlap_steps {
+        OverlapSteps::Auto => backend == ChosenBackend::Cuda && settings.parallel.tensor_parallel_size == 1,
+        OverlapSteps::On => true,
+        OverlapSteps::Off => false,
+    };
     let scheduler = DpRouter::create(|ctx| {
         let replicas = executors
             .into_iter()
@@ -304,13 +310,13 @@ pub fn start(
                 let mut scheduler = Scheduler::new(
                     SchedulerCore::new(settings.scheduler.clone(), hasher.clone()),
                     kv.clone(),
-                    executor.addrs.step,
-                    executor.addrs.discard,
+                    executor.addrs,
                     detector.clone(),
                     settings.scheduler.preemption,
                 )
                 .with_supervisor(executor.restart)
                 .with_async_scheduling(settings.scheduler.async_scheduling)
+                .with_overlapped_steps(overlap_steps)
                 .with_router(ctx.address().recipient());
                 if dp > 1 {
                     scheduler = scheduler.with_replica_label(r);

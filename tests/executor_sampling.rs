@@ -385,7 +385,7 @@ fn sampling_on_the_device_with_tensor_parallel_matches_one_rank() {
 /// mailbox; a step that does not follow the last one that ran is refused.
 #[test]
 fn sampling_fed_back_tokens_match_planning_with_the_tokens_known() {
-    use inferflux::actors::executor::{spawn_executor, ExecuteStep};
+    use inferflux::actors::executor::{spawn_executor, ExecuteStep, ReadHeldStep};
     use inferflux::scheduler::FED_BACK;
     let OneRank {
         executor,
@@ -433,27 +433,142 @@ fn sampling_fed_back_tokens_match_planning_with_the_tokens_known() {
             })
             .collect()
     };
-    let slot = std::sync::Mutex::new(Some(executor));
-    let (got, refused) = actix::System::new().block_on(async move {
-        let addrs = spawn_executor(move || slot.lock().unwrap().take().unwrap());
-        let step = |step: u64, follows: Option<u64>, plan: Vec<PlannedChunk>| {
-            addrs.step.send(ExecuteStep {
-                step,
-                follows,
-                swap_out: None,
-                plan,
-            })
-        };
-        // Both queued before either returns, as the scheduler does.
-        let (first, second) = (step(1, None, plan(0)), step(2, Some(1), plan(1)));
-        let got = vec![first.await.unwrap().unwrap(), second.await.unwrap().unwrap()];
-        let refused = step(4, Some(3), plan(1)).await.unwrap();
-        (got, refused)
-    });
-    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g, w, "step {step}: fed back against the tokens known");
-    }
     assert!(params.iter().filter(|p| p.has_penalties()).count() >= 2);
-    let err = refused.expect_err("step 3 never ran").to_string();
-    assert!(err.contains("step 3"), "{err}");
+    // Without and with the executor holding each step until the next one is queued: the
+    // penalised rows need their fed-back token on the host, so it reads the held step first.
+    for (read_later, executor) in [(false, executor), (true, one_rank().executor)] {
+        let slot = std::sync::Mutex::new(Some(executor));
+        let (got, refused) = actix::System::new().block_on(async move {
+            let addrs = spawn_executor(move || slot.lock().unwrap().take().unwrap());
+            let step = |step: u64, follows: Option<u64>, plan: Vec<PlannedChunk>| {
+                addrs.step.send(ExecuteStep {
+                    step,
+                    follows,
+                    read_later,
+                    swap_out: None,
+                    plan,
+                })
+            };
+            // Both queued before either returns, as the scheduler does.
+            let (first, second) = (step(1, None, plan(0)), step(2, Some(1), plan(1)));
+            let (first, second) = (first.await.unwrap(), second.await.unwrap());
+            if read_later {
+                addrs.read_held.send(ReadHeldStep).await.unwrap();
+            }
+            let got = vec![first.reply().await.unwrap(), second.reply().await.unwrap()];
+            let refused = step(4, Some(3), plan(1)).await.unwrap().reply().await;
+            (got, refused)
+        });
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g, w,
+                "read later {read_later}, step {step}: fed back against the tokens known"
+            );
+        }
+        let err = refused.expect_err("step 3 never ran").to_string();
+        assert!(err.contains("step 3"), "{err}");
+    }
+}
+
+/// The steps of `prompts` (three: the prompts, then two decodes) with every token known when
+/// the step is planned, read back one at a time.
+fn with_tokens_known(
+    mut executor: ModelExecutor<B>,
+    prompts: &[Vec<u32>],
+    params: &[SamplingParams],
+) -> Vec<Vec<SampledToken>> {
+    let mut seqs = prompts.to_vec();
+    let mut steps = Vec::new();
+    for step in 0..=STEPS {
+        let plan = decode_plan(prompts, params, step, |i| seqs[i].last().copied());
+        let sampled = executor.run_step(None, plan).unwrap();
+        for (s, seq) in sampled.iter().zip(&mut seqs) {
+            seq.push(s.token);
+        }
+        steps.push(sampled);
+    }
+    steps
+}
+
+/// Step `step` of `prompts`: every prompt whole at step 0, then one decode each whose input is
+/// `last(i)`, or `FED_BACK` where that is `None`. (The block tables cover `STEPS + 1` steps.)
+fn decode_plan(
+    prompts: &[Vec<u32>],
+    params: &[SamplingParams],
+    step: usize,
+    last: impl Fn(usize) -> Option<u32>,
+) -> Vec<PlannedChunk> {
+    let n = prompts.len();
+    (0..n)
+        .map(|i| {
+            let p = prompts[i].len();
+            let (tokens, start_pos) = match step {
+                0 => (prompts[i].clone(), 0),
+                _ => (
+                    vec![last(i).unwrap_or(inferflux::scheduler::FED_BACK)],
+                    p + step - 1,
+                ),
+            };
+            PlannedChunk {
+                seq: SeqId(i as u64),
+                tokens,
+                start_pos,
+                block_table: block_table(i, n, p + STEPS),
+                wants_logits: true,
+                fed_back: step > 0 && last(i).is_none(),
+                sampling: params[i].clone(),
+                generated_index: step,
+                history: None,
+                page_copies: Vec::new(),
+                swap_in: false,
+            }
+        })
+        .collect()
+}
+
+/// Overlapped steps: a step queued with `read_later` is read back only once the next one is
+/// queued behind it (or on `ReadHeldStep`), and the next one's fed-back inputs come from its ids
+/// still on the device. Three steps so fed give the tokens of planning with them known; with a
+/// row the host samples (a seeded temperature row on the CPU), the executor reads the held step
+/// first and feeds from the host, with the same tokens.
+#[test]
+fn sampling_held_steps_feed_the_next_one_on_the_device() {
+    use inferflux::actors::executor::ExecuteStep;
+    let prompts = one_rank().prompts;
+    let n = prompts.len();
+    let all_greedy = vec![greedy(); n];
+    let mut one_drawn = all_greedy.clone();
+    one_drawn[3] = SamplingParams {
+        temperature: 0.8,
+        seed: 3,
+        ..Default::default()
+    };
+    for (params, fed_on_device) in [(all_greedy, STEPS as u64), (one_drawn, 0)] {
+        let want = with_tokens_known(one_rank().executor, &prompts, &params);
+        let mut executor = one_rank().executor;
+        let mut receipts = Vec::new();
+        for step in 0..=STEPS {
+            let mut receipt = executor.execute(ExecuteStep {
+                step: step as u64 + 1,
+                follows: (step > 0).then_some(step as u64),
+                read_later: true,
+                swap_out: None,
+                plan: decode_plan(&prompts, &params, step, |_| None),
+            });
+            assert!(
+                receipt.0.try_recv().is_err(),
+                "step {step} was read back before another was queued behind it"
+            );
+            receipts.push(receipt);
+        }
+        executor.read_held_step();
+        let got: Vec<Vec<SampledToken>> = receipts
+            .into_iter()
+            .map(|mut r| r.0.try_recv().expect("read back").unwrap())
+            .collect();
+        assert_eq!(got, want, "fed on the device: {fed_on_device}");
+        assert_eq!(executor.steps_fed_on_device(), fed_on_device);
+        // Different tokens each step, or the feed could be right by chance.
+        assert!(want[1] != want[2]);
+    }
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{goldens, start, stream_completion};
-use inferflux::config::{PreemptionMode, Settings};
+use inferflux::config::{OverlapSteps, PreemptionMode, Settings};
 use serde_json::json;
 
 const MAX_TOKENS: usize = 24;
@@ -61,7 +61,7 @@ async fn unified_batch_http_outputs_are_batch_invariant() {
     assert_eq!(same_config, solo, "all at once vs alone");
 
     type Tweak = fn(&mut Settings);
-    let configs: [(&str, Tweak, bool); 5] = [
+    let configs: [(&str, Tweak, bool); 6] = [
         (
             "chunked prefill, prefix caching",
             |s| s.scheduler.max_batched_tokens = 16,
@@ -103,6 +103,18 @@ async fn unified_batch_http_outputs_are_batch_invariant() {
             },
             true,
         ),
+        (
+            "overlapped steps (greedy decodes fed back on the device), tiny pool, swap preemption",
+            |s| {
+                s.kv.num_pages = 64;
+                s.kv.page_size = 4;
+                s.kv.enable_prefix_caching = false;
+                s.scheduler.max_batched_tokens = 48;
+                s.scheduler.preemption = PreemptionMode::Swap;
+                s.scheduler.overlap_steps = OverlapSteps::On;
+            },
+            true,
+        ),
     ];
     for (name, tweak, preempts) in configs {
         let server = start(tweak);
@@ -130,6 +142,13 @@ async fn unified_batch_http_outputs_are_batch_invariant() {
         );
         common::wait_until_no_page_is_referenced(&server.base).await;
     }
+    // Only the overlapped server feeds back on the device (the recorder is the process's).
+    let fed = common::metrics_text(&reference.base).await.lines().find_map(|l| {
+        l.strip_prefix("inferflux_steps_fed_on_device_total ")?
+            .parse::<f64>()
+            .ok()
+    });
+    assert!(fed.unwrap_or(0.0) > 0.0, "no step was fed back on the device");
 }
 
 /// Request `i` with seeded sampling (penalties on every third) and `stop`.
@@ -179,7 +198,7 @@ async fn all_sampled_at_once(base: &str, prompts: &[serde_json::Value], stops: &
 #[tokio::test]
 async fn unified_batch_http_async_scheduling_changes_no_output() {
     let prompts = prompts();
-    let tiny_pool = |async_scheduling: bool| {
+    let tiny_pool = |async_scheduling: bool, overlap_steps: OverlapSteps| {
         move |s: &mut Settings| {
             s.kv.num_pages = 64;
             s.kv.page_size = 4;
@@ -187,13 +206,19 @@ async fn unified_batch_http_async_scheduling_changes_no_output() {
             s.scheduler.max_batched_tokens = 48;
             s.scheduler.preemption = PreemptionMode::Swap;
             s.scheduler.async_scheduling = async_scheduling;
+            s.scheduler.overlap_steps = overlap_steps;
         }
     };
-    let (one_step, ahead) = (start(tiny_pool(false)), start(tiny_pool(true)));
+    let one_step = start(tiny_pool(false, OverlapSteps::Off));
+    let ahead = start(tiny_pool(true, OverlapSteps::Off));
+    // Held steps whose sampled rows the host feeds back (the CPU draws on the host).
+    let overlapped = start(tiny_pool(true, OverlapSteps::On));
     let no_stops = vec![None; prompts.len()];
     let want = all_sampled_at_once(&one_step.base, &prompts, &no_stops).await;
     let got = all_sampled_at_once(&ahead.base, &prompts, &no_stops).await;
     assert_eq!(got, want, "without stop strings");
+    let got = all_sampled_at_once(&overlapped.base, &prompts, &no_stops).await;
+    assert_eq!(got, want, "overlapped, without stop strings");
     // Stop strings that each output meets halfway, so the detector ends it mid-stream.
     let stops: Vec<Option<String>> = want
         .iter()
@@ -210,7 +235,9 @@ async fn unified_batch_http_async_scheduling_changes_no_output() {
     assert!(stopped >= 12, "{stopped} of 16 stopped: {want:?}");
     let got = all_sampled_at_once(&ahead.base, &prompts, &stops).await;
     assert_eq!(got, want, "with stop strings");
-    for server in [&one_step, &ahead] {
+    let got = all_sampled_at_once(&overlapped.base, &prompts, &stops).await;
+    assert_eq!(got, want, "overlapped, with stop strings");
+    for server in [&one_step, &ahead, &overlapped] {
         let q = common::queue_report(&server.base).await;
         assert!(q["preemptions_total"].as_u64().unwrap() > 0, "no preemption: {q}");
         common::wait_until_no_page_is_referenced(&server.base).await;

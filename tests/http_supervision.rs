@@ -2,12 +2,13 @@
 //! thread) ends the requests it held with an error, is restarted with the loaded weights and a
 //! fresh KV cache, and serves what waited and what comes next exactly as before. Uses the
 //! test-only fault hook (`INFERFLUX_FAULT_INJECTION=1`, `POST /admin/fault`). In its own test
-//! binary, one test, so that the process-wide restart counter belongs to this server.
+//! binary, one test, so that the process-wide restart counter belongs to its servers.
 
 mod common;
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
+use inferflux::config::OverlapSteps;
 use serde_json::{json, Value};
 
 const PROMPT: &str = "Once upon a time in a land far away";
@@ -116,15 +117,27 @@ async fn fault_mid_stream(base: &str, kind: &str) -> Failed {
     failed
 }
 
+/// Once with each step read back before the next is queued, and once with overlapped steps
+/// (the executor holding each step until the next one is queued, fed on the device).
 #[tokio::test]
 async fn supervision_executor_failure_mid_stream_errors_the_client_and_restarts() {
     std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
-    let server = common::start(|s| {
-        s.scheduler.max_running = 1;
-        s.kv.num_pages = 64;
-        s.kv.page_size = 4;
-    });
-    let base = &server.base;
+    for overlap in [OverlapSteps::Off, OverlapSteps::On] {
+        let server = common::start(move |s| {
+            s.scheduler.max_running = 1;
+            s.kv.num_pages = 64;
+            s.kv.page_size = 4;
+            s.scheduler.overlap_steps = overlap;
+        });
+        let restarted_before = restarts(&common::metrics_text(&server.base).await);
+        supervise(&server.base, restarted_before).await;
+    }
+}
+
+/// The supervision checks on a fresh server; `restarted_before`: the process's restart counter
+/// before it.
+async fn supervise(base: &str, restarted_before: u64) {
+    let restarts = |metrics: &str| restarts(metrics) - restarted_before;
     let before = greedy_text(base).await;
     assert!(!before.is_empty());
     assert_eq!(restarts(&common::metrics_text(base).await), 0);

@@ -11,14 +11,15 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use burn::prelude::Backend;
+use tokio::sync::oneshot;
 
 use super::fault::{FaultInjector, FaultKind};
-use super::step_output::StepOutput;
+use super::step_output::{StepOutput, UnreadOutput};
 use super::tp_ranks::{Rank, RankWorker, StepWork};
 use crate::kv::{PageCopy, SeqId};
-use crate::model::{Llama, PagedKvCache, SequenceChunk};
+use crate::model::{FedTokens, Llama, PagedKvCache, SequenceChunk};
 use crate::parallel::Communicator;
-use crate::sampling::{self, SampledLogprobs, TokenHistory};
+use crate::sampling::{self, SampledLogprobs, SamplingParams, TokenHistory};
 use crate::scheduler::PlannedChunk;
 
 /// A token sampled for a sequence in a step, with its logprobs when the request asked for them.
@@ -45,9 +46,37 @@ pub struct ModelExecutor<B: Backend> {
     broken: Option<String>,
     /// The test-only fault hook (`INFERFLUX_FAULT_INJECTION=1`).
     fault: Option<Arc<FaultInjector>>,
-    /// The last step that succeeded and the tokens it sampled: the inputs of the next step's
-    /// fed-back chunks (async scheduling).
+    /// The last step read back, if it succeeded, and the tokens it sampled: the inputs of the
+    /// next step's fed-back chunks when they are fed from the host (async scheduling).
     last_sampled: Option<(u64, HashMap<SeqId, u32>)>,
+    /// A step queued on the device and not read back yet (`ExecuteStep::read_later`): read once
+    /// the next step is queued behind it, or on `ReadHeldStep`.
+    /// (Boxed: an actor is `Unpin`, burn's tensors need not be.)
+    held: Option<Box<HeldStep<B>>>,
+    steps_fed_on_device: u64,
+}
+
+/// A step queued on the device; its output is read back later.
+struct IssuedStep<B: Backend> {
+    step: u64,
+    /// Per logits row, in row order: its sequence, sampling and generated index (for the rows the
+    /// host samples).
+    samplers: Vec<(SeqId, SamplingParams, usize)>,
+    edits: Arc<[Vec<sampling::LogitEdit>]>,
+    output: IssuedOutput<B>,
+}
+
+enum IssuedOutput<B: Backend> {
+    /// Tensor parallel reads every step back at once.
+    Read(StepOutput),
+    /// One rank: still on the device (none when the step ran no chunk).
+    Unread(Option<UnreadOutput<B>>),
+}
+
+/// A step whose reply waits for its output to be read back.
+struct HeldStep<B: Backend> {
+    issued: IssuedStep<B>,
+    reply: oneshot::Sender<StepReply>,
 }
 
 /// Copy a preempted sequence's pages to host memory before anything else in the step.
@@ -67,6 +96,8 @@ impl<B: Backend> ModelExecutor<B> {
             broken: None,
             fault: None,
             last_sampled: None,
+            held: None,
+            steps_fed_on_device: 0,
         }
     }
 
@@ -80,6 +111,8 @@ impl<B: Backend> ModelExecutor<B> {
             broken: None,
             fault: None,
             last_sampled: None,
+            held: None,
+            steps_fed_on_device: 0,
         }
     }
 
@@ -96,14 +129,18 @@ impl<B: Backend> ModelExecutor<B> {
         self
     }
 
-    /// Runs one planned step on every rank and samples a token for every chunk that wants one
-    /// (on rank 0). Before the model runs: swap-outs (their pages may be reused from the next
-    /// step on), then page copies in grant order, then swap-ins.
-    pub fn run_step(
+    /// Queues one planned step on every rank, with the sampling of every chunk that wants a
+    /// token (on rank 0), and reads nothing back unless tensor parallel runs it (see
+    /// [`Self::finish_step`]). Before the model runs: swap-outs (their pages may be reused from the
+    /// next step on), then page copies in grant order, then swap-ins. `fed` gives the last
+    /// tokens of fed-back chunks from an earlier step's ids on the device (one rank only).
+    fn issue_step(
         &mut self,
+        step: u64,
         swap_out: Option<SwapOut>,
         plan: Vec<PlannedChunk>,
-    ) -> Result<Vec<SampledToken>, ExecutorError> {
+        fed: Option<FedTokens<B>>,
+    ) -> Result<IssuedStep<B>, ExecutorError> {
         if let Some(why) = &self.broken {
             return Err(ExecutorError(why.clone()));
         }
@@ -115,12 +152,14 @@ impl<B: Backend> ModelExecutor<B> {
             .collect();
         // The plan's vectors move into the model's chunks; only what sampling needs stays.
         let mut samplers = Vec::new();
+        let mut histories = Vec::new();
         let copies: Vec<PageCopy> = plan.iter().flat_map(|c| c.page_copies.iter().copied()).collect();
         let chunks: Vec<SequenceChunk> = plan
             .into_iter()
             .map(|c| {
                 if c.wants_logits {
-                    samplers.push((c.seq, c.sampling, c.generated_index, c.history));
+                    samplers.push((c.seq, c.sampling, c.generated_index));
+                    histories.push(c.history);
                 }
                 SequenceChunk {
                     tokens: c.tokens,
@@ -132,12 +171,13 @@ impl<B: Backend> ModelExecutor<B> {
             .collect();
         let rows = samplers
             .iter()
-            .map(|(_, params, n, _)| sampling::row_sampling(params, *n))
+            .map(|(_, params, n)| sampling::row_sampling(params, *n))
             .collect();
         // Made once: the device edits its copies with them, the host samples its rows with them.
         let edits: Arc<[Vec<sampling::LogitEdit>]> = samplers
             .iter()
-            .map(|(_, params, n, history)| sampling::logit_edits(params, *n, history.as_ref()))
+            .zip(&histories)
+            .map(|((_, params, n), history)| sampling::logit_edits(params, *n, history.as_ref()))
             .collect();
         let work = StepWork {
             swap_out: swap_out.map(|s| (s.seq, s.pages)),
@@ -147,7 +187,32 @@ impl<B: Backend> ModelExecutor<B> {
             rows,
             edits: edits.clone(),
         };
-        let out = self.run_ranks(work).map_err(ExecutorError)?;
+        let output = if self.comm.is_some() {
+            IssuedOutput::Read(self.run_ranks(work).map_err(ExecutorError)?)
+        } else {
+            IssuedOutput::Unread(self.rank0.issue(work, fed.as_ref()).map_err(ExecutorError)?)
+        };
+        Ok(IssuedStep {
+            step,
+            samplers,
+            edits,
+            output,
+        })
+    }
+
+    /// Reads an issued step back (waiting for the device) and samples the rows the device left
+    /// to the host: one token per chunk that wanted one, in plan order.
+    fn finish_step(issued: IssuedStep<B>) -> Result<Vec<SampledToken>, ExecutorError> {
+        let IssuedStep {
+            samplers,
+            edits,
+            output,
+            ..
+        } = issued;
+        let out = match output {
+            IssuedOutput::Read(out) => out,
+            IssuedOutput::Unread(unread) => Rank::<B>::read(unread).map_err(ExecutorError)?,
+        };
         if out.device.len() != samplers.len() {
             return Err(ExecutorError(format!(
                 "step returned {} logits rows for {} sampled chunks",
@@ -159,7 +224,7 @@ impl<B: Backend> ModelExecutor<B> {
         let mut host_rows = out.host_rows.chunks_exact(out.vocab.max(1));
         let mut sampled = Vec::with_capacity(samplers.len());
         let device_logprobs = out.logprobs.into_iter().chain(std::iter::repeat(None));
-        for ((((seq, params, n, _), chosen), logprobs), edits) in samplers
+        for ((((seq, params, n), chosen), logprobs), edits) in samplers
             .into_iter()
             .zip(out.device)
             .zip(device_logprobs)
@@ -178,6 +243,75 @@ impl<B: Backend> ModelExecutor<B> {
             sampled.push(SampledToken { seq, token, logprobs });
         }
         Ok(sampled)
+    }
+
+    /// Reads `issued` back and remembers its tokens for the next step's host feed-back.
+    fn finish_and_remember(&mut self, issued: IssuedStep<B>) -> StepReply {
+        let step = issued.step;
+        let result = Self::finish_step(issued);
+        self.last_sampled = result
+            .as_ref()
+            .ok()
+            .map(|sampled| (step, sampled.iter().map(|s| (s.seq, s.token)).collect()));
+        match &result {
+            Ok(sampled) => tracing::debug!(step, sampled = sampled.len(), "step read back"),
+            Err(e) => tracing::error!(step, error = %e, "step failed"),
+        }
+        result
+    }
+
+    /// Reads the held step back and replies with it; false if it failed (true when none is held).
+    fn read_held(&mut self) -> bool {
+        let Some(held) = self.held.take() else {
+            return true;
+        };
+        let HeldStep { issued, reply } = *held;
+        let result = self.finish_and_remember(issued);
+        let ok = result.is_ok();
+        // The scheduler may have stopped waiting (its executor was replaced).
+        let _ = reply.send(result);
+        ok
+    }
+
+    /// The fed-back inputs of `plan` as the held step's ids on the device, when that step is
+    /// `follows` and the device chose every one of them, and no chunk needs the token on the
+    /// host (a penalty's history). `None`: they are fed back from the host.
+    fn device_feed(&self, follows: u64, plan: &[PlannedChunk]) -> Option<FedTokens<B>> {
+        let held = self.held.as_ref().filter(|h| h.issued.step == follows)?;
+        let IssuedOutput::Unread(Some(unread)) = &held.issued.output else {
+            return None;
+        };
+        let ids = unread.device_ids()?;
+        let row_of: HashMap<SeqId, usize> = held
+            .issued
+            .samplers
+            .iter()
+            .enumerate()
+            .map(|(row, (seq, ..))| (*seq, row))
+            .collect();
+        let last_of_chunk = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.fed_back)
+            .map(|(i, c)| {
+                let at = row_of.get(&c.seq).and_then(|&row| unread.device_id_at(row));
+                at.filter(|_| c.history.is_none()).map(|at| (i, at))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(FedTokens {
+            ids: ids.clone(),
+            last_of_chunk,
+        })
+    }
+
+    /// Runs one planned step and reads it back (no step follows it on the device).
+    pub fn run_step(
+        &mut self,
+        swap_out: Option<SwapOut>,
+        plan: Vec<PlannedChunk>,
+    ) -> Result<Vec<SampledToken>, ExecutorError> {
+        let issued = self.issue_step(0, swap_out, plan, None)?;
+        Self::finish_step(issued)
     }
 
     /// Puts the tokens that step `follows` sampled in place of the plan's fed-back ones (and at
@@ -258,32 +392,66 @@ impl<B: Backend> Actor for ModelExecutor<B> {
     type Context = SyncContext<Self>;
 }
 
-/// Compute one step of the batch plan; the reply holds one sampled token per sequence whose
-/// chunk wanted logits, in plan order.
+/// What a step brings back: one sampled token per sequence whose chunk wanted logits, in plan
+/// order.
+pub type StepReply = Result<Vec<SampledToken>, ExecutorError>;
+
+/// Where a step's reply comes once it is read back (at once, unless the step was held: see
+/// [`ExecuteStep::read_later`]).
+pub struct StepReceipt(pub oneshot::Receiver<StepReply>);
+
+impl StepReceipt {
+    /// Waits for the step's reply; an executor that stopped first fails the step.
+    pub async fn reply(self) -> StepReply {
+        self.0.await.unwrap_or_else(|_| {
+            Err(ExecutorError(
+                "the executor stopped before the step was read back".into(),
+            ))
+        })
+    }
+}
+
+/// Compute one step of the batch plan.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<SampledToken>, ExecutorError>")]
+#[rtype(result = "StepReceipt")]
 pub struct ExecuteStep {
     pub step: u64,
     /// The step whose sampled tokens the plan's fed-back chunks take (async scheduling).
     pub follows: Option<u64>,
+    /// The sender queues another step, or `ReadHeldStep`, behind this one: a single-rank
+    /// executor may queue this step on the device and read it back only once the next one is
+    /// queued behind it, taking that one's fed-back tokens from this one's ids on the device.
+    pub read_later: bool,
     pub swap_out: Option<SwapOut>,
     pub plan: Vec<PlannedChunk>,
 }
 
 impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
-    type Result = Result<Vec<SampledToken>, ExecutorError>;
+    type Result = MessageResult<ExecuteStep>;
 
     fn handle(&mut self, msg: ExecuteStep, _: &mut SyncContext<Self>) -> Self::Result {
+        MessageResult(self.execute(msg))
+    }
+}
+
+impl<B: Backend> ModelExecutor<B> {
+    /// Runs `msg` (see [`ExecuteStep`]): the actor's handler, callable without a mailbox.
+    pub fn execute(&mut self, msg: ExecuteStep) -> StepReceipt {
+        let (reply, receipt) = oneshot::channel();
+        let receipt = StepReceipt(receipt);
         if let Some(fault) = &self.fault {
             let (delay, due) = fault.on_step();
             std::thread::sleep(delay);
             match due {
-                // Outside the step's catch_unwind: the thread dies and the reply never comes.
+                // Outside the step's catch_unwind: the thread dies and no reply ever comes.
                 Some(FaultKind::Panic) => panic!("injected executor panic (step {})", msg.step),
                 Some(FaultKind::Error) => {
+                    self.read_held();
                     let e = ExecutorError(format!("injected executor error (step {})", msg.step));
                     tracing::error!(error = %e, "step failed");
-                    return Err(e);
+                    self.last_sampled = None;
+                    let _ = reply.send(Err(e));
+                    return receipt;
                 }
                 None => {}
             }
@@ -294,27 +462,76 @@ impl<B: Backend> Handler<ExecuteStep> for ModelExecutor<B> {
         let _enter = span.enter();
         let started = std::time::Instant::now();
         let mut plan = msg.plan;
-        let result = match msg.follows {
-            Some(follows) => self.feed_back(follows, &mut plan),
-            None => Ok(()),
+        // Fed from the held step's ids on the device when it can be; else that step is read
+        // back first and its tokens go in from the host.
+        let fed = msg.follows.and_then(|follows| self.device_feed(follows, &plan));
+        let fed_from_held = fed.is_some();
+        if fed_from_held {
+            self.steps_fed_on_device += 1;
+            metrics::counter!("inferflux_steps_fed_on_device_total").increment(1);
+        } else {
+            self.read_held();
         }
-        .and_then(|()| self.run_step(msg.swap_out, plan));
-        self.last_sampled = result
-            .as_ref()
-            .ok()
-            .map(|sampled| (msg.step, sampled.iter().map(|s| (s.seq, s.token)).collect()));
+        let issued = match (msg.follows, fed_from_held) {
+            (Some(follows), false) => self.feed_back(follows, &mut plan),
+            _ => Ok(()),
+        }
+        .and_then(|()| self.issue_step(msg.step, msg.swap_out, plan, fed));
+        // The held step runs ahead of this one on the device: read it while this one runs.
+        let held_ok = self.read_held();
+        match issued {
+            Ok(issued) if held_ok && msg.read_later && self.comm.is_none() => {
+                self.held = Some(Box::new(HeldStep { issued, reply }))
+            }
+            Ok(issued) => {
+                let result = if held_ok || !fed_from_held {
+                    self.finish_and_remember(issued)
+                } else {
+                    self.last_sampled = None;
+                    Err(ExecutorError(format!(
+                        "step {} took its inputs from step {:?}, which failed",
+                        msg.step, msg.follows
+                    )))
+                };
+                let _ = reply.send(result);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "step failed");
+                self.last_sampled = None;
+                let _ = reply.send(Err(e));
+            }
+        }
         metrics::histogram!("inferflux_step_duration_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("inferflux_batched_tokens_per_step").record(tokens as f64);
         metrics::histogram!("inferflux_batch_size").record(seqs as f64);
-        match &result {
-            Ok(sampled) => tracing::debug!(
-                sampled = sampled.len(),
-                ms = started.elapsed().as_millis() as u64,
-                "step done"
-            ),
-            Err(e) => tracing::error!(error = %e, "step failed"),
-        }
-        result
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "step handled");
+        receipt
+    }
+}
+
+/// Read back the step the executor holds, if any: the scheduler queues nothing behind it for
+/// now and waits for its tokens.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReadHeldStep;
+
+impl<B: Backend> Handler<ReadHeldStep> for ModelExecutor<B> {
+    type Result = ();
+
+    fn handle(&mut self, _: ReadHeldStep, _: &mut SyncContext<Self>) {
+        self.read_held();
+    }
+}
+
+impl<B: Backend> ModelExecutor<B> {
+    /// [`ReadHeldStep`] without a mailbox.
+    pub fn read_held_step(&mut self) {
+        self.read_held();
+    }
+
+    /// Steps whose fed-back inputs came from the previous step's ids on the device.
+    pub fn steps_fed_on_device(&self) -> u64 {
+        self.steps_fed_on_device
     }
 }
 
@@ -339,6 +556,7 @@ impl<B: Backend> Handler<DiscardSwapped> for ModelExecutor<B> {
 /// A running executor's mailboxes.
 pub struct ExecutorAddrs {
     pub step: Recipient<ExecuteStep>,
+    pub read_held: Recipient<ReadHeldStep>,
     pub discard: Recipient<DiscardSwapped>,
 }
 
@@ -361,6 +579,7 @@ pub fn spawn_executor<B: Backend>(make: impl FnOnce() -> ModelExecutor<B> + Send
     });
     ExecutorAddrs {
         step: addr.clone().recipient(),
+        read_held: addr.clone().recipient(),
         discard: addr.recipient(),
     }
 }

@@ -12,7 +12,10 @@ use std::time::Instant;
 use actix::prelude::*;
 
 use super::dp_router::{ReplicaReport, SequenceLeft};
-use super::executor::{DiscardSwapped, ExecuteStep, ExecutorError, RestartExecutor, SampledToken, SwapOut};
+use super::executor::{
+    DiscardSwapped, ExecuteStep, ExecutorAddrs, ExecutorError, ReadHeldStep, RestartExecutor, SampledToken,
+    SwapOut,
+};
 use super::kv_pages::{CommitPages, KvPageManager, Preempt, Release, ReserveStep, ResetAfterExecutorFailure};
 use super::stop_detector::{Abort, FailSequence, PrefixCached, StepTokens, StopSequenceDetector, Untrack};
 use crate::config::PreemptionMode;
@@ -23,10 +26,14 @@ use crate::scheduler::{Candidate, ClientId, ClientReport, PlannedChunk, Schedule
 pub struct Scheduler {
     core: SchedulerCore,
     kv: Addr<KvPageManager>,
-    executor: Recipient<ExecuteStep>,
-    discard_swapped: Recipient<DiscardSwapped>,
+    executor: ExecutorAddrs,
     detector: Addr<StopSequenceDetector>,
     preemption: PreemptionMode,
+    /// Steps are queued with `read_later` (async scheduling with overlapped steps): the
+    /// executor may hold the last one until another is queued or `ReadHeldStep` comes.
+    overlap_steps: bool,
+    /// The last step queued went with `read_later`, and nothing has been queued behind it yet.
+    executor_may_hold: bool,
     /// A step is being planned (its pages reserved, its preemption settled): one at a time.
     planning: bool,
     /// Steps planned whose results have not been taken yet.
@@ -114,8 +121,7 @@ impl Scheduler {
     pub fn new(
         core: SchedulerCore,
         kv: Addr<KvPageManager>,
-        executor: Recipient<ExecuteStep>,
-        discard_swapped: Recipient<DiscardSwapped>,
+        executor: ExecutorAddrs,
         detector: Addr<StopSequenceDetector>,
         preemption: PreemptionMode,
     ) -> Self {
@@ -123,9 +129,10 @@ impl Scheduler {
             core,
             kv,
             executor,
-            discard_swapped,
             detector,
             preemption,
+            overlap_steps: false,
+            executor_may_hold: false,
             planning: false,
             in_flight: 0,
             max_in_flight: 1,
@@ -151,6 +158,20 @@ impl Scheduler {
     pub fn with_async_scheduling(mut self, on: bool) -> Self {
         self.max_in_flight = if on { 2 } else { 1 };
         self
+    }
+
+    /// With async scheduling, lets the executor queue step N+1 on the device before reading
+    /// step N back, feeding N+1's decode inputs from N's ids there (`scheduler.overlap_steps`).
+    pub fn with_overlapped_steps(mut self, on: bool) -> Self {
+        self.overlap_steps = on;
+        self
+    }
+
+    /// Nothing will be queued behind the last step for now: have the executor read it back.
+    fn read_held_step(&mut self) {
+        if std::mem::take(&mut self.executor_may_hold) {
+            self.executor.read_held.do_send(ReadHeldStep);
+        }
     }
 
     /// Tell `router` of every sequence that leaves this scheduler.
@@ -201,9 +222,8 @@ impl Scheduler {
         self.failures_in_a_row += 1;
         match &mut self.restart {
             Some(restart) => {
-                let fresh = restart();
-                self.executor = fresh.step;
-                self.discard_swapped = fresh.discard;
+                self.executor = restart();
+                self.executor_may_hold = false;
                 metrics::counter!("inferflux_executor_restarts_total").increment(1);
                 tracing::error!(
                     cause = %e,
@@ -290,11 +310,18 @@ impl Scheduler {
     /// to do: reserve pages, plan, settle a preemption with the page manager, queue the step at
     /// the executor. Every step planned ends in exactly one `step_returned`.
     fn maybe_step(&mut self, ctx: &mut Context<Self>) {
-        if self.planning || self.in_flight >= self.max_in_flight || !self.core.has_work() {
+        // A step in flight is either the older of two (its reply comes when the executor takes
+        // the newer one) or ends in `dispatch`.
+        if self.planning || self.in_flight >= self.max_in_flight {
             return;
         }
-        let candidates = self.core.candidates();
+        let candidates = if self.core.has_work() {
+            self.core.candidates()
+        } else {
+            Vec::new()
+        };
         if candidates.is_empty() {
+            self.read_held_step();
             return;
         }
         self.planning = true;
@@ -413,13 +440,17 @@ impl Scheduler {
             ..
         } = planned;
         let request = if plan.is_empty() && swap_out.is_none() {
+            self.read_held_step();
             None
         } else {
             // A fed-back token comes from the step queued just before this one.
             let follows = plan.iter().any(|c| c.fed_back).then(|| step - 1);
-            Some(self.executor.send(ExecuteStep {
+            let read_later = self.overlap_steps && self.max_in_flight > 1;
+            self.executor_may_hold = read_later;
+            Some(self.executor.step.send(ExecuteStep {
                 step,
                 follows,
+                read_later,
                 swap_out,
                 plan,
             }))
@@ -427,9 +458,10 @@ impl Scheduler {
         let result = async move {
             let sampled = match request {
                 None => Ok(Vec::new()),
-                Some(request) => request
-                    .await
-                    .unwrap_or_else(|e| Err(ExecutorError(format!("executor unreachable: {e}")))),
+                Some(request) => match request.await {
+                    Ok(receipt) => receipt.reply().await,
+                    Err(e) => Err(ExecutorError(format!("executor unreachable: {e}"))),
+                },
             };
             StepResult {
                 epoch,
@@ -483,7 +515,7 @@ impl Scheduler {
                 // Cancelled while being swapped out: drop the host copy. (A failed step resets
                 // every page and replaces the executor, host copies included: see `recover`.)
                 self.kv.do_send(Release { seq });
-                self.discard_swapped.do_send(DiscardSwapped { seq });
+                self.executor.discard.do_send(DiscardSwapped { seq });
             }
         }
         match sampled {
@@ -525,7 +557,7 @@ impl Scheduler {
         self.forget(seq);
         self.kv.do_send(Release { seq });
         if swapped {
-            self.discard_swapped.do_send(DiscardSwapped { seq });
+            self.executor.discard.do_send(DiscardSwapped { seq });
         }
         self.publish();
         true

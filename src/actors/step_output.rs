@@ -50,6 +50,35 @@ impl StepOutput {
         edits: &[Vec<LogitEdit>],
         hooks: &DeviceSampling<B>,
     ) -> Result<Self, String> {
+        UnreadOutput::issue(logits, plan, edits, hooks)?.read()
+    }
+}
+
+/// A step's output with every device operation queued and nothing read back yet: what
+/// [`StepOutput::read`] reads. Kept unread, it lets the executor queue the next step first,
+/// whose fed-back decode inputs it takes from [`UnreadOutput::device_ids`] (async scheduling).
+pub struct UnreadOutput<B: Backend> {
+    vocab: usize,
+    /// The ids the device chose, in the order `id_at` indexes.
+    ids: Option<Tensor<B, 1, Int>>,
+    /// Per logits row: where its id is in `ids`, for the rows whose token the device chose.
+    id_at: Vec<Option<usize>>,
+    /// The rows asking for logprobs that the device computed them for, with their top count.
+    asking: Vec<(LogprobsRow, usize)>,
+    top: usize,
+    logprobs: Option<Tensor<B, 2>>,
+    /// The logits rows the host samples.
+    host: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> UnreadOutput<B> {
+    /// Queues what [`StepOutput::read`] reads (see there), reading nothing.
+    pub fn issue(
+        logits: Tensor<B, 2>,
+        plan: &[RowSampling],
+        edits: &[Vec<LogitEdit>],
+        hooks: &DeviceSampling<B>,
+    ) -> Result<Self, String> {
         let [rows, vocab] = logits.dims();
         if plan.len() != rows {
             return Err(format!(
@@ -129,23 +158,63 @@ impl StepOutput {
                 Some(logits.select(0, idx))
             }
         };
+        let id_at = (0..rows).map(|r| id_at[r].filter(|_| on_device(r))).collect();
+        let asking = asking
+            .into_iter()
+            .map(|a| {
+                let k = plan[a.row].logprobs().unwrap_or(0);
+                (a, k)
+            })
+            .filter(|_| logprobs.is_some())
+            .collect();
+        Ok(Self {
+            vocab,
+            ids,
+            id_at,
+            asking,
+            top,
+            logprobs,
+            host,
+        })
+    }
+
+    /// The ids the device chose, still on the device.
+    pub fn device_ids(&self) -> Option<&Tensor<B, 1, Int>> {
+        self.ids.as_ref()
+    }
+
+    /// Where logits row `row`'s id is in [`Self::device_ids`]; `None` for a row the host samples.
+    pub fn device_id_at(&self, row: usize) -> Option<usize> {
+        self.id_at.get(row).copied().flatten()
+    }
+
+    /// Reads the step's output back: waits for the device to finish the step.
+    pub fn read(self) -> Result<StepOutput, String> {
+        let Self {
+            vocab,
+            ids,
+            id_at,
+            asking,
+            top,
+            logprobs,
+            host,
+        } = self;
+        let rows = id_at.len();
         let ids: Vec<i64> = ids.map_or_else(Vec::new, |t| t.into_data().iter::<i64>().collect());
         let checked = |at: usize| match ids.get(at) {
             Some(&id) if (0..vocab as i64).contains(&id) => Ok(Some(id as u32)),
             Some(&id) => Err(format!("the device chose id {id} for a vocabulary of {vocab}")),
             None => Err("the device returned too few ids".to_string()),
         };
-        let device_ids = (0..rows)
-            .map(|r| match id_at[r] {
-                Some(at) if on_device(r) => checked(at),
-                _ => Ok(None),
-            })
+        let device_ids = id_at
+            .iter()
+            .map(|at| at.map_or(Ok(None), checked))
             .collect::<Result<_, _>>()?;
         let mut row_logprobs = vec![None; rows];
         if let Some(t) = logprobs {
             let values = t.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-            for (a, v) in asking.iter().zip(values.chunks_exact(1 + 2 * top)) {
-                let k = plan[a.row].logprobs().unwrap_or(0);
+            for ((a, k), v) in asking.iter().zip(values.chunks_exact(1 + 2 * top)) {
+                let k = *k;
                 row_logprobs[a.row] = Some(SampledLogprobs {
                     logprob: v[0],
                     top: v[1..1 + 2 * k]
@@ -159,7 +228,7 @@ impl StepOutput {
             None => Vec::new(),
             Some(t) => t.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?,
         };
-        Ok(Self {
+        Ok(StepOutput {
             vocab,
             device: device_ids,
             logprobs: row_logprobs,

@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use burn::prelude::Backend;
 
-use super::step_output::StepOutput;
+use super::step_output::{StepOutput, UnreadOutput};
 use crate::kv::{PageCopy, SeqId};
 use crate::model::draw::DeviceSampling;
-use crate::model::{HostPages, Llama, PagedKvCache, SequenceChunk};
+use crate::model::{FedTokens, HostPages, Llama, PagedKvCache, SequenceChunk};
 use crate::parallel::Communicator;
 use crate::sampling::{LogitEdit, RowSampling};
 
@@ -70,16 +70,43 @@ impl<B: Backend> Rank<B> {
     /// Runs `work` and reads back what rank 0 samples from (see [`StepOutput`]); a panic (a
     /// device error, or a failed collective) becomes an error.
     pub fn run(&mut self, work: StepWork) -> Result<StepOutput, String> {
-        self.step(work, true).map(Option::unwrap_or_default)
+        let unread = self.step(work, true, None)?;
+        Self::read(unread)
+    }
+
+    /// Queues `work` (the last tokens of `fed`'s chunks taken from its ids on the device) and
+    /// its sampling, reading nothing back; [`Self::read`] reads it. One rank only.
+    pub fn issue(
+        &mut self,
+        work: StepWork,
+        fed: Option<&FedTokens<B>>,
+    ) -> Result<Option<UnreadOutput<B>>, String> {
+        self.step(work, true, fed)
+    }
+
+    /// Reads back a step that [`Self::issue`] queued: waits for the device to run it.
+    pub fn read(unread: Option<UnreadOutput<B>>) -> Result<StepOutput, String> {
+        let Some(unread) = unread else {
+            return Ok(StepOutput::default());
+        };
+        let read = Instant::now();
+        let out = std::panic::catch_unwind(AssertUnwindSafe(|| unread.read())).map_err(panic_message)?;
+        metrics::histogram!("inferflux_step_read_seconds").record(read.elapsed().as_secs_f64());
+        out
     }
 
     /// Runs `work` without reading the logits back: ranks 1.. take part in the collectives of
     /// the forward pass but sample nothing.
     pub fn run_without_output(&mut self, work: StepWork) -> Result<(), String> {
-        self.step(work, false).map(drop)
+        self.step(work, false, None).map(drop)
     }
 
-    fn step(&mut self, work: StepWork, read_back: bool) -> Result<Option<StepOutput>, String> {
+    fn step(
+        &mut self,
+        work: StepWork,
+        sample: bool,
+        fed: Option<&FedTokens<B>>,
+    ) -> Result<Option<UnreadOutput<B>>, String> {
         let (model, cache, swapped) = (&*self.model, &mut *self.cache, &mut self.swapped);
         let sampling = &self.sampling;
         std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -101,15 +128,13 @@ impl<B: Backend> Rank<B> {
                 return Ok(None);
             }
             let issue = Instant::now();
-            let logits = model.forward(cache, &work.chunks);
-            if !read_back {
+            let logits = model.forward_fed(cache, &work.chunks, fed);
+            if !sample {
                 return Ok(None);
             }
             // On a GPU `forward` returns once its kernels are queued; the read waits for them.
-            let read = Instant::now();
-            metrics::histogram!("inferflux_step_issue_seconds").record((read - issue).as_secs_f64());
-            let out = StepOutput::read(logits, &work.rows, &work.edits, sampling);
-            metrics::histogram!("inferflux_step_read_seconds").record(read.elapsed().as_secs_f64());
+            let out = UnreadOutput::issue(logits, &work.rows, &work.edits, sampling);
+            metrics::histogram!("inferflux_step_issue_seconds").record(issue.elapsed().as_secs_f64());
             out.map(Some)
         }))
         .map_err(panic_message)?

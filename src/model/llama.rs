@@ -46,6 +46,16 @@ impl SequenceChunk {
     }
 }
 
+/// Inputs of a step that are still on the device: ids an earlier step sampled and nobody has
+/// read yet (async scheduling queues a step before reading the one it follows).
+pub struct FedTokens<B: Backend> {
+    /// The earlier step's sampled ids.
+    pub ids: Tensor<B, 1, Int>,
+    /// `(chunk, at)`: the last token of chunk `chunk` (in step order) is `ids[at]`; the chunk's
+    /// own last token is a placeholder.
+    pub last_of_chunk: Vec<(usize, usize)>,
+}
+
 /// How the projection weights sit in device memory. Either way the model holds each as a
 /// logical `[in, out]` tensor and computes `x · w`; the layout decides its strides.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -650,6 +660,17 @@ impl<B: Backend> Llama<B> {
     /// Runs one step. Writes the K/V of every token into its page slot, and returns the logits
     /// `[n, vocab]` (f32) of the last token of each chunk with `wants_logits`, in chunk order.
     pub fn forward(&self, cache: &mut PagedKvCache<B>, chunks: &[SequenceChunk]) -> Tensor<B, 2> {
+        self.forward_fed(cache, chunks, None)
+    }
+
+    /// [`Self::forward`] with some chunks' last tokens taken from `fed` on the device (one
+    /// rank only: a vocabulary-sharded embedding looks its tokens up on the host).
+    pub fn forward_fed(
+        &self,
+        cache: &mut PagedKvCache<B>,
+        chunks: &[SequenceChunk],
+        fed: Option<&FedTokens<B>>,
+    ) -> Tensor<B, 2> {
         let c = &self.config;
         let dev = &self.device;
         let (nh, nkv, hd) = (self.shard.num_heads(), self.shard.num_kv_heads(), c.head_dim);
@@ -660,6 +681,8 @@ impl<B: Backend> Llama<B> {
         let mut slots = Vec::new();
         let mut logit_rows = Vec::new();
         let mut contexts = Vec::with_capacity(chunks.len());
+        // Where each chunk's last token is in `tokens`.
+        let mut last_token = Vec::with_capacity(chunks.len());
         for chunk in chunks {
             let q_start = tokens.len();
             for (j, &t) in chunk.tokens.iter().enumerate() {
@@ -668,6 +691,7 @@ impl<B: Backend> Llama<B> {
                 positions.push(pos as i32);
                 slots.push(slot_of(&chunk.block_table, page_size, pos));
             }
+            last_token.push(tokens.len().wrapping_sub(1));
             if chunk.wants_logits {
                 logit_rows.push((tokens.len() - 1) as i32);
             }
@@ -697,9 +721,14 @@ impl<B: Backend> Llama<B> {
             .unsqueeze_dim::<3>(1);
         let sin = self.rope_sin.clone().select(0, positions).unsqueeze_dim::<3>(1);
 
-        let mut x = match &self.comm {
-            None => self.embed.clone().select(0, int_tensor(tokens, dev)),
-            Some(comm) => shard::embed_lookup(&**comm, &self.embed, &self.shard.vocab, &tokens),
+        let mut x = match (&self.comm, fed) {
+            (None, None) => self.embed.clone().select(0, int_tensor(tokens, dev)),
+            (None, Some(fed)) => self
+                .embed
+                .clone()
+                .select(0, fed_token_ids(tokens, &last_token, fed, dev)),
+            (Some(comm), None) => shard::embed_lookup(&**comm, &self.embed, &self.shard.vocab, &tokens),
+            (Some(_), Some(_)) => panic!("fed-back device tokens with a sharded vocabulary"),
         };
         // Each block's output is added to the residual stream `x` by the norm that follows it (one
         // launch with the fused ops, or inside the next projection with `norm_project`).
@@ -1379,6 +1408,25 @@ fn slot_of(block_table: &[u32], page_size: usize, pos: usize) -> i32 {
 /// A 1-D upload, contiguous on every backend; reshape it for more dimensions. (cubecl uploads a
 /// 2-D tensor with its rows padded to an alignment, which the CUDA kernels' adapters then copy
 /// to contiguous on every use: the block tables cost a copy per layer per step that way.)
+/// The step's token ids on the device: `tokens`, with the fed-back ones taken from `fed.ids`
+/// (`last_token[chunk]` is where chunk `chunk`'s last token is in `tokens`). One gather over
+/// `tokens ++ fed.ids`, so nothing waits for the step that sampled them.
+fn fed_token_ids<B: Backend>(
+    tokens: Vec<i32>,
+    last_token: &[usize],
+    fed: &FedTokens<B>,
+    device: &B::Device,
+) -> Tensor<B, 1, Int> {
+    let n = tokens.len();
+    let mut gather: Vec<i32> = (0..n as i32).collect();
+    for &(chunk, at) in &fed.last_of_chunk {
+        gather[last_token[chunk]] = (n + at) as i32;
+    }
+    let host = int_tensor(tokens, device);
+    let dtype = host.dtype();
+    Tensor::cat(vec![host, fed.ids.clone().cast(dtype)], 0).select(0, int_tensor(gather, device))
+}
+
 fn int_tensor<B: Backend>(values: Vec<i32>, device: &B::Device) -> Tensor<B, 1, Int> {
     let n = values.len();
     Tensor::from_data(TensorData::new(values, [n]), device)

@@ -23,7 +23,9 @@ use std::sync::Arc;
 
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::LlamaConfig;
-pub use llama::{FusedOps, Llama, PagedAttention, PagedAttentionFn, ProjectFn, SequenceChunk, WeightLayout};
+pub use llama::{
+    FedTokens, FusedOps, Llama, PagedAttention, PagedAttentionFn, ProjectFn, SequenceChunk, WeightLayout,
+};
 pub use paged_cache::{HostPages, KvStorage, PagedKvCache, SlotIndex, WriteSlots};
 use tokenizers::Tokenizer;
 pub use weights::{CheckpointBytes, WeightIndex};
