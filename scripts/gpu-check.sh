@@ -57,7 +57,7 @@
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c78 scripts/gpu-check.sh BIN_DIR   (about 360 s)
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6na scripts/gpu-check.sh BIN_DIR  (about 320 s)
 # and, if the skinny GEMM passed step 7, STAGES=t (about 150 s) tries its plan knobs, or STAGES=y
-# (about 90 s) measures async scheduling.
+# (about 120 s) measures async scheduling and overlapped steps.
 # (MODEL outside the call's temporary directory and the same OUT, so the second finds both.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
