@@ -463,13 +463,14 @@ impl<B: Backend> ModelExecutor<B> {
         let started = std::time::Instant::now();
         let mut plan = msg.plan;
         // Fed from the held step's ids on the device when it can be; else that step is read
-        // back first and its tokens go in from the host.
+        // back first and its tokens go in from the host. (A step that feeds nothing back is
+        // issued before the held one is read, too.)
         let fed = msg.follows.and_then(|follows| self.device_feed(follows, &plan));
         let fed_from_held = fed.is_some();
         if fed_from_held {
             self.steps_fed_on_device += 1;
             metrics::counter!("inferflux_steps_fed_on_device_total").increment(1);
-        } else {
+        } else if msg.follows.is_some() {
             self.read_held();
         }
         let issued = match (msg.follows, fed_from_held) {
