@@ -4,7 +4,9 @@
 //! Plain-greedy rows take the device's argmax, plain temperature rows the device's draw when one
 //! is set (CUDA); the others are sampled on the host from their logits rows (see `step_output`).
 //! With tensor parallel the actor is rank 0 and drives the other ranks' threads with the same
-//! plan (see `tp_ranks`).
+//! plan (see `tp_ranks`). With one rank it may hold a step unread (`ExecuteStep::read_later`)
+//! and issue the next one first, fed from the held step's ids on the device, so that the device
+//! never waits for the host between steps; replies travel in a [`StepReceipt`] for that reason.
 
 use std::collections::HashMap;
 use std::sync::Arc;
