@@ -34,10 +34,11 @@
 #      then on the device (`device_sampling`), to measure the draw kernel; SAMPLING_CUTS="--top-p
 #      0.9 --top-k 50" measures the cut draws (top-k/top-p/min-p bisected on the device);
 #   y. one step at a time, async scheduling (`scheduler.async_scheduling`) and async scheduling with
-#      overlapped steps (`scheduler.overlap_steps`, the default on CUDA) at concurrency 128 with
+#      overlapped steps (`scheduler.overlap_steps = on`) at concurrency 128 with
 #      step 8's kernels, alternated, two runs each (about 120 s);
 #   c. greedy tokens and logprobs of the served 1B checkpoint against transformers (bf16, same
-#      GPU), with burn's kernels, the defaults, `gemm = "skinny"` (our tensor-core GEMM: prompts
+#      GPU), with burn's kernels, the defaults, overlap (the defaults with `scheduler.overlap_steps
+#      = on`: decodes fed from the previous step's ids on the device), `gemm = "skinny"` (our tensor-core GEMM: prompts
 #      of 9-128 tokens go through it), norm-gemv (`fused_norm_gemv`: decodes' norms inside the
 #      q/k/v and gate/up GEMVs, the attention's RoPE and K/V write in the q/k/v GEMV's epilogue)
 #      and the defaults with burn's argmax (no-argmax); each also
@@ -54,10 +55,11 @@
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
 # not fit: STAGES=14 runs them in a call of their own. With a 15-minute device budget, two calls on
 # one warm machine (the second within its idle release) cover the checks and the measurements:
-#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c78 scripts/gpu-check.sh BIN_DIR   (about 360 s)
+#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c7y8 scripts/gpu-check.sh BIN_DIR  (about 510 s)
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6na scripts/gpu-check.sh BIN_DIR  (about 320 s)
-# and, if the skinny GEMM passed step 7, STAGES=t (about 150 s) tries its plan knobs, or STAGES=y
-# (about 120 s) measures async scheduling and overlapped steps.
+# (step y, about 120 s: one step at a time, async scheduling and overlapped steps, before step 8 so
+# that a cut call still measures it), and, if the skinny GEMM passed step 7, STAGES=t (about
+# 150 s) tries its plan knobs.
 # (MODEL outside the call's temporary directory and the same OUT, so the second finds both.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -192,6 +194,8 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     echo "INFERFLUX__CUDA__GEMM=cublas-ordered" >"$work/ordered.env"
     echo "INFERFLUX__CUDA__GEMM=skinny" >"$work/skinny.env"
     echo "INFERFLUX__CUDA__DEVICE_SAMPLING=true" >"$work/sampling.env"
+    # Overlapped steps: decodes fed from the previous step's ids on the device.
+    echo "INFERFLUX__SCHEDULER__OVERLAP_STEPS=on" >"$work/overlap.env"
     # Bisection: the defaults without one of our kernels each.
     echo "INFERFLUX__CUDA__ATTENTION=burn" >"$work/no-paged.env"
     echo "INFERFLUX__CUDA__FUSED_KV_WRITE=false" >"$work/no-kv-write.env"
@@ -206,7 +210,7 @@ stepc() { # greedy tokens and logprobs against transformers on the 1B checkpoint
     {
         echo "| kernels | prompt | greedy tokens = transformers | max logprob diff |"
         echo "|---|---|---:|---:|"
-        for kernels in ${CHECK_KERNELS:-burn defaults skinny norm-gemv no-argmax}; do
+        for kernels in ${CHECK_KERNELS:-burn defaults overlap skinny norm-gemv no-argmax}; do
             start_server "$out/check-$kernels" "$work/$kernels.env" >/dev/null
             python3 "$repo/scripts/gpu_bench.py" compare "$url" "$out/reference.json" "$kernels" ||
                 echo "| $kernels | FAILED: a first token differs or a request failed | | |"

@@ -193,7 +193,7 @@ pub struct SchedulerConfig {
     /// With async scheduling: queue step N+1 on the device before reading step N back, taking
     /// N+1's decode inputs from N's sampled ids on the device, so that the device never waits
     /// for the host between steps. `auto`: on for CUDA (one rank), off on the CPU, whose steps
-    /// run while they are queued.
+    /// run while they are queued. Off by default until a GPU run has measured it.
     pub overlap_steps: OverlapSteps,
 }
 
@@ -201,9 +201,9 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OverlapSteps {
-    #[default]
     Auto,
     On,
+    #[default]
     Off,
 }
 
@@ -217,7 +217,7 @@ impl Default for SchedulerConfig {
             client_weights: HashMap::new(),
             fairness_half_life_steps: 64,
             async_scheduling: true,
-            overlap_steps: OverlapSteps::Auto,
+            overlap_steps: OverlapSteps::Off,
         }
     }
 }

@@ -297,6 +297,13 @@ pub fn start(
         OverlapSteps::On => true,
         OverlapSteps::Off => false,
     };
+    let async_scheduling = settings.scheduler.async_scheduling;
+    tracing::info!(
+        backend = ?backend,
+        async_scheduling,
+        overlap_steps = overlap_steps && async_scheduling,
+        "step loop"
+    );
     let scheduler = DpRouter::create(|ctx| {
         let replicas = executors
             .into_iter()
