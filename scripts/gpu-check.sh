@@ -53,13 +53,18 @@
 # GEMM_BUDGET_S (default 90) bounds step 7's timing. KERNELS=FILE runs steps 8 and 0 with the
 # INFERFLUX__CUDA__* lines of FILE instead.
 # The default order (29c7835614) fits steps 2 to 9 in about 8 minutes; 1 and 4 come last and may
-# not fit: STAGES=14 runs them in a call of their own. With a 15-minute device budget, two calls on
-# one warm machine (the second within its idle release) cover the checks and the measurements:
+# not fit: STAGES=14 runs them in a call of their own. A session's 15 minutes of device time count
+# the machine's start (a minute or more) and its idle waits too, so two calls on one warm machine
+# (the second at once, within its 30 s idle release) is all a session gets:
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c7y8 scripts/gpu-check.sh BIN_DIR  (about 510 s)
-#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=s3k6na scripts/gpu-check.sh BIN_DIR  (about 320 s)
-# (step y, about 120 s: one step at a time, async scheduling and overlapped steps, before step 8 so
-# that a cut call still measures it), and, if the skinny GEMM passed step 7, STAGES=t (about
-# 150 s) tries its plan knobs.
+#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=36n scripts/gpu-check.sh BIN_DIR   (about 200 s)
+# The first checks every default against transformers (c), picks the projections (7), measures the
+# step loops (y, before step 8 so that a cut call still measures it) and serves (8); the second
+# measures the baseline of the same machine and prints the table (3, 6) and the norms inside the
+# GEMVs (n). Then give the machine back. Steps s, k, a and t go to a later session, with
+# KERNELS=FILE holding the INFERFLUX__CUDA__* lines step 7 chose (recorded in docs/Performance.md):
+#   OUT=/tmp/x STAGES=2ska scripts/gpu-check.sh BIN_DIR  (about 300 s) and, if the skinny GEMM
+#   passed step 7, STAGES=t (about 150 s), which tries its plan knobs.
 # (MODEL outside the call's temporary directory and the same OUT, so the second finds both.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
