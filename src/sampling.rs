@@ -113,13 +113,20 @@ pub struct Sampled {
 /// of the processed logits), `top_k`, `top_p`, `min_p`. Logprobs are of the raw logits.
 pub fn sample(logits: &[f32], params: &SamplingParams, n: usize, history: Option<&TokenHistory>) -> Sampled {
     debug_assert!(history.is_some() || !params.has_penalties());
-    sample_edited(logits, params, n, &logit_edits(params, n, history))
+    sample_edited(logits, params, n, &logit_edits(params, n, history), None)
 }
 
 /// [`sample`] with the row's [`logit_edits`] already made (the executor makes them once per
-/// step, for the device and for the host).
-pub fn sample_edited(logits: &[f32], params: &SamplingParams, n: usize, edits: &[LogitEdit]) -> Sampled {
-    let processed = edited(logits, edits);
+/// step, for the device and for the host); `fed` is the token of their `*Fed*` edits
+/// ([`logit_edits_fed`]).
+pub fn sample_edited(
+    logits: &[f32],
+    params: &SamplingParams,
+    n: usize,
+    edits: &[LogitEdit],
+    fed: Option<u32>,
+) -> Sampled {
+    let processed = edited(logits, edits, fed);
     let token = if params.temperature < GREEDY_BELOW {
         argmax(&processed)
     } else {
@@ -288,6 +295,11 @@ fn min_tokens_masked(params: &SamplingParams, n: usize) -> bool {
 
 /// One change [`process_logits`] makes to one logit; applied in order ([`apply_edits`]), so a
 /// device applying the same list gets the same bits. Ids past the vocabulary are ignored.
+///
+/// The `*Fed*` edits stand for the penalties of the history's last token when the host does not
+/// know it yet: the device chose it in the step before and fed it back itself (overlapped
+/// steps). [`logit_edits_fed`] makes them; whoever applies them knows the token (the device
+/// reads it where the previous step left it, the host once that step is read back).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LogitEdit {
     /// `logit += value`: a `logit_bias` entry, or minus a presence/frequency penalty.
@@ -297,6 +309,15 @@ pub enum LogitEdit {
     /// transformers' repetition penalty: a positive logit divided by `penalty`, any other
     /// multiplied by it.
     Repeat { id: u32, penalty: f32 },
+    /// `Add` unless `id` is the fed token: the penalty of a token generated `count` times before it.
+    AddUnlessFed { id: u32, value: f32 },
+    /// `Add` if `id` is the fed token: the same token's penalty for `count + 1`.
+    AddIfFed { id: u32, value: f32 },
+    /// `Repeat` of the fed token, unless a `Repeat` before it in the list was of that token.
+    RepeatFedUnlessSeen { penalty: f32 },
+    /// `Add` to the fed token, unless an `AddIfFed` before it in the list was of that token: its
+    /// penalty as a first generated token.
+    AddFedUnlessGenerated { value: f32 },
 }
 
 /// What [`process_logits`] does to a row, as a list of edits, in its order: `logit_bias` (in the
@@ -305,6 +326,22 @@ pub enum LogitEdit {
 /// presence` for every token generated `count > 0` times. Empty when none applies (penalties
 /// need the `history`).
 pub fn logit_edits(params: &SamplingParams, n: usize, history: Option<&TokenHistory>) -> Vec<LogitEdit> {
+    edits_for(params, n, history, false)
+}
+
+/// [`logit_edits`] of `history` followed by one generated token that only the device knows yet
+/// (the fed token, see [`LogitEdit`]): applied with that token, the same edits in the same order
+/// for every logit, so the same bits. `n` counts the fed token, as it would in `logit_edits`.
+pub fn logit_edits_fed(params: &SamplingParams, n: usize, history: &TokenHistory) -> Vec<LogitEdit> {
+    edits_for(params, n, Some(history), true)
+}
+
+/// A presence/frequency penalty as an `Add` value. `l + -(x)` is `l - x` exactly.
+fn penalty_value(presence: f32, frequency: f32, count: usize) -> f32 {
+    -(frequency * count as f32 + presence)
+}
+
+fn edits_for(params: &SamplingParams, n: usize, history: Option<&TokenHistory>, fed: bool) -> Vec<LogitEdit> {
     let mut edits: Vec<LogitEdit> = params
         .logit_bias
         .iter()
@@ -313,45 +350,90 @@ pub fn logit_edits(params: &SamplingParams, n: usize, history: Option<&TokenHist
     if min_tokens_masked(params, n) {
         edits.extend(params.min_tokens_banned.iter().map(|&id| LogitEdit::Ban { id }));
     }
-    if let Some(h) = history.filter(|_| params.has_penalties()) {
-        if params.repetition_penalty != 1.0 {
-            let mut seen = h.tokens.to_vec();
-            seen.sort_unstable();
-            seen.dedup();
-            let penalty = params.repetition_penalty;
-            edits.extend(seen.into_iter().map(|id| LogitEdit::Repeat { id, penalty }));
+    let Some(h) = history.filter(|_| params.has_penalties()) else {
+        return edits;
+    };
+    let penalty = params.repetition_penalty;
+    if penalty != 1.0 {
+        let mut seen = h.tokens.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        edits.extend(seen.into_iter().map(|id| LogitEdit::Repeat { id, penalty }));
+    }
+    let (presence, frequency) = (params.presence_penalty, params.frequency_penalty);
+    let counted = presence != 0.0 || frequency != 0.0;
+    if counted {
+        let mut sorted = h.generated().to_vec();
+        sorted.sort_unstable();
+        for run in sorted.chunk_by(|a, b| a == b) {
+            let (id, count) = (run[0], run.len());
+            let value = penalty_value(presence, frequency, count);
+            if fed {
+                edits.push(LogitEdit::AddUnlessFed { id, value });
+                let value = penalty_value(presence, frequency, count + 1);
+                edits.push(LogitEdit::AddIfFed { id, value });
+            } else {
+                edits.push(LogitEdit::Add { id, value });
+            }
         }
-        let (presence, frequency) = (params.presence_penalty, params.frequency_penalty);
-        if presence != 0.0 || frequency != 0.0 {
-            let mut sorted = h.generated().to_vec();
-            sorted.sort_unstable();
-            edits.extend(sorted.chunk_by(|a, b| a == b).map(|run| LogitEdit::Add {
-                id: run[0],
-                // `l + -(x)` is `l - x` exactly.
-                value: -(frequency * run.len() as f32 + presence),
-            }));
-        }
+    }
+    // The fed token's own edits come last: for its logit, after its bias, ban and (if it was
+    // seen) repeat, as in the list with the token known.
+    if fed && penalty != 1.0 {
+        edits.push(LogitEdit::RepeatFedUnlessSeen { penalty });
+    }
+    if fed && counted {
+        let value = penalty_value(presence, frequency, 1);
+        edits.push(LogitEdit::AddFedUnlessGenerated { value });
     }
     edits
 }
 
-/// Applies `edits` to the row `w` in order (ids past it ignored).
-pub fn apply_edits(w: &mut [f32], edits: &[LogitEdit]) {
+/// Applies `edits` to the row `w` in order (ids past it ignored). `fed` is the fed token of
+/// `*Fed*` edits; without one, `AddUnlessFed` adds and the other `*Fed*` edits do nothing.
+pub fn apply_edits(w: &mut [f32], edits: &[LogitEdit], fed: Option<u32>) {
+    fn add(w: &mut [f32], id: u32, value: f32) {
+        if let Some(l) = w.get_mut(id as usize) {
+            *l += value;
+        }
+    }
+    fn repeat(w: &mut [f32], id: u32, penalty: f32) {
+        if let Some(l) = w.get_mut(id as usize) {
+            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        }
+    }
+    let (mut seen, mut generated) = (false, false);
     for edit in edits {
         match *edit {
-            LogitEdit::Add { id, value } => {
-                if let Some(l) = w.get_mut(id as usize) {
-                    *l += value;
-                }
-            }
+            LogitEdit::Add { id, value } => add(w, id, value),
             LogitEdit::Ban { id } => {
                 if let Some(l) = w.get_mut(id as usize) {
                     *l = f32::NEG_INFINITY;
                 }
             }
             LogitEdit::Repeat { id, penalty } => {
-                if let Some(l) = w.get_mut(id as usize) {
-                    *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+                seen |= fed == Some(id);
+                repeat(w, id, penalty)
+            }
+            LogitEdit::AddUnlessFed { id, value } => {
+                if fed != Some(id) {
+                    add(w, id, value)
+                }
+            }
+            LogitEdit::AddIfFed { id, value } => {
+                if fed == Some(id) {
+                    generated = true;
+                    add(w, id, value)
+                }
+            }
+            LogitEdit::RepeatFedUnlessSeen { penalty } => {
+                if let Some(id) = fed.filter(|_| !seen) {
+                    repeat(w, id, penalty)
+                }
+            }
+            LogitEdit::AddFedUnlessGenerated { value } => {
+                if let Some(id) = fed.filter(|_| !generated) {
+                    add(w, id, value)
                 }
             }
         }
@@ -367,16 +449,16 @@ pub fn process_logits<'a>(
     n: usize,
     history: Option<&TokenHistory>,
 ) -> Cow<'a, [f32]> {
-    edited(logits, &logit_edits(params, n, history))
+    edited(logits, &logit_edits(params, n, history), None)
 }
 
-/// `logits` with `edits` applied; borrowed untouched when there are none.
-fn edited<'a>(logits: &'a [f32], edits: &[LogitEdit]) -> Cow<'a, [f32]> {
+/// `logits` with `edits` applied (see [`apply_edits`]); borrowed untouched when there are none.
+fn edited<'a>(logits: &'a [f32], edits: &[LogitEdit], fed: Option<u32>) -> Cow<'a, [f32]> {
     if edits.is_empty() {
         return Cow::Borrowed(logits);
     }
     let mut w = logits.to_vec();
-    apply_edits(&mut w, edits);
+    apply_edits(&mut w, edits, fed);
     Cow::Owned(w)
 }
 
@@ -1104,6 +1186,34 @@ mod tests {
             let changes = temperature >= GREEDY_BELOW || bias || (banned && n < min_tokens) || penalty > 0
                 || logprobs.is_some();
             prop_assert_eq!(needs_host_logits(&p, n), changes);
+        }
+
+        /// The edits of a history whose last token only the device knows, applied with that
+        /// token, are bit for bit those of the whole history (overlapped steps feed penalised
+        /// rows on the device): whether the token was seen in the prompt, generated before or
+        /// new, with any mix of bias, ban and penalties.
+        #[test]
+        fn sampling_fed_token_edits_are_the_whole_history_edits(
+            logits in prop::collection::vec(-20.0f32..20.0, 12), prompt in prop::collection::vec(0u32..12, 0..5),
+            generated in prop::collection::vec(0u32..12, 0..6), fed in 0u32..14, n in 0usize..6,
+            repetition in prop_oneof![Just(1.0f32), 0.5f32..2.0], presence in prop_oneof![Just(0.0f32), -2.0f32..2.0],
+            frequency in prop_oneof![Just(0.0f32), -2.0f32..2.0], bias in prop::option::of((0u32..12, -3.0f32..3.0)),
+            banned in prop::option::of(0u32..12),
+        ) {
+            let p = SamplingParams {
+                repetition_penalty: repetition, presence_penalty: presence, frequency_penalty: frequency,
+                logit_bias: bias.map_or_else(|| Arc::from([]), |b| Arc::from([b])),
+                min_tokens: 3, min_tokens_banned: banned.map_or_else(|| Arc::from([]), |b| Arc::from([b])),
+                ..greedy()
+            };
+            let before = history(&prompt, &generated);
+            let whole = history(&prompt, &[&generated[..], &[fed]].concat());
+            let mut want = logits.clone();
+            apply_edits(&mut want, &logit_edits(&p, n, Some(&whole)), None);
+            let mut got = logits.clone();
+            apply_edits(&mut got, &logit_edits_fed(&p, n, &before), Some(fed));
+            let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&got), bits(&want));
         }
     }
 }

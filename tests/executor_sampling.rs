@@ -317,9 +317,9 @@ fn sampling_logprobs_and_logit_edits_on_the_device_match_the_all_host_path() {
     // chosen from edited copies on the "device" (row 9 only while its mask is on, at step 0).
     let edited = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let edited_count = edited.clone();
-    let edit: DeviceEditFn<B> = Arc::new(move |logits, rows| {
+    let edit: DeviceEditFn<B> = Arc::new(move |logits, rows, fed| {
         edited_count.fetch_add(rows.len(), std::sync::atomic::Ordering::Relaxed);
-        edit_on_host(logits, rows)
+        edit_on_host(logits, rows, fed)
     });
     let executor = executor.with_device_sampling(DeviceSampling {
         logprobs: Some(hook),
@@ -434,8 +434,9 @@ fn sampling_fed_back_tokens_match_planning_with_the_tokens_known() {
             .collect()
     };
     assert!(params.iter().filter(|p| p.has_penalties()).count() >= 2);
-    // Without and with the executor holding each step until the next one is queued: the
-    // penalised rows need their fed-back token on the host, so it reads the held step first.
+    // Without and with the executor holding each step until the next one is queued: the host
+    // samples the temperature and penalised rows (no draw or edit hook here), so it reads the
+    // held step first.
     for (read_later, executor) in [(false, executor), (true, one_rank().executor)] {
         let slot = std::sync::Mutex::new(Some(executor));
         let (got, refused) = actix::System::new().block_on(async move {
@@ -480,7 +481,7 @@ fn with_tokens_known(
     let mut seqs = prompts.to_vec();
     let mut steps = Vec::new();
     for step in 0..=STEPS {
-        let plan = decode_plan(prompts, params, step, |i| seqs[i].last().copied());
+        let plan = decode_plan(prompts, params, step, &seqs);
         let sampled = executor.run_step(None, plan).unwrap();
         for (s, seq) in sampled.iter().zip(&mut seqs) {
             seq.push(s.token);
@@ -490,24 +491,25 @@ fn with_tokens_known(
     steps
 }
 
-/// Step `step` of `prompts`: every prompt whole at step 0, then one decode each whose input is
-/// `last(i)`, or `FED_BACK` where that is `None`. (The block tables cover `STEPS + 1` steps.)
+/// Step `step` of `prompts`: every prompt whole at step 0, then one decode each. `known[i]` is
+/// what the planner knows of sequence `i` (its prompt and generated tokens): its last token is
+/// the decode's input when the previous step's is known, else the input is `FED_BACK`; with a
+/// penalty, it is the row's history. (The block tables cover `STEPS + 1` steps.)
 fn decode_plan(
     prompts: &[Vec<u32>],
     params: &[SamplingParams],
     step: usize,
-    last: impl Fn(usize) -> Option<u32>,
+    known: &[Vec<u32>],
 ) -> Vec<PlannedChunk> {
     let n = prompts.len();
     (0..n)
         .map(|i| {
             let p = prompts[i].len();
+            let fed_back = step > 0 && known[i].len() < p + step;
             let (tokens, start_pos) = match step {
                 0 => (prompts[i].clone(), 0),
-                _ => (
-                    vec![last(i).unwrap_or(inferflux::scheduler::FED_BACK)],
-                    p + step - 1,
-                ),
+                _ if fed_back => (vec![inferflux::scheduler::FED_BACK], p + step - 1),
+                _ => (vec![known[i][p + step - 1]], p + step - 1),
             };
             PlannedChunk {
                 seq: SeqId(i as u64),
@@ -515,10 +517,10 @@ fn decode_plan(
                 start_pos,
                 block_table: block_table(i, n, p + STEPS),
                 wants_logits: true,
-                fed_back: step > 0 && last(i).is_none(),
+                fed_back,
                 sampling: params[i].clone(),
                 generated_index: step,
-                history: None,
+                history: params[i].has_penalties().then(|| history(&known[i], p)),
                 page_copies: Vec::new(),
                 swap_in: false,
             }
@@ -530,11 +532,15 @@ fn decode_plan(
 /// queued behind it (or on `ReadHeldStep`), and the next one's fed-back inputs come from its ids
 /// still on the device. Three steps so fed give the tokens of planning with them known; with a
 /// row the host samples (a seeded temperature row on the CPU), the executor reads the held step
-/// first and feeds from the host, with the same tokens.
+/// first and feeds from the host, with the same tokens. Penalised rows are fed on the device
+/// too: their histories lack the fed token, which their edits then name, resolved by the edit
+/// hook where the "device" edits the row and by the host where it samples the row.
 #[test]
 fn sampling_held_steps_feed_the_next_one_on_the_device() {
     use inferflux::actors::executor::ExecuteStep;
-    let prompts = one_rank().prompts;
+    use inferflux::model::draw::{edit_on_host, DeviceEditFn, DeviceSampling};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let OneRank { prompts, best, .. } = one_rank();
     let n = prompts.len();
     let all_greedy = vec![greedy(); n];
     let mut one_drawn = all_greedy.clone();
@@ -543,32 +549,90 @@ fn sampling_held_steps_feed_the_next_one_on_the_device() {
         seed: 3,
         ..Default::default()
     };
-    for (params, fed_on_device) in [(all_greedy, STEPS as u64), (one_drawn, 0)] {
+    // Rows whose next token hangs on the one before: a bias makes the first argmax the pick
+    // again, unless a penalty (out of the API's range, to outweigh the bias) sees it.
+    let mut penalised = all_greedy.clone();
+    let biased = |i: usize| SamplingParams {
+        logit_bias: Arc::from([(best[i], 50.0)]),
+        ..greedy()
+    };
+    penalised[1] = SamplingParams {
+        presence_penalty: 100.0,
+        ..biased(1)
+    };
+    penalised[2] = SamplingParams {
+        repetition_penalty: 100.0,
+        ..biased(2)
+    };
+    penalised[4] = SamplingParams {
+        frequency_penalty: 40.0,
+        repetition_penalty: 1.5,
+        ..biased(4)
+    };
+    // The edit hook: always (every step fed on the device), or only at step 0, so that step 1
+    // samples its penalised rows on the host with the fed tokens, and step 2 is fed from the
+    // host.
+    let edit_hook = |calls_allowed: usize| {
+        let calls = AtomicUsize::new(0);
+        let hook: DeviceEditFn<B> =
+            Arc::new(
+                move |logits, rows, fed| match calls.fetch_add(1, Ordering::Relaxed) < calls_allowed {
+                    true => edit_on_host(logits, rows, fed),
+                    false => Err("the edit kernel is gone".into()),
+                },
+            );
+        DeviceSampling {
+            edit: Some(hook),
+            ..DeviceSampling::default()
+        }
+    };
+    let configs = [
+        (all_greedy, None, STEPS as u64),
+        (one_drawn, None, 0),
+        (penalised.clone(), Some(edit_hook(usize::MAX)), STEPS as u64),
+        (penalised.clone(), Some(edit_hook(1)), 1),
+    ];
+    for (config, (params, hooks, fed_on_device)) in configs.into_iter().enumerate() {
         let want = with_tokens_known(one_rank().executor, &prompts, &params);
         let mut executor = one_rank().executor;
-        let mut receipts = Vec::new();
+        if let Some(hooks) = hooks {
+            executor = executor.with_device_sampling(hooks);
+        }
+        let mut known = prompts.clone();
+        let mut got: Vec<Vec<SampledToken>> = Vec::new();
+        let mut held = None;
         for step in 0..=STEPS {
             let mut receipt = executor.execute(ExecuteStep {
                 step: step as u64 + 1,
                 follows: (step > 0).then_some(step as u64),
                 read_later: true,
                 swap_out: None,
-                plan: decode_plan(&prompts, &params, step, |_| None),
+                plan: decode_plan(&prompts, &params, step, &known),
             });
             assert!(
                 receipt.0.try_recv().is_err(),
-                "step {step} was read back before another was queued behind it"
+                "config {config}: step {step} was read back before another was queued behind it"
             );
-            receipts.push(receipt);
+            // The step before is read back now: the planner knows its tokens for the next plan.
+            if let Some(mut before) = held.replace(receipt) {
+                let sampled: Vec<SampledToken> = before.0.try_recv().expect("read back").unwrap();
+                for (s, seq) in sampled.iter().zip(&mut known) {
+                    seq.push(s.token);
+                }
+                got.push(sampled);
+            }
         }
         executor.read_held_step();
-        let got: Vec<Vec<SampledToken>> = receipts
-            .into_iter()
-            .map(|mut r| r.0.try_recv().expect("read back").unwrap())
-            .collect();
-        assert_eq!(got, want, "fed on the device: {fed_on_device}");
-        assert_eq!(executor.steps_fed_on_device(), fed_on_device);
+        got.push(held.unwrap().0.try_recv().expect("read back").unwrap());
+        assert_eq!(got, want, "config {config}, fed on the device: {fed_on_device}");
+        assert_eq!(executor.steps_fed_on_device(), fed_on_device, "config {config}");
         // Different tokens each step, or the feed could be right by chance.
         assert!(want[1] != want[2]);
+    }
+    // The penalties saw the fed tokens: the biased rows moved off their first pick.
+    let want = with_tokens_known(one_rank().executor, &prompts, &penalised);
+    for row in [1, 2, 4] {
+        assert_eq!(want[0][row].token, best[row]);
+        assert_ne!(want[1][row].token, best[row], "row {row}");
     }
 }

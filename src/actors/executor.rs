@@ -65,6 +65,11 @@ struct IssuedStep<B: Backend> {
     /// host samples).
     samplers: Vec<(SeqId, SamplingParams, usize)>,
     edits: Arc<[Vec<sampling::LogitEdit>]>,
+    /// Per logits row: whether its edits name the fed token (`sampling::logit_edits_fed`), which
+    /// the host takes from the step it follows when it samples the row itself.
+    fed_edits: Vec<bool>,
+    /// The step whose ids fed this one on the device, if any.
+    fed_from: Option<u64>,
     output: IssuedOutput<B>,
 }
 
@@ -155,12 +160,18 @@ impl<B: Backend> ModelExecutor<B> {
         // The plan's vectors move into the model's chunks; only what sampling needs stays.
         let mut samplers = Vec::new();
         let mut histories = Vec::new();
+        // Per logits row: where its chunk's fed token is in `fed`'s ids, if the device feeds it.
+        let mut fed_at = Vec::new();
+        let fed_at_chunk: HashMap<usize, usize> =
+            fed.iter().flat_map(|f| f.last_of_chunk.iter().copied()).collect();
         let copies: Vec<PageCopy> = plan.iter().flat_map(|c| c.page_copies.iter().copied()).collect();
         let chunks: Vec<SequenceChunk> = plan
             .into_iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(i, c)| {
                 if c.wants_logits {
                     samplers.push((c.seq, c.sampling, c.generated_index));
+                    fed_at.push(fed_at_chunk.get(&i).copied().filter(|_| c.history.is_some()));
                     histories.push(c.history);
                 }
                 SequenceChunk {
@@ -176,11 +187,17 @@ impl<B: Backend> ModelExecutor<B> {
             .map(|(_, params, n)| sampling::row_sampling(params, *n))
             .collect();
         // Made once: the device edits its copies with them, the host samples its rows with them.
+        // A history whose last token the device feeds back lacks it: its edits name it instead.
         let edits: Arc<[Vec<sampling::LogitEdit>]> = samplers
             .iter()
             .zip(&histories)
-            .map(|((_, params, n), history)| sampling::logit_edits(params, *n, history.as_ref()))
+            .zip(&fed_at)
+            .map(|(((_, params, n), history), at)| match (history, at) {
+                (Some(h), Some(_)) => sampling::logit_edits_fed(params, *n, h),
+                _ => sampling::logit_edits(params, *n, history.as_ref()),
+            })
             .collect();
+        let fed_edits = fed_at.iter().map(Option::is_some).collect();
         let work = StepWork {
             swap_out: swap_out.map(|s| (s.seq, s.pages)),
             copies,
@@ -188,6 +205,7 @@ impl<B: Backend> ModelExecutor<B> {
             chunks,
             rows,
             edits: edits.clone(),
+            fed_at: if fed.is_some() { fed_at } else { Vec::new() },
         };
         let output = if self.comm.is_some() {
             IssuedOutput::Read(self.run_ranks(work).map_err(ExecutorError)?)
@@ -198,16 +216,23 @@ impl<B: Backend> ModelExecutor<B> {
             step,
             samplers,
             edits,
+            fed_edits,
+            fed_from: None,
             output,
         })
     }
 
     /// Reads an issued step back (waiting for the device) and samples the rows the device left
-    /// to the host: one token per chunk that wanted one, in plan order.
-    fn finish_step(issued: IssuedStep<B>) -> Result<Vec<SampledToken>, ExecutorError> {
+    /// to the host: one token per chunk that wanted one, in plan order. `fed` holds the tokens
+    /// of the step it follows, for host rows whose edits name their fed token.
+    fn finish_step(
+        issued: IssuedStep<B>,
+        fed: Option<&HashMap<SeqId, u32>>,
+    ) -> Result<Vec<SampledToken>, ExecutorError> {
         let IssuedStep {
             samplers,
             edits,
+            fed_edits,
             output,
             ..
         } = issued;
@@ -226,11 +251,12 @@ impl<B: Backend> ModelExecutor<B> {
         let mut host_rows = out.host_rows.chunks_exact(out.vocab.max(1));
         let mut sampled = Vec::with_capacity(samplers.len());
         let device_logprobs = out.logprobs.into_iter().chain(std::iter::repeat(None));
-        for ((((seq, params, n), chosen), logprobs), edits) in samplers
+        for (((((seq, params, n), chosen), logprobs), edits), fed_edits) in samplers
             .into_iter()
             .zip(out.device)
             .zip(device_logprobs)
             .zip(edits.iter())
+            .zip(fed_edits.into_iter().chain(std::iter::repeat(false)))
         {
             let (token, logprobs) = match chosen {
                 Some(token) => (token, logprobs),
@@ -238,7 +264,13 @@ impl<B: Backend> ModelExecutor<B> {
                     let row = host_rows
                         .next()
                         .ok_or_else(|| ExecutorError("step returned too few host logits rows".into()))?;
-                    let s = sampling::sample_edited(row, &params, n, edits);
+                    let fed_token = match fed_edits {
+                        false => None,
+                        true => Some(*fed.and_then(|f| f.get(&seq)).ok_or_else(|| {
+                            ExecutorError(format!("the fed token of sequence {seq} was never read back"))
+                        })?),
+                    };
+                    let s = sampling::sample_edited(row, &params, n, edits, fed_token);
                     (s.token, s.logprobs)
                 }
             };
@@ -250,7 +282,12 @@ impl<B: Backend> ModelExecutor<B> {
     /// Reads `issued` back and remembers its tokens for the next step's host feed-back.
     fn finish_and_remember(&mut self, issued: IssuedStep<B>) -> StepReply {
         let step = issued.step;
-        let result = Self::finish_step(issued);
+        // A step fed on the device follows the last one read back (see `execute`).
+        let fed = match (&self.last_sampled, issued.fed_from) {
+            (Some((read, sampled)), Some(from)) if *read == from => Some(sampled),
+            _ => None,
+        };
+        let result = Self::finish_step(issued, fed);
         self.last_sampled = result
             .as_ref()
             .ok()
@@ -276,8 +313,8 @@ impl<B: Backend> ModelExecutor<B> {
     }
 
     /// The fed-back inputs of `plan` as the held step's ids on the device, when that step is
-    /// `follows` and the device chose every one of them, and no chunk needs the token on the
-    /// host (a penalty's history). `None`: they are fed back from the host.
+    /// `follows` and the device chose every one of them. `None`: they are fed back from the
+    /// host. (A penalty's history then lacks its last token: `issue_step` names it in the edits.)
     fn device_feed(&self, follows: u64, plan: &[PlannedChunk]) -> Option<FedTokens<B>> {
         let held = self.held.as_ref().filter(|h| h.issued.step == follows)?;
         let IssuedOutput::Unread(Some(unread)) = &held.issued.output else {
@@ -297,7 +334,7 @@ impl<B: Backend> ModelExecutor<B> {
             .filter(|(_, c)| c.fed_back)
             .map(|(i, c)| {
                 let at = row_of.get(&c.seq).and_then(|&row| unread.device_id_at(row));
-                at.filter(|_| c.history.is_none()).map(|at| (i, at))
+                at.map(|at| (i, at))
             })
             .collect::<Option<Vec<_>>>()?;
         Some(FedTokens {
@@ -313,7 +350,7 @@ impl<B: Backend> ModelExecutor<B> {
         plan: Vec<PlannedChunk>,
     ) -> Result<Vec<SampledToken>, ExecutorError> {
         let issued = self.issue_step(0, swap_out, plan, None)?;
-        Self::finish_step(issued)
+        Self::finish_step(issued, None)
     }
 
     /// Puts the tokens that step `follows` sampled in place of the plan's fed-back ones (and at
@@ -479,7 +516,11 @@ impl<B: Backend> ModelExecutor<B> {
             (Some(follows), false) => self.feed_back(follows, &mut plan),
             _ => Ok(()),
         }
-        .and_then(|()| self.issue_step(msg.step, msg.swap_out, plan, fed));
+        .and_then(|()| self.issue_step(msg.step, msg.swap_out, plan, fed))
+        .map(|issued| IssuedStep {
+            fed_from: msg.follows.filter(|_| fed_from_held),
+            ..issued
+        });
         // The held step runs ahead of this one on the device: read it while this one runs.
         let held_ok = self.read_held();
         match issued {

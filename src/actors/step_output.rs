@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use burn::prelude::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::draw::{DeviceDraw, DeviceSampling, LogprobsRow};
+use crate::model::draw::{DeviceDraw, DeviceSampling, EditRow, LogprobsRow};
 use crate::sampling::{LogitEdit, RowSampling, SampledLogprobs};
 
 /// A step's logits as the host receives them.
@@ -50,9 +50,26 @@ impl StepOutput {
         edits: &[Vec<LogitEdit>],
         hooks: &DeviceSampling<B>,
     ) -> Result<Self, String> {
-        UnreadOutput::issue(logits, plan, edits, hooks)?.read()
+        UnreadOutput::issue(logits, plan, edits, None, hooks)?.read()
     }
 }
+
+/// Where the fed tokens of a step's `*Fed*` edits are (`sampling::logit_edits_fed`): the ids
+/// the previous step chose, still on the device, and per logits row the index of its fed token
+/// in them (for the rows whose edits have `*Fed*` edits).
+pub struct FedEdits<'a, B: Backend> {
+    pub ids: &'a Tensor<B, 1, Int>,
+    pub at: &'a [Option<usize>],
+}
+
+// Two references: copied whatever `B` is (a derive would ask `B: Copy`).
+impl<B: Backend> Clone for FedEdits<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for FedEdits<'_, B> {}
 
 /// A step's output with every device operation queued and nothing read back yet: what
 /// [`StepOutput::read`] reads. Kept unread, it lets the executor queue the next step first,
@@ -72,11 +89,14 @@ pub struct UnreadOutput<B: Backend> {
 }
 
 impl<B: Backend> UnreadOutput<B> {
-    /// Queues what [`StepOutput::read`] reads (see there), reading nothing.
+    /// Queues what [`StepOutput::read`] reads (see there), reading nothing. `fed` gives the
+    /// device the fed tokens of rows with `*Fed*` edits; the host samples such a row with the
+    /// token it reads back from the previous step.
     pub fn issue(
         logits: Tensor<B, 2>,
         plan: &[RowSampling],
         edits: &[Vec<LogitEdit>],
+        fed: Option<FedEdits<'_, B>>,
         hooks: &DeviceSampling<B>,
     ) -> Result<Self, String> {
         let [rows, vocab] = logits.dims();
@@ -96,9 +116,16 @@ impl<B: Backend> UnreadOutput<B> {
             .collect();
         let edited = match (&hooks.edit, edited_rows.is_empty()) {
             (Some(f), false) => {
-                let list: Vec<(usize, &[LogitEdit])> =
-                    edited_rows.iter().map(|&r| (r, edits_of(r))).collect();
-                f(logits.clone(), &list)
+                let fed_at = |r: usize| fed.and_then(|f| f.at.get(r).copied().flatten());
+                let list: Vec<EditRow<'_>> = edited_rows
+                    .iter()
+                    .map(|&row| EditRow {
+                        row,
+                        edits: edits_of(row),
+                        fed_at: fed_at(row),
+                    })
+                    .collect();
+                f(logits.clone(), &list, fed.map(|f| f.ids))
                     .inspect_err(
                         |e| tracing::warn!(error = %e, "device logit edits failed: the host samples those rows"),
                     )
@@ -649,7 +676,7 @@ mod tests {
             .zip(&edits)
             .map(|(r, e)| {
                 let mut w = r.clone();
-                sampling::apply_edits(&mut w, e);
+                sampling::apply_edits(&mut w, e, None);
                 w
             })
             .collect();
@@ -666,7 +693,7 @@ mod tests {
         assert_eq!(out.device[1], Some(77), "the bias won the draw");
         assert!(out.host_rows.is_empty());
         // Without an edit hook, or when it fails, the edited rows go to the host.
-        let failing: DeviceEditFn<Flex> = Arc::new(|_, _| Err("no kernel".into()));
+        let failing: DeviceEditFn<Flex> = Arc::new(|_, _, _| Err("no kernel".into()));
         for hook in [None, Some(failing)] {
             let out = StepOutput::read(tensor(&rows), &plan, &edits, &hooks(hook)).unwrap();
             assert_eq!(
@@ -674,6 +701,72 @@ mod tests {
                 vec![None, None, Some(sampling::argmax(&rows[2])), None]
             );
             assert_eq!(out.host_rows, [&rows[0][..], &rows[1], &rows[3]].concat());
+        }
+    }
+
+    /// Penalised rows whose last token the device fed back (overlapped steps) are edited with
+    /// that token, read from the previous step's ids where `FedEdits` points.
+    #[test]
+    fn sampling_step_output_edits_fed_rows_with_the_fed_token() {
+        use crate::model::draw::{edit_on_host, DeviceEditFn};
+        use crate::sampling::{logit_edits, logit_edits_fed, SamplingParams, TokenHistory};
+        use std::sync::Arc;
+        // Each row's argmax is its fed token, which a repetition penalty of 50 pushes below
+        // the rest: only a row edited with its fed token moves off it.
+        let vocab = 40;
+        let fed_tokens = [7u32, 21, 3];
+        let rows: Vec<Vec<f32>> = fed_tokens
+            .iter()
+            .enumerate()
+            .map(|(r, &t)| {
+                (0..vocab)
+                    .map(|i| {
+                        if i == t as usize {
+                            5.0
+                        } else {
+                            ((i * 7 + r * 3) % 11) as f32 * 0.1
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let params = SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 50.0,
+            frequency_penalty: 0.5,
+            ..Default::default()
+        };
+        let history = TokenHistory {
+            tokens: Arc::from([1u32, 2, 21]),
+            prompt_len: 1,
+        };
+        let edits: Vec<_> = (0..3).map(|_| logit_edits_fed(&params, 3, &history)).collect();
+        // The previous step's ids hold the fed tokens out of order, after another row's id.
+        let ids = Tensor::<Flex, 1, Int>::from_data(
+            TensorData::new(vec![9i64, 3, 21, 7], [4]),
+            &Default::default(),
+        );
+        let at = [Some(3), Some(2), Some(1)];
+        let edit: DeviceEditFn<Flex> = Arc::new(edit_on_host);
+        let hooks = DeviceSampling {
+            edit: Some(edit),
+            ..DeviceSampling::default()
+        };
+        let plan = [RowSampling::GREEDY; 3];
+        let fed = FedEdits { ids: &ids, at: &at };
+        let out = UnreadOutput::issue(tensor(&rows), &plan, &edits, Some(fed), &hooks)
+            .unwrap()
+            .read()
+            .unwrap();
+        for (r, &t) in fed_tokens.iter().enumerate() {
+            let whole = TokenHistory {
+                tokens: history.tokens.iter().copied().chain([t]).collect(),
+                prompt_len: 1,
+            };
+            let mut want = rows[r].clone();
+            sampling::apply_edits(&mut want, &logit_edits(&params, 3, Some(&whole)), None);
+            assert_eq!(out.device[r], Some(sampling::argmax(&want)), "row {r}");
+            assert_ne!(out.device[r], Some(t), "row {r}: the fed token was penalised");
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use burn::prelude::Backend;
 
-use super::step_output::{StepOutput, UnreadOutput};
+use super::step_output::{FedEdits, StepOutput, UnreadOutput};
 use crate::kv::{PageCopy, SeqId};
 use crate::model::draw::DeviceSampling;
 use crate::model::{FedTokens, HostPages, Llama, PagedKvCache, SequenceChunk};
@@ -30,6 +30,9 @@ pub struct StepWork {
     /// (`sampling::logit_edits`), for a device that chooses from edited copies; shared with the
     /// executor, which samples the host rows with them.
     pub edits: Arc<[Vec<LogitEdit>]>,
+    /// Per logits row whose edits have `*Fed*` edits (`sampling::logit_edits_fed`): where its
+    /// fed token is in the fed ids (`FedTokens::ids`). Empty when nothing is fed on the device.
+    pub fed_at: Vec<Option<usize>>,
 }
 
 /// One rank's shard and state.
@@ -133,7 +136,11 @@ impl<B: Backend> Rank<B> {
                 return Ok(None);
             }
             // On a GPU `forward` returns once its kernels are queued; the read waits for them.
-            let out = UnreadOutput::issue(logits, &work.rows, &work.edits, sampling);
+            let fed = fed.map(|f| FedEdits {
+                ids: &f.ids,
+                at: &work.fed_at,
+            });
+            let out = UnreadOutput::issue(logits, &work.rows, &work.edits, fed, sampling);
             metrics::histogram!("inferflux_step_issue_seconds").record(issue.elapsed().as_secs_f64());
             out.map(Some)
         }))

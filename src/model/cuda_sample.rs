@@ -11,9 +11,10 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::cuda_gemm::CudaCube;
-use super::draw::{DeviceArgmaxFn, DeviceDraw, DeviceDrawFn, DeviceEditFn, DeviceLogprobsFn, LogprobsRow};
+use super::draw::{
+    DeviceArgmaxFn, DeviceDraw, DeviceDrawFn, DeviceEditFn, DeviceLogprobsFn, EditRow, LogprobsRow,
+};
 use super::kernels::sample;
-use crate::sampling::LogitEdit;
 
 /// The executor's argmax hook on [`CudaCube`]: one cube per row, where burn's `argmax` (without
 /// autotune) walks each row with one thread.
@@ -160,27 +161,32 @@ fn launch_logprobs(
 /// The executor's logit-edit hook on [`CudaCube`]: edited copies of the rows that bias, the
 /// `min_tokens` mask or penalties change, so that the device chooses their tokens too.
 pub fn device_edit() -> DeviceEditFn<CudaCube> {
-    Arc::new(|logits, rows: &[(usize, &[LogitEdit])]| launch_edits(logits, rows))
+    Arc::new(launch_edits)
 }
 
 fn launch_edits(
     logits: Tensor<CudaCube, 2>,
-    rows: &[(usize, &[LogitEdit])],
+    rows: &[EditRow<'_>],
+    fed_ids: Option<&Tensor<CudaCube, 1, Int>>,
 ) -> Result<Tensor<CudaCube, 2>, String> {
     let [logits_rows, vocab] = logits.dims();
     if logits.dtype() != DType::F32 {
         return Err(format!("{:?} logits (the edits read f32)", logits.dtype()));
     }
-    if let Some((r, _)) = rows.iter().find(|(r, _)| *r >= logits_rows) {
-        return Err(format!("edits of row {r} of {logits_rows}"));
+    if let Some(r) = rows.iter().find(|r| r.row >= logits_rows) {
+        return Err(format!("edits of row {} of {logits_rows}", r.row));
+    }
+    let fed_len = fed_ids.map_or(0, |t| t.dims()[0]);
+    if let Some(at) = rows.iter().filter_map(|r| r.fed_at).find(|&at| at >= fed_len) {
+        return Err(format!("a fed token at {at} of {fed_len} fed ids"));
     }
     let device = logits.device();
     let n = rows.len();
     // Offsets, kinds and ids travel as i32 tensors; the kernel reads their bits as u32.
     let mut starts = vec![0i32];
     let (mut ops, mut values) = (Vec::new(), Vec::new());
-    for (_, edits) in rows {
-        for e in edits.iter() {
+    for r in rows {
+        for e in r.edits {
             let (kind, id, value) = sample::edit_parts(e);
             ops.extend([kind as i32, id as i32]);
             values.push(value);
@@ -199,7 +205,20 @@ fn launch_edits(
             Tensor::<CudaCube, 1, Int>::from_data(TensorData::new(v, [len]), &device).into_primitive(),
         )
     };
-    let row_ids = ints(rows.iter().map(|(r, _)| *r as i32).collect());
+    let row_ids = ints(rows.iter().map(|r| r.row as i32).collect());
+    let fed_at = ints(
+        rows.iter()
+            .map(|r| r.fed_at.map_or(sample::NO_FED as i32, |at| at as i32))
+            .collect(),
+    );
+    // A launch's arrays hold one element at least.
+    let fed_ids = match fed_ids {
+        Some(t) if fed_len > 0 => contiguous(t.clone().into_primitive(), "fed ids"),
+        _ => ints(vec![0]),
+    };
+    if fed_ids.dtype != DType::I32 {
+        return Err(format!("{:?} fed ids (the edits read i32)", fed_ids.dtype));
+    }
     let (starts, ops) = (ints(starts), ints(ops));
     let len = values.len();
     let values = Tensor::<CudaCube, 1>::from_data(TensorData::new(values, [len]), (&device, DType::F32));
@@ -218,9 +237,12 @@ fn launch_edits(
         starts.handle.clone(),
         ops.handle.clone(),
         values.handle.clone(),
+        fed_ids.handle.clone(),
+        fed_at.handle.clone(),
         out.handle.clone(),
     ];
-    sample::launch_edits(&logits.client, handles, (n, logits_rows, vocab, edits)).map_err(|e| e.0)?;
+    let sizes = (n, logits_rows, vocab, edits, fed_len);
+    sample::launch_edits(&logits.client, handles, sizes).map_err(|e| e.0)?;
     let out: Tensor<CudaCube, 1> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out));
     Ok(out.reshape([n, vocab]))
 }

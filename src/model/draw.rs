@@ -46,11 +46,24 @@ pub type DeviceLogprobsFn<B> = Arc<
         + Sync,
 >;
 
-/// The rows of `logits` (`[rows, vocab]`, f32) listed as `(row, edits)`, each a copy with its
-/// `sampling::logit_edits` applied (`sampling::apply_edits`), as `[n, vocab]` still on the
-/// device: bias, the `min_tokens` mask and penalties; an error leaves the rows to the host.
-pub type DeviceEditFn<B> =
-    Arc<dyn Fn(Tensor<B, 2>, &[(usize, &[LogitEdit])]) -> Result<Tensor<B, 2>, String> + Send + Sync>;
+/// One row for [`DeviceEditFn`]: its index in the step's logits, its `sampling::logit_edits`,
+/// and for `*Fed*` edits (`sampling::logit_edits_fed`) where its fed token is in the fed ids.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EditRow<'a> {
+    pub row: usize,
+    pub edits: &'a [LogitEdit],
+    pub fed_at: Option<usize>,
+}
+
+/// The listed rows of `logits` (`[rows, vocab]`, f32), each a copy with its edits applied
+/// (`sampling::apply_edits`, the fed token read from `fed_ids` where a row has one), as
+/// `[n, vocab]` still on the device: bias, the `min_tokens` mask and penalties; an error leaves
+/// the rows to the host.
+pub type DeviceEditFn<B> = Arc<
+    dyn Fn(Tensor<B, 2>, &[EditRow<'_>], Option<&Tensor<B, 1, Int>>) -> Result<Tensor<B, 2>, String>
+        + Send
+        + Sync,
+>;
 
 /// The executor's token-choosing hooks: none (burn's `argmax`, host draws, logprobs and edits)
 /// unless a backend has kernels for them (CUDA, `[cuda] device_argmax` and `device_sampling`).
@@ -128,19 +141,25 @@ pub fn logprobs_on_host<B: Backend>(
     ))
 }
 
-/// [`DeviceEditFn`] by reading the rows back and editing them on the host: the reference the
-/// device hook must match, and the plumbing tests' hook on the CPU backend.
+/// [`DeviceEditFn`] by reading the rows (and the fed ids) back and editing them on the host: the
+/// reference the device hook must match, and the plumbing tests' hook on the CPU backend.
 pub fn edit_on_host<B: Backend>(
     logits: Tensor<B, 2>,
-    rows: &[(usize, &[LogitEdit])],
+    rows: &[EditRow<'_>],
+    fed_ids: Option<&Tensor<B, 1, Int>>,
 ) -> Result<Tensor<B, 2>, String> {
     let [_, vocab] = logits.dims();
     let device = logits.device();
     let values = logits.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let fed_ids: Vec<i64> = fed_ids.map_or_else(Vec::new, |t| t.clone().into_data().iter::<i64>().collect());
     let mut out = Vec::with_capacity(rows.len() * vocab);
-    for &(row, edits) in rows {
-        let mut w = values[row * vocab..(row + 1) * vocab].to_vec();
-        crate::sampling::apply_edits(&mut w, edits);
+    for r in rows {
+        let fed = match r.fed_at {
+            None => None,
+            Some(at) => Some(*fed_ids.get(at).ok_or("a fed id index past the fed ids")? as u32),
+        };
+        let mut w = values[r.row * vocab..(r.row + 1) * vocab].to_vec();
+        crate::sampling::apply_edits(&mut w, r.edits, fed);
         out.extend(w);
     }
     Ok(Tensor::from_data(

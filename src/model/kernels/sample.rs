@@ -325,28 +325,43 @@ pub fn launch_logprobs<R: Runtime>(
 pub const EDIT_ADD: u32 = 0;
 pub const EDIT_BAN: u32 = 1;
 pub const EDIT_REPEAT: u32 = 2;
+pub const EDIT_ADD_UNLESS_FED: u32 = 3;
+pub const EDIT_ADD_IF_FED: u32 = 4;
+pub const EDIT_REPEAT_FED_UNLESS_SEEN: u32 = 5;
+pub const EDIT_ADD_FED_UNLESS_GENERATED: u32 = 6;
 
-/// An edit as the kernel reads it: its kind, its id and its value.
+/// `fed_at` of a row without a fed token.
+pub const NO_FED: u32 = u32::MAX;
+
+/// An edit as the kernel reads it: its kind, its id (none for the fed token's own) and its value.
 pub fn edit_parts(edit: &crate::sampling::LogitEdit) -> (u32, u32, f32) {
     use crate::sampling::LogitEdit;
     match *edit {
         LogitEdit::Add { id, value } => (EDIT_ADD, id, value),
         LogitEdit::Ban { id } => (EDIT_BAN, id, 0.0),
         LogitEdit::Repeat { id, penalty } => (EDIT_REPEAT, id, penalty),
+        LogitEdit::AddUnlessFed { id, value } => (EDIT_ADD_UNLESS_FED, id, value),
+        LogitEdit::AddIfFed { id, value } => (EDIT_ADD_IF_FED, id, value),
+        LogitEdit::RepeatFedUnlessSeen { penalty } => (EDIT_REPEAT_FED_UNLESS_SEEN, u32::MAX, penalty),
+        LogitEdit::AddFedUnlessGenerated { value } => (EDIT_ADD_FED_UNLESS_GENERATED, u32::MAX, value),
     }
 }
 
 /// Row `d` of `out` is row `rows[d]` of `logits` with its edits applied in order, as
 /// `sampling::apply_edits` does: edits `starts[d] .. starts[d + 1]`, each a kind and an id in
-/// `ops` and a value in `values`. The cube copies the row, then one unit walks the edits (a
+/// `ops` and a value in `values`; the row's fed token is `fed_ids[fed_at[d]]` (none where
+/// `fed_at[d]` is [`NO_FED`]). The cube copies the row, then one unit walks the edits (a
 /// request's list is short beside the row, and its order is the host's).
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn edit_kernel(
     logits: &Array<f32>,
     rows: &Array<u32>,
     starts: &Array<u32>,
     ops: &Array<u32>,
     values: &Array<f32>,
+    fed_ids: &Array<i32>,
+    fed_at: &Array<u32>,
     out: &mut Array<f32>,
     vocab: u32,
 ) {
@@ -362,19 +377,45 @@ fn edit_kernel(
     if u == 0 {
         // Minus infinity, made at run time: WGSL cannot spell it.
         let banned = f32::new(-1.0) / (f32::cast_from(vocab) * 0.0);
+        // No fed token: `vocab`, an id that no edit applies to.
+        let mut fed = vocab;
+        if fed_at[d] != NO_FED {
+            fed = u32::cast_from(fed_ids[fed_at[d] as usize]);
+        }
+        // Whether a `Repeat` of the fed token, or an `AddIfFed` of it, came before.
+        let mut seen = false;
+        let mut generated = false;
         for e in starts[d]..starts[d + 1] {
-            let (kind, id, value) = (ops[2 * e as usize], ops[2 * e as usize + 1], values[e as usize]);
-            if id < vocab {
+            let (kind, listed, value) = (ops[2 * e as usize], ops[2 * e as usize + 1], values[e as usize]);
+            let mut id = listed;
+            let mut applies = true;
+            if kind == EDIT_REPEAT {
+                seen = seen || listed == fed;
+            } else if kind == EDIT_ADD_UNLESS_FED {
+                applies = listed != fed;
+            } else if kind == EDIT_ADD_IF_FED {
+                applies = listed == fed;
+                generated = generated || applies;
+            } else if kind == EDIT_REPEAT_FED_UNLESS_SEEN {
+                id = fed;
+                applies = !seen;
+            } else if kind == EDIT_ADD_FED_UNLESS_GENERATED {
+                id = fed;
+                applies = !generated;
+            }
+            if applies && id < vocab {
                 let at = dst + id as usize;
                 let l = out[at];
-                if kind == EDIT_ADD {
-                    out[at] = l + value;
-                } else if kind == EDIT_BAN {
+                if kind == EDIT_BAN {
                     out[at] = banned;
-                } else if l < 0.0 {
-                    out[at] = l * value;
+                } else if kind == EDIT_REPEAT || kind == EDIT_REPEAT_FED_UNLESS_SEEN {
+                    if l < 0.0 {
+                        out[at] = l * value;
+                    } else {
+                        out[at] = l / value;
+                    }
                 } else {
-                    out[at] = l / value;
+                    out[at] = l + value;
                 }
             }
         }
@@ -383,22 +424,24 @@ fn edit_kernel(
 
 /// Queues the edited copies of `n` rows (see `edit_kernel`): `logits` holds `logits_rows`
 /// contiguous f32 rows of `vocab`, `rows` (u32) `n` row indices, `starts` (u32) `n + 1` offsets
-/// into the `edits` edits (`ops`: u32 pairs, `values`: f32), `out` `n * vocab` f32.
+/// into the `edits` edits (`ops`: u32 pairs, `values`: f32), `fed_ids` (i32) `fed_len` ids and
+/// `fed_at` (u32) `n` indices into them or [`NO_FED`], `out` `n * vocab` f32.
 pub fn launch_edits<R: Runtime>(
     client: &ComputeClient<R>,
-    [logits, rows, starts, ops, values, out]: [cubecl::server::Handle; 6],
-    (n, logits_rows, vocab, edits): (usize, usize, usize, usize),
+    [logits, rows, starts, ops, values, fed_ids, fed_at, out]: [cubecl::server::Handle; 8],
+    (n, logits_rows, vocab, edits, fed_len): (usize, usize, usize, usize, usize),
 ) -> Result<(), Refused> {
     if n == 0 {
         return Ok(());
     }
     let cubes = cube_per_row(n, logits_rows.max(n), vocab)
         .ok_or_else(|| Refused(format!("edits of {n} rows of {vocab}")))?;
-    if u32::try_from(edits).is_err() {
-        return Err(Refused(format!("{edits} logit edits")));
+    if u32::try_from(edits).is_err() || vocab as u64 >= NO_FED as u64 {
+        return Err(Refused(format!("{edits} logit edits over {vocab} ids")));
     }
     // SAFETY: the arrays' lengths are the handles' (the caller's contract: every `rows[d]` below
-    // `logits_rows`, `starts` ascending up to `edits`); ids past the vocabulary are skipped.
+    // `logits_rows`, `starts` ascending up to `edits`, every `fed_at[d]` below `fed_len` or
+    // `NO_FED`); ids past the vocabulary are skipped.
     unsafe {
         edit_kernel::launch_unchecked::<R>(
             client,
@@ -409,6 +452,8 @@ pub fn launch_edits<R: Runtime>(
             ArrayArg::from_raw_parts(starts, n + 1),
             ArrayArg::from_raw_parts(ops, 2 * edits.max(1)),
             ArrayArg::from_raw_parts(values, edits.max(1)),
+            ArrayArg::from_raw_parts(fed_ids, fed_len.max(1)),
+            ArrayArg::from_raw_parts(fed_at, n),
             ArrayArg::from_raw_parts(out, n * vocab),
             vocab as u32,
         );
@@ -759,17 +804,36 @@ mod tests {
 
     #[test]
     fn kernels_sample_edits_are_the_host_process_logits() {
-        use crate::sampling::{apply_edits, LogitEdit};
+        use crate::sampling::{apply_edits, logit_edits_fed, LogitEdit, SamplingParams, TokenHistory};
+        use std::sync::Arc;
         let client = gl::client();
         let (logits_rows, vocab) = (3, 700);
         let logits: Vec<f32> = gl::values(logits_rows * vocab, 13)
             .iter()
             .map(|v| v * 5.0)
             .collect();
+        // Penalties of a history whose last token the device fed back (overlapped steps):
+        // 11 was generated twice, 40 once, 7 is in the prompt only; a bias and a ban on 11.
+        let fed_list = logit_edits_fed(
+            &SamplingParams {
+                repetition_penalty: 1.3,
+                presence_penalty: 0.25,
+                frequency_penalty: 0.5,
+                logit_bias: Arc::from([(11u32, 0.5f32)]),
+                ..SamplingParams::default()
+            },
+            4,
+            &TokenHistory {
+                tokens: Arc::from([7u32, 11, 40, 11]),
+                prompt_len: 1,
+            },
+        );
         // Bias twice on one id (in order), a ban, repetition on a negative and a positive logit
         // (the sign picks the operation), a penalty after a repetition on the same id, ids past
-        // the vocabulary, and a row without edits.
-        let edit_rows: [(u32, Vec<LogitEdit>); 3] = [
+        // the vocabulary, and a row without edits; then the fed list with a fed token generated
+        // before, one in the prompt only, a new one, and none.
+        let fed_ids: [i32; 4] = [123, 11, 7, 512];
+        let edit_rows: [(u32, Vec<LogitEdit>, u32); 7] = [
             (
                 2,
                 vec![
@@ -782,19 +846,25 @@ mod tests {
                     LogitEdit::Add { id: 900, value: 3.0 },
                     LogitEdit::Ban { id: 700 },
                 ],
+                NO_FED,
             ),
-            (0, Vec::new()),
+            (0, Vec::new(), NO_FED),
             (
                 2,
                 vec![LogitEdit::Repeat {
                     id: 699,
                     penalty: 0.7,
                 }],
+                NO_FED,
             ),
+            (1, fed_list.clone(), 1),
+            (1, fed_list.clone(), 2),
+            (0, fed_list.clone(), 3),
+            (2, fed_list, NO_FED),
         ];
         let mut starts = vec![0u32];
         let (mut ops, mut values) = (Vec::new(), Vec::new());
-        for (_, edits) in &edit_rows {
+        for (_, edits, _) in &edit_rows {
             for e in edits {
                 let (kind, id, value) = edit_parts(e);
                 ops.extend([kind, id]);
@@ -803,6 +873,7 @@ mod tests {
             starts.push(values.len() as u32);
         }
         let rows: Vec<u32> = edit_rows.iter().map(|r| r.0).collect();
+        let fed_at: Vec<u32> = edit_rows.iter().map(|r| r.2).collect();
         let out = client.empty(rows.len() * vocab * 4);
         let handles = [
             gl::upload(&client, &logits),
@@ -810,13 +881,17 @@ mod tests {
             client.create_from_slice(u32::as_bytes(&starts)),
             client.create_from_slice(u32::as_bytes(&ops)),
             gl::upload(&client, &values),
+            client.create_from_slice(i32::as_bytes(&fed_ids)),
+            client.create_from_slice(u32::as_bytes(&fed_at)),
             out.clone(),
         ];
-        launch_edits(&client, handles, (rows.len(), logits_rows, vocab, values.len())).unwrap();
+        let sizes = (rows.len(), logits_rows, vocab, values.len(), fed_ids.len());
+        launch_edits(&client, handles, sizes).unwrap();
         let got = gl::download(&client, out);
-        for (d, (row, edits)) in edit_rows.iter().enumerate() {
+        for (d, (row, edits, at)) in edit_rows.iter().enumerate() {
+            let fed = (*at != NO_FED).then(|| fed_ids[*at as usize] as u32);
             let mut want = logits[*row as usize * vocab..(*row as usize + 1) * vocab].to_vec();
-            apply_edits(&mut want, edits);
+            apply_edits(&mut want, edits, fed);
             let got = &got[d * vocab..(d + 1) * vocab];
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.to_bits(), w.to_bits(), "row {d} id {i}: kernel {g}, host {w}");
