@@ -43,8 +43,9 @@
 #      q/k/v and gate/up GEMVs, the attention's RoPE and K/V write in the q/k/v GEMV's epilogue)
 #      and the defaults with burn's argmax (no-argmax); each also
 #      teacher-forced, one token at every position of transformers' continuation, where a
-#      flipped argmax must be a near-tie (step 1 fails on the tiny fixtures on CUDA whatever the
-#      kernels, see docs/Performance.md). CHECK_KERNELS picks the configurations, also from
+#      flipped argmax must be a near-tie (step 1 failed on the tiny fixtures on CUDA whatever the
+#      kernels until a step without logits stopped running the head on zero rows; see
+#      docs/Performance.md). CHECK_KERNELS picks the configurations, also from
 #      `ordered` (`gemm = "cublas-ordered"`), `sampling` (`device_sampling`, whose draws at
 #      T=1e-4 must follow the greedy tokens; both checked correct on 2026-11-27) and no-paged,
 #      no-kv-write, no-fused, no-gemv, no-argmax, no-gate-up and no-split (the defaults without one of our
@@ -57,11 +58,13 @@
 # the machine's start (a minute or more) and its idle waits too, so two calls on one warm machine
 # (the second at once, within its 30 s idle release) is all a session gets:
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c7y8 scripts/gpu-check.sh BIN_DIR  (about 510 s)
-#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=36n scripts/gpu-check.sh BIN_DIR   (about 200 s)
+#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=316n scripts/gpu-check.sh BIN_DIR  (about 250 s; give it a
+#   timeout_s of what the session has left, less a minute)
 # The first checks every default against transformers (c), picks the projections (7), measures the
 # step loops (y, before step 8 so that a cut call still measures it) and serves (8); the second
-# measures the baseline of the same machine and prints the table (3, 6) and the norms inside the
-# GEMVs (n). Then give the machine back. Steps s, k, a and t go to a later session, with
+# measures the baseline of the same machine (3), checks the fixtures' logits against the CPU (1,
+# never passed on CUDA before the fix of 2026-11-28), prints the table (6) and times the norms
+# inside the GEMVs (n). Then give the machine back. Steps s, k, a and t go to a later session, with
 # KERNELS=FILE holding the INFERFLUX__CUDA__* lines step 7 chose (recorded in docs/Performance.md):
 #   OUT=/tmp/x STAGES=2ska scripts/gpu-check.sh BIN_DIR  (about 300 s) and, if the skinny GEMM
 #   passed step 7, STAGES=t (about 150 s), which tries its plan knobs.
@@ -88,7 +91,8 @@ step1() { # CUDA logits against the CPU f32 path and transformers
     fixtures=$(for d in "$repo"/tests/fixtures/*/; do [ -f "$d/goldens.json" ] && echo "${d%/}"; done)
     # shellcheck disable=SC2086
     timeout 100 "$bin/device_check" logits --device "$device" $fixtures | tee "$out/logits.md"
-    if [ "$device" = cuda ]; then
+    # PIPESTATUS[0]: device_check's status, not tee's.
+    if [ "${PIPESTATUS[0]}" != 0 ] && [ "$device" = cuda ]; then
         echo "without burn's fusion layer (tells a fusion bug from ours):"
         # shellcheck disable=SC2086
         timeout 60 "$bin/device_check" logits --device cuda-nofusion $fixtures | tee "$out/logits-nofusion.md"

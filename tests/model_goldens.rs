@@ -326,6 +326,56 @@ fn chat_template_renders_like_transformers_apply_chat_template() {
 /// the server runs a chosen CUDA kernel), give transformers' logits and greedy tokens: the hook
 /// sees each layer's seven projections and `lm_head`, and nothing else. With the fused ops, gate
 /// and up are one merged `[out, in]` weight: six projections per layer.
+/// A step whose chunks want no logits (a prompt's chunks before its last) runs no head: no
+/// projection of zero rows, which CUDA refuses to launch (the tiny fixtures' 7-token chunks
+/// failed there with `CUDA_ERROR_INVALID_VALUE`). Its K/V is written all the same: the decode
+/// after it gives transformers' greedy tokens.
+#[test]
+fn model_a_step_without_logits_runs_no_head() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (model, _, goldens) = fixture("tiny-llama");
+    let (calls, empty) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (counted, empties) = (calls.clone(), empty.clone());
+    let hook: inferflux::model::ProjectFn<B> = Arc::new(move |x, w| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        if x.dims()[0] == 0 {
+            empties.fetch_add(1, Ordering::Relaxed);
+        }
+        x.matmul(w)
+    });
+    let model = model.with_projection(Some(hook));
+    let p = &goldens.prompts[0];
+    let split = p.input_ids.len() / 2;
+    let table = block_table(0, 1, p.input_ids.len() + p.greedy_ids.len());
+    let mut cache = new_cache(&model, KvStorage::Device);
+    let chunk = |tokens: &[u32], start_pos: usize, wants_logits: bool| SequenceChunk {
+        tokens: tokens.to_vec(),
+        start_pos,
+        block_table: table.clone(),
+        wants_logits,
+    };
+    let first = chunk(&p.input_ids[..split], 0, false);
+    assert!(model.forward_fed(&mut cache, &[first], None).is_none());
+    assert!(calls.load(Ordering::Relaxed) > 0, "the layers' projections ran");
+    assert_eq!(empty.load(Ordering::Relaxed), 0, "a projection of zero rows");
+    let rest = chunk(&p.input_ids[split..], split, true);
+    let mut seq = p.input_ids.clone();
+    let mut next = argmax(&logits_rows(model.forward(&mut cache, &[rest])).remove(0));
+    let mut greedy = vec![next];
+    while greedy.len() < p.greedy_ids.len() {
+        seq.push(next);
+        let decode = chunk(&[next], seq.len() - 1, true);
+        next = argmax(&logits_rows(model.forward(&mut cache, &[decode])).remove(0));
+        greedy.push(next);
+    }
+    assert_eq!(greedy, p.greedy_ids);
+    // `forward` gives such a step's logits as an empty matrix.
+    let mut cache = new_cache(&model, KvStorage::Device);
+    let none = model.forward(&mut cache, &[chunk(&p.input_ids[..split], 0, false)]);
+    assert_eq!(none.dims(), [0, model.config().vocab_size]);
+}
+
 #[test]
 fn model_out_in_weights_through_a_projection_hook_match_transformers() {
     use std::sync::atomic::{AtomicUsize, Ordering};

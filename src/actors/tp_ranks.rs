@@ -131,10 +131,11 @@ impl<B: Backend> Rank<B> {
                 return Ok(None);
             }
             let issue = Instant::now();
+            // `None`: no chunk wants logits, so there is nothing to sample.
             let logits = model.forward_fed(cache, &work.chunks, fed);
-            if !sample {
+            let Some(logits) = logits.filter(|_| sample) else {
                 return Ok(None);
-            }
+            };
             // On a GPU `forward` returns once its kernels are queued; the read waits for them.
             let fed = fed.map(|f| FedEdits {
                 ids: &f.ids,

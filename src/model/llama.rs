@@ -658,19 +658,25 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Runs one step. Writes the K/V of every token into its page slot, and returns the logits
-    /// `[n, vocab]` (f32) of the last token of each chunk with `wants_logits`, in chunk order.
+    /// `[n, vocab]` (f32) of the last token of each chunk with `wants_logits`, in chunk order
+    /// (an empty `[0, vocab]` when none wants them; on CUDA, where that tensor cannot be read
+    /// back, use [`Self::forward_fed`]).
     pub fn forward(&self, cache: &mut PagedKvCache<B>, chunks: &[SequenceChunk]) -> Tensor<B, 2> {
         self.forward_fed(cache, chunks, None)
+            .unwrap_or_else(|| Tensor::empty([0, self.config.vocab_size], (&self.device, DType::F32)))
     }
 
     /// [`Self::forward`] with some chunks' last tokens taken from `fed` on the device (one
-    /// rank only: a vocabulary-sharded embedding looks its tokens up on the host).
+    /// rank only: a vocabulary-sharded embedding looks its tokens up on the host), and `None`
+    /// for a step whose chunks want no logits (the chunks of a prompt before its last): such a
+    /// step ends at the last layer's K/V writes. The head would run on zero rows otherwise,
+    /// and CUDA refuses a launch of zero cubes (`CUDA_ERROR_INVALID_VALUE`).
     pub fn forward_fed(
         &self,
         cache: &mut PagedKvCache<B>,
         chunks: &[SequenceChunk],
         fed: Option<&FedTokens<B>>,
-    ) -> Tensor<B, 2> {
+    ) -> Option<Tensor<B, 2>> {
         let c = &self.config;
         let dev = &self.device;
         let (nh, nkv, hd) = (self.shard.num_heads(), self.shard.num_kv_heads(), c.head_dim);
@@ -769,6 +775,9 @@ impl<B: Backend> Llama<B> {
             }
             delta = Some(down);
         }
+        if logit_rows.is_empty() {
+            return None;
+        }
         let (_, x) = self.residual_norm(x, delta, &self.final_norm);
         // A decode-only step wants every row's logits: no upload and no gather for it.
         let every_row =
@@ -778,10 +787,10 @@ impl<B: Backend> Llama<B> {
             false => x.select(0, int_tensor(logit_rows, dev)),
         };
         let logits = self.project(x, &self.lm_head).cast(DType::F32);
-        match &self.comm {
+        Some(match &self.comm {
             None => logits,
             Some(comm) => shard::gather_logits(&**comm, logits, self.shard.vocab_size),
-        }
+        })
     }
 
     /// Groups the step's queries for attention: single-token decodes of similar context length
