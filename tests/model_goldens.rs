@@ -152,6 +152,36 @@ fn greedy_batched(
     out
 }
 
+/// The steps of [`greedy_batched`]'s schedule in which no chunk wants logits, and their tokens:
+/// such a step stops at the last layer's K/V write (the schedule depends on the prompts'
+/// lengths only, not on the tokens).
+fn steps_without_logits(cases: &[&GoldenPrompt], chunk: usize) -> (usize, usize) {
+    let steps = cases[0].greedy_ids.len();
+    let mut lens: Vec<usize> = cases.iter().map(|p| p.input_ids.len()).collect();
+    let (mut computed, mut out) = (vec![0usize; cases.len()], vec![0usize; cases.len()]);
+    let (mut none_steps, mut none_tokens) = (0, 0);
+    while out.iter().any(|&o| o < steps) {
+        let live: Vec<usize> = (0..cases.len()).filter(|&i| out[i] < steps).collect();
+        let ends: Vec<usize> = live.iter().map(|&i| (computed[i] + chunk).min(lens[i])).collect();
+        if live.iter().zip(&ends).all(|(&i, &end)| end < lens[i]) {
+            none_steps += 1;
+            none_tokens += live
+                .iter()
+                .zip(&ends)
+                .map(|(&i, &end)| end - computed[i])
+                .sum::<usize>();
+        }
+        for (&i, &end) in live.iter().zip(&ends) {
+            computed[i] = end;
+            if end == lens[i] {
+                lens[i] += 1;
+                out[i] += 1;
+            }
+        }
+    }
+    (none_steps, none_tokens)
+}
+
 fn check_fixture(name: &str) {
     check_fixture_through(name, |model| model);
 }
@@ -481,8 +511,9 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
                 calls.load(Ordering::Relaxed) - before,
                 acts.load(Ordering::Relaxed) - acts_before,
             );
-            // A prompt of more than 4 tokens takes the projection and `silu_mul`.
-            let expect_fused = if p.input_ids.len() <= 4 { layers } else { 0 };
+            // A prompt of more than 4 tokens takes the projection and `silu_mul`, but in the
+            // last layer, which carries only the row whose logits are wanted.
+            let expect_fused = if p.input_ids.len() <= 4 { layers } else { 1 };
             assert_eq!(fused, expect_fused, "{name}: activations through the hook");
             assert_eq!(
                 projected,
@@ -529,14 +560,20 @@ fn model_paged_attention_hook_matches_transformers() {
             "{name}: greedy with attention through block tables"
         );
         // Every token of the run went through the hook once per layer: the prompts in 7-token
-        // chunks (far below PAGED_CHUNK_MAX_WORK), then each fed-back token but the last.
+        // chunks (far below PAGED_CHUNK_MAX_WORK), then each fed-back token but the last; in
+        // the last layer, not the tokens of steps that want no logits.
         let tokens: usize = cases
             .iter()
             .map(|p| p.input_ids.len() + p.greedy_ids.len() - 1)
             .sum();
+        let (_, without_logits) = steps_without_logits(&cases, 7);
+        assert!(
+            without_logits > 0,
+            "{name}: the schedule has steps without logits"
+        );
         assert_eq!(
             queries.load(Ordering::Relaxed),
-            tokens * model.config().num_layers,
+            tokens * model.config().num_layers - without_logits,
             "{name}: queries through the hook"
         );
         // None with host storage (no device pages).
@@ -794,8 +831,11 @@ fn model_norms_inside_the_projections_match_transformers() {
                 .with_fused_ops(Some(fused(Some(project), both.then_some(write))));
             assert_chunked_greedy_on_device(&inside, &goldens, &what);
             let (norms, writes) = (normed.load(Ordering::Relaxed), written.load(Ordering::Relaxed));
+            // A step that wants no logits skips the last layer's MLP, and its norm.
+            let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
+            let (without_logits, _) = steps_without_logits(&cases, 7);
             assert!(
-                norms > 0 && (norms + writes).is_multiple_of(2 * layers),
+                norms > 0 && (norms + writes + without_logits).is_multiple_of(2 * layers),
                 "{what}: {norms} norms and {writes} q/k/v writes through the hooks, two per layer of a step"
             );
             assert_eq!(

@@ -739,7 +739,15 @@ impl<B: Backend> Llama<B> {
         // Each block's output is added to the residual stream `x` by the norm that follows it (one
         // launch with the fused ops, or inside the next projection with `norm_project`).
         let mut delta = None;
+        // A decode-only step wants every row's logits: no upload and no gather for it.
+        let every_row =
+            logit_rows.iter().enumerate().all(|(i, &r)| r as usize == i) && logit_rows.len() == t_total;
+        // Past its K/V write, the last layer carries only the rows whose logits are wanted (as
+        // llama.cpp's `inp_out_ids` does): a prompt chunk's other rows need nothing more.
+        let wanted = (!every_row && !logit_rows.is_empty()).then(|| int_tensor(logit_rows, dev));
+        let mut rows_selected = every_row;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
+            let last = layer_idx + 1 == self.layers.len();
             let input =
                 self.fused_attention_input(cache, layer_idx, &write_slots, (x, delta.take()), (&cos, &sin));
             let (x_attn, q) = match input {
@@ -759,7 +767,16 @@ impl<B: Backend> Llama<B> {
                     (x_attn, q)
                 }
             };
-            let attn = self.attention(cache, layer_idx, q, &layout);
+            let (attn, x_attn) = match (last, &wanted) {
+                // No row wants logits: the K/V writes were all this step had to do.
+                (true, None) if !every_row => return None,
+                (true, Some(rows)) => {
+                    rows_selected = true;
+                    let attn = self.attention(cache, layer_idx, q, &layout);
+                    (attn.select(0, rows.clone()), x_attn.select(0, rows.clone()))
+                }
+                _ => (self.attention(cache, layer_idx, q, &layout), x_attn),
+            };
             let mut out = self.project(attn, &layer.wo);
             if let Some(comm) = &self.comm {
                 out = shard::all_reduce(&**comm, out);
@@ -775,16 +792,12 @@ impl<B: Backend> Llama<B> {
             }
             delta = Some(down);
         }
-        if logit_rows.is_empty() {
-            return None;
-        }
         let (_, x) = self.residual_norm(x, delta, &self.final_norm);
-        // A decode-only step wants every row's logits: no upload and no gather for it.
-        let every_row =
-            logit_rows.iter().enumerate().all(|(i, &r)| r as usize == i) && logit_rows.len() == t_total;
-        let x = match every_row {
-            true => x,
-            false => x.select(0, int_tensor(logit_rows, dev)),
+        // (Only a model without layers gets here with every row.)
+        let x = match (rows_selected, wanted) {
+            (true, _) => x,
+            (false, Some(rows)) => x.select(0, rows),
+            (false, None) => return None,
         };
         let logits = self.project(x, &self.lm_head).cast(DType::F32);
         Some(match &self.comm {
