@@ -659,8 +659,8 @@ impl<B: Backend> Llama<B> {
 
     /// Runs one step. Writes the K/V of every token into its page slot, and returns the logits
     /// `[n, vocab]` (f32) of the last token of each chunk with `wants_logits`, in chunk order
-    /// (an empty `[0, vocab]` when none wants them; on CUDA, where that tensor cannot be read
-    /// back, use [`Self::forward_fed`]).
+    /// (an empty `[0, vocab]` when none wants them; on CUDA, where an operation on zero
+    /// elements fails, use [`Self::forward_fed`]).
     pub fn forward(&self, cache: &mut PagedKvCache<B>, chunks: &[SequenceChunk]) -> Tensor<B, 2> {
         self.forward_fed(cache, chunks, None)
             .unwrap_or_else(|| Tensor::empty([0, self.config.vocab_size], (&self.device, DType::F32)))
@@ -793,7 +793,7 @@ impl<B: Backend> Llama<B> {
             delta = Some(down);
         }
         let (_, x) = self.residual_norm(x, delta, &self.final_norm);
-        // (Only a model without layers gets here with every row.)
+        // The last layer selected the wanted rows; a model without layers selects them here.
         let x = match (rows_selected, wanted) {
             (true, _) => x,
             (false, Some(rows)) => x.select(0, rows),
