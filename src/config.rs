@@ -438,21 +438,65 @@ impl std::fmt::Debug for CliOverrides {
     }
 }
 
+/// Which built-in defaults the lowest layer holds: a few keys differ on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuiltIn {
+    Cpu,
+    Cuda,
+}
+
 impl Settings {
-    /// Builds the settings from every layer. `file` is `--config`; without it
-    /// `config/inferflux.toml` is read when it exists.
-    pub fn load(file: Option<&Path>, cli: &CliOverrides) -> Result<Self, ConfigError> {
-        Self::load_with_env(file, cli, std::env::vars())
+    /// The built-in defaults for `device`. With CUDA, as vLLM does on a GPU: the KV pool takes
+    /// its share of the GPU memory left free after the weights (`kv.num_pages = 0`) instead of
+    /// 1,024 pages (16,384 tokens, a few percent of a large GPU), and a step takes up to 2,048
+    /// tokens of up to 256 sequences: a GPU step costs about the same from 1 row to hundreds,
+    /// where the CPU's grows with every row.
+    pub fn built_in(device: BuiltIn) -> Self {
+        let mut s = Self::default();
+        if device == BuiltIn::Cuda {
+            s.kv.num_pages = 0;
+            s.scheduler.max_batched_tokens = 2048;
+            s.scheduler.max_running = 256;
+        }
+        s
     }
 
-    /// As [`Settings::load`], with the environment given (tests pass their own).
+    /// Builds the settings from every layer. `file` is `--config`; without it
+    /// `config/inferflux.toml` is read when it exists. `is_cuda` says whether `model.device`, as
+    /// the layers set it, means CUDA here (`auto` probes): then the settings are built again on
+    /// [`BuiltIn::Cuda`]'s defaults.
+    pub fn load(
+        file: Option<&Path>,
+        cli: &CliOverrides,
+        is_cuda: impl FnOnce(DeviceKind) -> bool,
+    ) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let settings = Self::load_with_env(file, cli, env.clone())?;
+        match is_cuda(settings.model.device) {
+            true => Self::load_with_env_on(file, cli, env, BuiltIn::Cuda),
+            false => Ok(settings),
+        }
+    }
+
+    /// As [`Settings::load`] on the CPU's defaults, with the environment given (tests pass their
+    /// own).
     pub fn load_with_env(
         file: Option<&Path>,
         cli: &CliOverrides,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        Self::load_with_env_on(file, cli, env, BuiltIn::Cpu)
+    }
+
+    /// As [`Settings::load_with_env`] on `built_in`'s defaults.
+    pub fn load_with_env_on(
+        file: Option<&Path>,
+        cli: &CliOverrides,
+        env: impl IntoIterator<Item = (String, String)>,
+        built_in: BuiltIn,
+    ) -> Result<Self, ConfigError> {
         let mut builder =
-            config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
+            config::Config::builder().add_source(config::Config::try_from(&Settings::built_in(built_in))?);
         match file {
             Some(path) => builder = builder.add_source(config::File::from(path).required(true)),
             None => {
@@ -648,17 +692,30 @@ mod tests {
     #[test]
     fn shipped_config_file_lists_the_defaults() {
         let text = include_str!("../config/inferflux.toml");
-        let from_file: Settings = config::Config::builder()
+        // Over each device's built-in defaults: the file sets none of the keys that differ
+        // (the server reads it from the repository's root, where it would pin the CPU's).
+        for built_in in [BuiltIn::Cpu, BuiltIn::Cuda] {
+            let from_file: Settings = config::Config::builder()
+                .add_source(config::Config::try_from(&Settings::built_in(built_in)).unwrap())
+                .add_source(config::File::from_str(text, config::FileFormat::Toml))
+                .build()
+                .unwrap()
+                .try_deserialize()
+                .unwrap();
+            assert_eq!(
+                from_file,
+                Settings::built_in(built_in),
+                "config/inferflux.toml drifted from the {built_in:?} defaults"
+            );
+        }
+        // Alone, with serde's defaults for the keys it leaves out: the CPU's.
+        let alone: Settings = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
             .unwrap()
             .try_deserialize()
             .unwrap();
-        assert_eq!(
-            from_file,
-            Settings::default(),
-            "config/inferflux.toml drifted from the defaults"
-        );
+        assert_eq!(alone, Settings::default());
     }
 
     #[test]
@@ -687,6 +744,53 @@ mod tests {
         assert_eq!(s.server.port, 9200);
         assert_eq!(s.model.device, DeviceKind::Cpu);
         assert_eq!(s.scheduler, SchedulerConfig::default());
+    }
+
+    /// A GPU's built-in defaults differ in three keys, and every layer above still wins over
+    /// them; the CPU's are `Settings::default()`.
+    #[test]
+    fn cuda_built_in_defaults_sit_below_every_layer() {
+        let none = CliOverrides::default();
+        assert_eq!(Settings::built_in(BuiltIn::Cpu), Settings::default());
+        let s = Settings::load_with_env_on(None, &none, env(&[]), BuiltIn::Cuda).unwrap();
+        assert_eq!(s.kv.num_pages, 0, "the pool sized from free GPU memory");
+        assert_eq!(
+            (s.scheduler.max_batched_tokens, s.scheduler.max_running),
+            (2048, 256)
+        );
+        assert_eq!(s.server, Settings::default().server);
+        let dir = std::env::temp_dir().join(format!("inferflux-config-cuda-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[scheduler]\nmax_running = 100\n").unwrap();
+        let vars = env(&[("INFERFLUX__KV__NUM_PAGES", "300")]);
+        let s = Settings::load_with_env_on(Some(&file), &none, vars, BuiltIn::Cuda).unwrap();
+        assert_eq!(
+            (
+                s.kv.num_pages,
+                s.scheduler.max_running,
+                s.scheduler.max_batched_tokens
+            ),
+            (300, 100, 2048)
+        );
+        // `load` builds on the GPU's defaults only where the device is CUDA.
+        let devices = std::cell::RefCell::new(Vec::new());
+        let cpu = Settings::load(Some(&file), &none, |d| {
+            devices.borrow_mut().push(d);
+            false
+        })
+        .unwrap();
+        assert_eq!(
+            (cpu.scheduler.max_running, cpu.scheduler.max_batched_tokens),
+            (100, 512)
+        );
+        assert_eq!(devices.into_inner(), [DeviceKind::Auto]);
+        let cuda = Settings::load(Some(&file), &none, |_| true).unwrap();
+        assert_eq!(
+            (cuda.scheduler.max_running, cuda.scheduler.max_batched_tokens),
+            (100, 2048)
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

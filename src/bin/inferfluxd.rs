@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use inferflux::config::{CliOverrides, DeviceKind, Settings};
+use inferflux::server::ChosenBackend;
 
 /// Serve a Hugging Face Llama checkpoint over an OpenAI-compatible API.
 ///
@@ -66,7 +67,10 @@ fn run(args: Args, heap_tuned: bool) -> anyhow::Result<()> {
         api_keys: (!args.api_keys.is_empty()).then_some(args.api_keys),
         admin_token: args.admin_token,
     };
-    let settings = Settings::load(args.config.as_deref(), &cli)?;
+    // A GPU gets its own built-in defaults (`Settings::built_in`); `auto` probes for one here,
+    // before logging is set up, and the server probes again when it starts.
+    let is_cuda = |device| inferflux::server::choose_backend(device).is_ok_and(|b| b == ChosenBackend::Cuda);
+    let settings = Settings::load(args.config.as_deref(), &cli, is_cuda)?;
     inferflux::telemetry::init_logging(&settings.log.level, settings.log.format == "json");
     tracing::debug!(
         kept = heap_tuned,
