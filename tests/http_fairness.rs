@@ -16,11 +16,22 @@ fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn unified_batch_http_late_client_is_served_before_the_backlog() {
+    // Each step slowed (the fault hook's delay, whose routes no other assertion here uses), so
+    // that A's backlog builds up however fast the machine serves it: without it, a fast run
+    // finished A's first requests before the last arrived, and the wait below never ended.
+    std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
     let server = start(|s| {
         s.scheduler.max_running = 2;
         s.scheduler.fairness_half_life_steps = 32;
     });
     let base = server.base.clone();
+    let slowed = reqwest::Client::new()
+        .post(format!("{base}/admin/fault"))
+        .json(&json!({ "step_delay_ms": 2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slowed.status(), 200);
     // A authenticates with an API key; B names itself with `user`.
     let key_a = "sk-test-alice-0123456789";
     let client_a = api_key_client(key_a);
@@ -44,16 +55,18 @@ async fn unified_batch_http_late_client_is_served_before_the_backlog() {
         })
     };
     let mut handles: Vec<_> = (0..80).map(|i| send("a", i)).collect();
-    // Wait until A's backlog is queued.
+    let done = |who: &str| order.lock().unwrap().iter().filter(|w| **w == who).count();
+    // Wait until A's backlog is queued, or every request of A has arrived (then the backlog
+    // assertion below says how small it was).
     loop {
         let q = common::queue_report(&base).await;
-        if q["waiting"].as_u64().unwrap() + q["running"].as_u64().unwrap() >= 75 {
+        let in_server = (q["waiting"].as_u64().unwrap() + q["running"].as_u64().unwrap()) as usize;
+        if in_server >= 75 || in_server + done("a") >= 80 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     handles.extend((0..5).map(|i| send("b", i)));
-    let done = |who: &str| order.lock().unwrap().iter().filter(|w| **w == who).count();
     // A's completions when the server had all of B's requests: B's connections may take a while
     // to arrive on a loaded machine, and A is rightly served meanwhile, so count from there.
     let mut a_done_when_b_arrived = None;
