@@ -470,7 +470,16 @@ impl Settings {
         cli: &CliOverrides,
         is_cuda: impl FnOnce(DeviceKind) -> bool,
     ) -> Result<Self, ConfigError> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_for_device(file, cli, std::env::vars().collect(), is_cuda)
+    }
+
+    /// As [`Settings::load`], with the environment given (tests pass their own).
+    pub fn load_for_device(
+        file: Option<&Path>,
+        cli: &CliOverrides,
+        env: Vec<(String, String)>,
+        is_cuda: impl FnOnce(DeviceKind) -> bool,
+    ) -> Result<Self, ConfigError> {
         let settings = Self::load_with_env(file, cli, env.clone())?;
         match is_cuda(settings.model.device) {
             true => Self::load_with_env_on(file, cli, env, BuiltIn::Cuda),
@@ -775,7 +784,7 @@ mod tests {
         );
         // `load` builds on the GPU's defaults only where the device is CUDA.
         let devices = std::cell::RefCell::new(Vec::new());
-        let cpu = Settings::load(Some(&file), &none, |d| {
+        let cpu = Settings::load_for_device(Some(&file), &none, env(&[]), |d| {
             devices.borrow_mut().push(d);
             false
         })
@@ -785,7 +794,7 @@ mod tests {
             (100, 512)
         );
         assert_eq!(devices.into_inner(), [DeviceKind::Auto]);
-        let cuda = Settings::load(Some(&file), &none, |_| true).unwrap();
+        let cuda = Settings::load_for_device(Some(&file), &none, env(&[]), |_| true).unwrap();
         assert_eq!(
             (cuda.scheduler.max_running, cuda.scheduler.max_batched_tokens),
             (100, 2048)
