@@ -92,9 +92,12 @@ case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)" in
 *H200*) bw=${BW:-4300} ;;
 *) bw=${BW:-3000} ;;
 esac
-if [ -f "$out/baseline.json" ]; then
-    bw=$(python3 -c "import json; print(json.load(open('$out/baseline.json'))['copy_gbs'])" 2>/dev/null || echo "$bw")
-fi
+# `measured_bw`: the copy bandwidth step 3 wrote into $out/baseline.json, when it did.
+measured_bw() {
+    [ -f "$out/baseline.json" ] &&
+        bw=$(python3 -c "import json; print(json.load(open('$out/baseline.json'))['copy_gbs'])" 2>/dev/null || echo "$bw")
+}
+measured_bw
 
 step1() { # CUDA logits against the CPU f32 path and transformers
     fixtures=$(for d in "$repo"/tests/fixtures/*/; do [ -f "$d/goldens.json" ] && echo "${d%/}"; done)
@@ -114,7 +117,7 @@ step2() { # Llama-3.2-1B-shaped checkpoint (random bf16)
 
 step3() { # baseline: copy bandwidth, cuBLAS GEMMs, transformers generate
     timeout 100 python3 "$repo/scripts/gpu_bench.py" baseline "$model" --out "$out/baseline.json"
-    [ -f "$out/baseline.json" ] && bw=$(python3 -c "import json; print(json.load(open('$out/baseline.json'))['copy_gbs'])")
+    measured_bw
 }
 
 step4() { # where a decode step goes
