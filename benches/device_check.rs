@@ -33,9 +33,8 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use inferflux::config::{CliOverrides, Settings};
-use inferflux::model::cuda_attention::{self, AttentionKernel};
-use inferflux::model::cuda_fused;
 use inferflux::model::cuda_gemm;
+use inferflux::model::serving_kernels::ServingKernels;
 use inferflux::model::{
     FusedOps, KvStorage, Llama, ModelFiles, ModelSource, PagedAttentionFn, PagedKvCache, ProjectFn,
     SequenceChunk, WeightLayout,
@@ -214,19 +213,10 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
     let cuda = Settings::load_with_env(None, &CliOverrides::default(), vars)
         .expect("INFERFLUX__CUDA__* settings")
         .cuda;
-    let (choice, layout) = (cuda.gemm_choice(), cuda.weight_layout);
-    let project = (!choice.is_burn_only()).then(|| cuda_gemm::projector(choice));
-    let attend = match cuda.attention {
-        AttentionKernel::Paged => match cuda_attention::supports(&files.config) {
-            Ok(()) => Some(cuda_attention::paged(cuda.split_attention)),
-            Err(why) => {
-                eprintln!("paged attention refused ({why}): burn's gather");
-                None
-            }
-        },
-        AttentionKernel::Burn => None,
-    };
-    let fused = cuda.fused_ops.then(|| cuda_fused::fused_ops(&cuda));
+    // The server's own choice (a paged attention that cannot run the model is logged and left out).
+    let kernels = ServingKernels::<CudaNoFusion>::from_cuda(&cuda, &files.config);
+    let (choice, layout) = (cuda.gemm_choice(), kernels.layout);
+    let (project, attend, fused) = (kernels.project, kernels.paged_attention, kernels.fused);
     eprintln!(
         "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {} (split {}), fused ops {}, fused K/V write {}, fused gate/up {}, norms in the GEMVs {} (with RoPE and K/V write {})",
         choice.small,

@@ -22,16 +22,11 @@ use crate::actors::tp_ranks::{Rank, RankWorker};
 use crate::config::{DeviceKind, OverlapSteps, Settings};
 use crate::http::{self, AppState};
 use crate::kv::BlockHasher;
-use crate::model::cuda_attention::{self, AttentionKernel};
-use crate::model::cuda_fused;
-use crate::model::cuda_gemm::{self, CudaCube};
-use crate::model::cuda_sample;
+use crate::model::cuda_gemm::CudaCube;
 use crate::model::draw::DeviceSampling;
+use crate::model::serving_kernels::ServingKernels;
 use crate::model::{cpu_fused, cpu_gemm};
-use crate::model::{
-    FusedOps, KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedAttentionFn, PagedKvCache,
-    ProjectFn, WeightIndex, WeightLayout,
-};
+use crate::model::{KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache, WeightIndex};
 use crate::parallel::{Communicator, LocalCommunicator};
 use crate::scheduler::SchedulerCore;
 
@@ -182,10 +177,10 @@ pub fn start(
             settings,
             backend,
             (vec![Default::default(); dp], DType::F32),
-            Projections {
+            ServingKernels {
                 project: Some(cpu_gemm::projection()),
                 fused: Some(cpu_fused::fused_ops()),
-                ..Projections::default()
+                ..ServingKernels::default()
             },
             fault.clone(),
         )?,
@@ -197,81 +192,50 @@ pub fn start(
             };
             drop(index);
             let devices = (0..dp).map(|index| burn::backend::cuda::CudaDevice { index });
-            let (choice, layout) = (settings.cuda.gemm_choice(), settings.cuda.weight_layout);
-            let paged = settings.cuda.attention == AttentionKernel::Paged;
-            let paged_attention = match paged.then(|| cuda_attention::supports(&files.config)) {
-                Some(Ok(())) => Some(cuda_attention::paged(settings.cuda.split_attention)),
-                Some(Err(why)) => {
-                    tracing::warn!(%why, "the paged attention kernel cannot run this model: burn's gather serves decodes");
-                    None
-                }
-                None => None,
-            };
             // Validated with the rest of the configuration, so a refusal here is a bug.
             if let Err(e) = crate::model::kernels::skinny_gemm::set_tuning(settings.cuda.skinny) {
                 tracing::warn!(error = %e, "[cuda.skinny] refused: the skinny GEMM keeps its defaults");
             }
-            let fused = settings
-                .cuda
-                .fused_ops
-                .then(|| cuda_fused::fused_ops(&settings.cuda));
-            let device_sampling = DeviceSampling {
-                argmax: settings.cuda.device_argmax.then(cuda_sample::device_argmax),
-                draw: settings.cuda.device_sampling.then(cuda_sample::device_draw),
-                logprobs: settings.cuda.device_sampling.then(cuda_sample::device_logprobs),
-                edit: settings.cuda.device_sampling.then(cuda_sample::device_edit),
-            };
-            let none_of_ours = paged_attention.is_none() && fused.is_none();
-            if choice.is_burn_only()
-                && none_of_ours
-                && device_sampling.argmax.is_none()
-                && device_sampling.draw.is_none()
-                && device_sampling.logprobs.is_none()
-                && device_sampling.edit.is_none()
-            {
-                let projections = Projections {
-                    layout,
-                    ..Projections::default()
+            let kernels = ServingKernels::<CudaCube>::from_cuda(&settings.cuda, &files.config);
+            if !kernels.has_hooks() {
+                let kernels = ServingKernels {
+                    layout: kernels.layout,
+                    ..ServingKernels::default()
                 };
                 start_replicas::<burn::backend::Cuda>(
                     &files,
                     settings,
                     backend,
                     (devices.collect(), dtype),
-                    projections,
+                    kernels,
                     fault.clone(),
                 )?
             } else {
                 // The chosen kernels run on burn's CUDA tensors directly, under the fusion layer.
+                let (choice, fused) = (settings.cuda.gemm_choice(), kernels.fused.as_ref());
+                let sampling = &kernels.device_sampling;
                 tracing::info!(
                     gemm = %choice.large,
                     gemv = %choice.small,
                     gemv_max_rows = choice.small_max_rows,
-                    ?layout,
-                    paged_attention = paged_attention.is_some(),
-                    split_attention = paged_attention.is_some() && settings.cuda.split_attention,
+                    layout = ?kernels.layout,
+                    paged_attention = kernels.paged_attention.is_some(),
+                    split_attention = kernels.paged_attention.is_some() && settings.cuda.split_attention,
                     fused_ops = fused.is_some(),
-                    fused_kv_write = fused.as_ref().is_some_and(|f| f.qkv_write.is_some()),
-                    fused_gate_up = fused.as_ref().is_some_and(|f| f.gate_up_act.is_some()),
-                    fused_norm_gemv = fused.as_ref().is_some_and(|f| f.norm_project.is_some()),
-                    fused_norm_qkv_write = fused.as_ref().is_some_and(|f| f.norm_qkv_write.is_some()),
-                    device_argmax = device_sampling.argmax.is_some(),
-                    device_sampling = device_sampling.draw.is_some(),
+                    fused_kv_write = fused.is_some_and(|f| f.qkv_write.is_some()),
+                    fused_gate_up = fused.is_some_and(|f| f.gate_up_act.is_some()),
+                    fused_norm_gemv = fused.is_some_and(|f| f.norm_project.is_some()),
+                    fused_norm_qkv_write = fused.is_some_and(|f| f.norm_qkv_write.is_some()),
+                    device_argmax = sampling.argmax.is_some(),
+                    device_sampling = sampling.draw.is_some(),
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"
                 );
-                let projections = Projections {
-                    layout,
-                    project: (!choice.is_burn_only()).then(|| cuda_gemm::projector(choice)),
-                    paged_attention,
-                    fused,
-                    device_sampling,
-                };
                 start_replicas::<CudaCube>(
                     &files,
                     settings,
                     backend,
                     (devices.collect(), dtype),
-                    projections,
+                    kernels,
                     fault.clone(),
                 )?
             }
@@ -481,39 +445,13 @@ fn free_memory(cuda: bool) -> Result<usize, String> {
 /// One replica's ranks, loaded: a model per tensor-parallel rank and the ranks' communicators.
 type LoadedRanks<B> = (Vec<Llama<B>>, Vec<Arc<dyn Communicator>>);
 
-/// How the models keep and multiply by their projection weights, attend in decodes and run
-/// RMSNorm and the MLP's activation (the `[cuda]` keys); burn's ops on `[in, out]` weights by
-/// default. The CPU backend takes its few-row products through `model::cpu_gemm`, and RoPE,
-/// RMSNorm and the activation through `model::cpu_fused`.
-struct Projections<B: Backend> {
-    layout: WeightLayout,
-    project: Option<ProjectFn<B>>,
-    paged_attention: Option<PagedAttentionFn<B>>,
-    fused: Option<FusedOps<B>>,
-    /// Chooses greedy rows' tokens (`[cuda] device_argmax`) and draws plain temperature rows
-    /// (`[cuda] device_sampling`) on the device.
-    device_sampling: DeviceSampling<B>,
-}
-
-impl<B: Backend> Default for Projections<B> {
-    fn default() -> Self {
-        Self {
-            layout: WeightLayout::InOut,
-            project: None,
-            paged_attention: None,
-            fused: None,
-            device_sampling: DeviceSampling::default(),
-        }
-    }
-}
-
 /// Loads every tensor-parallel rank of one replica on `device`; each rank reads only its shard.
 fn load_ranks<B: Backend>(
     files: &ModelFiles,
     index: &WeightIndex<'_>,
     tp: usize,
     (device, dtype): (&B::Device, DType),
-    projections: &Projections<B>,
+    kernels: &ServingKernels<B>,
 ) -> Result<LoadedRanks<B>, StartError> {
     // One communicator per rank, a group per replica (replicas step independently).
     let comms: Vec<Arc<dyn Communicator>> = if tp > 1 {
@@ -527,24 +465,18 @@ fn load_ranks<B: Backend>(
     let mut models = Vec::with_capacity(tp);
     for rank in 0..tp {
         let comm = comms.get(rank).cloned();
-        let model =
-            Llama::<B>::load_shard_in(&files.config, index, (device, dtype), comm, projections.layout)
-                .map_err(|e| {
-                    if tp > 1 {
-                        StartError::TensorParallel {
-                            size: tp,
-                            reason: e.to_string(),
-                        }
-                    } else {
-                        e.into()
+        let model = Llama::<B>::load_shard_in(&files.config, index, (device, dtype), comm, kernels.layout)
+            .map_err(|e| {
+                if tp > 1 {
+                    StartError::TensorParallel {
+                        size: tp,
+                        reason: e.to_string(),
                     }
-                })?;
-        models.push(
-            model
-                .with_projection(projections.project.clone())
-                .with_paged_attention(projections.paged_attention.clone())
-                .with_fused_ops(projections.fused.clone()),
-        );
+                } else {
+                    e.into()
+                }
+            })?;
+        models.push(kernels.install(model));
     }
     Ok((models, comms))
 }
@@ -559,11 +491,11 @@ fn start_replicas<B: Backend>(
     settings: &Settings,
     backend: ChosenBackend,
     (devices, dtype): (Vec<B::Device>, DType),
-    projections: Projections<B>,
+    kernels: ServingKernels<B>,
     fault: Option<std::sync::Arc<FaultInjector>>,
 ) -> Result<Vec<ExecutorHandle>, StartError> {
     let started = std::time::Instant::now();
-    let device_sampling = projections.device_sampling.clone();
+    let device_sampling = kernels.device_sampling.clone();
     let (tp, dp) = (settings.parallel.tensor_parallel_size, devices.len());
     let index = files.checkpoint.index()?;
     let share_weights = backend == ChosenBackend::Cpu && tp == 1;
@@ -571,7 +503,7 @@ fn start_replicas<B: Backend>(
     for device in &devices {
         let ranks = match loaded.first() {
             Some(first) if share_weights => first.clone(),
-            _ => load_ranks(files, &index, tp, (device, dtype), &projections)?,
+            _ => load_ranks(files, &index, tp, (device, dtype), &kernels)?,
         };
         loaded.push(ranks);
     }

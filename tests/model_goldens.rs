@@ -5,60 +5,25 @@
 
 use burn::backend::Flex;
 use burn::tensor::DType;
-use inferflux::model::{ChatMessage, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
-use serde::Deserialize;
+use inferflux::model::{ChatMessage, KvStorage, Llama, ModelFiles, PagedKvCache, SequenceChunk};
 
 type B = Flex;
 
 #[path = "common/forward.rs"]
 mod forward;
-use forward::{argmax, block_table, logits_rows, NUM_PAGES, PAGE_SIZE};
-
-#[derive(Deserialize)]
-struct Goldens {
-    prompts: Vec<GoldenPrompt>,
-    /// Conversations rendered by `apply_chat_template` (fixtures with a chat template).
-    #[serde(default)]
-    chat: Vec<GoldenPrompt>,
-}
-
-#[derive(Deserialize)]
-struct GoldenPrompt {
-    /// Plain prompts only; chat entries are held to their token ids.
-    #[serde(default)]
-    prompt: Option<String>,
-    /// Chat entries only: the conversation and what `apply_chat_template` made of it.
-    #[serde(default)]
-    messages: Vec<GoldenMessage>,
-    #[serde(default)]
-    add_generation_prompt: bool,
-    #[serde(default)]
-    rendered: Option<String>,
-    input_ids: Vec<u32>,
-    last_logits: Vec<f32>,
-    greedy_ids: Vec<u32>,
-}
-
-#[derive(Deserialize)]
-struct GoldenMessage {
-    role: String,
-    content: String,
-}
+use forward::{argmax, block_table, logits_rows};
+#[path = "common/goldens.rs"]
+mod goldens;
+use goldens::{assert_close, greedy_batched, new_cache, prompt_logits, read_fixture, GoldenPrompt, Goldens};
 
 fn fixture(name: &str) -> (Llama<B>, ModelFiles, Goldens) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let files = ModelFiles::open(&ModelSource::Dir(dir.clone())).unwrap();
+    let (files, goldens) = read_fixture(name);
     let index = files.checkpoint.index().unwrap();
     let model = Llama::<B>::load(&files.config, &index, &Default::default(), DType::F32).unwrap();
     drop(index);
-    let goldens: Goldens =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).unwrap()).unwrap();
     (model, files, goldens)
 }
 
-/// A page pool in `storage` (the server's CPU path uses host storage, CUDA device storage).
 /// Every golden prompt at once, prefilled in 7-token chunks on device K/V storage, then decoded
 /// greedily: transformers' tokens.
 fn assert_chunked_greedy_on_device(model: &Llama<B>, goldens: &Goldens, name: &str) {
@@ -69,87 +34,6 @@ fn assert_chunked_greedy_on_device(model: &Llama<B>, goldens: &Goldens, name: &s
         want,
         "{name}: greedy"
     );
-}
-
-/// The last position's logits of `p`'s whole prompt in one chunk, on a fresh cache.
-fn prompt_logits(model: &Llama<B>, storage: KvStorage, p: &GoldenPrompt) -> Vec<f32> {
-    let mut cache = new_cache(model, storage);
-    let chunk = SequenceChunk {
-        tokens: p.input_ids.clone(),
-        start_pos: 0,
-        block_table: block_table(0, 1, p.input_ids.len()),
-        wants_logits: true,
-    };
-    logits_rows(model.forward(&mut cache, &[chunk])).remove(0)
-}
-
-fn new_cache(model: &Llama<B>, storage: KvStorage) -> PagedKvCache<B> {
-    let c = model.config();
-    PagedKvCache::new(
-        c.num_layers,
-        NUM_PAGES,
-        PAGE_SIZE,
-        c.num_kv_heads * c.head_dim,
-        &Default::default(),
-        DType::F32,
-        storage,
-    )
-}
-
-fn assert_close(got: &[f32], want: &[f32], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: vocab size");
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(worst <= 1e-4, "{what}: max |logit - transformers| = {worst}");
-}
-
-/// Greedy decoding of every prompt at once: one batched prefill (each prompt cut into chunks of
-/// `chunk` tokens), then batched decode steps.
-fn greedy_batched(
-    model: &Llama<B>,
-    cases: &[&GoldenPrompt],
-    chunk: usize,
-    storage: KvStorage,
-) -> Vec<Vec<u32>> {
-    let mut cache = new_cache(model, storage);
-    let n = cases.len();
-    let steps = cases[0].greedy_ids.len();
-    let mut seqs: Vec<Vec<u32>> = cases.iter().map(|p| p.input_ids.clone()).collect();
-    let total_max = seqs.iter().map(|s| s.len()).max().unwrap() + steps;
-    let tables: Vec<Vec<u32>> = (0..n).map(|i| block_table(i, n, total_max)).collect();
-    let mut computed = vec![0usize; n];
-    let mut out = vec![Vec::new(); n];
-    while out.iter().any(|o| o.len() < steps) {
-        let mut chunks = Vec::new();
-        let mut owners = Vec::new();
-        for i in 0..n {
-            if out[i].len() >= steps {
-                continue;
-            }
-            let end = computed[i].saturating_add(chunk).min(seqs[i].len());
-            chunks.push(SequenceChunk {
-                tokens: seqs[i][computed[i]..end].to_vec(),
-                start_pos: computed[i],
-                block_table: tables[i].clone(),
-                wants_logits: end == seqs[i].len(),
-            });
-            owners.push((i, end));
-        }
-        let rows = logits_rows(model.forward(&mut cache, &chunks));
-        let mut row = rows.iter();
-        for (chunk, (i, end)) in chunks.iter().zip(owners) {
-            computed[i] = end;
-            if chunk.wants_logits {
-                let next = argmax(row.next().unwrap());
-                seqs[i].push(next);
-                out[i].push(next);
-            }
-        }
-    }
-    out
 }
 
 /// The steps of [`greedy_batched`]'s schedule in which no chunk wants logits, and their tokens:

@@ -2,7 +2,8 @@
 //! prompt chunks: each query reads K/V where its pages are, instead of burn gathering, padding
 //! and re-reading them.
 //! The server installs it as the model's [`PagedAttentionFn`] with `[cuda] attention =
-//! "paged"` (see the AdminGuide); `device_check logits` holds it to the CPU path.
+//! "paged"` (see the AdminGuide); `device_check logits` holds it to the CPU path, and
+//! tests/model_device_kernels.rs to transformers on wgpu's Vulkan backend.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,9 +12,9 @@ use super::cuda_fused::contiguous;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::cuda::CudaRuntime;
+use burn_cubecl::CubeRuntime;
 
-use super::cuda_gemm::CudaCube;
+use super::cuda_gemm::Cube;
 use super::kernels::paged_attention::{self, PagedAttentionShape, TILE};
 use super::kernels::Refused;
 use super::llama::{gathered_paged_attention, PagedAttention, PagedAttentionFn};
@@ -44,13 +45,13 @@ pub fn supports(config: &LlamaConfig) -> Result<(), Refused> {
     Ok(())
 }
 
-/// The server's decode attention on [`CudaCube`]: the paged kernel, or where it refuses a step
+/// The server's decode attention on [`Cube`]: the paged kernel, or where it refuses a step
 /// (a cache too large for 32-bit indices, an unexpected layout), burn's gather for that step,
 /// with one warning. With `split`, long contexts of a batch too small to fill the GPU are
 /// split in partitions (`[cuda] split_attention`, see `paged_attention::partition_len`).
-pub fn paged(split: bool) -> PagedAttentionFn<CudaCube> {
+pub fn paged<R: CubeRuntime>(split: bool) -> PagedAttentionFn<Cube<R>> {
     let warned = Arc::new(AtomicBool::new(false));
-    Arc::new(move |a: PagedAttention<CudaCube>| {
+    Arc::new(move |a: PagedAttention<Cube<R>>| {
         let fallback = a.clone();
         match launch(a, split) {
             Ok(out) => out,
@@ -66,11 +67,14 @@ pub fn paged(split: bool) -> PagedAttentionFn<CudaCube> {
 
 /// Queues the kernel on `a`'s tensors, split where `split` allows and it pays;
 /// `[n, heads * head_dim]`.
-pub fn launch(a: PagedAttention<CudaCube>, split: bool) -> Result<Tensor<CudaCube, 2>, Refused> {
+pub fn launch<R: CubeRuntime>(
+    a: PagedAttention<Cube<R>>,
+    split: bool,
+) -> Result<Tensor<Cube<R>, 2>, Refused> {
     let [n, heads, head_dim] = a.q.dims();
     let [seqs, max_blocks] = a.block_tables.dims();
-    let float = |t: Tensor<CudaCube, 2>| t.into_primitive().tensor();
-    let q: CubeTensor<CudaRuntime> = contiguous(a.q.into_primitive().tensor(), "paged attention q");
+    let float = |t: Tensor<Cube<R>, 2>| t.into_primitive().tensor();
+    let q: CubeTensor<R> = contiguous(a.q.into_primitive().tensor(), "paged attention q");
     let (k, v) = (float(a.k_cache), float(a.v_cache));
     let ints = [
         contiguous(a.block_tables.into_primitive(), "paged attention block tables"),

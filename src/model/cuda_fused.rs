@@ -5,7 +5,8 @@
 //! and the K/V write into the pages in one launch (`kernels::qkv_write`), reading q, k and v from
 //! the merged projection in place.
 //! Each falls back to burn's ops for an input it cannot take (mixed dtypes, a size past 32 bits,
-//! a cache buffer shared with another tensor).
+//! a cache buffer shared with another tensor). Generic over the cubecl runtime like the kernels,
+//! so that the tests run these hooks on wgpu's Vulkan backend (tests/model_device_kernels.rs).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,9 +16,9 @@ use burn::tensor::{Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::cuda::CudaRuntime;
+use burn_cubecl::CubeRuntime;
 
-use super::cuda_gemm::{self, CudaCube, GemmKernel};
+use super::cuda_gemm::{self, Cube, GemmKernel, KernelRuntime, StreamAnd};
 use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
 use super::llama::{
@@ -36,12 +37,12 @@ pub fn gemv_rows(cuda: &CudaConfig) -> Option<usize> {
         .then_some(choice.small_max_rows.min(super::kernels::gemv::GEMV_MAX_ROWS))
 }
 
-/// The server's fused operations on [`CudaCube`], as `cuda` asks: the fused RoPE and K/V write
+/// The server's fused operations on [`Cube`], as `cuda` asks: the fused RoPE and K/V write
 /// (`fused_kv_write`), and at the batches the GEMV serves ([`gemv_rows`]) the MLP's gate/up GEMV
 /// and activation in one launch (`fused_gate_up`) and the norms inside the GEMVs after them
 /// (`fused_norm_gemv`; with `fused_kv_write`, the attention's norm, q/k/v GEMV, RoPE and K/V
 /// write are then one launch).
-pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
+pub fn fused_ops<R: KernelRuntime>(cuda: &CudaConfig) -> FusedOps<Cube<R>> {
     let gemv_rows = gemv_rows(cuda);
     let swiglu_rows = gemv_rows.filter(|_| cuda.fused_gate_up);
     let norm_rows = gemv_rows.filter(|_| cuda.fused_norm_gemv);
@@ -55,8 +56,8 @@ pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
     let (warn_norm, warn_add_norm) = (warn.clone(), warn.clone());
     let (warn_rope, warn_write, warn_act) = (warn.clone(), warn.clone(), warn.clone());
     let (warn_norm_gemv, warn_norm_qkv) = (warn.clone(), warn.clone());
-    let norm_qkv_write: Option<NormQkvWriteFn<CudaCube>> = norm_rows.filter(|_| kv_write).map(|max_rows| {
-        Arc::new(move |a: NormQkvWrite<CudaCube>| {
+    let norm_qkv_write: Option<NormQkvWriteFn<Cube<R>>> = norm_rows.filter(|_| kv_write).map(|max_rows| {
+        Arc::new(move |a: NormQkvWrite<Cube<R>>| {
             if a.input.x.dims()[0] > max_rows {
                 return Err(Box::new([a.write.k_cache, a.write.v_cache]));
             }
@@ -65,53 +66,53 @@ pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
                 warn_norm_qkv("norm_qkv_write", Refused(e.to_string()));
                 Box::new(caches)
             })
-        }) as NormQkvWriteFn<CudaCube>
+        }) as NormQkvWriteFn<Cube<R>>
     });
-    let norm_project: Option<NormProjectFn<CudaCube>> = norm_rows.map(|max_rows| {
-        Arc::new(move |input: NormProject<CudaCube>| {
+    let norm_project: Option<NormProjectFn<Cube<R>>> = norm_rows.map(|max_rows| {
+        Arc::new(move |input: NormProject<Cube<R>>| {
             if input.x.dims()[0] > max_rows {
                 return None;
             }
             cuda_gemm::norm_gemv(input)
                 .map_err(|e| warn_norm_gemv("norm_project", Refused(e.to_string())))
                 .ok()
-        }) as NormProjectFn<CudaCube>
+        }) as NormProjectFn<Cube<R>>
     });
-    let gate_up_act: Option<GateUpActFn<CudaCube>> = swiglu_rows.map(|max_rows| {
-        Arc::new(move |h: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>| {
+    let gate_up_act: Option<GateUpActFn<Cube<R>>> = swiglu_rows.map(|max_rows| {
+        Arc::new(move |h: Tensor<Cube<R>, 2>, w: Tensor<Cube<R>, 2>| {
             if h.dims()[0] > max_rows {
                 return None;
             }
             cuda_gemm::swiglu_gemv(h, w)
                 .map_err(|e| warn_act("gate_up_act", Refused(e.to_string())))
                 .ok()
-        }) as GateUpActFn<CudaCube>
+        }) as GateUpActFn<Cube<R>>
     });
-    let qkv_write: Option<QkvWriteFn<CudaCube>> = kv_write.then(|| {
-        Arc::new(move |a: QkvWrite<CudaCube>| {
+    let qkv_write: Option<QkvWriteFn<Cube<R>>> = kv_write.then(|| {
+        Arc::new(move |a: QkvWrite<Cube<R>>| {
             launch_qkv_write(a).unwrap_or_else(|refused| {
                 let (e, a) = *refused;
                 warn_write("qkv_write", e);
                 llama::rope_qk_and_write_kv(a)
             })
-        }) as QkvWriteFn<CudaCube>
+        }) as QkvWriteFn<Cube<R>>
     });
     FusedOps {
-        rms_norm: Arc::new(move |x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 1>, eps: f64| {
+        rms_norm: Arc::new(move |x: Tensor<Cube<R>, 2>, w: Tensor<Cube<R>, 1>, eps: f64| {
             launch_rms_norm(x.clone(), w.clone(), eps).unwrap_or_else(|e| {
                 warn_norm("rms_norm", e);
                 llama::rms_norm(x, w, eps)
             })
         }),
         add_rms_norm: Arc::new(
-            move |x: Tensor<CudaCube, 2>, delta: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 1>, eps: f64| {
+            move |x: Tensor<Cube<R>, 2>, delta: Tensor<Cube<R>, 2>, w: Tensor<Cube<R>, 1>, eps: f64| {
                 launch_add_rms_norm(x.clone(), delta.clone(), w.clone(), eps).unwrap_or_else(|e| {
                     warn_add_norm("add_rms_norm", e);
                     llama::add_rms_norm(x, delta, w, eps)
                 })
             },
         ),
-        silu_mul: Arc::new(move |gate_up: Tensor<CudaCube, 2>| {
+        silu_mul: Arc::new(move |gate_up: Tensor<Cube<R>, 2>| {
             launch_silu_mul(gate_up.clone()).unwrap_or_else(|e| {
                 warn("silu_mul", e);
                 llama::silu_mul_halves(gate_up)
@@ -121,7 +122,7 @@ pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
         norm_project,
         norm_qkv_write,
         rope: Arc::new(
-            move |x: Tensor<CudaCube, 3>, cos: Tensor<CudaCube, 3>, sin: Tensor<CudaCube, 3>| {
+            move |x: Tensor<Cube<R>, 3>, cos: Tensor<Cube<R>, 3>, sin: Tensor<Cube<R>, 3>| {
                 launch_rope(x.clone(), cos.clone(), sin.clone()).unwrap_or_else(|e| {
                     warn_rope("rope", e);
                     llama::rotate_half_rope(x, &cos, &sin)
@@ -132,7 +133,7 @@ pub fn fused_ops(cuda: &CudaConfig) -> FusedOps<CudaCube> {
     }
 }
 
-fn primitive<const D: usize>(t: Tensor<CudaCube, D>, site: &'static str) -> CubeTensor<CudaRuntime> {
+fn primitive<R: CubeRuntime, const D: usize>(t: Tensor<Cube<R>, D>, site: &'static str) -> CubeTensor<R> {
     contiguous(t.into_primitive().tensor(), site)
 }
 
@@ -140,7 +141,7 @@ fn primitive<const D: usize>(t: Tensor<CudaCube, D>, site: &'static str) -> Cube
 /// `site` is logged with its shape and strides, so that the copies cubecl's profiler counts in a
 /// decode step (one per layer, not yet attributed: docs/Performance.md) can be traced to where
 /// they come from.
-pub(crate) fn contiguous(t: CubeTensor<CudaRuntime>, site: &'static str) -> CubeTensor<CudaRuntime> {
+pub(crate) fn contiguous<R: CubeRuntime>(t: CubeTensor<R>, site: &'static str) -> CubeTensor<R> {
     if !t.is_contiguous() {
         static REPORTED: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
         if REPORTED.lock().is_ok_and(|mut sites| sites.insert(site)) {
@@ -155,18 +156,18 @@ pub(crate) fn contiguous(t: CubeTensor<CudaRuntime>, site: &'static str) -> Cube
     into_contiguous(t)
 }
 
-fn same_dtype(a: &CubeTensor<CudaRuntime>, b: &CubeTensor<CudaRuntime>) -> Result<(), Refused> {
+fn same_dtype<R: CubeRuntime>(a: &CubeTensor<R>, b: &CubeTensor<R>) -> Result<(), Refused> {
     match a.dtype == b.dtype {
         true => Ok(()),
         false => Err(Refused(format!("mixed dtypes {:?} and {:?}", a.dtype, b.dtype))),
     }
 }
 
-fn launch_rms_norm(
-    x: Tensor<CudaCube, 2>,
-    w: Tensor<CudaCube, 1>,
+fn launch_rms_norm<R: CubeRuntime>(
+    x: Tensor<Cube<R>, 2>,
+    w: Tensor<Cube<R>, 1>,
     eps: f64,
-) -> Result<Tensor<CudaCube, 2>, Refused> {
+) -> Result<Tensor<Cube<R>, 2>, Refused> {
     let [rows, width] = x.dims();
     let (x, w) = (primitive(x, "rms_norm x"), primitive(w, "rms_norm weight"));
     same_dtype(&x, &w)?;
@@ -178,12 +179,12 @@ fn launch_rms_norm(
 }
 
 /// `(x + delta, rms_norm(x + delta))` in one launch.
-fn launch_add_rms_norm(
-    x: Tensor<CudaCube, 2>,
-    delta: Tensor<CudaCube, 2>,
-    w: Tensor<CudaCube, 1>,
+fn launch_add_rms_norm<R: CubeRuntime>(
+    x: Tensor<Cube<R>, 2>,
+    delta: Tensor<Cube<R>, 2>,
+    w: Tensor<Cube<R>, 1>,
     eps: f64,
-) -> Result<(Tensor<CudaCube, 2>, Tensor<CudaCube, 2>), Refused> {
+) -> Result<StreamAnd<R>, Refused> {
     let dims = x.dims();
     if delta.dims() != dims {
         return Err(Refused(format!("x {dims:?} + delta {:?}", delta.dims())));
@@ -210,7 +211,7 @@ fn launch_add_rms_norm(
     Ok((float(sum), float(out)))
 }
 
-fn launch_silu_mul(gate_up: Tensor<CudaCube, 2>) -> Result<Tensor<CudaCube, 2>, Refused> {
+fn launch_silu_mul<R: CubeRuntime>(gate_up: Tensor<Cube<R>, 2>) -> Result<Tensor<Cube<R>, 2>, Refused> {
     let [rows, both] = gate_up.dims();
     if both % 2 != 0 {
         return Err(Refused(format!("gate and up of {both} columns")));
@@ -227,11 +228,11 @@ fn launch_silu_mul(gate_up: Tensor<CudaCube, 2>) -> Result<Tensor<CudaCube, 2>, 
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
-fn launch_rope(
-    x: Tensor<CudaCube, 3>,
-    cos: Tensor<CudaCube, 3>,
-    sin: Tensor<CudaCube, 3>,
-) -> Result<Tensor<CudaCube, 3>, Refused> {
+fn launch_rope<R: CubeRuntime>(
+    x: Tensor<Cube<R>, 3>,
+    cos: Tensor<Cube<R>, 3>,
+    sin: Tensor<Cube<R>, 3>,
+) -> Result<Tensor<Cube<R>, 3>, Refused> {
     let dims = x.dims();
     let [tokens, heads, head_dim] = dims;
     if cos.dims() != [tokens, 1, head_dim] || sin.dims() != [tokens, 1, head_dim] {
@@ -260,11 +261,11 @@ fn launch_rope(
 }
 
 /// The queries after RoPE and the layer's K and V caches after the write.
-type RopedQAndCaches = (Tensor<CudaCube, 3>, Tensor<CudaCube, 2>, Tensor<CudaCube, 2>);
+type RopedQAndCaches<R> = (Tensor<Cube<R>, 3>, Tensor<Cube<R>, 2>, Tensor<Cube<R>, 2>);
 
 /// `t`, and the stride between its rows: `t` itself when its elements are contiguous within each
 /// row (a column view of a merged projection is), else a contiguous copy.
-fn row_strided(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, usize) {
+fn row_strided<R: CubeRuntime>(t: CubeTensor<R>) -> (CubeTensor<R>, usize) {
     let (shape, strides) = (t.meta.shape(), t.meta.strides());
     if shape.len() == 2 && (strides[1] == 1 || shape[1] == 1) && (strides[0] >= shape[1] || shape[0] == 1) {
         let stride = strides[0].max(shape[1]);
@@ -277,13 +278,16 @@ fn row_strided(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, usize) {
 
 /// The fused RoPE of q and k and K/V write, in place on the layer's caches. A refusal hands the
 /// write back intact, for burn's ops to run.
-fn launch_qkv_write(a: QkvWrite<CudaCube>) -> Result<RopedQAndCaches, Box<(Refused, QkvWrite<CudaCube>)>> {
+#[allow(clippy::type_complexity)]
+fn launch_qkv_write<R: CubeRuntime>(
+    a: QkvWrite<Cube<R>>,
+) -> Result<RopedQAndCaches<R>, Box<(Refused, QkvWrite<Cube<R>>)>> {
     let QkvWrite { q, k, v, write: w } = a;
     let (heads, kv_heads) = (w.heads, w.kv_heads);
     let [tokens, q_dim] = q.dims();
     let [cache_slots, kv_dim] = w.k_cache.dims();
     let head_dim = q_dim / heads.max(1);
-    let float2 = |t: Tensor<CudaCube, 2>| row_strided(t.into_primitive().tensor());
+    let float2 = |t: Tensor<Cube<R>, 2>| row_strided(t.into_primitive().tensor());
     let ((q, q_stride), (k, k_stride), (v, v_stride)) = (float2(q), float2(k), float2(v));
     let (cos, sin) = (
         primitive(w.cos, "qkv_write cos"),
@@ -360,7 +364,7 @@ fn launch_qkv_write(a: QkvWrite<CudaCube>) -> Result<RopedQAndCaches, Box<(Refus
         qkv_write::launch(&q.client, handles, shape, strides, q.dtype.into())?;
         Ok(q_out)
     });
-    fn float<const D: usize>(t: CubeTensor<CudaRuntime>) -> Tensor<CudaCube, D> {
+    fn float<R: CubeRuntime, const D: usize>(t: CubeTensor<R>) -> Tensor<Cube<R>, D> {
         Tensor::from_primitive(TensorPrimitive::Float(t))
     }
     match launched {

@@ -25,6 +25,7 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::matmul::init_matmul_output;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
 use cubecl::cuda::CudaRuntime;
 use cubek::matmul::components::tile::TileMatmulKind;
 use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
@@ -41,10 +42,52 @@ use super::kernels::stream_order;
 use super::llama::{KvWrite, NormProject, NormQkvWrite, NormQkvWritten};
 use super::ProjectFn;
 
-/// burn's CUDA backend without the fusion layer that `burn::backend::Cuda` adds. Kernels other
-/// than burn's own are launched on its tensors directly, so serving with one of them runs on this
-/// backend.
-pub type CudaCube = burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>;
+/// burn's backend on the cubecl runtime `R`, without the fusion layer that `burn::backend::Cuda`
+/// adds. Kernels other than burn's own are launched on its tensors directly, so serving with one
+/// of them runs on this backend.
+pub type Cube<R> = burn_cubecl::CubeBackend<R, f32, i32, u8>;
+
+/// [`Cube`] on CUDA: what the server runs our kernels on.
+pub type CudaCube = Cube<CudaRuntime>;
+
+/// A cubecl runtime our kernels serve on. Every kernel here is generic over the runtime, so that
+/// the tests run the CUDA server's kernels on wgpu (Vulkan over Mesa's lavapipe, a CPU driver);
+/// only cuBLAS is CUDA's own.
+pub trait KernelRuntime: CubeRuntime {
+    /// `x · w` by cuBLAS (`kernel` is `Cublas` or `CublasOrdered`); a runtime without it refuses.
+    fn cublas(
+        kernel: GemmKernel,
+        x: CubeTensor<Self>,
+        w: CubeTensor<Self>,
+    ) -> Result<CubeTensor<Self>, GemmError>;
+}
+
+impl KernelRuntime for CudaRuntime {
+    fn cublas(
+        kernel: GemmKernel,
+        x: CubeTensor<Self>,
+        w: CubeTensor<Self>,
+    ) -> Result<CubeTensor<Self>, GemmError> {
+        let ordering = match kernel {
+            GemmKernel::CublasOrdered => Ordering::DeviceFlags,
+            _ => Ordering::HostSync,
+        };
+        cublas_matmul(x, w, ordering)
+    }
+}
+
+impl KernelRuntime for cubecl_wgpu::WgpuRuntime {
+    fn cublas(
+        kernel: GemmKernel,
+        _: CubeTensor<Self>,
+        _: CubeTensor<Self>,
+    ) -> Result<CubeTensor<Self>, GemmError> {
+        Err(GemmError::Unavailable {
+            kernel,
+            why: "cuBLAS runs on CUDA only".into(),
+        })
+    }
+}
 
 /// A kernel for `x [m, k] · w [k, n]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -217,16 +260,20 @@ impl GemmChoice {
     }
 }
 
+/// A residual stream `x + delta` and what a launch computed from it (its norm, or a product of
+/// its norm).
+pub type StreamAnd<R> = (Tensor<Cube<R>, 2>, Tensor<Cube<R>, 2>);
+
 /// A kernel and the `(rows, k, n)` it was asked to run; `(kernel, 0, 0, 0)` stands for every
 /// problem (the kernel cannot run at all).
 type Problem = (GemmKernel, usize, usize, usize);
 
-/// The server's projection hook on [`CudaCube`]: `choice`'s kernel for each call's row count,
+/// The server's projection hook on [`Cube`]: `choice`'s kernel for each call's row count,
 /// burn's `matmul` where that kernel cannot run (logged once per kernel and problem), so a
 /// choice never fails a step.
-pub fn projector(choice: GemmChoice) -> ProjectFn<CudaCube> {
+pub fn projector<R: KernelRuntime>(choice: GemmChoice) -> ProjectFn<Cube<R>> {
     let refused: Arc<Mutex<HashSet<Problem>>> = Arc::default();
-    Arc::new(move |x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>| {
+    Arc::new(move |x: Tensor<Cube<R>, 2>, w: Tensor<Cube<R>, 2>| {
         let ([rows, k], n) = (x.dims(), w.dims()[1]);
         let kernel = choice.kernel_for(rows);
         let problem = (kernel, rows, k, n);
@@ -254,11 +301,11 @@ pub fn projector(choice: GemmChoice) -> ProjectFn<CudaCube> {
 
 /// `x [m, k] · w [k, n]` on burn's CUDA tensors by `kernel`. `w` may be a transposed view (a
 /// weight stored `[n, k]`); every kernel reads it through its strides.
-pub fn matmul(
+pub fn matmul<R: KernelRuntime>(
     kernel: GemmKernel,
-    x: Tensor<CudaCube, 2>,
-    w: Tensor<CudaCube, 2>,
-) -> Result<Tensor<CudaCube, 2>, GemmError> {
+    x: Tensor<Cube<R>, 2>,
+    w: Tensor<Cube<R>, 2>,
+) -> Result<Tensor<Cube<R>, 2>, GemmError> {
     if kernel == GemmKernel::Burn {
         return Ok(x.matmul(w));
     }
@@ -269,8 +316,7 @@ pub fn matmul(
             (_, Some(strategy)) => cubek_matmul(kernel, &strategy, x, w),
             (GemmKernel::Gemv, None) => own_gemv(x, w),
             (GemmKernel::Skinny, None) => own_skinny(x, w),
-            (GemmKernel::CublasOrdered, None) => cublas_matmul(x, w, Ordering::DeviceFlags),
-            (_, None) => cublas_matmul(x, w, Ordering::HostSync),
+            (_, None) => R::cublas(kernel, x, w),
         }
     }));
     let out = launched.map_err(|p| GemmError::Panicked {
@@ -280,12 +326,12 @@ pub fn matmul(
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
-fn cubek_matmul(
+fn cubek_matmul<R: KernelRuntime>(
     kernel: GemmKernel,
     strategy: &Strategy,
-    x: CubeTensor<CudaRuntime>,
-    w: CubeTensor<CudaRuntime>,
-) -> Result<CubeTensor<CudaRuntime>, GemmError> {
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+) -> Result<CubeTensor<R>, GemmError> {
     let dtype = x.dtype;
     let out = init_matmul_output(&x, &w, dtype);
     let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
@@ -309,22 +355,22 @@ fn cubek_matmul(
 /// The operands of our own kernels, checked: `x` made contiguous `[m, k]`, `w` the transposed
 /// view of a contiguous `[n, k]` weight (`weight_layout = "out_in"`) of `x`'s dtype, starting on
 /// `x_align`- and `w_align`-byte boundaries; and an empty contiguous `[m, out_cols]` output.
-struct OutInOperands {
-    x: CubeTensor<CudaRuntime>,
-    w: CubeTensor<CudaRuntime>,
-    out: CubeTensor<CudaRuntime>,
+struct OutInOperands<R: KernelRuntime> {
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    out: CubeTensor<R>,
     m: usize,
     k: usize,
 }
 
-impl OutInOperands {
+impl<R: KernelRuntime> OutInOperands<R> {
     fn check(
         kernel: GemmKernel,
-        x: CubeTensor<CudaRuntime>,
-        w: CubeTensor<CudaRuntime>,
+        x: CubeTensor<R>,
+        w: CubeTensor<R>,
         [x_align, w_align]: [u64; 2],
         out_cols: usize,
-    ) -> Result<OutInOperands, GemmError> {
+    ) -> Result<OutInOperands<R>, GemmError> {
         let refuse = |why: String| GemmError::Unavailable { kernel, why };
         let x = contiguous(x, "own GEMM x");
         let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
@@ -338,7 +384,7 @@ impl OutInOperands {
         if w.dtype != x.dtype {
             return Err(refuse(format!("mixed dtypes {:?} x {:?}", x.dtype, w.dtype)));
         }
-        let offset = |t: &CubeTensor<CudaRuntime>| t.handle.offset_start.unwrap_or(0);
+        let offset = |t: &CubeTensor<R>| t.handle.offset_start.unwrap_or(0);
         if !offset(&x).is_multiple_of(x_align) || !offset(&w).is_multiple_of(w_align) {
             return Err(refuse(format!(
                 "x must start on a {x_align}-byte boundary and the weight on a {w_align}-byte one"
@@ -355,12 +401,12 @@ impl OutInOperands {
         self,
         kernel: GemmKernel,
         launch: impl FnOnce(
-            &cubecl::prelude::ComputeClient<CudaRuntime>,
+            &cubecl::prelude::ComputeClient<R>,
             [cubecl::server::Handle; 3],
             [usize; 3],
             (cubecl::ir::StorageType, usize),
         ) -> Result<(), super::kernels::Refused>,
-    ) -> Result<CubeTensor<CudaRuntime>, GemmError> {
+    ) -> Result<CubeTensor<R>, GemmError> {
         let handles = [
             self.x.handle.clone(),
             self.w.handle.clone(),
@@ -375,10 +421,7 @@ impl OutInOperands {
 }
 
 /// `x · w` by our GEMV: at most `GEMV_MAX_ROWS` rows of `x`, both operands 16-byte aligned.
-fn own_gemv(
-    x: CubeTensor<CudaRuntime>,
-    w: CubeTensor<CudaRuntime>,
-) -> Result<CubeTensor<CudaRuntime>, GemmError> {
+fn own_gemv<R: KernelRuntime>(x: CubeTensor<R>, w: CubeTensor<R>) -> Result<CubeTensor<R>, GemmError> {
     let n = w.meta.shape()[1];
     let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], n)?;
     ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
@@ -396,7 +439,10 @@ fn own_gemv(
 /// `silu(x · gate) · (x · up)` by our GEMV in one launch (`kernels::gemv::Epilogue::SwiGlu`), `w`
 /// the transposed view of the merged `[gate; up]` weight `[2 n, k]`; at most `GEMV_MAX_ROWS`
 /// rows of `x`, both 16-byte aligned. Bit for bit the GEMV of `w` and then `silu_mul`.
-pub fn swiglu_gemv(x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>) -> Result<Tensor<CudaCube, 2>, GemmError> {
+pub fn swiglu_gemv<R: KernelRuntime>(
+    x: Tensor<Cube<R>, 2>,
+    w: Tensor<Cube<R>, 2>,
+) -> Result<Tensor<Cube<R>, 2>, GemmError> {
     let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
     let merged = w.meta.shape()[1];
     if !merged.is_multiple_of(2) {
@@ -424,9 +470,7 @@ pub fn swiglu_gemv(x: Tensor<CudaCube, 2>, w: Tensor<CudaCube, 2>) -> Result<Ten
 /// (the transposed view of an `[n, k]` weight), or with `swiglu` the activation of the merged
 /// gate/up weight, as [`swiglu_gemv`]. At most `GEMV_MAX_ROWS` rows, every operand 16-byte
 /// aligned, the rows staged within `NORM_STAGE_MAX_BYTES`.
-pub fn norm_gemv(
-    input: NormProject<CudaCube>,
-) -> Result<(Tensor<CudaCube, 2>, Tensor<CudaCube, 2>), GemmError> {
+pub fn norm_gemv<R: KernelRuntime>(input: NormProject<Cube<R>>) -> Result<StreamAnd<R>, GemmError> {
     let swiglu = input.swiglu;
     let width = input.w.dims()[1];
     if swiglu && !width.is_multiple_of(2) {
@@ -440,12 +484,14 @@ pub fn norm_gemv(
 }
 
 /// Why [`norm_qkv_write`] refused its step, and the caches (K, V) it hands back untouched.
-pub type QkvWriteRefused = (GemmError, [Tensor<CudaCube, 2>; 2]);
+pub type QkvWriteRefused<R> = (GemmError, [Tensor<Cube<R>, 2>; 2]);
 
 /// The attention's input in one launch: [`norm_gemv`] of the merged q/k/v weight, then the RoPE
 /// of q and k and the write of K and V into their slots of the caches, in place
 /// (`kernels::gemv::Epilogue::RopeWrite`). A refusal hands the caches back untouched.
-pub fn norm_qkv_write(a: NormQkvWrite<CudaCube>) -> Result<NormQkvWritten<CudaCube>, Box<QkvWriteRefused>> {
+pub fn norm_qkv_write<R: KernelRuntime>(
+    a: NormQkvWrite<Cube<R>>,
+) -> Result<NormQkvWritten<Cube<R>>, Box<QkvWriteRefused<R>>> {
     let NormQkvWrite { input, write } = a;
     let KvWrite {
         heads,
@@ -538,15 +584,15 @@ fn refused(why: String) -> GemmError {
 
 /// A GEMV's operands with its norm prologue's, checked: what [`norm_gemv`] and
 /// [`norm_qkv_write`] share.
-struct NormedGemv {
-    ops: OutInOperands,
+struct NormedGemv<R: KernelRuntime> {
+    ops: OutInOperands<R>,
     norm: NormPrologue,
     /// The residual stream the launch leaves: `x + delta`'s new buffer, or `x`.
-    stream: CubeTensor<CudaRuntime>,
+    stream: CubeTensor<R>,
 }
 
-impl NormedGemv {
-    fn check(input: NormProject<CudaCube>, out_cols: usize) -> Result<NormedGemv, GemmError> {
+impl<R: KernelRuntime> NormedGemv<R> {
+    fn check(input: NormProject<Cube<R>>, out_cols: usize) -> Result<NormedGemv<R>, GemmError> {
         let NormProject {
             x,
             delta,
@@ -558,7 +604,7 @@ impl NormedGemv {
         let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
         let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], out_cols)?;
         let x = &ops.x;
-        let operand = |t: CubeTensor<CudaRuntime>, site, dims: &[usize]| {
+        let operand = |t: CubeTensor<R>, site, dims: &[usize]| {
             let t = contiguous(t, site);
             if t.dtype != x.dtype || t.meta.shape()[..] != *dims {
                 return Err(refused(format!(
@@ -598,10 +644,7 @@ impl NormedGemv {
     }
 
     /// Queues the launch; the residual stream and the output.
-    fn run(
-        self,
-        epilogue: Epilogue,
-    ) -> Result<(CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>), GemmError> {
+    fn run(self, epilogue: Epilogue) -> Result<(CubeTensor<R>, CubeTensor<R>), GemmError> {
         let NormedGemv { ops, norm, stream } = self;
         let out = ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
             gemv::launch_normed(
@@ -622,12 +665,9 @@ impl NormedGemv {
 /// multiples of 16, the weight 32-byte aligned (CMMA's loads; `x` is staged element by
 /// element). Larger products (prompt chunks) go to cuBLAS, whose two host waits are small
 /// beside such a GEMM.
-fn own_skinny(
-    x: CubeTensor<CudaRuntime>,
-    w: CubeTensor<CudaRuntime>,
-) -> Result<CubeTensor<CudaRuntime>, GemmError> {
+fn own_skinny<R: KernelRuntime>(x: CubeTensor<R>, w: CubeTensor<R>) -> Result<CubeTensor<R>, GemmError> {
     if x.meta.shape()[0] > skinny_gemm::SKINNY_MAX_ROWS {
-        return cublas_matmul(x, w, Ordering::HostSync);
+        return R::cublas(GemmKernel::Cublas, x, w);
     }
     if !matches!(x.dtype, DType::F16 | DType::BF16) {
         return Err(GemmError::Unavailable {

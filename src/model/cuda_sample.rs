@@ -1,7 +1,8 @@
 //! Greedy rows' argmax and temperature draws (top-k, top-p and min-p included) on CUDA
 //! (`kernels::sample`), installed as the
 //! executor's [`DeviceArgmaxFn`] (`[cuda] device_argmax`, on by default) and [`DeviceDrawFn`]
-//! (`[cuda] device_sampling = true`).
+//! (`[cuda] device_sampling = true`). Generic over the cubecl runtime like the kernels, so that
+//! the tests run these hooks on wgpu's Vulkan backend.
 
 use std::sync::Arc;
 
@@ -10,16 +11,18 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::cuda_gemm::CudaCube;
+use burn_cubecl::CubeRuntime;
+
+use super::cuda_gemm::Cube;
 use super::draw::{
     DeviceArgmaxFn, DeviceDraw, DeviceDrawFn, DeviceEditFn, DeviceLogprobsFn, EditRow, LogprobsRow,
 };
 use super::kernels::sample;
 
-/// The executor's argmax hook on [`CudaCube`]: one cube per row, where burn's `argmax` (without
+/// The executor's argmax hook on [`Cube`]: one cube per row, where burn's `argmax` (without
 /// autotune) walks each row with one thread.
-pub fn device_argmax() -> DeviceArgmaxFn<CudaCube> {
-    Arc::new(|logits: Tensor<CudaCube, 2>| {
+pub fn device_argmax<R: CubeRuntime>() -> DeviceArgmaxFn<Cube<R>> {
+    Arc::new(|logits: Tensor<Cube<R>, 2>| {
         let [rows, vocab] = logits.dims();
         if logits.dtype() != DType::F32 {
             return Err(format!("{:?} logits (the argmax reads f32)", logits.dtype()));
@@ -37,12 +40,15 @@ pub fn device_argmax() -> DeviceArgmaxFn<CudaCube> {
     })
 }
 
-/// The executor's draw hook on [`CudaCube`].
-pub fn device_draw() -> DeviceDrawFn<CudaCube> {
-    Arc::new(|logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]| launch(logits, draws))
+/// The executor's draw hook on [`Cube`].
+pub fn device_draw<R: CubeRuntime>() -> DeviceDrawFn<Cube<R>> {
+    Arc::new(|logits: Tensor<Cube<R>, 2>, draws: &[DeviceDraw]| launch(logits, draws))
 }
 
-fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<CudaCube, 1, Int>, String> {
+fn launch<R: CubeRuntime>(
+    logits: Tensor<Cube<R>, 2>,
+    draws: &[DeviceDraw],
+) -> Result<Tensor<Cube<R>, 1, Int>, String> {
     let [rows, vocab] = logits.dims();
     if logits.dtype() != DType::F32 {
         return Err(format!("{:?} logits (the draw reads f32)", logits.dtype()));
@@ -58,7 +64,7 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
     }
     let device = logits.device();
     let n = draws.len();
-    let to_device = |data: TensorData| Tensor::<CudaCube, 1, Int>::from_data(data, &device);
+    let to_device = |data: TensorData| Tensor::<Cube<R>, 1, Int>::from_data(data, &device);
     let row_ids: Vec<i32> = draws.iter().map(|d| d.row as i32).collect();
     let keys: Vec<i32> = draws
         .iter()
@@ -82,7 +88,7 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
     // Row ids and key halves travel as i32 tensors; the kernel reads their bits as u32.
     let row_ids = into_contiguous(to_device(TensorData::new(row_ids, [n])).into_primitive());
     let keys = into_contiguous(to_device(TensorData::new(keys, [2 * n])).into_primitive());
-    let params = Tensor::<CudaCube, 1>::from_data(TensorData::new(params, [4 * n]), (&device, DType::F32));
+    let params = Tensor::<Cube<R>, 1>::from_data(TensorData::new(params, [4 * n]), (&device, DType::F32));
     let params = into_contiguous(params.into_primitive().tensor());
     let ids = empty_device_contiguous_dtype(
         logits.client.clone(),
@@ -101,18 +107,18 @@ fn launch(logits: Tensor<CudaCube, 2>, draws: &[DeviceDraw]) -> Result<Tensor<Cu
     Ok(Tensor::from_primitive(ids))
 }
 
-/// The executor's logprobs hook on [`CudaCube`]: the raw logprobs of the rows whose token the
+/// The executor's logprobs hook on [`Cube`]: the raw logprobs of the rows whose token the
 /// device chose, so that only `1 + 2 * top` floats per row come back instead of the row.
-pub fn device_logprobs() -> DeviceLogprobsFn<CudaCube> {
+pub fn device_logprobs<R: CubeRuntime>() -> DeviceLogprobsFn<Cube<R>> {
     Arc::new(|logits, ids, rows: &[LogprobsRow], top| launch_logprobs(logits, ids, rows, top))
 }
 
-fn launch_logprobs(
-    logits: Tensor<CudaCube, 2>,
-    ids: Tensor<CudaCube, 1, Int>,
+fn launch_logprobs<R: CubeRuntime>(
+    logits: Tensor<Cube<R>, 2>,
+    ids: Tensor<Cube<R>, 1, Int>,
     rows: &[LogprobsRow],
     top: usize,
-) -> Result<Tensor<CudaCube, 2>, String> {
+) -> Result<Tensor<Cube<R>, 2>, String> {
     let [logits_rows, vocab] = logits.dims();
     let [ids_len] = ids.dims();
     if logits.dtype() != DType::F32 {
@@ -131,7 +137,7 @@ fn launch_logprobs(
         return Err(format!("{:?} ids (the logprobs read i32)", ids.dtype));
     }
     let to_device = |v: Vec<i32>| {
-        let t = Tensor::<CudaCube, 1, Int>::from_data(TensorData::new(v, [n]), &device);
+        let t = Tensor::<Cube<R>, 1, Int>::from_data(TensorData::new(v, [n]), &device);
         into_contiguous(t.into_primitive())
     };
     // Row indices travel as i32 tensors; the kernel reads their bits as u32.
@@ -154,21 +160,21 @@ fn launch_logprobs(
     ];
     sample::launch_logprobs(&logits.client, handles, (n, logits_rows, vocab, ids_len), top)
         .map_err(|e| e.0)?;
-    let out: Tensor<CudaCube, 1> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out));
+    let out: Tensor<Cube<R>, 1> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out));
     Ok(out.reshape([n, 1 + 2 * top]))
 }
 
-/// The executor's logit-edit hook on [`CudaCube`]: edited copies of the rows that bias, the
+/// The executor's logit-edit hook on [`Cube`]: edited copies of the rows that bias, the
 /// `min_tokens` mask or penalties change, so that the device chooses their tokens too.
-pub fn device_edit() -> DeviceEditFn<CudaCube> {
-    Arc::new(launch_edits)
+pub fn device_edit<R: CubeRuntime>() -> DeviceEditFn<Cube<R>> {
+    Arc::new(launch_edits::<R>)
 }
 
-fn launch_edits(
-    logits: Tensor<CudaCube, 2>,
+fn launch_edits<R: CubeRuntime>(
+    logits: Tensor<Cube<R>, 2>,
     rows: &[EditRow<'_>],
-    fed_ids: Option<&Tensor<CudaCube, 1, Int>>,
-) -> Result<Tensor<CudaCube, 2>, String> {
+    fed_ids: Option<&Tensor<Cube<R>, 1, Int>>,
+) -> Result<Tensor<Cube<R>, 2>, String> {
     let [logits_rows, vocab] = logits.dims();
     if logits.dtype() != DType::F32 {
         return Err(format!("{:?} logits (the edits read f32)", logits.dtype()));
@@ -202,7 +208,7 @@ fn launch_edits(
     let ints = |v: Vec<i32>| {
         let len = v.len();
         into_contiguous(
-            Tensor::<CudaCube, 1, Int>::from_data(TensorData::new(v, [len]), &device).into_primitive(),
+            Tensor::<Cube<R>, 1, Int>::from_data(TensorData::new(v, [len]), &device).into_primitive(),
         )
     };
     let row_ids = ints(rows.iter().map(|r| r.row as i32).collect());
@@ -221,7 +227,7 @@ fn launch_edits(
     }
     let (starts, ops) = (ints(starts), ints(ops));
     let len = values.len();
-    let values = Tensor::<CudaCube, 1>::from_data(TensorData::new(values, [len]), (&device, DType::F32));
+    let values = Tensor::<Cube<R>, 1>::from_data(TensorData::new(values, [len]), (&device, DType::F32));
     let values = into_contiguous(values.into_primitive().tensor());
     let logits = contiguous(logits.into_primitive().tensor(), "edited logits");
     // Flat, then viewed as 2-D: cubecl pads the rows of a 2-D allocation.
@@ -243,6 +249,6 @@ fn launch_edits(
     ];
     let sizes = (n, logits_rows, vocab, edits, fed_len);
     sample::launch_edits(&logits.client, handles, sizes).map_err(|e| e.0)?;
-    let out: Tensor<CudaCube, 1> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out));
+    let out: Tensor<Cube<R>, 1> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out));
     Ok(out.reshape([n, vocab]))
 }

@@ -15,6 +15,7 @@ pub mod draw;
 pub mod kernels;
 pub mod llama;
 pub mod paged_cache;
+pub mod serving_kernels;
 pub mod shard;
 pub mod weights;
 

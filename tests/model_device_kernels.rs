@@ -1,0 +1,285 @@
+//! The GPU server's kernels, all at once, held to transformers' numbers on the fixtures: the
+//! model as `inferfluxd` serves it on CUDA (`ServingKernels::from_cuda`: weights `[out, in]`, K/V
+//! in device pages, our GEMV for decode-sized products, RoPE and the K/V write fused, the norms
+//! inside the GEMVs, paged attention, the argmax on the device), run on wgpu's Vulkan backend over
+//! Mesa's lavapipe, a CPU driver, since CI has no GPU.
+//!
+//! The kernels' source and the adapters that launch them on burn's tensors are those CUDA runs;
+//! the kernel tests (`src/model/kernels/`) check each kernel alone, this checks them wired into the
+//! model. What only a GPU runs is cuBLAS (burn's matmul takes the prompt chunks here) and the
+//! tensor-core GEMM: `scripts/gpu-check.sh` checks those.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::tensor::{DType, Tensor};
+use cubecl_wgpu::{WgpuDevice, WgpuRuntime};
+use inferflux::config::CudaConfig;
+use inferflux::model::cuda_gemm::{Cube, GemmKernel};
+use inferflux::model::llama::{NormProject, NormQkvWrite, QkvWrite};
+use inferflux::model::serving_kernels::ServingKernels;
+use inferflux::model::{FusedOps, KvStorage, Llama, PagedAttention};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+type B = Cube<WgpuRuntime>;
+
+#[path = "common/forward.rs"]
+mod forward;
+#[path = "common/goldens.rs"]
+mod goldens;
+use goldens::{
+    assert_close_within, greedy_batched, greedy_batched_by, prompt_logits, read_fixture, GoldenPrompt,
+};
+
+/// Sets wgpu's default device up on Vulkan (lavapipe where no GPU answers), once per process.
+fn vulkan() -> WgpuDevice {
+    static SETUP: OnceLock<()> = OnceLock::new();
+    let device = WgpuDevice::DefaultDevice;
+    SETUP.get_or_init(|| {
+        let lavapipe = std::fs::read_dir("/usr/share/vulkan/icd.d")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| entry.file_name().to_string_lossy().starts_with("lvp_icd"));
+        assert!(
+            lavapipe,
+            "these tests need Mesa's Vulkan CPU driver (lavapipe): apt-get install \
+             mesa-vulkan-drivers (.ci/run installs it)"
+        );
+        let setup = cubecl_wgpu::init_setup::<cubecl_wgpu::Vulkan>(&device, Default::default());
+        assert_eq!(format!("{:?}", setup.backend), "Vulkan");
+    });
+    device
+}
+
+/// What the server's defaults install on a GPU, but for cuBLAS (burn's matmul serves the products
+/// our GEMV does not take, as when cuBLAS is missing), with `norm_gemv` as asked (off by default
+/// until measured).
+fn served_cuda(norm_gemv: bool) -> CudaConfig {
+    CudaConfig {
+        gemm: GemmKernel::Burn,
+        fused_norm_gemv: norm_gemv,
+        ..CudaConfig::default()
+    }
+}
+
+/// Every warning logged while `f` runs on this thread: a kernel that refuses its input logs one
+/// and falls back to burn's ops, which would otherwise pass unseen.
+fn warnings_during<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    #[derive(Clone, Default)]
+    struct Warnings(Arc<Mutex<Vec<String>>>);
+    impl<S: tracing::Subscriber> Layer<S> for Warnings {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            if *event.metadata().level() <= tracing::Level::WARN {
+                struct Fields(String);
+                impl tracing::field::Visit for Fields {
+                    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                        self.0.push_str(&format!(" {}={value:?}", field.name()));
+                    }
+                }
+                let mut fields = Fields(String::new());
+                event.record(&mut fields);
+                self.0.lock().unwrap().push(fields.0);
+            }
+        }
+    }
+    let warnings = Warnings::default();
+    let subscriber = tracing_subscriber::registry().with(warnings.clone());
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let seen = warnings.0.lock().unwrap().clone();
+    (out, seen)
+}
+
+/// How often the fused hooks served a call themselves (a hook that declines hands the call back
+/// to burn's ops, as it does for prompt chunks above `gemv_max_rows`).
+#[derive(Default)]
+struct Served {
+    norm_qkv_write: AtomicUsize,
+    norm_project: AtomicUsize,
+    gate_up_act: AtomicUsize,
+    qkv_write: AtomicUsize,
+    attention_queries: AtomicUsize,
+}
+
+/// `fused` and `attend`, counting into `served` the calls they serve.
+fn counted(kernels: &mut ServingKernels<B>, served: &Arc<Served>) {
+    let fused: &mut FusedOps<B> = kernels.fused.as_mut().expect("fused ops are on");
+    if let Some(inner) = fused.norm_qkv_write.take() {
+        let s = served.clone();
+        fused.norm_qkv_write = Some(Arc::new(move |a: NormQkvWrite<B>| {
+            let out = inner(a);
+            if out.is_ok() {
+                s.norm_qkv_write.fetch_add(1, Ordering::Relaxed);
+            }
+            out
+        }));
+    }
+    if let Some(inner) = fused.norm_project.take() {
+        let s = served.clone();
+        fused.norm_project = Some(Arc::new(move |a: NormProject<B>| {
+            let out = inner(a);
+            if out.is_some() {
+                s.norm_project.fetch_add(1, Ordering::Relaxed);
+            }
+            out
+        }));
+    }
+    if let Some(inner) = fused.gate_up_act.take() {
+        let s = served.clone();
+        fused.gate_up_act = Some(Arc::new(move |h: Tensor<B, 2>, w: Tensor<B, 2>| {
+            let out = inner(h, w);
+            if out.is_some() {
+                s.gate_up_act.fetch_add(1, Ordering::Relaxed);
+            }
+            out
+        }));
+    }
+    if let Some(inner) = fused.qkv_write.take() {
+        let s = served.clone();
+        fused.qkv_write = Some(Arc::new(move |a: QkvWrite<B>| {
+            s.qkv_write.fetch_add(1, Ordering::Relaxed);
+            inner(a)
+        }));
+    }
+    let inner = kernels.paged_attention.take().expect("paged attention is on");
+    let s = served.clone();
+    kernels.paged_attention = Some(Arc::new(move |a: PagedAttention<B>| {
+        s.attention_queries.fetch_add(a.q.dims()[0], Ordering::Relaxed);
+        inner(a)
+    }));
+}
+
+/// `name`'s model in f32 with `cuda`'s kernels installed, and the kernels (their device sampling
+/// hooks are the executor's).
+fn served_model(name: &str, cuda: &CudaConfig, served: &Arc<Served>) -> (Llama<B>, ServingKernels<B>) {
+    let (files, _) = read_fixture(name);
+    let mut kernels = ServingKernels::<B>::from_cuda(cuda, &files.config);
+    counted(&mut kernels, served);
+    let index = files.checkpoint.index().unwrap();
+    let model = Llama::<B>::load_shard_in(
+        &files.config,
+        &index,
+        (&vulkan(), DType::F32),
+        None,
+        kernels.layout,
+    )
+    .unwrap();
+    (kernels.install(model), kernels)
+}
+
+/// Holds `name`, served with `cuda`'s kernels, to transformers: each prompt's last logits (one
+/// chunk), and the greedy tokens of every prompt at once, prefilled in 7-token chunks and
+/// decoded in steps of five rows, each token chosen by the device's argmax. Returns what the
+/// fused hooks served and the warnings logged.
+fn check_served(name: &str, cuda: &CudaConfig) -> (Arc<Served>, Vec<String>) {
+    let served = Arc::new(Served::default());
+    let (model, kernels) = served_model(name, cuda, &served);
+    let argmax = kernels
+        .device_sampling
+        .argmax
+        .clone()
+        .expect("device argmax is on");
+    let (_, goldens) = read_fixture(name);
+    let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().chain(&goldens.chat).collect();
+    let ((), warnings) = warnings_during(|| {
+        for p in &cases {
+            // The GPU sums in other orders than transformers' CPU run: 1e-4 is the CPU path's bound,
+            // and these f32 logits stay within it.
+            let logits = prompt_logits(&model, KvStorage::Device, p);
+            assert_close_within(
+                &logits,
+                &p.last_logits,
+                1e-4,
+                &format!("{name} {:?}", p.input_ids),
+            );
+        }
+        let on_device = |logits: Tensor<B, 2>| -> Vec<u32> {
+            let ids = argmax(logits).expect("the argmax kernel runs");
+            let ids = ids.into_data().to_vec::<i32>().unwrap();
+            ids.into_iter().map(|id| id as u32).collect()
+        };
+        let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
+        assert_eq!(
+            greedy_batched_by(&model, &cases, 7, KvStorage::Device, on_device),
+            want,
+            "{name}: greedy, 7-token chunks, device argmax"
+        );
+    });
+    (served, warnings)
+}
+
+/// The server's GPU defaults, whose decode steps run every layer on our GEMV, the fused RoPE and
+/// K/V write and the paged attention, and the gate/up GEMV with its activation.
+#[test]
+fn model_device_kernels_as_served_match_transformers() {
+    for name in [
+        "tiny-llama",
+        "tiny-llama3",
+        "tiny-mistral",
+        "tiny-llama-tied-bf16",
+    ] {
+        let (served, warnings) = check_served(name, &served_cuda(false));
+        assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        assert!(
+            served.qkv_write.load(Ordering::Relaxed) > 0,
+            "{name}: the fused K/V write ran"
+        );
+        assert!(
+            served.gate_up_act.load(Ordering::Relaxed) > 0,
+            "{name}: the gate/up GEMV ran"
+        );
+        assert!(
+            served.attention_queries.load(Ordering::Relaxed) > 0,
+            "{name}: paged attention ran"
+        );
+        assert_eq!(
+            served.norm_qkv_write.load(Ordering::Relaxed),
+            0,
+            "{name}: norm-GEMV is off"
+        );
+    }
+}
+
+/// `[cuda] fused_norm_gemv`: a decode layer in five launches (norm, q/k/v GEMV, RoPE and K/V
+/// write in one; attention; o; norm and gate/up with the activation in one; down).
+#[test]
+fn model_device_kernels_norms_in_the_gemvs_match_transformers() {
+    for name in ["tiny-llama", "tiny-mistral"] {
+        let (served, warnings) = check_served(name, &served_cuda(true));
+        assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        assert!(
+            served.norm_qkv_write.load(Ordering::Relaxed) > 0,
+            "{name}: the normed q/k/v GEMV ran"
+        );
+        assert!(
+            served.norm_project.load(Ordering::Relaxed) > 0,
+            "{name}: the normed gate/up GEMV ran"
+        );
+    }
+}
+
+/// Models whose attention input the fused write cannot take (q/k/v biases, q/k norms) keep it
+/// apart, and still match.
+#[test]
+fn model_device_kernels_with_biases_and_qk_norms_match_transformers() {
+    for name in ["tiny-qwen2", "tiny-qwen3"] {
+        let (served, warnings) = check_served(name, &served_cuda(true));
+        assert!(warnings.is_empty(), "{name}: {warnings:?}");
+        assert!(
+            served.attention_queries.load(Ordering::Relaxed) > 0,
+            "{name}: paged attention ran"
+        );
+    }
+}
+
+/// The device path of the CPU's reference: with no hook at all the same backend gives the same
+/// greedy tokens (so a failure above is the kernels', not wgpu's).
+#[test]
+fn model_device_kernels_burn_alone_on_vulkan_matches_transformers() {
+    let (files, goldens) = read_fixture("tiny-llama");
+    let index = files.checkpoint.index().unwrap();
+    let model = Llama::<B>::load(&files.config, &index, &vulkan(), DType::F32).unwrap();
+    let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
+    let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
+    assert_eq!(greedy_batched(&model, &cases, 7, KvStorage::Device), want);
+}
