@@ -14,7 +14,7 @@ use inferflux::actors::tp_ranks::{Rank, RankWorker};
 use inferflux::kv::SeqId;
 use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
 use inferflux::parallel::{Communicator, LocalCommunicator};
-use inferflux::sampling::{self, SamplingParams, TokenHistory};
+use inferflux::sampling::{self, SamplingParams};
 use inferflux::scheduler::PlannedChunk;
 
 type B = Flex;
@@ -22,8 +22,9 @@ type B = Flex;
 #[path = "common/forward.rs"]
 mod forward;
 use forward::{argmax, block_table, logits_rows, NUM_PAGES, PAGE_SIZE};
-
-const STEPS: usize = 2;
+#[path = "common/executor_plans.rs"]
+mod executor_plans;
+use executor_plans::{greedy, held_steps, history, prompts, settings, with_tokens_known, STEPS};
 
 fn files() -> ModelFiles {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
@@ -55,92 +56,6 @@ fn new_cache(model: &Llama<B>) -> PagedKvCache<B> {
         DType::F32,
         KvStorage::Host,
     )
-}
-
-fn greedy() -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        ..Default::default()
-    }
-}
-
-/// One sampling setting per sequence; `best` is the plain argmax the sequence's first row has,
-/// so that bias and `min_tokens` can ban exactly the token greedy would pick.
-fn settings(best: &[u32]) -> Vec<SamplingParams> {
-    let ban = |i: usize| Arc::from([best[i]]);
-    vec![
-        greedy(),
-        // Warpers do not change a greedy pick.
-        SamplingParams {
-            top_k: 5,
-            top_p: 0.5,
-            ..greedy()
-        },
-        SamplingParams {
-            temperature: 1e-6,
-            ..Default::default()
-        },
-        SamplingParams {
-            temperature: 0.8,
-            seed: 3,
-            ..Default::default()
-        },
-        SamplingParams {
-            logprobs: Some(3),
-            ..greedy()
-        },
-        SamplingParams {
-            temperature: 0.7,
-            seed: 9,
-            logprobs: Some(2),
-            ..Default::default()
-        },
-        SamplingParams {
-            logit_bias: Arc::from([(best[6], -100.0)]),
-            ..greedy()
-        },
-        SamplingParams {
-            repetition_penalty: 1.3,
-            ..greedy()
-        },
-        SamplingParams {
-            presence_penalty: 0.5,
-            frequency_penalty: 0.5,
-            ..greedy()
-        },
-        // Banned at index 0, plain greedy from index 1 on.
-        SamplingParams {
-            min_tokens: 1,
-            min_tokens_banned: ban(9),
-            ..greedy()
-        },
-    ]
-}
-
-/// Sequence `i`'s prompt: the fixture's prompts, cut to different lengths.
-fn prompts(n: usize) -> Vec<Vec<u32>> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama/goldens.json");
-    let goldens: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let ids: Vec<Vec<u32>> = goldens["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            p["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    (0..n)
-        .map(|i| {
-            let p = &ids[i % ids.len()];
-            p[..p.len().min(3 + i)].to_vec()
-        })
-        .collect()
 }
 
 /// Step `step` of sequence `i`: its whole prompt first, then one generated token at a time.
@@ -191,13 +106,6 @@ fn reference(model: &Llama<B>, prompts: &[Vec<u32>]) -> (Vec<Vec<SampledToken>>,
         steps.push(sampled);
     }
     (steps, first_best)
-}
-
-fn history(seq: &[u32], prompt_len: usize) -> TokenHistory {
-    TokenHistory {
-        tokens: seq.iter().copied().collect(),
-        prompt_len,
-    }
 }
 
 /// The same steps through `ModelExecutor::run_step`, as the scheduler plans them (history only
@@ -471,63 +379,6 @@ fn sampling_fed_back_tokens_match_planning_with_the_tokens_known() {
     }
 }
 
-/// The steps of `prompts` (three: the prompts, then two decodes) with every token known when
-/// the step is planned, read back one at a time.
-fn with_tokens_known(
-    mut executor: ModelExecutor<B>,
-    prompts: &[Vec<u32>],
-    params: &[SamplingParams],
-) -> Vec<Vec<SampledToken>> {
-    let mut seqs = prompts.to_vec();
-    let mut steps = Vec::new();
-    for step in 0..=STEPS {
-        let plan = decode_plan(prompts, params, step, &seqs);
-        let sampled = executor.run_step(None, plan).unwrap();
-        for (s, seq) in sampled.iter().zip(&mut seqs) {
-            seq.push(s.token);
-        }
-        steps.push(sampled);
-    }
-    steps
-}
-
-/// Step `step` of `prompts`: every prompt whole at step 0, then one decode each. `known[i]` is
-/// what the planner knows of sequence `i` (its prompt and generated tokens): its last token is
-/// the decode's input when the previous step's is known, else the input is `FED_BACK`; with a
-/// penalty, it is the row's history. (The block tables cover `STEPS + 1` steps.)
-fn decode_plan(
-    prompts: &[Vec<u32>],
-    params: &[SamplingParams],
-    step: usize,
-    known: &[Vec<u32>],
-) -> Vec<PlannedChunk> {
-    let n = prompts.len();
-    (0..n)
-        .map(|i| {
-            let p = prompts[i].len();
-            let fed_back = step > 0 && known[i].len() < p + step;
-            let (tokens, start_pos) = match step {
-                0 => (prompts[i].clone(), 0),
-                _ if fed_back => (vec![inferflux::scheduler::FED_BACK], p + step - 1),
-                _ => (vec![known[i][p + step - 1]], p + step - 1),
-            };
-            PlannedChunk {
-                seq: SeqId(i as u64),
-                tokens,
-                start_pos,
-                block_table: block_table(i, n, p + STEPS),
-                wants_logits: true,
-                fed_back,
-                sampling: params[i].clone(),
-                generated_index: step,
-                history: params[i].has_penalties().then(|| history(&known[i], p)),
-                page_copies: Vec::new(),
-                swap_in: false,
-            }
-        })
-        .collect()
-}
-
 /// Overlapped steps: a step queued with `read_later` is read back only once the next one is
 /// queued behind it (or on `ReadHeldStep`), and the next one's fed-back inputs come from its ids
 /// still on the device. Three steps so fed give the tokens of planning with them known; with a
@@ -537,7 +388,6 @@ fn decode_plan(
 /// hook where the "device" edits the row and by the host where it samples the row.
 #[test]
 fn sampling_held_steps_feed_the_next_one_on_the_device() {
-    use inferflux::actors::executor::ExecuteStep;
     use inferflux::model::draw::{edit_on_host, DeviceEditFn, DeviceSampling};
     use std::sync::atomic::{AtomicUsize, Ordering};
     let OneRank { prompts, best, .. } = one_rank();
@@ -598,32 +448,7 @@ fn sampling_held_steps_feed_the_next_one_on_the_device() {
         if let Some(hooks) = hooks {
             executor = executor.with_device_sampling(hooks);
         }
-        let mut known = prompts.clone();
-        let mut got: Vec<Vec<SampledToken>> = Vec::new();
-        let mut held = None;
-        for step in 0..=STEPS {
-            let mut receipt = executor.execute(ExecuteStep {
-                step: step as u64 + 1,
-                follows: (step > 0).then_some(step as u64),
-                read_later: true,
-                swap_out: None,
-                plan: decode_plan(&prompts, &params, step, &known),
-            });
-            assert!(
-                receipt.0.try_recv().is_err(),
-                "config {config}: step {step} was read back before another was queued behind it"
-            );
-            // The step before is read back now: the planner knows its tokens for the next plan.
-            if let Some(mut before) = held.replace(receipt) {
-                let sampled: Vec<SampledToken> = before.0.try_recv().expect("read back").unwrap();
-                for (s, seq) in sampled.iter().zip(&mut known) {
-                    seq.push(s.token);
-                }
-                got.push(sampled);
-            }
-        }
-        executor.read_held_step();
-        got.push(held.unwrap().0.try_recv().expect("read back").unwrap());
+        let got = held_steps(&mut executor, &prompts, &params);
         assert_eq!(got, want, "config {config}, fed on the device: {fed_on_device}");
         assert_eq!(executor.steps_fed_on_device(), fed_on_device, "config {config}");
         // Different tokens each step, or the feed could be right by chance.

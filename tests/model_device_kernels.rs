@@ -30,6 +30,9 @@ mod goldens;
 use goldens::{
     assert_close_within, greedy_batched, greedy_batched_by, prompt_logits, read_fixture, GoldenPrompt,
 };
+#[path = "common/executor_plans.rs"]
+mod executor_plans;
+use executor_plans::{greedy, held_steps, prompts, settings, with_tokens_known, STEPS};
 
 /// Sets wgpu's default device up on Vulkan (lavapipe where no GPU answers), once per process.
 fn vulkan() -> WgpuDevice {
@@ -282,4 +285,112 @@ fn model_device_kernels_burn_alone_on_vulkan_matches_transformers() {
     let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
     let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
     assert_eq!(greedy_batched(&model, &cases, 7, KvStorage::Device), want);
+}
+
+/// `[cuda] device_sampling` through the executor: the argmax, the draws (top-k, top-p and min-p
+/// cuts too), the logprobs and the logit edits (bias, penalties, `min_tokens`) by the kernels,
+/// with the steps overlapped as the scheduler runs them on a GPU (each step fed from the held
+/// step's ids on the device, the penalised rows' edits naming the fed token), give the tokens and
+/// logprobs of the kernels' host references (`model::draw::*_on_host`) with every token known.
+#[test]
+fn sampling_kernels_through_the_executor_match_their_host_references() {
+    use inferflux::actors::executor::{ModelExecutor, SampledToken};
+    use inferflux::model::draw::{draw_on_host, edit_on_host, logprobs_on_host, DeviceSampling};
+    use inferflux::sampling::SamplingParams;
+    let cuda = CudaConfig {
+        device_sampling: true,
+        ..served_cuda(true)
+    };
+    let (model, kernels) = served_model("tiny-llama", &cuda, &Arc::default());
+    let references = DeviceSampling::<B> {
+        argmax: None,
+        draw: Some(Arc::new(draw_on_host)),
+        logprobs: Some(Arc::new(logprobs_on_host)),
+        edit: Some(Arc::new(edit_on_host)),
+    };
+    let executor = |sampling: &DeviceSampling<B>| {
+        let cache = goldens::new_cache(&model, KvStorage::Device);
+        ModelExecutor::new(model.clone(), cache).with_device_sampling(sampling.clone())
+    };
+    let prompts = prompts(14);
+    let first = with_tokens_known(executor(&references), &prompts, &vec![greedy(); 14]);
+    let best: Vec<u32> = first[0].iter().map(|s| s.token).collect();
+    let mut params = settings(&best);
+    params.extend([
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 7,
+            top_p: 0.9,
+            seed: 5,
+            logprobs: Some(4),
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.9,
+            min_p: 0.2,
+            seed: 11,
+            presence_penalty: 1.5,
+            ..Default::default()
+        },
+        // Rows whose next token hangs on the fed one: the bias makes the first argmax the pick
+        // again, unless the penalty (out of the API's range, to outweigh the bias) sees it.
+        SamplingParams {
+            logit_bias: Arc::from([(best[12], 50.0)]),
+            presence_penalty: 100.0,
+            ..greedy()
+        },
+        SamplingParams {
+            logit_bias: Arc::from([(best[13], 50.0)]),
+            repetition_penalty: 100.0,
+            ..greedy()
+        },
+    ]);
+    let want = with_tokens_known(executor(&references), &prompts, &params);
+    let mut on_device = executor(&kernels.device_sampling);
+    let (got, warnings) = warnings_during(|| held_steps(&mut on_device, &prompts, &params));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(
+        on_device.steps_fed_on_device(),
+        STEPS as u64,
+        "every later step fed on the device"
+    );
+    let tokens = |steps: &[Vec<SampledToken>]| -> Vec<Vec<u32>> {
+        steps
+            .iter()
+            .map(|s| s.iter().map(|t| t.token).collect())
+            .collect()
+    };
+    assert_eq!(
+        tokens(&got),
+        tokens(&want),
+        "tokens: kernels against their host references"
+    );
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (row, (a, b)) in g.iter().zip(w).enumerate() {
+            match (&a.logprobs, &b.logprobs) {
+                (None, None) => {}
+                (Some(x), Some(y)) => {
+                    let top_ids = |l: &inferflux::sampling::SampledLogprobs| -> Vec<u32> {
+                        l.top.iter().map(|t| t.0).collect()
+                    };
+                    assert!((x.logprob - y.logprob).abs() < 1e-5, "step {step} row {row}");
+                    assert_eq!(top_ids(x), top_ids(y), "step {step} row {row}");
+                }
+                _ => panic!("step {step} row {row}: logprobs on one side only"),
+            }
+        }
+    }
+    // The draws and edits moved rows off their greedy tokens, so the comparison covers them.
+    assert_ne!(want[0][6].token, best[6], "the bias moved row 6");
+    for row in [12, 13] {
+        assert_eq!(want[0][row].token, best[row]);
+        assert_ne!(
+            want[1][row].token, best[row],
+            "row {row}: the penalty saw the fed token"
+        );
+    }
+    assert!(
+        (2..4).chain(10..12).any(|row| want[0][row].token != best[row]),
+        "a draw left the argmax"
+    );
 }
