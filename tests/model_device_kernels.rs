@@ -152,31 +152,36 @@ fn counted(kernels: &mut ServingKernels<B>, served: &Arc<Served>) {
     }));
 }
 
-/// `name`'s model in f32 with `cuda`'s kernels installed, and the kernels (their device sampling
-/// hooks are the executor's).
-fn served_model(name: &str, cuda: &CudaConfig, served: &Arc<Served>) -> (Llama<B>, ServingKernels<B>) {
+/// `name`'s model in `dtype` with `cuda`'s kernels installed, and the kernels (their device
+/// sampling hooks are the executor's).
+fn served_model(
+    name: &str,
+    (cuda, dtype): (&CudaConfig, DType),
+    served: &Arc<Served>,
+) -> (Llama<B>, ServingKernels<B>) {
     let (files, _) = read_fixture(name);
     let mut kernels = ServingKernels::<B>::from_cuda(cuda, &files.config);
     counted(&mut kernels, served);
     let index = files.checkpoint.index().unwrap();
-    let model = Llama::<B>::load_shard_in(
-        &files.config,
-        &index,
-        (&vulkan(), DType::F32),
-        None,
-        kernels.layout,
-    )
-    .unwrap();
+    let model =
+        Llama::<B>::load_shard_in(&files.config, &index, (&vulkan(), dtype), None, kernels.layout).unwrap();
     (kernels.install(model), kernels)
 }
 
-/// Holds `name`, served with `cuda`'s kernels, to transformers: each prompt's last logits (one
-/// chunk), and the greedy tokens of every prompt at once, prefilled in 7-token chunks and
+/// Holds `name`, served with `cuda`'s kernels in f32, to transformers: each prompt's last logits
+/// (one chunk), and the greedy tokens of every prompt at once, prefilled in 7-token chunks and
 /// decoded in steps of five rows, each token chosen by the device's argmax. Returns what the
 /// fused hooks served and the warnings logged.
 fn check_served(name: &str, cuda: &CudaConfig) -> (Arc<Served>, Vec<String>) {
+    check_served_in(name, cuda, DType::F32)
+}
+
+/// [`check_served`] in `dtype`. In half precision the logits are held within 0.05 of
+/// transformers' f32 ones (f16 rounds the fixtures' activations to about 1e-3 of their size).
+fn check_served_in(name: &str, cuda: &CudaConfig, dtype: DType) -> (Arc<Served>, Vec<String>) {
+    let tolerance = if dtype == DType::F32 { 1e-4 } else { 0.05 };
     let served = Arc::new(Served::default());
-    let (model, kernels) = served_model(name, cuda, &served);
+    let (model, kernels) = served_model(name, (cuda, dtype), &served);
     let argmax = kernels
         .device_sampling
         .argmax
@@ -186,15 +191,11 @@ fn check_served(name: &str, cuda: &CudaConfig) -> (Arc<Served>, Vec<String>) {
     let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().chain(&goldens.chat).collect();
     let ((), warnings) = warnings_during(|| {
         for p in &cases {
-            // The GPU sums in other orders than transformers' CPU run: 1e-4 is the CPU path's bound,
-            // and these f32 logits stay within it.
+            // The GPU sums in other orders than transformers' CPU run; in f32 the logits stay within
+            // the CPU path's bound all the same.
             let logits = prompt_logits(&model, KvStorage::Device, p);
-            assert_close_within(
-                &logits,
-                &p.last_logits,
-                1e-4,
-                &format!("{name} {:?}", p.input_ids),
-            );
+            let what = format!("{name} {dtype:?} {:?}", p.input_ids);
+            assert_close_within(&logits, &p.last_logits, tolerance, &what);
         }
         let on_device = |logits: Tensor<B, 2>| -> Vec<u32> {
             let ids = argmax(logits).expect("the argmax kernel runs");
@@ -205,7 +206,7 @@ fn check_served(name: &str, cuda: &CudaConfig) -> (Arc<Served>, Vec<String>) {
         assert_eq!(
             greedy_batched_by(&model, &cases, 7, KvStorage::Device, on_device),
             want,
-            "{name}: greedy, 7-token chunks, device argmax"
+            "{name} {dtype:?}: greedy, 7-token chunks, device argmax"
         );
     });
     (served, warnings)
@@ -261,6 +262,21 @@ fn model_device_kernels_norms_in_the_gemvs_match_transformers() {
     }
 }
 
+/// Half precision, as a GPU serves a checkpoint: the kernels' 2-byte paths (eight elements to a
+/// 16-byte vector where f32 has four), with the norms in the GEMVs and without.
+#[test]
+fn model_device_kernels_in_half_precision_match_transformers() {
+    for norm_gemv in [false, true] {
+        let (served, warnings) = check_served_in("tiny-llama", &served_cuda(norm_gemv), DType::F16);
+        assert!(warnings.is_empty(), "norm-GEMV {norm_gemv}: {warnings:?}");
+        let fused_write = match norm_gemv {
+            true => served.norm_qkv_write.load(Ordering::Relaxed),
+            false => served.qkv_write.load(Ordering::Relaxed),
+        };
+        assert!(fused_write > 0, "norm-GEMV {norm_gemv}: the fused K/V write ran");
+    }
+}
+
 /// Models whose attention input the fused write cannot take (q/k/v biases, q/k norms) keep it
 /// apart, and still match.
 #[test]
@@ -301,7 +317,7 @@ fn sampling_kernels_through_the_executor_match_their_host_references() {
         device_sampling: true,
         ..served_cuda(true)
     };
-    let (model, kernels) = served_model("tiny-llama", &cuda, &Arc::default());
+    let (model, kernels) = served_model("tiny-llama", (&cuda, DType::F32), &Arc::default());
     let references = DeviceSampling::<B> {
         argmax: None,
         draw: Some(Arc::new(draw_on_host)),

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use burn::prelude::Backend;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
 use serde::Deserialize;
 
@@ -64,7 +64,8 @@ pub fn prompt_logits<B: Backend>(model: &Llama<B>, storage: KvStorage, p: &Golde
     logits_rows(model.forward(&mut cache, &[chunk])).remove(0)
 }
 
-/// A page pool in `storage` (the server's CPU path uses host storage, CUDA device storage).
+/// A page pool in `storage` (the server's CPU path uses host storage, CUDA device storage), of
+/// the model's dtype.
 pub fn new_cache<B: Backend>(model: &Llama<B>, storage: KvStorage) -> PagedKvCache<B> {
     let c = model.config();
     PagedKvCache::new(
@@ -73,7 +74,7 @@ pub fn new_cache<B: Backend>(model: &Llama<B>, storage: KvStorage) -> PagedKvCac
         PAGE_SIZE,
         c.num_kv_heads * c.head_dim,
         &Default::default(),
-        DType::F32,
+        model.dtype(),
         storage,
     )
 }
