@@ -34,24 +34,11 @@ use goldens::{
 mod executor_plans;
 use executor_plans::{greedy, held_steps, prompts, settings, with_tokens_known, STEPS};
 
-/// Sets wgpu's default device up on Vulkan (lavapipe where no GPU answers), once per process.
+/// wgpu's default device, set up on Vulkan (lavapipe where no GPU answers) once per process.
 fn vulkan() -> WgpuDevice {
     static SETUP: OnceLock<()> = OnceLock::new();
     let device = WgpuDevice::DefaultDevice;
-    SETUP.get_or_init(|| {
-        let lavapipe = std::fs::read_dir("/usr/share/vulkan/icd.d")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|entry| entry.file_name().to_string_lossy().starts_with("lvp_icd"));
-        assert!(
-            lavapipe,
-            "these tests need Mesa's Vulkan CPU driver (lavapipe): apt-get install \
-             mesa-vulkan-drivers (.ci/run installs it)"
-        );
-        let setup = cubecl_wgpu::init_setup::<cubecl_wgpu::Vulkan>(&device, Default::default());
-        assert_eq!(format!("{:?}", setup.backend), "Vulkan");
-    });
+    SETUP.get_or_init(|| inferflux::model::kernels::set_up_vulkan(&device));
     device
 }
 

@@ -12,17 +12,19 @@ use burn::tensor::DType;
 use inferflux::actors::executor::ModelExecutor;
 use inferflux::actors::tp_ranks::{Rank, RankWorker};
 use inferflux::kv::SeqId;
-use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::model::{KvStorage, Llama, ModelFiles, PagedKvCache, SequenceChunk};
 use inferflux::parallel::{Communicator, LocalCommunicator};
 use inferflux::sampling::SamplingParams;
 use inferflux::scheduler::PlannedChunk;
-use serde::Deserialize;
 
 type B = Flex;
 
 #[path = "common/forward.rs"]
 mod forward;
 use forward::{argmax, block_table, logits_rows, NUM_PAGES, PAGE_SIZE};
+#[path = "common/goldens.rs"]
+mod goldens;
+use goldens::{greedy_chunked, read_fixture, GoldenPrompt};
 
 const FIXTURES: &[&str] = &[
     "tiny-llama",
@@ -34,26 +36,9 @@ const FIXTURES: &[&str] = &[
 ];
 const TOLERANCE: f32 = 1e-5;
 
-#[derive(Deserialize)]
-struct Goldens {
-    prompts: Vec<GoldenPrompt>,
-    #[serde(default)]
-    chat: Vec<GoldenPrompt>,
-}
-
-#[derive(Deserialize)]
-struct GoldenPrompt {
-    input_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
-}
-
+/// A fixture's files and its plain and chat goldens.
 fn open(name: &str) -> (ModelFiles, Vec<GoldenPrompt>) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let files = ModelFiles::open(&ModelSource::Dir(dir.clone())).unwrap();
-    let goldens: Goldens =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).unwrap()).unwrap();
+    let (files, goldens) = read_fixture(name);
     let cases = goldens.prompts.into_iter().chain(goldens.chat).collect();
     (files, cases)
 }
@@ -141,41 +126,14 @@ fn batched_greedy(
     chunk: usize,
 ) -> impl Fn(&Llama<B>, &mut PagedKvCache<B>) -> Run + Send + Sync {
     move |model, cache| {
-        let n = prompts.len();
-        let mut seqs = prompts.clone();
-        let total = seqs.iter().map(Vec::len).max().unwrap() + steps;
-        let tables: Vec<Vec<u32>> = (0..n).map(|i| block_table(i, n, total)).collect();
-        let mut computed = vec![0usize; n];
-        let mut run = Run {
-            logits: Vec::new(),
-            greedy: vec![Vec::new(); n],
-        };
-        while run.greedy.iter().any(|g| g.len() < steps) {
-            let mut chunks = Vec::new();
-            let mut owners = Vec::new();
-            for i in (0..n).filter(|&i| run.greedy[i].len() < steps) {
-                let end = computed[i].saturating_add(chunk).min(seqs[i].len());
-                chunks.push(SequenceChunk {
-                    tokens: seqs[i][computed[i]..end].to_vec(),
-                    start_pos: computed[i],
-                    block_table: tables[i].clone(),
-                    wants_logits: end == seqs[i].len(),
-                });
-                owners.push((i, end));
-            }
-            let step = logits_rows(model.forward(cache, &chunks));
-            let mut row = step.iter();
-            for (c, (i, end)) in chunks.iter().zip(owners) {
-                computed[i] = end;
-                if c.wants_logits {
-                    let r = row.next().unwrap();
-                    seqs[i].push(argmax(r));
-                    run.greedy[i].push(argmax(r));
-                    run.logits.push(r.clone());
-                }
-            }
-        }
-        run
+        let mut logits = Vec::new();
+        let greedy = greedy_chunked(model, cache, &prompts, (steps, chunk), |step| {
+            let rows = logits_rows(step);
+            let picked = rows.iter().map(|r| argmax(r)).collect();
+            logits.extend(rows);
+            picked
+        });
+        Run { logits, greedy }
     }
 }
 

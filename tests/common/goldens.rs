@@ -112,12 +112,27 @@ pub fn greedy_batched_by<B: Backend>(
     cases: &[&GoldenPrompt],
     chunk: usize,
     storage: KvStorage,
-    pick: impl Fn(Tensor<B, 2>) -> Vec<u32>,
+    pick: impl FnMut(Tensor<B, 2>) -> Vec<u32>,
 ) -> Vec<Vec<u32>> {
     let mut cache = new_cache(model, storage);
-    let n = cases.len();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|p| p.input_ids.clone()).collect();
     let steps = cases[0].greedy_ids.len();
-    let mut seqs: Vec<Vec<u32>> = cases.iter().map(|p| p.input_ids.clone()).collect();
+    greedy_chunked(model, &mut cache, &prompts, (steps, chunk), pick)
+}
+
+/// Greedy decoding of every prompt at once on `cache`: one batched prefill (each prompt cut into
+/// chunks of `chunk` tokens, so a step may want no logits), then batched decode steps until each
+/// has `steps` tokens; `pick` chooses a step's tokens from its `[rows, vocab]` logits, a row per
+/// chunk that ends its prompt or decodes.
+pub fn greedy_chunked<B: Backend>(
+    model: &Llama<B>,
+    cache: &mut PagedKvCache<B>,
+    prompts: &[Vec<u32>],
+    (steps, chunk): (usize, usize),
+    mut pick: impl FnMut(Tensor<B, 2>) -> Vec<u32>,
+) -> Vec<Vec<u32>> {
+    let n = prompts.len();
+    let mut seqs = prompts.to_vec();
     let total_max = seqs.iter().map(|s| s.len()).max().unwrap() + steps;
     let tables: Vec<Vec<u32>> = (0..n).map(|i| block_table(i, n, total_max)).collect();
     let mut computed = vec![0usize; n];
@@ -125,10 +140,7 @@ pub fn greedy_batched_by<B: Backend>(
     while out.iter().any(|o| o.len() < steps) {
         let mut chunks = Vec::new();
         let mut owners = Vec::new();
-        for i in 0..n {
-            if out[i].len() >= steps {
-                continue;
-            }
+        for i in (0..n).filter(|&i| out[i].len() < steps) {
             let end = computed[i].saturating_add(chunk).min(seqs[i].len());
             chunks.push(SequenceChunk {
                 tokens: seqs[i][computed[i]..end].to_vec(),
@@ -138,7 +150,7 @@ pub fn greedy_batched_by<B: Backend>(
             });
             owners.push((i, end));
         }
-        let picked = pick(model.forward(&mut cache, &chunks));
+        let picked = pick(model.forward(cache, &chunks));
         let mut next_of = picked.into_iter();
         for (chunk, (i, end)) in chunks.iter().zip(owners) {
             computed[i] = end;

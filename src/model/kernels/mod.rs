@@ -47,6 +47,25 @@ pub fn elementwise_cubes(len: usize, units: u32) -> Result<cubecl::prelude::Cube
     Ok(cubecl::prelude::CubeCount::Static(x, y, 1))
 }
 
+/// Sets wgpu's `device` up on its Vulkan backend: call once per process and device. The tests
+/// run our kernels there without a GPU, on Mesa's lavapipe (a CPU driver with subgroups of 8
+/// lanes); panics saying how to install it where it is missing.
+pub fn set_up_vulkan(device: &cubecl_wgpu::WgpuDevice) {
+    let lavapipe = std::fs::read_dir("/usr/share/vulkan/icd.d")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| entry.file_name().to_string_lossy().starts_with("lvp_icd"));
+    assert!(
+        lavapipe,
+        "the kernel tests on Vulkan need Mesa's Vulkan CPU driver (lavapipe): \
+         apt-get install mesa-vulkan-drivers (.ci/run installs it)"
+    );
+    let setup = cubecl_wgpu::init_setup::<cubecl_wgpu::Vulkan>(device, Default::default());
+    let info = setup.adapter.get_info();
+    assert_eq!(format!("{:?}", setup.backend), "Vulkan", "{info:?}");
+}
+
 #[cfg(test)]
 pub(crate) mod gl {
     //! The tests' cubecl runtime: wgpu on OpenGL, which Mesa's llvmpipe runs on the CPU.
@@ -74,21 +93,7 @@ pub(crate) mod gl {
     pub fn plane_client() -> ComputeClient<Gl> {
         static SETUP: OnceLock<()> = OnceLock::new();
         let device = WgpuDevice::Cpu;
-        SETUP.get_or_init(|| {
-            let lavapipe = std::fs::read_dir("/usr/share/vulkan/icd.d")
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|entry| entry.file_name().to_string_lossy().starts_with("lvp_icd"));
-            assert!(
-                lavapipe,
-                "the plane-path kernel tests need Mesa's Vulkan CPU driver (lavapipe): \
-                 apt-get install mesa-vulkan-drivers (.ci/run installs it)"
-            );
-            let setup = cubecl_wgpu::init_setup::<cubecl_wgpu::Vulkan>(&device, Default::default());
-            let info = setup.adapter.get_info();
-            assert_eq!(format!("{:?}", setup.backend), "Vulkan", "{info:?}");
-        });
+        SETUP.get_or_init(|| super::set_up_vulkan(&device));
         Gl::client(&device)
     }
 
