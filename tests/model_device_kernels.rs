@@ -18,7 +18,7 @@ use inferflux::config::CudaConfig;
 use inferflux::model::cuda_gemm::{Cube, GemmKernel};
 use inferflux::model::llama::{NormProject, NormQkvWrite, QkvWrite};
 use inferflux::model::serving_kernels::ServingKernels;
-use inferflux::model::{FusedOps, KvStorage, Llama, PagedAttention};
+use inferflux::model::{KvStorage, Llama, PagedAttention};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
 type B = Cube<WgpuRuntime>;
@@ -91,9 +91,19 @@ struct Served {
     attention_queries: AtomicUsize,
 }
 
-/// `fused` and `attend`, counting into `served` the calls they serve.
+/// The fused ops and the paged attention of `kernels` where they are on, counting into `served`
+/// the calls they serve.
 fn counted(kernels: &mut ServingKernels<B>, served: &Arc<Served>) {
-    let fused: &mut FusedOps<B> = kernels.fused.as_mut().expect("fused ops are on");
+    if let Some(inner) = kernels.paged_attention.take() {
+        let s = served.clone();
+        kernels.paged_attention = Some(Arc::new(move |a: PagedAttention<B>| {
+            s.attention_queries.fetch_add(a.q.dims()[0], Ordering::Relaxed);
+            inner(a)
+        }));
+    }
+    let Some(fused) = kernels.fused.as_mut() else {
+        return;
+    };
     if let Some(inner) = fused.norm_qkv_write.take() {
         let s = served.clone();
         fused.norm_qkv_write = Some(Arc::new(move |a: NormQkvWrite<B>| {
@@ -131,12 +141,6 @@ fn counted(kernels: &mut ServingKernels<B>, served: &Arc<Served>) {
             inner(a)
         }));
     }
-    let inner = kernels.paged_attention.take().expect("paged attention is on");
-    let s = served.clone();
-    kernels.paged_attention = Some(Arc::new(move |a: PagedAttention<B>| {
-        s.attention_queries.fetch_add(a.q.dims()[0], Ordering::Relaxed);
-        inner(a)
-    }));
 }
 
 /// `name`'s model in `dtype` with `cuda`'s kernels installed, and the kernels (their device
@@ -264,8 +268,9 @@ fn model_device_kernels_in_half_precision_match_transformers() {
     }
 }
 
-/// Models whose attention input the fused write cannot take (q/k/v biases, q/k norms) keep it
-/// apart, and still match.
+/// Models whose attention input cannot be one launch (q/k/v biases, q/k norms: the normed
+/// GEMV's RoPE epilogue has neither) keep the norm and the product apart from the fused write,
+/// and still match.
 #[test]
 fn model_device_kernels_with_biases_and_qk_norms_match_transformers() {
     for name in ["tiny-qwen2", "tiny-qwen3"] {
@@ -396,4 +401,52 @@ fn sampling_kernels_through_the_executor_match_their_host_references() {
         (2..4).chain(10..12).any(|row| want[0][row].token != best[row]),
         "a draw left the argmax"
     );
+}
+
+/// What an operator may turn off, one kernel family at a time (gpu-check's bisection
+/// configurations): each way still matches, and nothing refuses.
+#[test]
+fn model_device_kernels_with_a_family_off_match_transformers() {
+    use inferflux::model::cuda_attention::AttentionKernel;
+    let configs = [
+        (
+            "burn's attention",
+            CudaConfig {
+                attention: AttentionKernel::Burn,
+                ..served_cuda(true)
+            },
+        ),
+        (
+            "no fused ops",
+            CudaConfig {
+                fused_ops: false,
+                ..served_cuda(false)
+            },
+        ),
+        (
+            "no fused K/V write or gate/up",
+            CudaConfig {
+                fused_kv_write: false,
+                fused_gate_up: false,
+                ..served_cuda(true)
+            },
+        ),
+        (
+            "burn's GEMMs",
+            CudaConfig {
+                gemv: GemmKernel::Burn,
+                ..served_cuda(false)
+            },
+        ),
+    ];
+    for (what, cuda) in configs {
+        let (served, warnings) = check_served("tiny-llama", &cuda);
+        assert!(warnings.is_empty(), "{what}: {warnings:?}");
+        let attended = served.attention_queries.load(Ordering::Relaxed) > 0;
+        assert_eq!(
+            attended,
+            cuda.attention == AttentionKernel::Paged,
+            "{what}: paged attention"
+        );
+    }
 }
