@@ -1,0 +1,120 @@
+//! How many kernels a decode step launches, counted on wgpu's Vulkan backend over lavapipe: cubecl
+//! logs each kernel it runs (its profiling log at `minimal`: `Executing <kernel> | <runtime>`). A decode step at batch 1 was bound by
+//! the host's issue on the H100 (some 12 µs of host time per launch, docs/Performance.md), so a
+//! launch that creeps back in, such as the per-layer copy the fourth GPU run found, shows here
+//! first. Its own test binary: cubecl's configuration is set once per process, before any device.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::tensor::{DType, Int, Tensor};
+use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+use cubecl_wgpu::{WgpuDevice, WgpuRuntime};
+use inferflux::config::CudaConfig;
+use inferflux::model::cuda_gemm::{Cube, GemmKernel};
+use inferflux::model::serving_kernels::ServingKernels;
+use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+
+type B = Cube<WgpuRuntime>;
+
+const DECODES: usize = 6;
+
+/// The kernels the log names from launch `from` on, by name, once the log has stopped growing
+/// (cubecl writes it from a task of its own, behind the launches), and the launches in all.
+fn launches(log: &PathBuf, from: usize) -> (usize, BTreeMap<String, usize>) {
+    let read = || -> Vec<String> {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("Executing "))
+            .map(|l| l.split(" | ").next().unwrap_or(l).trim().to_string())
+            .collect()
+    };
+    let (mut names, mut unchanged) = (read(), 0);
+    while unchanged < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let again = read();
+        unchanged = if again.len() == names.len() {
+            unchanged + 1
+        } else {
+            0
+        };
+        names = again;
+    }
+    let mut by_name = BTreeMap::new();
+    for name in &names[from.min(names.len())..] {
+        *by_name.entry(name.clone()).or_insert(0) += 1;
+    }
+    (names.len(), by_name)
+}
+
+/// Per decode step at batch 1 of the 2-layer fixture in f16, served as `[cuda]` says (but for
+/// cuBLAS): 8 launches per layer with the GPU's defaults (RMSNorm, q/k/v GEMV, RoPE and K/V
+/// write, attention, o GEMV, add + RMSNorm, gate/up GEMV with its activation, down GEMV) and 5
+/// with `fused_norm_gemv`; 7 per step besides (the embedding's and the RoPE tables' gathers, the
+/// final norm, `lm_head`, the logits' cast to f32 and the argmax). A 16-layer Llama-3.2-1B: 135
+/// and 87.
+#[test]
+fn kernels_launched_per_decode_step_are_counted() {
+    let log = std::env::temp_dir().join(format!("inferflux-launches-{}.log", std::process::id()));
+    let config = serde_json::json!({
+        "profiling": { "logger": { "level": "minimal", "file": log, "append": false } }
+    });
+    CubeClRuntimeConfig::set(serde_json::from_value(config).unwrap());
+    let device = WgpuDevice::DefaultDevice;
+    inferflux::model::kernels::set_up_vulkan(&device);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    let files = ModelFiles::open(&ModelSource::Dir(dir)).unwrap();
+    let layers = files.config.num_layers;
+    for (norm_gemv, per_layer) in [(false, 8), (true, 5)] {
+        let cuda = CudaConfig {
+            gemm: GemmKernel::Burn,
+            fused_norm_gemv: norm_gemv,
+            ..CudaConfig::default()
+        };
+        let kernels = ServingKernels::<B>::from_cuda(&cuda, &files.config);
+        let index = files.checkpoint.index().unwrap();
+        let model =
+            Llama::<B>::load_shard_in(&files.config, &index, (&device, DType::F16), None, kernels.layout)
+                .unwrap();
+        let model = kernels.install(model);
+        let argmax = kernels
+            .device_sampling
+            .argmax
+            .clone()
+            .expect("device argmax is on");
+        let c = model.config();
+        let mut cache = PagedKvCache::<B>::new(
+            c.num_layers,
+            64,
+            4,
+            c.num_kv_heads * c.head_dim,
+            &device,
+            DType::F16,
+            KvStorage::Device,
+        );
+        let table: Vec<u32> = (0..16).rev().collect();
+        let chunk = |tokens: Vec<u32>, start_pos: usize| SequenceChunk {
+            tokens,
+            start_pos,
+            block_table: table.clone(),
+            wants_logits: true,
+        };
+        let read = |ids: Tensor<B, 1, Int>| ids.into_data().to_vec::<i32>().unwrap()[0] as u32;
+        let prompt = vec![1, 381, 362, 14, 262];
+        let mut next = read(argmax(model.forward(&mut cache, &[chunk(prompt.clone(), 0)])).unwrap());
+        // One decode first, so that every kernel a decode runs is compiled before the count.
+        next = read(argmax(model.forward(&mut cache, &[chunk(vec![next], prompt.len())])).unwrap());
+        let (before, _) = launches(&log, 0);
+        for pos in prompt.len() + 1..prompt.len() + 1 + DECODES {
+            next = read(argmax(model.forward(&mut cache, &[chunk(vec![next], pos)])).unwrap());
+        }
+        let (after, by_name) = launches(&log, before);
+        let per_step = (after - before) as f64 / DECODES as f64;
+        assert_eq!(
+            per_step,
+            (per_layer * layers + 7) as f64,
+            "norm-GEMV {norm_gemv}: launches per decode step, by kernel over {DECODES} steps: {by_name:?}"
+        );
+    }
+    let _ = std::fs::remove_file(&log);
+}
