@@ -25,13 +25,7 @@ async fn unified_batch_http_late_client_is_served_before_the_backlog() {
         s.scheduler.fairness_half_life_steps = 32;
     });
     let base = server.base.clone();
-    let slowed = reqwest::Client::new()
-        .post(format!("{base}/admin/fault"))
-        .json(&json!({ "step_delay_ms": 2 }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(slowed.status(), 200);
+    common::set_step_delay(&base, 2).await;
     // A authenticates with an API key; B names itself with `user`.
     let key_a = "sk-test-alice-0123456789";
     let client_a = api_key_client(key_a);

@@ -245,13 +245,7 @@ async fn limits_idle_stream_is_cancelled_and_its_pages_freed() {
         s.scheduler.max_running = 1;
     });
     let server = common::TestServer { base };
-    let slowed = reqwest::Client::new()
-        .post(format!("{}/admin/fault", server.base))
-        .json(&json!({ "step_delay_ms": 5 }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(slowed.status(), 200);
+    common::set_step_delay(&server.base, 5).await;
     let before = common::metrics_text(&server.base).await;
     let cancelled_before = metric(&before, "inferflux_requests_cancelled_total");
     // A client with a tiny receive window that never reads what it asked for.

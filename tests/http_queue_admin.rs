@@ -138,11 +138,15 @@ async fn unified_batch_http_drain_refuses_new_requests_and_finishes_running_ones
 async fn unified_batch_http_stream_keeps_decoding_during_a_long_prefill() {
     // 16 tokens per step: after the stream's decode token, 15 are left for the 220-token prompt,
     // which takes 15 steps. The stream must get a token in (nearly) every step meanwhile.
+    // The long prompt's submission races the stream's steps, so every step is slowed (the fault
+    // hook's delay, whose routes no other assertion here uses): without it, a fast run finished
+    // the stream's 250 steps in 0.1 s, before the submission arrived.
+    std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
     let server = start(|s| s.scheduler.max_batched_tokens = 16);
     let base = server.base.clone();
-    // The stream runs as long as the fixture's 256 positions allow, so that the long prompt,
-    // whose submission races the stream's steps (a millisecond each on a loaded machine), is
-    // prefilled well inside it: its 15 steps leave about 230 steps for the submission.
+    common::set_step_delay(&base, 3).await;
+    // The stream runs as long as the fixture's 256 positions allow (at least 0.75 s), so that
+    // the long prompt is prefilled well inside it: its 15 steps leave about 230 for the submission.
     const STREAM_PROMPT: [u32; 4] = [10, 23, 36, 49];
     const STREAM_TOKENS: u64 = 250;
     let stream_body = json!({ "prompt": STREAM_PROMPT, "max_tokens": STREAM_TOKENS, "temperature": 0, "stream": true, "ignore_eos": true, "user": "streamer" });

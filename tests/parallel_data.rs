@@ -32,17 +32,6 @@ fn tokens(first: u32, len: u32) -> Value {
     json!((first..first + len).map(|t| t % 380 + 3).collect::<Vec<u32>>())
 }
 
-/// Sets the executors' delay before every step.
-async fn step_delay(base: &str, ms: u64) {
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/admin/fault"))
-        .json(&json!({ "step_delay_ms": ms }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "the fault hook is on");
-}
-
 /// Per replica: `(placed for a prefix, placed as the least loaded)`, from `/admin/queue`.
 async fn placements(base: &str) -> Vec<(u64, u64)> {
     let q = common::queue_report(base).await;
@@ -98,7 +87,7 @@ async fn parallel_data_spreads_requests_and_sends_a_prefix_back_to_its_replica()
     let base = server.base.as_str();
     let kv = common::kv_report(base).await;
     assert_eq!(kv.num_pages, 2 * 96, "each replica has the configured pool");
-    step_delay(base, 15).await;
+    common::set_step_delay(base, 15).await;
 
     // Four distinct prompts at once: two per replica.
     let handles: Vec<_> = (0..4u32)
@@ -154,7 +143,7 @@ async fn parallel_data_spreads_requests_and_sends_a_prefix_back_to_its_replica()
         "{text}"
     );
     drop(long_events);
-    step_delay(base, 0).await;
+    common::set_step_delay(base, 0).await;
     wait_idle(base, Duration::from_secs(10)).await;
 }
 
@@ -202,7 +191,7 @@ async fn parallel_data_cancel_and_disconnect_free_pages_on_the_replica_holding_t
     std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
     let server = common::start(dp2);
     let base = server.base.as_str();
-    step_delay(base, 40).await;
+    common::set_step_delay(base, 40).await;
     // Two long streams, one per replica; left alone each would run for about 6 s.
     let body =
         |first| json!({ "prompt": tokens(first, 7), "max_tokens": 150, "ignore_eos": true, "stream": true });
@@ -227,7 +216,7 @@ async fn parallel_data_cancel_and_disconnect_free_pages_on_the_replica_holding_t
     assert_eq!(finish.as_deref(), Some("abort"));
     // Both replicas' pages are back well before either request could have finished.
     wait_idle(base, Duration::from_secs(3)).await;
-    step_delay(base, 0).await;
+    common::set_step_delay(base, 0).await;
 }
 
 #[tokio::test]

@@ -167,6 +167,19 @@ pub async fn wait_until_no_page_is_referenced(base: &str) -> inferflux::actors::
     }
 }
 
+/// Makes every following step sleep `ms` first (the fault hook's delay; the server must have
+/// started with `INFERFLUX_FAULT_INJECTION=1`), so that a test's interleaving holds however fast
+/// the machine serves.
+pub async fn set_step_delay(base: &str, ms: u64) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/admin/fault"))
+        .json(&serde_json::json!({ "step_delay_ms": ms }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the fault hook is on");
+}
+
 /// `GET /admin/queue`.
 pub async fn queue_report(base: &str) -> serde_json::Value {
     reqwest::get(format!("{base}/admin/queue"))
