@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -23,7 +23,7 @@ use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
 use super::kernels::{rms_norm, rope, silu_mul, Refused};
 use super::llama::{
     self, FusedOps, GateUpActFn, KvWrite, NormProject, NormProjectFn, NormQkvWrite, NormQkvWriteFn, QkvWrite,
-    QkvWriteFn, WeightLayout,
+    QkvWriteFn, RopeAngles, WeightLayout,
 };
 use crate::config::CudaConfig;
 
@@ -154,6 +154,57 @@ pub(crate) fn contiguous<R: CubeRuntime>(t: CubeTensor<R>, site: &'static str) -
         }
     }
     into_contiguous(t)
+}
+
+/// The step's RoPE as our kernels read it: the model's tables (`[table_rows, head_dim]`) and each
+/// row's position (`[rows]`, 32-bit), all contiguous.
+pub(crate) struct RopeTables<R: CubeRuntime> {
+    pub cos: CubeTensor<R>,
+    pub sin: CubeTensor<R>,
+    pub positions: CubeTensor<R>,
+    pub table_rows: usize,
+}
+
+impl<R: CubeRuntime> RopeTables<R> {
+    /// Refuses tables not of `dtype` or not `head_dim` wide, and positions not one per row of
+    /// 32 bits (the tables' length bounds them: the model takes no longer context).
+    pub fn of(
+        rope: &RopeAngles<Cube<R>>,
+        rows: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> Result<Self, Refused> {
+        let (cos, sin) = (
+            contiguous(rope.cos_table.clone().into_primitive().tensor(), "rope cos table"),
+            contiguous(rope.sin_table.clone().into_primitive().tensor(), "rope sin table"),
+        );
+        let positions = contiguous(rope.positions.clone().into_primitive(), "rope positions");
+        let table = cos.meta.shape()[..].to_vec();
+        if cos.dtype != dtype || sin.dtype != dtype {
+            return Err(Refused(format!(
+                "RoPE tables of {:?} for {dtype:?} rows",
+                cos.dtype
+            )));
+        }
+        if table.len() != 2 || table[1] != head_dim || sin.meta.shape()[..] != table[..] {
+            return Err(Refused(format!(
+                "RoPE tables {table:?} for a head_dim of {head_dim}"
+            )));
+        }
+        if positions.meta.shape()[..] != [rows] || positions.dtype != DType::I32 {
+            return Err(Refused(format!(
+                "positions {:?} of {:?} for {rows} rows",
+                positions.meta.shape(),
+                positions.dtype
+            )));
+        }
+        Ok(Self {
+            cos,
+            sin,
+            positions,
+            table_rows: table[0],
+        })
+    }
 }
 
 fn same_dtype<R: CubeRuntime>(a: &CubeTensor<R>, b: &CubeTensor<R>) -> Result<(), Refused> {
@@ -289,17 +340,15 @@ fn launch_qkv_write<R: CubeRuntime>(
     let head_dim = q_dim / heads.max(1);
     let float2 = |t: Tensor<Cube<R>, 2>| row_strided(t.into_primitive().tensor());
     let ((q, q_stride), (k, k_stride), (v, v_stride)) = (float2(q), float2(k), float2(v));
-    let (cos, sin) = (
-        primitive(w.cos, "qkv_write cos"),
-        primitive(w.sin, "qkv_write sin"),
-    );
+    let rope = RopeTables::of(&w.rope, tokens, head_dim, q.dtype);
     let slots = contiguous(w.slots.into_primitive(), "qkv_write slots");
     let (k_cache, v_cache) = (
         w.k_cache.into_primitive().tensor(),
         w.v_cache.into_primitive().tensor(),
     );
-    let check = || -> Result<(), Refused> {
-        for t in [&k, &v, &cos, &sin, &k_cache, &v_cache] {
+    let check = || -> Result<&RopeTables<R>, Refused> {
+        let rope = rope.as_ref().map_err(|e| e.clone())?;
+        for t in [&k, &v, &k_cache, &v_cache] {
             same_dtype(&q, t)?;
         }
         let widths = [
@@ -315,23 +364,19 @@ fn launch_qkv_write<R: CubeRuntime>(
                 "q, k, v {widths:?} for {heads} and {kv_heads} heads, cache width {kv_dim}"
             )));
         }
-        if cos.meta.shape()[..] != [tokens, 1, head_dim] || slots.meta.shape()[0] != tokens {
-            return Err(Refused(format!(
-                "cos {:?}, slots {:?}",
-                cos.meta.shape(),
-                slots.meta.shape()
-            )));
+        if slots.meta.shape()[0] != tokens {
+            return Err(Refused(format!("slots {:?}", slots.meta.shape())));
         }
-        if slots.dtype != burn::tensor::DType::I32 {
+        if slots.dtype != DType::I32 {
             return Err(Refused("slots are not 32-bit".into()));
         }
         // Written in place: no other tensor may see these buffers change.
         if !k_cache.can_mut() || !v_cache.can_mut() || !k_cache.is_contiguous() || !v_cache.is_contiguous() {
             return Err(Refused("the cache buffers are shared or padded".into()));
         }
-        Ok(())
+        Ok(rope)
     };
-    let launched = check().and_then(|()| {
+    let launched = check().and_then(|rope| {
         let q_out = empty_device_contiguous_dtype(
             q.client.clone(),
             q.device.clone(),
@@ -342,8 +387,9 @@ fn launch_qkv_write<R: CubeRuntime>(
             q.handle.clone(),
             k.handle.clone(),
             v.handle.clone(),
-            cos.handle.clone(),
-            sin.handle.clone(),
+            rope.cos.handle.clone(),
+            rope.sin.handle.clone(),
+            rope.positions.handle.clone(),
             slots.handle.clone(),
             q_out.handle.clone(),
             k_cache.handle.clone(),
@@ -355,6 +401,7 @@ fn launch_qkv_write<R: CubeRuntime>(
             kv_heads,
             head_dim,
             cache_slots,
+            positions: rope.table_rows,
         };
         let strides = QkvStrides {
             q: q_stride,
@@ -374,8 +421,7 @@ fn launch_qkv_write<R: CubeRuntime>(
             KvWrite {
                 heads,
                 kv_heads,
-                cos: float(cos),
-                sin: float(sin),
+                rope: w.rope,
                 slots: Tensor::from_primitive(slots),
                 k_cache: float(k_cache),
                 v_cache: float(v_cache),

@@ -19,7 +19,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use super::cuda_fused::contiguous;
+use super::cuda_fused::{contiguous, RopeTables};
 use burn::prelude::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::matmul::init_matmul_output;
@@ -496,8 +496,7 @@ pub fn norm_qkv_write<R: KernelRuntime>(
     let KvWrite {
         heads,
         kv_heads,
-        cos,
-        sin,
+        rope,
         slots,
         k_cache,
         v_cache,
@@ -516,25 +515,18 @@ pub fn norm_qkv_write<R: KernelRuntime>(
                 "a q/k/v width {width} for {heads} and {kv_heads} heads, cache width {kv_dim}"
             )));
         }
-        let (cos, sin) = (
-            contiguous(cos.into_primitive().tensor(), "norm_qkv_write cos"),
-            contiguous(sin.into_primitive().tensor(), "norm_qkv_write sin"),
-        );
         let slots = contiguous(slots.into_primitive(), "norm_qkv_write slots");
         let normed = NormedGemv::check(input, heads * head_dim)?;
         let dtype = normed.ops.x.dtype;
-        for t in [&cos, &sin, &k_cache, &v_cache] {
+        let rope = RopeTables::of(&rope, rows, head_dim, dtype).map_err(|e| refused(e.0))?;
+        for t in [&k_cache, &v_cache] {
             if t.dtype != dtype {
                 return Err(refused(format!("mixed dtypes {:?} and {dtype:?}", t.dtype)));
             }
         }
-        if cos.meta.shape()[..] != [rows, 1, head_dim]
-            || slots.meta.shape()[0] != rows
-            || slots.dtype != DType::I32
-        {
+        if slots.meta.shape()[0] != rows || slots.dtype != DType::I32 {
             return Err(refused(format!(
-                "cos {:?}, slots {:?} of {:?}",
-                cos.meta.shape(),
+                "slots {:?} of {:?}",
                 slots.meta.shape(),
                 slots.dtype
             )));
@@ -544,8 +536,9 @@ pub fn norm_qkv_write<R: KernelRuntime>(
             return Err(refused("the cache buffers are shared or padded".into()));
         }
         let rope = RopeWrite {
-            cos: cos.handle.clone(),
-            sin: sin.handle.clone(),
+            cos: rope.cos.handle.clone(),
+            sin: rope.sin.handle.clone(),
+            positions: rope.positions.handle.clone(),
             slots: slots.handle.clone(),
             k_cache: k_cache.handle.clone(),
             v_cache: v_cache.handle.clone(),
@@ -553,6 +546,7 @@ pub fn norm_qkv_write<R: KernelRuntime>(
             kv_heads,
             head_dim,
             cache_slots,
+            table_rows: rope.table_rows,
         };
         let (stream, q) = normed.run(Epilogue::RopeWrite(Box::new(rope)))?;
         let q = CubeTensor::new_contiguous(

@@ -156,14 +156,47 @@ pub type NormQkvWriteFn<B> =
 /// head_dim]`), as [`rotate_half_rope`].
 pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
 
-/// Where a layer's new K and V rows go, and the step's RoPE rows: [`QkvWrite`] without the rows.
+/// The step's RoPE: each row's position and the model's whole `cos` and `sin` tables
+/// (`[max_position_embeddings, head_dim]`, the model's dtype). Our kernels index the tables by
+/// position inside the launch that uses them; burn's ops and the RoPE hook take the step's rows
+/// gathered ([`Self::rows`]), gathered once per step however many layers ask. Gathering up front
+/// cost two launches per step, which the host's issue paid at batch 1.
+#[derive(Clone)]
+pub struct RopeAngles<B: Backend> {
+    /// `[tokens]`: each row's position, below the tables' length.
+    pub positions: Tensor<B, 1, Int>,
+    pub cos_table: Tensor<B, 2>,
+    pub sin_table: Tensor<B, 2>,
+    gathered: Arc<std::sync::OnceLock<[Tensor<B, 3>; 2]>>,
+}
+
+impl<B: Backend> RopeAngles<B> {
+    pub fn new(positions: Tensor<B, 1, Int>, cos_table: Tensor<B, 2>, sin_table: Tensor<B, 2>) -> Self {
+        Self {
+            positions,
+            cos_table,
+            sin_table,
+            gathered: Arc::default(),
+        }
+    }
+
+    /// The step's `cos` and `sin` rows, `[tokens, 1, head_dim]` each.
+    pub fn rows(&self) -> [Tensor<B, 3>; 2] {
+        self.gathered
+            .get_or_init(|| {
+                [&self.cos_table, &self.sin_table]
+                    .map(|t| t.clone().select(0, self.positions.clone()).unsqueeze_dim::<3>(1))
+            })
+            .clone()
+    }
+}
+
+/// Where a layer's new K and V rows go, and the step's RoPE: [`QkvWrite`] without the rows.
 #[derive(Clone)]
 pub struct KvWrite<B: Backend> {
     pub heads: usize,
     pub kv_heads: usize,
-    /// The step's rows, `[tokens, 1, head_dim]`.
-    pub cos: Tensor<B, 3>,
-    pub sin: Tensor<B, 3>,
+    pub rope: RopeAngles<B>,
     /// `[tokens, 1]`: each row's cache slot.
     pub slots: Tensor<B, 2, Int>,
     /// The layer's whole caches, `[cache_slots, kv_heads * head_dim]`.
@@ -719,13 +752,11 @@ impl<B: Backend> Llama<B> {
         let layout = self.attention_layout(cache, contexts, tokens.len());
         let write_slots = cache.write_slots(slots);
         let t_total = tokens.len();
-        let positions = int_tensor(positions, dev);
-        let cos = self
-            .rope_cos
-            .clone()
-            .select(0, positions.clone())
-            .unsqueeze_dim::<3>(1);
-        let sin = self.rope_sin.clone().select(0, positions).unsqueeze_dim::<3>(1);
+        let rope = RopeAngles::new(
+            int_tensor(positions, dev),
+            self.rope_cos.clone(),
+            self.rope_sin.clone(),
+        );
 
         let mut x = match (&self.comm, fed) {
             (None, None) => self.embed.clone().select(0, int_tensor(tokens, dev)),
@@ -748,8 +779,7 @@ impl<B: Backend> Llama<B> {
         let mut rows_selected = every_row;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let last = layer_idx + 1 == self.layers.len();
-            let input =
-                self.fused_attention_input(cache, layer_idx, &write_slots, (x, delta.take()), (&cos, &sin));
+            let input = self.fused_attention_input(cache, layer_idx, &write_slots, (x, delta.take()), &rope);
             let (x_attn, q) = match input {
                 Ok(done) => done,
                 Err((x, delta)) => {
@@ -762,8 +792,7 @@ impl<B: Backend> Llama<B> {
                             .rms_norm(k.reshape([t_total * nkv, hd]), nk)
                             .reshape([t_total, nkv * hd]);
                     }
-                    let q =
-                        self.rope_qk_and_write_kv(cache, layer_idx, &write_slots, [q, k, v], (&cos, &sin));
+                    let q = self.rope_qk_and_write_kv(cache, layer_idx, &write_slots, [q, k, v], &rope);
                     (x_attn, q)
                 }
             };
@@ -1050,7 +1079,7 @@ impl<B: Backend> Llama<B> {
         layer_idx: usize,
         slots: &WriteSlots<B>,
         (x, delta): (Tensor<B, 2>, Option<Tensor<B, 2>>),
-        (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+        rope: &RopeAngles<B>,
     ) -> Result<(Tensor<B, 2>, Tensor<B, 3>), ResidualInput<B>> {
         let layer = &self.layers[layer_idx];
         let hook = self.fused.as_ref().and_then(|f| f.norm_qkv_write.as_ref());
@@ -1068,7 +1097,7 @@ impl<B: Backend> Llama<B> {
                     w: w.clone(),
                     swiglu: false,
                 },
-                write: self.kv_write((cos, sin), index, [k_cache, v_cache]),
+                write: self.kv_write(rope, index, [k_cache, v_cache]),
             };
             match hook(input) {
                 Ok(written) => {
@@ -1208,7 +1237,7 @@ impl<B: Backend> Llama<B> {
         layer: usize,
         slots: &WriteSlots<B>,
         [q, k, v]: [Tensor<B, 2>; 3],
-        (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+        rope: &RopeAngles<B>,
     ) -> Tensor<B, 3> {
         let (nh, nkv, hd) = (
             self.shard.num_heads(),
@@ -1219,10 +1248,8 @@ impl<B: Backend> Llama<B> {
             let mut roped_q = None;
             cache.write_device(layer, slots, |k_cache, v_cache, index| {
                 let rows = [q.clone(), k.clone(), v.clone()];
-                let (q, k_cache, v_cache) = write(
-                    self.kv_write((cos, sin), index, [k_cache, v_cache])
-                        .with_rows(rows),
-                );
+                let (q, k_cache, v_cache) =
+                    write(self.kv_write(rope, index, [k_cache, v_cache]).with_rows(rows));
                 roped_q = Some(q);
                 (k_cache, v_cache)
             });
@@ -1231,27 +1258,23 @@ impl<B: Backend> Llama<B> {
             }
         }
         let t = q.dims()[0];
-        let q = self.rope(q.reshape([t, nh, hd]), cos, sin);
-        let k = self
-            .rope(k.reshape([t, nkv, hd]), cos, sin)
-            .reshape([t, nkv * hd]);
+        let q = self.rope(q.reshape([t, nh, hd]), rope);
+        let k = self.rope(k.reshape([t, nkv, hd]), rope).reshape([t, nkv * hd]);
         cache.write(layer, slots, k, v);
         q
     }
 
-    /// This rank's write of the step's K and V rows into `caches` at `slots`, with the step's RoPE
-    /// rows.
+    /// This rank's write of the step's K and V rows into `caches` at `slots`, with the step's RoPE.
     fn kv_write(
         &self,
-        (cos, sin): (&Tensor<B, 3>, &Tensor<B, 3>),
+        rope: &RopeAngles<B>,
         slots: Tensor<B, 2, Int>,
         [k_cache, v_cache]: [Tensor<B, 2>; 2],
     ) -> KvWrite<B> {
         KvWrite {
             heads: self.shard.num_heads(),
             kv_heads: self.shard.num_kv_heads(),
-            cos: cos.clone(),
-            sin: sin.clone(),
+            rope: rope.clone(),
             slots,
             k_cache,
             v_cache,
@@ -1259,10 +1282,11 @@ impl<B: Backend> Llama<B> {
     }
 
     /// [`rotate_half_rope`] by the fused kernel when one is set.
-    fn rope(&self, x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+    fn rope(&self, x: Tensor<B, 3>, rope: &RopeAngles<B>) -> Tensor<B, 3> {
+        let [cos, sin] = rope.rows();
         match &self.fused {
-            Some(f) => (f.rope)(x, cos.clone(), sin.clone()),
-            None => rotate_half_rope(x, cos, sin),
+            Some(f) => (f.rope)(x, cos, sin),
+            None => rotate_half_rope(x, &cos, &sin),
         }
     }
 
@@ -1325,8 +1349,9 @@ pub fn rope_qk_and_write_kv<B: Backend>(a: QkvWrite<B>) -> (Tensor<B, 3>, Tensor
     let QkvWrite { q, k, v, write: w } = a;
     let [t, q_dim] = q.dims();
     let hd = q_dim / w.heads;
-    let q = rotate_half_rope(q.reshape([t, w.heads, hd]), &w.cos, &w.sin);
-    let k = rotate_half_rope(k.reshape([t, w.kv_heads, hd]), &w.cos, &w.sin).reshape([t, w.kv_heads * hd]);
+    let [cos, sin] = w.rope.rows();
+    let q = rotate_half_rope(q.reshape([t, w.heads, hd]), &cos, &sin);
+    let k = rotate_half_rope(k.reshape([t, w.kv_heads, hd]), &cos, &sin).reshape([t, w.kv_heads * hd]);
     (
         q,
         w.k_cache.scatter_nd(w.slots.clone(), k, IndexingUpdateOp::Assign),

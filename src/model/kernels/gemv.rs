@@ -52,6 +52,7 @@ fn gemv_kernel<F: Float, N: Size>(
     sum: &mut Array<Vector<F, N>>,
     cos: &Array<F>,
     sin: &Array<F>,
+    positions: &Array<u32>,
     slots: &Array<u32>,
     k_cache: &mut Array<F>,
     v_cache: &mut Array<F>,
@@ -184,7 +185,7 @@ fn gemv_kernel<F: Float, N: Size>(
                         second,
                         o,
                         r,
-                        (cos, sin, slots),
+                        (cos, sin, positions, slots),
                         out,
                         k_cache,
                         v_cache,
@@ -221,18 +222,18 @@ fn write_roped_pair<F: Float>(
     second: F,
     o: usize,
     r: usize,
-    tables: (&Array<F>, &Array<F>, &Array<u32>),
+    tables: (&Array<F>, &Array<F>, &Array<u32>, &Array<u32>),
     q_out: &mut Array<F>,
     k_cache: &mut Array<F>,
     v_cache: &mut Array<F>,
     dims: (usize, usize),
     #[comptime] head_dim: usize,
 ) {
-    let (cos, sin, slots) = tables;
+    let (cos, sin, positions, slots) = tables;
     let (q_dim, kv_dim) = dims;
     let half = comptime!(head_dim / 2);
     let (d, col) = (o % half, (o / half) * head_dim + o % half);
-    let at = r * head_dim + d;
+    let at = positions[r] as usize * head_dim + d;
     if col < q_dim + kv_dim {
         let a = first * cos[at] + -second * sin[at];
         let b = second * cos[at + half] + first * sin[at + half];
@@ -389,9 +390,11 @@ pub struct NormPrologue {
 /// slots of the caches, as `kernels::qkv_write` would store them.
 #[derive(Debug, Clone)]
 pub struct RopeWrite {
-    /// The rows' `cos` and `sin` (`[rows, head_dim]` each) and cache slots (`[rows]`, 32-bit).
+    /// The model's `cos` and `sin` tables (`[table_rows, head_dim]` each), and each row's
+    /// position (below `table_rows`) and cache slot (`[rows]` each, 32-bit).
     pub cos: cubecl::server::Handle,
     pub sin: cubecl::server::Handle,
+    pub positions: cubecl::server::Handle,
     pub slots: cubecl::server::Handle,
     /// The layer's caches, `[cache_slots, kv_heads * head_dim]` each, written in place.
     pub k_cache: cubecl::server::Handle,
@@ -400,6 +403,8 @@ pub struct RopeWrite {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub cache_slots: usize,
+    /// Rows of the RoPE tables.
+    pub table_rows: usize,
 }
 
 /// What a GEMV does with its sums.
@@ -535,13 +540,20 @@ fn launch_kernel<R: Runtime>(
         Epilogue::RopeWrite(r) => (true, r.head_dim, r.heads * r.head_dim, r.kv_heads * r.head_dim),
         _ => (false, 2, 0, 0),
     };
-    let ([cos, sin, slots, k_cache, v_cache], [table_len, slots_len, cache_len]) = match epilogue {
+    let ([cos, sin, positions, slots, k_cache, v_cache], [table_len, slots_len, cache_len]) = match epilogue {
         Epilogue::RopeWrite(r) => (
-            [r.cos, r.sin, r.slots, r.k_cache, r.v_cache],
-            [rows * head_dim, rows, r.cache_slots * kv_dim],
+            [r.cos, r.sin, r.positions, r.slots, r.k_cache, r.v_cache],
+            [r.table_rows * head_dim, rows, r.cache_slots * kv_dim],
         ),
         _ => (
-            [x.clone(), x.clone(), x.clone(), out.clone(), out.clone()],
+            [
+                x.clone(),
+                x.clone(),
+                x.clone(),
+                x.clone(),
+                out.clone(),
+                out.clone(),
+            ],
             [1, 1, 1],
         ),
     };
@@ -549,8 +561,8 @@ fn launch_kernel<R: Runtime>(
     // every index the kernel makes is below them: `o < n` (so the row of `w` is below `w_rows`),
     // `i < kv`, `r < rows`; the prologue's arrays are only indexed with a norm, then below
     // `rows * kv` (`kv` for the gain); the RoPE tables and the caches only with `rope_write`,
-    // then below `rows * head_dim` and at the rows' slots (below `cache_slots`, the caller's
-    // contract).
+    // then at the rows' positions (below `table_rows`) and slots (below `cache_slots`), the
+    // caller's contract.
     unsafe {
         gemv_kernel::launch_unchecked::<R>(
             client,
@@ -565,6 +577,7 @@ fn launch_kernel<R: Runtime>(
             ArrayArg::from_raw_parts(sum, rows * kv),
             ArrayArg::from_raw_parts(cos, table_len),
             ArrayArg::from_raw_parts(sin, table_len),
+            ArrayArg::from_raw_parts(positions, slots_len),
             ArrayArg::from_raw_parts(slots, slots_len),
             ArrayArg::from_raw_parts(k_cache, cache_len),
             ArrayArg::from_raw_parts(v_cache, cache_len),
@@ -805,11 +818,17 @@ mod tests {
                 let w: Vec<f32> = (0..(q_dim + 2 * kv_dim) * k)
                     .map(|i| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as f32 / 1024.0 - 1.0)
                     .collect();
-                let (cos, sin) = (values(rows * head_dim, 10), values(rows * head_dim, 11));
-                // Distinct slots, out of order.
+                let table_rows = 11;
+                let (cos, sin) = (
+                    values(table_rows * head_dim, 10),
+                    values(table_rows * head_dim, 11),
+                );
+                // Distinct slots, out of order, and positions out of order (some repeated).
                 let slots: Vec<u32> = (0..rows as u32)
                     .map(|r| (r * 7 + 5) % cache_slots as u32)
                     .collect();
+                let positions: Vec<u32> = (0..rows as u32).map(|r| (r * 3 + 4) % 9).collect();
+                let upload_positions = || client.create_from_slice(u32::as_bytes(&positions));
                 let cache_init = values(cache_slots * kv_dim, 12);
                 let upload_slots = || client.create_from_slice(u32::as_bytes(&slots));
                 // Apart: the norm, q, k and v's GEMVs, then the RoPE and the write.
@@ -850,6 +869,7 @@ mod tests {
                     vp,
                     gl::upload(&client, &cos),
                     gl::upload(&client, &sin),
+                    upload_positions(),
                     upload_slots(),
                     q_apart.clone(),
                     k_apart.clone(),
@@ -861,6 +881,7 @@ mod tests {
                     kv_heads,
                     head_dim,
                     cache_slots,
+                    positions: table_rows,
                 };
                 let strides = QkvStrides {
                     q: q_dim,
@@ -879,6 +900,7 @@ mod tests {
                 let rope = RopeWrite {
                     cos: gl::upload(&client, &cos),
                     sin: gl::upload(&client, &sin),
+                    positions: upload_positions(),
                     slots: upload_slots(),
                     k_cache: k_fused.clone(),
                     v_cache: v_fused.clone(),
@@ -886,6 +908,7 @@ mod tests {
                     kv_heads,
                     head_dim,
                     cache_slots,
+                    table_rows,
                 };
                 let handles = [gl::upload(&client, &x), gl::upload(&client, &w), q_fused.clone()];
                 let shape = GemvShape { rows, k, n: 0 };

@@ -6,7 +6,9 @@
 //! Why: without it a layer runs three projections, the RoPE of q and of k (two launches, and a
 //! tensor only the cache reads) and one `scatter_nd` each for K and V. Decode at small batches is
 //! bound by the host's time per launch: with the merged projection, seven launches become two.
-//! The RoPE is the same arithmetic as `kernels::rope` (rotate-half, in the model's type).
+//! The RoPE is the same arithmetic as `kernels::rope` (rotate-half, in the model's type). It
+//! reads the model's whole `cos` and `sin` tables at each row's position, so that the step needs no
+//! launch to gather its rows of them first.
 
 use cubecl::prelude::*;
 
@@ -23,6 +25,7 @@ fn qkv_write_kernel<F: Float>(
     v: &Array<F>,
     cos: &Array<F>,
     sin: &Array<F>,
+    positions: &Array<u32>,
     slots: &Array<u32>,
     q_out: &mut Array<F>,
     k_cache: &mut Array<F>,
@@ -47,7 +50,7 @@ fn qkv_write_kernel<F: Float>(
             let is_q = e < q_dim;
             let col = if is_q { e } else { e - q_dim };
             let i = col % head_dim;
-            let at = token * head_dim + i;
+            let at = positions[token] as usize * head_dim + i;
             let (c, s) = (cos[at], sin[at]);
             if is_q {
                 let src = token * q_stride as usize + col;
@@ -69,7 +72,7 @@ fn qkv_write_kernel<F: Float>(
 }
 
 /// The problem's sizes: `tokens` rows of `heads` query heads and `kv_heads` K and V heads of
-/// `head_dim`, into caches of `cache_slots` rows.
+/// `head_dim`, into caches of `cache_slots` rows, with RoPE tables of `positions` rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QkvWriteShape {
     pub tokens: usize,
@@ -77,6 +80,7 @@ pub struct QkvWriteShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub cache_slots: usize,
+    pub positions: usize,
 }
 
 /// Row strides, in elements, of the `q`, `k` and `v` inputs (their widths when each is a tensor of
@@ -90,13 +94,14 @@ pub struct QkvStrides {
 
 /// Queues the launch. The handles hold, of `dtype`: `q` (`[tokens, heads * head_dim]`), `k` and
 /// `v` before RoPE (`[tokens, kv_heads * head_dim]`), each row `strides` apart and its elements
-/// contiguous (the handles may be views of one buffer at different offsets); the step's `cos` and
-/// `sin` rows (`[tokens, head_dim]`, contiguous); the slots (`[tokens]`, 32-bit, each below
-/// `cache_slots`); `q_out` (`[tokens, heads * head_dim]`, contiguous); and the two caches
-/// (`[cache_slots, kv_heads * head_dim]`, contiguous), written in place.
+/// contiguous (the handles may be views of one buffer at different offsets); the model's `cos` and
+/// `sin` tables (`[positions, head_dim]`, contiguous); each row's position (`[tokens]`, 32-bit,
+/// each below `positions`) and slot (`[tokens]`, 32-bit, each below `cache_slots`); `q_out`
+/// (`[tokens, heads * head_dim]`, contiguous); and the two caches (`[cache_slots, kv_heads *
+/// head_dim]`, contiguous), written in place.
 pub fn launch<R: Runtime>(
     client: &ComputeClient<R>,
-    [q, k, v, cos, sin, slots, q_out, k_cache, v_cache]: [cubecl::server::Handle; 9],
+    [q, k, v, cos, sin, positions, slots, q_out, k_cache, v_cache]: [cubecl::server::Handle; 10],
     shape: QkvWriteShape,
     strides: QkvStrides,
     dtype: StorageType,
@@ -107,6 +112,7 @@ pub fn launch<R: Runtime>(
         kv_heads,
         head_dim,
         cache_slots,
+        positions: table_rows,
     } = shape;
     let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
     let len = tokens * (q_dim + 2 * kv_dim);
@@ -122,6 +128,7 @@ pub fn launch<R: Runtime>(
     let too_large = |what: &str| Refused(format!("{what} does not fit in 32 bits"));
     let len_u32 = u32::try_from(len).map_err(|_| too_large("the rows"))?;
     u32::try_from(cache_slots * kv_dim).map_err(|_| too_large("the cache"))?;
+    u32::try_from(table_rows * head_dim).map_err(|_| too_large("the RoPE tables"))?;
     let stride_u32 = |s: usize| {
         u32::try_from(s * tokens)
             .map(|_| s as u32)
@@ -137,7 +144,7 @@ pub fn launch<R: Runtime>(
     let cubes = super::elementwise_cubes(len, UNITS)?;
     // SAFETY: the arrays' lengths are the handles' (the caller's contract). The kernel checks
     // `idx < len`, reads `q`/`k`/`v` within the token's row and the element's head, `cos`/`sin`
-    // within the token's row, and writes `q_out`'s row `token` and the caches' row
+    // within the token's position's row (below `positions`, the caller's contract), and writes `q_out`'s row `token` and the caches' row
     // `slots[token]`, below `cache_slots` by the caller's contract.
     unsafe {
         qkv_write_kernel::launch_unchecked::<R>(
@@ -147,8 +154,9 @@ pub fn launch<R: Runtime>(
             ArrayArg::from_raw_parts(q, span(strides.q, q_dim)),
             ArrayArg::from_raw_parts(k, span(strides.k, kv_dim)),
             ArrayArg::from_raw_parts(v, span(strides.v, kv_dim)),
-            ArrayArg::from_raw_parts(cos, tokens * head_dim),
-            ArrayArg::from_raw_parts(sin, tokens * head_dim),
+            ArrayArg::from_raw_parts(cos, table_rows * head_dim),
+            ArrayArg::from_raw_parts(sin, table_rows * head_dim),
+            ArrayArg::from_raw_parts(positions, tokens),
             ArrayArg::from_raw_parts(slots, tokens),
             ArrayArg::from_raw_parts(q_out, tokens * q_dim),
             ArrayArg::from_raw_parts(k_cache, cache_slots * kv_dim),
@@ -187,14 +195,18 @@ mod tests {
     fn check(heads: usize, kv_heads: usize, head_dim: usize, slots: &[u32], merged: bool) {
         let client = gl::client();
         let f32_type = f32::as_type_native_unchecked().storage_type();
-        let (tokens, cache_slots) = (slots.len(), 16);
+        let (tokens, cache_slots, table_rows) = (slots.len(), 16, 12);
+        // Rows at positions out of order: each must read its own row of the tables.
+        let positions: Vec<u32> = (0..tokens as u32)
+            .map(|t| (7 * t + 3) % table_rows as u32)
+            .collect();
         let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
         let width = q_dim + 2 * kv_dim;
         let rows = values(tokens * width, 1);
         let part = |t: usize, from: usize, n: usize| rows[t * width + from..t * width + from + n].to_vec();
         let angle = |t: usize, i: usize| (t as f32 + 1.0) * 0.37 * (i % (head_dim / 2) + 1) as f32;
         let trig = |f: fn(f32) -> f32| -> Vec<f32> {
-            (0..tokens * head_dim)
+            (0..table_rows * head_dim)
                 .map(|j| f(angle(j / head_dim, j % head_dim)))
                 .collect()
         };
@@ -236,6 +248,7 @@ mod tests {
             v,
             gl::upload(&client, &cos),
             gl::upload(&client, &sin),
+            client.create_from_slice(u32::as_bytes(&positions)),
             client.create_from_slice(u32::as_bytes(slots)),
             q_out.clone(),
             k_cache.clone(),
@@ -247,15 +260,17 @@ mod tests {
             kv_heads,
             head_dim,
             cache_slots,
+            positions: table_rows,
         };
         launch(&client, handles, shape, strides, f32_type).unwrap();
         let q_got = gl::download(&client, q_out);
         let (k_got, v_got) = (gl::download(&client, k_cache), gl::download(&client, v_cache));
         let (mut q_want, mut k_want, mut v_want) = (Vec::new(), k_before, v_before);
         for (t, &slot) in slots.iter().enumerate() {
+            let p = positions[t] as usize;
             let (c, s) = (
-                &cos[t * head_dim..(t + 1) * head_dim],
-                &sin[t * head_dim..(t + 1) * head_dim],
+                &cos[p * head_dim..(p + 1) * head_dim],
+                &sin[p * head_dim..(p + 1) * head_dim],
             );
             for h in 0..heads {
                 q_want.extend(rope_row(&part(t, h * head_dim, head_dim), c, s));
@@ -305,6 +320,7 @@ mod tests {
             kv_heads: 1,
             head_dim,
             cache_slots: 2,
+            positions: 1,
         };
         let strides = |q| QkvStrides { q, k: 4, v: 4 };
         assert!(launch(&client, handles(), shape(3), strides(3), f32_type).is_err());
