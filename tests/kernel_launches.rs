@@ -50,10 +50,11 @@ fn launches(log: &PathBuf, from: usize) -> (usize, BTreeMap<String, usize>) {
 /// Per decode step at batch 1 of the 2-layer fixture in f16, served as `[cuda]` says (but for
 /// cuBLAS): 8 launches per layer with the GPU's defaults (RMSNorm, q/k/v GEMV, RoPE and K/V
 /// write, attention, o GEMV, add + RMSNorm, gate/up GEMV with its activation, down GEMV) and 5
-/// with `fused_norm_gemv`; 5 per step besides (the embedding's gather, the final norm,
-/// `lm_head`, the logits' cast to f32 and the argmax: the kernels that RoPE read its tables at
-/// each row's position, so no launch gathers the step's rows of them). A 16-layer
-/// Llama-3.2-1B: 133 and 85.
+/// with `fused_norm_gemv`; 4 per step besides (the embedding's gather, the final norm,
+/// `lm_head` and the argmax: the kernels that RoPE read its tables at each row's position, so no
+/// launch gathers the step's rows of them, and the argmax reads the logits in the model's type,
+/// so none casts them). Steps run as the executor runs them (`forward_fed`). A 16-layer
+/// Llama-3.2-1B: 132 and 84.
 #[test]
 fn kernels_launched_per_decode_step_are_counted() {
     let log = std::env::temp_dir().join(format!("inferflux-launches-{}.log", std::process::id()));
@@ -102,18 +103,39 @@ fn kernels_launched_per_decode_step_are_counted() {
         };
         let read = |ids: Tensor<B, 1, Int>| ids.into_data().to_vec::<i32>().unwrap()[0] as u32;
         let prompt = vec![1, 381, 362, 14, 262];
-        let mut next = read(argmax(model.forward(&mut cache, &[chunk(prompt.clone(), 0)])).unwrap());
+        let mut next = read(
+            argmax(
+                model
+                    .forward_fed(&mut cache, &[chunk(prompt.clone(), 0)], None)
+                    .unwrap(),
+            )
+            .unwrap(),
+        );
         // One decode first, so that every kernel a decode runs is compiled before the count.
-        next = read(argmax(model.forward(&mut cache, &[chunk(vec![next], prompt.len())])).unwrap());
+        next = read(
+            argmax(
+                model
+                    .forward_fed(&mut cache, &[chunk(vec![next], prompt.len())], None)
+                    .unwrap(),
+            )
+            .unwrap(),
+        );
         let (before, _) = launches(&log, 0);
         for pos in prompt.len() + 1..prompt.len() + 1 + DECODES {
-            next = read(argmax(model.forward(&mut cache, &[chunk(vec![next], pos)])).unwrap());
+            next = read(
+                argmax(
+                    model
+                        .forward_fed(&mut cache, &[chunk(vec![next], pos)], None)
+                        .unwrap(),
+                )
+                .unwrap(),
+            );
         }
         let (after, by_name) = launches(&log, before);
         let per_step = (after - before) as f64 / DECODES as f64;
         assert_eq!(
             per_step,
-            (per_layer * layers + 5) as f64,
+            (per_layer * layers + 4) as f64,
             "norm-GEMV {norm_gemv}: launches per decode step, by kernel over {DECODES} steps: {by_name:?}"
         );
     }

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::prelude::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::model::draw::{DeviceDraw, DeviceSampling, EditRow, LogprobsRow};
 use crate::sampling::{LogitEdit, RowSampling, SampledLogprobs};
@@ -32,7 +32,9 @@ pub struct StepOutput {
 }
 
 impl StepOutput {
-    /// Splits `logits` (`[rows, vocab]`, f32) by `plan` (one per row) and `edits` (per row,
+    /// Splits `logits` (`[rows, vocab]`, of any float type: the argmax reads them as they are,
+    /// everything else an f32 copy cast once, and only where a row needs it) by `plan` (one per
+    /// row) and `edits` (per row,
     /// `sampling::logit_edits`; a row past the slice has none). Without a draw hook, or when it
     /// fails, `DeviceDraw` rows go to the host; so do device rows that ask for logprobs without
     /// a logprobs hook, or when it fails, and rows with edits without an edit hook, or when it
@@ -107,6 +109,18 @@ impl<B: Backend> UnreadOutput<B> {
             ));
         }
         let device = logits.device();
+        // The head's output in the model's type: the argmax reads it as it is; the draws, the
+        // edits, the logprobs and the host read an f32 copy, cast at the first that asks (so a
+        // greedy step launches no cast).
+        let raw = logits;
+        let cast = std::cell::OnceCell::new();
+        let logits = || -> Tensor<B, 2> {
+            cast.get_or_init(|| match raw.dtype() {
+                DType::F32 => raw.clone(),
+                _ => raw.clone().cast(DType::F32),
+            })
+            .clone()
+        };
         let edits_of = |r: usize| edits.get(r).map_or(&[][..], |e| &e[..]);
         let on_device_plan = |r: usize| plan[r] != RowSampling::Host;
         // Rows whose logits bias, the `min_tokens` mask or penalties change: chosen from edited
@@ -125,7 +139,7 @@ impl<B: Backend> UnreadOutput<B> {
                         fed_at: fed_at(row),
                     })
                     .collect();
-                f(logits.clone(), &list, fed.map(|f| f.ids))
+                f(logits(), &list, fed.map(|f| f.ids))
                     .inspect_err(
                         |e| tracing::warn!(error = %e, "device logit edits failed: the host samples those rows"),
                     )
@@ -139,14 +153,14 @@ impl<B: Backend> UnreadOutput<B> {
             len: 0,
             id_at: vec![None; rows],
         };
-        let raw: Vec<(usize, usize)> = (0..rows)
+        let unedited: Vec<(usize, usize)> = (0..rows)
             .filter(|&r| on_device_plan(r) && edits_of(r).is_empty())
             .map(|r| (r, r))
             .collect();
-        chosen.choose(&logits, &raw, plan, hooks);
+        chosen.choose((&raw, logits), &unedited, plan, hooks);
         if let Some(edited) = &edited {
             let members: Vec<(usize, usize)> = edited_rows.iter().enumerate().map(|(i, &r)| (r, i)).collect();
-            chosen.choose(edited, &members, plan, hooks);
+            chosen.choose((edited, || edited.clone()), &members, plan, hooks);
         }
         let Chosen {
             mut segments, id_at, ..
@@ -168,7 +182,7 @@ impl<B: Backend> UnreadOutput<B> {
             .collect();
         let top = plan.iter().filter_map(RowSampling::logprobs).max().unwrap_or(0);
         let logprobs = match (&hooks.logprobs, &ids, asking.is_empty()) {
-            (Some(f), Some(ids), false) => f(logits.clone(), ids.clone(), &asking, top)
+            (Some(f), Some(ids), false) => f(logits(), ids.clone(), &asking, top)
                 .inspect_err(
                     |e| tracing::warn!(error = %e, "device logprobs failed: the host samples those rows"),
                 )
@@ -179,10 +193,10 @@ impl<B: Backend> UnreadOutput<B> {
         let on_host: Vec<i32> = (0..rows).filter(|&r| !on_device(r)).map(|r| r as i32).collect();
         let host = match on_host.len() {
             0 => None,
-            n if n == rows => Some(logits),
+            n if n == rows => Some(logits()),
             n => {
                 let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(on_host, [n]), &device);
-                Some(logits.select(0, idx))
+                Some(logits().select(0, idx))
             }
         };
         let id_at = (0..rows).map(|r| id_at[r].filter(|_| on_device(r))).collect();
@@ -275,11 +289,11 @@ struct Chosen<B: Backend> {
 impl<B: Backend> Chosen<B> {
     /// Chooses the tokens of `members` (`(row, its row in src)`) from `src`: the argmax of the
     /// greedy ones (one id per row of `src`: the hook's, or burn's when there is none or it
-    /// fails, warned once), then the draws of the temperature ones when a draw hook is set and
-    /// succeeds.
+    /// fails, warned once), then the draws of the temperature ones, from `src` in f32
+    /// (`src_f32`), when a draw hook is set and succeeds.
     fn choose(
         &mut self,
-        src: &Tensor<B, 2>,
+        (src, src_f32): (&Tensor<B, 2>, impl FnOnce() -> Tensor<B, 2>),
         members: &[(usize, usize)],
         plan: &[RowSampling],
         hooks: &DeviceSampling<B>,
@@ -332,7 +346,7 @@ impl<B: Backend> Chosen<B> {
         let Some(f) = hooks.draw.as_ref().filter(|_| !draws.is_empty()) else {
             return;
         };
-        match f(src.clone(), &draws) {
+        match f(src_f32(), &draws) {
             Ok(ids) => {
                 for (k, r) in drawn.into_iter().enumerate() {
                     self.id_at[r] = Some(self.len + k);
@@ -768,5 +782,112 @@ mod tests {
             assert_eq!(out.device[r], Some(sampling::argmax(&want)), "row {r}");
             assert_ne!(out.device[r], Some(t), "row {r}: the fed token was penalised");
         }
+    }
+
+    /// Logits in the model's type (here f16) as `forward_fed` leaves them: the argmax hook reads
+    /// them as they are, and the draw, the edits, the logprobs and the host read f32 copies of
+    /// the same values, so every row's choice is what it would be from f32 logits.
+    #[test]
+    fn sampling_step_output_reads_half_precision_logits() {
+        use crate::model::draw::{draw_on_host, edit_on_host, logprobs_on_host};
+        use crate::model::draw::{DeviceEditFn, DeviceLogprobsFn};
+        use crate::sampling::{DrawCuts, LogitEdit};
+        use std::sync::{Arc, Mutex};
+        // Eighths within ±8: exact in f16, so the f32 references below see the same values.
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|r| {
+                (0..300)
+                    .map(|i| ((i * 37 + r * 11) % 129) as f32 / 8.0 - 8.0)
+                    .collect()
+            })
+            .collect();
+        let half = Tensor::<Flex, 2>::from_data(
+            TensorData::new(rows.concat(), [rows.len(), 300]),
+            (&Default::default(), DType::F16),
+        );
+        assert_eq!(half.dtype(), DType::F16);
+        // Each hook records the type it was given, then runs as the host's reference.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let saw = |what: &'static str| {
+            let seen = seen.clone();
+            move |t: &Tensor<Flex, 2>| seen.lock().unwrap().push((what, t.dtype()))
+        };
+        let on_argmax = saw("argmax");
+        let argmax: DeviceArgmaxFn<Flex> = Arc::new(move |t| {
+            on_argmax(&t);
+            Ok(t.argmax(1).flatten(0, 1))
+        });
+        let on_draw = saw("draw");
+        let draw: DeviceDrawFn<Flex> = Arc::new(move |t, d| {
+            on_draw(&t);
+            draw_on_host(t, d)
+        });
+        let on_logprobs = saw("logprobs");
+        let logprobs: DeviceLogprobsFn<Flex> = Arc::new(move |t, ids, r, top| {
+            on_logprobs(&t);
+            logprobs_on_host(t, ids, r, top)
+        });
+        let on_edit = saw("edit");
+        let edit: DeviceEditFn<Flex> = Arc::new(move |t, r, fed| {
+            on_edit(&t);
+            edit_on_host(t, r, fed)
+        });
+        let hooks = DeviceSampling {
+            argmax: Some(argmax),
+            draw: Some(draw),
+            logprobs: Some(logprobs),
+            edit: Some(edit),
+        };
+        // Greedy only: the argmax reads f16, and nothing else runs.
+        let out = StepOutput::read(half.clone(), &[RowSampling::GREEDY; 4], &[], &hooks).unwrap();
+        let want: Vec<Option<u32>> = rows.iter().map(|r| Some(sampling::argmax(r))).collect();
+        assert_eq!(out.device, want);
+        assert_eq!(*seen.lock().unwrap(), [("argmax", DType::F16)]);
+        seen.lock().unwrap().clear();
+        // Row 0 greedy with logprobs, row 1 a draw, row 2 greedy with its argmax banned, row 3
+        // the host's.
+        let best2 = sampling::argmax(&rows[2]);
+        let edits = vec![
+            Vec::new(),
+            Vec::new(),
+            vec![LogitEdit::Ban { id: best2 }],
+            Vec::new(),
+        ];
+        let plan = [
+            RowSampling::DeviceArgmax { logprobs: Some(2) },
+            RowSampling::DeviceDraw {
+                temperature: 0.9,
+                cuts: DrawCuts::NONE,
+                key: 5,
+                logprobs: None,
+            },
+            RowSampling::GREEDY,
+            RowSampling::Host,
+        ];
+        let out = StepOutput::read(half, &plan, &edits, &hooks).unwrap();
+        let best0 = sampling::argmax(&rows[0]);
+        let mut banned = rows[2].clone();
+        banned[best2 as usize] = f32::NEG_INFINITY;
+        assert_eq!(
+            out.device,
+            vec![
+                Some(best0),
+                Some(sampling::device_draw(&rows[1], 0.9, DrawCuts::NONE, 5)),
+                Some(sampling::argmax(&banned)),
+                None
+            ]
+        );
+        assert_eq!(out.logprobs[0], Some(sampling::raw_logprobs(&rows[0], best0, 2)));
+        assert_eq!(out.host_rows, rows[3], "the host row, in f32");
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort_by_key(|&(what, dtype)| (what, format!("{dtype:?}")));
+        let want = [
+            ("argmax", DType::F16),
+            ("argmax", DType::F32),
+            ("draw", DType::F32),
+            ("edit", DType::F32),
+            ("logprobs", DType::F32),
+        ];
+        assert_eq!(seen, want, "the raw logits' argmax, then the edited copy's");
     }
 }

@@ -24,10 +24,12 @@ use super::kernels::sample;
 pub fn device_argmax<R: CubeRuntime>() -> DeviceArgmaxFn<Cube<R>> {
     Arc::new(|logits: Tensor<Cube<R>, 2>| {
         let [rows, vocab] = logits.dims();
-        if logits.dtype() != DType::F32 {
-            return Err(format!("{:?} logits (the argmax reads f32)", logits.dtype()));
+        // Any float type: the head's output as it is, with no launch to cast it.
+        if !logits.dtype().is_float() {
+            return Err(format!("{:?} logits (the argmax reads floats)", logits.dtype()));
         }
         let logits = contiguous(logits.into_primitive().tensor(), "argmax logits");
+        let dtype = logits.dtype.into();
         let ids = empty_device_contiguous_dtype(
             logits.client.clone(),
             logits.device.clone(),
@@ -35,7 +37,7 @@ pub fn device_argmax<R: CubeRuntime>() -> DeviceArgmaxFn<Cube<R>> {
             DType::I32,
         );
         let handles = [logits.handle.clone(), ids.handle.clone()];
-        sample::launch_argmax(&logits.client, handles, (rows, vocab)).map_err(|e| e.0)?;
+        sample::launch_argmax(&logits.client, handles, (rows, vocab), dtype).map_err(|e| e.0)?;
         Ok(Tensor::from_primitive(ids))
     })
 }

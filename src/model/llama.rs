@@ -696,6 +696,7 @@ impl<B: Backend> Llama<B> {
     /// elements fails, use [`Self::forward_fed`]).
     pub fn forward(&self, cache: &mut PagedKvCache<B>, chunks: &[SequenceChunk]) -> Tensor<B, 2> {
         self.forward_fed(cache, chunks, None)
+            .map(|logits| logits.cast(DType::F32))
             .unwrap_or_else(|| Tensor::empty([0, self.config.vocab_size], (&self.device, DType::F32)))
     }
 
@@ -703,7 +704,9 @@ impl<B: Backend> Llama<B> {
     /// rank only: a vocabulary-sharded embedding looks its tokens up on the host), and `None`
     /// for a step whose chunks want no logits (the chunks of a prompt before its last): such a
     /// step ends at the last layer's K/V writes. The head would run on zero rows otherwise,
-    /// and CUDA refuses a launch of zero cubes (`CUDA_ERROR_INVALID_VALUE`).
+    /// and CUDA refuses a launch of zero cubes (`CUDA_ERROR_INVALID_VALUE`). The logits are the
+    /// head's output as it is, in the model's dtype (f32 with a sharded vocabulary, gathered on
+    /// the host): a greedy step's argmax reads them so, and only what needs f32 casts them.
     pub fn forward_fed(
         &self,
         cache: &mut PagedKvCache<B>,
@@ -828,10 +831,10 @@ impl<B: Backend> Llama<B> {
             (false, Some(rows)) => x.select(0, rows),
             (false, None) => return None,
         };
-        let logits = self.project(x, &self.lm_head).cast(DType::F32);
+        let logits = self.project(x, &self.lm_head);
         Some(match &self.comm {
             None => logits,
-            Some(comm) => shard::gather_logits(&**comm, logits, self.shard.vocab_size),
+            Some(comm) => shard::gather_logits(&**comm, logits.cast(DType::F32), self.shard.vocab_size),
         })
     }
 

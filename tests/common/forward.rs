@@ -19,7 +19,7 @@ pub fn block_table(seq: usize, n_seqs: usize, tokens: usize) -> Vec<u32> {
 /// The rows of a `[rows, vocab]` logits tensor.
 pub fn logits_rows<B: Backend>(t: Tensor<B, 2>) -> Vec<Vec<f32>> {
     let [rows, cols] = t.dims();
-    let v = t.into_data().to_vec::<f32>().unwrap();
+    let v = t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
     (0..rows).map(|r| v[r * cols..(r + 1) * cols].to_vec()).collect()
 }
 

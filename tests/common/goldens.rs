@@ -122,8 +122,8 @@ pub fn greedy_batched_by<B: Backend>(
 
 /// Greedy decoding of every prompt at once on `cache`: one batched prefill (each prompt cut into
 /// chunks of `chunk` tokens, so a step may want no logits), then batched decode steps until each
-/// has `steps` tokens; `pick` chooses a step's tokens from its `[rows, vocab]` logits, a row per
-/// chunk that ends its prompt or decodes.
+/// has `steps` tokens; `pick` chooses a step's tokens from its `[rows, vocab]` logits (the
+/// model's dtype), a row per chunk that ends its prompt or decodes.
 pub fn greedy_chunked<B: Backend>(
     model: &Llama<B>,
     cache: &mut PagedKvCache<B>,
@@ -150,7 +150,11 @@ pub fn greedy_chunked<B: Backend>(
             });
             owners.push((i, end));
         }
-        let picked = pick(model.forward(cache, &chunks));
+        // As the executor runs a step: the head's logits in the model's type, none for a step
+        // that wants none.
+        let picked = model
+            .forward_fed(cache, &chunks, None)
+            .map_or_else(Vec::new, &mut pick);
         let mut next_of = picked.into_iter();
         for (chunk, (i, end)) in chunks.iter().zip(owners) {
             computed[i] = end;

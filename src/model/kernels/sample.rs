@@ -462,9 +462,16 @@ pub fn launch_edits<R: Runtime>(
 }
 
 /// The argmax of each logits row, one cube per row: what greedy rows need, with the same
-/// tie-break as the host's sampler (the lowest id).
+/// tie-break as the host's sampler (the lowest id). It reads the logits in the model's type, so
+/// that a greedy step needs no launch to cast them to f32 first; the cast is exact, so the
+/// choice is the same.
 #[cube(launch_unchecked)]
-fn argmax_kernel(logits: &Array<f32>, ids: &mut Array<i32>, vocab: u32) {
+fn argmax_kernel<F: Float>(
+    logits: &Array<F>,
+    ids: &mut Array<i32>,
+    vocab: u32,
+    #[define(F)] _dtype: StorageType,
+) {
     let (r, u) = (CUBE_POS_X as usize, UNIT_POS_X as usize);
     let vocab = vocab as usize;
     let base = r * vocab;
@@ -473,7 +480,7 @@ fn argmax_kernel(logits: &Array<f32>, ids: &mut Array<i32>, vocab: u32) {
     let mut i = u;
     while i < vocab {
         // Coalesced: the cube's units read 256 neighbouring logits per pass.
-        let score = logits[base + i];
+        let score = f32::cast_from(logits[base + i]);
         if score > best_score {
             best_score = score;
             best_id = i as u32;
@@ -486,8 +493,8 @@ fn argmax_kernel(logits: &Array<f32>, ids: &mut Array<i32>, vocab: u32) {
     }
 }
 
-/// Queues the argmax of each of `rows` contiguous f32 rows of `vocab` in `logits`, into `ids`
-/// (i32, one per row).
+/// Queues the argmax of each of `rows` contiguous rows of `vocab` in `logits` (of `dtype`, a
+/// float), into `ids` (i32, one per row).
 ///
 /// Why: burn 0.21's `argmax`, without autotune, reduces each row with a single unit (cubek's
 /// `Unit` routine): one thread walks 128,256 logits, a serial pass of milliseconds per step.
@@ -495,13 +502,14 @@ pub fn launch_argmax<R: Runtime>(
     client: &ComputeClient<R>,
     [logits, ids]: [cubecl::server::Handle; 2],
     (rows, vocab): (usize, usize),
+    dtype: StorageType,
 ) -> Result<(), Refused> {
     if rows == 0 {
         return Ok(());
     }
     let cubes = cube_per_row(rows, rows, vocab)
         .ok_or_else(|| Refused(format!("the argmax of {rows} rows of {vocab}")))?;
-    // SAFETY: `logits` holds `rows * vocab` f32 and `ids` `rows` i32 (the caller's contract);
+    // SAFETY: `logits` holds `rows * vocab` of `dtype` and `ids` `rows` i32 (the caller's contract);
     // cube `r` reads row `r` below `vocab` and writes `ids[r]`.
     unsafe {
         argmax_kernel::launch_unchecked::<R>(
@@ -511,6 +519,7 @@ pub fn launch_argmax<R: Runtime>(
             ArrayArg::from_raw_parts(logits, rows * vocab),
             ArrayArg::from_raw_parts(ids, rows),
             vocab as u32,
+            dtype,
         );
     }
     Ok(())
@@ -731,7 +740,13 @@ mod tests {
         logits[3 * vocab..4 * vocab].fill(0.25);
         let ids = client.empty(rows * 4);
         let handles = [gl::upload(&client, &logits), ids.clone()];
-        launch_argmax(&client, handles, (rows, vocab)).unwrap();
+        launch_argmax(
+            &client,
+            handles,
+            (rows, vocab),
+            f32::as_type_native_unchecked().storage_type(),
+        )
+        .unwrap();
         let got = i32::from_bytes(&client.read_one(ids).expect("read back the ids")).to_vec();
         let want: Vec<i32> = logits
             .chunks(vocab)
@@ -906,6 +921,12 @@ mod tests {
         let handles = std::array::from_fn(|_| gl::upload(&client, &[0.0; 4]));
         assert!(launch(&client, handles, (1, 1, 0), false).is_err());
         let handles = std::array::from_fn(|_| gl::upload(&client, &[0.0; 4]));
-        assert!(launch_argmax(&client, handles, (1, 0)).is_err());
+        assert!(launch_argmax(
+            &client,
+            handles,
+            (1, 0),
+            f32::as_type_native_unchecked().storage_type()
+        )
+        .is_err());
     }
 }
