@@ -13,7 +13,7 @@ use cubecl_wgpu::{WgpuDevice, WgpuRuntime};
 use inferflux::config::CudaConfig;
 use inferflux::model::cuda_gemm::{Cube, GemmKernel};
 use inferflux::model::serving_kernels::ServingKernels;
-use inferflux::model::{KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
+use inferflux::model::{FedTokens, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk};
 
 type B = Cube<WgpuRuntime>;
 
@@ -85,15 +85,17 @@ fn kernels_launched_per_decode_step_are_counted() {
             .clone()
             .expect("device argmax is on");
         let c = model.config();
-        let mut cache = PagedKvCache::<B>::new(
-            c.num_layers,
-            64,
-            4,
-            c.num_kv_heads * c.head_dim,
-            &device,
-            DType::F16,
-            KvStorage::Device,
-        );
+        let new_cache = || {
+            PagedKvCache::<B>::new(
+                c.num_layers,
+                64,
+                4,
+                c.num_kv_heads * c.head_dim,
+                &device,
+                DType::F16,
+                KvStorage::Device,
+            )
+        };
         let table: Vec<u32> = (0..16).rev().collect();
         let chunk = |tokens: Vec<u32>, start_pos: usize| SequenceChunk {
             tokens,
@@ -101,42 +103,60 @@ fn kernels_launched_per_decode_step_are_counted() {
             block_table: table.clone(),
             wants_logits: true,
         };
-        let read = |ids: Tensor<B, 1, Int>| ids.into_data().to_vec::<i32>().unwrap()[0] as u32;
+        let read = |ids: &Tensor<B, 1, Int>| ids.clone().into_data().to_vec::<i32>().unwrap()[0] as u32;
         let prompt = vec![1, 381, 362, 14, 262];
-        let mut next = read(
-            argmax(
-                model
-                    .forward_fed(&mut cache, &[chunk(prompt.clone(), 0)], None)
-                    .unwrap(),
-            )
-            .unwrap(),
-        );
-        // One decode first, so that every kernel a decode runs is compiled before the count.
-        next = read(
-            argmax(
-                model
-                    .forward_fed(&mut cache, &[chunk(vec![next], prompt.len())], None)
-                    .unwrap(),
-            )
-            .unwrap(),
-        );
-        let (before, _) = launches(&log, 0);
-        for pos in prompt.len() + 1..prompt.len() + 1 + DECODES {
-            next = read(
-                argmax(
-                    model
-                        .forward_fed(&mut cache, &[chunk(vec![next], pos)], None)
-                        .unwrap(),
-                )
-                .unwrap(),
-            );
-        }
-        let (after, by_name) = launches(&log, before);
-        let per_step = (after - before) as f64 / DECODES as f64;
+        // The prompt, then decodes at batch 1. Fed: each step's token taken on the device from
+        // the previous step's argmax, nothing read back in between, as the executor overlaps
+        // steps; else read back and uploaded. The first decode compiles every kernel a decode
+        // runs; the launches of the next `DECODES` are counted.
+        let decode = |fed: bool| -> (Vec<u32>, f64, BTreeMap<String, usize>) {
+            let mut cache = new_cache();
+            let mut step = |tokens: Vec<u32>, pos: usize, feed: Option<FedTokens<B>>| {
+                let logits = model.forward_fed(&mut cache, &[chunk(tokens, pos)], feed.as_ref());
+                argmax(logits.unwrap()).unwrap()
+            };
+            let mut ids = vec![step(prompt.clone(), 0, None)];
+            let mut before = 0;
+            for pos in prompt.len()..prompt.len() + 1 + DECODES {
+                if pos == prompt.len() + 1 {
+                    // Read, so that everything queued so far has run (and been logged).
+                    read(ids.last().unwrap());
+                    before = launches(&log, 0).0;
+                }
+                let last = ids.last().unwrap().clone();
+                let next = match fed {
+                    true => step(
+                        vec![0],
+                        pos,
+                        Some(FedTokens {
+                            ids: last,
+                            last_of_chunk: vec![(0, 0)],
+                        }),
+                    ),
+                    false => step(vec![read(&last)], pos, None),
+                };
+                ids.push(next);
+            }
+            let tokens = ids.iter().map(read).collect();
+            let (after, by_name) = launches(&log, before);
+            (tokens, (after - before) as f64 / DECODES as f64, by_name)
+        };
+        let (host_fed, per_step, by_name) = decode(false);
         assert_eq!(
             per_step,
             (per_layer * layers + 4) as f64,
             "norm-GEMV {norm_gemv}: launches per decode step, by kernel over {DECODES} steps: {by_name:?}"
+        );
+        let (device_fed, per_step, by_name) = decode(true);
+        assert_eq!(
+            device_fed, host_fed,
+            "norm-GEMV {norm_gemv}: the tokens fed on the device"
+        );
+        assert_eq!(
+            per_step,
+            (per_layer * layers + 4) as f64,
+            "norm-GEMV {norm_gemv}: launches per decode step fed on the device, by kernel over \
+             {DECODES} steps: {by_name:?}"
         );
     }
     let _ = std::fs::remove_file(&log);

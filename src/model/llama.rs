@@ -1455,12 +1455,12 @@ fn slot_of(block_table: &[u32], page_size: usize, pos: usize) -> i32 {
     (block_table[pos / page_size] as usize * page_size + pos % page_size) as i32
 }
 
-/// A 1-D upload, contiguous on every backend; reshape it for more dimensions. (cubecl uploads a
-/// 2-D tensor with its rows padded to an alignment, which the CUDA kernels' adapters then copy
-/// to contiguous on every use: the block tables cost a copy per layer per step that way.)
 /// The step's token ids on the device: `tokens`, with the fed-back ones taken from `fed.ids`
-/// (`last_token[chunk]` is where chunk `chunk`'s last token is in `tokens`). One gather over
-/// `tokens ++ fed.ids`, so nothing waits for the step that sampled them.
+/// (`last_token[chunk]` is where chunk `chunk`'s last token is in `tokens`), so nothing waits for
+/// the step that sampled them. A step of decodes whose every token is fed (overlapped decoding's
+/// steady state) takes the fed ids as they are when they are in its order (no launch, no
+/// upload), else one gather of them; a step with tokens of its own gathers over
+/// `tokens ++ fed.ids` (a concatenation and a gather, two uploads).
 fn fed_token_ids<B: Backend>(
     tokens: Vec<i32>,
     last_token: &[usize],
@@ -1468,15 +1468,33 @@ fn fed_token_ids<B: Backend>(
     device: &B::Device,
 ) -> Tensor<B, 1, Int> {
     let n = tokens.len();
-    let mut gather: Vec<i32> = (0..n as i32).collect();
+    // The fed ids in the backend's own int type (the argmax kernel's are i32).
+    let dtype = <B::IntElem as burn::tensor::Element>::dtype();
+    let ids = || match fed.ids.dtype() == dtype {
+        true => fed.ids.clone(),
+        false => fed.ids.clone().cast(dtype),
+    };
+    let mut fed_at: Vec<Option<i32>> = vec![None; n];
     for &(chunk, at) in &fed.last_of_chunk {
-        gather[last_token[chunk]] = (n + at) as i32;
+        fed_at[last_token[chunk]] = Some(at as i32);
     }
+    if let Some(at) = fed_at.iter().copied().collect::<Option<Vec<i32>>>() {
+        let in_order = at.iter().enumerate().all(|(i, &a)| a == i as i32);
+        return match in_order && fed.ids.dims()[0] == n {
+            true => ids(),
+            false => ids().select(0, int_tensor(at, device)),
+        };
+    }
+    let gather: Vec<i32> = (0..n)
+        .map(|i| fed_at[i].map_or(i as i32, |at| n as i32 + at))
+        .collect();
     let host = int_tensor(tokens, device);
-    let dtype = host.dtype();
-    Tensor::cat(vec![host, fed.ids.clone().cast(dtype)], 0).select(0, int_tensor(gather, device))
+    Tensor::cat(vec![host.clone(), ids().cast(host.dtype())], 0).select(0, int_tensor(gather, device))
 }
 
+/// A 1-D upload, contiguous on every backend; reshape it for more dimensions. (cubecl uploads a
+/// 2-D tensor with its rows padded to an alignment, which the CUDA kernels' adapters then copy
+/// to contiguous on every use: the block tables cost a copy per layer per step that way.)
 fn int_tensor<B: Backend>(values: Vec<i32>, device: &B::Device) -> Tensor<B, 1, Int> {
     let n = values.len();
     Tensor::from_data(TensorData::new(values, [n]), device)
