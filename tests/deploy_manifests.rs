@@ -286,7 +286,9 @@ fn small_pool(s: &mut Settings) {
 
 #[tokio::test]
 async fn deploy_dashboard_queries_name_only_exported_series() {
-    let base = &common::start(small_pool).base;
+    // Slowed, so that the streams meet in the pool and preempt (the dashboard's preemption
+    // series exists only after one) however fast the machine serves.
+    let base = &common::start_slowed(small_pool, 2).await.base;
     let goldens = common::goldens();
     let streams: Vec<_> = goldens
         .prompts

@@ -117,7 +117,12 @@ async fn unified_batch_http_outputs_are_batch_invariant() {
         ),
     ];
     for (name, tweak, preempts) in configs {
-        let server = start(tweak);
+        // Where the wave must meet in the pool to preempt, steps are slowed, so that it does
+        // however fast the machine serves.
+        let server = match preempts {
+            true => common::start_slowed(tweak, 2).await,
+            false => start(tweak),
+        };
         let got = all_at_once(&server.base, &prompts).await;
         for (i, (g, s)) in got.iter().zip(&solo).enumerate() {
             assert_eq!(g, s, "{name}: request {i} differs from its solo output");
@@ -209,10 +214,11 @@ async fn unified_batch_http_async_scheduling_changes_no_output() {
             s.scheduler.overlap_steps = overlap_steps;
         }
     };
-    let one_step = start(tiny_pool(false, OverlapSteps::Off));
-    let ahead = start(tiny_pool(true, OverlapSteps::Off));
+    // Slowed, so that each wave meets in the pool and preempts however fast the machine serves.
+    let one_step = common::start_slowed(tiny_pool(false, OverlapSteps::Off), 2).await;
+    let ahead = common::start_slowed(tiny_pool(true, OverlapSteps::Off), 2).await;
     // Held steps whose sampled rows the host feeds back (the CPU draws on the host).
-    let overlapped = start(tiny_pool(true, OverlapSteps::On));
+    let overlapped = common::start_slowed(tiny_pool(true, OverlapSteps::On), 2).await;
     let no_stops = vec![None; prompts.len()];
     let want = all_sampled_at_once(&one_step.base, &prompts, &no_stops).await;
     let got = all_sampled_at_once(&ahead.base, &prompts, &no_stops).await;

@@ -8,10 +8,15 @@ use serde_json::json;
 
 #[tokio::test]
 async fn paged_kv_disconnect_frees_pages() {
-    let server = common::start(|s| {
-        s.kv.num_pages = 64;
-        s.kv.page_size = 4;
-    });
+    // Slowed, so that the stream is surely still running when the client hangs up.
+    let server = common::start_slowed(
+        |s| {
+            s.kv.num_pages = 64;
+            s.kv.page_size = 4;
+        },
+        10,
+    )
+    .await;
     let base = &server.base;
     let body = json!({ "prompt": "Once upon a time in a land far away", "max_tokens": 200, "temperature": 0, "stream": true });
     let resp = common::post_completion(base, &body).await;

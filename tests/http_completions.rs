@@ -14,6 +14,8 @@ use serde_json::json;
 fn server() -> &'static TestServer {
     static SERVER: OnceLock<TestServer> = OnceLock::new();
     SERVER.get_or_init(|| {
+        // The fault hook, so that the concurrent test can slow the steps.
+        std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
         start(|s| {
             s.kv.num_pages = 40;
             s.kv.page_size = 4;
@@ -59,6 +61,9 @@ async fn http_eight_concurrent_streams_match_solo() {
     for p in &prompts {
         solo.push(stream_completion(&base, greedy(p)).await.text);
     }
+    // Slowed while the streams run, so that they meet in the pool and preempt however fast the
+    // machine serves (the other tests here share the server).
+    common::set_step_delay(&base, 2).await;
     let handles: Vec<_> = prompts
         .iter()
         .map(|p| {
@@ -71,6 +76,7 @@ async fn http_eight_concurrent_streams_match_solo() {
         assert_eq!(got.text, solo[i], "concurrent stream {i} ({:?})", prompts[i]);
         assert_eq!(got.finish_reason(), Some("length"));
     }
+    common::set_step_delay(&base, 0).await;
     let metrics = common::metrics_text(&base).await;
     assert!(
         metrics.contains("inferflux_num_preemptions_total"),

@@ -5,7 +5,6 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::start;
 use inferflux::actors::intake::api_key_client;
 use serde_json::json;
 
@@ -19,13 +18,15 @@ async fn unified_batch_http_late_client_is_served_before_the_backlog() {
     // Each step slowed (the fault hook's delay, whose routes no other assertion here uses), so
     // that A's backlog builds up however fast the machine serves it: without it, a fast run
     // finished A's first requests before the last arrived, and the wait below never ended.
-    std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
-    let server = start(|s| {
-        s.scheduler.max_running = 2;
-        s.scheduler.fairness_half_life_steps = 32;
-    });
+    let server = common::start_slowed(
+        |s| {
+            s.scheduler.max_running = 2;
+            s.scheduler.fairness_half_life_steps = 32;
+        },
+        2,
+    )
+    .await;
     let base = server.base.clone();
-    common::set_step_delay(&base, 2).await;
     // A authenticates with an API key; B names itself with `user`.
     let key_a = "sk-test-alice-0123456789";
     let client_a = api_key_client(key_a);

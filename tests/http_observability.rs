@@ -29,7 +29,7 @@ fn header(resp: &reqwest::Response) -> String {
 
 #[tokio::test]
 async fn observability_request_id_is_taken_from_the_client_and_returned() {
-    let server = start(|_| {});
+    let server = common::start_slowed(|_| {}, 0).await;
     let base = &server.base;
     let body = json!({ "prompt": "hello", "max_tokens": 3, "temperature": 0 });
 
@@ -65,7 +65,8 @@ async fn observability_request_id_is_taken_from_the_client_and_returned() {
     assert_eq!(resp.status(), 404);
     assert!(header(&resp).starts_with("req-"));
 
-    // An operator cancels by the client's id.
+    // An operator cancels by the client's id, while the request surely still runs.
+    common::set_step_delay(base, 10).await;
     let slow = json!({ "prompt": "hello", "max_tokens": 200, "ignore_eos": true, "stream": true });
     let resp = post_with_id(base, "/v1/completions", Some("cancel-me"), slow).await;
     let mut events = resp.bytes_stream().eventsource();

@@ -21,10 +21,15 @@ async fn post(base: &str, path: &str, body: Option<serde_json::Value>) -> (u16, 
 
 #[tokio::test]
 async fn unified_batch_http_cancel_by_request_id_aborts_and_frees_pages() {
-    let server = start(|s| {
-        s.kv.num_pages = 64;
-        s.kv.page_size = 4;
-    });
+    // Slowed, so that the request surely still runs when the cancel comes.
+    let server = common::start_slowed(
+        |s| {
+            s.kv.num_pages = 64;
+            s.kv.page_size = 4;
+        },
+        5,
+    )
+    .await;
     let base = &server.base;
     // Two choices share the request id; cancelling it aborts both.
     let body = json!({ "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": true,
@@ -141,10 +146,8 @@ async fn unified_batch_http_stream_keeps_decoding_during_a_long_prefill() {
     // The long prompt's submission races the stream's steps, so every step is slowed (the fault
     // hook's delay, whose routes no other assertion here uses): without it, a fast run finished
     // the stream's 250 steps in 0.1 s, before the submission arrived.
-    std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
-    let server = start(|s| s.scheduler.max_batched_tokens = 16);
+    let server = common::start_slowed(|s| s.scheduler.max_batched_tokens = 16, 3).await;
     let base = server.base.clone();
-    common::set_step_delay(&base, 3).await;
     // The stream runs as long as the fixture's 256 positions allow (at least 0.75 s), so that
     // the long prompt is prefilled well inside it: its 15 steps leave about 230 for the submission.
     const STREAM_PROMPT: [u32; 4] = [10, 23, 36, 49];

@@ -244,10 +244,15 @@ async fn sampling_http_penalised_sampling_is_batch_and_preemption_invariant() {
         solo.push(stream_completion(&alone.base, body(i, p)).await.text);
     }
     for mode in [PreemptionMode::Recompute, PreemptionMode::Swap] {
-        let server = start(move |s| {
-            small_pool(s);
-            s.scheduler.preemption = mode;
-        });
+        // Slowed, so that the streams meet in the pool and preempt however fast the machine serves.
+        let server = common::start_slowed(
+            move |s| {
+                small_pool(s);
+                s.scheduler.preemption = mode;
+            },
+            2,
+        )
+        .await;
         let handles: Vec<_> = prompts
             .iter()
             .enumerate()

@@ -17,7 +17,9 @@ fn small_pool(s: &mut Settings) {
     s.scheduler.preemption = PreemptionMode::Swap;
 }
 
-/// Every golden prompt twice, all at once; each must equal transformers' continuation.
+/// Every golden prompt twice, all at once; each must equal transformers' continuation. The
+/// servers' steps are slowed (`start_slowed`), so that the wave meets in the pool and preempts
+/// however fast the machine serves.
 async fn run_goldens_concurrently(base: &str) {
     let goldens = common::goldens();
     let handles: Vec<_> = goldens
@@ -38,7 +40,7 @@ async fn run_goldens_concurrently(base: &str) {
 
 #[tokio::test]
 async fn paged_kv_swap_preemption_keeps_outputs_and_returns_every_page() {
-    let server = common::start(small_pool);
+    let server = common::start_slowed(small_pool, 2).await;
     run_goldens_concurrently(&server.base).await;
     let report = common::wait_until_no_page_is_referenced(&server.base).await;
     assert!(
@@ -59,10 +61,14 @@ async fn paged_kv_swap_preemption_keeps_outputs_and_returns_every_page() {
 
 #[tokio::test]
 async fn paged_kv_full_swap_space_falls_back_to_recompute() {
-    let server = common::start(|s| {
-        small_pool(s);
-        s.kv.swap_space_mib = 0;
-    });
+    let server = common::start_slowed(
+        |s| {
+            small_pool(s);
+            s.kv.swap_space_mib = 0;
+        },
+        2,
+    )
+    .await;
     run_goldens_concurrently(&server.base).await;
     let report = common::wait_until_no_page_is_referenced(&server.base).await;
     assert_eq!(report.swap_capacity_pages, 0);

@@ -23,7 +23,8 @@ fn greedy(prompt: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn parallel_tp2_http_streams_equal_transformers_greedy() {
-    let server = common::start(tp2_small_pool);
+    // Slowed, so that the wave below meets in the pool and swaps however fast the machine serves.
+    let server = common::start_slowed(tp2_small_pool, 2).await;
     let goldens = common::goldens();
     for p in &goldens.prompts {
         let got = common::stream_completion(&server.base, greedy(&p.prompt)).await;

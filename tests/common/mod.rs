@@ -34,6 +34,20 @@ pub fn start(tweak: impl FnOnce(&mut Settings) + Send + 'static) -> TestServer {
     }
 }
 
+/// [`start`] with every step slowed by `step_delay_ms` (the fault hook's delay): for tests whose
+/// requests must still be running when something else happens (a cancel, a disconnect, a wave of
+/// requests that must meet in the pool), however fast the machine serves. A fast CI machine
+/// streamed 250 tokens of the tiny model in under 0.1 s.
+pub async fn start_slowed(
+    tweak: impl FnOnce(&mut Settings) + Send + 'static,
+    step_delay_ms: u64,
+) -> TestServer {
+    std::env::set_var("INFERFLUX_FAULT_INJECTION", "1");
+    let server = start(tweak);
+    set_step_delay(&server.base, step_delay_ms).await;
+    server
+}
+
 /// What a streamed completion delivered.
 #[derive(Debug)]
 pub struct Streamed {
