@@ -6,9 +6,23 @@ mod common;
 use futures::StreamExt;
 use serde_json::json;
 
+/// The cancels counted so far, once they reach `want` (the scheduler counts a cancel just after
+/// it frees the pages, so a page report may come first), or after 5 s.
+async fn cancelled_once_at(base: &str, want: f64) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = common::metrics_text(base).await;
+        let n = common::metric_value(&text, "inferflux_requests_cancelled_total");
+        if n >= want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn paged_kv_disconnect_frees_pages() {
-    // Slowed, so that the stream is surely still running when the client hangs up.
+    // Slowed, so that the streams are surely still running when their clients hang up.
     let server = common::start_slowed(
         |s| {
             s.kv.num_pages = 64;
@@ -29,9 +43,33 @@ async fn paged_kv_disconnect_frees_pages() {
     drop(stream);
     let report = common::wait_until_no_page_is_referenced(base).await;
     assert_eq!(report.free_pages + report.cached_pages, 64);
-    let metrics = common::metrics_text(base).await;
-    assert!(
-        metrics.contains("inferflux_requests_cancelled_total"),
-        "the cancel was counted"
+    assert_eq!(
+        cancelled_once_at(base, 1.0).await,
+        1.0,
+        "the cancel was counted once"
+    );
+    // Eight at once. Each hang-up is one cancel, whether the request's drop guard or the stop
+    // detector (which sees the closed stream) gets to the scheduler first, and never two.
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        let body =
+            json!({ "prompt": format!("Story {i}:"), "max_tokens": 200, "temperature": 0, "stream": true });
+        let mut stream = common::post_completion(base, &body).await.bytes_stream();
+        stream.next().await.unwrap().unwrap();
+        streams.push(stream);
+    }
+    drop(streams);
+    let report = common::wait_until_no_page_is_referenced(base).await;
+    assert_eq!(report.free_pages + report.cached_pages, 64);
+    assert_eq!(
+        cancelled_once_at(base, 9.0).await,
+        9.0,
+        "each cancel was counted once"
+    );
+    let text = common::metrics_text(base).await;
+    assert_eq!(
+        common::metric_value(&text, "inferflux_request_success_total"),
+        0.0,
+        "no hang-up counted as a success"
     );
 }

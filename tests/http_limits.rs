@@ -201,14 +201,6 @@ async fn limits_max_connections_holds_the_next_one_back() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// As `common::start`, on a listener whose accepted sockets have a small send buffer (they
 /// inherit it), so that a client that stops reading blocks the server within kilobytes rather
 /// than the 4 MiB that loopback autotuning allows.
@@ -247,7 +239,7 @@ async fn limits_idle_stream_is_cancelled_and_its_pages_freed() {
     let server = common::TestServer { base };
     common::set_step_delay(&server.base, 5).await;
     let before = common::metrics_text(&server.base).await;
-    let cancelled_before = metric(&before, "inferflux_requests_cancelled_total");
+    let cancelled_before = common::metric_value(&before, "inferflux_requests_cancelled_total");
     // A client with a tiny receive window that never reads what it asked for.
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -264,9 +256,9 @@ async fn limits_idle_stream_is_cancelled_and_its_pages_freed() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = common::metrics_text(&server.base).await;
-        if metric(&text, "inferflux_streams_idle_cancelled_total") >= 1.0 {
+        if common::metric_value(&text, "inferflux_streams_idle_cancelled_total") >= 1.0 {
             assert!(
-                metric(&text, "inferflux_requests_cancelled_total") > cancelled_before,
+                common::metric_value(&text, "inferflux_requests_cancelled_total") > cancelled_before,
                 "the stream was still generating when it was cancelled"
             );
             break;

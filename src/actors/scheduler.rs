@@ -633,14 +633,25 @@ impl Handler<Cancel> for Scheduler {
 #[rtype(result = "()")]
 pub struct SequenceFinished {
     pub seq: SeqId,
+    /// The client hung up: a cancel, counted as one. The detector may notice the closed stream
+    /// before the request's drop guard's `Cancel` arrives, which then finds nothing to cancel.
+    pub client_gone: bool,
 }
 
 impl Handler<SequenceFinished> for Scheduler {
     type Result = ();
 
     fn handle(&mut self, msg: SequenceFinished, _: &mut Context<Self>) {
-        if self.drop_sequence(msg.seq) {
-            self.throughput.record_finished(Instant::now());
+        let span = self.span_of(msg.seq);
+        if !self.drop_sequence(msg.seq) {
+            return;
+        }
+        match msg.client_gone {
+            true => {
+                tracing::info!(parent: &span, seq = %msg.seq, "request cancelled: client gone");
+                metrics::counter!("inferflux_requests_cancelled_total").increment(1);
+            }
+            false => self.throughput.record_finished(Instant::now()),
         }
     }
 }

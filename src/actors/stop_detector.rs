@@ -116,10 +116,11 @@ impl StopSequenceDetector {
         }
     }
 
-    fn end(&mut self, seq: SeqId) {
+    /// Forgets `seq` and tells the scheduler, which frees its pages (`client_gone`: as a cancel).
+    fn end(&mut self, seq: SeqId, client_gone: bool) {
         self.streams.remove(&seq);
         if let Some(s) = &self.scheduler {
-            s.do_send(SequenceFinished { seq });
+            s.do_send(SequenceFinished { seq, client_gone });
         }
     }
 
@@ -156,7 +157,7 @@ impl StopSequenceDetector {
             Err(e) => {
                 tracing::error!(parent: &t.span, error = %e, "detokenization failed");
                 let _ = t.events.send(StreamEvent::Error(e.to_string()));
-                self.end(seq);
+                self.end(seq, false);
                 return;
             }
         };
@@ -197,10 +198,10 @@ impl StopSequenceDetector {
                 cached_tokens: t.cached_tokens,
                 logprobs: std::mem::take(&mut t.logprobs),
             });
-            self.end(seq);
+            self.end(seq, false);
         } else if !alive || t.events.is_closed() {
             tracing::info!(parent: &t.span, "client gone; cancelling");
-            self.end(seq);
+            self.end(seq, true);
         }
     }
 }
@@ -485,5 +486,41 @@ mod tests {
         assert_eq!(counts, vec![4]);
         assert_eq!(completion_tokens, 4);
         assert_eq!(all.iter().map(|l| l.token.id).collect::<Vec<_>>(), ids[..4]);
+    }
+
+    /// Stands in for the scheduler: hands on what the detector reports.
+    struct Finished(tokio::sync::mpsc::UnboundedSender<(u64, bool)>);
+
+    impl Actor for Finished {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<SequenceFinished> for Finished {
+        type Result = ();
+        fn handle(&mut self, msg: SequenceFinished, _: &mut Context<Self>) {
+            let _ = self.0.send((msg.seq.0, msg.client_gone));
+        }
+    }
+
+    /// A sequence that ends (here at `max_tokens`) is reported as finished; one whose client hung
+    /// up is reported as gone, so that the scheduler counts a cancel even when the detector sees
+    /// the closed stream before the request's drop guard's `Cancel` arrives.
+    #[actix_web::test]
+    async fn stop_sequences_report_a_hang_up_apart_from_a_finish() {
+        let det = StopSequenceDetector::new(tokenizer()).start();
+        let (tx, mut reported) = unbounded_channel();
+        det.do_send(ConnectScheduler(Finished(tx).start().recipient()));
+        let params = StopParams {
+            max_tokens: 2,
+            ..Default::default()
+        };
+        let mut finishes = track(&det, 1, params.clone());
+        let hangs_up = track(&det, 2, params);
+        drop(hangs_up);
+        send(&det, 2, &[300], false);
+        assert_eq!(reported.recv().await, Some((2, true)), "the hang-up");
+        send(&det, 1, &[300, 301], false);
+        drain(&mut finishes).await;
+        assert_eq!(reported.recv().await, Some((1, false)), "the finish");
     }
 }

@@ -194,6 +194,16 @@ pub async fn set_step_delay(base: &str, ms: u64) {
     assert_eq!(resp.status(), 200, "the fault hook is on");
 }
 
+/// The value of the first sample of metric `name` (any labels) in a Prometheus scrape; 0 when
+/// absent (a counter appears only once incremented).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// `GET /admin/queue`.
 pub async fn queue_report(base: &str) -> serde_json::Value {
     reqwest::get(format!("{base}/admin/queue"))
