@@ -142,13 +142,23 @@ async fn openai_params_bad_combinations_are_400_naming_the_field() {
 #[tokio::test]
 async fn openai_params_hanging_up_on_two_choices_frees_both() {
     use futures::StreamExt;
+    // Its own server, slowed, so that both choices surely still run when the client hangs up.
+    let server = common::start_slowed(|_| {}, 5).await;
     let mut body = sampled(2, true);
     body["max_tokens"] = json!(200);
-    let resp = post_completion(&server().base, &body).await;
+    let resp = post_completion(&server.base, &body).await;
     let mut bytes = resp.bytes_stream();
     let first = bytes.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
+    let held = common::queue_report(&server.base).await;
+    assert_eq!(held["running"], 2, "both choices run: {held}");
     drop(bytes);
-    let kv = wait_until_no_page_is_referenced(&server().base).await;
+    let kv = wait_until_no_page_is_referenced(&server.base).await;
     assert_eq!(kv.used_pages, 0);
+    let q = common::queue_report(&server.base).await;
+    assert_eq!(
+        (q["running"].as_u64(), q["waiting"].as_u64()),
+        (Some(0), Some(0)),
+        "{q}"
+    );
 }

@@ -57,11 +57,16 @@ async fn run_one(base: String, prompt: Vec<u32>, max_tokens: usize, client: Clie
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn paged_kv_random_traffic_leaves_no_page_referenced() {
     const PAGES: usize = 40;
-    let server = common::start(|s| {
-        s.kv.page_size = PAGE;
-        s.kv.num_pages = PAGES;
-        s.scheduler.max_batched_tokens = 32;
-    });
+    // Slowed, so that hang-ups and timeouts cut requests short however fast the machine serves.
+    let server = common::start_slowed(
+        |s| {
+            s.kv.page_size = PAGE;
+            s.kv.num_pages = PAGES;
+            s.scheduler.max_batched_tokens = 32;
+        },
+        2,
+    )
+    .await;
     let mut rng = StdRng::seed_from_u64(20261126);
     let stems: Vec<Vec<u32>> = (0..3)
         .map(|_| (0..12).map(|_| rng.random_range(3..384)).collect())
@@ -96,4 +101,7 @@ async fn paged_kv_random_traffic_leaves_no_page_referenced() {
         report.evicted_pages > 0,
         "the small pool had to evict: {report:?}"
     );
+    let metrics = common::metrics_text(&server.base).await;
+    let cancelled = common::metric_value(&metrics, "inferflux_requests_cancelled_total");
+    assert!(cancelled > 0.0, "clients that hung up cut requests short");
 }
