@@ -589,7 +589,8 @@ fn run_fixture<B: Backend>(
     let table = |i: usize| (0..per_seq).map(|p| (i * per_seq + p) as u32).collect::<Vec<_>>();
     let rows = |t: Tensor<B, 2>| {
         let [r, v] = t.dims();
-        let data = t.into_data().to_vec::<f32>().expect("f32 logits");
+        // `forward_fed` hands over the head's output in the model's dtype.
+        let data = t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 logits");
         (0..r)
             .map(|i| data[i * v..(i + 1) * v].to_vec())
             .collect::<Vec<_>>()
