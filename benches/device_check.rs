@@ -590,7 +590,11 @@ fn run_fixture<B: Backend>(
     let rows = |t: Tensor<B, 2>| {
         let [r, v] = t.dims();
         // `forward_fed` hands over the head's output in the model's dtype.
-        let data = t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 logits");
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 logits");
         (0..r)
             .map(|i| data[i * v..(i + 1) * v].to_vec())
             .collect::<Vec<_>>()
