@@ -20,6 +20,25 @@ async fn cancelled_once_at(base: &str, want: f64) -> f64 {
     }
 }
 
+/// A 200-token greedy stream of `prompt`, its first chunk read: running when returned.
+async fn started_stream(
+    base: &str,
+    prompt: &str,
+) -> impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> {
+    let body = json!({ "prompt": prompt, "max_tokens": 200, "temperature": 0, "stream": true });
+    let mut stream = common::post_completion(base, &body).await.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    stream
+}
+
+/// Every page is free again, and `cancels` cancels were counted in all, not more.
+async fn all_freed_and_cancelled(base: &str, cancels: f64) {
+    let report = common::wait_until_no_page_is_referenced(base).await;
+    assert_eq!(report.free_pages + report.cached_pages, 64);
+    let counted = cancelled_once_at(base, cancels).await;
+    assert_eq!(counted, cancels, "each hang-up counted as one cancel");
+}
+
 #[tokio::test]
 async fn paged_kv_disconnect_frees_pages() {
     // Slowed, so that the streams are surely still running when their clients hang up.
@@ -32,40 +51,21 @@ async fn paged_kv_disconnect_frees_pages() {
     )
     .await;
     let base = &server.base;
-    let body = json!({ "prompt": "Once upon a time in a land far away", "max_tokens": 200, "temperature": 0, "stream": true });
-    let resp = common::post_completion(base, &body).await;
-    let mut stream = resp.bytes_stream();
-    stream.next().await.unwrap().unwrap();
+    let stream = started_stream(base, "Once upon a time in a land far away").await;
     assert!(
         common::kv_report(base).await.used_pages > 0,
         "the running stream holds pages"
     );
     drop(stream);
-    let report = common::wait_until_no_page_is_referenced(base).await;
-    assert_eq!(report.free_pages + report.cached_pages, 64);
-    assert_eq!(
-        cancelled_once_at(base, 1.0).await,
-        1.0,
-        "the cancel was counted once"
-    );
+    all_freed_and_cancelled(base, 1.0).await;
     // Eight at once. Each hang-up is one cancel, whether the request's drop guard or the stop
     // detector (which sees the closed stream) gets to the scheduler first, and never two.
     let mut streams = Vec::new();
     for i in 0..8 {
-        let body =
-            json!({ "prompt": format!("Story {i}:"), "max_tokens": 200, "temperature": 0, "stream": true });
-        let mut stream = common::post_completion(base, &body).await.bytes_stream();
-        stream.next().await.unwrap().unwrap();
-        streams.push(stream);
+        streams.push(started_stream(base, &format!("Story {i}:")).await);
     }
     drop(streams);
-    let report = common::wait_until_no_page_is_referenced(base).await;
-    assert_eq!(report.free_pages + report.cached_pages, 64);
-    assert_eq!(
-        cancelled_once_at(base, 9.0).await,
-        9.0,
-        "each cancel was counted once"
-    );
+    all_freed_and_cancelled(base, 9.0).await;
     let text = common::metrics_text(base).await;
     assert_eq!(
         common::metric_value(&text, "inferflux_request_success_total"),
