@@ -18,7 +18,8 @@
 //! `profile` shows where a decode step's time goes: one unified decode step of a checkpoint at
 //! several batch sizes, each of the step's matrix products alone at the same shapes, the
 //! logits' trip to the host, and the step's memory roofline (every weight and every cached K/V
-//! byte read once). Without `--model` it profiles the embedded tiny model. It takes the server's
+//! byte read once), then the host's time to issue one upload, launch or read of the kinds a step
+//! makes. Without `--model` it profiles the embedded tiny model. It takes the server's
 //! `[cuda]` settings from `INFERFLUX__CUDA__*`: with kernels other than burn's it runs them, on
 //! burn's CUDA backend without fusion, as the server would.
 //!
@@ -35,9 +36,9 @@ use burn::tensor::{DType, Distribution};
 use inferflux::config::{CliOverrides, Settings};
 use inferflux::model::cuda_gemm;
 use inferflux::model::serving_kernels::ServingKernels;
+use inferflux::model::step_indices::{IndexViewFn, StepIndices};
 use inferflux::model::{
-    FusedOps, KvStorage, Llama, ModelFiles, ModelSource, PagedAttentionFn, PagedKvCache, ProjectFn,
-    SequenceChunk, WeightLayout,
+    KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk, WeightLayout,
 };
 
 const PAGE_SIZE: usize = 16;
@@ -146,12 +147,15 @@ fn main() {
 fn profile_main(args: Args) {
     let files = ModelFiles::open(&args.model).expect("model opens");
     // The server's `[cuda]` settings, from INFERFLUX__CUDA__* only (no file).
-    let rows = if args.cuda {
+    let (rows, issue) = if args.cuda {
         let dtype = device_dtype(&files, true);
         let kernels = chosen_kernels(&files);
         let on = (Default::default(), dtype);
-        if args.fusion && kernels.1.is_none() && kernels.2.is_none() && kernels.3.is_none() {
-            let layout_only = (kernels.0, None, None, None);
+        if args.fusion && !kernels.has_hooks() {
+            let layout_only = ServingKernels {
+                layout: kernels.layout,
+                ..ServingKernels::default()
+            };
             profile::<burn::backend::Cuda>(&files, &args, on, KvStorage::Device, layout_only)
         } else {
             // The chosen kernels run on burn's CUDA tensors directly, as in the server.
@@ -160,12 +164,11 @@ fn profile_main(args: Args) {
     } else {
         // As the server runs the CPU: its projection hook (`model::cpu_gemm`) and its row-wise
         // ops (`model::cpu_fused`).
-        let server_cpu = (
-            WeightLayout::InOut,
-            Some(inferflux::model::cpu_gemm::projection()),
-            None,
-            Some(inferflux::model::cpu_fused::fused_ops()),
-        );
+        let server_cpu = ServingKernels {
+            project: Some(inferflux::model::cpu_gemm::projection()),
+            fused: Some(inferflux::model::cpu_fused::fused_ops()),
+            ..ServingKernels::default()
+        };
         profile::<burn::backend::Flex>(
             &files,
             &args,
@@ -194,18 +197,21 @@ fn profile_main(args: Args) {
             r.step_ms / r.roofline_ms
         );
     }
+    if !issue.is_empty() {
+        println!();
+        println!("| host time to issue, without waiting for the device | µs per call |");
+        println!("|---|---:|");
+        for (what, us) in &issue {
+            println!("| {what} | {us:.1} |");
+        }
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&rows).unwrap()).expect("write --json");
     }
 }
 
-/// A model's weight layout, projection hook, decode attention hook and fused operations.
-type Kernels<B> = (
-    WeightLayout,
-    Option<ProjectFn<B>>,
-    Option<PagedAttentionFn<B>>,
-    Option<FusedOps<B>>,
-);
+/// A model's weight layout and hooks, as the server installs them.
+type Kernels<B> = ServingKernels<B>;
 
 /// The kernels the server's `[cuda]` settings choose, from `INFERFLUX__CUDA__*` only (no file).
 fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
@@ -216,7 +222,7 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
     // The server's own choice (a paged attention that cannot run the model is logged and left out).
     let kernels = ServingKernels::<CudaNoFusion>::from_cuda(&cuda, &files.config);
     let (choice, layout) = (cuda.gemm_choice(), kernels.layout);
-    let (project, attend, fused) = (kernels.project, kernels.paged_attention, kernels.fused);
+    let (attend, fused) = (&kernels.paged_attention, &kernels.fused);
     eprintln!(
         "kernels: gemv {} (up to {} rows), gemm {}, weights {layout:?}, paged attention {} (split {}), fused ops {}, fused K/V write {}, fused gate/up {}, norms in the GEMVs {} (with RoPE and K/V write {})",
         choice.small,
@@ -230,7 +236,7 @@ fn chosen_kernels(files: &ModelFiles) -> Kernels<CudaNoFusion> {
         fused.as_ref().is_some_and(|f| f.norm_project.is_some()),
         fused.as_ref().is_some_and(|f| f.norm_qkv_write.is_some())
     );
-    (layout, project, attend, fused)
+    kernels
 }
 
 /// The checkpoint's half precision on a GPU (as the server picks it), f32 on the CPU.
@@ -251,19 +257,18 @@ fn profile<B: Backend>(
     args: &Args,
     (device, dtype): (B::Device, DType),
     storage: KvStorage,
-    (layout, hook, attend, fused): Kernels<B>,
-) -> Vec<Row> {
+    kernels: Kernels<B>,
+) -> (Vec<Row>, Vec<(String, f64)>) {
     let started = Instant::now();
     // The fused ops merge gate and up into one projection, and with the fused K/V write q, k
     // and v into another.
-    let merged_gate_up = fused.is_some();
-    let merged_qkv = fused.as_ref().is_some_and(|f| f.qkv_write.is_some());
+    let merged_gate_up = kernels.fused.is_some();
+    let merged_qkv = kernels.fused.as_ref().is_some_and(|f| f.qkv_write.is_some());
+    let (layout, hook) = (kernels.layout, kernels.project.clone());
     let index = files.checkpoint.index().expect("weights index");
     let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
-        .expect("model loads")
-        .with_projection(hook.clone())
-        .with_paged_attention(attend)
-        .with_fused_ops(fused);
+        .expect("model loads");
+    let model = kernels.install(model);
     drop(index);
     let c = model.config().clone();
     eprintln!(
@@ -400,7 +405,85 @@ fn profile<B: Backend>(
             roofline_ms: (weight_bytes + kv_bytes) as f64 / (args.bandwidth_gbs * 1e9) * 1e3,
         });
     }
-    rows
+    let issue = match args.step_only {
+        true => Vec::new(),
+        false => issue_costs(&device, dtype, c.hidden_size, &kernels),
+    };
+    (rows, issue)
+}
+
+/// What the step's host issue is made of: the host's time for one call of each kind a decode
+/// step makes, `CALLS` in a row without waiting for the device (whose queue absorbs them), so
+/// that the profile says what an upload, a launch and a read cost here. The uploads are the
+/// step's integer arrays as `model::step_indices` sends them, apart and in one upload.
+fn issue_costs<B: Backend>(
+    device: &B::Device,
+    dtype: DType,
+    hidden: usize,
+    kernels: &Kernels<B>,
+) -> Vec<(String, f64)> {
+    const CALLS: usize = 200;
+    // The arrays of a decode step at batch 32: positions, write slots, tokens, query rows and
+    // context bounds of 32, and block tables of 32 sequences of 13 pages.
+    const ARRAYS: [usize; 7] = [32, 32, 32, 416, 32, 32, 32];
+    let per_call_us = |f: &mut dyn FnMut()| {
+        f(); // warm-up: a kernel compiles on first use
+        B::sync(device).expect("device sync");
+        let t = Instant::now();
+        for _ in 0..CALLS {
+            f();
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / CALLS as f64;
+        B::sync(device).expect("device sync");
+        us
+    };
+    let upload = |view: Option<&IndexViewFn<B>>| {
+        let mut ix = StepIndices::default();
+        let ids: Vec<_> = ARRAYS.iter().map(|&n| ix.push(vec![1; n])).collect();
+        let up = ix.upload::<B>(device, view);
+        ids.into_iter().map(|id| up.get(id)).collect::<Vec<_>>()
+    };
+    let mut costs = vec![
+        (
+            "upload: one array of 32 ints".to_string(),
+            per_call_us(&mut || {
+                drop(Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(vec![1i32; 32], [32]),
+                    device,
+                ))
+            }),
+        ),
+        (
+            format!("upload: a step's {} index arrays, apart", ARRAYS.len()),
+            per_call_us(&mut || drop(upload(None))),
+        ),
+    ];
+    if let Some(view) = &kernels.index_view {
+        costs.push((
+            format!("upload: the same {} in one upload, viewed", ARRAYS.len()),
+            per_call_us(&mut || drop(upload(Some(view)))),
+        ));
+    }
+    let x = Tensor::<B, 2>::ones([1, hidden], (device, dtype));
+    let gain = Tensor::<B, 1>::ones([hidden], (device, dtype));
+    let mut sink = Vec::with_capacity(3 * CALLS);
+    costs.push((
+        format!("launch: burn's add_scalar on [1, {hidden}]"),
+        per_call_us(&mut || sink.push(x.clone().add_scalar(1.0))),
+    ));
+    if let Some(fused) = &kernels.fused {
+        costs.push((
+            format!("launch: our RMSNorm on [1, {hidden}]"),
+            per_call_us(&mut || sink.push((fused.rms_norm)(x.clone(), gain.clone(), 1e-5))),
+        ));
+    }
+    drop(sink);
+    let id = Tensor::<B, 1, Int>::zeros([1], device);
+    costs.push((
+        "read back: one int (a round trip to an idle device)".to_string(),
+        per_call_us(&mut || drop(id.clone().into_data())),
+    ));
+    costs
 }
 
 #[derive(serde::Deserialize)]
@@ -543,7 +626,7 @@ fn logits_main(mut argv: impl Iterator<Item = String>) {
 
 /// burn's own kernels, weights `[in, out]`.
 fn plain<B: Backend>() -> Kernels<B> {
-    (WeightLayout::InOut, None, None, None)
+    ServingKernels::default()
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -561,14 +644,12 @@ fn run_fixture<B: Backend>(
     goldens: &Goldens,
     (device, dtype): (B::Device, DType),
     storage: KvStorage,
-    (layout, project, attend, fused): Kernels<B>,
+    kernels: Kernels<B>,
 ) -> FixtureRun {
     let index = files.checkpoint.index().expect("weights index");
-    let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, layout)
-        .expect("model loads")
-        .with_projection(project)
-        .with_paged_attention(attend)
-        .with_fused_ops(fused);
+    let model = Llama::<B>::load_shard_in(&files.config, &index, (&device, dtype), None, kernels.layout)
+        .expect("model loads");
+    let model = kernels.install(model);
     drop(index);
     let c = model.config().clone();
     let prompts = &goldens.prompts;

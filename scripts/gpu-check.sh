@@ -12,7 +12,8 @@
 #   2. a Llama-3.2-1B-shaped checkpoint with random bf16 weights, made here by transformers;
 #   3. the baseline from the same call: copy bandwidth, cuBLAS time of one step's GEMMs, and
 #      transformers `generate` tokens/s at batch 1, 32, 128 (prompt 128, output 128);
-#   4. device_check profile: where InferFlux's decode step goes at batch 1, 32, 128;
+#   4. device_check profile: where InferFlux's decode step goes at batch 1, 32, 128, and the host's
+#      time per upload (a step's index arrays apart and in one upload), per launch and per read;
 #   5. inferfluxd on that checkpoint, `inferctl bench` at concurrency 1, 32, 128;
 #   6. one table: InferFlux against the baseline and the memory roofline (and one for step 8);
 #   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's

@@ -113,6 +113,13 @@ fn kernels_launched_per_decode_step_are_counted() {
             let mut cache = new_cache();
             let mut step = |tokens: Vec<u32>, pos: usize, feed: Option<FedTokens<B>>| {
                 let logits = model.forward_fed(&mut cache, &[chunk(tokens, pos)], feed.as_ref());
+                // Positions, write slots, block tables, query rows, context bounds and (fed
+                // from the host) tokens: one upload.
+                assert_eq!(
+                    model.last_step_index_uploads(),
+                    1,
+                    "norm-GEMV {norm_gemv}, fed {fed}: uploads of the step at {pos}"
+                );
                 argmax(logits.unwrap()).unwrap()
             };
             let mut ids = vec![step(prompt.clone(), 0, None)];

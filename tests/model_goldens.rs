@@ -467,6 +467,45 @@ fn model_paged_attention_hook_matches_transformers() {
     }
 }
 
+/// A step's integer arrays (positions, write slots, tokens, the block tables and bounds, row
+/// orders) uploaded at once, each a view of the one upload, as a GPU takes them
+/// (`model::step_indices`): transformers' tokens through block tables, batched decode groups on
+/// host pages and prompt chunks, in one upload per step.
+#[test]
+fn paged_kv_one_upload_of_a_steps_indices_matches_transformers() {
+    use inferflux::model::step_indices::{slice_view, IndexViewFn};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen3"] {
+        let (model, _, goldens) = fixture(name);
+        let views = Arc::new(AtomicUsize::new(0));
+        let counted = views.clone();
+        let slice = slice_view::<B>();
+        let view: IndexViewFn<B> = Arc::new(move |all, range| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            slice(all, range)
+        });
+        let attend: inferflux::model::PagedAttentionFn<B> =
+            Arc::new(inferflux::model::llama::gathered_paged_attention);
+        let model = model
+            .with_paged_attention(Some(attend))
+            .with_index_view(Some(view));
+        let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
+        let want: Vec<Vec<u32>> = cases.iter().map(|p| p.greedy_ids.clone()).collect();
+        for storage in [KvStorage::Device, KvStorage::Host] {
+            assert_eq!(
+                greedy_batched(&model, &cases, 7, storage),
+                want,
+                "{name}: greedy, {storage:?} storage"
+            );
+            assert_eq!(model.last_step_index_uploads(), 1, "{name}: {storage:?} storage");
+        }
+        check_decode_groups(&model, &cases, name);
+        assert_eq!(model.last_step_index_uploads(), 1, "{name}: decode groups");
+        assert!(views.load(Ordering::Relaxed) > 0, "{name}: no array was viewed");
+    }
+}
+
 #[test]
 fn model_fused_ops_hooks_match_transformers() {
     use inferflux::model::llama::{add_rms_norm, rms_norm, rotate_half_rope, silu_mul_halves};

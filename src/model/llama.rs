@@ -12,11 +12,13 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{DType, IndexingUpdateOp, TensorData};
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::config::{LlamaConfig, RopeScaling};
 use super::paged_cache::{KvStorage, PagedKvCache, SlotIndex, WriteSlots};
 use super::shard::{self, Shard};
+use super::step_indices::{int_tensor, IndexId, IndexViewFn, StepIndices, UploadedIndices};
 use super::weights::WeightIndex;
 use super::ModelError;
 use crate::parallel::{Communicator, ParallelContext};
@@ -326,7 +328,7 @@ enum AttentionGroup<B: Backend> {
     /// kernels for the whole group instead of a handful per sequence.
     Decode {
         /// The queries' rows in the step.
-        rows: Tensor<B, 1, Int>,
+        rows: IndexId,
         n: usize,
         ctx_len: usize,
         /// `[n * ctx_len]`: each sequence's context slots, then padding.
@@ -339,7 +341,7 @@ enum AttentionGroup<B: Backend> {
     /// gather, padding or a mask.
     HostDecode {
         /// The queries' rows in the step.
-        rows: Tensor<B, 1, Int>,
+        rows: IndexId,
         /// Each query's context slots, in position order.
         contexts: Vec<Vec<i32>>,
     },
@@ -349,12 +351,13 @@ enum AttentionGroup<B: Backend> {
     Paged {
         /// The queries' rows in the step; `None` when they are all of the step's rows, in
         /// order (every step of decodes and short chunks), which saves a copy of `q` per layer.
-        rows: Option<Tensor<B, 1, Int>>,
-        /// `[seqs, max_blocks]`, padded with page 0.
-        block_tables: Tensor<B, 2, Int>,
-        query_seq: Tensor<B, 1, Int>,
-        ctx_begin: Tensor<B, 1, Int>,
-        ctx_end: Tensor<B, 1, Int>,
+        rows: Option<IndexId>,
+        /// `table_dims` (`[seqs, max_blocks]`), flat, padded with page 0.
+        block_tables: IndexId,
+        table_dims: [usize; 2],
+        query_seq: IndexId,
+        ctx_begin: IndexId,
+        ctx_end: IndexId,
     },
     /// One sequence's prompt chunk (causal within the chunk).
     Chunk(AttentionPlan<B>),
@@ -365,7 +368,9 @@ struct AttentionLayout<B: Backend> {
     groups: Vec<AttentionGroup<B>>,
     /// Row `r` of the output is row `unpermute[r]` of the groups' outputs; `None` when the
     /// groups already produce the step's order.
-    unpermute: Option<Tensor<B, 1, Int>>,
+    unpermute: Option<IndexId>,
+    /// The step's integer arrays, the groups' among them.
+    indices: UploadedIndices<B>,
 }
 
 /// `Clone` shares the weights (burn tensors are reference-counted): a restarted executor
@@ -393,6 +398,11 @@ pub struct Llama<B: Backend> {
     paged_attention: Option<PagedAttentionFn<B>>,
     /// `None`: burn's ops for RMSNorm, RoPE and the MLP's activation.
     fused: Option<FusedOps<B>>,
+    /// `Some`: a step's integer arrays go to the device in one upload, each a view of it
+    /// (see [`StepIndices`]); `None`: one upload each.
+    index_view: Option<IndexViewFn<B>>,
+    /// How many uploads the last step's integer arrays took (for tests and `device_check`).
+    index_uploads: Arc<AtomicUsize>,
     /// How the projection weights are kept (what merging gate and up must preserve).
     layout: WeightLayout,
 }
@@ -577,6 +587,8 @@ impl<B: Backend> Llama<B> {
             project: None,
             paged_attention: None,
             fused: None,
+            index_view: None,
+            index_uploads: Arc::default(),
             layout,
         })
     }
@@ -592,6 +604,19 @@ impl<B: Backend> Llama<B> {
     pub fn with_paged_attention(mut self, attend: Option<PagedAttentionFn<B>>) -> Self {
         self.paged_attention = attend;
         self
+    }
+
+    /// Uploads each step's integer arrays at once, viewed by `view`
+    /// ([`super::step_indices::cube_view`] on a cubecl runtime); `None`: one upload each.
+    pub fn with_index_view(mut self, view: Option<IndexViewFn<B>>) -> Self {
+        self.index_view = view;
+        self
+    }
+
+    /// How many uploads the last forward step's integer arrays took (positions, write slots,
+    /// tokens, the paged attention's tables and bounds, row orders): one with an index view.
+    pub fn last_step_index_uploads(&self) -> usize {
+        self.index_uploads.load(Ordering::Relaxed)
     }
 
     /// Runs RMSNorm (every one, q/k norms included), RoPE and the MLP's `silu(gate) · up`
@@ -752,33 +777,45 @@ impl<B: Backend> Llama<B> {
                 block_table: chunk.block_table.clone(),
             });
         }
-        let layout = self.attention_layout(cache, contexts, tokens.len());
-        let write_slots = cache.write_slots(slots);
         let t_total = tokens.len();
-        let rope = RopeAngles::new(
-            int_tensor(positions, dev),
-            self.rope_cos.clone(),
-            self.rope_sin.clone(),
-        );
-
-        let mut x = match (&self.comm, fed) {
-            (None, None) => self.embed.clone().select(0, int_tensor(tokens, dev)),
-            (None, Some(fed)) => self
-                .embed
-                .clone()
-                .select(0, fed_token_ids(tokens, &last_token, fed, dev)),
-            (Some(comm), None) => shard::embed_lookup(&**comm, &self.embed, &self.shard.vocab, &tokens),
+        // Every integer array the step needs on the device, pushed here and uploaded together.
+        let mut ix = StepIndices::default();
+        let positions = ix.push(positions);
+        let device_slots = (cache.storage() == KvStorage::Device).then(|| ix.push(slots.clone()));
+        let token_ids = match (&self.comm, fed) {
+            (None, fed) => Some(TokenIds::plan(&tokens, &last_token, fed, &mut ix)),
+            (Some(_), None) => None,
             (Some(_), Some(_)) => panic!("fed-back device tokens with a sharded vocabulary"),
         };
-        // Each block's output is added to the residual stream `x` by the norm that follows it (one
-        // launch with the fused ops, or inside the next projection with `norm_project`).
-        let mut delta = None;
         // A decode-only step wants every row's logits: no upload and no gather for it.
         let every_row =
             logit_rows.iter().enumerate().all(|(i, &r)| r as usize == i) && logit_rows.len() == t_total;
         // Past its K/V write, the last layer carries only the rows whose logits are wanted (as
         // llama.cpp's `inp_out_ids` does): a prompt chunk's other rows need nothing more.
-        let wanted = (!every_row && !logit_rows.is_empty()).then(|| int_tensor(logit_rows, dev));
+        let wanted = (!every_row && !logit_rows.is_empty()).then(|| ix.push(logit_rows));
+        let (groups, unpermute) = self.attention_groups(cache, contexts, t_total, &mut ix);
+        let indices = ix.upload(dev, self.index_view.as_ref());
+        self.index_uploads.store(indices.uploads(), Ordering::Relaxed);
+        let write_slots = cache.write_slots_uploaded(slots, device_slots.map(|id| indices.get(id)));
+        let rope = RopeAngles::new(
+            indices.get(positions),
+            self.rope_cos.clone(),
+            self.rope_sin.clone(),
+        );
+        let mut x = match (token_ids, &self.comm) {
+            (Some(ids), _) => self.embed.clone().select(0, ids.on_device(fed, &indices)),
+            (None, Some(comm)) => shard::embed_lookup(&**comm, &self.embed, &self.shard.vocab, &tokens),
+            (None, None) => unreachable!("one rank plans its token ids"),
+        };
+        let wanted = wanted.map(|id| indices.get(id));
+        let layout = AttentionLayout {
+            groups,
+            unpermute,
+            indices,
+        };
+        // Each block's output is added to the residual stream `x` by the norm that follows it (one
+        // launch with the fused ops, or inside the next projection with `norm_project`).
+        let mut delta = None;
         let mut rows_selected = every_row;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let last = layer_idx + 1 == self.layers.len();
@@ -840,13 +877,15 @@ impl<B: Backend> Llama<B> {
 
     /// Groups the step's queries for attention: single-token decodes of similar context length
     /// go together (one batched pass per group, whatever the batch size), each prompt chunk on
-    /// its own. Built once per step and shared by every layer.
-    fn attention_layout(
+    /// its own. Built once per step and shared by every layer: the groups and `unpermute` of
+    /// [`AttentionLayout`], their integer arrays pushed into `ix` (uploaded with the step's).
+    fn attention_groups(
         &self,
         cache: &PagedKvCache<B>,
         contexts: Vec<ChunkContext>,
         t_total: usize,
-    ) -> AttentionLayout<B> {
+        ix: &mut StepIndices,
+    ) -> (Vec<AttentionGroup<B>>, Option<IndexId>) {
         let dev = &self.device;
         let (window, group) = (self.config.sliding_window, self.shard.group_size());
         let decodes: Vec<usize> = (0..contexts.len()).filter(|&i| contexts[i].q_len == 1).collect();
@@ -879,11 +918,12 @@ impl<B: Backend> Llama<B> {
             let every_row = rows.len() == t_total && rows.iter().enumerate().all(|(i, &r)| r as usize == i);
             grouped_rows.extend_from_slice(&rows);
             groups.push(AttentionGroup::Paged {
-                rows: (!every_row).then(|| int_tensor(rows, dev)),
-                block_tables: int_tensor(tables, dev).reshape([n, max_blocks]),
-                query_seq: int_tensor(query_seq, dev),
-                ctx_begin: int_tensor(begin, dev),
-                ctx_end: int_tensor(end, dev),
+                rows: (!every_row).then(|| ix.push(rows)),
+                block_tables: ix.push(tables),
+                table_dims: [n, max_blocks],
+                query_seq: ix.push(query_seq),
+                ctx_begin: ix.push(begin),
+                ctx_end: ix.push(end),
             });
         }
         // A lone decode stays with the gather and Flex's batched matmul, measured faster for it
@@ -893,7 +933,7 @@ impl<B: Backend> Llama<B> {
             let rows: Vec<i32> = decodes.iter().map(|&i| contexts[i].q_start as i32).collect();
             grouped_rows.extend_from_slice(&rows);
             groups.push(AttentionGroup::HostDecode {
-                rows: int_tensor(rows, dev),
+                rows: ix.push(rows),
                 contexts: decodes.iter().map(|&i| contexts[i].ctx_slots.clone()).collect(),
             });
         }
@@ -919,7 +959,7 @@ impl<B: Backend> Llama<B> {
             let n = members.len();
             let padded = members.iter().any(|m| m.ctx_slots.len() < ctx_len);
             groups.push(AttentionGroup::Decode {
-                rows: int_tensor(members.iter().map(|m| m.q_start as i32).collect(), dev),
+                rows: ix.push(members.iter().map(|m| m.q_start as i32).collect()),
                 n,
                 ctx_len,
                 slots: cache.slot_index(slots),
@@ -953,10 +993,7 @@ impl<B: Backend> Llama<B> {
             position_of[r as usize] = i as i32;
         }
         let in_order = position_of.iter().enumerate().all(|(i, &p)| i as i32 == p);
-        AttentionLayout {
-            groups,
-            unpermute: (!in_order).then(|| int_tensor(position_of, dev)),
-        }
+        (groups, (!in_order).then(|| ix.push(position_of)))
     }
 
     /// Attention of each sequence's queries over its whole context, read through its slots:
@@ -976,6 +1013,7 @@ impl<B: Backend> Llama<B> {
             s.group_size(),
         );
         let scale = (hd as f64).powf(-0.5);
+        let ints = |id: &IndexId| layout.indices.get(*id);
         let outputs: Vec<Tensor<B, 2>> = layout
             .groups
             .iter()
@@ -983,6 +1021,7 @@ impl<B: Backend> Llama<B> {
                 AttentionGroup::Paged {
                     rows,
                     block_tables,
+                    table_dims,
                     query_seq,
                     ctx_begin,
                     ctx_end,
@@ -996,15 +1035,15 @@ impl<B: Backend> Llama<B> {
                         .expect("paged groups are planned only for a device cache");
                     attend(PagedAttention {
                         q: match rows {
-                            Some(rows) => q.clone().select(0, rows.clone()),
+                            Some(rows) => q.clone().select(0, ints(rows)),
                             None => q.clone(),
                         },
                         k_cache,
                         v_cache,
-                        block_tables: block_tables.clone(),
-                        query_seq: query_seq.clone(),
-                        ctx_begin: ctx_begin.clone(),
-                        ctx_end: ctx_end.clone(),
+                        block_tables: ints(block_tables).reshape(*table_dims),
+                        query_seq: ints(query_seq),
+                        ctx_begin: ints(ctx_begin),
+                        ctx_end: ints(ctx_end),
                         page_size: cache.page_size(),
                         kv_heads: nkv,
                         scale: scale as f32,
@@ -1012,7 +1051,7 @@ impl<B: Backend> Llama<B> {
                 }
                 AttentionGroup::HostDecode { rows, contexts } => {
                     let n = contexts.len();
-                    let q = q.clone().select(0, rows.clone()).into_data().convert::<f32>();
+                    let q = q.clone().select(0, ints(rows)).into_data().convert::<f32>();
                     let q = q.as_slice::<f32>().expect("f32 queries");
                     let out = cache
                         .attend_decodes(layer, q, contexts, [nh, hd], scale as f32)
@@ -1028,7 +1067,7 @@ impl<B: Backend> Llama<B> {
                 } => {
                     let (n, l) = (*n, *ctx_len);
                     // [n, nh, hd] -> [n, nkv, g, hd]: query head h uses KV head h / g.
-                    let q = q.clone().select(0, rows.clone()).reshape([n, nkv, g, hd]);
+                    let q = q.clone().select(0, ints(rows)).reshape([n, nkv, g, hd]);
                     let (k, v) = cache.gather(layer, slots);
                     let k = k.reshape([n, l, nkv, hd]).permute([0, 2, 3, 1]); // [n, nkv, hd, l]
                     let v = v.reshape([n, l, nkv, hd]).swap_dims(1, 2); // [n, nkv, l, hd]
@@ -1067,7 +1106,7 @@ impl<B: Backend> Llama<B> {
             Err(outputs) => Tensor::cat(outputs, 0),
         };
         match &layout.unpermute {
-            Some(order) => out.select(0, order.clone()),
+            Some(order) => out.select(0, ints(order)),
             None => out,
         }
     }
@@ -1455,49 +1494,80 @@ fn slot_of(block_table: &[u32], page_size: usize, pos: usize) -> i32 {
     (block_table[pos / page_size] as usize * page_size + pos % page_size) as i32
 }
 
-/// The step's token ids on the device: `tokens`, with the fed-back ones taken from `fed.ids`
-/// (`last_token[chunk]` is where chunk `chunk`'s last token is in `tokens`), so nothing waits for
-/// the step that sampled them. A step of decodes whose every token is fed (overlapped decoding's
-/// steady state) takes the fed ids as they are when they are in its order (no launch, no
-/// upload), else one gather of them; a step with tokens of its own gathers over
-/// `tokens ++ fed.ids` (a concatenation and a gather, two uploads).
-fn fed_token_ids<B: Backend>(
-    tokens: Vec<i32>,
-    last_token: &[usize],
-    fed: &FedTokens<B>,
-    device: &B::Device,
-) -> Tensor<B, 1, Int> {
-    let n = tokens.len();
-    // The fed ids in the backend's own int type (the argmax kernel's are i32).
-    let dtype = <B::IntElem as burn::tensor::Element>::dtype();
-    let ids = || match fed.ids.dtype() == dtype {
-        true => fed.ids.clone(),
-        false => fed.ids.clone().cast(dtype),
-    };
-    let mut fed_at: Vec<Option<i32>> = vec![None; n];
-    for &(chunk, at) in &fed.last_of_chunk {
-        fed_at[last_token[chunk]] = Some(at as i32);
-    }
-    if let Some(at) = fed_at.iter().copied().collect::<Option<Vec<i32>>>() {
-        let in_order = at.iter().enumerate().all(|(i, &a)| a == i as i32);
-        return match in_order && fed.ids.dims()[0] == n {
-            true => ids(),
-            false => ids().select(0, int_tensor(at, device)),
-        };
-    }
-    let gather: Vec<i32> = (0..n)
-        .map(|i| fed_at[i].map_or(i as i32, |at| n as i32 + at))
-        .collect();
-    let host = int_tensor(tokens, device);
-    Tensor::cat(vec![host.clone(), ids().cast(host.dtype())], 0).select(0, int_tensor(gather, device))
+/// How the step's token ids reach the device (for one rank's embedding): `tokens`, with the
+/// fed-back ones taken from `fed.ids` so that nothing waits for the step that sampled them.
+enum TokenIds {
+    /// Every token from the host.
+    Host(IndexId),
+    /// Every token fed, and `fed.ids` in the step's order (overlapped decoding's steady state):
+    /// the fed ids as they are, no launch, no upload.
+    Fed,
+    /// Every token fed, gathered from `fed.ids` at these indices (one launch).
+    FedGathered(IndexId),
+    /// Tokens of the step's own (a prompt chunk) and fed ones: a gather over
+    /// `tokens ++ fed.ids` at `gather` (a concatenation and a gather).
+    Mixed { tokens: IndexId, gather: IndexId },
 }
 
-/// A 1-D upload, contiguous on every backend; reshape it for more dimensions. (cubecl uploads a
-/// 2-D tensor with its rows padded to an alignment, which the CUDA kernels' adapters then copy
-/// to contiguous on every use: the block tables cost a copy per layer per step that way.)
-fn int_tensor<B: Backend>(values: Vec<i32>, device: &B::Device) -> Tensor<B, 1, Int> {
-    let n = values.len();
-    Tensor::from_data(TensorData::new(values, [n]), device)
+impl TokenIds {
+    /// `last_token[chunk]` is where chunk `chunk`'s last token is in `tokens`; the arrays the
+    /// plan needs are pushed into `ix`.
+    fn plan<B: Backend>(
+        tokens: &[i32],
+        last_token: &[usize],
+        fed: Option<&FedTokens<B>>,
+        ix: &mut StepIndices,
+    ) -> Self {
+        let Some(fed) = fed else {
+            return Self::Host(ix.push(tokens.to_vec()));
+        };
+        let n = tokens.len();
+        let mut fed_at: Vec<Option<i32>> = vec![None; n];
+        for &(chunk, at) in &fed.last_of_chunk {
+            fed_at[last_token[chunk]] = Some(at as i32);
+        }
+        if let Some(at) = fed_at.iter().copied().collect::<Option<Vec<i32>>>() {
+            let in_order = at.iter().enumerate().all(|(i, &a)| a == i as i32);
+            return match in_order && fed.ids.dims()[0] == n {
+                true => Self::Fed,
+                false => Self::FedGathered(ix.push(at)),
+            };
+        }
+        let gather = (0..n)
+            .map(|i| fed_at[i].map_or(i as i32, |at| n as i32 + at))
+            .collect();
+        Self::Mixed {
+            tokens: ix.push(tokens.to_vec()),
+            gather: ix.push(gather),
+        }
+    }
+
+    /// The ids on the device, once `indices` holds the plan's arrays.
+    fn on_device<B: Backend>(
+        self,
+        fed: Option<&FedTokens<B>>,
+        indices: &UploadedIndices<B>,
+    ) -> Tensor<B, 1, Int> {
+        // The fed ids in the backend's own int type (the argmax kernel's are i32).
+        let dtype = <B::IntElem as burn::tensor::Element>::dtype();
+        let fed_ids = || {
+            let ids = fed.expect("a plan with fed tokens has them").ids.clone();
+            match ids.dtype() == dtype {
+                true => ids,
+                false => ids.cast(dtype),
+            }
+        };
+        match self {
+            Self::Host(tokens) => indices.get(tokens),
+            Self::Fed => fed_ids(),
+            Self::FedGathered(at) => fed_ids().select(0, indices.get(at)),
+            Self::Mixed { tokens, gather } => {
+                let host = indices.get(tokens);
+                Tensor::cat(vec![host.clone(), fed_ids().cast(host.dtype())], 0)
+                    .select(0, indices.get(gather))
+            }
+        }
+    }
 }
 
 /// `-inf` where query `j` (at `start + j`) must not see key position `ctx_start + l`: a later

@@ -17,6 +17,7 @@ pub mod llama;
 pub mod paged_cache;
 pub mod serving_kernels;
 pub mod shard;
+pub mod step_indices;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -9,6 +9,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, IndexingUpdateOp};
 use rayon::prelude::*;
 
+use super::step_indices::int_tensor;
+
 /// Where the cache keeps its rows, chosen for what writes in place on the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvStorage {
@@ -130,13 +132,17 @@ impl<B: Backend> PagedKvCache<B> {
 
     /// The slots `ids` (distinct) as [`write`](Self::write) takes them.
     pub fn write_slots(&self, ids: Vec<i32>) -> WriteSlots<B> {
+        let uploaded = (self.storage() == KvStorage::Device).then(|| int_tensor(ids.clone(), &self.device));
+        self.write_slots_uploaded(ids, uploaded)
+    }
+
+    /// [`Self::write_slots`] with the ids already on the device, flat (`uploaded`: device
+    /// storage only), as a step uploads them with its other integer arrays.
+    pub fn write_slots_uploaded(&self, ids: Vec<i32>, uploaded: Option<Tensor<B, 1, Int>>) -> WriteSlots<B> {
+        debug_assert_eq!(uploaded.is_some(), self.storage() == KvStorage::Device);
         let n = ids.len();
-        let tensor = (self.storage() == KvStorage::Device)
-            // Uploaded flat, then viewed as `[n, 1]`: a 2-D upload may pad its rows on the GPU.
-            .then(|| {
-                Tensor::<B, 1, Int>::from_data(TensorData::new(ids.clone(), [n]), &self.device)
-                    .reshape([n, 1])
-            });
+        // Viewed as `[n, 1]`: a 2-D upload may pad its rows on the GPU.
+        let tensor = uploaded.map(|t| t.reshape([n, 1]));
         WriteSlots { ids, tensor }
     }
 

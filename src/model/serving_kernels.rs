@@ -10,6 +10,7 @@ use burn::prelude::Backend;
 use super::cuda_attention::{self, AttentionKernel};
 use super::cuda_gemm::{self, Cube, GemmChoice, KernelRuntime};
 use super::draw::DeviceSampling;
+use super::step_indices::{self, IndexViewFn};
 use super::{
     cuda_fused, cuda_sample, FusedOps, Llama, LlamaConfig, PagedAttentionFn, ProjectFn, WeightLayout,
 };
@@ -23,6 +24,8 @@ pub struct ServingKernels<B: Backend> {
     pub project: Option<ProjectFn<B>>,
     pub paged_attention: Option<PagedAttentionFn<B>>,
     pub fused: Option<FusedOps<B>>,
+    /// Views of one upload of a step's integer arrays (a cubecl runtime's buffer at an offset).
+    pub index_view: Option<IndexViewFn<B>>,
     /// Chooses greedy rows' tokens (`[cuda] device_argmax`) and draws, edits and logprobs
     /// (`[cuda] device_sampling`) on the device: the executor's, not the model's.
     pub device_sampling: DeviceSampling<B>,
@@ -35,14 +38,16 @@ impl<B: Backend> Default for ServingKernels<B> {
             project: None,
             paged_attention: None,
             fused: None,
+            index_view: None,
             device_sampling: DeviceSampling::default(),
         }
     }
 }
 
 impl<B: Backend> ServingKernels<B> {
-    /// Whether any hook is set: without one, burn's own ops serve everything (on CUDA, burn's
-    /// fusion backend can then serve).
+    /// Whether any kernel hook is set: without one, burn's own ops serve everything (on CUDA,
+    /// burn's fusion backend can then serve). The index view is not a kernel: it goes with
+    /// whichever backend serves.
     pub fn has_hooks(&self) -> bool {
         let s = &self.device_sampling;
         self.project.is_some()
@@ -60,6 +65,7 @@ impl<B: Backend> ServingKernels<B> {
             .with_projection(self.project.clone())
             .with_paged_attention(self.paged_attention.clone())
             .with_fused_ops(self.fused.clone())
+            .with_index_view(self.index_view.clone())
     }
 }
 
@@ -82,6 +88,7 @@ impl<R: KernelRuntime> ServingKernels<Cube<R>> {
             project: (!choice.is_burn_only()).then(|| cuda_gemm::projector::<R>(choice)),
             paged_attention,
             fused: cuda.fused_ops.then(|| cuda_fused::fused_ops::<R>(cuda)),
+            index_view: Some(step_indices::cube_view::<R>()),
             device_sampling: DeviceSampling {
                 argmax: cuda.device_argmax.then(cuda_sample::device_argmax::<R>),
                 draw: cuda.device_sampling.then(cuda_sample::device_draw::<R>),
