@@ -298,16 +298,30 @@ enum Qkv<B: Backend> {
 type ResidualInput<B> = (Tensor<B, 2>, Option<Tensor<B, 2>>);
 
 /// Where one chunk's queries sit in the step and which cache slots they attend to.
-struct ChunkContext {
+struct ChunkContext<'a> {
     q_start: usize,
     q_len: usize,
     start_pos: usize,
     /// First position the chunk's queries can see (0, or the sliding window's reach).
     ctx_start: usize,
-    /// Slots of positions `ctx_start .. start_pos + q_len`.
-    ctx_slots: Vec<i32>,
     /// The sequence's pages (paged decode attention reads through them).
-    block_table: Vec<u32>,
+    block_table: &'a [u32],
+}
+
+impl ChunkContext<'_> {
+    /// How many positions the queries attend to: `ctx_start .. start_pos + q_len`.
+    fn ctx_len(&self) -> usize {
+        self.start_pos + self.q_len - self.ctx_start
+    }
+
+    /// The cache slots of those positions, for the attentions that gather them. Made only where
+    /// one does: the paged path reads the block table, and a step of 128 decodes at context
+    /// 2,048 would otherwise compute and drop 262,144 slots on the host.
+    fn ctx_slots(&self, page_size: usize) -> Vec<i32> {
+        (self.ctx_start..self.start_pos + self.q_len)
+            .map(|p| slot_of(self.block_table, page_size, p))
+            .collect()
+    }
 }
 
 /// A prompt chunk's attention inputs.
@@ -771,10 +785,7 @@ impl<B: Backend> Llama<B> {
                 q_len: chunk.tokens.len(),
                 start_pos: chunk.start_pos,
                 ctx_start,
-                ctx_slots: (ctx_start..chunk.end_pos())
-                    .map(|p| slot_of(&chunk.block_table, page_size, p))
-                    .collect(),
-                block_table: chunk.block_table.clone(),
+                block_table: &chunk.block_table,
             });
         }
         let t_total = tokens.len();
@@ -882,20 +893,20 @@ impl<B: Backend> Llama<B> {
     fn attention_groups(
         &self,
         cache: &PagedKvCache<B>,
-        contexts: Vec<ChunkContext>,
+        contexts: Vec<ChunkContext<'_>>,
         t_total: usize,
         ix: &mut StepIndices,
     ) -> (Vec<AttentionGroup<B>>, Option<IndexId>) {
-        let dev = &self.device;
+        let (dev, page_size) = (&self.device, cache.page_size());
         let (window, group) = (self.config.sliding_window, self.shard.group_size());
         let decodes: Vec<usize> = (0..contexts.len()).filter(|&i| contexts[i].q_len == 1).collect();
-        let lens: Vec<usize> = decodes.iter().map(|&i| contexts[i].ctx_slots.len()).collect();
+        let lens: Vec<usize> = decodes.iter().map(|&i| contexts[i].ctx_len()).collect();
         let mut groups = Vec::new();
         // Token rows in the order the groups produce them.
         let mut grouped_rows: Vec<i32> = Vec::with_capacity(t_total);
         let paged = self.paged_attention.is_some() && cache.storage() == KvStorage::Device;
         let through_pages =
-            |c: &ChunkContext| paged && (c.q_len == 1 || c.q_len * c.ctx_slots.len() <= PAGED_CHUNK_MAX_WORK);
+            |c: &ChunkContext| paged && (c.q_len == 1 || c.q_len * c.ctx_len() <= PAGED_CHUNK_MAX_WORK);
         let members: Vec<&ChunkContext> = contexts.iter().filter(|c| through_pages(c)).collect();
         if !members.is_empty() {
             let (n, max_blocks) = (members.len(), members.iter().map(|m| m.block_table.len()).max());
@@ -934,7 +945,10 @@ impl<B: Backend> Llama<B> {
             grouped_rows.extend_from_slice(&rows);
             groups.push(AttentionGroup::HostDecode {
                 rows: ix.push(rows),
-                contexts: decodes.iter().map(|&i| contexts[i].ctx_slots.clone()).collect(),
+                contexts: decodes
+                    .iter()
+                    .map(|&i| contexts[i].ctx_slots(page_size))
+                    .collect(),
             });
         }
         let gathered_decodes = if paged || on_host {
@@ -944,20 +958,21 @@ impl<B: Backend> Llama<B> {
         };
         for members in gathered_decodes {
             let members: Vec<&ChunkContext> = members.iter().map(|&m| &contexts[decodes[m]]).collect();
-            let ctx_len = members.iter().map(|m| m.ctx_slots.len()).max().unwrap_or(0);
+            let ctx_len = members.iter().map(|m| m.ctx_len()).max().unwrap_or(0);
             let mut slots = Vec::with_capacity(members.len() * ctx_len);
             let mut mask = Vec::with_capacity(members.len() * ctx_len);
             for m in &members {
                 // Padding repeats a slot of the sequence itself (any valid row) and is masked out.
-                let pad = ctx_len - m.ctx_slots.len();
-                slots.extend_from_slice(&m.ctx_slots);
-                slots.extend(std::iter::repeat_n(m.ctx_slots[0], pad));
-                mask.extend(std::iter::repeat_n(0.0f32, m.ctx_slots.len()));
+                let ctx = m.ctx_slots(page_size);
+                let pad = ctx_len - ctx.len();
+                slots.extend_from_slice(&ctx);
+                slots.extend(std::iter::repeat_n(ctx[0], pad));
+                mask.extend(std::iter::repeat_n(0.0f32, ctx.len()));
                 mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, pad));
                 grouped_rows.push(m.q_start as i32);
             }
             let n = members.len();
-            let padded = members.iter().any(|m| m.ctx_slots.len() < ctx_len);
+            let padded = members.iter().any(|m| m.ctx_len() < ctx_len);
             groups.push(AttentionGroup::Decode {
                 rows: ix.push(members.iter().map(|m| m.q_start as i32).collect()),
                 n,
@@ -974,7 +989,7 @@ impl<B: Backend> Llama<B> {
             groups.push(AttentionGroup::Chunk(AttentionPlan {
                 q_start: ctx.q_start,
                 q_len: ctx.q_len,
-                ctx_len: ctx.ctx_slots.len(),
+                ctx_len: ctx.ctx_len(),
                 mask: attention_mask(
                     ctx.ctx_start,
                     ctx.start_pos,
@@ -984,7 +999,7 @@ impl<B: Backend> Llama<B> {
                     dev,
                     self.dtype,
                 ),
-                ctx_slots: cache.slot_index(ctx.ctx_slots),
+                ctx_slots: cache.slot_index(ctx.ctx_slots(page_size)),
             }));
         }
         // Output row `r` of the step is row `position_of[r]` of the groups' concatenation.
