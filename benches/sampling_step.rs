@@ -84,5 +84,57 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// The pre-change `top_p`: every token sorted, most likely first, then the nucleus cut.
+fn kept_by_full_sort(row: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp()))
+        .collect();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = probs.iter().map(|q| q.1 as f64).sum();
+    let mut mass = 0.0f64;
+    let keep = probs
+        .iter()
+        .position(|q| {
+            mass += q.1 as f64;
+            mass >= p.top_p as f64 * total
+        })
+        .map_or(probs.len(), |i| i + 1);
+    probs.truncate(keep);
+    probs
+}
+
+/// One sampled row's `top_p` on the host (the executor samples a step's rows one after another):
+/// sorting only the nucleus against sorting the whole 128,256-token row, at a temperature that
+/// keeps many tokens (1.0) and one that keeps few (0.3), `top_p` 0.95.
+fn bench_top_p(c: &mut Criterion) {
+    let values = logits();
+    let row = &values[..VOCAB];
+    let mut group = c.benchmark_group("sampling_top_p_row_128256");
+    group.sample_size(20);
+    for temperature in [1.0f32, 0.3] {
+        let p = SamplingParams {
+            temperature,
+            top_p: 0.95,
+            ..Default::default()
+        };
+        let kept = sampling::kept_tokens(row, &p);
+        assert_eq!(kept, kept_by_full_sort(row, &p));
+        eprintln!(
+            "temperature {temperature}: the nucleus holds {} tokens",
+            kept.len()
+        );
+        group.bench_function(format!("full_sort/t{temperature}"), |b| {
+            b.iter(|| kept_by_full_sort(row, &p))
+        });
+        group.bench_function(format!("nucleus_only/t{temperature}"), |b| {
+            b.iter(|| sampling::kept_tokens(row, &p))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_top_p);
 criterion_main!(benches);

@@ -476,29 +476,70 @@ pub fn kept_tokens(w: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
         .enumerate()
         .map(|(i, &l)| (i as u32, ((l - max) / temperature).exp()))
         .collect();
-    let likelier = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let top_k = params.top_k > 0 && params.top_k < probs.len();
     if top_k {
         probs.select_nth_unstable_by(params.top_k - 1, likelier);
         probs.truncate(params.top_k);
-    }
-    if top_k || params.top_p < 1.0 {
         probs.sort_by(likelier);
     }
     if params.top_p < 1.0 {
-        let total: f32 = probs.iter().map(|p| p.1).sum();
-        let mut mass = 0.0;
-        let keep = probs
-            .iter()
-            .position(|p| {
-                mass += p.1 / total;
-                mass >= params.top_p
-            })
-            .map_or(probs.len(), |i| i + 1);
-        probs.truncate(keep);
+        probs = nucleus(probs, params.top_p, top_k);
     }
     // The most likely token has probability exp(0) = 1 here, and every cut above keeps it.
     probs.retain(|p| p.1 > 0.0 && p.1 >= params.min_p);
+    probs
+}
+
+/// Most likely first, the lower id on a tie: the order in which the cuts keep tokens.
+fn likelier(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The smallest most-likely-first prefix of `probs` whose mass reaches `top_p` of the whole
+/// (sums in f64), in that order; `sorted`: `probs` is already all in order. Sorting a
+/// 128,256-token row (Llama 3's vocabulary) took 4.5 ms, for each sampled row of a step, one after
+/// another, so only the candidates are sorted: a histogram of the probabilities by their top 16
+/// bits (exponent and 7 bits of mantissa, in value order for the non-negative floats) finds the
+/// bin where the mass crosses `top_p`, and the tokens of that bin and above are the candidates.
+/// They are the first of the whole row's order, so the cut is the one a full sort makes; should
+/// rounding put it past them, or a probability be NaN, the whole row is sorted.
+fn nucleus(mut probs: Vec<(u32, f32)>, top_p: f32, sorted: bool) -> Vec<(u32, f32)> {
+    let total: f64 = probs.iter().map(|p| p.1 as f64).sum();
+    let target = top_p as f64 * total;
+    let cut = |front: &[(u32, f32)]| {
+        let mut mass = 0.0f64;
+        front.iter().position(|p| {
+            mass += p.1 as f64;
+            mass >= target
+        })
+    };
+    const BINS: usize = (1.0f32.to_bits() >> 16) as usize + 1;
+    let bin = |p: f32| (p.to_bits() >> 16) as usize;
+    if !sorted && probs.iter().all(|p| (0.0..=1.0).contains(&p.1)) {
+        let mut mass = vec![0.0f64; BINS];
+        for p in &probs {
+            mass[bin(p.1)] += p.1 as f64;
+        }
+        let (mut above, mut lowest) = (0.0f64, 0);
+        for b in (0..BINS).rev() {
+            above += mass[b];
+            if above >= target {
+                lowest = b;
+                break;
+            }
+        }
+        let mut candidates: Vec<(u32, f32)> = probs.iter().copied().filter(|p| bin(p.1) >= lowest).collect();
+        candidates.sort_by(likelier);
+        if let Some(i) = cut(&candidates) {
+            candidates.truncate(i + 1);
+            return candidates;
+        }
+    }
+    if !sorted {
+        probs.sort_by(likelier);
+    }
+    let keep = cut(&probs).map_or(probs.len(), |i| i + 1);
+    probs.truncate(keep);
     probs
 }
 
@@ -1136,6 +1177,41 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// `top_p` sorts only the candidates its histogram finds and keeps exactly what sorting
+        /// the whole row keeps: rows of 1 to 3,000 logits, flat or peaked (low temperatures),
+        /// with ties, with and without `top_k`.
+        #[test]
+        fn sampling_top_p_keeps_what_a_full_sort_keeps(
+            logits in prop::collection::vec(prop_oneof![-8.0f32..8.0, (-2i32..2).prop_map(|i| i as f32)], 1..3000),
+            temperature in prop_oneof![0.05f32..0.5, 0.5f32..3.0], top_p in 0.0f32..1.0,
+            top_k in prop_oneof![Just(0usize), 1usize..400],
+        ) {
+            let p = SamplingParams { temperature, top_p, top_k, ..Default::default() };
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut whole: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, ((l - max) / temperature).exp()))
+                .collect();
+            if top_k > 0 && top_k < whole.len() {
+                whole.sort_by(likelier);
+                whole.truncate(top_k);
+            }
+            let total: f64 = whole.iter().map(|q| q.1 as f64).sum();
+            whole.sort_by(likelier);
+            let mut mass = 0.0f64;
+            let keep = whole
+                .iter()
+                .position(|q| {
+                    mass += q.1 as f64;
+                    mass >= top_p as f64 * total
+                })
+                .map_or(whole.len(), |i| i + 1);
+            whole.truncate(keep);
+            whole.retain(|q| q.1 > 0.0);
+            prop_assert_eq!(kept_tokens(&logits, &p), whole);
+        }
 
         /// Greedy with every processor off is the plain argmax (lowest id on a tie), and so is
         /// `top_k = 1` at any temperature; `min_p = 1` keeps only maxima.
