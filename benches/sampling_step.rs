@@ -136,5 +136,42 @@ fn bench_top_p(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, bench_top_p);
+/// A step's 128 `top_p` rows as the executor draws them (`finish_step`: on rayon's threads)
+/// against one after another, as it drew them before.
+fn bench_rows_in_parallel(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let values = logits();
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.95,
+        seed: 7,
+        ..Default::default()
+    };
+    let draw = |(n, row): (usize, &[f32])| sampling::sample(row, &p, n, None).token;
+    let rows = || values.chunks_exact(VOCAB).enumerate();
+    let in_turn: Vec<u32> = rows().map(draw).collect();
+    let parallel: Vec<u32> = rows().collect::<Vec<_>>().into_par_iter().map(draw).collect();
+    assert_eq!(
+        in_turn, parallel,
+        "the same tokens whatever the order of the draws"
+    );
+    let mut group = c.benchmark_group("sampling_step_top_p_128x128256");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(ROWS as u64));
+    group.bench_function("one_after_another", |b| {
+        b.iter(|| rows().map(draw).collect::<Vec<_>>())
+    });
+    group.bench_function("rayon", |b| {
+        b.iter(|| {
+            rows()
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(draw)
+                .collect::<Vec<_>>()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_top_p, bench_rows_in_parallel);
 criterion_main!(benches);

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use burn::prelude::Backend;
+use rayon::prelude::*;
 use tokio::sync::oneshot;
 
 use super::fault::{FaultInjector, FaultKind};
@@ -250,6 +251,8 @@ impl<B: Backend> ModelExecutor<B> {
         // `chunks(0)` panics; a step with no host row never reads this iterator.
         let mut host_rows = out.host_rows.chunks_exact(out.vocab.max(1));
         let mut sampled = Vec::with_capacity(samplers.len());
+        // The rows left to the host: (where in `sampled`, row, params, n, edits, fed token).
+        let mut on_host = Vec::new();
         let device_logprobs = out.logprobs.into_iter().chain(std::iter::repeat(None));
         for (((((seq, params, n), chosen), logprobs), edits), fed_edits) in samplers
             .into_iter()
@@ -258,8 +261,8 @@ impl<B: Backend> ModelExecutor<B> {
             .zip(edits.iter())
             .zip(fed_edits.into_iter().chain(std::iter::repeat(false)))
         {
-            let (token, logprobs) = match chosen {
-                Some(token) => (token, logprobs),
+            let token = match chosen {
+                Some(token) => token,
                 None => {
                     let row = host_rows
                         .next()
@@ -270,11 +273,26 @@ impl<B: Backend> ModelExecutor<B> {
                             ExecutorError(format!("the fed token of sequence {seq} was never read back"))
                         })?),
                     };
-                    let s = sampling::sample_edited(row, &params, n, edits, fed_token);
-                    (s.token, s.logprobs)
+                    on_host.push((sampled.len(), row, params, n, edits, fed_token));
+                    // Drawn below.
+                    0
                 }
             };
             sampled.push(SampledToken { seq, token, logprobs });
+        }
+        // A row takes a millisecond or more with a large vocabulary (a pass for the
+        // probabilities, one for `top_p`'s histogram, the draw), so the rows are drawn on
+        // rayon's threads. Each draw has its own (seed, n) stream: the order they run in changes
+        // no token.
+        let drawn: Vec<sampling::Sampled> = on_host
+            .par_iter()
+            .map(|(_, row, params, n, edits, fed_token)| {
+                sampling::sample_edited(row, params, *n, edits, *fed_token)
+            })
+            .collect();
+        for ((at, ..), s) in on_host.iter().zip(drawn) {
+            sampled[*at].token = s.token;
+            sampled[*at].logprobs = s.logprobs;
         }
         Ok(sampled)
     }
