@@ -46,8 +46,8 @@ impl<B: Backend> Default for ServingKernels<B> {
 
 impl<B: Backend> ServingKernels<B> {
     /// Whether any kernel hook is set: without one, burn's own ops serve everything (on CUDA,
-    /// burn's fusion backend can then serve). The index view is not a kernel: it goes with
-    /// whichever backend serves.
+    /// burn's fusion backend can then serve). The index view is not counted: it is cubecl's,
+    /// and the fusion backend serves without it (one upload per index array).
     pub fn has_hooks(&self) -> bool {
         let s = &self.device_sampling;
         self.project.is_some()
