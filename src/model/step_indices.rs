@@ -2,7 +2,7 @@
 //! paged attention's block tables and bounds, token ids, row orders), uploaded together.
 //!
 //! Each upload is a copy into a staging buffer, an allocation and a host-to-device copy. A
-//! decode step on the paged path took five or six of them (docs/Performance.md). With an
+//! decode step on the paged path took six or seven of them (docs/Performance.md). With an
 //! [`IndexViewFn`], a backend that can view part of a buffer without a copy gets them all in
 //! one upload, each array a view at an aligned offset; without one (the CPU, burn's fusion
 //! backend), each array is uploaded on its own, as before.
