@@ -7,6 +7,7 @@
 //!     [--context 192] [--iters 10] [--bandwidth-gbs 3000] [--pages N] [--json FILE] [--step-only]
 //! cargo bench --bench device_check -- gemm [--device cuda|cpu] [--model DIR] [--rows 1,8,32,128] [--kernels all|a,b]
 //!     [--layouts in_out,out_in] [--iters 20] [--budget-s 120] [--json FILE] [--recommend FILE]
+//! cargo bench --bench device_check -- issue [--fixture DIR] [--steps 200] [--batch 1]
 //! ```
 //!
 //! `logits` runs every golden prompt of each fixture (default: all of `tests/fixtures`) on the CPU
@@ -25,9 +26,14 @@
 //!
 //! `gemm` (CUDA only) times every projection kernel of `cuda_gemm` on the model's shapes and
 //! recommends the `[cuda]` settings (see `device_check/gemm.rs`).
+//!
+//! `issue` times, on wgpu's Vulkan backend, the host's part of issuing a decode step through
+//! cubecl, which is the same on CUDA (see `device_check/issue.rs`).
 
 #[path = "device_check/gemm.rs"]
 mod gemm;
+#[path = "device_check/issue.rs"]
+mod issue;
 
 use std::time::Instant;
 
@@ -140,7 +146,8 @@ fn main() {
         Some("logits") => logits_main(argv),
         Some("profile") => profile_main(parse_args(argv)),
         Some("gemm") => gemm::main(argv),
-        _ => panic!("usage: device_check logits|profile|gemm [options] (see the file's doc comment)"),
+        Some("issue") => issue::main(argv),
+        _ => panic!("usage: device_check logits|profile|gemm|issue [options] (see the file's doc comment)"),
     }
 }
 
@@ -464,17 +471,47 @@ fn issue_costs<B: Backend>(
             per_call_us(&mut || drop(upload(Some(view)))),
         ));
     }
+    // The caller's own part of a launch: cubecl queues each task (a launch, its output's
+    // allocation) for a runner thread, in buffers of 32. A burst of `BURST` launches after a
+    // sync fits in one buffer, so the caller never waits for the runner; `CALLS` in a row wait
+    // for whichever of the two is slower. Equal: the caller binds; the burst far cheaper: the
+    // runner (the driver's launch and cubecl's work on that thread) does.
+    const BURST: usize = 12;
+    let burst_us = |f: &mut dyn FnMut()| {
+        f();
+        let mut caller = std::time::Duration::ZERO;
+        for _ in 0..CALLS / BURST {
+            B::sync(device).expect("device sync");
+            let t = Instant::now();
+            for _ in 0..BURST {
+                f();
+            }
+            caller += t.elapsed();
+        }
+        B::sync(device).expect("device sync");
+        caller.as_secs_f64() * 1e6 / (CALLS / BURST * BURST) as f64
+    };
     let x = Tensor::<B, 2>::ones([1, hidden], (device, dtype));
     let gain = Tensor::<B, 1>::ones([hidden], (device, dtype));
     let mut sink = Vec::with_capacity(3 * CALLS);
+    let mut add = || sink.push(x.clone().add_scalar(1.0));
     costs.push((
         format!("launch: burn's add_scalar on [1, {hidden}]"),
-        per_call_us(&mut || sink.push(x.clone().add_scalar(1.0))),
+        per_call_us(&mut add),
+    ));
+    costs.push((
+        format!("launch, the caller's part: the same, {BURST} after a sync"),
+        burst_us(&mut add),
     ));
     if let Some(fused) = &kernels.fused {
+        let mut norm = || sink.push((fused.rms_norm)(x.clone(), gain.clone(), 1e-5));
         costs.push((
             format!("launch: our RMSNorm on [1, {hidden}]"),
-            per_call_us(&mut || sink.push((fused.rms_norm)(x.clone(), gain.clone(), 1e-5))),
+            per_call_us(&mut norm),
+        ));
+        costs.push((
+            format!("launch, the caller's part: the same, {BURST} after a sync"),
+            burst_us(&mut norm),
         ));
     }
     drop(sink);

@@ -13,7 +13,9 @@
 #   3. the baseline from the same call: copy bandwidth, cuBLAS time of one step's GEMMs, and
 #      transformers `generate` tokens/s at batch 1, 32, 128 (prompt 128, output 128);
 #   4. device_check profile: where InferFlux's decode step goes at batch 1, 32, 128, and the host's
-#      time per upload (a step's index arrays apart and in one upload), per launch and per read;
+#      time per upload (a step's index arrays apart and in one upload), per launch and per read,
+#      and per launch the calling thread's part alone (12 launches after a sync, within cubecl's
+#      32-task buffer): near the 200-in-a-row figure, the caller binds; far below, cubecl's runner;
 #   5. inferfluxd on that checkpoint, `inferctl bench` at concurrency 1, 32, 128;
 #   6. one table: InferFlux against the baseline and the memory roofline (and one for step 8);
 #   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's

@@ -450,3 +450,47 @@ fn model_device_kernels_with_a_family_off_match_transformers() {
         );
     }
 }
+
+/// A step the paged kernel refuses (here, caches whose rows are not contiguous: every other
+/// column block of a wider tensor) runs burn's gather on the inputs the kernel hands back, with a
+/// warning, and gives what the gather gives on the step's own inputs: the kernel keeps no copies
+/// of them against a refusal, so the hand-back must rebuild each one as it came.
+#[test]
+fn model_device_kernels_a_refused_paged_attention_falls_back_to_the_gather() {
+    use burn::tensor::{Distribution, Int, TensorData};
+    let device = vulkan();
+    let (heads, kv_heads, head_dim, page_size, pages) = (4, 2, 8, 4, 8);
+    let kv_dim = kv_heads * head_dim;
+    let slots = pages * page_size;
+    let wide = Tensor::<B, 2>::random([slots, 2 * kv_dim], Distribution::Normal(0.0, 1.0), &device);
+    let ints = |v: Vec<i32>, shape: Vec<usize>| {
+        Tensor::<B, 1, Int>::from_data(TensorData::new(v, [shape.iter().product::<usize>()]), &device)
+    };
+    let step = PagedAttention::<B> {
+        q: Tensor::random([3, heads, head_dim], Distribution::Normal(0.0, 1.0), &device),
+        k_cache: wide.clone().slice([0..slots, 0..kv_dim]),
+        v_cache: wide.slice([0..slots, kv_dim..2 * kv_dim]),
+        block_tables: ints(vec![3, 1, 0, 5, 6, 2], vec![6]).reshape([2, 3]),
+        query_seq: ints(vec![0, 1, 1], vec![3]),
+        ctx_begin: ints(vec![0, 0, 2], vec![3]),
+        ctx_end: ints(vec![7, 3, 10], vec![3]),
+        page_size,
+        kv_heads,
+        scale: (head_dim as f32).powf(-0.5),
+    };
+    let gathered = inferflux::model::llama::gathered_paged_attention(step.clone());
+    let attend = inferflux::model::cuda_attention::paged::<WgpuRuntime>(false);
+    let (served, warnings) = warnings_during(|| attend(step));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("paged attention refused a step")),
+        "the kernel took caches with padded rows: {warnings:?}"
+    );
+    let (want, got) = (
+        gathered.into_data().to_vec::<f32>().unwrap(),
+        served.into_data().to_vec::<f32>().unwrap(),
+    );
+    assert_eq!(got.len(), 3 * heads * head_dim);
+    assert_close_within(&got, &want, 1e-6, "the gather on the handed-back inputs");
+}

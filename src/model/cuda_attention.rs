@@ -51,28 +51,31 @@ pub fn supports(config: &LlamaConfig) -> Result<(), Refused> {
 /// split in partitions (`[cuda] split_attention`, see `paged_attention::partition_len`).
 pub fn paged<R: CubeRuntime>(split: bool) -> PagedAttentionFn<Cube<R>> {
     let warned = Arc::new(AtomicBool::new(false));
-    Arc::new(move |a: PagedAttention<Cube<R>>| {
-        let fallback = a.clone();
-        match launch(a, split) {
-            Ok(out) => out,
-            Err(e) => {
-                if !warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "paged attention refused a step: burn's gather runs it");
-                }
-                gathered_paged_attention(fallback)
+    Arc::new(move |a: PagedAttention<Cube<R>>| match launch(a, split) {
+        Ok(out) => out,
+        Err(refused) => {
+            let (e, a) = *refused;
+            if !warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %e, "paged attention refused a step: burn's gather runs it");
             }
+            gathered_paged_attention(a)
         }
     })
 }
+
+/// A step the kernel refused, with its inputs handed back for burn's gather: no step pays for
+/// copies of its seven tensors kept against a refusal.
+pub type RefusedAttention<R> = Box<(Refused, PagedAttention<Cube<R>>)>;
 
 /// Queues the kernel on `a`'s tensors, split where `split` allows and it pays;
 /// `[n, heads * head_dim]`.
 pub fn launch<R: CubeRuntime>(
     a: PagedAttention<Cube<R>>,
     split: bool,
-) -> Result<Tensor<Cube<R>, 2>, Refused> {
+) -> Result<Tensor<Cube<R>, 2>, RefusedAttention<R>> {
     let [n, heads, head_dim] = a.q.dims();
     let [seqs, max_blocks] = a.block_tables.dims();
+    let (page_size, kv_heads, scale) = (a.page_size, a.kv_heads, a.scale);
     let float = |t: Tensor<Cube<R>, 2>| t.into_primitive().tensor();
     let q: CubeTensor<R> = contiguous(a.q.into_primitive().tensor(), "paged attention q");
     let (k, v) = (float(a.k_cache), float(a.v_cache));
@@ -82,32 +85,55 @@ pub fn launch<R: CubeRuntime>(
         contiguous(a.ctx_begin.into_primitive(), "paged attention ctx_begin"),
         contiguous(a.ctx_end.into_primitive(), "paged attention ctx_end"),
     ];
-    if k.dtype != q.dtype || v.dtype != q.dtype {
-        return Err(Refused(format!("queries {:?}, cache {:?}", q.dtype, k.dtype)));
-    }
-    if !k.is_contiguous() || !v.is_contiguous() {
-        return Err(Refused("the cache's rows are padded".into()));
-    }
-    if ints.iter().any(|t| t.dtype != DType::I32) {
-        return Err(Refused("block tables are not 32-bit".into()));
-    }
+    let refused = if k.dtype != q.dtype || v.dtype != q.dtype {
+        Some(Refused(format!("queries {:?}, cache {:?}", q.dtype, k.dtype)))
+    } else if !k.is_contiguous() || !v.is_contiguous() {
+        Some(Refused("the cache's rows are padded".into()))
+    } else if ints.iter().any(|t| t.dtype != DType::I32) {
+        Some(Refused("block tables are not 32-bit".into()))
+    } else {
+        None
+    };
     let shape = PagedAttentionShape {
         queries: n,
         seqs,
         heads,
-        kv_heads: a.kv_heads,
+        kv_heads,
         head_dim,
-        page_size: a.page_size,
+        page_size,
         max_blocks,
         slots: k.meta.shape()[0],
     };
+    // The inputs again, as the fallback takes them.
+    let hand_back =
+        |e: Refused, q: CubeTensor<R>, k, v, [tables, query_seq, begin, end]: [CubeTensor<R>; 4]| {
+            let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
+            Box::new((
+                e,
+                PagedAttention {
+                    q: float(q).reshape([n, heads, head_dim]),
+                    k_cache: float(k),
+                    v_cache: float(v),
+                    block_tables: Tensor::from_primitive(tables),
+                    query_seq: Tensor::from_primitive(query_seq),
+                    ctx_begin: Tensor::from_primitive(begin),
+                    ctx_end: Tensor::from_primitive(end),
+                    page_size,
+                    kv_heads,
+                    scale,
+                },
+            ))
+        };
+    if let Some(e) = refused {
+        return Err(hand_back(e, q, k, v, ints));
+    }
     let out = empty_device_contiguous_dtype(
         q.client.clone(),
         q.device.clone(),
         [n, heads * head_dim].into(),
         q.dtype,
     );
-    let [tables, query_seq, begin, end] = ints;
+    let [tables, query_seq, begin, end] = &ints;
     // Page ids and positions are non-negative, so their i32 bits read as the kernel's u32.
     let handles = [
         q.handle.clone(),
@@ -122,14 +148,17 @@ pub fn launch<R: CubeRuntime>(
     let partition_len = split
         .then(|| paged_attention::auto_partition_len(&q.client, &shape))
         .flatten();
-    paged_attention::launch(
+    let launched = paged_attention::launch(
         &q.client,
         handles,
         shape,
-        a.scale,
+        scale,
         (q.dtype.into(), q.dtype.size()),
         true,
         partition_len,
-    )?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    );
+    match launched {
+        Ok(()) => Ok(Tensor::from_primitive(TensorPrimitive::Float(out))),
+        Err(e) => Err(hand_back(e, q, k, v, ints)),
+    }
 }
