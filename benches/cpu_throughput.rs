@@ -22,6 +22,10 @@ use rand::{Rng, SeedableRng};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
+/// Small blocks from mimalloc, large ones from glibc (see `inferflux::heap`).
+#[global_allocator]
+static HEAP: inferflux::heap::ServerHeap = inferflux::heap::ServerHeap;
+
 const PAGE_SIZE: usize = 16;
 
 /// One model to measure, and the sizes of its runs.

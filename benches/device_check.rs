@@ -35,6 +35,10 @@ mod gemm;
 #[path = "device_check/issue.rs"]
 mod issue;
 
+/// The server's allocator, so that the profile's numbers are the server's (see `inferflux::heap`).
+#[global_allocator]
+static HEAP: inferflux::heap::ServerHeap = inferflux::heap::ServerHeap;
+
 use std::time::Instant;
 
 use burn::prelude::*;

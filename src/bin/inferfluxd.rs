@@ -45,6 +45,10 @@ struct Args {
     admin_token: Option<String>,
 }
 
+/// Small blocks from mimalloc, large ones from glibc (see `inferflux::heap`).
+#[global_allocator]
+static HEAP: inferflux::heap::ServerHeap = inferflux::heap::ServerHeap;
+
 /// Errors end the process with one line on stderr (the whole cause chain) and exit status 1.
 fn main() -> std::process::ExitCode {
     // Before any thread starts: see `heap`.
