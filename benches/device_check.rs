@@ -150,7 +150,7 @@ fn main() {
         Some("logits") => logits_main(argv),
         Some("profile") => profile_main(parse_args(argv)),
         Some("gemm") => gemm::main(argv),
-        Some("issue") => issue::main(argv),
+        Some("issue") => issue::main(argv, cuda),
         _ => panic!("usage: device_check logits|profile|gemm|issue [options] (see the file's doc comment)"),
     }
 }

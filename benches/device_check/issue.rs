@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Int, Tensor};
 use cubecl_wgpu::{WgpuDevice, WgpuRuntime};
-use inferflux::config::{CliOverrides, Settings};
+use inferflux::config::CudaConfig;
 use inferflux::model::cuda_gemm::{Cube, GemmKernel};
 use inferflux::model::draw::DeviceArgmaxFn;
 use inferflux::model::serving_kernels::ServingKernels;
@@ -36,7 +36,8 @@ type B = Cube<WgpuRuntime>;
 /// Steps issued before the measured ones: the first compiles every kernel a decode runs.
 const WARM_UP: usize = 10;
 
-pub fn main(mut argv: impl Iterator<Item = String>) {
+/// `cuda`: the server's `[cuda]` settings, as `device_check` reads them from `INFERFLUX__CUDA__*`.
+pub fn main(mut argv: impl Iterator<Item = String>, mut cuda: CudaConfig) {
     let (mut fixture, mut steps, mut batch) = ("tests/fixtures/tiny-llama".to_string(), 200, 1);
     while let Some(flag) = argv.next() {
         let mut value = || argv.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -47,10 +48,6 @@ pub fn main(mut argv: impl Iterator<Item = String>) {
             other => panic!("unknown argument {other}"),
         }
     }
-    let vars = std::env::vars().filter(|(k, _)| k.starts_with("INFERFLUX__CUDA__"));
-    let mut cuda = Settings::load_with_env(None, &CliOverrides::default(), vars)
-        .expect("INFERFLUX__CUDA__* settings")
-        .cuda;
     if matches!(
         cuda.gemm,
         GemmKernel::Cublas | GemmKernel::CublasOrdered | GemmKernel::Skinny
