@@ -137,13 +137,14 @@ struct Row {
 fn main() {
     // As the server runs (see `inferflux::heap`).
     inferflux::heap::keep_freed_memory();
-    // `[cuda.skinny]`'s knobs from `INFERFLUX__CUDA__SKINNY__*`, as the server takes them.
+    // `[cuda.skinny]`'s knobs and `carve_outputs` from `INFERFLUX__CUDA__*`, as the server takes them.
     let vars = std::env::vars().filter(|(k, _)| k.starts_with("INFERFLUX__CUDA__"));
     let cuda = Settings::load_with_env(None, &CliOverrides::default(), vars)
         .expect("INFERFLUX__CUDA__* settings")
         .cuda;
     inferflux::model::kernels::skinny_gemm::set_tuning(cuda.skinny).expect("[cuda.skinny] knobs");
     eprintln!("skinny GEMM knobs: {:?}", cuda.skinny);
+    inferflux::model::output_blocks::set_carving(cuda.carve_outputs);
     // `cargo bench` adds `--bench`.
     let mut argv = std::env::args().skip(1).filter(|a| a != "--bench");
     match argv.next().as_deref() {

@@ -28,8 +28,9 @@
 #      weights, paged decode attention, fused ops) against the CPU f32 path and the goldens;
 #   0. step 8's profile alone (no server): the decode step with step 8's kernels;
 #   k. GPU time per kernel kind in a decode step at batch 1 and 128 (cubecl's profiler);
-#   n. the decode step at batch 1 and 8 without and with the norms inside the GEMVs
-#      (`fused_norm_gemv`, off by default until this measures it), alternated;
+#   n. the decode step at batch 1 and 8 with the defaults, with the norms inside the GEMVs
+#      (`fused_norm_gemv`, off by default until this measures it) and with every kernel output
+#      allocated on its own (`carve_outputs = false`), alternated;
 #   a. the decode step at context 2048 (batch 1 and 8) without and with the split paged attention
 #      (`split_attention`: partitions of a long context on cubes of their own), alternated;
 #   t. the skinny GEMM's plan knobs (`[cuda.skinny]`, SKINNY_TUNINGS) at 32 and 128 rows;
@@ -61,13 +62,14 @@
 # the machine's start (a minute or more) and its idle waits too, so two calls on one warm machine
 # (the second at once, within its 30 s idle release) is all a session gets:
 #   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=2c7y8 scripts/gpu-check.sh BIN_DIR  (about 510 s)
-#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=316n scripts/gpu-check.sh BIN_DIR  (about 250 s; give it a
+#   OUT=/tmp/x MODEL=/tmp/llama-1b STAGES=316n scripts/gpu-check.sh BIN_DIR  (about 280 s; give it a
 #   timeout_s of what the session has left, less a minute)
 # The first checks every default against transformers (c), picks the projections (7), measures the
 # step loops (y, before step 8 so that a cut call still measures it) and serves (8); the second
 # measures the baseline of the same machine (3), checks the fixtures' logits against the CPU (1,
 # never passed on CUDA before the fix of 2026-11-28), prints the table (6) and times the norms
-# inside the GEMVs (n). Then give the machine back. Steps s, k, a and t go to a later session, with
+# inside the GEMVs and the outputs carved from blocks (n). Then give the machine back. Steps s,
+# k, a and t go to a later session, with
 # KERNELS=FILE holding the INFERFLUX__CUDA__* lines step 7 chose (recorded in docs/Performance.md):
 #   OUT=/tmp/x STAGES=2ska scripts/gpu-check.sh BIN_DIR  (about 300 s) and, if the skinny GEMM
 #   passed step 7, STAGES=t (about 150 s), which tries its plan knobs.
@@ -440,13 +442,17 @@ stepk() { # GPU time per kernel in a decode step (cubecl's profiler), with step 
     done
 }
 
-stepn() { # the norms inside the GEMVs (fused_norm_gemv): the bare decode step at batch 1 and 8, without and with
+stepn() { # the host's issue: the bare decode step at batch 1 and 8, three ways
+    # The defaults; the norms inside the GEMVs (fused_norm_gemv, off by default until this measures
+    # it); every output allocated on its own (carve_outputs = false: twice the tasks for cubecl's runner).
     [ "$device" = cuda ] || { echo "(CUDA only)"; return; }
     # Alternated, two runs each, since two runs of one configuration differ by some 10%.
-    for on in false true false true; do
-        echo "fused_norm_gemv = $on:"
-        INFERFLUX__CUDA__FUSED_NORM_GEMV=$on timeout 45 "$bin/device_check" profile --device "$device" \
-            --model "$model" --batches 1,8 --context 192 --iters 20 --step-only 2>&1 |
+    for run in defaults norm-gemv apart defaults norm-gemv apart; do
+        local norm=false carve=true
+        case $run in norm-gemv) norm=true ;; apart) carve=false ;; esac
+        echo "$run (fused_norm_gemv = $norm, carve_outputs = $carve):"
+        INFERFLUX__CUDA__FUSED_NORM_GEMV=$norm INFERFLUX__CUDA__CARVE_OUTPUTS=$carve timeout 45 "$bin/device_check" \
+            profile --device "$device" --model "$model" --batches 1,8 --context 192 --iters 20 --step-only 2>&1 |
             grep -E "^batch|norms in the GEMVs|refused"
     done
 }

@@ -331,6 +331,9 @@ pub struct CudaConfig {
     /// copies edited there, and the raw logprobs of the rows that ask for them computed there, so
     /// that only token ids (and logprobs) come back. Off until measured on a GPU.
     pub device_sampling: bool,
+    /// Our kernels' outputs of up to 1 MiB as views of 8 MiB blocks (`model::output_blocks`)
+    /// rather than an allocation each: one task fewer per launch for cubecl's two threads.
+    pub carve_outputs: bool,
     /// The plan knobs of `gemm = "skinny"`, our tensor-core GEMM (`[cuda.skinny]`).
     pub skinny: SkinnyTuning,
 }
@@ -353,6 +356,7 @@ impl Default for CudaConfig {
             split_attention: true,
             device_argmax: true,
             device_sampling: false,
+            carve_outputs: true,
             skinny: SkinnyTuning::DEFAULT,
         }
     }

@@ -196,6 +196,7 @@ pub fn start(
             if let Err(e) = crate::model::kernels::skinny_gemm::set_tuning(settings.cuda.skinny) {
                 tracing::warn!(error = %e, "[cuda.skinny] refused: the skinny GEMM keeps its defaults");
             }
+            crate::model::output_blocks::set_carving(settings.cuda.carve_outputs);
             let kernels = ServingKernels::<CudaCube>::from_cuda(&settings.cuda, &files.config);
             if !kernels.has_hooks() {
                 let kernels = ServingKernels {
@@ -228,6 +229,7 @@ pub fn start(
                     fused_norm_qkv_write = fused.is_some_and(|f| f.norm_qkv_write.is_some()),
                     device_argmax = sampling.argmax.is_some(),
                     device_sampling = sampling.draw.is_some(),
+                    carve_outputs = settings.cuda.carve_outputs,
                     "projections and attention on the chosen kernels; serving without burn's fusion layer"
                 );
                 start_replicas::<CudaCube>(

@@ -494,3 +494,87 @@ fn model_device_kernels_a_refused_paged_attention_falls_back_to_the_gather() {
     assert_eq!(got.len(), 3 * heads * head_dim);
     assert_close_within(&got, &want, 1e-6, "the gather on the handed-back inputs");
 }
+
+/// `[cuda] carve_outputs`: our kernels write their outputs into views of one block rather than
+/// allocations of their own. The views start on 512-byte boundaries one after another, an output
+/// over 1 MiB gets its own allocation, and every decode step's outputs are views, yet the logits
+/// of every step are bit for bit those of outputs allocated one by one. (Carving is switched off
+/// for the whole process while the second run lasts: the other tests here then allocate, with the
+/// same results.)
+#[test]
+fn model_device_kernels_carved_outputs_change_no_logit() {
+    use inferflux::model::output_blocks::{self, counts};
+    let device = vulkan();
+    let client = <WgpuRuntime as cubecl::Runtime>::client(&device);
+    let before = counts();
+    let views: Vec<_> = [3 * 256, 4, 2 << 20, 8]
+        .map(|len| output_blocks::empty(&client, &device, [len].into(), DType::F32))
+        .into_iter()
+        .map(|t| {
+            (
+                t.handle.offset_start.unwrap_or(0),
+                t.handle.size_in_used(),
+                t.handle.size(),
+            )
+        })
+        .collect();
+    let first = views[0].0;
+    assert_eq!(first % 512, 0);
+    let block = output_blocks::BLOCK_BYTES;
+    assert_eq!(
+        views,
+        [
+            (first, 3072, block),
+            (first + 3072, 16, block),
+            (0, 8 << 20, 8 << 20),
+            (first + 3072 + 512, 32, block)
+        ],
+        "views one after another on 512-byte boundaries; 8 MiB of f32 on its own"
+    );
+    assert_eq!(counts().carved - before.carved, 3);
+
+    let served = Arc::new(Served::default());
+    let (model, _) = served_model("tiny-llama", (&served_cuda(false), DType::F32), &served);
+    let (_, goldens) = read_fixture("tiny-llama");
+    let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().collect();
+    // Every step's logits, bit for bit, and what this thread carved meanwhile.
+    let run = || {
+        let mut logits = Vec::new();
+        let before = counts();
+        let tokens = greedy_batched_by(&model, &cases, 7, KvStorage::Device, |l| {
+            let rows = l.into_data().to_vec::<f32>().unwrap();
+            let vocab = rows.len() / cases.len().max(1);
+            let ids = rows
+                .chunks(vocab)
+                .map(|r| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap() as u32)
+                .collect();
+            logits.push(rows.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            ids
+        });
+        let after = counts();
+        (
+            tokens,
+            logits,
+            (after.carved - before.carved, after.blocks - before.blocks),
+        )
+    };
+    let (tokens, carved_logits, (carved, blocks)) = run();
+    output_blocks::set_carving(false);
+    let (apart_tokens, apart_logits, carved_apart) = run();
+    output_blocks::set_carving(true);
+    assert_eq!(
+        carved_apart,
+        (0, 0),
+        "carving off: every output allocated on its own"
+    );
+    // The fixture's outputs are a few KiB: the block in use at the start, and one more at most.
+    assert!(blocks <= 1, "{blocks} blocks for {carved} outputs");
+    // A decode step at batch 5 launches 8 kernels of ours per layer and the lm_head GEMV.
+    let steps = carved_logits.len() as u64;
+    assert!(carved >= steps * 9, "{carved} outputs carved in {steps} steps");
+    assert_eq!(tokens, apart_tokens);
+    assert!(
+        carved_logits == apart_logits,
+        "the logits of a step differ with carved outputs"
+    );
+}

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::cuda_fused::contiguous;
+use super::output_blocks;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 
@@ -127,12 +127,7 @@ pub fn launch<R: CubeRuntime>(
     if let Some(e) = refused {
         return Err(hand_back(e, q, k, v, ints));
     }
-    let out = empty_device_contiguous_dtype(
-        q.client.clone(),
-        q.device.clone(),
-        [n, heads * head_dim].into(),
-        q.dtype,
-    );
+    let out = output_blocks::empty(&q.client, &q.device, [n, heads * head_dim].into(), q.dtype);
     let [tables, query_seq, begin, end] = &ints;
     // Page ids and positions are non-negative, so their i32 bits read as the kernel's u32.
     let handles = [

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 
@@ -25,6 +24,7 @@ use super::llama::{
     self, FusedOps, GateUpActFn, KvWrite, NormProject, NormProjectFn, NormQkvWrite, NormQkvWriteFn, QkvWrite,
     QkvWriteFn, RopeAngles, WeightLayout,
 };
+use super::output_blocks;
 use crate::config::CudaConfig;
 
 /// The rows up to which our GEMV serves the projections (`[cuda] gemv = "gemv"` on `out_in`
@@ -222,8 +222,7 @@ fn launch_rms_norm<R: CubeRuntime>(
     let [rows, width] = x.dims();
     let (x, w) = (primitive(x, "rms_norm x"), primitive(w, "rms_norm weight"));
     same_dtype(&x, &w)?;
-    let out =
-        empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [rows, width].into(), x.dtype);
+    let out = output_blocks::empty(&x.client, &x.device, [rows, width].into(), x.dtype);
     let handles = [x.handle.clone(), w.handle.clone(), out.handle.clone()];
     rms_norm::launch(&x.client, handles, (rows, width), eps as f32, x.dtype.into())?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
@@ -248,7 +247,7 @@ fn launch_add_rms_norm<R: CubeRuntime>(
     );
     same_dtype(&x, &delta)?;
     same_dtype(&x, &w)?;
-    let empty = || empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), dims.into(), x.dtype);
+    let empty = || output_blocks::empty(&x.client, &x.device, dims.into(), x.dtype);
     let (sum, out) = (empty(), empty());
     let handles = [
         x.handle.clone(),
@@ -268,9 +267,9 @@ fn launch_silu_mul<R: CubeRuntime>(gate_up: Tensor<Cube<R>, 2>) -> Result<Tensor
         return Err(Refused(format!("gate and up of {both} columns")));
     }
     let gate_up = primitive(gate_up, "silu_mul gate_up");
-    let out = empty_device_contiguous_dtype(
-        gate_up.client.clone(),
-        gate_up.device.clone(),
+    let out = output_blocks::empty(
+        &gate_up.client,
+        &gate_up.device,
         [rows, both / 2].into(),
         gate_up.dtype,
     );
@@ -300,7 +299,7 @@ fn launch_rope<R: CubeRuntime>(
     );
     same_dtype(&x, &cos)?;
     same_dtype(&x, &sin)?;
-    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), dims.into(), x.dtype);
+    let out = output_blocks::empty(&x.client, &x.device, dims.into(), x.dtype);
     let handles = [
         x.handle.clone(),
         cos.handle.clone(),
@@ -377,12 +376,7 @@ fn launch_qkv_write<R: CubeRuntime>(
         Ok(rope)
     };
     let launched = check().and_then(|rope| {
-        let q_out = empty_device_contiguous_dtype(
-            q.client.clone(),
-            q.device.clone(),
-            [tokens, heads, head_dim].into(),
-            q.dtype,
-        );
+        let q_out = output_blocks::empty(&q.client, &q.device, [tokens, heads, head_dim].into(), q.dtype);
         let handles = [
             q.handle.clone(),
             k.handle.clone(),

@@ -23,7 +23,6 @@ use super::cuda_fused::{contiguous, RopeTables};
 use burn::prelude::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::matmul::init_matmul_output;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::cuda::CudaRuntime;
@@ -40,6 +39,7 @@ use super::kernels::gemv::{self, Epilogue, GemvShape, NormPrologue, RopeWrite};
 use super::kernels::skinny_gemm::{self, SkinnyShape};
 use super::kernels::stream_order;
 use super::llama::{KvWrite, NormProject, NormQkvWrite, NormQkvWritten};
+use super::output_blocks;
 use super::ProjectFn;
 
 /// burn's backend on the cubecl runtime `R`, without the fusion layer that `burn::backend::Cuda`
@@ -391,8 +391,7 @@ impl<R: KernelRuntime> OutInOperands<R> {
             )));
         }
         // Contiguous, as the kernels write it (an allocation may pad rows otherwise).
-        let out =
-            empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), [m, out_cols].into(), x.dtype);
+        let out = output_blocks::empty(&x.client, &x.device, [m, out_cols].into(), x.dtype);
         Ok(OutInOperands { x, w, out, m, k })
     }
 
@@ -619,12 +618,7 @@ impl<R: KernelRuntime> NormedGemv<R> {
         let (residual, stream) = match delta {
             Some(delta) => {
                 let delta = operand(delta.into_primitive().tensor(), "norm delta", &dims)?;
-                let sum = empty_device_contiguous_dtype(
-                    x.client.clone(),
-                    x.device.clone(),
-                    dims.clone().into(),
-                    x.dtype,
-                );
+                let sum = output_blocks::empty(&x.client, &x.device, dims.clone().into(), x.dtype);
                 (Some([delta.handle.clone(), sum.handle.clone()]), sum)
             }
             None => (None, x.clone()),

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use super::cuda_fused::contiguous;
+use super::output_blocks;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use burn_cubecl::CubeRuntime;
 
@@ -30,12 +30,7 @@ pub fn device_argmax<R: CubeRuntime>() -> DeviceArgmaxFn<Cube<R>> {
         }
         let logits = contiguous(logits.into_primitive().tensor(), "argmax logits");
         let dtype = logits.dtype.into();
-        let ids = empty_device_contiguous_dtype(
-            logits.client.clone(),
-            logits.device.clone(),
-            [rows].into(),
-            DType::I32,
-        );
+        let ids = output_blocks::empty(&logits.client, &logits.device, [rows].into(), DType::I32);
         let handles = [logits.handle.clone(), ids.handle.clone()];
         sample::launch_argmax(&logits.client, handles, (rows, vocab), dtype).map_err(|e| e.0)?;
         Ok(Tensor::from_primitive(ids))
@@ -92,12 +87,7 @@ fn launch<R: CubeRuntime>(
     let keys = into_contiguous(to_device(TensorData::new(keys, [2 * n])).into_primitive());
     let params = Tensor::<Cube<R>, 1>::from_data(TensorData::new(params, [4 * n]), (&device, DType::F32));
     let params = into_contiguous(params.into_primitive().tensor());
-    let ids = empty_device_contiguous_dtype(
-        logits.client.clone(),
-        logits.device.clone(),
-        [n].into(),
-        DType::I32,
-    );
+    let ids = output_blocks::empty(&logits.client, &logits.device, [n].into(), DType::I32);
     let handles = [
         logits.handle.clone(),
         row_ids.handle.clone(),
@@ -147,9 +137,9 @@ fn launch_logprobs<R: CubeRuntime>(
     let id_at = to_device(rows.iter().map(|r| r.id_at as i32).collect());
     let logits = contiguous(logits.into_primitive().tensor(), "logprobs logits");
     // Flat, then viewed as 2-D: cubecl pads the rows of a 2-D allocation (see `llama::int_tensor`).
-    let out = empty_device_contiguous_dtype(
-        logits.client.clone(),
-        logits.device.clone(),
+    let out = output_blocks::empty(
+        &logits.client,
+        &logits.device,
         [n * (1 + 2 * top)].into(),
         DType::F32,
     );
@@ -233,12 +223,7 @@ fn launch_edits<R: CubeRuntime>(
     let values = into_contiguous(values.into_primitive().tensor());
     let logits = contiguous(logits.into_primitive().tensor(), "edited logits");
     // Flat, then viewed as 2-D: cubecl pads the rows of a 2-D allocation.
-    let out = empty_device_contiguous_dtype(
-        logits.client.clone(),
-        logits.device.clone(),
-        [n * vocab].into(),
-        DType::F32,
-    );
+    let out = output_blocks::empty(&logits.client, &logits.device, [n * vocab].into(), DType::F32);
     let handles = [
         logits.handle.clone(),
         row_ids.handle.clone(),

@@ -14,6 +14,7 @@ pub mod cuda_sample;
 pub mod draw;
 pub mod kernels;
 pub mod llama;
+pub mod output_blocks;
 pub mod paged_cache;
 pub mod serving_kernels;
 pub mod shard;
