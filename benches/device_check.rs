@@ -44,11 +44,11 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use inferflux::config::{CliOverrides, Settings};
-use inferflux::model::cuda_gemm;
 use inferflux::model::serving_kernels::ServingKernels;
 use inferflux::model::step_indices::{IndexViewFn, StepIndices};
 use inferflux::model::{
-    KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk, WeightLayout,
+    cuda_gemm, output_blocks, KvStorage, Llama, ModelFiles, ModelSource, PagedKvCache, SequenceChunk,
+    WeightLayout,
 };
 
 const PAGE_SIZE: usize = 16;
@@ -477,7 +477,7 @@ fn issue_costs<B: Backend>(
         ));
     }
     // The caller's own part of a launch: cubecl queues each task (a launch, its output's
-    // allocation) for a runner thread, in buffers of 32. A burst of `BURST` launches after a
+    // allocation where `output_blocks` does not carve it) for a runner thread, in buffers of 32. A burst of `BURST` launches after a
     // sync fits in one buffer, so the caller never waits for the runner; `CALLS` in a row wait
     // for whichever of the two is slower. Equal: the caller binds; the burst far cheaper: the
     // runner (the driver's launch and cubecl's work on that thread) does.
@@ -518,6 +518,19 @@ fn issue_costs<B: Backend>(
             format!("launch, the caller's part: the same, {BURST} after a sync"),
             burst_us(&mut norm),
         ));
+        // The same launches with their outputs allocated one by one (`carve_outputs = false`):
+        // the difference is what an allocation task costs the two threads.
+        let carving = output_blocks::carving();
+        output_blocks::set_carving(!carving);
+        costs.push((
+            format!("launch: the same, carve_outputs = {}", !carving),
+            per_call_us(&mut norm),
+        ));
+        costs.push((
+            format!("launch, the caller's part: the same, {BURST} after a sync"),
+            burst_us(&mut norm),
+        ));
+        output_blocks::set_carving(carving);
     }
     drop(sink);
     let id = Tensor::<B, 1, Int>::zeros([1], device);

@@ -16,6 +16,7 @@
 #      time per upload (a step's index arrays apart and in one upload), per launch and per read,
 #      and per launch the calling thread's part alone (12 launches after a sync, within cubecl's
 #      32-task buffer): near the 200-in-a-row figure, the caller binds; far below, cubecl's runner;
+#      our RMSNorm's output carved from a block, then allocated on its own (an allocation's cost);
 #   5. inferfluxd on that checkpoint, `inferctl bench` at concurrency 1, 32, 128;
 #   6. one table: InferFlux against the baseline and the memory roofline (and one for step 8);
 #   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's

@@ -67,6 +67,11 @@ pub fn set_carving(on: bool) {
     CARVE.store(on, Ordering::Relaxed);
 }
 
+/// Whether [`empty`] carves (`[cuda] carve_outputs`).
+pub fn carving() -> bool {
+    CARVE.load(Ordering::Relaxed)
+}
+
 /// What this thread's [`empty`] has done since the thread started.
 pub fn counts() -> Counts {
     COUNTS.get()
@@ -88,7 +93,7 @@ pub fn empty<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let bytes = (shape.num_elements() * dtype.size()) as u64;
     // A view of no bytes is no binding wgpu accepts, and wgpu binds whole 4-byte words.
-    if !CARVE.load(Ordering::Relaxed) || bytes == 0 || bytes > MAX_CARVED_BYTES || !bytes.is_multiple_of(4) {
+    if !carving() || bytes == 0 || bytes > MAX_CARVED_BYTES || !bytes.is_multiple_of(4) {
         return empty_device_contiguous_dtype(client.clone(), device.clone(), shape, dtype);
     }
     let align = client.properties().memory.alignment.max(MIN_ALIGN);
