@@ -495,6 +495,42 @@ fn model_device_kernels_a_refused_paged_attention_falls_back_to_the_gather() {
     assert_close_within(&got, &want, 1e-6, "the gather on the handed-back inputs");
 }
 
+/// The fused RMSNorms hand their inputs back with a refusal, as they took them in (a transposed
+/// view made contiguous), and burn's ops then run on those: here rows past one grid row of
+/// cubes, which the kernel refuses.
+#[test]
+fn model_device_kernels_a_refused_norm_falls_back_on_its_handed_back_inputs() {
+    use burn::tensor::Distribution;
+    use inferflux::model::llama;
+    let device = vulkan();
+    let rows = inferflux::model::kernels::MAX_CUBES_PER_DIM as usize + 1;
+    let normal = Distribution::Normal(0.0, 1.0);
+    // `[rows, 4]` as a transposed view: the kernel's input is a contiguous copy of it.
+    let x = Tensor::<B, 2>::random([4, rows], normal, &device).transpose();
+    let delta = Tensor::<B, 2>::random([rows, 4], normal, &device);
+    let w = Tensor::<B, 1>::random([4], normal, &device);
+    let ops = inferflux::model::cuda_fused::fused_ops::<WgpuRuntime>(&served_cuda(false));
+    let values = |t: Tensor<B, 2>| t.into_data().to_vec::<f32>().unwrap();
+    let (served, warnings) = warnings_during(|| {
+        let normed = (ops.rms_norm)(x.clone(), w.clone(), 1e-5);
+        let (sum, sum_normed) = (ops.add_rms_norm)(x.clone(), delta.clone(), w.clone(), 1e-5);
+        [normed, sum, sum_normed].map(values)
+    });
+    assert!(
+        warnings.iter().any(|w| w.contains("a fused kernel refused")),
+        "the kernel took {rows} rows: {warnings:?}"
+    );
+    let (sum, sum_normed) = llama::add_rms_norm(x.clone(), delta, w.clone(), 1e-5);
+    let want = [llama::rms_norm(x, w, 1e-5), sum, sum_normed].map(values);
+    for (what, (got, want)) in ["rms_norm", "x + delta", "add_rms_norm"]
+        .iter()
+        .zip(served.iter().zip(&want))
+    {
+        assert_eq!(got.len(), rows * 4, "{what}");
+        assert_close_within(got, want, 1e-6, &format!("{what} on the handed-back inputs"));
+    }
+}
+
 /// `[cuda] carve_outputs`: our kernels write their outputs into views of one block rather than
 /// allocations of their own. The views start on 512-byte boundaries one after another, an output
 /// over 1 MiB gets its own allocation, and every decode step's outputs are views, yet the logits

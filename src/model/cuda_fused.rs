@@ -99,21 +99,24 @@ pub fn fused_ops<R: KernelRuntime>(cuda: &CudaConfig) -> FusedOps<Cube<R>> {
     });
     FusedOps {
         rms_norm: Arc::new(move |x: Tensor<Cube<R>, 2>, w: Tensor<Cube<R>, 1>, eps: f64| {
-            launch_rms_norm(x.clone(), w.clone(), eps).unwrap_or_else(|e| {
+            launch_rms_norm(x, w, eps).unwrap_or_else(|refused| {
+                let (e, (x, w)) = *refused;
                 warn_norm("rms_norm", e);
                 llama::rms_norm(x, w, eps)
             })
         }),
         add_rms_norm: Arc::new(
             move |x: Tensor<Cube<R>, 2>, delta: Tensor<Cube<R>, 2>, w: Tensor<Cube<R>, 1>, eps: f64| {
-                launch_add_rms_norm(x.clone(), delta.clone(), w.clone(), eps).unwrap_or_else(|e| {
+                launch_add_rms_norm(x, delta, w, eps).unwrap_or_else(|refused| {
+                    let (e, (x, delta, w)) = *refused;
                     warn_add_norm("add_rms_norm", e);
                     llama::add_rms_norm(x, delta, w, eps)
                 })
             },
         ),
         silu_mul: Arc::new(move |gate_up: Tensor<Cube<R>, 2>| {
-            launch_silu_mul(gate_up.clone()).unwrap_or_else(|e| {
+            launch_silu_mul(gate_up).unwrap_or_else(|refused| {
+                let (e, gate_up) = *refused;
                 warn("silu_mul", e);
                 llama::silu_mul_halves(gate_up)
             })
@@ -123,7 +126,8 @@ pub fn fused_ops<R: KernelRuntime>(cuda: &CudaConfig) -> FusedOps<Cube<R>> {
         norm_qkv_write,
         rope: Arc::new(
             move |x: Tensor<Cube<R>, 3>, cos: Tensor<Cube<R>, 3>, sin: Tensor<Cube<R>, 3>| {
-                launch_rope(x.clone(), cos.clone(), sin.clone()).unwrap_or_else(|e| {
+                launch_rope(x, cos, sin).unwrap_or_else(|refused| {
+                    let (e, (x, cos, sin)) = *refused;
                     warn_rope("rope", e);
                     llama::rotate_half_rope(x, &cos, &sin)
                 })
@@ -214,19 +218,35 @@ fn same_dtype<R: CubeRuntime>(a: &CubeTensor<R>, b: &CubeTensor<R>) -> Result<()
     }
 }
 
+/// A fused launch's refusal, with its inputs (made contiguous) handed back for burn's ops: no
+/// call keeps copies of its inputs against a refusal.
+type Refusal<T> = Box<(Refused, T)>;
+
+fn float<R: CubeRuntime, const D: usize>(t: CubeTensor<R>) -> Tensor<Cube<R>, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+type NormInputs<R> = (Tensor<Cube<R>, 2>, Tensor<Cube<R>, 1>);
+
 fn launch_rms_norm<R: CubeRuntime>(
     x: Tensor<Cube<R>, 2>,
     w: Tensor<Cube<R>, 1>,
     eps: f64,
-) -> Result<Tensor<Cube<R>, 2>, Refused> {
+) -> Result<Tensor<Cube<R>, 2>, Refusal<NormInputs<R>>> {
     let [rows, width] = x.dims();
     let (x, w) = (primitive(x, "rms_norm x"), primitive(w, "rms_norm weight"));
-    same_dtype(&x, &w)?;
-    let out = output_blocks::empty(&x.client, &x.device, [rows, width].into(), x.dtype);
-    let handles = [x.handle.clone(), w.handle.clone(), out.handle.clone()];
-    rms_norm::launch(&x.client, handles, (rows, width), eps as f32, x.dtype.into())?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    let launched = same_dtype(&x, &w).and_then(|()| {
+        let out = output_blocks::empty(&x.client, &x.device, [rows, width].into(), x.dtype);
+        let handles = [x.handle.clone(), w.handle.clone(), out.handle.clone()];
+        rms_norm::launch(&x.client, handles, (rows, width), eps as f32, x.dtype.into())?;
+        Ok(out)
+    });
+    launched
+        .map(float)
+        .map_err(|e| Box::new((e, (float(x), float(w)))))
 }
+
+type AddNormInputs<R> = (Tensor<Cube<R>, 2>, Tensor<Cube<R>, 2>, Tensor<Cube<R>, 1>);
 
 /// `(x + delta, rms_norm(x + delta))` in one launch.
 fn launch_add_rms_norm<R: CubeRuntime>(
@@ -234,10 +254,11 @@ fn launch_add_rms_norm<R: CubeRuntime>(
     delta: Tensor<Cube<R>, 2>,
     w: Tensor<Cube<R>, 1>,
     eps: f64,
-) -> Result<StreamAnd<R>, Refused> {
+) -> Result<StreamAnd<R>, Refusal<AddNormInputs<R>>> {
     let dims = x.dims();
     if delta.dims() != dims {
-        return Err(Refused(format!("x {dims:?} + delta {:?}", delta.dims())));
+        let e = Refused(format!("x {dims:?} + delta {:?}", delta.dims()));
+        return Err(Box::new((e, (x, delta, w))));
     }
     let [rows, width] = dims;
     let (x, delta, w) = (
@@ -245,26 +266,33 @@ fn launch_add_rms_norm<R: CubeRuntime>(
         primitive(delta, "add_rms_norm delta"),
         primitive(w, "add_rms_norm weight"),
     );
-    same_dtype(&x, &delta)?;
-    same_dtype(&x, &w)?;
-    let empty = || output_blocks::empty(&x.client, &x.device, dims.into(), x.dtype);
-    let (sum, out) = (empty(), empty());
-    let handles = [
-        x.handle.clone(),
-        delta.handle.clone(),
-        w.handle.clone(),
-        sum.handle.clone(),
-        out.handle.clone(),
-    ];
-    rms_norm::launch_add(&x.client, handles, (rows, width), eps as f32, x.dtype.into())?;
-    let float = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
-    Ok((float(sum), float(out)))
+    let launched = same_dtype(&x, &delta)
+        .and_then(|()| same_dtype(&x, &w))
+        .and_then(|()| {
+            let empty = || output_blocks::empty(&x.client, &x.device, dims.into(), x.dtype);
+            let (sum, out) = (empty(), empty());
+            let handles = [
+                x.handle.clone(),
+                delta.handle.clone(),
+                w.handle.clone(),
+                sum.handle.clone(),
+                out.handle.clone(),
+            ];
+            rms_norm::launch_add(&x.client, handles, (rows, width), eps as f32, x.dtype.into())?;
+            Ok((float(sum), float(out)))
+        });
+    launched.map_err(|e| Box::new((e, (float(x), float(delta), float(w)))))
 }
 
-fn launch_silu_mul<R: CubeRuntime>(gate_up: Tensor<Cube<R>, 2>) -> Result<Tensor<Cube<R>, 2>, Refused> {
+fn launch_silu_mul<R: CubeRuntime>(
+    gate_up: Tensor<Cube<R>, 2>,
+) -> Result<Tensor<Cube<R>, 2>, Refusal<Tensor<Cube<R>, 2>>> {
     let [rows, both] = gate_up.dims();
     if both % 2 != 0 {
-        return Err(Refused(format!("gate and up of {both} columns")));
+        return Err(Box::new((
+            Refused(format!("gate and up of {both} columns")),
+            gate_up,
+        )));
     }
     let gate_up = primitive(gate_up, "silu_mul gate_up");
     let out = output_blocks::empty(
@@ -274,40 +302,46 @@ fn launch_silu_mul<R: CubeRuntime>(gate_up: Tensor<Cube<R>, 2>) -> Result<Tensor
         gate_up.dtype,
     );
     let handles = [gate_up.handle.clone(), out.handle.clone()];
-    silu_mul::launch(&gate_up.client, handles, (rows, both / 2), gate_up.dtype.into())?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    match silu_mul::launch(&gate_up.client, handles, (rows, both / 2), gate_up.dtype.into()) {
+        Ok(()) => Ok(float(out)),
+        Err(e) => Err(Box::new((e, float(gate_up)))),
+    }
 }
+
+type RopeInputs<R> = (Tensor<Cube<R>, 3>, Tensor<Cube<R>, 3>, Tensor<Cube<R>, 3>);
 
 fn launch_rope<R: CubeRuntime>(
     x: Tensor<Cube<R>, 3>,
     cos: Tensor<Cube<R>, 3>,
     sin: Tensor<Cube<R>, 3>,
-) -> Result<Tensor<Cube<R>, 3>, Refused> {
+) -> Result<Tensor<Cube<R>, 3>, Refusal<RopeInputs<R>>> {
     let dims = x.dims();
     let [tokens, heads, head_dim] = dims;
     if cos.dims() != [tokens, 1, head_dim] || sin.dims() != [tokens, 1, head_dim] {
-        return Err(Refused(format!(
-            "x {dims:?}, cos {:?}, sin {:?}",
-            cos.dims(),
-            sin.dims()
-        )));
+        let e = Refused(format!("x {dims:?}, cos {:?}, sin {:?}", cos.dims(), sin.dims()));
+        return Err(Box::new((e, (x, cos, sin))));
     }
     let (x, cos, sin) = (
         primitive(x, "rope x"),
         primitive(cos, "rope cos"),
         primitive(sin, "rope sin"),
     );
-    same_dtype(&x, &cos)?;
-    same_dtype(&x, &sin)?;
-    let out = output_blocks::empty(&x.client, &x.device, dims.into(), x.dtype);
-    let handles = [
-        x.handle.clone(),
-        cos.handle.clone(),
-        sin.handle.clone(),
-        out.handle.clone(),
-    ];
-    rope::launch(&x.client, handles, (tokens, heads, head_dim), x.dtype.into())?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    let launched = same_dtype(&x, &cos)
+        .and_then(|()| same_dtype(&x, &sin))
+        .and_then(|()| {
+            let out = output_blocks::empty(&x.client, &x.device, dims.into(), x.dtype);
+            let handles = [
+                x.handle.clone(),
+                cos.handle.clone(),
+                sin.handle.clone(),
+                out.handle.clone(),
+            ];
+            rope::launch(&x.client, handles, (tokens, heads, head_dim), x.dtype.into())?;
+            Ok(out)
+        });
+    launched
+        .map(float)
+        .map_err(|e| Box::new((e, (float(x), float(cos), float(sin)))))
 }
 
 /// The queries after RoPE and the layer's K and V caches after the write.
@@ -331,7 +365,7 @@ fn row_strided<R: CubeRuntime>(t: CubeTensor<R>) -> (CubeTensor<R>, usize) {
 #[allow(clippy::type_complexity)]
 fn launch_qkv_write<R: CubeRuntime>(
     a: QkvWrite<Cube<R>>,
-) -> Result<RopedQAndCaches<R>, Box<(Refused, QkvWrite<Cube<R>>)>> {
+) -> Result<RopedQAndCaches<R>, Refusal<QkvWrite<Cube<R>>>> {
     let QkvWrite { q, k, v, write: w } = a;
     let (heads, kv_heads) = (w.heads, w.kv_heads);
     let [tokens, q_dim] = q.dims();
@@ -405,9 +439,6 @@ fn launch_qkv_write<R: CubeRuntime>(
         qkv_write::launch(&q.client, handles, shape, strides, q.dtype.into())?;
         Ok(q_out)
     });
-    fn float<R: CubeRuntime, const D: usize>(t: CubeTensor<R>) -> Tensor<Cube<R>, D> {
-        Tensor::from_primitive(TensorPrimitive::Float(t))
-    }
     match launched {
         Ok(q_out) => Ok((float(q_out), float(k_cache), float(v_cache))),
         Err(e) => Err(Box::new((
