@@ -7,7 +7,8 @@
 #   scripts/issue-instructions.sh [DEVICE_CHECK_BINARY]
 #
 # It runs the bench twice, with SHORT and LONG measured steps (default 20 and 60), and prints the
-# difference per step, by whose code ran it (self cost), so that warm-up and set-up cancel out.
+# difference per step, by whose code ran it (self cost), so that warm-up and set-up cancel out,
+# and the tasks per step it queued for cubecl's runner (launches, allocations, uploads).
 # "waiting for cubecl's runner" is the caller spinning on cubecl's full task queue (its runner is
 # slower than the caller on lavapipe, and under valgrind threads take turns): not issue work.
 # Needs valgrind and lavapipe (Debian: valgrind, mesa-vulkan-drivers). INFERFLUX__CUDA__* settings
@@ -40,11 +41,23 @@ by_owner() {
         END { for (k in cost) printf "%s\t%d\n", k, cost[k] }'
 }
 
+# The tasks the caller queued for cubecl's runner, by kind: calls into the queue from cubecl's
+# client (a launch, an output's allocation, an upload).
+tasks() {
+    callgrind_annotate --tree=caller --threshold=100 "$1" 2>/dev/null |
+        grep -B6 '\*  .*ChannelDeviceHandle<S>::submit_inner' |
+        sed -nE 's/.*ComputeClient<R>::(launch_inner|do_empty|do_create) \(([0-9,]+)x\).*/\1\t\2/p' |
+        tr -d ',' | awk -F'\t' '
+            { name = $1 == "launch_inner" ? "launches" : $1 == "do_empty" ? "allocations" : "uploads"; n[name] += $2 }
+            END { for (k in n) printf "%s\t%d\n", k, n[k] }'
+}
+
 for steps in "$short" "$long"; do
     valgrind --tool=callgrind --separate-threads=yes --collect-atstart=no \
         '--toggle-collect=*issue_decode_step*' --callgrind-out-file="$out/cg-$steps" \
         "$bin" issue --steps "$steps" > "$out/log-$steps" 2>&1
     by_owner "$out/cg-$steps-01" | sort > "$out/owner-$steps"
+    tasks "$out/cg-$steps-01" | sort > "$out/tasks-$steps"
 done
 
 echo "| instructions per decode step on the caller's thread | count |"
@@ -56,4 +69,9 @@ join -t $'\t' "$out/owner-$short" "$out/owner-$long" | awk -F'\t' -v d=$((long -
         close("sort -t\"|\" -k3 -rn")
         printf "| **issue work in all (without the waiting)** | **%.0f** |\n", total
     }'
+echo
+echo "| tasks queued for cubecl's runner per decode step | count |"
+echo "|---|---:|"
+join -t $'\t' "$out/tasks-$short" "$out/tasks-$long" |
+    awk -F'\t' -v d=$((long - short)) '{ printf "| %s | %.1f |\n", $1, ($3 - $2) / d }'
 grep -m1 '^issue:' "$out/log-$long" || true
