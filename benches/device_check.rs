@@ -477,10 +477,11 @@ fn issue_costs<B: Backend>(
         ));
     }
     // The caller's own part of a launch: cubecl queues each task (a launch, its output's
-    // allocation where `output_blocks` does not carve it) for a runner thread, in buffers of 32. A burst of `BURST` launches after a
-    // sync fits in one buffer, so the caller never waits for the runner; `CALLS` in a row wait
-    // for whichever of the two is slower. Equal: the caller binds; the burst far cheaper: the
-    // runner (the driver's launch and cubecl's work on that thread) does.
+    // allocation where `output_blocks` does not carve it) for a runner thread, in buffers of
+    // 32. A burst of `BURST` launches after a sync fits in one buffer, so the caller never
+    // waits for the runner; `CALLS` in a row wait for whichever of the two is slower. Equal:
+    // the caller binds; the burst far cheaper: the runner (the driver's launch and cubecl's
+    // work on that thread) does.
     const BURST: usize = 12;
     let burst_us = |f: &mut dyn FnMut()| {
         f();
