@@ -7,6 +7,9 @@
 //! tests run the shared-memory path on GL and the plane path on wgpu's Vulkan backend over Mesa's
 //! lavapipe (also the CPU), whose planes are 8 lanes wide where CUDA's warps are 32.
 
+#[macro_use]
+mod queue;
+
 pub mod gemv;
 pub mod paged_attention;
 pub mod qkv_write;

@@ -484,44 +484,49 @@ pub fn launch<R: Runtime>(
     // below `queries * heads * partitions` rows; `partitions * partition_len` covers
     // `max_blocks * page_size`, so every key of a context falls in a partition.
     unsafe {
-        paged_attention_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(cubes_u32, queries_u32, partitions_u32),
-            CubeDim::new_1d(TILE as u32),
-            width,
-            ArrayArg::from_raw_parts(q, q_len / width),
-            ArrayArg::from_raw_parts(k, cache_len / width),
-            ArrayArg::from_raw_parts(v, cache_len / width),
-            ArrayArg::from_raw_parts(tables, seqs * max_blocks),
-            ArrayArg::from_raw_parts(query_seq, queries),
-            ArrayArg::from_raw_parts(begin, queries),
-            ArrayArg::from_raw_parts(end, queries),
-            ArrayArg::from_raw_parts(out.clone(), q_len / width),
-            ArrayArg::from_raw_parts(partition_out.clone(), out_len / width),
-            ArrayArg::from_raw_parts(partition_stats.clone(), stats_len),
-            max_blocks as u32,
-            page_size as u32,
-            kv_heads as u32,
-            scale,
-            partition_len.unwrap_or(0) as u32,
-            head_dim,
-            width,
-            group,
-            plane_reduce,
-            split,
-            dtype,
+        queue_kernel!(
+            paged_attention_kernel::PagedAttentionKernel<R>(
+                client,
+                CubeCount::Static(cubes_u32, queries_u32, partitions_u32),
+                CubeDim::new_1d(TILE as u32),
+            ),
+            define [F = dtype],
+            size [N = width],
+            args [
+                Array<Vector<F, N>> = ArrayArg::from_raw_parts(q, q_len / width),
+                Array<Vector<F, N>> = ArrayArg::from_raw_parts(k, cache_len / width),
+                Array<Vector<F, N>> = ArrayArg::from_raw_parts(v, cache_len / width),
+                Array<u32> = ArrayArg::from_raw_parts(tables, seqs * max_blocks),
+                Array<u32> = ArrayArg::from_raw_parts(query_seq, queries),
+                Array<u32> = ArrayArg::from_raw_parts(begin, queries),
+                Array<u32> = ArrayArg::from_raw_parts(end, queries),
+                Array<Vector<F, N>> = ArrayArg::from_raw_parts(out.clone(), q_len / width),
+                Array<Vector<f32, N>> =
+                    ArrayArg::from_raw_parts(partition_out.clone(), out_len / width),
+                Array<f32> = ArrayArg::from_raw_parts(partition_stats.clone(), stats_len),
+                u32 = max_blocks as u32,
+                u32 = page_size as u32,
+                u32 = kv_heads as u32,
+                f32 = scale,
+                u32 = partition_len.unwrap_or(0) as u32,
+            ],
+            comptime [width, head_dim, width, group, plane_reduce, split, dtype],
         );
         if split {
-            combine_partitions_kernel::launch_unchecked::<R>(
-                client,
-                CubeCount::Static(heads as u32, queries_u32, 1),
-                CubeDim::new_1d(head_dim as u32),
-                ArrayArg::from_raw_parts(partition_out, out_len),
-                ArrayArg::from_raw_parts(partition_stats, stats_len),
-                ArrayArg::from_raw_parts(out, q_len),
-                partitions_u32,
-                head_dim,
-                dtype,
+            queue_kernel!(
+                combine_partitions_kernel::CombinePartitionsKernel<R>(
+                    client,
+                    CubeCount::Static(heads as u32, queries_u32, 1),
+                    CubeDim::new_1d(head_dim as u32),
+                ),
+                define [F = dtype],
+                args [
+                    Array<f32> = ArrayArg::from_raw_parts(partition_out, out_len),
+                    Array<f32> = ArrayArg::from_raw_parts(partition_stats, stats_len),
+                    Array<F> = ArrayArg::from_raw_parts(out, q_len),
+                    u32 = partitions_u32,
+                ],
+                comptime [head_dim, dtype],
             );
         }
     }

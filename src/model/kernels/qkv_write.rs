@@ -147,28 +147,32 @@ pub fn launch<R: Runtime>(
     // within the token's position's row (below `positions`, the caller's contract), and writes `q_out`'s row `token` and the caches' row
     // `slots[token]`, below `cache_slots` by the caller's contract.
     unsafe {
-        qkv_write_kernel::launch_unchecked::<R>(
-            client,
-            cubes,
-            CubeDim::new_1d(UNITS),
-            ArrayArg::from_raw_parts(q, span(strides.q, q_dim)),
-            ArrayArg::from_raw_parts(k, span(strides.k, kv_dim)),
-            ArrayArg::from_raw_parts(v, span(strides.v, kv_dim)),
-            ArrayArg::from_raw_parts(cos, table_rows * head_dim),
-            ArrayArg::from_raw_parts(sin, table_rows * head_dim),
-            ArrayArg::from_raw_parts(positions, tokens),
-            ArrayArg::from_raw_parts(slots, tokens),
-            ArrayArg::from_raw_parts(q_out, tokens * q_dim),
-            ArrayArg::from_raw_parts(k_cache, cache_slots * kv_dim),
-            ArrayArg::from_raw_parts(v_cache, cache_slots * kv_dim),
-            q_stride,
-            k_stride,
-            v_stride,
-            q_dim as u32,
-            kv_dim as u32,
-            len_u32,
-            head_dim,
-            dtype,
+        queue_kernel!(
+            qkv_write_kernel::QkvWriteKernel<R>(
+                client,
+                cubes,
+                CubeDim::new_1d(UNITS),
+            ),
+            define [F = dtype],
+            args [
+                Array<F> = ArrayArg::from_raw_parts(q, span(strides.q, q_dim)),
+                Array<F> = ArrayArg::from_raw_parts(k, span(strides.k, kv_dim)),
+                Array<F> = ArrayArg::from_raw_parts(v, span(strides.v, kv_dim)),
+                Array<F> = ArrayArg::from_raw_parts(cos, table_rows * head_dim),
+                Array<F> = ArrayArg::from_raw_parts(sin, table_rows * head_dim),
+                Array<u32> = ArrayArg::from_raw_parts(positions, tokens),
+                Array<u32> = ArrayArg::from_raw_parts(slots, tokens),
+                Array<F> = ArrayArg::from_raw_parts(q_out, tokens * q_dim),
+                Array<F> = ArrayArg::from_raw_parts(k_cache, cache_slots * kv_dim),
+                Array<F> = ArrayArg::from_raw_parts(v_cache, cache_slots * kv_dim),
+                u32 = q_stride,
+                u32 = k_stride,
+                u32 = v_stride,
+                u32 = q_dim as u32,
+                u32 = kv_dim as u32,
+                u32 = len_u32,
+            ],
+            comptime [head_dim, dtype],
         );
     }
     Ok(())

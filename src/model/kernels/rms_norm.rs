@@ -128,19 +128,23 @@ fn launch_inner<R: Runtime>(
     // SAFETY: the arrays' lengths are the handles' (the caller's contract); the kernel indexes
     // rows below `rows` and columns below `width`.
     unsafe {
-        rms_norm_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_1d(UNITS as u32),
-            ArrayArg::from_raw_parts(x, rows * width),
-            ArrayArg::from_raw_parts(delta, rows * width),
-            ArrayArg::from_raw_parts(weight, width),
-            ArrayArg::from_raw_parts(sum, rows * width),
-            ArrayArg::from_raw_parts(out, rows * width),
-            width_u32,
-            eps,
-            residual,
-            dtype,
+        queue_kernel!(
+            rms_norm_kernel::RmsNormKernel<R>(
+                client,
+                CubeCount::Static(cubes, 1, 1),
+                CubeDim::new_1d(UNITS as u32),
+            ),
+            define [F = dtype],
+            args [
+                Array<F> = ArrayArg::from_raw_parts(x, rows * width),
+                Array<F> = ArrayArg::from_raw_parts(delta, rows * width),
+                Array<F> = ArrayArg::from_raw_parts(weight, width),
+                Array<F> = ArrayArg::from_raw_parts(sum, rows * width),
+                Array<F> = ArrayArg::from_raw_parts(out, rows * width),
+                u32 = width_u32,
+                f32 = eps,
+            ],
+            comptime [residual, dtype],
         );
     }
     Ok(())

@@ -53,17 +53,21 @@ pub fn launch<R: Runtime>(
     // SAFETY: the arrays' lengths are the handles' (the caller's contract); the kernel checks
     // `idx < len` and reads `x` within the same head, `cos`/`sin` within the token's row.
     unsafe {
-        rope_kernel::launch_unchecked::<R>(
-            client,
-            cubes,
-            CubeDim::new_1d(UNITS),
-            ArrayArg::from_raw_parts(x, len),
-            ArrayArg::from_raw_parts(cos, tokens * head_dim),
-            ArrayArg::from_raw_parts(sin, tokens * head_dim),
-            ArrayArg::from_raw_parts(out, len),
-            heads_u32,
-            head_dim,
-            dtype,
+        queue_kernel!(
+            rope_kernel::RopeKernel<R>(
+                client,
+                cubes,
+                CubeDim::new_1d(UNITS),
+            ),
+            define [F = dtype],
+            args [
+                Array<F> = ArrayArg::from_raw_parts(x, len),
+                Array<F> = ArrayArg::from_raw_parts(cos, tokens * head_dim),
+                Array<F> = ArrayArg::from_raw_parts(sin, tokens * head_dim),
+                Array<F> = ArrayArg::from_raw_parts(out, len),
+                u32 = heads_u32,
+            ],
+            comptime [head_dim, dtype],
         );
     }
     Ok(())

@@ -305,17 +305,21 @@ pub fn launch_logprobs<R: Runtime>(
     // SAFETY: the arrays' lengths are the handles' (the caller's contract: every `rows[d]` is
     // below `logits_rows`, every `id_at[d]` below `ids_len` and every id below `vocab`).
     unsafe {
-        logprobs_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_1d(UNITS as u32),
-            ArrayArg::from_raw_parts(logits, logits_rows * vocab),
-            ArrayArg::from_raw_parts(rows, n),
-            ArrayArg::from_raw_parts(ids, ids_len),
-            ArrayArg::from_raw_parts(id_at, n),
-            ArrayArg::from_raw_parts(out, n * (1 + 2 * top)),
-            vocab as u32,
-            top,
+        queue_kernel!(
+            logprobs_kernel::LogprobsKernel<R>(
+                client,
+                CubeCount::Static(cubes, 1, 1),
+                CubeDim::new_1d(UNITS as u32),
+            ),
+            args [
+                Array<f32> = ArrayArg::from_raw_parts(logits, logits_rows * vocab),
+                Array<u32> = ArrayArg::from_raw_parts(rows, n),
+                Array<i32> = ArrayArg::from_raw_parts(ids, ids_len),
+                Array<u32> = ArrayArg::from_raw_parts(id_at, n),
+                Array<f32> = ArrayArg::from_raw_parts(out, n * (1 + 2 * top)),
+                u32 = vocab as u32,
+            ],
+            comptime [top],
         );
     }
     Ok(())
@@ -443,19 +447,23 @@ pub fn launch_edits<R: Runtime>(
     // `logits_rows`, `starts` ascending up to `edits`, every `fed_at[d]` below `fed_len` or
     // `NO_FED`); ids past the vocabulary are skipped.
     unsafe {
-        edit_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_1d(UNITS as u32),
-            ArrayArg::from_raw_parts(logits, logits_rows * vocab),
-            ArrayArg::from_raw_parts(rows, n),
-            ArrayArg::from_raw_parts(starts, n + 1),
-            ArrayArg::from_raw_parts(ops, 2 * edits.max(1)),
-            ArrayArg::from_raw_parts(values, edits.max(1)),
-            ArrayArg::from_raw_parts(fed_ids, fed_len.max(1)),
-            ArrayArg::from_raw_parts(fed_at, n),
-            ArrayArg::from_raw_parts(out, n * vocab),
-            vocab as u32,
+        queue_kernel!(
+            edit_kernel::EditKernel<R>(
+                client,
+                CubeCount::Static(cubes, 1, 1),
+                CubeDim::new_1d(UNITS as u32),
+            ),
+            args [
+                Array<f32> = ArrayArg::from_raw_parts(logits, logits_rows * vocab),
+                Array<u32> = ArrayArg::from_raw_parts(rows, n),
+                Array<u32> = ArrayArg::from_raw_parts(starts, n + 1),
+                Array<u32> = ArrayArg::from_raw_parts(ops, 2 * edits.max(1)),
+                Array<f32> = ArrayArg::from_raw_parts(values, edits.max(1)),
+                Array<i32> = ArrayArg::from_raw_parts(fed_ids, fed_len.max(1)),
+                Array<u32> = ArrayArg::from_raw_parts(fed_at, n),
+                Array<f32> = ArrayArg::from_raw_parts(out, n * vocab),
+                u32 = vocab as u32,
+            ],
         );
     }
     Ok(())
@@ -512,14 +520,19 @@ pub fn launch_argmax<R: Runtime>(
     // SAFETY: `logits` holds `rows * vocab` of `dtype` and `ids` `rows` i32 (the caller's contract);
     // cube `r` reads row `r` below `vocab` and writes `ids[r]`.
     unsafe {
-        argmax_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_1d(UNITS as u32),
-            ArrayArg::from_raw_parts(logits, rows * vocab),
-            ArrayArg::from_raw_parts(ids, rows),
-            vocab as u32,
-            dtype,
+        queue_kernel!(
+            argmax_kernel::ArgmaxKernel<R>(
+                client,
+                CubeCount::Static(cubes, 1, 1),
+                CubeDim::new_1d(UNITS as u32),
+            ),
+            define [F = dtype],
+            args [
+                Array<F> = ArrayArg::from_raw_parts(logits, rows * vocab),
+                Array<i32> = ArrayArg::from_raw_parts(ids, rows),
+                u32 = vocab as u32,
+            ],
+            comptime [dtype],
         );
     }
     Ok(())
@@ -553,17 +566,21 @@ pub fn launch<R: Runtime>(
     // SAFETY: the arrays' lengths are the handles' (the caller's contract: every `rows[d]` is
     // below `logits_rows`); the kernel reads row `rows[d]` below `vocab` and writes `ids[d]`.
     unsafe {
-        draw_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_1d(UNITS as u32),
-            ArrayArg::from_raw_parts(logits, logits_rows * vocab),
-            ArrayArg::from_raw_parts(rows, draws),
-            ArrayArg::from_raw_parts(params, 4 * draws),
-            ArrayArg::from_raw_parts(keys, 2 * draws),
-            ArrayArg::from_raw_parts(ids, draws),
-            vocab as u32,
-            any_cuts,
+        queue_kernel!(
+            draw_kernel::DrawKernel<R>(
+                client,
+                CubeCount::Static(cubes, 1, 1),
+                CubeDim::new_1d(UNITS as u32),
+            ),
+            args [
+                Array<f32> = ArrayArg::from_raw_parts(logits, logits_rows * vocab),
+                Array<u32> = ArrayArg::from_raw_parts(rows, draws),
+                Array<f32> = ArrayArg::from_raw_parts(params, 4 * draws),
+                Array<u32> = ArrayArg::from_raw_parts(keys, 2 * draws),
+                Array<i32> = ArrayArg::from_raw_parts(ids, draws),
+                u32 = vocab as u32,
+            ],
+            comptime [any_cuts],
         );
     }
     Ok(())

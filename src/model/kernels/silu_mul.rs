@@ -45,14 +45,19 @@ pub fn launch<R: Runtime>(
     // SAFETY: the arrays' lengths are the handles' (the caller's contract); the kernel checks
     // `ABSOLUTE_POS < rows * width` and reads row `ABSOLUTE_POS / width` of `gate_up`.
     unsafe {
-        silu_mul_kernel::launch_unchecked::<R>(
-            client,
-            cubes,
-            CubeDim::new_1d(UNITS),
-            ArrayArg::from_raw_parts(gate_up, 2 * len),
-            ArrayArg::from_raw_parts(out, len),
-            width_u32,
-            dtype,
+        queue_kernel!(
+            silu_mul_kernel::SiluMulKernel<R>(
+                client,
+                cubes,
+                CubeDim::new_1d(UNITS),
+            ),
+            define [F = dtype],
+            args [
+                Array<F> = ArrayArg::from_raw_parts(gate_up, 2 * len),
+                Array<F> = ArrayArg::from_raw_parts(out, len),
+                u32 = width_u32,
+            ],
+            comptime [dtype],
         );
     }
     Ok(())

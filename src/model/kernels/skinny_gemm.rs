@@ -514,30 +514,27 @@ fn launch_planned<R: Runtime>(
     // `g < k`; a strip reads `w` only when `n0 < n` and `kg < k`, and `n0 + 16 <= n`,
     // `kg + 16 <= k` since both are multiples of 16; writes check `row < rows`, `col < n`.
     macro_rules! launch_with {
-        ($kernel:ident) => {
-            $kernel::launch_unchecked::<R>(
-                client,
-                count,
-                dim,
-                ArrayArg::from_raw_parts(x, rows * k),
-                ArrayArg::from_raw_parts(w, n * k),
-                ArrayArg::from_raw_parts(out, rows * n),
-                rows_u,
-                k_u,
-                n_u,
-                row_tiles,
-                n_warps,
-                k_warps,
-                steps,
-                dtype,
+        ($kernel:ident :: $Struct:ident) => {
+            queue_kernel!(
+                $kernel::$Struct<R>(client, count, dim),
+                define [F = dtype],
+                args [
+                    Array<F> = ArrayArg::from_raw_parts(x, rows * k),
+                    Array<F> = ArrayArg::from_raw_parts(w, n * k),
+                    Array<F> = ArrayArg::from_raw_parts(out, rows * n),
+                    u32 = rows_u,
+                    u32 = k_u,
+                    u32 = n_u,
+                ],
+                comptime [row_tiles, n_warps, k_warps, steps, dtype],
             )
         };
     }
     unsafe {
         if tensor_cores {
-            launch_with!(skinny_gemm_kernel);
+            launch_with!(skinny_gemm_kernel::SkinnyGemmKernel);
         } else {
-            launch_with!(skinny_gemm_units_kernel);
+            launch_with!(skinny_gemm_units_kernel::SkinnyGemmUnitsKernel);
         }
     }
     Ok(())

@@ -51,13 +51,17 @@ pub fn launch_signal<R: Runtime>(
     // SAFETY: one unit writes element `slot`, below `len`, the handle's length (the caller's
     // contract).
     unsafe {
-        signal_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(1),
-            ArrayArg::from_raw_parts(flags, len),
-            slot as u32,
-            value,
+        queue_kernel!(
+            signal_kernel::SignalKernel<R>(
+                client,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(1),
+            ),
+            args [
+                Array<Atomic<u32>> = ArrayArg::from_raw_parts(flags, len),
+                u32 = slot as u32,
+                u32 = value,
+            ],
         );
     }
     Ok(())
@@ -79,15 +83,19 @@ pub fn launch_wait<R: Runtime>(
     // SAFETY: one unit reads element `slot` and writes element `report`, both below `len`, the
     // handle's length (the caller's contract). The loop ends after `max_polls` polls.
     unsafe {
-        wait_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(1),
-            ArrayArg::from_raw_parts(flags, len),
-            slot as u32,
-            value,
-            max_polls,
-            report as u32,
+        queue_kernel!(
+            wait_kernel::WaitKernel<R>(
+                client,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(1),
+            ),
+            args [
+                Array<Atomic<u32>> = ArrayArg::from_raw_parts(flags, len),
+                u32 = slot as u32,
+                u32 = value,
+                u32 = max_polls,
+                u32 = report as u32,
+            ],
         );
     }
     Ok(())
