@@ -41,6 +41,8 @@ pub struct GemvShape {
     pub n: usize,
 }
 
+/// The GEMV with every prologue and epilogue array bound; the comptime switches pick which
+/// are read or written (those a launch does not use are bound to `x` and `out`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_kernel<F: Float, N: Size>(
@@ -71,6 +73,120 @@ fn gemv_kernel<F: Float, N: Size>(
     #[comptime] residual: bool,
     #[comptime] staged_len: usize,
     #[define(F)] _dtype: StorageType,
+) {
+    gemv_body::<F, N>(
+        x,
+        w,
+        out,
+        delta,
+        gain,
+        sum,
+        cos,
+        sin,
+        positions,
+        slots,
+        k_cache,
+        v_cache,
+        k_vectors,
+        outputs,
+        eps,
+        q_dim,
+        kv_dim,
+        rows,
+        lanes,
+        plane_reduce,
+        swiglu,
+        rope_write,
+        head_dim,
+        norm,
+        residual,
+        staged_len,
+    );
+}
+
+/// The plain GEMV (no norm, no epilogue), with its three arrays alone.
+///
+/// Why: each array a launch binds costs the host a registration, a handle and its metadata
+/// (about 0.3k instructions on the caller's thread, docs/Performance.md), and a decode step's
+/// GEMVs are mostly plain. The body's other arrays are one-element locals here, which it never
+/// touches with its switches off.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_plain_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    out: &mut Array<F>,
+    k_vectors: u32,
+    outputs: u32,
+    #[comptime] rows: usize,
+    #[comptime] lanes: usize,
+    #[comptime] plane_reduce: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let mut sum = Array::<Vector<F, N>>::new(1usize);
+    let table = Array::<F>::new(1usize);
+    let indices = Array::<u32>::new(1usize);
+    let mut k_cache = Array::<F>::new(1usize);
+    let mut v_cache = Array::<F>::new(1usize);
+    gemv_body::<F, N>(
+        x,
+        w,
+        out,
+        x,
+        x,
+        &mut sum,
+        &table,
+        &table,
+        &indices,
+        &indices,
+        &mut k_cache,
+        &mut v_cache,
+        k_vectors,
+        outputs,
+        0.0f32,
+        0u32,
+        0u32,
+        rows,
+        lanes,
+        plane_reduce,
+        false,
+        false,
+        2usize,
+        false,
+        false,
+        1usize,
+    );
+}
+
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn gemv_body<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    out: &mut Array<F>,
+    delta: &Array<Vector<F, N>>,
+    gain: &Array<Vector<F, N>>,
+    sum: &mut Array<Vector<F, N>>,
+    cos: &Array<F>,
+    sin: &Array<F>,
+    positions: &Array<u32>,
+    slots: &Array<u32>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
+    k_vectors: u32,
+    outputs: u32,
+    eps: f32,
+    q_dim: u32,
+    kv_dim: u32,
+    #[comptime] rows: usize,
+    #[comptime] lanes: usize,
+    #[comptime] plane_reduce: bool,
+    #[comptime] swiglu: bool,
+    #[comptime] rope_write: bool,
+    #[comptime] head_dim: usize,
+    #[comptime] norm: bool,
+    #[comptime] residual: bool,
+    #[comptime] staged_len: usize,
 ) {
     let (kv, n) = (k_vectors as usize, outputs as usize);
     // With `norm`, the rows the product reads are those of `x` (plus `delta`'s, with `residual`)
@@ -520,6 +636,32 @@ fn launch_kernel<R: Runtime>(
         return Err(Refused(format!(
             "{n} outputs need more than one grid row of cubes"
         )));
+    }
+    if norm.is_none() && matches!(epilogue, Epilogue::Plain) {
+        // SAFETY: the arrays' lengths are those of the handles' buffers (the caller's contract)
+        // and every index the kernel makes is below them: `o < n`, so the row of `w` is below
+        // `n`, `i < kv`, `r < rows`; the body's other arrays are not touched without a norm or
+        // an epilogue.
+        unsafe {
+            queue_kernel!(
+                gemv_plain_kernel::GemvPlainKernel<R>(
+                    client,
+                    CubeCount::Static(cubes, 1, 1),
+                    CubeDim::new_2d(lanes as u32, OUTPUTS_PER_CUBE),
+                ),
+                define [F = dtype],
+                size [N = width],
+                args [
+                    Array<Vector<F, N>> = ArrayArg::from_raw_parts(x, rows * kv),
+                    Array<Vector<F, N>> = ArrayArg::from_raw_parts(w, w_rows * kv),
+                    Array<F> = ArrayArg::from_raw_parts(out, out_len),
+                    u32 = k_vectors,
+                    u32 = n_out,
+                ],
+                comptime [width, rows, lanes, plane_reduce, dtype],
+            );
+        }
+        return Ok(());
     }
     // Without a norm, the prologue's arrays are bound to `x` (never read or written); without a
     // residual, `delta` and `sum` are; without RoPE, the tables to `x` and the caches to `out`.
