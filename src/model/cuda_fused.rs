@@ -146,16 +146,19 @@ fn primitive<R: CubeRuntime, const D: usize>(t: Tensor<Cube<R>, D>, site: &'stat
 /// decode step (one per layer, not yet attributed: docs/Performance.md) can be traced to where
 /// they come from.
 pub(crate) fn contiguous<R: CubeRuntime>(t: CubeTensor<R>, site: &'static str) -> CubeTensor<R> {
-    if !t.is_contiguous() {
-        static REPORTED: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
-        if REPORTED.lock().is_ok_and(|mut sites| sites.insert(site)) {
-            tracing::info!(
-                site,
-                shape = ?t.meta.shape(),
-                strides = ?t.meta.strides(),
-                "a CUDA kernel's input is copied to be contiguous (logged once per site)"
-            );
-        }
+    // Returned as it is rather than through `into_contiguous`, which checks again and moves the
+    // tensor in and out: most inputs are contiguous, and this runs some 40 times a decode step.
+    if t.is_contiguous() {
+        return t;
+    }
+    static REPORTED: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    if REPORTED.lock().is_ok_and(|mut sites| sites.insert(site)) {
+        tracing::info!(
+            site,
+            shape = ?t.meta.shape(),
+            strides = ?t.meta.strides(),
+            "a CUDA kernel's input is copied to be contiguous (logged once per site)"
+        );
     }
     into_contiguous(t)
 }
