@@ -533,6 +533,16 @@ fn issue_costs<B: Backend>(
         ));
         output_blocks::set_carving(carving);
     }
+    // What `queue_kernel!` saves each launch of ours over the launch function cubecl's macro
+    // generates, which burn's kernels still use: a clone and a drop of the client's
+    // `DeviceProperties`, whose feature sets are CUDA's here.
+    if let Some(cuda) = (device as &dyn std::any::Any).downcast_ref::<cubecl::cuda::CudaDevice>() {
+        let client = <cubecl::cuda::CudaRuntime as cubecl::Runtime>::client(cuda);
+        costs.push((
+            "host: a copy of cubecl's DeviceProperties, which queue_kernel! skips".to_string(),
+            per_call_us(&mut || drop(std::hint::black_box(client.properties().clone()))),
+        ));
+    }
     drop(sink);
     let id = Tensor::<B, 1, Int>::zeros([1], device);
     costs.push((
