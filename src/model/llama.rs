@@ -1301,10 +1301,13 @@ impl<B: Backend> Llama<B> {
             self.shard.num_kv_heads(),
             self.config.head_dim,
         );
+        // Moved into the fused write when the cache is on the device, not cloned against the
+        // host cache's path.
+        let mut rows = Some([q, k, v]);
         if let Some(write) = self.fused.as_ref().and_then(|f| f.qkv_write.as_ref()) {
             let mut roped_q = None;
             cache.write_device(layer, slots, |k_cache, v_cache, index| {
-                let rows = [q.clone(), k.clone(), v.clone()];
+                let rows = rows.take().expect("q, k and v until the write");
                 let (q, k_cache, v_cache) =
                     write(self.kv_write(rope, index, [k_cache, v_cache]).with_rows(rows));
                 roped_q = Some(q);
@@ -1314,6 +1317,7 @@ impl<B: Backend> Llama<B> {
                 return q;
             }
         }
+        let [q, k, v] = rows.expect("q, k and v when the fused write did not take them");
         let t = q.dims()[0];
         let q = self.rope(q.reshape([t, nh, hd]), rope);
         let k = self.rope(k.reshape([t, nkv, hd]), rope).reshape([t, nkv * hd]);
