@@ -9,8 +9,8 @@
 /// every launch, dropping the last launch's copy. In cubecl 0.10 that scope only resolves the
 /// arguments' types, and no type reads a property: only `comptime::device_properties()` does,
 /// inside a kernel's expansion, and the kernel's `define` gives its own builder the properties.
-/// The clone and the drop are about 2k instructions of the caller's ~20k per launch on lavapipe
-/// (docs/Performance.md), and more on CUDA, whose feature sets are larger.
+/// The clone and the drop were about 1.6k instructions of the caller's ~20k per launch on
+/// lavapipe (docs/Performance.md), and are likely more on CUDA, whose feature sets are larger.
 ///
 /// The call lists what the generated function takes, in the kernel's order:
 /// - `module::Struct<R>(client, cube_count, cube_dim)`: the module `#[cube]` makes (the kernel's
