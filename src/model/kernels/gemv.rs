@@ -132,8 +132,8 @@ fn gemv_plain_kernel<F: Float, N: Size>(
         x,
         w,
         out,
-        x,
-        x,
+        x, // delta
+        x, // gain
         &mut sum,
         &table,
         &table,
@@ -143,18 +143,18 @@ fn gemv_plain_kernel<F: Float, N: Size>(
         &mut v_cache,
         k_vectors,
         outputs,
-        0.0f32,
-        0u32,
-        0u32,
+        0.0f32, // eps
+        0u32,   // q_dim
+        0u32,   // kv_dim
         rows,
         lanes,
         plane_reduce,
-        false,
-        false,
-        2usize,
-        false,
-        false,
-        1usize,
+        false,  // swiglu
+        false,  // rope_write
+        2usize, // head_dim
+        false,  // norm
+        false,  // residual
+        1usize, // staged_len
     );
 }
 
