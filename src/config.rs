@@ -306,7 +306,8 @@ pub struct CudaConfig {
     pub weight_layout: WeightLayout,
     /// Attention of decodes and short prompt chunks: burn's gather, or our paged kernel.
     pub attention: AttentionKernel,
-    /// RMSNorm and the MLP's `silu(gate) · up` by our one-launch kernels instead of burn's ops.
+    /// RMSNorm, the MLP's `silu(gate) · up` and the embedding's gather by our one-launch kernels
+    /// instead of burn's ops.
     pub fused_ops: bool,
     /// With `fused_ops`, q, k and v as one projection, then the RoPE of q and k and the K/V write
     /// into the pages in one launch (checked against transformers on the H100, 2026-11-27).

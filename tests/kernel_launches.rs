@@ -50,7 +50,7 @@ fn launches(log: &PathBuf, from: usize) -> (usize, BTreeMap<String, usize>) {
 /// Per decode step at batch 1 of the 2-layer fixture in f16, served as `[cuda]` says (but for
 /// cuBLAS): 8 launches per layer with the GPU's defaults (RMSNorm, q/k/v GEMV, RoPE and K/V
 /// write, attention, o GEMV, add + RMSNorm, gate/up GEMV with its activation, down GEMV) and 5
-/// with `fused_norm_gemv`; 4 per step besides (the embedding's gather, the final norm,
+/// with `fused_norm_gemv`; 4 per step besides (the embedding's gather, ours, the final norm,
 /// `lm_head` and the argmax: the kernels that RoPE read its tables at each row's position, so no
 /// launch gathers the step's rows of them, and the argmax reads the logits in the model's type,
 /// so none casts them). Steps run as the executor runs them (`forward_fed`). A 16-layer
@@ -153,6 +153,20 @@ fn kernels_launched_per_decode_step_are_counted() {
             per_step,
             (per_layer * layers + 4) as f64,
             "norm-GEMV {norm_gemv}: launches per decode step, by kernel over {DECODES} steps: {by_name:?}"
+        );
+        // The embedding's rows by our gather, not burn's `select` (which costs the host about
+        // three times as much to issue).
+        let gathers = |by_name: &BTreeMap<String, usize>, what: &str| {
+            by_name
+                .iter()
+                .filter(|(k, _)| k.to_lowercase().contains(what))
+                .map(|(_, n)| n)
+                .sum::<usize>()
+        };
+        assert_eq!(
+            (gathers(&by_name, "gatherrows"), gathers(&by_name, "select")),
+            (DECODES, 0),
+            "norm-GEMV {norm_gemv}: the embedding's gathers by kernel: {by_name:?}"
         );
         let (device_fed, per_step, by_name) = decode(true);
         assert_eq!(

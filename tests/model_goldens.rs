@@ -351,6 +351,7 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             norm_qkv_write: None,
             rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
             qkv_write: None,
+            embed: None,
         }));
         for p in &cases {
             let before = calls.load(Ordering::Relaxed);
@@ -386,6 +387,7 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             norm_qkv_write: None,
             rope: Arc::new(|x, cos, sin| rotate_half_rope(x, &cos, &sin)),
             qkv_write: None,
+            embed: None,
         }));
         let layers = model.config().num_layers;
         for p in &cases {
@@ -519,6 +521,7 @@ fn model_fused_ops_hooks_match_transformers() {
         let [norms, add_norms, acts, ropes] = counters.clone();
         let [n, an, a, r] = counters;
         let fused = FusedOps::<B> {
+            embed: None,
             rms_norm: Arc::new(move |x, w, eps| {
                 n.fetch_add(1, Ordering::Relaxed);
                 rms_norm(x, w, eps)
@@ -599,6 +602,7 @@ fn model_fused_qkv_write_hook_matches_transformers() {
         let [writes, ropes, projections] = counters.clone();
         let [w, r, pr] = counters;
         let fused = FusedOps::<B> {
+            embed: None,
             rms_norm: Arc::new(rms_norm),
             add_rms_norm: Arc::new(add_rms_norm),
             silu_mul: Arc::new(silu_mul_halves),
@@ -707,6 +711,7 @@ fn model_norms_inside_the_projections_match_transformers() {
             let [normed, written] = counters.clone();
             let [count_norm, count_write] = counters;
             let fused = |norm_project, norm_qkv_write| FusedOps::<B> {
+                embed: None,
                 rms_norm: Arc::new(rms_norm),
                 add_rms_norm: Arc::new(add_rms_norm),
                 silu_mul: Arc::new(silu_mul_halves),

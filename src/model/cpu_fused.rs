@@ -32,6 +32,7 @@ pub fn fused_ops() -> FusedOps<Flex> {
         norm_qkv_write: None,
         rope: Arc::new(rope),
         qkv_write: None,
+        embed: None,
     }
 }
 

@@ -12,14 +12,14 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 
 use super::cuda_gemm::{self, Cube, GemmKernel, KernelRuntime, StreamAnd};
 use super::kernels::qkv_write::{self, QkvStrides, QkvWriteShape};
-use super::kernels::{rms_norm, rope, silu_mul, Refused};
+use super::kernels::{gather, rms_norm, rope, silu_mul, Refused};
 use super::llama::{
     self, FusedOps, GateUpActFn, KvWrite, NormProject, NormProjectFn, NormQkvWrite, NormQkvWriteFn, QkvWrite,
     QkvWriteFn, RopeAngles, WeightLayout,
@@ -55,7 +55,7 @@ pub fn fused_ops<R: KernelRuntime>(cuda: &CudaConfig) -> FusedOps<Cube<R>> {
     };
     let (warn_norm, warn_add_norm) = (warn.clone(), warn.clone());
     let (warn_rope, warn_write, warn_act) = (warn.clone(), warn.clone(), warn.clone());
-    let (warn_norm_gemv, warn_norm_qkv) = (warn.clone(), warn.clone());
+    let (warn_norm_gemv, warn_norm_qkv, warn_embed) = (warn.clone(), warn.clone(), warn.clone());
     let norm_qkv_write: Option<NormQkvWriteFn<Cube<R>>> = norm_rows.filter(|_| kv_write).map(|max_rows| {
         Arc::new(move |a: NormQkvWrite<Cube<R>>| {
             if a.input.x.dims()[0] > max_rows {
@@ -134,6 +134,15 @@ pub fn fused_ops<R: KernelRuntime>(cuda: &CudaConfig) -> FusedOps<Cube<R>> {
             },
         ),
         qkv_write,
+        embed: Some(Arc::new(
+            move |table: Tensor<Cube<R>, 2>, ids: Tensor<Cube<R>, 1, Int>| {
+                launch_gather(table, ids).unwrap_or_else(|refused| {
+                    let (e, (table, ids)) = *refused;
+                    warn_embed("embed", e);
+                    table.select(0, ids)
+                })
+            },
+        )),
     }
 }
 
@@ -309,6 +318,42 @@ fn launch_silu_mul<R: CubeRuntime>(
         Ok(()) => Ok(float(out)),
         Err(e) => Err(Box::new((e, float(gate_up)))),
     }
+}
+
+type GatherInputs<R> = (Tensor<Cube<R>, 2>, Tensor<Cube<R>, 1, Int>);
+
+/// The embedding's rows of `ids` (`table.select(0, ids)`) by `kernels::gather`.
+fn launch_gather<R: CubeRuntime>(
+    table: Tensor<Cube<R>, 2>,
+    ids: Tensor<Cube<R>, 1, Int>,
+) -> Result<Tensor<Cube<R>, 2>, Refusal<GatherInputs<R>>> {
+    let ([table_rows, width], [rows]) = (table.dims(), ids.dims());
+    let (table, ids) = (
+        primitive(table, "embedding table"),
+        contiguous(ids.into_primitive(), "embedding ids"),
+    );
+    let launched = match ids.dtype.size() {
+        4 => {
+            let out = output_blocks::empty(&table.client, &table.device, [rows, width].into(), table.dtype);
+            let handles = [table.handle.clone(), ids.handle.clone(), out.handle.clone()];
+            let shape = gather::GatherShape {
+                rows,
+                width,
+                table_rows,
+            };
+            gather::launch(
+                &table.client,
+                handles,
+                shape,
+                (table.dtype.into(), table.dtype.size()),
+            )
+            .map(|()| out)
+        }
+        _ => Err(Refused(format!("token ids of {:?}", ids.dtype))),
+    };
+    launched
+        .map(float)
+        .map_err(|e| Box::new((e, (float(table), Tensor::from_primitive(ids)))))
 }
 
 type RopeInputs<R> = (Tensor<Cube<R>, 3>, Tensor<Cube<R>, 3>, Tensor<Cube<R>, 3>);

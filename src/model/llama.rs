@@ -158,6 +158,9 @@ pub type NormQkvWriteFn<B> =
 /// head_dim]`), as [`rotate_half_rope`].
 pub type RopeFn<B> = Arc<dyn Fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3> + Send + Sync>;
 
+/// The embedding's rows of the step's token ids, `table.select(0, ids)`.
+pub type EmbedFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 1, Int>) -> Tensor<B, 2> + Send + Sync>;
+
 /// The step's RoPE: each row's position and the model's whole `cos` and `sin` tables
 /// (`[max_position_embeddings, head_dim]`, the model's dtype). Our kernels index the tables by
 /// position inside the launch that uses them; burn's ops and the RoPE hook take the step's rows
@@ -252,6 +255,9 @@ pub struct FusedOps<B: Backend> {
     /// The RoPE of q and k and the K/V write into the pages in one launch, reading q, k and v
     /// from one merged projection; `None`: [`FusedOps::rope`] then the cache's own write.
     pub qkv_write: Option<QkvWriteFn<B>>,
+    /// The embedding's row gather by a kernel cheaper to issue than burn's `select` (one launch
+    /// either way); `None`: `select`.
+    pub embed: Option<EmbedFn<B>>,
 }
 
 #[derive(Clone)]
@@ -814,7 +820,13 @@ impl<B: Backend> Llama<B> {
             self.rope_sin.clone(),
         );
         let mut x = match (token_ids, &self.comm) {
-            (Some(ids), _) => self.embed.clone().select(0, ids.on_device(fed, &indices)),
+            (Some(ids), _) => {
+                let ids = ids.on_device(fed, &indices);
+                match self.fused.as_ref().and_then(|f| f.embed.as_ref()) {
+                    Some(embed) => embed(self.embed.clone(), ids),
+                    None => self.embed.clone().select(0, ids),
+                }
+            }
             (None, Some(comm)) => shard::embed_lookup(&**comm, &self.embed, &self.shard.vocab, &tokens),
             (None, None) => unreachable!("one rank plans its token ids"),
         };

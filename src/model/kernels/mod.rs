@@ -10,6 +10,7 @@
 #[macro_use]
 mod queue;
 
+pub mod gather;
 pub mod gemv;
 pub mod paged_attention;
 pub mod qkv_write;
