@@ -531,6 +531,43 @@ fn model_device_kernels_a_refused_norm_falls_back_on_its_handed_back_inputs() {
     }
 }
 
+/// The projection hook keeps no copies of its operands against a refusal: our GEMMs hand them
+/// back (`x` made contiguous) and burn's matmul runs on those. Here the GEMV refuses an `[in, out]`
+/// weight (it reads `[out, in]` rows), and the tensor-core GEMM an f32 one; an `[out, in]` weight
+/// at decode rows is the GEMV's own product, with no refusal.
+#[test]
+fn model_device_kernels_a_refused_projection_falls_back_on_its_handed_back_operands() {
+    use burn::tensor::Distribution;
+    use inferflux::model::cuda_gemm::{projector, GemmChoice};
+    let device = vulkan();
+    let project = projector::<WgpuRuntime>(GemmChoice {
+        small: GemmKernel::Gemv,
+        large: GemmKernel::Skinny,
+        small_max_rows: 8,
+    });
+    let normal = Distribution::Normal(0.0, 1.0);
+    let values = |t: Tensor<B, 2>| t.into_data().to_vec::<f32>().unwrap();
+    // `[rows, 32]` as a transposed view: the GEMMs' `x` is a contiguous copy of it.
+    let x = |rows| Tensor::<B, 2>::random([32, rows], normal, &device).transpose();
+    let in_out = Tensor::<B, 2>::random([32, 48], normal, &device);
+    let out_in = Tensor::<B, 2>::random([48, 32], normal, &device).transpose();
+    for (what, x, w, refused) in [
+        ("the GEMV, an [in, out] weight", x(3), in_out.clone(), true),
+        ("the tensor-core GEMM, f32", x(20), out_in.clone(), true),
+        ("the GEMV, an [out, in] weight", x(3), out_in, false),
+    ] {
+        let (got, warnings) = warnings_during(|| values(project(x.clone(), w.clone())));
+        let refusals = warnings
+            .iter()
+            .filter(|w| w.contains("GEMM kernel refused"))
+            .count();
+        assert_eq!(refusals, refused as usize, "{what}: {warnings:?}");
+        let want = values(x.matmul(w));
+        assert_eq!(got.len(), want.len(), "{what}");
+        assert_close_within(&got, &want, 1e-5, what);
+    }
+}
+
 /// `[cuda] carve_outputs`: our kernels write their outputs into views of one block rather than
 /// allocations of their own. The views start on 512-byte boundaries one after another, an output
 /// over 1 MiB gets its own allocation, and every decode step's outputs are views, yet the logits

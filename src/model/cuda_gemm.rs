@@ -282,9 +282,11 @@ pub fn projector<R: KernelRuntime>(choice: GemmChoice) -> ProjectFn<Cube<R>> {
         if kernel == GemmKernel::Burn || refused.lock().is_ok_and(|r| is_refused(&r)) {
             return x.matmul(w);
         }
-        match matmul(kernel, x.clone(), w.clone()) {
-            Ok(out) => out,
-            Err(e) => {
+        // A refusal hands the operands back, so none is copied against one.
+        match matmul_primitives(kernel, x.into_primitive().tensor(), w.into_primitive().tensor()) {
+            Ok(out) => float(out),
+            Err(back) => {
+                let (e, x, w) = *back;
                 tracing::warn!(error = %e, rows, k, n, "GEMM kernel refused: burn's matmul runs this problem");
                 if let Ok(mut r) = refused.lock() {
                     r.insert(if e == GemmError::CublasMissing {
@@ -293,7 +295,7 @@ pub fn projector<R: KernelRuntime>(choice: GemmChoice) -> ProjectFn<Cube<R>> {
                         problem
                     });
                 }
-                x.matmul(w)
+                float(x).matmul(float(w))
             }
         }
     })
@@ -309,21 +311,43 @@ pub fn matmul<R: KernelRuntime>(
     if kernel == GemmKernel::Burn {
         return Ok(x.matmul(w));
     }
-    let x = x.into_primitive().tensor();
-    let w = w.into_primitive().tensor();
-    let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        match (kernel, kernel.strategy()) {
-            (_, Some(strategy)) => cubek_matmul(kernel, &strategy, x, w),
-            (GemmKernel::Gemv, None) => own_gemv(x, w),
-            (GemmKernel::Skinny, None) => own_skinny(x, w),
-            (_, None) => R::cublas(kernel, x, w),
-        }
+    matmul_primitives(kernel, x.into_primitive().tensor(), w.into_primitive().tensor())
+        .map(float)
+        .map_err(|back| back.0)
+}
+
+/// A kernel's refusal with its operands handed back: `x` (maybe made contiguous) and `w`.
+type OperandsBack<R> = Box<(GemmError, CubeTensor<R>, CubeTensor<R>)>;
+
+fn float<R: KernelRuntime>(t: CubeTensor<R>) -> Tensor<Cube<R>, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// [`matmul`] on burn's primitives, `kernel` not burn's. Our kernels take the operands and hand
+/// them back with a refusal (a panic in their launch is one too); cubek's and cuBLAS's run on
+/// copies, under `catch_unwind`, since they panic on some shapes.
+fn matmul_primitives<R: KernelRuntime>(
+    kernel: GemmKernel,
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+) -> Result<CubeTensor<R>, OperandsBack<R>> {
+    let strategy = match (kernel, kernel.strategy()) {
+        (GemmKernel::Gemv, None) => return own_gemv(x, w),
+        (GemmKernel::Skinny, None) => return own_skinny(x, w),
+        (_, strategy) => strategy,
+    };
+    let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &strategy {
+        Some(strategy) => cubek_matmul(kernel, strategy, x.clone(), w.clone()),
+        None => R::cublas(kernel, x.clone(), w.clone()),
     }));
-    let out = launched.map_err(|p| GemmError::Panicked {
+    let panicked = |p| GemmError::Panicked {
         kernel,
         why: crate::actors::tp_ranks::panic_message(p),
-    })??;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    };
+    match launched.map_err(panicked).and_then(|out| out) {
+        Ok(out) => Ok(out),
+        Err(e) => Err(Box::new((e, x, w))),
+    }
 }
 
 fn cubek_matmul<R: KernelRuntime>(
@@ -370,32 +394,35 @@ impl<R: KernelRuntime> OutInOperands<R> {
         w: CubeTensor<R>,
         [x_align, w_align]: [u64; 2],
         out_cols: usize,
-    ) -> Result<OutInOperands<R>, GemmError> {
-        let refuse = |why: String| GemmError::Unavailable { kernel, why };
+    ) -> Result<OutInOperands<R>, OperandsBack<R>> {
         let x = contiguous(x, "own GEMM x");
         let (m, k) = (x.meta.shape()[0], x.meta.shape()[1]);
         let ws = w.meta.strides();
-        if ws[0] != 1 || ws[1] != k {
-            return Err(refuse(format!(
+        let offset = |t: &CubeTensor<R>| t.handle.offset_start.unwrap_or(0);
+        let why = if ws[0] != 1 || ws[1] != k {
+            Some(format!(
                 "weight strides {:?} are not those of an [n, k] weight (weight_layout = \"out_in\")",
                 &ws[..]
-            )));
-        }
-        if w.dtype != x.dtype {
-            return Err(refuse(format!("mixed dtypes {:?} x {:?}", x.dtype, w.dtype)));
-        }
-        let offset = |t: &CubeTensor<R>| t.handle.offset_start.unwrap_or(0);
-        if !offset(&x).is_multiple_of(x_align) || !offset(&w).is_multiple_of(w_align) {
-            return Err(refuse(format!(
+            ))
+        } else if w.dtype != x.dtype {
+            Some(format!("mixed dtypes {:?} x {:?}", x.dtype, w.dtype))
+        } else if !offset(&x).is_multiple_of(x_align) || !offset(&w).is_multiple_of(w_align) {
+            Some(format!(
                 "x must start on a {x_align}-byte boundary and the weight on a {w_align}-byte one"
-            )));
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Box::new((GemmError::Unavailable { kernel, why }, x, w)));
         }
         // Contiguous, as the kernels write it (an allocation may pad rows otherwise).
         let out = output_blocks::empty(&x.client, &x.device, [m, out_cols].into(), x.dtype);
         Ok(OutInOperands { x, w, out, m, k })
     }
 
-    /// Queues `launch` on the operands' handles, `[m, k, out_cols]` and dtype; the output.
+    /// Queues `launch` on the operands' handles, `[m, k, out_cols]` and dtype; the output. A
+    /// refusal or a panic of `launch` hands the operands back.
     fn run(
         self,
         kernel: GemmKernel,
@@ -405,7 +432,7 @@ impl<R: KernelRuntime> OutInOperands<R> {
             [usize; 3],
             (cubecl::ir::StorageType, usize),
         ) -> Result<(), super::kernels::Refused>,
-    ) -> Result<CubeTensor<R>, GemmError> {
+    ) -> Result<CubeTensor<R>, OperandsBack<R>> {
         let handles = [
             self.x.handle.clone(),
             self.w.handle.clone(),
@@ -413,14 +440,23 @@ impl<R: KernelRuntime> OutInOperands<R> {
         ];
         let sizes = [self.m, self.k, self.out.meta.shape()[1]];
         let dtype = self.x.dtype;
-        launch(&self.out.client, handles, sizes, (dtype.into(), dtype.size()))
-            .map_err(|e| GemmError::Unavailable { kernel, why: e.0 })?;
-        Ok(self.out)
+        let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            launch(&self.out.client, handles, sizes, (dtype.into(), dtype.size()))
+        }));
+        let refused = match launched {
+            Ok(Ok(())) => return Ok(self.out),
+            Ok(Err(e)) => GemmError::Unavailable { kernel, why: e.0 },
+            Err(p) => GemmError::Panicked {
+                kernel,
+                why: crate::actors::tp_ranks::panic_message(p),
+            },
+        };
+        Err(Box::new((refused, self.x, self.w)))
     }
 }
 
 /// `x · w` by our GEMV: at most `GEMV_MAX_ROWS` rows of `x`, both operands 16-byte aligned.
-fn own_gemv<R: KernelRuntime>(x: CubeTensor<R>, w: CubeTensor<R>) -> Result<CubeTensor<R>, GemmError> {
+fn own_gemv<R: KernelRuntime>(x: CubeTensor<R>, w: CubeTensor<R>) -> Result<CubeTensor<R>, OperandsBack<R>> {
     let n = w.meta.shape()[1];
     let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], n)?;
     ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
@@ -450,17 +486,19 @@ pub fn swiglu_gemv<R: KernelRuntime>(
             why: format!("an odd merged gate/up width {merged}"),
         });
     }
-    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], merged / 2)?;
-    let out = ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
-        gemv::launch(
-            client,
-            handles,
-            Epilogue::SwiGlu,
-            GemvShape { rows, k, n },
-            dtype,
-            true,
-        )
-    })?;
+    let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], merged / 2).map_err(|back| back.0)?;
+    let out = ops
+        .run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
+            gemv::launch(
+                client,
+                handles,
+                Epilogue::SwiGlu,
+                GemvShape { rows, k, n },
+                dtype,
+                true,
+            )
+        })
+        .map_err(|back| back.0)?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
@@ -595,7 +633,7 @@ impl<R: KernelRuntime> NormedGemv<R> {
             swiglu: _,
         } = input;
         let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
-        let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], out_cols)?;
+        let ops = OutInOperands::check(GemmKernel::Gemv, x, w, [16, 16], out_cols).map_err(|back| back.0)?;
         let x = &ops.x;
         let operand = |t: CubeTensor<R>, site, dims: &[usize]| {
             let t = contiguous(t, site);
@@ -634,17 +672,19 @@ impl<R: KernelRuntime> NormedGemv<R> {
     /// Queues the launch; the residual stream and the output.
     fn run(self, epilogue: Epilogue) -> Result<(CubeTensor<R>, CubeTensor<R>), GemmError> {
         let NormedGemv { ops, norm, stream } = self;
-        let out = ops.run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
-            gemv::launch_normed(
-                client,
-                handles,
-                norm,
-                epilogue,
-                GemvShape { rows, k, n },
-                dtype,
-                true,
-            )
-        })?;
+        let out = ops
+            .run(GemmKernel::Gemv, |client, handles, [rows, k, n], dtype| {
+                gemv::launch_normed(
+                    client,
+                    handles,
+                    norm,
+                    epilogue,
+                    GemvShape { rows, k, n },
+                    dtype,
+                    true,
+                )
+            })
+            .map_err(|back| back.0)?;
         Ok((stream, out))
     }
 }
@@ -653,15 +693,23 @@ impl<R: KernelRuntime> NormedGemv<R> {
 /// multiples of 16, the weight 32-byte aligned (CMMA's loads; `x` is staged element by
 /// element). Larger products (prompt chunks) go to cuBLAS, whose two host waits are small
 /// beside such a GEMM.
-fn own_skinny<R: KernelRuntime>(x: CubeTensor<R>, w: CubeTensor<R>) -> Result<CubeTensor<R>, GemmError> {
+fn own_skinny<R: KernelRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+) -> Result<CubeTensor<R>, OperandsBack<R>> {
     if x.meta.shape()[0] > skinny_gemm::SKINNY_MAX_ROWS {
-        return R::cublas(GemmKernel::Cublas, x, w);
+        return matmul_primitives(GemmKernel::Cublas, x, w);
     }
     if !matches!(x.dtype, DType::F16 | DType::BF16) {
-        return Err(GemmError::Unavailable {
-            kernel: GemmKernel::Skinny,
-            why: format!("no tensor-core GEMM for {:?}", x.dtype),
-        });
+        let why = format!("no tensor-core GEMM for {:?}", x.dtype);
+        return Err(Box::new((
+            GemmError::Unavailable {
+                kernel: GemmKernel::Skinny,
+                why,
+            },
+            x,
+            w,
+        )));
     }
     let n = w.meta.shape()[1];
     let ops = OutInOperands::check(GemmKernel::Skinny, x, w, [2, 32], n)?;
