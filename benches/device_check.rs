@@ -499,7 +499,7 @@ fn issue_costs<B: Backend>(
     };
     let x = Tensor::<B, 2>::ones([1, hidden], (device, dtype));
     let gain = Tensor::<B, 1>::ones([hidden], (device, dtype));
-    let mut sink = Vec::with_capacity(3 * CALLS);
+    let mut sink = Vec::with_capacity(11 * (CALLS + 1));
     let mut add = || sink.push(x.clone().add_scalar(1.0));
     costs.push((
         format!("launch: burn's add_scalar on [1, {hidden}]"),
@@ -532,6 +532,30 @@ fn issue_costs<B: Backend>(
             burst_us(&mut norm),
         ));
         output_blocks::set_carving(carving);
+        // The embedding's gather, burn's and ours: burn's binds tensors, whose shapes and
+        // strides cubecl-cuda uploads on its runner at every launch; ours binds arrays only.
+        if let Some(embed) = &fused.embed {
+            let table = Tensor::<B, 2>::ones([256, hidden], (device, dtype));
+            let ids = Tensor::<B, 1, Int>::zeros([1], device);
+            let mut select = || sink.push(table.clone().select(0, ids.clone()));
+            costs.push((
+                format!("launch: burn's select of one row of [256, {hidden}]"),
+                per_call_us(&mut select),
+            ));
+            costs.push((
+                format!("launch, the caller's part: the same, {BURST} after a sync"),
+                burst_us(&mut select),
+            ));
+            let mut gather = || sink.push(embed(table.clone(), ids.clone()));
+            costs.push((
+                "launch: our gather of the same".to_string(),
+                per_call_us(&mut gather),
+            ));
+            costs.push((
+                format!("launch, the caller's part: the same, {BURST} after a sync"),
+                burst_us(&mut gather),
+            ));
+        }
     }
     // What `queue_kernel!` saves each launch of ours over the launch function cubecl's macro
     // generates, which burn's kernels still use: a clone and a drop of the client's

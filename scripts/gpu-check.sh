@@ -17,6 +17,8 @@
 #      and per launch the calling thread's part alone (12 launches after a sync, within cubecl's
 #      32-task buffer): near the 200-in-a-row figure, the caller binds; far below, cubecl's runner;
 #      our RMSNorm's output carved from a block, then allocated on its own (an allocation's cost);
+#      burn's select and our gather of one embedding row (a launch binding tensors, whose shapes
+#      and strides cubecl-cuda uploads at every launch, against one binding arrays);
 #   5. inferfluxd on that checkpoint, `inferctl bench` at concurrency 1, 32, 128;
 #   6. one table: InferFlux against the baseline and the memory roofline (and one for step 8);
 #   7. device_check gemm: every projection kernel of src/model/cuda_gemm.rs on the checkpoint's

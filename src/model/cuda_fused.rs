@@ -181,10 +181,35 @@ pub(crate) struct RopeTables<R: CubeRuntime> {
     pub table_rows: usize,
 }
 
+/// [`RopeTables::of`]'s answer for one `(rows, head_dim, dtype)`, kept with the step's angles.
+struct PreparedRope<R: CubeRuntime> {
+    asked: (usize, usize, DType),
+    tables: Result<Arc<RopeTables<R>>, Refused>,
+}
+
 impl<R: CubeRuntime> RopeTables<R> {
     /// Refuses tables not of `dtype` or not `head_dim` wide, and positions not one per row of
-    /// 32 bits (the tables' length bounds them: the model takes no longer context).
+    /// 32 bits (the tables' length bounds them: the model takes no longer context). Made once per
+    /// step and shared by its layers (`RopeAngles::prepared`), which all ask the same.
     pub fn of(
+        rope: &RopeAngles<Cube<R>>,
+        rows: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> Result<Arc<Self>, Refused> {
+        let asked = (rows, head_dim, dtype);
+        let prepare = || PreparedRope {
+            asked,
+            tables: Self::check(rope, rows, head_dim, dtype).map(Arc::new),
+        };
+        let prepared = rope.prepared(prepare);
+        match prepared.asked == asked {
+            true => prepared.tables.clone(),
+            false => prepare().tables,
+        }
+    }
+
+    fn check(
         rope: &RopeAngles<Cube<R>>,
         rows: usize,
         head_dim: usize,
@@ -195,18 +220,19 @@ impl<R: CubeRuntime> RopeTables<R> {
             contiguous(rope.sin_table.clone().into_primitive().tensor(), "rope sin table"),
         );
         let positions = contiguous(rope.positions.clone().into_primitive(), "rope positions");
-        let table = cos.meta.shape()[..].to_vec();
         if cos.dtype != dtype || sin.dtype != dtype {
             return Err(Refused(format!(
                 "RoPE tables of {:?} for {dtype:?} rows",
                 cos.dtype
             )));
         }
+        let table = cos.meta.shape();
         if table.len() != 2 || table[1] != head_dim || sin.meta.shape()[..] != table[..] {
             return Err(Refused(format!(
                 "RoPE tables {table:?} for a head_dim of {head_dim}"
             )));
         }
+        let table_rows = table[0];
         if positions.meta.shape()[..] != [rows] || positions.dtype != DType::I32 {
             return Err(Refused(format!(
                 "positions {:?} of {:?} for {rows} rows",
@@ -218,7 +244,7 @@ impl<R: CubeRuntime> RopeTables<R> {
             cos,
             sin,
             positions,
-            table_rows: table[0],
+            table_rows,
         })
     }
 }
@@ -427,19 +453,17 @@ fn launch_qkv_write<R: CubeRuntime>(
         w.k_cache.into_primitive().tensor(),
         w.v_cache.into_primitive().tensor(),
     );
-    let check = || -> Result<&RopeTables<R>, Refused> {
+    let check = || -> Result<&Arc<RopeTables<R>>, Refused> {
         let rope = rope.as_ref().map_err(|e| e.clone())?;
         for t in [&k, &v, &k_cache, &v_cache] {
             same_dtype(&q, t)?;
         }
-        let widths = [
-            q.meta.shape()[..].to_vec(),
-            k.meta.shape()[..].to_vec(),
-            v.meta.shape()[..].to_vec(),
-        ];
+        let widths = [q.meta.shape(), k.meta.shape(), v.meta.shape()];
         if heads * head_dim != q_dim
             || kv_dim != kv_heads * head_dim
-            || widths != [vec![tokens, q_dim], vec![tokens, kv_dim], vec![tokens, kv_dim]]
+            || widths[0][..] != [tokens, q_dim]
+            || widths[1][..] != [tokens, kv_dim]
+            || widths[2][..] != [tokens, kv_dim]
         {
             return Err(Refused(format!(
                 "q, k, v {widths:?} for {heads} and {kv_heads} heads, cache width {kv_dim}"

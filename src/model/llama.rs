@@ -164,27 +164,62 @@ pub type EmbedFn<B> = Arc<dyn Fn(Tensor<B, 2>, Tensor<B, 1, Int>) -> Tensor<B, 2
 /// The step's RoPE: each row's position and the model's whole `cos` and `sin` tables
 /// (`[max_position_embeddings, head_dim]`, the model's dtype). Our kernels index the tables by
 /// position inside the launch that uses them; burn's ops and the RoPE hook take the step's rows
-/// gathered ([`Self::rows`]), gathered once per step however many layers ask. Gathering up front
-/// cost two launches per step, which the host's issue paid at batch 1.
+/// gathered ([`RopeAnglesOf::rows`]), gathered once per step however many layers ask. Gathering
+/// up front cost two launches per step, which the host's issue paid at batch 1.
+///
+/// Every layer's K/V write carries a clone, so the tensors sit behind one `Arc`: a clone is a
+/// count, not three tensor clones (`Deref` reaches the fields).
 #[derive(Clone)]
-pub struct RopeAngles<B: Backend> {
+pub struct RopeAngles<B: Backend>(Arc<RopeAnglesOf<B>>);
+
+/// What a [`RopeAngles`] shares.
+pub struct RopeAnglesOf<B: Backend> {
     /// `[tokens]`: each row's position, below the tables' length.
     pub positions: Tensor<B, 1, Int>,
     pub cos_table: Tensor<B, 2>,
     pub sin_table: Tensor<B, 2>,
-    gathered: Arc<std::sync::OnceLock<[Tensor<B, 3>; 2]>>,
+    gathered: std::sync::OnceLock<[Tensor<B, 3>; 2]>,
+    /// A hook's own form of the angles (`cuda_fused::RopeTables`: checked, on the kernels'
+    /// terms), made by the first layer that asks and read by the step's others.
+    prepared: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl<B: Backend> std::ops::Deref for RopeAngles<B> {
+    type Target = RopeAnglesOf<B>;
+
+    fn deref(&self) -> &RopeAnglesOf<B> {
+        &self.0
+    }
 }
 
 impl<B: Backend> RopeAngles<B> {
     pub fn new(positions: Tensor<B, 1, Int>, cos_table: Tensor<B, 2>, sin_table: Tensor<B, 2>) -> Self {
-        Self {
+        Self(Arc::new(RopeAnglesOf {
             positions,
             cos_table,
             sin_table,
-            gathered: Arc::default(),
-        }
+            gathered: Default::default(),
+            prepared: Default::default(),
+        }))
     }
 
+    /// What `prepare` makes of these angles, made once per step: later calls get the first
+    /// call's value, when it is a `T` (another type is made afresh each time, not kept).
+    pub fn prepared<T: std::any::Any + Send + Sync>(&self, prepare: impl FnOnce() -> T) -> Arc<T> {
+        let mut prepare = Some(prepare);
+        let kept = self
+            .0
+            .prepared
+            .get_or_init(|| Arc::new((prepare.take().expect("prepared once"))()));
+        match (kept.clone().downcast::<T>(), prepare) {
+            (Ok(kept), _) => kept,
+            (Err(_), Some(prepare)) => Arc::new(prepare()),
+            (Err(_), None) => unreachable!("the value just made is a T"),
+        }
+    }
+}
+
+impl<B: Backend> RopeAnglesOf<B> {
     /// The step's `cos` and `sin` rows, `[tokens, 1, head_dim]` each.
     pub fn rows(&self) -> [Tensor<B, 3>; 2] {
         self.gathered
@@ -1697,6 +1732,39 @@ pub fn rotate_half_rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &T
 #[cfg(test)]
 mod tests {
     use super::decode_groups;
+
+    /// A step's angles keep the first prepared value for every later caller of its type, clones
+    /// included (the layers' K/V writes hold clones), and make a value of another type afresh.
+    #[test]
+    fn paged_kv_rope_angles_prepare_once_per_step() {
+        use super::RopeAngles;
+        use burn::tensor::{Int, Tensor};
+        type Cpu = burn::backend::Flex;
+        let device = Default::default();
+        let table = Tensor::<Cpu, 2>::zeros([4, 2], &device);
+        let rope = RopeAngles::new(Tensor::<Cpu, 1, Int>::zeros([1], &device), table.clone(), table);
+        let made = std::cell::Cell::new(0);
+        let make = |v: u32| {
+            made.set(made.get() + 1);
+            v
+        };
+        assert_eq!(*rope.prepared(|| make(1)), 1);
+        assert_eq!(
+            *rope.clone().prepared(|| make(2)),
+            1,
+            "a clone shares the step's value"
+        );
+        assert_eq!(made.get(), 1);
+        assert_eq!(*rope.prepared(|| String::from("other")), "other");
+        assert_eq!(*rope.prepared(|| make(3)), 1, "another type's value is not kept");
+        assert_eq!(made.get(), 1);
+        let next_step = RopeAngles::new(
+            rope.positions.clone(),
+            rope.cos_table.clone(),
+            rope.sin_table.clone(),
+        );
+        assert_eq!(*next_step.prepared(|| make(4)), 4);
+    }
 
     #[test]
     fn unified_batch_decode_groups_cover_every_sequence_once_with_bounded_padding() {

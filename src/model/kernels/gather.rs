@@ -13,7 +13,7 @@ use super::Refused;
 const UNITS: u32 = 256;
 
 /// Unit `i` copies vector `i % row_vectors` of row `ids[i / row_vectors]`; an id past the table
-/// (which the server never sends) gives a row of zeros rather than a read out of bounds.
+/// (which the server never sends) reads its last row rather than out of bounds.
 #[cube(launch_unchecked)]
 fn gather_rows_kernel<F: Float, N: Size>(
     table: &Array<Vector<F, N>>,
@@ -25,12 +25,13 @@ fn gather_rows_kernel<F: Float, N: Size>(
 ) {
     if ABSOLUTE_POS < out.len() {
         let w = row_vectors as usize;
-        let id = ids[ABSOLUTE_POS / w];
-        let mut row = Vector::<F, N>::new(F::from_int(0));
-        if id < table_rows {
-            row = table[id as usize * w + ABSOLUTE_POS % w];
+        // Started from the array's value, not a constant: a mutable that starts as a constant
+        // breaks cubecl's expansion (docs/DeveloperGuide.md).
+        let mut id = ids[ABSOLUTE_POS / w];
+        if id >= table_rows {
+            id = table_rows - 1;
         }
-        out[ABSOLUTE_POS] = row;
+        out[ABSOLUTE_POS] = table[id as usize * w + ABSOLUTE_POS % w];
     }
 }
 
@@ -58,6 +59,9 @@ pub fn launch<R: Runtime>(
     if rows == 0 || width == 0 {
         return Ok(());
     }
+    if table_rows == 0 {
+        return Err(Refused("an empty embedding table".into()));
+    }
     let vector = super::vector_width(width, elem_bytes, client.properties().hardware.max_vector_size);
     let row_vectors = width / vector;
     let (Ok(row_vectors_u32), Ok(table_rows_u32), Ok(_)) = (
@@ -72,7 +76,7 @@ pub fn launch<R: Runtime>(
     let cubes = super::elementwise_cubes(rows * row_vectors, UNITS)?;
     // SAFETY: the arrays' lengths are those of the handles' buffers (the caller's contract); the
     // kernel checks `ABSOLUTE_POS < rows * row_vectors`, so `ids` is read below `rows`, and reads
-    // `table` only at an id below `table_rows`.
+    // `table` at an id below `table_rows` (one past it is clamped).
     unsafe {
         queue_kernel!(
             gather_rows_kernel::GatherRowsKernel<R>(client, cubes, CubeDim::new_1d(UNITS)),
@@ -98,7 +102,7 @@ mod tests {
     use crate::model::kernels::gl;
 
     #[test]
-    fn kernels_gather_rows_copies_each_ids_row_and_zeros_past_the_table() {
+    fn kernels_gather_rows_copies_each_ids_row_and_the_last_past_the_table() {
         let client = gl::client();
         let f32_type = f32::as_type_native_unchecked().storage_type();
         // Widths of every vector width (4, 2, 1 floats) and a row count past one cube.
@@ -126,10 +130,8 @@ mod tests {
             launch(&client, handles, shape, (f32_type, 4)).unwrap();
             let got = gl::download(&client, out);
             for (r, &id) in ids.iter().enumerate() {
-                let want = match (id as usize) < table_rows {
-                    true => table[id as usize * width..(id as usize + 1) * width].to_vec(),
-                    false => vec![0.0; width],
-                };
+                let at = (id as usize).min(table_rows - 1);
+                let want = table[at * width..(at + 1) * width].to_vec();
                 assert_eq!(
                     got[r * width..(r + 1) * width],
                     want[..],
