@@ -104,12 +104,12 @@ fn gemv_kernel<F: Float, N: Size>(
     );
 }
 
-/// The plain GEMV (no norm, no epilogue), with its three arrays alone.
+/// The GEMV without a norm (plain, or with the SwiGlu epilogue), with its three arrays alone.
 ///
 /// Why: each array a launch binds costs the host a registration, a handle and its metadata
-/// (about 0.3k instructions on the caller's thread, docs/Performance.md), and a decode step's
-/// GEMVs are mostly plain. The body's other arrays are one-element locals here, which it never
-/// touches with its switches off.
+/// (about 0.3k instructions on the caller's thread, docs/Performance.md), and cubecl's runner a
+/// binding; a decode step's GEMVs are mostly plain. The body's other arrays are one-element
+/// locals here, which it never touches with its switches off.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_plain_kernel<F: Float, N: Size>(
@@ -121,6 +121,7 @@ fn gemv_plain_kernel<F: Float, N: Size>(
     #[comptime] rows: usize,
     #[comptime] lanes: usize,
     #[comptime] plane_reduce: bool,
+    #[comptime] swiglu: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let mut sum = Array::<Vector<F, N>>::new(1usize);
@@ -149,12 +150,68 @@ fn gemv_plain_kernel<F: Float, N: Size>(
         rows,
         lanes,
         plane_reduce,
-        false,  // swiglu
+        swiglu,
         false,  // rope_write
         2usize, // head_dim
         false,  // norm
         false,  // residual
         1usize, // staged_len
+    );
+}
+
+/// The GEMV with its norm prologue and without the RoPE epilogue (plain, or SwiGlu): the six
+/// arrays of the product and the norm, not the RoPE's six (see [`gemv_plain_kernel`]'s why).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_norm_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    out: &mut Array<F>,
+    delta: &Array<Vector<F, N>>,
+    gain: &Array<Vector<F, N>>,
+    sum: &mut Array<Vector<F, N>>,
+    k_vectors: u32,
+    outputs: u32,
+    eps: f32,
+    #[comptime] rows: usize,
+    #[comptime] lanes: usize,
+    #[comptime] plane_reduce: bool,
+    #[comptime] swiglu: bool,
+    #[comptime] residual: bool,
+    #[comptime] staged_len: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let table = Array::<F>::new(1usize);
+    let indices = Array::<u32>::new(1usize);
+    let mut k_cache = Array::<F>::new(1usize);
+    let mut v_cache = Array::<F>::new(1usize);
+    gemv_body::<F, N>(
+        x,
+        w,
+        out,
+        delta,
+        gain,
+        sum,
+        &table,
+        &table,
+        &indices,
+        &indices,
+        &mut k_cache,
+        &mut v_cache,
+        k_vectors,
+        outputs,
+        eps,
+        0u32, // q_dim
+        0u32, // kv_dim
+        rows,
+        lanes,
+        plane_reduce,
+        swiglu,
+        false,  // rope_write
+        2usize, // head_dim
+        true,   // norm
+        residual,
+        staged_len,
     );
 }
 
@@ -637,11 +694,12 @@ fn launch_kernel<R: Runtime>(
             "{n} outputs need more than one grid row of cubes"
         )));
     }
-    if norm.is_none() && matches!(epilogue, Epilogue::Plain) {
+    let swiglu = matches!(epilogue, Epilogue::SwiGlu);
+    if norm.is_none() && !matches!(epilogue, Epilogue::RopeWrite(_)) {
         // SAFETY: the arrays' lengths are those of the handles' buffers (the caller's contract)
-        // and every index the kernel makes is below them: `o < n`, so the row of `w` is below
-        // `n`, `i < kv`, `r < rows`; the body's other arrays are not touched without a norm or
-        // an epilogue.
+        // and every index the kernel makes is below them: `o < n` (`2 n` rows of `w` for
+        // SwiGlu), `i < kv`, `r < rows`; the body's other arrays are not touched without a norm
+        // or the RoPE epilogue.
         unsafe {
             queue_kernel!(
                 gemv_plain_kernel::GemvPlainKernel<R>(
@@ -658,7 +716,7 @@ fn launch_kernel<R: Runtime>(
                     u32 = k_vectors,
                     u32 = n_out,
                 ],
-                comptime [width, rows, lanes, plane_reduce, dtype],
+                comptime [width, rows, lanes, plane_reduce, swiglu, dtype],
             );
         }
         return Ok(());
@@ -677,7 +735,34 @@ fn launch_kernel<R: Runtime>(
     let [delta, sum] = norm
         .and_then(|p| p.residual)
         .unwrap_or_else(|| [x.clone(), x.clone()]);
-    let swiglu = matches!(epilogue, Epilogue::SwiGlu);
+    if !matches!(epilogue, Epilogue::RopeWrite(_)) {
+        // SAFETY: as the full kernel's below, without the RoPE tables and caches, which this
+        // kernel does not bind.
+        unsafe {
+            queue_kernel!(
+                gemv_norm_kernel::GemvNormKernel<R>(
+                    client,
+                    CubeCount::Static(cubes, 1, 1),
+                    CubeDim::new_2d(lanes as u32, OUTPUTS_PER_CUBE),
+                ),
+                define [F = dtype],
+                size [N = width],
+                args [
+                    Array<Vector<F, N>> = ArrayArg::from_raw_parts(x, rows * kv),
+                    Array<Vector<F, N>> = ArrayArg::from_raw_parts(w, w_rows * kv),
+                    Array<F> = ArrayArg::from_raw_parts(out, out_len),
+                    Array<Vector<F, N>> = ArrayArg::from_raw_parts(delta, rows * kv),
+                    Array<Vector<F, N>> = ArrayArg::from_raw_parts(gain, gain_len),
+                    Array<Vector<F, N>> = ArrayArg::from_raw_parts(sum, rows * kv),
+                    u32 = k_vectors,
+                    u32 = n_out,
+                    f32 = eps,
+                ],
+                comptime [width, rows, lanes, plane_reduce, swiglu, residual, staged_len, dtype],
+            );
+        }
+        return Ok(());
+    }
     let (rope_write, head_dim, q_dim, kv_dim) = match &epilogue {
         Epilogue::RopeWrite(r) => (true, r.head_dim, r.heads * r.head_dim, r.kv_heads * r.head_dim),
         _ => (false, 2, 0, 0),
