@@ -154,8 +154,8 @@ fn kernels_launched_per_decode_step_are_counted() {
             (per_layer * layers + 4) as f64,
             "norm-GEMV {norm_gemv}: launches per decode step, by kernel over {DECODES} steps: {by_name:?}"
         );
-        // The embedding's rows by our gather, not burn's `select` (which costs the host about
-        // three times as much to issue).
+        // The embedding's rows by our gather, not burn's `select` (which costs the host
+        // nearly twice as much to issue).
         let gathers = |by_name: &BTreeMap<String, usize>, what: &str| {
             by_name
                 .iter()

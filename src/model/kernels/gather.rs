@@ -1,6 +1,6 @@
 //! The embedding's rows of a step's token ids in one launch: `out[r] = table[ids[r]]`.
 //!
-//! Why: burn's `select` is one launch too, but the host pays about three times ours to issue it
+//! Why: burn's `select` is one launch too, but the host pays nearly twice ours to issue it
 //! (docs/Performance.md). It binds its operands as tensors, whose shapes and strides cubecl
 //! sends as metadata of their own (on CUDA an upload per launch, on cubecl's runner), and its
 //! generated launch copies the device's properties (see `queue_kernel!`). It runs once per step,
