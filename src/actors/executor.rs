@@ -47,7 +47,8 @@ pub struct ModelExecutor<B: Backend> {
     comm: Option<Arc<dyn Communicator>>,
     /// Set once a worker thread is gone: the group can no longer run a step.
     broken: Option<String>,
-    /// The test-only fault hook (`INFERFLUX_FAULT_INJECTION=1`).
+    /// The test-only fault hook (`INFERFLUX_FAULT_INJECTION=1`); dropped once it has failed a
+    /// step, since this executor is then being replaced.
     fault: Option<Arc<FaultInjector>>,
     /// The last step read back, if it succeeded, and the tokens it sampled: the inputs of the
     /// next step's fed-back chunks when they are fed from the host (async scheduling).
@@ -503,6 +504,10 @@ impl<B: Backend> ModelExecutor<B> {
                 // Outside the step's catch_unwind: the thread dies and no reply ever comes.
                 Some(FaultKind::Panic) => panic!("injected executor panic (step {})", msg.step),
                 Some(FaultKind::Error) => {
+                    // The scheduler replaces an executor whose step failed. A step queued behind
+                    // this one still runs here, and must not take a fault armed for the
+                    // replacement: this executor consults the hook no more.
+                    self.fault = None;
                     self.read_held();
                     let e = ExecutorError(format!("injected executor error (step {})", msg.step));
                     tracing::error!(error = %e, "step failed");
@@ -643,5 +648,67 @@ pub fn spawn_executor<B: Backend>(make: impl FnOnce() -> ModelExecutor<B> + Send
         step: addr.clone().recipient(),
         read_held: addr.clone().recipient(),
         discard: addr.recipient(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{KvStorage, ModelFiles, ModelSource};
+    use burn::backend::Flex;
+    use burn::tensor::DType;
+
+    fn fixture_executor(fault: &Arc<FaultInjector>) -> ModelExecutor<Flex> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let files = ModelFiles::open(&ModelSource::Dir(dir)).unwrap();
+        let index = files.checkpoint.index().unwrap();
+        let model =
+            Llama::<Flex>::load_shard(&files.config, &index, &Default::default(), DType::F32, None).unwrap();
+        let c = model.config();
+        let cache = PagedKvCache::new(
+            c.num_layers,
+            4,
+            16,
+            model.kv_dim(),
+            &Default::default(),
+            DType::F32,
+            KvStorage::Host,
+        );
+        ModelExecutor::new(model, cache).with_fault(Some(fault.clone()))
+    }
+
+    fn run_empty_step(executor: &mut ModelExecutor<Flex>, step: u64) -> StepReply {
+        let msg = ExecuteStep {
+            step,
+            follows: None,
+            read_later: false,
+            swap_out: None,
+            plan: Vec::new(),
+        };
+        futures::executor::block_on(executor.execute(msg).reply())
+    }
+
+    /// A step queued behind a failed one runs on the executor being replaced; a fault armed in
+    /// the meantime is the replacement's (the race behind a flaky `http_supervision` run).
+    #[test]
+    fn supervision_an_executor_whose_step_failed_leaves_later_faults_to_its_replacement() {
+        let fault = Arc::new(FaultInjector::default());
+        let mut failed = fixture_executor(&fault);
+        assert!(run_empty_step(&mut failed, 1).is_ok());
+        fault.arm(FaultKind::Error, 1);
+        assert!(
+            run_empty_step(&mut failed, 2).is_err(),
+            "the armed fault fails the step"
+        );
+        fault.arm(FaultKind::Error, 1);
+        assert!(
+            run_empty_step(&mut failed, 3).is_ok(),
+            "the stray step took the replacement's fault"
+        );
+        let mut replacement = fixture_executor(&fault);
+        assert!(
+            run_empty_step(&mut replacement, 4).is_err(),
+            "the replacement's fault was lost"
+        );
     }
 }
