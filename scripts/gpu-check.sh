@@ -4,9 +4,10 @@
 # BIN_DIR (default target/release) holds release builds made elsewhere of inferfluxd, inferctl and
 # device_check (`cargo bench --bench device_check --no-run`); `NAME.xz` files are unpacked first.
 # Results go to $OUT (default /tmp/gpu-check). STAGES=1256 runs only those steps, in that order, DEVICE=cpu runs
-# steps 1, 4, 5, 7 and 8 on the CPU backend (a dry run anywhere; steps 2, 3 need PyTorch on a GPU, and
-# MODEL=DIR skips step 2 with a checkpoint of one's own). Steps, each under a timeout so one stuck step
-# still leaves the others' numbers:
+# steps 1, 4, 5, 6, 7, 8 and y on the CPU backend (a dry run anywhere, e.g. STAGES=145786y, on the
+# tiny fixture with its context raised; steps 2, 3 need PyTorch on a GPU, step 6 prints InferFlux's
+# numbers alone without step 3's baseline, and MODEL=DIR skips step 2 with a checkpoint of one's
+# own). Steps, each under a timeout so one stuck step still leaves the others' numbers:
 #   1. device_check logits: CUDA (f16/bf16) logits and greedy tokens of every fixture against
 #      the CPU f32 path and transformers' goldens;
 #   2. a Llama-3.2-1B-shaped checkpoint with random bf16 weights, made here by transformers;
@@ -93,6 +94,15 @@ work=$(mktemp -d)
 printf '[compilation]\ncache = "local"\n\n[autotune]\ncache = "local"\n' >"$work/cubecl.toml"
 cd "$work"
 model=${MODEL:-$work/llama-1b}
+if [ "$device" = cpu ] && [ -z "${MODEL:-}" ]; then
+    # A dry run without PyTorch: the tiny fixture, its context raised from 256 to 2,048 tokens so
+    # that steps 5, 8 and y serve their 128 random words (about 740 tokens of its 384-word vocab).
+    # Its weights and RoPE do not depend on the limit.
+    model=$work/dry-model
+    cp -r "$repo/tests/fixtures/tiny-llama" "$model"
+    sed -i 's/"max_position_embeddings": 256/"max_position_embeddings": 2048/' "$model/config.json"
+    sed -i 's/"model_max_length": 256/"model_max_length": 2048/' "$model/tokenizer_config.json"
+fi
 # The copy bandwidth (GB/s) of the rooflines until step 3 measures it (or an earlier call of the
 # same OUT did): as measured on the lent machines, an H100 about 3,000 and an H200 about 4,300; BW=
 # sets it.

@@ -163,40 +163,50 @@ def baseline(path, out):
 
 
 def table(baseline_path, bench_dir, profile_path):
-    base = json.load(open(baseline_path))
-    bw = base["copy_gbs"] * 1e9
-    print(f"\nGPU: {base['device']}; copy {base['copy_gbs']:.0f} GB/s; weights {base['weight_bytes'] / 1e9:.2f} GB (bf16)")
+    if not os.path.exists(baseline_path):
+        # Step 3 did not run or did not finish (a cut call, a CPU dry run): InferFlux's own
+        # numbers still print, without the ratios that need the baseline.
+        print(f"\n(no baseline at {baseline_path}: step 3 did not run; InferFlux's numbers alone)")
+        base = None
+    else:
+        base = json.load(open(baseline_path))
+    if base:
+        bw = base["copy_gbs"] * 1e9
+        print(f"\nGPU: {base['device']}; copy {base['copy_gbs']:.0f} GB/s; weights {base['weight_bytes'] / 1e9:.2f} GB (bf16)")
     print(
         "\n| concurrency | InferFlux out tok/s | InferFlux ms/step (mean TPOT) | TTFT p50 ms "
         "| transformers tok/s | cuBLAS GEMMs ms/step | roofline ms/step | step / roofline | tok/s vs transformers |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    nan = float("nan")
     for batch in BATCHES:
         path = os.path.join(bench_dir, f"bench-c{batch}.json")
-        hf = base["transformers_generate"].get(str(batch), {})
-        # The mean context over a request's decode steps: its prompt and half its output.
-        kv = base["kv_bytes_per_token"] * batch * (PROMPT_LEN + OUTPUT_LEN / 2)
-        roof = (base["weight_bytes"] + kv) / bw * 1e3
-        gemm = base["cublas_step_gemms_ms"].get(str(batch), float("nan"))
+        hf = base["transformers_generate"].get(str(batch), {}) if base else {}
+        roof = nan
+        if base:
+            # The mean context over a request's decode steps: its prompt and half its output.
+            kv = base["kv_bytes_per_token"] * batch * (PROMPT_LEN + OUTPUT_LEN / 2)
+            roof = (base["weight_bytes"] + kv) / bw * 1e3
+        gemm = base["cublas_step_gemms_ms"].get(str(batch), nan) if base else nan
         if not os.path.exists(path):
             print(f"| {batch} | (no result) | | | {hf.get('tok_s', 0):.0f} | {gemm:.2f} | {roof:.3f} | | |")
             continue
         r = json.load(open(path))
         tok_s = r.get("output_throughput", 0.0)
-        tpot = r.get("mean_tpot_ms", float("nan"))
+        tpot = r.get("mean_tpot_ms", nan)
         print(
-            f"| {batch} | {tok_s:.0f} | {tpot:.2f} | {r.get('median_ttft_ms', float('nan')):.0f} "
+            f"| {batch} | {tok_s:.0f} | {tpot:.2f} | {r.get('median_ttft_ms', nan):.0f} "
             f"| {hf.get('tok_s', 0):.0f} | {gemm:.2f} | {roof:.3f} | {tpot / roof:.1f}x "
-            f"| {tok_s / hf['tok_s'] if hf else float('nan'):.2f}x |"
+            f"| {tok_s / hf['tok_s'] if hf else nan:.2f}x |"
         )
     if profile_path and os.path.exists(profile_path):
         print("\nWhere a decode step goes (device_check profile, context 192):\n")
         print("| batch | step ms | host issue ms | layer GEMMs ms | lm_head ms | logits to host ms | rest ms | cuBLAS GEMMs ms |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in json.load(open(profile_path)):
-            gemm = base["cublas_step_gemms_ms"].get(str(row["batch"]), float("nan"))
+            gemm = base["cublas_step_gemms_ms"].get(str(row["batch"]), nan) if base else nan
             print(
-                f"| {row['batch']} | {row['step_ms']:.2f} | {row.get('host_issue_ms', float('nan')):.2f} "
+                f"| {row['batch']} | {row['step_ms']:.2f} | {row.get('host_issue_ms', nan):.2f} "
                 f"| {row['layer_gemms_ms']:.2f} | {row['lm_head_ms']:.2f} "
                 f"| {row['logits_to_host_ms']:.2f} | {row['rest_ms']:.2f} | {gemm:.2f} |"
             )
