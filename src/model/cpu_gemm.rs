@@ -200,8 +200,9 @@ unsafe fn columns_avx2_fma(
     unsafe { columns_with::<Avx2Fma, STRIP>(x, w, mkn, cols, TILE_ROWS, out) };
 }
 
-/// What the tile loop compiles to on one kind of CPU.
-trait Isa {
+/// What the tile loop compiles to on one kind of CPU (also the host attention's, in
+/// `paged_cache`).
+pub(crate) trait Isa {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
     fn prefetch(at: *const f32);
 }
@@ -209,7 +210,7 @@ trait Isa {
 /// x86-64 with FMA (AVX2 or AVX-512, as the caller's target features say): one rounding per
 /// multiply-add, and software prefetch.
 #[cfg(target_arch = "x86_64")]
-struct Avx2Fma;
+pub(crate) struct Avx2Fma;
 #[cfg(target_arch = "x86_64")]
 impl Isa for Avx2Fma {
     #[inline(always)]
@@ -225,7 +226,7 @@ impl Isa for Avx2Fma {
 }
 
 /// Anything else: a multiply and an add (`mul_add` without an FMA instruction would call libm).
-struct Portable;
+pub(crate) struct Portable;
 impl Isa for Portable {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {

@@ -9,6 +9,9 @@ use burn::prelude::*;
 use burn::tensor::{DType, IndexingUpdateOp};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::cpu_gemm::Avx2Fma;
+use super::cpu_gemm::{Isa, Kernel, Portable};
 use super::step_indices::int_tensor;
 
 /// Where the cache keeps its rows, chosen for what writes in place on the backend.
@@ -273,33 +276,53 @@ impl<B: Backend> PagedKvCache<B> {
         layer: usize,
         q: &[f32],
         contexts: &[Vec<i32>],
+        heads_dims: [usize; 2],
+        scale: f32,
+    ) -> Option<Vec<f32>> {
+        self.attend_decodes_with(Kernel::best(), layer, q, contexts, heads_dims, scale)
+    }
+
+    /// [`Self::attend_decodes`] compiled for `kernel`'s instructions, which this CPU must have.
+    fn attend_decodes_with(
+        &self,
+        kernel: Kernel,
+        layer: usize,
+        q: &[f32],
+        contexts: &[Vec<i32>],
         [heads, head_dim]: [usize; 2],
         scale: f32,
     ) -> Option<Vec<f32>> {
+        assert!(kernel.runs_here(), "{kernel:?} on this CPU");
         let LayerCache::Host { k, v } = &self.layers[layer] else {
             return None;
         };
         let kv_dim = self.kv_dim;
-        let group = heads / (kv_dim / head_dim);
+        let kv_heads = kv_dim / head_dim;
+        let group = heads / kv_heads;
         let mut out = vec![0.0f32; q.len()];
-        // Query head `i` of the step (sequence `i / heads`, head `i % heads`) into its output row.
-        let attend = |scores: &mut Vec<f32>, (i, out): (usize, &mut [f32])| {
-            let column = (i % heads) / group * head_dim;
-            let slots = &contexts[i / heads];
-            let rows = slots.iter().map(|&slot| {
-                let at = slot as usize * kv_dim + column;
-                (&k[at..at + head_dim], &v[at..at + head_dim])
-            });
-            attend_one(&q[i * head_dim..][..head_dim], rows, scale, scores, out);
+        // The query heads of one KV head are side by side in `q` and `out`: unit `u` is
+        // sequence `u / kv_heads`, KV head `u % kv_heads`, and its group's rows.
+        let width = group * head_dim;
+        let attend = |scratch: &mut Vec<f32>, (u, out): (usize, &mut [f32])| {
+            let column = u % kv_heads * head_dim;
+            let rows = GroupRows {
+                k,
+                v,
+                slots: &contexts[u / kv_heads],
+                kv_dim,
+                column,
+                head_dim,
+            };
+            attend_group(kernel, &q[u * width..][..width], &rows, scale, scratch, out);
         };
         let work: usize = contexts.iter().map(|c| c.len()).sum::<usize>() * heads * head_dim;
         if work < PARALLEL_MIN_WORK {
-            let mut scores = Vec::new();
-            out.chunks_mut(head_dim)
+            let mut scratch = Vec::new();
+            out.chunks_mut(width)
                 .enumerate()
-                .for_each(|row| attend(&mut scores, row));
+                .for_each(|unit| attend(&mut scratch, unit));
         } else {
-            out.par_chunks_mut(head_dim)
+            out.par_chunks_mut(width)
                 .enumerate()
                 .for_each_init(Vec::new, attend);
         }
@@ -341,46 +364,141 @@ impl<B: Backend> PagedKvCache<B> {
 /// Multiply-adds of a decode attention below which one thread does it all.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
-/// One query head over its context's `(K row, V row)` pairs: the scores' max, `exp` of each score
-/// less it, and the weighted sum of V rows over the weights' sum, into `out`.
-fn attend_one<'a>(
-    q: &[f32],
-    rows: impl Iterator<Item = (&'a [f32], &'a [f32])> + Clone,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    scores.clear();
-    scores.extend(rows.clone().map(|(k, _)| dot(q, k) * scale));
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
-    out.fill(0.0);
-    for (p, (_, v)) in scores.iter().zip(rows) {
-        for (o, x) in out.iter_mut().zip(v) {
-            *o += p * x;
-        }
-    }
-    let inv = 1.0 / total;
-    out.iter_mut().for_each(|o| *o *= inv);
+/// One KV head's K and V rows of a context, where the pages hold them: row `j` is
+/// `column .. column + head_dim` of slot `slots[j]`'s `kv_dim` values.
+struct GroupRows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    slots: &'a [i32],
+    kv_dim: usize,
+    column: usize,
+    head_dim: usize,
 }
 
-/// `a · b` in eight interleaved sums, so that the compiler can keep them in a vector register.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
+impl<'a> GroupRows<'a> {
+    #[inline(always)]
+    fn at(&self, j: usize) -> std::ops::Range<usize> {
+        let at = self.slots[j] as usize * self.kv_dim + self.column;
+        at..at + self.head_dim
+    }
+}
+
+/// The query heads of one KV head's group (`q` and `out`: `[group, head_dim]`) over its
+/// context's rows: per head the scores' max, `exp` of each score less it, and the weighted sum
+/// of V rows over the weights' sum. Each K and V row is read once for the whole group (GQA),
+/// not once per query head. Compiled for `kernel`'s instructions (the server takes
+/// [`Kernel::best`]): the default target has neither AVX nor FMA, and the multiply-adds here
+/// are most of a long context's decode step.
+fn attend_group(
+    kernel: Kernel,
+    q: &[f32],
+    rows: &GroupRows,
+    scale: f32,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn avx512(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32]) {
+            attend_group_with::<Avx2Fma>(q, rows, scale, scratch, out)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32]) {
+            attend_group_with::<Avx2Fma>(q, rows, scale, scratch, out)
+        }
+        match kernel {
+            // SAFETY: the caller checked that the CPU has `kernel`'s features.
+            Kernel::Avx512 => return unsafe { avx512(q, rows, scale, scratch, out) },
+            // SAFETY: as above.
+            Kernel::Avx2Fma => return unsafe { avx2(q, rows, scale, scratch, out) },
+            Kernel::Portable => {}
+        }
+    }
+    attend_group_with::<Portable>(q, rows, scale, scratch, out)
+}
+
+#[inline(always)]
+fn attend_group_with<I: Isa>(
+    q: &[f32],
+    rows: &GroupRows,
+    scale: f32,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (head_dim, keys) = (rows.head_dim, rows.slots.len());
+    let group = q.len() / head_dim;
+    // `scratch`: each head's scores `[group, keys]` (then its weights), then each head's weight
+    // sum. Head-major, so that each head's softmax walks its scores in order.
+    scratch.clear();
+    scratch.resize(group * keys + group, 0.0);
+    let (weights, totals) = scratch.split_at_mut(group * keys);
+    // The rows are scattered over the pool a page at a time, so each row's cache lines are
+    // asked for a few rows ahead of their use (the hardware prefetcher follows one stride, not a
+    // block table).
+    for j in 0..keys {
+        if j + PREFETCH_ROWS_AHEAD < keys {
+            prefetch_row::<I>(&rows.k[rows.at(j + PREFETCH_ROWS_AHEAD)]);
+        }
+        let k = &rows.k[rows.at(j)];
+        for (h, qh) in q.chunks_exact(head_dim).enumerate() {
+            weights[h * keys + j] = dot::<I>(qh, k) * scale;
+        }
+    }
+    for (scores, total) in weights.chunks_exact_mut(keys.max(1)).zip(totals.iter_mut()) {
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        *total = sum;
+    }
+    out.fill(0.0);
+    for j in 0..keys {
+        if j + PREFETCH_ROWS_AHEAD < keys {
+            prefetch_row::<I>(&rows.v[rows.at(j + PREFETCH_ROWS_AHEAD)]);
+        }
+        let v = &rows.v[rows.at(j)];
+        for (h, oh) in out.chunks_exact_mut(head_dim).enumerate() {
+            let p = weights[h * keys + j];
+            for (o, x) in oh.iter_mut().zip(v) {
+                *o = I::mul_add(p, *x, *o);
+            }
+        }
+    }
+    for (total, oh) in totals.iter().zip(out.chunks_exact_mut(head_dim)) {
+        let inv = 1.0 / total;
+        oh.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// How many rows ahead [`attend_group_with`] asks for a row's cache lines.
+const PREFETCH_ROWS_AHEAD: usize = 8;
+
+/// Asks for every cache line of `row`.
+#[inline(always)]
+fn prefetch_row<I: Isa>(row: &[f32]) {
+    for line in row.chunks(16) {
+        I::prefetch(line.as_ptr());
+    }
+}
+
+/// `a · b` in sixteen interleaved sums, so that the compiler keeps them in vector registers.
+#[inline(always)]
+fn dot<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let (a16, b16) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a16
         .remainder()
         .iter()
-        .zip(b8.remainder())
+        .zip(b16.remainder())
         .map(|(x, y)| x * y)
         .sum();
-    let mut lanes = [0.0f32; 8];
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
+    let mut lanes = [0.0f32; LANES];
+    for (x, y) in a16.zip(b16) {
+        for i in 0..LANES {
+            lanes[i] = I::mul_add(x[i], y[i], lanes[i]);
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -392,68 +510,75 @@ mod tests {
     use burn::backend::Flex;
 
     /// Decode attention over host rows in place equals softmax attention in f64 over the same
-    /// rows: GQA (4 query heads per KV head), contexts of scattered slots of different lengths
-    /// (one of a single slot), small enough for one thread and large enough to be split.
+    /// rows, with each kernel this CPU runs: GQA (4 query heads per KV head), a head size of
+    /// whole 16-lane sums and one with a remainder, contexts of scattered slots of different
+    /// lengths (one of a single slot), small enough for one thread and large enough to be split.
     #[test]
     fn paged_kv_host_decode_attention_matches_softmax_attention() {
-        let (heads, kv_heads, head_dim, page_size, pages) = (8, 2, 64, 16, 64);
-        let kv_dim = kv_heads * head_dim;
-        let slots = pages * page_size;
+        let (heads, kv_heads, page_size, pages) = (8, 2, 16, 64);
         let device = Default::default();
-        let mut cache =
-            PagedKvCache::<Flex>::new(1, pages, page_size, kv_dim, &device, DType::F32, KvStorage::Host);
-        let value = |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0;
-        let (k, v): (Vec<f32>, Vec<f32>) = (0..slots * kv_dim).map(|i| (value(i, 1), value(i, 2))).unzip();
-        let all: Vec<i32> = (0..slots as i32).collect();
-        let rows =
-            |x: &[f32]| Tensor::<Flex, 2>::from_data(TensorData::new(x.to_vec(), [slots, kv_dim]), &device);
-        cache.write(0, &cache.write_slots(all), rows(&k), rows(&v));
-        let scale = (head_dim as f32).powf(-0.5) * 4.0;
-        for lens in [vec![1, 5, 40], vec![300, 17, 700]] {
-            // Slot 37 j mod the pool: scattered over the pages, as a free list hands them out.
-            let contexts: Vec<Vec<i32>> = lens
-                .iter()
-                .enumerate()
-                .map(|(s, &len)| (0..len).map(|j| ((37 * j + 101 * s) % slots) as i32).collect())
-                .collect();
-            let q: Vec<f32> = (0..lens.len() * heads * head_dim).map(|i| value(i, 3)).collect();
-            let got = cache
-                .attend_decodes(0, &q, &contexts, [heads, head_dim], scale)
-                .unwrap();
-            for (i, out) in got.chunks(head_dim).enumerate() {
-                let (ctx, h) = (&contexts[i / heads], i % heads);
-                let column = h / (heads / kv_heads) * head_dim;
-                let at = |slot: i32, d: usize| slot as usize * kv_dim + column + d;
-                let qrow = &q[i * head_dim..][..head_dim];
-                let scores: Vec<f64> = ctx
+        for head_dim in [64, 24] {
+            let kv_dim = kv_heads * head_dim;
+            let slots = pages * page_size;
+            let mut cache =
+                PagedKvCache::<Flex>::new(1, pages, page_size, kv_dim, &device, DType::F32, KvStorage::Host);
+            let value = |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0;
+            let (k, v): (Vec<f32>, Vec<f32>) =
+                (0..slots * kv_dim).map(|i| (value(i, 1), value(i, 2))).unzip();
+            let all: Vec<i32> = (0..slots as i32).collect();
+            let rows = |x: &[f32]| {
+                Tensor::<Flex, 2>::from_data(TensorData::new(x.to_vec(), [slots, kv_dim]), &device)
+            };
+            cache.write(0, &cache.write_slots(all), rows(&k), rows(&v));
+            let scale = (head_dim as f32).powf(-0.5) * 4.0;
+            for lens in [vec![1, 5, 40], vec![300, 17, 700]] {
+                // Slot 37 j mod the pool: scattered over the pages, as a free list hands them out.
+                let contexts: Vec<Vec<i32>> = lens
                     .iter()
-                    .map(|&s| {
-                        (0..head_dim)
-                            .map(|d| qrow[d] as f64 * k[at(s, d)] as f64)
-                            .sum::<f64>()
-                            * scale as f64
-                    })
+                    .enumerate()
+                    .map(|(s, &len)| (0..len).map(|j| ((37 * j + 101 * s) % slots) as i32).collect())
                     .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                for (d, g) in out.iter().enumerate() {
-                    let want = ctx
-                        .iter()
-                        .zip(&weights)
-                        .map(|(&s, w)| w * v[at(s, d)] as f64)
-                        .sum::<f64>()
-                        / total;
-                    assert!(
-                        (*g as f64 - want).abs() <= 1e-5,
-                        "lens {lens:?}, query head {i}, {d}: {g} vs {want}"
-                    );
+                let q: Vec<f32> = (0..lens.len() * heads * head_dim).map(|i| value(i, 3)).collect();
+                for kernel in Kernel::available() {
+                    let got = cache
+                        .attend_decodes_with(kernel, 0, &q, &contexts, [heads, head_dim], scale)
+                        .unwrap();
+                    for (i, out) in got.chunks(head_dim).enumerate() {
+                        let (ctx, h) = (&contexts[i / heads], i % heads);
+                        let column = h / (heads / kv_heads) * head_dim;
+                        let at = |slot: i32, d: usize| slot as usize * kv_dim + column + d;
+                        let qrow = &q[i * head_dim..][..head_dim];
+                        let scores: Vec<f64> = ctx
+                            .iter()
+                            .map(|&s| {
+                                (0..head_dim)
+                                    .map(|d| qrow[d] as f64 * k[at(s, d)] as f64)
+                                    .sum::<f64>()
+                                    * scale as f64
+                            })
+                            .collect();
+                        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                        let total: f64 = weights.iter().sum();
+                        for (d, g) in out.iter().enumerate() {
+                            let want = ctx
+                                .iter()
+                                .zip(&weights)
+                                .map(|(&s, w)| w * v[at(s, d)] as f64)
+                                .sum::<f64>()
+                                / total;
+                            assert!(
+                                (*g as f64 - want).abs() <= 1e-5,
+                                "{kernel:?}, lens {lens:?}, query head {i}, {d}: {g} vs {want}"
+                            );
+                        }
+                    }
                 }
             }
         }
         // Device storage has no host rows to read.
         let device_cache =
-            PagedKvCache::<Flex>::new(1, 1, page_size, kv_dim, &device, DType::F32, KvStorage::Device);
+            PagedKvCache::<Flex>::new(1, 1, page_size, 64, &device, DType::F32, KvStorage::Device);
         assert!(device_cache
             .attend_decodes(0, &[0.0; 64], &[vec![0]], [1, 64], 1.0)
             .is_none());

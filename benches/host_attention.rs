@@ -1,0 +1,60 @@
+//! Decode attention over host pages (`PagedKvCache::attend_decodes`, the CPU path of a step with
+//! two or more decodes), alone, at the attention shapes of Llama-3.2-1B (32 query heads over 8 KV
+//! heads, head_dim 64: GQA groups of 4) and of a model without GQA (12 over 12), for 32 decodes at
+//! context 1,024 on scattered pages. Compare the two shapes' time per K/V byte within one run.
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorData};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use inferflux::model::{KvStorage, PagedKvCache};
+
+const PAGE_SIZE: usize = 16;
+const BATCH: usize = 32;
+const CONTEXT: usize = 1024;
+const HEAD_DIM: usize = 64;
+
+fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("host_attention");
+    for (heads, kv_heads) in [(32usize, 8usize), (12, 12)] {
+        let kv_dim = kv_heads * HEAD_DIM;
+        let pages = BATCH * CONTEXT / PAGE_SIZE;
+        let slots = pages * PAGE_SIZE;
+        let device = Default::default();
+        let mut cache =
+            PagedKvCache::<Flex>::new(1, pages, PAGE_SIZE, kv_dim, &device, DType::F32, KvStorage::Host);
+        let value = |i: usize| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
+        let rows: Vec<f32> = (0..slots * kv_dim).map(value).collect();
+        let rows = Tensor::<Flex, 2>::from_data(TensorData::new(rows, [slots, kv_dim]), &device);
+        cache.write(
+            0,
+            &cache.write_slots((0..slots as i32).collect()),
+            rows.clone(),
+            rows,
+        );
+        // Each sequence's pages scattered over the pool, as a free list hands them out.
+        let contexts: Vec<Vec<i32>> = (0..BATCH)
+            .map(|s| {
+                (0..CONTEXT)
+                    .map(|p| {
+                        let page = (p / PAGE_SIZE * BATCH + s) * 7 % pages;
+                        (page * PAGE_SIZE + p % PAGE_SIZE) as i32
+                    })
+                    .collect()
+            })
+            .collect();
+        let q: Vec<f32> = (0..BATCH * heads * HEAD_DIM)
+            .map(|i| value(i + 13) * 0.1)
+            .collect();
+        // K and V bytes read by the step's attention, once per KV head.
+        group.throughput(Throughput::Bytes((BATCH * CONTEXT * kv_dim * 2 * 4) as u64));
+        group.bench_with_input(
+            BenchmarkId::new(format!("heads{heads}_kv{kv_heads}"), BATCH),
+            &q,
+            |b, q| b.iter(|| cache.attend_decodes(0, q, &contexts, [heads, HEAD_DIM], 0.125)),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
