@@ -722,7 +722,7 @@ fn launch_kernel<R: Runtime>(
         return Ok(());
     }
     // Without a norm, the prologue's arrays are bound to `x` (never read or written); without a
-    // residual, `delta` and `sum` are; without RoPE, the tables to `x` and the caches to `out`.
+    // residual, `delta` and `sum` are.
     let (is_norm, eps, staged_len) = match &norm {
         Some(p) => (true, p.eps, rows * kv),
         None => (false, 0.0, 1),
@@ -735,7 +735,7 @@ fn launch_kernel<R: Runtime>(
     let [delta, sum] = norm
         .and_then(|p| p.residual)
         .unwrap_or_else(|| [x.clone(), x.clone()]);
-    if !matches!(epilogue, Epilogue::RopeWrite(_)) {
+    let Epilogue::RopeWrite(r) = epilogue else {
         // SAFETY: as the full kernel's below, without the RoPE tables and caches, which this
         // kernel does not bind.
         unsafe {
@@ -762,28 +762,13 @@ fn launch_kernel<R: Runtime>(
             );
         }
         return Ok(());
-    }
-    let (rope_write, head_dim, q_dim, kv_dim) = match &epilogue {
-        Epilogue::RopeWrite(r) => (true, r.head_dim, r.heads * r.head_dim, r.kv_heads * r.head_dim),
-        _ => (false, 2, 0, 0),
     };
-    let ([cos, sin, positions, slots, k_cache, v_cache], [table_len, slots_len, cache_len]) = match epilogue {
-        Epilogue::RopeWrite(r) => (
-            [r.cos, r.sin, r.positions, r.slots, r.k_cache, r.v_cache],
-            [r.table_rows * head_dim, rows, r.cache_slots * kv_dim],
-        ),
-        _ => (
-            [
-                x.clone(),
-                x.clone(),
-                x.clone(),
-                x.clone(),
-                out.clone(),
-                out.clone(),
-            ],
-            [1, 1, 1],
-        ),
-    };
+    // Only the RoPE epilogue binds all twelve arrays.
+    let (rope_write, head_dim) = (true, r.head_dim);
+    let (q_dim, kv_dim) = (r.heads * head_dim, r.kv_heads * head_dim);
+    let (table_len, slots_len, cache_len) = (r.table_rows * head_dim, rows, r.cache_slots * kv_dim);
+    let [cos, sin, positions, slots, k_cache, v_cache] =
+        [r.cos, r.sin, r.positions, r.slots, r.k_cache, r.v_cache];
     // SAFETY: the arrays' lengths are those of the handles' buffers (the caller's contract) and
     // every index the kernel makes is below them: `o < n` (so the row of `w` is below `w_rows`),
     // `i < kv`, `r < rows`; the prologue's arrays are only indexed with a norm, then below
