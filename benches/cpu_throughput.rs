@@ -226,6 +226,60 @@ fn measure(model: &Llama<Flex>, case: &Case, batch: usize) -> Row {
     }
 }
 
+/// Tokens of the long prompt that [`long_prefill`] feeds in chunks of [`LONG_PROMPT_CHUNK`].
+const LONG_PROMPT: usize = 2048;
+/// The CPU's default token budget of one step (`scheduler.max_batched_tokens`).
+const LONG_PROMPT_CHUNK: usize = 512;
+
+/// One sequence's [`LONG_PROMPT`]-token prompt, prefilled in chunks of [`LONG_PROMPT_CHUNK`] as
+/// the server's scheduler feeds it: the time of each chunk's step (median of `repeats` passes
+/// over the same pages). Later chunks attend over a longer context, so their steps show what
+/// prefill attention costs against the projections.
+fn long_prefill(model: &Llama<Flex>, repeats: usize) -> Vec<Duration> {
+    let cfg = model.config();
+    let pages = LONG_PROMPT.div_ceil(PAGE_SIZE);
+    let mut cache = PagedKvCache::<Flex>::new(
+        cfg.num_layers,
+        pages,
+        PAGE_SIZE,
+        cfg.num_kv_heads * cfg.head_dim,
+        &Default::default(),
+        DType::F32,
+        KvStorage::Host,
+    );
+    let mut rng = StdRng::seed_from_u64(7);
+    let vocab = cfg.vocab_size as u32;
+    let prompt: Vec<u32> = (0..LONG_PROMPT).map(|_| rng.random_range(0..vocab)).collect();
+    let chunks: Vec<SequenceChunk> = prompt
+        .chunks(LONG_PROMPT_CHUNK)
+        .enumerate()
+        .map(|(i, tokens)| SequenceChunk {
+            tokens: tokens.to_vec(),
+            start_pos: i * LONG_PROMPT_CHUNK,
+            block_table: (0..pages as u32).collect(),
+            wants_logits: (i + 1) * LONG_PROMPT_CHUNK >= LONG_PROMPT,
+        })
+        .collect();
+    let pass = |cache: &mut PagedKvCache<Flex>| -> Vec<Duration> {
+        chunks
+            .iter()
+            .map(|chunk| {
+                let t = Instant::now();
+                if let Some(logits) = model.forward_fed(cache, std::slice::from_ref(chunk), None) {
+                    logits.into_data();
+                }
+                t.elapsed()
+            })
+            .collect()
+    };
+    // One untimed pass first: the allocator and the backend's first-use costs.
+    pass(&mut cache);
+    let passes: Vec<Vec<Duration>> = (0..repeats).map(|_| pass(&mut cache)).collect();
+    (0..chunks.len())
+        .map(|c| median(passes.iter().map(|p| p[c]).collect()))
+        .collect()
+}
+
 fn main() {
     // `cargo test --benches` runs bench binaries with `--bench` absent: nothing to time there.
     if !std::env::args().any(|a| a == "--bench") {
@@ -300,6 +354,21 @@ fn main() {
             case.name,
             rows[2].decode_tok_s / rows[0].decode_tok_s,
             rows[2].decode_tok_s / rows[3].decode_tok_s
+        );
+        if case.config.max_position_embeddings < LONG_PROMPT {
+            continue;
+        }
+        let steps = long_prefill(&server, case.prefill_repeats);
+        let total: Duration = steps.iter().sum();
+        println!(
+            "{:<14} prompt {LONG_PROMPT} in chunks of {LONG_PROMPT_CHUNK}: {:.1} tok/s; ms per chunk: {}",
+            case.name,
+            tok_per_s(LONG_PROMPT, total),
+            steps
+                .iter()
+                .map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
 }

@@ -1,17 +1,25 @@
-//! Decode attention over host pages (`PagedKvCache::attend_decodes`, the CPU path of a step with
-//! two or more decodes), alone, at the attention shapes of Llama-3.2-1B (32 query heads over 8 KV
-//! heads, head_dim 64: GQA groups of 4) and of a model without GQA (12 over 12), for 32 decodes at
-//! context 1,024 on scattered pages. Compare the two shapes' time per K/V byte within one run.
+//! Attention over host pages, alone, at the attention shapes of Llama-3.2-1B (32 query heads over
+//! 8 KV heads, head_dim 64: GQA groups of 4) and of a model without GQA (12 over 12), on scattered
+//! pages:
+//! - decodes (`PagedKvCache::attend_decodes`, the CPU path of a step with two or more decodes):
+//!   32 at context 1,024; compare the two shapes' time per K/V byte within one run;
+//! - a prompt chunk (`PagedKvCache::attend_chunk`): the last 512 tokens of a 2,048-token prompt,
+//!   as the CPU's default token budget cuts it; its throughput counts the (query head, key)
+//!   pairs it scores, causal.
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use inferflux::model::host_attention::ChunkQueries;
 use inferflux::model::{KvStorage, PagedKvCache};
 
 const PAGE_SIZE: usize = 16;
 const BATCH: usize = 32;
 const CONTEXT: usize = 1024;
 const HEAD_DIM: usize = 64;
+/// The measured chunk: the last `CHUNK` of a `CHUNK_CONTEXT`-token prompt.
+const CHUNK: usize = 512;
+const CHUNK_CONTEXT: usize = 2048;
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("host_attention");
@@ -51,6 +59,27 @@ fn bench(c: &mut Criterion) {
             BenchmarkId::new(format!("heads{heads}_kv{kv_heads}"), BATCH),
             &q,
             |b, q| b.iter(|| cache.attend_decodes(0, q, &contexts, [heads, HEAD_DIM], 0.125)),
+        );
+        // The chunk: sequence 0's pages, its first CHUNK_CONTEXT slots.
+        let slots: Vec<i32> = contexts.concat().into_iter().take(CHUNK_CONTEXT).collect();
+        let q: Vec<f32> = (0..CHUNK * heads * HEAD_DIM)
+            .map(|i| value(i + 13) * 0.1)
+            .collect();
+        let chunk = ChunkQueries {
+            q: &q,
+            slots: &slots,
+            first_query: CHUNK_CONTEXT - CHUNK,
+            first_position: 0,
+            window: None,
+        };
+        let pairs = (CHUNK_CONTEXT - CHUNK..CHUNK_CONTEXT)
+            .map(|p| p + 1)
+            .sum::<usize>()
+            * heads;
+        group.throughput(Throughput::Elements(pairs as u64));
+        group.bench_function(
+            BenchmarkId::new(format!("chunk_heads{heads}_kv{kv_heads}"), CHUNK),
+            |b| b.iter(|| cache.attend_chunk(0, &chunk, [heads, HEAD_DIM], 0.125)),
         );
     }
     group.finish();

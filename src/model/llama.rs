@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::config::{LlamaConfig, RopeScaling};
+use super::host_attention::ChunkQueries;
 use super::paged_cache::{KvStorage, PagedKvCache, SlotIndex, WriteSlots};
 use super::shard::{self, Shard};
 use super::step_indices::{int_tensor, IndexId, IndexViewFn, StepIndices, UploadedIndices};
@@ -416,6 +417,18 @@ enum AttentionGroup<B: Backend> {
     },
     /// One sequence's prompt chunk (causal within the chunk).
     Chunk(AttentionPlan<B>),
+    /// One sequence's prompt chunk on host storage: attended over the cache's rows in place,
+    /// tiled with an online softmax (`PagedKvCache::attend_chunk`), without a gather or a mask.
+    HostChunk {
+        q_start: usize,
+        q_len: usize,
+        /// The context's slots, in position order.
+        slots: Vec<i32>,
+        /// Where in `slots` the chunk's first query is.
+        first_query: usize,
+        /// The position of `slots[0]`.
+        first_position: usize,
+    },
 }
 
 /// The step's attention groups and how to put their outputs back in token order.
@@ -1033,6 +1046,16 @@ impl<B: Backend> Llama<B> {
         }
         for ctx in contexts.into_iter().filter(|c| c.q_len > 1 && !through_pages(c)) {
             grouped_rows.extend((ctx.q_start..ctx.q_start + ctx.q_len).map(|r| r as i32));
+            if cache.storage() == KvStorage::Host {
+                groups.push(AttentionGroup::HostChunk {
+                    q_start: ctx.q_start,
+                    q_len: ctx.q_len,
+                    slots: ctx.ctx_slots(page_size),
+                    first_query: ctx.start_pos - ctx.ctx_start,
+                    first_position: ctx.ctx_start,
+                });
+                continue;
+            }
             groups.push(AttentionGroup::Chunk(AttentionPlan {
                 q_start: ctx.q_start,
                 q_len: ctx.q_len,
@@ -1119,6 +1142,33 @@ impl<B: Backend> Llama<B> {
                         .attend_decodes(layer, q, contexts, [nh, hd], scale as f32)
                         .expect("host decodes are planned only for host storage");
                     Tensor::from_data(TensorData::new(out, [n, nh * hd]), (&self.device, self.dtype))
+                }
+                AttentionGroup::HostChunk {
+                    q_start,
+                    q_len,
+                    slots,
+                    first_query,
+                    first_position,
+                } => {
+                    let q = q
+                        .clone()
+                        .slice([*q_start..q_start + q_len, 0..nh, 0..hd])
+                        .into_data()
+                        .convert::<f32>();
+                    let chunk = ChunkQueries {
+                        q: q.as_slice::<f32>().expect("f32 queries"),
+                        slots,
+                        first_query: *first_query,
+                        first_position: *first_position,
+                        window: self.config.sliding_window,
+                    };
+                    let out = cache
+                        .attend_chunk(layer, &chunk, [nh, hd], scale as f32)
+                        .expect("host chunks are planned only for host storage");
+                    Tensor::from_data(
+                        TensorData::new(out, [*q_len, nh * hd]),
+                        (&self.device, self.dtype),
+                    )
                 }
                 AttentionGroup::Decode {
                     rows,

@@ -12,6 +12,7 @@ pub mod cuda_fused;
 pub mod cuda_gemm;
 pub mod cuda_sample;
 pub mod draw;
+pub mod host_attention;
 pub mod kernels;
 pub mod llama;
 pub mod output_blocks;

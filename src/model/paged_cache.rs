@@ -7,11 +7,9 @@
 
 use burn::prelude::*;
 use burn::tensor::{DType, IndexingUpdateOp};
-use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
-use super::cpu_gemm::Avx2Fma;
-use super::cpu_gemm::{Isa, Kernel, Portable};
+use super::cpu_gemm::Kernel;
+use super::host_attention::{self, ChunkQueries, HostLayer};
 use super::step_indices::int_tensor;
 
 /// Where the cache keeps its rows, chosen for what writes in place on the backend.
@@ -283,50 +281,50 @@ impl<B: Backend> PagedKvCache<B> {
     }
 
     /// [`Self::attend_decodes`] compiled for `kernel`'s instructions, which this CPU must have.
-    fn attend_decodes_with(
+    pub(crate) fn attend_decodes_with(
         &self,
         kernel: Kernel,
         layer: usize,
         q: &[f32],
         contexts: &[Vec<i32>],
-        [heads, head_dim]: [usize; 2],
+        heads_dims: [usize; 2],
         scale: f32,
     ) -> Option<Vec<f32>> {
-        assert!(kernel.runs_here(), "{kernel:?} on this CPU");
-        let LayerCache::Host { k, v } = &self.layers[layer] else {
-            return None;
-        };
-        let kv_dim = self.kv_dim;
-        let kv_heads = kv_dim / head_dim;
-        let group = heads / kv_heads;
-        let mut out = vec![0.0f32; q.len()];
-        // The query heads of one KV head are side by side in `q` and `out`: unit `u` is
-        // sequence `u / kv_heads`, KV head `u % kv_heads`, and its group's rows.
-        let width = group * head_dim;
-        let attend = |scratch: &mut Vec<f32>, (u, out): (usize, &mut [f32])| {
-            let column = u % kv_heads * head_dim;
-            let rows = GroupRows {
+        let rows = self.host_layer(layer)?;
+        Some(host_attention::attend_decodes(
+            kernel, rows, q, contexts, heads_dims, scale,
+        ))
+    }
+
+    /// Host storage: a prompt chunk's softmax attention over its context, read in place from
+    /// `layer`'s rows (see [`host_attention::attend_chunk`]). `None` for device storage.
+    pub fn attend_chunk(
+        &self,
+        layer: usize,
+        chunk: &ChunkQueries,
+        heads_dims: [usize; 2],
+        scale: f32,
+    ) -> Option<Vec<f32>> {
+        let rows = self.host_layer(layer)?;
+        Some(host_attention::attend_chunk(
+            Kernel::best(),
+            rows,
+            chunk,
+            heads_dims,
+            scale,
+        ))
+    }
+
+    /// `layer`'s K and V rows for the host kernels; `None` for device storage.
+    fn host_layer(&self, layer: usize) -> Option<HostLayer<'_>> {
+        match &self.layers[layer] {
+            LayerCache::Host { k, v } => Some(HostLayer {
                 k,
                 v,
-                slots: &contexts[u / kv_heads],
-                kv_dim,
-                column,
-                head_dim,
-            };
-            attend_group(kernel, &q[u * width..][..width], &rows, scale, scratch, out);
-        };
-        let work: usize = contexts.iter().map(|c| c.len()).sum::<usize>() * heads * head_dim;
-        if work < PARALLEL_MIN_WORK {
-            let mut scratch = Vec::new();
-            out.chunks_mut(width)
-                .enumerate()
-                .for_each(|unit| attend(&mut scratch, unit));
-        } else {
-            out.par_chunks_mut(width)
-                .enumerate()
-                .for_each_init(Vec::new, attend);
+                kv_dim: self.kv_dim,
+            }),
+            LayerCache::Device { .. } => None,
         }
-        Some(out)
     }
 
     /// Reads the K and V rows at `slots` of `layer`, in slot-list order: `[n, kv_dim]` each.
@@ -359,149 +357,6 @@ impl<B: Backend> PagedKvCache<B> {
             }
         }
     }
-}
-
-/// Multiply-adds of a decode attention below which one thread does it all.
-const PARALLEL_MIN_WORK: usize = 1 << 16;
-
-/// One KV head's K and V rows of a context, where the pages hold them: row `j` is
-/// `column .. column + head_dim` of slot `slots[j]`'s `kv_dim` values.
-struct GroupRows<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
-    slots: &'a [i32],
-    kv_dim: usize,
-    column: usize,
-    head_dim: usize,
-}
-
-impl<'a> GroupRows<'a> {
-    #[inline(always)]
-    fn at(&self, j: usize) -> std::ops::Range<usize> {
-        let at = self.slots[j] as usize * self.kv_dim + self.column;
-        at..at + self.head_dim
-    }
-}
-
-/// The query heads of one KV head's group (`q` and `out`: `[group, head_dim]`) over its
-/// context's rows: per head the scores' max, `exp` of each score less it, and the weighted sum
-/// of V rows over the weights' sum. Each K and V row is read once for the whole group (GQA),
-/// not once per query head. Compiled for `kernel`'s instructions (the server takes
-/// [`Kernel::best`]): the default target has neither AVX nor FMA, and the multiply-adds here
-/// are most of a long context's decode step.
-fn attend_group(
-    kernel: Kernel,
-    q: &[f32],
-    rows: &GroupRows,
-    scale: f32,
-    scratch: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn avx512(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32]) {
-            attend_group_with::<Avx2Fma>(q, rows, scale, scratch, out)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32]) {
-            attend_group_with::<Avx2Fma>(q, rows, scale, scratch, out)
-        }
-        match kernel {
-            // SAFETY: the caller checked that the CPU has `kernel`'s features.
-            Kernel::Avx512 => return unsafe { avx512(q, rows, scale, scratch, out) },
-            // SAFETY: as above.
-            Kernel::Avx2Fma => return unsafe { avx2(q, rows, scale, scratch, out) },
-            Kernel::Portable => {}
-        }
-    }
-    attend_group_with::<Portable>(q, rows, scale, scratch, out)
-}
-
-#[inline(always)]
-fn attend_group_with<I: Isa>(
-    q: &[f32],
-    rows: &GroupRows,
-    scale: f32,
-    scratch: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let (head_dim, keys) = (rows.head_dim, rows.slots.len());
-    let group = q.len() / head_dim;
-    // `scratch`: each head's scores `[group, keys]` (then its weights), then each head's weight
-    // sum. Head-major, so that each head's softmax walks its scores in order.
-    scratch.clear();
-    scratch.resize(group * keys + group, 0.0);
-    let (weights, totals) = scratch.split_at_mut(group * keys);
-    // The rows are scattered over the pool a page at a time, so each row's cache lines are
-    // asked for a few rows ahead of their use (the hardware prefetcher follows one stride, not a
-    // block table).
-    for j in 0..keys {
-        if j + PREFETCH_ROWS_AHEAD < keys {
-            prefetch_row::<I>(&rows.k[rows.at(j + PREFETCH_ROWS_AHEAD)]);
-        }
-        let k = &rows.k[rows.at(j)];
-        for (h, qh) in q.chunks_exact(head_dim).enumerate() {
-            weights[h * keys + j] = dot::<I>(qh, k) * scale;
-        }
-    }
-    for (scores, total) in weights.chunks_exact_mut(keys.max(1)).zip(totals.iter_mut()) {
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        *total = sum;
-    }
-    out.fill(0.0);
-    for j in 0..keys {
-        if j + PREFETCH_ROWS_AHEAD < keys {
-            prefetch_row::<I>(&rows.v[rows.at(j + PREFETCH_ROWS_AHEAD)]);
-        }
-        let v = &rows.v[rows.at(j)];
-        for (h, oh) in out.chunks_exact_mut(head_dim).enumerate() {
-            let p = weights[h * keys + j];
-            for (o, x) in oh.iter_mut().zip(v) {
-                *o = I::mul_add(p, *x, *o);
-            }
-        }
-    }
-    for (total, oh) in totals.iter().zip(out.chunks_exact_mut(head_dim)) {
-        let inv = 1.0 / total;
-        oh.iter_mut().for_each(|o| *o *= inv);
-    }
-}
-
-/// How many rows ahead [`attend_group_with`] asks for a row's cache lines.
-const PREFETCH_ROWS_AHEAD: usize = 8;
-
-/// Asks for every cache line of `row`.
-#[inline(always)]
-fn prefetch_row<I: Isa>(row: &[f32]) {
-    for line in row.chunks(16) {
-        I::prefetch(line.as_ptr());
-    }
-}
-
-/// `a · b` in sixteen interleaved sums, so that the compiler keeps them in vector registers.
-#[inline(always)]
-fn dot<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let (a16, b16) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a16
-        .remainder()
-        .iter()
-        .zip(b16.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    let mut lanes = [0.0f32; LANES];
-    for (x, y) in a16.zip(b16) {
-        for i in 0..LANES {
-            lanes[i] = I::mul_add(x[i], y[i], lanes[i]);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -1,0 +1,762 @@
+//! Softmax attention over the CPU's K/V pages in place (host storage, see
+//! [`KvStorage::Host`](super::KvStorage)): no gather of the context's rows, no padding and no
+//! mask tensor.
+//!
+//! Two kernels, both compiled for the CPU's widest instructions ([`Kernel::best`]) and split over
+//! rayon:
+//! - [`attend_decodes`]: single-token decodes, each KV head's query group in one pass over its
+//!   context's rows, each row prefetched ahead (a block table scatters them).
+//! - [`attend_chunk`]: a prompt chunk's queries, tiled as flash attention is: blocks of queries
+//!   against blocks of keys with an online softmax, so the scores never exist in full, and a
+//!   query's keys past its own position (causal) or before its sliding window are never
+//!   computed. Burn Flex's masked matmul, which this replaces, computed the whole square of a
+//!   chunk's scores, added a `-inf` mask through strided iteration and took several passes over
+//!   the scores for the softmax.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use super::cpu_gemm::Avx2Fma;
+use super::cpu_gemm::{Isa, Kernel, Portable};
+
+/// One layer's K and V pages on the host: slot `s` is `s * kv_dim .. (s + 1) * kv_dim` of each.
+#[derive(Clone, Copy)]
+pub(crate) struct HostLayer<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub kv_dim: usize,
+}
+
+/// Single-token decodes: `q` is `[n, heads, head_dim]`, `contexts[i]` query `i`'s slots in
+/// position order; query head `h` reads KV head `h / (heads / kv_heads)`. Returns
+/// `[n, heads * head_dim]`. `kernel` must run on this CPU.
+pub(crate) fn attend_decodes(
+    kernel: Kernel,
+    layer: HostLayer,
+    q: &[f32],
+    contexts: &[Vec<i32>],
+    [heads, head_dim]: [usize; 2],
+    scale: f32,
+) -> Vec<f32> {
+    assert!(kernel.runs_here(), "{kernel:?} on this CPU");
+    let HostLayer { k, v, kv_dim } = layer;
+    let kv_heads = kv_dim / head_dim;
+    let group = heads / kv_heads;
+    let mut out = vec![0.0f32; q.len()];
+    // The query heads of one KV head are side by side in `q` and `out`: unit `u` is
+    // sequence `u / kv_heads`, KV head `u % kv_heads`, and its group's rows.
+    let width = group * head_dim;
+    let attend = |scratch: &mut Vec<f32>, (u, out): (usize, &mut [f32])| {
+        let column = u % kv_heads * head_dim;
+        let rows = GroupRows {
+            k,
+            v,
+            slots: &contexts[u / kv_heads],
+            kv_dim,
+            column,
+            head_dim,
+        };
+        attend_group(kernel, &q[u * width..][..width], &rows, scale, scratch, out);
+    };
+    let work: usize = contexts.iter().map(|c| c.len()).sum::<usize>() * heads * head_dim;
+    if work < PARALLEL_MIN_WORK {
+        let mut scratch = Vec::new();
+        out.chunks_mut(width)
+            .enumerate()
+            .for_each(|unit| attend(&mut scratch, unit));
+    } else {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each_init(Vec::new, attend);
+    }
+    out
+}
+
+/// Multiply-adds of an attention (decodes or a chunk) below which one thread does it all.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// One KV head's K and V rows of a context, where the pages hold them: row `j` is
+/// `column .. column + head_dim` of slot `slots[j]`'s `kv_dim` values.
+struct GroupRows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    slots: &'a [i32],
+    kv_dim: usize,
+    column: usize,
+    head_dim: usize,
+}
+
+impl<'a> GroupRows<'a> {
+    #[inline(always)]
+    fn at(&self, j: usize) -> std::ops::Range<usize> {
+        let at = self.slots[j] as usize * self.kv_dim + self.column;
+        at..at + self.head_dim
+    }
+}
+
+/// The query heads of one KV head's group (`q` and `out`: `[group, head_dim]`) over its
+/// context's rows: per head the scores' max, `exp` of each score less it, and the weighted sum
+/// of V rows over the weights' sum. Each K and V row is read once for the whole group (GQA),
+/// not once per query head. Compiled for `kernel`'s instructions (the server takes
+/// [`Kernel::best`]): the default target has neither AVX nor FMA, and the multiply-adds here
+/// are most of a long context's decode step.
+fn attend_group(
+    kernel: Kernel,
+    q: &[f32],
+    rows: &GroupRows,
+    scale: f32,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn avx512(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32]) {
+            attend_group_with::<Avx2Fma>(q, rows, scale, scratch, out)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32]) {
+            attend_group_with::<Avx2Fma>(q, rows, scale, scratch, out)
+        }
+        match kernel {
+            // SAFETY: the caller checked that the CPU has `kernel`'s features.
+            Kernel::Avx512 => return unsafe { avx512(q, rows, scale, scratch, out) },
+            // SAFETY: as above.
+            Kernel::Avx2Fma => return unsafe { avx2(q, rows, scale, scratch, out) },
+            Kernel::Portable => {}
+        }
+    }
+    attend_group_with::<Portable>(q, rows, scale, scratch, out)
+}
+
+#[inline(always)]
+fn attend_group_with<I: Isa>(
+    q: &[f32],
+    rows: &GroupRows,
+    scale: f32,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (head_dim, keys) = (rows.head_dim, rows.slots.len());
+    let group = q.len() / head_dim;
+    // `scratch`: each head's scores `[group, keys]` (then its weights), then each head's weight
+    // sum. Head-major, so that each head's softmax walks its scores in order.
+    scratch.clear();
+    scratch.resize(group * keys + group, 0.0);
+    let (weights, totals) = scratch.split_at_mut(group * keys);
+    // The rows are scattered over the pool a page at a time, so each row's cache lines are
+    // asked for a few rows ahead of their use (the hardware prefetcher follows one stride, not a
+    // block table).
+    for j in 0..keys {
+        if j + PREFETCH_ROWS_AHEAD < keys {
+            prefetch_row::<I>(&rows.k[rows.at(j + PREFETCH_ROWS_AHEAD)]);
+        }
+        let k = &rows.k[rows.at(j)];
+        for (h, qh) in q.chunks_exact(head_dim).enumerate() {
+            weights[h * keys + j] = dot::<I>(qh, k) * scale;
+        }
+    }
+    for (scores, total) in weights.chunks_exact_mut(keys.max(1)).zip(totals.iter_mut()) {
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        *total = sum;
+    }
+    out.fill(0.0);
+    for j in 0..keys {
+        if j + PREFETCH_ROWS_AHEAD < keys {
+            prefetch_row::<I>(&rows.v[rows.at(j + PREFETCH_ROWS_AHEAD)]);
+        }
+        let v = &rows.v[rows.at(j)];
+        for (h, oh) in out.chunks_exact_mut(head_dim).enumerate() {
+            let p = weights[h * keys + j];
+            for (o, x) in oh.iter_mut().zip(v) {
+                *o = I::mul_add(p, *x, *o);
+            }
+        }
+    }
+    for (total, oh) in totals.iter().zip(out.chunks_exact_mut(head_dim)) {
+        let inv = 1.0 / total;
+        oh.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// How many rows ahead [`attend_group_with`] asks for a row's cache lines.
+const PREFETCH_ROWS_AHEAD: usize = 8;
+
+/// Asks for every cache line of `row`.
+#[inline(always)]
+fn prefetch_row<I: Isa>(row: &[f32]) {
+    for line in row.chunks(16) {
+        I::prefetch(line.as_ptr());
+    }
+}
+
+/// `a · b` in sixteen interleaved sums, so that the compiler keeps them in vector registers.
+#[inline(always)]
+fn dot<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let (a16, b16) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a16
+        .remainder()
+        .iter()
+        .zip(b16.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut lanes = [0.0f32; LANES];
+    for (x, y) in a16.zip(b16) {
+        for i in 0..LANES {
+            lanes[i] = I::mul_add(x[i], y[i], lanes[i]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// A prompt chunk's queries and the context they attend over.
+pub struct ChunkQueries<'a> {
+    /// `[queries, heads, head_dim]`.
+    pub q: &'a [f32],
+    /// The context's slots in position order, up to and including the last query's own.
+    pub slots: &'a [i32],
+    /// Where in `slots` query 0's own position is; query `i`'s is at `first_query + i`.
+    pub first_query: usize,
+    /// Position of `slots[0]`: key blocks start at multiples of [`KEY_BLOCK`] positions, so a
+    /// query's sums do not depend on how its prompt was cut into chunks.
+    pub first_position: usize,
+    /// How many positions a query sees at most (itself included); `None`: all before it.
+    pub window: Option<usize>,
+}
+
+impl ChunkQueries<'_> {
+    /// Indices into `slots` of the keys query `i` sees.
+    fn keys_of(&self, i: usize) -> Range<usize> {
+        let own = self.first_query + i;
+        let lo = self.window.map_or(0, |w| (own + 1).saturating_sub(w));
+        lo..own + 1
+    }
+}
+
+/// Keys per block of [`attend_chunk`]: two pages of 16, the width of a block's scores in
+/// registers.
+const KEY_BLOCK: usize = 32;
+/// Query rows (queries × their KV head's query heads) per unit of work of [`attend_chunk`]:
+/// each key block is packed once per unit, and a unit's scores, sums and outputs stay in L1.
+const UNIT_ROWS: usize = 64;
+/// Rows of a register tile of [`attend_chunk`]'s products.
+const TILE_ROWS: usize = 4;
+/// Output columns of a register tile of the weighted sum of V rows.
+const V_STRIP: usize = 16;
+
+/// Softmax attention of a prompt chunk's queries over the K/V rows of `chunk.slots`, causal
+/// (and within the sliding window): `[queries, heads * head_dim]`. Query head `h` reads KV head
+/// `h / (heads / kv_heads)`. Each query's result is one fixed sequence of sums over its own
+/// keys, whichever queries share its chunk, block or thread. `kernel` must run on this CPU.
+pub(crate) fn attend_chunk(
+    kernel: Kernel,
+    layer: HostLayer,
+    chunk: &ChunkQueries,
+    [heads, head_dim]: [usize; 2],
+    scale: f32,
+) -> Vec<f32> {
+    assert!(kernel.runs_here(), "{kernel:?} on this CPU");
+    let kv_heads = layer.kv_dim / head_dim;
+    let group = heads / kv_heads;
+    let queries = chunk.q.len() / (heads * head_dim);
+    let per_unit = (UNIT_ROWS / group).max(1);
+    // Unit `u`: KV head `u % kv_heads`, queries `u / kv_heads * per_unit ..` of it.
+    let units = queries.div_ceil(per_unit) * kv_heads;
+    let unit = |u: usize| {
+        let first = u / kv_heads * per_unit;
+        (u % kv_heads, first..(first + per_unit).min(queries))
+    };
+    let shape = UnitShape {
+        group,
+        head_dim,
+        heads,
+        scale,
+    };
+    let run = |scratch: &mut ChunkScratch, u: usize| {
+        let (kv_head, qs) = unit(u);
+        attend_unit(kernel, layer, chunk, &shape, kv_head, qs, scratch);
+        std::mem::take(&mut scratch.out)
+    };
+    let work: usize = (0..queries).map(|i| chunk.keys_of(i).len()).sum::<usize>() * heads * head_dim;
+    let outputs: Vec<Vec<f32>> = if work < PARALLEL_MIN_WORK {
+        let mut scratch = ChunkScratch::default();
+        (0..units).map(|u| run(&mut scratch, u)).collect()
+    } else {
+        (0..units)
+            .into_par_iter()
+            .map_init(ChunkScratch::default, run)
+            .collect()
+    };
+    // Each unit's rows are its queries' heads of one group: `[queries, group, head_dim]`.
+    let mut out = vec![0.0f32; chunk.q.len()];
+    let width = group * head_dim;
+    for (u, rows) in outputs.iter().enumerate() {
+        let (kv_head, qs) = unit(u);
+        for (i, row) in qs.zip(rows.chunks_exact(width)) {
+            out[(i * kv_heads + kv_head) * width..][..width].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// The sizes every unit of one [`attend_chunk`] shares.
+struct UnitShape {
+    group: usize,
+    head_dim: usize,
+    heads: usize,
+    scale: f32,
+}
+
+/// Buffers of one unit of [`attend_chunk`], reused by the units a thread runs.
+#[derive(Default)]
+struct ChunkScratch {
+    /// The unit's query rows, `[rows, head_dim]`.
+    q: Vec<f32>,
+    /// A key block, transposed: `[head_dim, KEY_BLOCK]`.
+    kt: Vec<f32>,
+    /// The block's scores, then weights: `[rows, KEY_BLOCK]`.
+    s: Vec<f32>,
+    /// Each row's running max and sum of weights.
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    /// The weighted sums of V rows, `[rows, head_dim]`: the unit's output once divided.
+    out: Vec<f32>,
+}
+
+/// One unit of [`attend_chunk`]: the query heads of `kv_head`'s group for queries `qs`.
+fn attend_unit(
+    kernel: Kernel,
+    layer: HostLayer,
+    chunk: &ChunkQueries,
+    shape: &UnitShape,
+    kv_head: usize,
+    qs: Range<usize>,
+    scratch: &mut ChunkScratch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn avx512(
+            layer: HostLayer,
+            chunk: &ChunkQueries,
+            shape: &UnitShape,
+            kv_head: usize,
+            qs: Range<usize>,
+            scratch: &mut ChunkScratch,
+        ) {
+            attend_unit_with::<Avx2Fma>(layer, chunk, shape, kv_head, qs, scratch)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            layer: HostLayer,
+            chunk: &ChunkQueries,
+            shape: &UnitShape,
+            kv_head: usize,
+            qs: Range<usize>,
+            scratch: &mut ChunkScratch,
+        ) {
+            attend_unit_with::<Avx2Fma>(layer, chunk, shape, kv_head, qs, scratch)
+        }
+        match kernel {
+            // SAFETY: the caller checked that the CPU has `kernel`'s features.
+            Kernel::Avx512 => return unsafe { avx512(layer, chunk, shape, kv_head, qs, scratch) },
+            // SAFETY: as above.
+            Kernel::Avx2Fma => return unsafe { avx2(layer, chunk, shape, kv_head, qs, scratch) },
+            Kernel::Portable => {}
+        }
+    }
+    attend_unit_with::<Portable>(layer, chunk, shape, kv_head, qs, scratch)
+}
+
+#[inline(always)]
+fn attend_unit_with<I: Isa>(
+    layer: HostLayer,
+    chunk: &ChunkQueries,
+    shape: &UnitShape,
+    kv_head: usize,
+    qs: Range<usize>,
+    scratch: &mut ChunkScratch,
+) {
+    let &UnitShape {
+        group,
+        head_dim: hd,
+        heads,
+        scale,
+    } = shape;
+    let rows = qs.len() * group;
+    let column = kv_head * hd;
+    let ChunkScratch {
+        q,
+        kt,
+        s,
+        max,
+        sum,
+        out,
+    } = scratch;
+    q.clear();
+    for i in qs.clone() {
+        q.extend_from_slice(&chunk.q[(i * heads + kv_head * group) * hd..][..group * hd]);
+    }
+    kt.clear();
+    kt.resize(hd * KEY_BLOCK, 0.0);
+    s.clear();
+    s.resize(rows * KEY_BLOCK, 0.0);
+    max.clear();
+    max.resize(rows, f32::NEG_INFINITY);
+    sum.clear();
+    sum.resize(rows, 0.0);
+    out.clear();
+    out.resize(rows * hd, 0.0);
+    // Where each row of a product's right operand starts: the transposed keys' rows, and the V
+    // rows of a key block's strip of columns.
+    let kt_rows: Vec<usize> = (0..hd).map(|d| d * KEY_BLOCK).collect();
+    let mut v_rows: Vec<usize> = Vec::with_capacity(KEY_BLOCK);
+    let (first, last) = (chunk.keys_of(qs.start), chunk.keys_of(qs.end - 1));
+    // Blocks aligned to positions, not to this unit's keys (see `ChunkQueries::first_position`).
+    // Blocks cover whole aligned runs of positions, a key at column `position % KEY_BLOCK` of
+    // its block's scores, whatever keys this unit starts or ends with: a row's sums then run
+    // over the same lanes in every chunking (see `ChunkQueries::first_position`).
+    let align = chunk.first_position % KEY_BLOCK;
+    let mut start = first.start;
+    while start < last.end {
+        let at = (start + align) % KEY_BLOCK;
+        let keys = start..(start + KEY_BLOCK - at).min(last.end);
+        let n = keys.len();
+        let k_row = |j: usize| &layer.k[chunk.slots[j] as usize * layer.kv_dim + column..][..hd];
+        // `kt[d][at + j]`: the products' register tiles read one key block row per `d`.
+        if n < KEY_BLOCK {
+            kt.fill(0.0);
+        }
+        for (j, key) in keys.clone().enumerate() {
+            for (d, &x) in k_row(key).iter().enumerate() {
+                kt[d * KEY_BLOCK + at + j] = x;
+            }
+        }
+        products::<I, KEY_BLOCK>((q, hd), rows, (kt, &kt_rows), |r, tile| {
+            s[r * KEY_BLOCK..][..KEY_BLOCK].copy_from_slice(tile)
+        });
+        // Each row's weights over its own keys of the block; zero elsewhere.
+        for row in 0..rows {
+            let seen = chunk.keys_of(qs.start + row / group);
+            let (lo, hi) = (seen.start.max(keys.start), seen.end.min(keys.end));
+            let scores: &mut [f32; KEY_BLOCK] = (&mut s[row * KEY_BLOCK..][..KEY_BLOCK]).try_into().unwrap();
+            if lo >= hi {
+                scores.fill(0.0);
+                continue;
+            }
+            let (lo, hi) = (lo - keys.start + at, hi - keys.start + at);
+            let partial = lo > 0 || hi < KEY_BLOCK;
+            if partial {
+                scores[..lo].fill(f32::NEG_INFINITY);
+                scores[hi..].fill(f32::NEG_INFINITY);
+            }
+            let new_max = max[row].max(block_max(scores) * scale);
+            let rescale = exp_nonpositive(max[row] - new_max);
+            max[row] = new_max;
+            if rescale != 1.0 {
+                out[row * hd..][..hd].iter_mut().for_each(|o| *o *= rescale);
+            }
+            for w in scores.iter_mut() {
+                *w = exp_nonpositive(*w * scale - new_max);
+            }
+            if partial {
+                scores[..lo].fill(0.0);
+                scores[hi..].fill(0.0);
+            }
+            sum[row] = sum[row] * rescale + block_sum(scores);
+        }
+        // `out[row] += Σ_j weight[row][j] · v[j]`, V rows read where the pages hold them.
+        let v_at = |j: usize| chunk.slots[j] as usize * layer.kv_dim + column;
+        let mut c = 0;
+        while c + V_STRIP <= hd {
+            v_rows.clear();
+            v_rows.extend(keys.clone().map(|j| v_at(j) + c));
+            products::<I, V_STRIP>((&s[at..], KEY_BLOCK), rows, (layer.v, &v_rows), |r, tile| {
+                for (o, &x) in out[r * hd + c..][..V_STRIP].iter_mut().zip(tile) {
+                    *o += x;
+                }
+            });
+            c += V_STRIP;
+        }
+        // A head size that is not a multiple of the strip: the last columns one by one.
+        for row in 0..rows {
+            let weights = &s[row * KEY_BLOCK + at..][..n];
+            for (&w, j) in weights.iter().zip(keys.clone()) {
+                let v = &layer.v[v_at(j) + c..][..hd - c];
+                for (o, &x) in out[row * hd + c..][..hd - c].iter_mut().zip(v) {
+                    *o = I::mul_add(w, x, *o);
+                }
+            }
+        }
+        start = keys.end;
+    }
+    for (row, o) in out.chunks_exact_mut(hd).enumerate() {
+        let inv = 1.0 / sum[row];
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// The largest of a block's scores, in vector lanes (`f32::max` keeps a NaN out, which stops
+/// the compiler from vectorizing it).
+#[inline(always)]
+fn block_max(xs: &[f32; KEY_BLOCK]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for half in xs.chunks_exact(16) {
+        for (m, &x) in lanes.iter_mut().zip(half) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum of a block's weights, in vector lanes.
+#[inline(always)]
+fn block_sum(xs: &[f32; KEY_BLOCK]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    for half in xs.chunks_exact(16) {
+        for (t, &x) in lanes.iter_mut().zip(half) {
+            *t += x;
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// `e^x` for `x <= 0` within a relative `f32::EPSILON` (a NaN stays one), written so that a loop of it vectorizes (libm's
+/// `expf` is a call per element). `x` below -87 gives about 1e-38 rather than less: a weight
+/// that small adds nothing to a sum of weights of which the largest is 1.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts, the first exact in few bits, so that `x - n ln 2` loses nothing.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Not `f32::max`: a NaN stays a NaN.
+    let x = if x < -87.0 { -87.0 } else { x };
+    let n = (x * LOG2_E).round_ties_even();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // e^r for |r| <= ln 2 / 2: 1 + r + r^2 P(r), P of degree 5 (Cephes' `expf`).
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let p = p * (r * r) + r + 1.0;
+    // 2^n, n in [-126, 0]: the exponent field alone.
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// For each row `r < rows` of `a` (rows `a.1` apart), `Σ_k a[r][k] · b[b_rows[k]..][..S]` over
+/// `k < b_rows.len()`, computed in register tiles of up to [`TILE_ROWS`] rows and handed to
+/// `emit(r, row)`: the products of both halves of [`attend_chunk`] (scores: `a` the queries, `b`
+/// the transposed keys; outputs: `a` the weights, `b` the V rows where the pages hold them).
+#[inline(always)]
+fn products<I: Isa, const S: usize>(
+    (a, a_stride): (&[f32], usize),
+    rows: usize,
+    (b, b_rows): (&[f32], &[usize]),
+    mut emit: impl FnMut(usize, &[f32; S]),
+) {
+    let len = b_rows.len();
+    let mut r = 0;
+    while r < rows {
+        let height = TILE_ROWS.min(rows - r);
+        let a_row = |i: usize| &a[(r + i) * a_stride..][..len];
+        let mut emit_all = |tile: &[[f32; S]]| tile.iter().enumerate().for_each(|(i, t)| emit(r + i, t));
+        match height {
+            4 => emit_all(&tile::<I, 4, S>(std::array::from_fn(a_row), b, b_rows)),
+            3 => emit_all(&tile::<I, 3, S>(std::array::from_fn(a_row), b, b_rows)),
+            2 => emit_all(&tile::<I, 2, S>(std::array::from_fn(a_row), b, b_rows)),
+            _ => emit_all(&tile::<I, 1, S>(std::array::from_fn(a_row), b, b_rows)),
+        }
+        r += height;
+    }
+}
+
+/// `acc[i][j] = Σ_k a[i][k] · b[b_rows[k] + j]`, in registers.
+#[inline(always)]
+fn tile<I: Isa, const R: usize, const S: usize>(
+    a: [&[f32]; R],
+    b: &[f32],
+    b_rows: &[usize],
+) -> [[f32; S]; R] {
+    let mut acc = [[0.0f32; S]; R];
+    for (k, &at) in b_rows.iter().enumerate() {
+        let bk: &[f32; S] = b[at..][..S].try_into().expect("S columns");
+        for i in 0..R {
+            let x = a[i][k];
+            for j in 0..S {
+                acc[i][j] = I::mul_add(x, bk[j], acc[i][j]);
+            }
+        }
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1].
+    fn value(i: usize, salt: usize) -> f32 {
+        ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0
+    }
+
+    /// K and V of a pool of `slots` slots, and a context of `len` of them scattered over it (slot
+    /// 37 j mod the pool, as a free list hands pages out).
+    struct Pool {
+        k: Vec<f32>,
+        v: Vec<f32>,
+        kv_dim: usize,
+        slots: Vec<i32>,
+    }
+
+    impl Pool {
+        fn new(pool: usize, kv_dim: usize, len: usize) -> Self {
+            let (k, v) = (0..pool * kv_dim).map(|i| (value(i, 1), value(i, 2))).unzip();
+            let slots = (0..len).map(|j| ((37 * j + 11) % pool) as i32).collect();
+            Pool { k, v, kv_dim, slots }
+        }
+
+        fn layer(&self) -> HostLayer<'_> {
+            HostLayer {
+                k: &self.k,
+                v: &self.v,
+                kv_dim: self.kv_dim,
+            }
+        }
+    }
+
+    /// A prompt chunk's attention over host rows equals causal softmax attention in f64 over the
+    /// same rows, with each kernel this CPU runs: GQA (4 query heads per KV head), a head size of
+    /// whole strips and one with a remainder, a chunk at the start of its prompt and one deep into
+    /// it (its context starting off a key block's edge), with and without a sliding window, small
+    /// enough for one thread and large enough to be split.
+    #[test]
+    fn paged_kv_host_chunk_attention_matches_causal_softmax_attention() {
+        let (heads, kv_heads) = (8, 2);
+        let group = heads / kv_heads;
+        for head_dim in [64, 24] {
+            let kv_dim = kv_heads * head_dim;
+            let pool = Pool::new(1024, kv_dim, 700);
+            let scale = (head_dim as f32).powf(-0.5) * 4.0;
+            // (queries, first query's index in the context, position of the context's first key, window)
+            for (queries, first_query, first_position, window) in [
+                (5, 0, 0, None),
+                (130, 0, 0, None),
+                (90, 610, 0, None),
+                (90, 300, 7, Some(100)),
+                (3, 40, 45, Some(9)),
+            ] {
+                let slots = &pool.slots[..first_query + queries];
+                let q: Vec<f32> = (0..queries * heads * head_dim).map(|i| value(i, 3)).collect();
+                let chunk = ChunkQueries {
+                    q: &q,
+                    slots,
+                    first_query,
+                    first_position,
+                    window,
+                };
+                for kernel in Kernel::available() {
+                    let got = attend_chunk(kernel, pool.layer(), &chunk, [heads, head_dim], scale);
+                    for (row, out) in got.chunks(head_dim).enumerate() {
+                        let (i, h) = (row / heads, row % heads);
+                        let column = h / group * head_dim;
+                        let at = |slot: i32, d: usize| slot as usize * kv_dim + column + d;
+                        let own = first_query + i;
+                        let seen = window.map_or(0, |w| (own + 1).saturating_sub(w))..own + 1;
+                        let qrow = &q[row * head_dim..][..head_dim];
+                        let scores: Vec<f64> = slots[seen.clone()]
+                            .iter()
+                            .map(|&s| {
+                                (0..head_dim)
+                                    .map(|d| qrow[d] as f64 * pool.k[at(s, d)] as f64)
+                                    .sum::<f64>()
+                                    * scale as f64
+                            })
+                            .collect();
+                        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                        let total: f64 = weights.iter().sum();
+                        for (d, g) in out.iter().enumerate() {
+                            let want = slots[seen.clone()]
+                                .iter()
+                                .zip(&weights)
+                                .map(|(&s, w)| w * pool.v[at(s, d)] as f64)
+                                .sum::<f64>()
+                                / total;
+                            assert!(
+                                (*g as f64 - want).abs() <= 1e-5,
+                                "{kernel:?}, head_dim {head_dim}, chunk ({queries}, {first_query}, \
+                                 {first_position}, {window:?}), query {i} head {h}, {d}: {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A query's output is the same to the bit however its prompt was cut into chunks (key blocks
+    /// follow positions, not chunks), so a prompt prefilled again after a preemption, in other
+    /// chunks, gets the same K/V and logits. With a sliding window each chunk's context starts at
+    /// its first query's reach, as the model plans it.
+    #[test]
+    fn paged_kv_host_chunk_attention_does_not_depend_on_the_chunking() {
+        let (heads, head_dim) = (4, 32);
+        let pool = Pool::new(512, 2 * head_dim, 300);
+        let q: Vec<f32> = (0..300 * heads * head_dim).map(|i| value(i, 5)).collect();
+        let width = heads * head_dim;
+        for window in [None, Some(50)] {
+            let attend = |cuts: &[usize]| -> Vec<f32> {
+                let mut out = Vec::new();
+                for pair in cuts.windows(2) {
+                    let ctx_start = window.map_or(0, |w| (pair[0] + 1).saturating_sub(w));
+                    let chunk = ChunkQueries {
+                        q: &q[pair[0] * width..pair[1] * width],
+                        slots: &pool.slots[ctx_start..pair[1]],
+                        first_query: pair[0] - ctx_start,
+                        first_position: ctx_start,
+                        window,
+                    };
+                    out.extend(attend_chunk(
+                        Kernel::best(),
+                        pool.layer(),
+                        &chunk,
+                        [heads, head_dim],
+                        0.2,
+                    ));
+                }
+                out
+            };
+            let whole = attend(&[0, 300]);
+            assert_eq!(whole, attend(&[0, 7, 100, 161, 300]), "window {window:?}");
+            assert_eq!(whole, attend(&[0, 64, 128, 192, 256, 300]), "window {window:?}");
+        }
+    }
+
+    /// The vectorizable `exp` is within a relative `f32::EPSILON` of `exp` in f64 on [-87, 0]
+    /// (measured: 0.67 of it at worst), and about 1e-38 below (no denormals); a NaN stays a NaN.
+    #[test]
+    fn paged_kv_exp_nonpositive_is_within_an_epsilon() {
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            assert!(
+                (got - want).abs() <= f32::EPSILON as f64 * want,
+                "e^{x}: {got} vs {want}"
+            );
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(-1000.0) > 0.0 && exp_nonpositive(-1000.0) < 2e-38);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+    }
+}
