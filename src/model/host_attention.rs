@@ -29,6 +29,32 @@ pub(crate) struct HostLayer<'a> {
     pub kv_dim: usize,
 }
 
+/// Calls `$with::<I: Isa>($args)` compiled for `$kernel`'s instructions, which the CPU must
+/// have: each kernel's loops are written once, generic over [`Isa`], and built three times.
+macro_rules! compiled_for {
+    ($kernel:expr, $with:ident($($arg:ident: $ty:ty),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,fma")]
+            unsafe fn avx512($($arg: $ty),*) {
+                $with::<Avx2Fma>($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $with::<Avx2Fma>($($arg),*)
+            }
+            match $kernel {
+                // SAFETY: the caller checked that the CPU has `kernel`'s features.
+                Kernel::Avx512 => return unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                Kernel::Avx2Fma => return unsafe { avx2($($arg),*) },
+                Kernel::Portable => {}
+            }
+        }
+        $with::<Portable>($($arg),*)
+    }};
+}
+
 /// Single-token decodes: `q` is `[n, heads, head_dim]`, `contexts[i]` query `i`'s slots in
 /// position order; query head `h` reads KV head `h / (heads / kv_heads)`. Returns
 /// `[n, heads * head_dim]`. `kernel` must run on this CPU.
@@ -110,25 +136,10 @@ fn attend_group(
     scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn avx512(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32]) {
-            attend_group_with::<Avx2Fma>(q, rows, scale, scratch, out)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32]) {
-            attend_group_with::<Avx2Fma>(q, rows, scale, scratch, out)
-        }
-        match kernel {
-            // SAFETY: the caller checked that the CPU has `kernel`'s features.
-            Kernel::Avx512 => return unsafe { avx512(q, rows, scale, scratch, out) },
-            // SAFETY: as above.
-            Kernel::Avx2Fma => return unsafe { avx2(q, rows, scale, scratch, out) },
-            Kernel::Portable => {}
-        }
-    }
-    attend_group_with::<Portable>(q, rows, scale, scratch, out)
+    compiled_for!(
+        kernel,
+        attend_group_with(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32])
+    )
 }
 
 #[inline(always)]
@@ -274,7 +285,9 @@ pub(crate) fn attend_chunk(
         let first = u / kv_heads * per_unit;
         (u % kv_heads, first..(first + per_unit).min(queries))
     };
-    let shape = UnitShape {
+    let pass = ChunkPass {
+        layer,
+        chunk,
         group,
         head_dim,
         heads,
@@ -282,7 +295,7 @@ pub(crate) fn attend_chunk(
     };
     let run = |scratch: &mut ChunkScratch, u: usize| {
         let (kv_head, qs) = unit(u);
-        attend_unit(kernel, layer, chunk, &shape, kv_head, qs, scratch);
+        attend_unit(kernel, &pass, kv_head, qs, scratch);
         std::mem::take(&mut scratch.out)
     };
     let work: usize = (0..queries).map(|i| chunk.keys_of(i).len()).sum::<usize>() * heads * head_dim;
@@ -307,8 +320,10 @@ pub(crate) fn attend_chunk(
     out
 }
 
-/// The sizes every unit of one [`attend_chunk`] shares.
-struct UnitShape {
+/// What every unit of one [`attend_chunk`] shares.
+struct ChunkPass<'a> {
+    layer: HostLayer<'a>,
+    chunk: &'a ChunkQueries<'a>,
     group: usize,
     head_dim: usize,
     heads: usize,
@@ -334,63 +349,27 @@ struct ChunkScratch {
 /// One unit of [`attend_chunk`]: the query heads of `kv_head`'s group for queries `qs`.
 fn attend_unit(
     kernel: Kernel,
-    layer: HostLayer,
-    chunk: &ChunkQueries,
-    shape: &UnitShape,
+    pass: &ChunkPass,
     kv_head: usize,
     qs: Range<usize>,
     scratch: &mut ChunkScratch,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn avx512(
-            layer: HostLayer,
-            chunk: &ChunkQueries,
-            shape: &UnitShape,
-            kv_head: usize,
-            qs: Range<usize>,
-            scratch: &mut ChunkScratch,
-        ) {
-            attend_unit_with::<Avx2Fma>(layer, chunk, shape, kv_head, qs, scratch)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(
-            layer: HostLayer,
-            chunk: &ChunkQueries,
-            shape: &UnitShape,
-            kv_head: usize,
-            qs: Range<usize>,
-            scratch: &mut ChunkScratch,
-        ) {
-            attend_unit_with::<Avx2Fma>(layer, chunk, shape, kv_head, qs, scratch)
-        }
-        match kernel {
-            // SAFETY: the caller checked that the CPU has `kernel`'s features.
-            Kernel::Avx512 => return unsafe { avx512(layer, chunk, shape, kv_head, qs, scratch) },
-            // SAFETY: as above.
-            Kernel::Avx2Fma => return unsafe { avx2(layer, chunk, shape, kv_head, qs, scratch) },
-            Kernel::Portable => {}
-        }
-    }
-    attend_unit_with::<Portable>(layer, chunk, shape, kv_head, qs, scratch)
+    compiled_for!(
+        kernel,
+        attend_unit_with(pass: &ChunkPass, kv_head: usize, qs: Range<usize>, scratch: &mut ChunkScratch)
+    )
 }
 
 #[inline(always)]
-fn attend_unit_with<I: Isa>(
-    layer: HostLayer,
-    chunk: &ChunkQueries,
-    shape: &UnitShape,
-    kv_head: usize,
-    qs: Range<usize>,
-    scratch: &mut ChunkScratch,
-) {
-    let &UnitShape {
+fn attend_unit_with<I: Isa>(pass: &ChunkPass, kv_head: usize, qs: Range<usize>, scratch: &mut ChunkScratch) {
+    let &ChunkPass {
+        layer,
+        chunk,
         group,
         head_dim: hd,
         heads,
         scale,
-    } = shape;
+    } = pass;
     let rows = qs.len() * group;
     let column = kv_head * hd;
     let ChunkScratch {
@@ -635,6 +614,71 @@ mod tests {
         }
     }
 
+    /// Softmax attention in f64 of one query head's row `q` over the keys at `slots`, reading
+    /// KV head `kv_head`'s columns: the reference of both kernels.
+    fn reference(pool: &Pool, q: &[f32], slots: &[i32], kv_head: usize, scale: f32) -> Vec<f64> {
+        let head_dim = q.len();
+        let at = |slot: i32, d: usize| slot as usize * pool.kv_dim + kv_head * head_dim + d;
+        let scores: Vec<f64> = slots
+            .iter()
+            .map(|&s| {
+                (0..head_dim)
+                    .map(|d| q[d] as f64 * pool.k[at(s, d)] as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        (0..head_dim)
+            .map(|d| {
+                slots
+                    .iter()
+                    .zip(&weights)
+                    .map(|(&s, w)| w * pool.v[at(s, d)] as f64)
+                    .sum::<f64>()
+                    / total
+            })
+            .collect()
+    }
+
+    /// Decode attention over host rows in place equals softmax attention in f64 over the same
+    /// rows, with each kernel this CPU runs: GQA (4 query heads per KV head), a head size of
+    /// whole 16-lane sums and one with a remainder, contexts of scattered slots of different
+    /// lengths (one of a single slot), small enough for one thread and large enough to be split.
+    #[test]
+    fn paged_kv_host_decode_attention_matches_softmax_attention() {
+        let (heads, kv_heads) = (8, 2);
+        for head_dim in [64, 24] {
+            let pool = Pool::new(1024, kv_heads * head_dim, 0);
+            let scale = (head_dim as f32).powf(-0.5) * 4.0;
+            for lens in [vec![1, 5, 40], vec![300, 17, 700]] {
+                // Slot 37 j mod the pool: scattered over the pages, as a free list hands them out.
+                let contexts: Vec<Vec<i32>> = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &len)| (0..len).map(|j| ((37 * j + 101 * s) % 1024) as i32).collect())
+                    .collect();
+                let q: Vec<f32> = (0..lens.len() * heads * head_dim).map(|i| value(i, 3)).collect();
+                for kernel in Kernel::available() {
+                    let got = attend_decodes(kernel, pool.layer(), &q, &contexts, [heads, head_dim], scale);
+                    for (i, out) in got.chunks(head_dim).enumerate() {
+                        let (ctx, h) = (&contexts[i / heads], i % heads);
+                        let qrow = &q[i * head_dim..][..head_dim];
+                        let want = reference(&pool, qrow, ctx, h / (heads / kv_heads), scale);
+                        for (d, (g, w)) in out.iter().zip(want).enumerate() {
+                            assert!(
+                                (*g as f64 - w).abs() <= 1e-5,
+                                "{kernel:?}, lens {lens:?}, query head {i}, {d}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// A prompt chunk's attention over host rows equals causal softmax attention in f64 over the
     /// same rows, with each kernel this CPU runs: GQA (4 query heads per KV head), a head size of
     /// whole strips and one with a remainder, a chunk at the start of its prompt and one deep into
@@ -669,34 +713,15 @@ mod tests {
                     let got = attend_chunk(kernel, pool.layer(), &chunk, [heads, head_dim], scale);
                     for (row, out) in got.chunks(head_dim).enumerate() {
                         let (i, h) = (row / heads, row % heads);
-                        let column = h / group * head_dim;
-                        let at = |slot: i32, d: usize| slot as usize * kv_dim + column + d;
                         let own = first_query + i;
                         let seen = window.map_or(0, |w| (own + 1).saturating_sub(w))..own + 1;
                         let qrow = &q[row * head_dim..][..head_dim];
-                        let scores: Vec<f64> = slots[seen.clone()]
-                            .iter()
-                            .map(|&s| {
-                                (0..head_dim)
-                                    .map(|d| qrow[d] as f64 * pool.k[at(s, d)] as f64)
-                                    .sum::<f64>()
-                                    * scale as f64
-                            })
-                            .collect();
-                        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                        let total: f64 = weights.iter().sum();
-                        for (d, g) in out.iter().enumerate() {
-                            let want = slots[seen.clone()]
-                                .iter()
-                                .zip(&weights)
-                                .map(|(&s, w)| w * pool.v[at(s, d)] as f64)
-                                .sum::<f64>()
-                                / total;
+                        let want = reference(&pool, qrow, &slots[seen], h / group, scale);
+                        for (d, (g, w)) in out.iter().zip(want).enumerate() {
                             assert!(
-                                (*g as f64 - want).abs() <= 1e-5,
+                                (*g as f64 - w).abs() <= 1e-5,
                                 "{kernel:?}, head_dim {head_dim}, chunk ({queries}, {first_query}, \
-                                 {first_position}, {window:?}), query {i} head {h}, {d}: {g} vs {want}"
+                                 {first_position}, {window:?}), query {i} head {h}, {d}: {g} vs {w}"
                             );
                         }
                     }
