@@ -258,6 +258,14 @@ const KEY_BLOCK: usize = 32;
 /// Query rows (queries × their KV head's query heads) per unit of work of [`attend_chunk`]:
 /// each key block is packed once per unit, and a unit's scores, sums and outputs stay in L1.
 const UNIT_ROWS: usize = 64;
+/// The score of a key a query does not see: far below any real score, yet finite, so that a
+/// row that has seen no key yet has a max to subtract and no NaN. Its weight is at most e^-87
+/// (`exp_nonpositive`'s floor) once the row has a real max; before that, whatever the row summed
+/// is rescaled by at most e^-87 at its first real key, which every row has (its own). Either way
+/// it is far below an f32 ulp of the row's sum, which is at least 1.
+const HIDDEN: f32 = -1.0e30;
+/// Query rows per strip of a unit's transposed queries and scores: two 16-lane vectors.
+const QUERY_STRIP: usize = 32;
 /// Rows of a register tile of [`attend_chunk`]'s products.
 const TILE_ROWS: usize = 4;
 /// Output columns of a register tile of the weighted sum of V rows.
@@ -330,18 +338,22 @@ struct ChunkPass<'a> {
     scale: f32,
 }
 
-/// Buffers of one unit of [`attend_chunk`], reused by the units a thread runs.
+/// Buffers of one unit of [`attend_chunk`], reused by the units a thread runs. A unit's query
+/// rows are columns here, padded to whole strips of [`QUERY_STRIP`]: per key, its scores for
+/// every row are side by side, so the softmax's per-row steps are vector steps across rows.
 #[derive(Default)]
 struct ChunkScratch {
-    /// The unit's query rows, `[rows, head_dim]`.
-    q: Vec<f32>,
-    /// A key block, transposed: `[head_dim, KEY_BLOCK]`.
-    kt: Vec<f32>,
-    /// The block's scores, then weights: `[rows, KEY_BLOCK]`.
-    s: Vec<f32>,
-    /// Each row's running max and sum of weights.
+    /// The unit's query rows, transposed: `[head_dim, columns]`.
+    qt: Vec<f32>,
+    /// A key block's scores, then weights, per key: `[KEY_BLOCK, columns]`.
+    st: Vec<f32>,
+    /// Each row's running max and sum of weights, and the block's max then rescale: `[columns]`.
     max: Vec<f32>,
     sum: Vec<f32>,
+    block: Vec<f32>,
+    /// Where the rows of a product's operands start in the pages (K or V rows) or the scratch.
+    a_rows: Vec<usize>,
+    b_rows: Vec<usize>,
     /// The weighted sums of V rows, `[rows, head_dim]`: the unit's output once divided.
     out: Vec<f32>,
 }
@@ -371,104 +383,125 @@ fn attend_unit_with<I: Isa>(pass: &ChunkPass, kv_head: usize, qs: Range<usize>, 
         scale,
     } = pass;
     let rows = qs.len() * group;
+    let columns = rows.div_ceil(QUERY_STRIP) * QUERY_STRIP;
     let column = kv_head * hd;
     let ChunkScratch {
-        q,
-        kt,
-        s,
+        qt,
+        st,
         max,
         sum,
+        block,
+        a_rows,
+        b_rows,
         out,
     } = scratch;
-    q.clear();
-    for i in qs.clone() {
-        q.extend_from_slice(&chunk.q[(i * heads + kv_head * group) * hd..][..group * hd]);
+    // `qt[d][row]`, row `(i - qs.start) * group + h` for query `i`'s head `h` of the group.
+    qt.clear();
+    qt.resize(hd * columns, 0.0);
+    for (qi, i) in qs.clone().enumerate() {
+        let heads_of = &chunk.q[(i * heads + kv_head * group) * hd..][..group * hd];
+        for (h, q) in heads_of.chunks_exact(hd).enumerate() {
+            for (d, &x) in q.iter().enumerate() {
+                qt[d * columns + qi * group + h] = x;
+            }
+        }
     }
-    kt.clear();
-    kt.resize(hd * KEY_BLOCK, 0.0);
-    s.clear();
-    s.resize(rows * KEY_BLOCK, 0.0);
+    st.clear();
+    st.resize(KEY_BLOCK * columns, 0.0);
     max.clear();
-    max.resize(rows, f32::NEG_INFINITY);
+    max.resize(columns, f32::NEG_INFINITY);
     sum.clear();
-    sum.resize(rows, 0.0);
+    sum.resize(columns, 0.0);
+    block.clear();
+    block.resize(columns, 0.0);
     out.clear();
     out.resize(rows * hd, 0.0);
-    // Where each row of a product's right operand starts: the transposed keys' rows, and the V
-    // rows of a key block's strip of columns.
-    let kt_rows: Vec<usize> = (0..hd).map(|d| d * KEY_BLOCK).collect();
-    let mut v_rows: Vec<usize> = Vec::with_capacity(KEY_BLOCK);
     let (first, last) = (chunk.keys_of(qs.start), chunk.keys_of(qs.end - 1));
-    // Blocks aligned to positions, not to this unit's keys (see `ChunkQueries::first_position`).
-    // Blocks cover whole aligned runs of positions, a key at column `position % KEY_BLOCK` of
-    // its block's scores, whatever keys this unit starts or ends with: a row's sums then run
-    // over the same lanes in every chunking (see `ChunkQueries::first_position`).
+    // Blocks cover whole aligned runs of positions, a key at row `position % KEY_BLOCK` of its
+    // block's scores, whatever keys this unit starts or ends with: a row's sums then run over
+    // the same keys in the same order in every chunking (see `ChunkQueries::first_position`).
     let align = chunk.first_position % KEY_BLOCK;
     let mut start = first.start;
     while start < last.end {
         let at = (start + align) % KEY_BLOCK;
         let keys = start..(start + KEY_BLOCK - at).min(last.end);
-        let n = keys.len();
-        let k_row = |j: usize| &layer.k[chunk.slots[j] as usize * layer.kv_dim + column..][..hd];
-        // `kt[d][at + j]`: the products' register tiles read one key block row per `d`.
-        if n < KEY_BLOCK {
-            kt.fill(0.0);
+        let st_key = |j: usize| (at + j - keys.start) * columns;
+        // Scores: keys (K rows read in place) against strips of query rows.
+        a_rows.clear();
+        a_rows.extend(
+            keys.clone()
+                .map(|j| chunk.slots[j] as usize * layer.kv_dim + column),
+        );
+        b_rows.clear();
+        b_rows.extend((0..hd).map(|d| d * columns));
+        for c in (0..columns).step_by(QUERY_STRIP) {
+            scores::<I, QUERY_STRIP>((layer.k, a_rows, hd), (&qt[c..], b_rows), |r, tile| {
+                st[(at + r) * columns + c..][..QUERY_STRIP].copy_from_slice(tile)
+            });
         }
-        for (j, key) in keys.clone().enumerate() {
-            for (d, &x) in k_row(key).iter().enumerate() {
-                kt[d * KEY_BLOCK + at + j] = x;
+        // A query sees every key of the block, or some are past its position (causal) or
+        // before its window: those scores are [`HIDDEN`].
+        let everyone_sees = keys.start >= last.start && keys.end <= first.end;
+        if !everyone_sees {
+            for (qi, i) in qs.clone().enumerate() {
+                let seen = chunk.keys_of(i);
+                let before = keys.start..seen.start.clamp(keys.start, keys.end);
+                let after = seen.end.clamp(keys.start, keys.end)..keys.end;
+                for j in before.chain(after) {
+                    st[st_key(j) + qi * group..][..group].fill(HIDDEN);
+                }
             }
         }
-        products::<I, KEY_BLOCK>((q, hd), rows, (kt, &kt_rows), |r, tile| {
-            s[r * KEY_BLOCK..][..KEY_BLOCK].copy_from_slice(tile)
-        });
-        // Each row's weights over its own keys of the block; zero elsewhere.
-        for row in 0..rows {
-            let seen = chunk.keys_of(qs.start + row / group);
-            let (lo, hi) = (seen.start.max(keys.start), seen.end.min(keys.end));
-            let scores: &mut [f32; KEY_BLOCK] = (&mut s[row * KEY_BLOCK..][..KEY_BLOCK]).try_into().unwrap();
-            if lo >= hi {
-                scores.fill(0.0);
-                continue;
+        block.fill(f32::NEG_INFINITY);
+        for j in keys.clone() {
+            for (m, &x) in block.iter_mut().zip(&st[st_key(j)..][..columns]) {
+                *m = if x > *m { x } else { *m };
             }
-            let (lo, hi) = (lo - keys.start + at, hi - keys.start + at);
-            let partial = lo > 0 || hi < KEY_BLOCK;
-            if partial {
-                scores[..lo].fill(f32::NEG_INFINITY);
-                scores[hi..].fill(f32::NEG_INFINITY);
-            }
-            let new_max = max[row].max(block_max(scores) * scale);
-            let rescale = exp_nonpositive(max[row] - new_max);
-            max[row] = new_max;
-            if rescale != 1.0 {
-                out[row * hd..][..hd].iter_mut().for_each(|o| *o *= rescale);
-            }
-            for w in scores.iter_mut() {
-                *w = exp_nonpositive(*w * scale - new_max);
-            }
-            if partial {
-                scores[..lo].fill(0.0);
-                scores[hi..].fill(0.0);
-            }
-            sum[row] = sum[row] * rescale + block_sum(scores);
         }
-        // `out[row] += Σ_j weight[row][j] · v[j]`, V rows read where the pages hold them.
+        // `block` becomes each row's rescale of what it has summed so far.
+        for ((m, b), s) in max.iter_mut().zip(block.iter_mut()).zip(sum.iter_mut()) {
+            let new = if *b * scale > *m { *b * scale } else { *m };
+            *b = if new == *m { 1.0 } else { exp_nonpositive(*m - new) };
+            *m = new;
+            *s *= *b;
+        }
+        for j in keys.clone() {
+            for ((w, m), s) in st[st_key(j)..][..columns]
+                .iter_mut()
+                .zip(max.iter())
+                .zip(sum.iter_mut())
+            {
+                *w = exp_nonpositive(*w * scale - *m);
+                *s += *w;
+            }
+        }
+        for (o, &b) in out.chunks_exact_mut(hd).zip(block.iter()) {
+            if b != 1.0 {
+                o.iter_mut().for_each(|x| *x *= b);
+            }
+        }
+        // `out[row] += Σ_j weight[j][row] · v[j]`, V rows read where the pages hold them.
         let v_at = |j: usize| chunk.slots[j] as usize * layer.kv_dim + column;
         let mut c = 0;
         while c + V_STRIP <= hd {
-            v_rows.clear();
-            v_rows.extend(keys.clone().map(|j| v_at(j) + c));
-            products::<I, V_STRIP>((&s[at..], KEY_BLOCK), rows, (layer.v, &v_rows), |r, tile| {
-                for (o, &x) in out[r * hd + c..][..V_STRIP].iter_mut().zip(tile) {
-                    *o += x;
-                }
-            });
+            b_rows.clear();
+            b_rows.extend(keys.clone().map(|j| v_at(j) + c));
+            weighted_rows::<I, V_STRIP>(
+                (&st[at * columns..], columns),
+                rows,
+                (layer.v, b_rows),
+                |r, tile| {
+                    for (o, &x) in out[r * hd + c..][..V_STRIP].iter_mut().zip(tile) {
+                        *o += x;
+                    }
+                },
+            );
             c += V_STRIP;
         }
         // A head size that is not a multiple of the strip: the last columns one by one.
         for row in 0..rows {
-            let weights = &s[row * KEY_BLOCK + at..][..n];
-            for (&w, j) in weights.iter().zip(keys.clone()) {
+            for j in keys.clone() {
+                let w = st[st_key(j) + row];
                 let v = &layer.v[v_at(j) + c..][..hd - c];
                 for (o, &x) in out[row * hd + c..][..hd - c].iter_mut().zip(v) {
                     *o = I::mul_add(w, x, *o);
@@ -481,31 +514,6 @@ fn attend_unit_with<I: Isa>(pass: &ChunkPass, kv_head: usize, qs: Range<usize>, 
         let inv = 1.0 / sum[row];
         o.iter_mut().for_each(|x| *x *= inv);
     }
-}
-
-/// The largest of a block's scores, in vector lanes (`f32::max` keeps a NaN out, which stops
-/// the compiler from vectorizing it).
-#[inline(always)]
-fn block_max(xs: &[f32; KEY_BLOCK]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    for half in xs.chunks_exact(16) {
-        for (m, &x) in lanes.iter_mut().zip(half) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// The sum of a block's weights, in vector lanes.
-#[inline(always)]
-fn block_sum(xs: &[f32; KEY_BLOCK]) -> f32 {
-    let mut lanes = [0.0f32; 16];
-    for half in xs.chunks_exact(16) {
-        for (t, &x) in lanes.iter_mut().zip(half) {
-            *t += x;
-        }
-    }
-    lanes.iter().sum()
 }
 
 /// `e^x` for `x <= 0` within a relative `f32::EPSILON` (a NaN stays one), written so that a loop of it vectorizes (libm's
@@ -533,28 +541,25 @@ fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// For each row `r < rows` of `a` (rows `a.1` apart), `Σ_k a[r][k] · b[b_rows[k]..][..S]` over
-/// `k < b_rows.len()`, computed in register tiles of up to [`TILE_ROWS`] rows and handed to
-/// `emit(r, row)`: the products of both halves of [`attend_chunk`] (scores: `a` the queries, `b`
-/// the transposed keys; outputs: `a` the weights, `b` the V rows where the pages hold them).
+/// The scores half of [`attend_chunk`]: for each key `r < a_rows.len()` (its K row
+/// `a[a_rows[r]..][..len]`, in place), `Σ_d k[d] · b[b_rows[d]..][..S]` (a strip of the transposed
+/// queries), in register tiles of up to [`TILE_ROWS`] keys, handed to `emit(r, row)`.
 #[inline(always)]
-fn products<I: Isa, const S: usize>(
-    (a, a_stride): (&[f32], usize),
-    rows: usize,
+fn scores<I: Isa, const S: usize>(
+    (a, a_rows, len): (&[f32], &[usize], usize),
     (b, b_rows): (&[f32], &[usize]),
     mut emit: impl FnMut(usize, &[f32; S]),
 ) {
-    let len = b_rows.len();
     let mut r = 0;
-    while r < rows {
-        let height = TILE_ROWS.min(rows - r);
-        let a_row = |i: usize| &a[(r + i) * a_stride..][..len];
+    while r < a_rows.len() {
+        let height = TILE_ROWS.min(a_rows.len() - r);
+        let row = |i: usize| &a[a_rows[r + i]..][..len];
         let mut emit_all = |tile: &[[f32; S]]| tile.iter().enumerate().for_each(|(i, t)| emit(r + i, t));
         match height {
-            4 => emit_all(&tile::<I, 4, S>(std::array::from_fn(a_row), b, b_rows)),
-            3 => emit_all(&tile::<I, 3, S>(std::array::from_fn(a_row), b, b_rows)),
-            2 => emit_all(&tile::<I, 2, S>(std::array::from_fn(a_row), b, b_rows)),
-            _ => emit_all(&tile::<I, 1, S>(std::array::from_fn(a_row), b, b_rows)),
+            4 => emit_all(&tile::<I, 4, S>(std::array::from_fn(row), b, b_rows)),
+            3 => emit_all(&tile::<I, 3, S>(std::array::from_fn(row), b, b_rows)),
+            2 => emit_all(&tile::<I, 2, S>(std::array::from_fn(row), b, b_rows)),
+            _ => emit_all(&tile::<I, 1, S>(std::array::from_fn(row), b, b_rows)),
         }
         r += height;
     }
@@ -574,6 +579,52 @@ fn tile<I: Isa, const R: usize, const S: usize>(
             let x = a[i][k];
             for j in 0..S {
                 acc[i][j] = I::mul_add(x, bk[j], acc[i][j]);
+            }
+        }
+    }
+    acc
+}
+
+/// The outputs half of [`attend_chunk`]: for each query row `r < rows`, `Σ_k a[k · step + r] ·
+/// b[b_rows[k]..][..S]` (the block's weights down row `r`'s column, against a strip of each
+/// key's V row, in place), in register tiles of up to [`TILE_ROWS`] rows, handed to
+/// `emit(r, row)`.
+#[inline(always)]
+fn weighted_rows<I: Isa, const S: usize>(
+    (a, step): (&[f32], usize),
+    rows: usize,
+    (b, b_rows): (&[f32], &[usize]),
+    mut emit: impl FnMut(usize, &[f32; S]),
+) {
+    let mut r = 0;
+    while r < rows {
+        let height = TILE_ROWS.min(rows - r);
+        let a = &a[r..];
+        let mut emit_all = |tile: &[[f32; S]]| tile.iter().enumerate().for_each(|(i, t)| emit(r + i, t));
+        match height {
+            4 => emit_all(&column_tile::<I, 4, S>((a, step), b, b_rows)),
+            3 => emit_all(&column_tile::<I, 3, S>((a, step), b, b_rows)),
+            2 => emit_all(&column_tile::<I, 2, S>((a, step), b, b_rows)),
+            _ => emit_all(&column_tile::<I, 1, S>((a, step), b, b_rows)),
+        }
+        r += height;
+    }
+}
+
+/// `acc[i][j] = Σ_k a[k · step + i] · b[b_rows[k] + j]`, in registers.
+#[inline(always)]
+fn column_tile<I: Isa, const R: usize, const S: usize>(
+    (a, step): (&[f32], usize),
+    b: &[f32],
+    b_rows: &[usize],
+) -> [[f32; S]; R] {
+    let mut acc = [[0.0f32; S]; R];
+    for (k, &at) in b_rows.iter().enumerate() {
+        let bk: &[f32; S] = b[at..][..S].try_into().expect("S columns");
+        let xs: &[f32; R] = a[k * step..][..R].try_into().expect("R rows");
+        for i in 0..R {
+            for j in 0..S {
+                acc[i][j] = I::mul_add(xs[i], bk[j], acc[i][j]);
             }
         }
     }
@@ -680,15 +731,17 @@ mod tests {
     }
 
     /// A prompt chunk's attention over host rows equals causal softmax attention in f64 over the
-    /// same rows, with each kernel this CPU runs: GQA (4 query heads per KV head), a head size of
-    /// whole strips and one with a remainder, a chunk at the start of its prompt and one deep into
-    /// it (its context starting off a key block's edge), with and without a sliding window, small
-    /// enough for one thread and large enough to be split.
+    /// same rows, with each kernel this CPU runs: GQA (4 query heads per KV head) and none, a head
+    /// size of whole strips and one with a remainder, a chunk at the start of its prompt and one
+    /// deep into it (its context starting off a key block's edge), with and without a sliding
+    /// window (narrow enough for a unit's rows to leave whole blocks behind), small enough for
+    /// one thread and large enough to be split.
     #[test]
     fn paged_kv_host_chunk_attention_matches_causal_softmax_attention() {
-        let (heads, kv_heads) = (8, 2);
-        let group = heads / kv_heads;
-        for head_dim in [64, 24] {
+        // GQA, and one query head per KV head: 64 queries per unit, so that a unit spans key
+        // blocks that some of its rows' windows have left behind.
+        for ((heads, kv_heads), head_dim) in [((8, 2), 64), ((8, 2), 24), ((4, 4), 24)] {
+            let group = heads / kv_heads;
             let kv_dim = kv_heads * head_dim;
             let pool = Pool::new(1024, kv_dim, 700);
             let scale = (head_dim as f32).powf(-0.5) * 4.0;
@@ -699,6 +752,7 @@ mod tests {
                 (90, 610, 0, None),
                 (90, 300, 7, Some(100)),
                 (3, 40, 45, Some(9)),
+                (100, 200, 3, Some(20)),
             ] {
                 let slots = &pool.slots[..first_query + queries];
                 let q: Vec<f32> = (0..queries * heads * head_dim).map(|i| value(i, 3)).collect();
