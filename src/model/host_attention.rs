@@ -565,20 +565,42 @@ fn scores<I: Isa, const S: usize>(
     }
 }
 
-/// `acc[i][j] = Σ_k a[i][k] · b[b_rows[k] + j]`, in registers.
+/// The left operand of a register tile: its `R` values at step `k` of the sum.
+trait TileRows<const R: usize> {
+    fn at(&self, k: usize) -> [f32; R];
+}
+
+/// `R` rows, each a slice read along `k` (the scores' K rows).
+impl<const R: usize> TileRows<R> for [&[f32]; R] {
+    #[inline(always)]
+    fn at(&self, k: usize) -> [f32; R] {
+        std::array::from_fn(|i| self[i][k])
+    }
+}
+
+/// `R` side-by-side columns of a row-major matrix with rows `.1` apart, read down the columns
+/// (the outputs' weights: `R` query rows' weights of key `k`).
+impl<const R: usize> TileRows<R> for (&[f32], usize) {
+    #[inline(always)]
+    fn at(&self, k: usize) -> [f32; R] {
+        self.0[k * self.1..][..R].try_into().expect("R columns")
+    }
+}
+
+/// `acc[i][j] = Σ_k a.at(k)[i] · b[b_rows[k] + j]`, in registers.
 #[inline(always)]
 fn tile<I: Isa, const R: usize, const S: usize>(
-    a: [&[f32]; R],
+    a: impl TileRows<R>,
     b: &[f32],
     b_rows: &[usize],
 ) -> [[f32; S]; R] {
     let mut acc = [[0.0f32; S]; R];
     for (k, &at) in b_rows.iter().enumerate() {
         let bk: &[f32; S] = b[at..][..S].try_into().expect("S columns");
+        let xs = a.at(k);
         for i in 0..R {
-            let x = a[i][k];
             for j in 0..S {
-                acc[i][j] = I::mul_add(x, bk[j], acc[i][j]);
+                acc[i][j] = I::mul_add(xs[i], bk[j], acc[i][j]);
             }
         }
     }
@@ -602,33 +624,13 @@ fn weighted_rows<I: Isa, const S: usize>(
         let a = &a[r..];
         let mut emit_all = |tile: &[[f32; S]]| tile.iter().enumerate().for_each(|(i, t)| emit(r + i, t));
         match height {
-            4 => emit_all(&column_tile::<I, 4, S>((a, step), b, b_rows)),
-            3 => emit_all(&column_tile::<I, 3, S>((a, step), b, b_rows)),
-            2 => emit_all(&column_tile::<I, 2, S>((a, step), b, b_rows)),
-            _ => emit_all(&column_tile::<I, 1, S>((a, step), b, b_rows)),
+            4 => emit_all(&tile::<I, 4, S>((a, step), b, b_rows)),
+            3 => emit_all(&tile::<I, 3, S>((a, step), b, b_rows)),
+            2 => emit_all(&tile::<I, 2, S>((a, step), b, b_rows)),
+            _ => emit_all(&tile::<I, 1, S>((a, step), b, b_rows)),
         }
         r += height;
     }
-}
-
-/// `acc[i][j] = Σ_k a[k · step + i] · b[b_rows[k] + j]`, in registers.
-#[inline(always)]
-fn column_tile<I: Isa, const R: usize, const S: usize>(
-    (a, step): (&[f32], usize),
-    b: &[f32],
-    b_rows: &[usize],
-) -> [[f32; S]; R] {
-    let mut acc = [[0.0f32; S]; R];
-    for (k, &at) in b_rows.iter().enumerate() {
-        let bk: &[f32; S] = b[at..][..S].try_into().expect("S columns");
-        let xs: &[f32; R] = a[k * step..][..R].try_into().expect("R rows");
-        for i in 0..R {
-            for j in 0..S {
-                acc[i][j] = I::mul_add(xs[i], bk[j], acc[i][j]);
-            }
-        }
-    }
-    acc
 }
 
 #[cfg(test)]
