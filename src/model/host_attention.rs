@@ -499,7 +499,7 @@ fn attend_unit_with<I: Isa>(pass: &ChunkPass, kv_head: usize, qs: Range<usize>, 
             c += V_STRIP;
         }
         // A head size that is not a multiple of the strip: the last columns one by one.
-        for row in 0..rows {
+        for row in (0..rows).filter(|_| c < hd) {
             for j in keys.clone() {
                 let w = st[st_key(j) + row];
                 let v = &layer.v[v_at(j) + c..][..hd - c];
