@@ -4,7 +4,9 @@
 //! a ~110M-parameter Llama whose random weights are built here (seeded; nothing is downloaded). Times the model step alone
 //! (forward and the logits back on the host), not sampling or serving. Compare the batch-8 against
 //! the batch-1 decode throughput, and the skinny GEMM against Flex's `matmul`, within one run;
-//! absolute numbers depend on the machine.
+//! absolute numbers depend on the machine. The 110M model also prefills a 2,048-token prompt in
+//! chunks and runs a batch-8 decode step at context about 2,048: their attention over the host
+//! pages is what the short runs barely show.
 //!
 //! `cargo bench --bench cpu_throughput` (about two minutes on 2 cores).
 
@@ -280,6 +282,76 @@ fn long_prefill(model: &Llama<Flex>, repeats: usize) -> Vec<Duration> {
         .collect()
 }
 
+/// Sequences of [`long_decode`]'s batch.
+const LONG_DECODE_BATCH: usize = 8;
+
+/// A decode step of [`LONG_DECODE_BATCH`] sequences whose contexts hold about [`LONG_PROMPT`]
+/// positions each (the median of `steps`): against the batch-8 step at a short context, what
+/// decode attention over the host pages costs. The contexts' K/V rows are written straight into
+/// the cache (seeded values, no prefill: attention's cost does not depend on them), each
+/// sequence's pages interleaved with the others' as a free list hands them out.
+fn long_decode(model: &Llama<Flex>, steps: usize) -> Duration {
+    let cfg = model.config();
+    let batch = LONG_DECODE_BATCH;
+    let filled = LONG_PROMPT - steps - 2;
+    let pages_per_seq = LONG_PROMPT.div_ceil(PAGE_SIZE);
+    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+    let mut cache = PagedKvCache::<Flex>::new(
+        cfg.num_layers,
+        batch * pages_per_seq,
+        PAGE_SIZE,
+        kv_dim,
+        &Default::default(),
+        DType::F32,
+        KvStorage::Host,
+    );
+    let table = |s: usize| -> Vec<u32> { (0..pages_per_seq).map(|p| (p * batch + s) as u32).collect() };
+    let slots: Vec<i32> = (0..batch)
+        .flat_map(|s| {
+            let table = table(s);
+            (0..filled).map(move |pos| (table[pos / PAGE_SIZE] as usize * PAGE_SIZE + pos % PAGE_SIZE) as i32)
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(11);
+    let device = Default::default();
+    for layer in 0..cfg.num_layers {
+        let mut rows = || {
+            let values: Vec<f32> = (0..slots.len() * kv_dim)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            burn::tensor::Tensor::<Flex, 2>::from_data(
+                burn::tensor::TensorData::new(values, [slots.len(), kv_dim]),
+                &device,
+            )
+        };
+        let (k, v) = (rows(), rows());
+        cache.write(layer, &cache.write_slots(slots.clone()), k, v);
+    }
+    let vocab = cfg.vocab_size as u32;
+    let decode = |pos: usize, rng: &mut StdRng| -> Vec<SequenceChunk> {
+        (0..batch)
+            .map(|s| SequenceChunk {
+                tokens: vec![rng.random_range(0..vocab)],
+                start_pos: pos,
+                block_table: table(s),
+                wants_logits: true,
+            })
+            .collect()
+    };
+    // One untimed step first: the allocator's first-use costs.
+    model.forward(&mut cache, &decode(filled, &mut rng)).into_data();
+    median(
+        (0..steps)
+            .map(|k| {
+                let chunks = decode(filled + 1 + k, &mut rng);
+                let t = Instant::now();
+                model.forward(&mut cache, &chunks).into_data();
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
 fn main() {
     // `cargo test --benches` runs bench binaries with `--bench` absent: nothing to time there.
     if !std::env::args().any(|a| a == "--bench") {
@@ -369,6 +441,16 @@ fn main() {
                 .map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0))
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+        let step = long_decode(&server, case.decode_steps);
+        println!(
+            "{:<14} decode batch {LONG_DECODE_BATCH} at context {LONG_PROMPT}: {:.1} tok/s, {:.2} ms/step \
+             ({:.2}x the step at context {})",
+            case.name,
+            tok_per_s(LONG_DECODE_BATCH, step),
+            step.as_secs_f64() * 1000.0,
+            step.as_secs_f64() * 1000.0 / rows[2].decode_step_ms,
+            case.prompt_len
         );
     }
 }

@@ -2,7 +2,8 @@
 //! 8 KV heads, head_dim 64: GQA groups of 4) and of a model without GQA (12 over 12), on scattered
 //! pages:
 //! - decodes (`PagedKvCache::attend_decodes`, the CPU path of a step with two or more decodes):
-//!   32 at context 1,024; compare the two shapes' time per K/V byte within one run;
+//!   32 at context 1,024, and 2 at context 8,192 (too few sequences for a unit per sequence and
+//!   thread: bands of KV heads); compare the shapes' time per K/V byte within one run;
 //! - a prompt chunk (`PagedKvCache::attend_chunk`): the last 512 tokens of a 2,048-token prompt,
 //!   as the CPU's default token budget cuts it; its throughput counts the (query head, key)
 //!   pairs it scores, causal.
@@ -14,8 +15,8 @@ use inferflux::model::host_attention::ChunkQueries;
 use inferflux::model::{KvStorage, PagedKvCache};
 
 const PAGE_SIZE: usize = 16;
-const BATCH: usize = 32;
-const CONTEXT: usize = 1024;
+/// Decode steps measured: (sequences, context of each). The pool holds the larger.
+const DECODES: [(usize, usize); 2] = [(32, 1024), (2, 8192)];
 const HEAD_DIM: usize = 64;
 /// The measured chunk: the last `CHUNK` of a `CHUNK_CONTEXT`-token prompt.
 const CHUNK: usize = 512;
@@ -25,7 +26,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("host_attention");
     for (heads, kv_heads) in [(32usize, 8usize), (12, 12)] {
         let kv_dim = kv_heads * HEAD_DIM;
-        let pages = BATCH * CONTEXT / PAGE_SIZE;
+        let pages = DECODES.iter().map(|(n, context)| n * context).max().unwrap_or(0) / PAGE_SIZE;
         let slots = pages * PAGE_SIZE;
         let device = Default::default();
         let mut cache =
@@ -40,28 +41,31 @@ fn bench(c: &mut Criterion) {
             rows,
         );
         // Each sequence's pages scattered over the pool, as a free list hands them out.
-        let contexts: Vec<Vec<i32>> = (0..BATCH)
-            .map(|s| {
-                (0..CONTEXT)
-                    .map(|p| {
-                        let page = (p / PAGE_SIZE * BATCH + s) * 7 % pages;
-                        (page * PAGE_SIZE + p % PAGE_SIZE) as i32
-                    })
-                    .collect()
-            })
-            .collect();
-        let q: Vec<f32> = (0..BATCH * heads * HEAD_DIM)
-            .map(|i| value(i + 13) * 0.1)
-            .collect();
-        // K and V bytes read by the step's attention, once per KV head.
-        group.throughput(Throughput::Bytes((BATCH * CONTEXT * kv_dim * 2 * 4) as u64));
-        group.bench_with_input(
-            BenchmarkId::new(format!("heads{heads}_kv{kv_heads}"), BATCH),
-            &q,
-            |b, q| b.iter(|| cache.attend_decodes(0, q, &contexts, [heads, HEAD_DIM], 0.125)),
-        );
-        // The chunk: sequence 0's pages, its first CHUNK_CONTEXT slots.
-        let slots: Vec<i32> = contexts.concat().into_iter().take(CHUNK_CONTEXT).collect();
+        let contexts_of = |n: usize, context: usize| -> Vec<Vec<i32>> {
+            (0..n)
+                .map(|s| {
+                    (0..context)
+                        .map(|p| {
+                            let page = (p / PAGE_SIZE * n + s) * 7 % pages;
+                            (page * PAGE_SIZE + p % PAGE_SIZE) as i32
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        for (n, context) in DECODES {
+            let contexts = contexts_of(n, context);
+            let q: Vec<f32> = (0..n * heads * HEAD_DIM).map(|i| value(i + 13) * 0.1).collect();
+            // K and V bytes read by the step's attention, once per KV head.
+            group.throughput(Throughput::Bytes((n * context * kv_dim * 2 * 4) as u64));
+            group.bench_with_input(
+                BenchmarkId::new(format!("heads{heads}_kv{kv_heads}"), format!("{n}x{context}")),
+                &q,
+                |b, q| b.iter(|| cache.attend_decodes(0, q, &contexts, [heads, HEAD_DIM], 0.125)),
+            );
+        }
+        // The chunk: one sequence's scattered pages, its first CHUNK_CONTEXT slots.
+        let slots: Vec<i32> = contexts_of(1, CHUNK_CONTEXT).concat();
         let q: Vec<f32> = (0..CHUNK * heads * HEAD_DIM)
             .map(|i| value(i + 13) * 0.1)
             .collect();
