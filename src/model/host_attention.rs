@@ -66,25 +66,41 @@ pub(crate) fn attend_decodes(
     [heads, head_dim]: [usize; 2],
     scale: f32,
 ) -> Vec<f32> {
+    let bands = bands_per_sequence(contexts.len(), layer.kv_dim / head_dim);
+    attend_decodes_in_bands(kernel, layer, q, contexts, [heads, head_dim], scale, bands)
+}
+
+/// [`attend_decodes`], each sequence's KV heads cut into `bands` bands (a divisor of
+/// `kv_heads`).
+fn attend_decodes_in_bands(
+    kernel: Kernel,
+    layer: HostLayer,
+    q: &[f32],
+    contexts: &[Vec<i32>],
+    [heads, head_dim]: [usize; 2],
+    scale: f32,
+    bands: usize,
+) -> Vec<f32> {
     assert!(kernel.runs_here(), "{kernel:?} on this CPU");
     let HostLayer { k, v, kv_dim } = layer;
     let kv_heads = kv_dim / head_dim;
     let group = heads / kv_heads;
     let mut out = vec![0.0f32; q.len()];
-    // The query heads of one KV head are side by side in `q` and `out`: unit `u` is
-    // sequence `u / kv_heads`, KV head `u % kv_heads`, and its group's rows.
-    let width = group * head_dim;
+    let band = kv_heads / bands;
+    // The query heads of a band of KV heads are side by side in `q` and `out`: unit `u` is
+    // sequence `u / bands`, KV heads `u % bands * band ..` of it, and their groups' rows.
+    let width = band * group * head_dim;
     let attend = |scratch: &mut Vec<f32>, (u, out): (usize, &mut [f32])| {
-        let column = u % kv_heads * head_dim;
-        let rows = GroupRows {
+        let rows = BandRows {
             k,
             v,
-            slots: &contexts[u / kv_heads],
+            slots: &contexts[u / bands],
             kv_dim,
-            column,
+            column: u % bands * band * head_dim,
+            band,
             head_dim,
         };
-        attend_group(kernel, &q[u * width..][..width], &rows, scale, scratch, out);
+        attend_band(kernel, &q[u * width..][..width], &rows, scale, scratch, out);
     };
     let work: usize = contexts.iter().map(|c| c.len()).sum::<usize>() * heads * head_dim;
     if work < PARALLEL_MIN_WORK {
@@ -100,94 +116,114 @@ pub(crate) fn attend_decodes(
     out
 }
 
+/// Into how many bands of KV heads [`attend_decodes`] cuts each of `sequences` sequences: one,
+/// all of a slot's values, when there are sequences enough for a few units per thread; else one
+/// per KV head. A slot's values are side by side in the pages and a page's slots follow one
+/// another, so a unit of one band reads each page as one run, which the hardware prefetcher
+/// follows. A single KV head's rows are `kv_dim` apart, each asked for ahead in software. Bands
+/// in between measured slower than either at 2 sequences (docs/Performance.md).
+fn bands_per_sequence(sequences: usize, kv_heads: usize) -> usize {
+    if sequences >= 4 * rayon::current_num_threads() {
+        1
+    } else {
+        kv_heads
+    }
+}
+
 /// Multiply-adds of an attention (decodes or a chunk) below which one thread does it all.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
-/// One KV head's K and V rows of a context, where the pages hold them: row `j` is
-/// `column .. column + head_dim` of slot `slots[j]`'s `kv_dim` values.
-struct GroupRows<'a> {
+/// A band of KV heads' K and V rows of a context, where the pages hold them: row `j` is
+/// `column .. column + band * head_dim` of slot `slots[j]`'s `kv_dim` values.
+struct BandRows<'a> {
     k: &'a [f32],
     v: &'a [f32],
     slots: &'a [i32],
     kv_dim: usize,
     column: usize,
+    band: usize,
     head_dim: usize,
 }
 
-impl<'a> GroupRows<'a> {
+impl<'a> BandRows<'a> {
     #[inline(always)]
     fn at(&self, j: usize) -> std::ops::Range<usize> {
         let at = self.slots[j] as usize * self.kv_dim + self.column;
-        at..at + self.head_dim
+        at..at + self.band * self.head_dim
+    }
+
+    /// Whether row `j` exists and does not follow row `j - 1` in memory (a new page, or a band
+    /// narrower than a slot), so that the hardware prefetcher, which follows runs, does not ask
+    /// for it in time.
+    #[inline(always)]
+    fn jumps_at(&self, j: usize) -> bool {
+        j < self.slots.len()
+            && (self.band * self.head_dim < self.kv_dim || j == 0 || self.slots[j] != self.slots[j - 1] + 1)
     }
 }
 
-/// The query heads of one KV head's group (`q` and `out`: `[group, head_dim]`) over its
-/// context's rows: per head the scores' max, `exp` of each score less it, and the weighted sum
-/// of V rows over the weights' sum. Each K and V row is read once for the whole group (GQA),
-/// not once per query head. Compiled for `kernel`'s instructions (the server takes
-/// [`Kernel::best`]): the default target has neither AVX nor FMA, and the multiply-adds here
-/// are most of a long context's decode step.
-fn attend_group(
+/// The query heads of a band of KV heads (`q` and `out`: `[band * group, head_dim]`, each KV
+/// head's group side by side) over its context's rows: per head the scores' max, `exp` of each
+/// score less it, and the weighted sum of V rows over the weights' sum. Each K and V row is read
+/// once for the whole group (GQA), not once per query head. Compiled for `kernel`'s
+/// instructions (the server takes [`Kernel::best`]): the default target has neither AVX nor
+/// FMA, and the multiply-adds here are most of a long context's decode step.
+fn attend_band(
     kernel: Kernel,
     q: &[f32],
-    rows: &GroupRows,
+    rows: &BandRows,
     scale: f32,
     scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     compiled_for!(
         kernel,
-        attend_group_with(q: &[f32], rows: &GroupRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32])
+        attend_band_with(q: &[f32], rows: &BandRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32])
     )
 }
 
 #[inline(always)]
-fn attend_group_with<I: Isa>(
-    q: &[f32],
-    rows: &GroupRows,
-    scale: f32,
-    scratch: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+fn attend_band_with<I: Isa>(q: &[f32], rows: &BandRows, scale: f32, scratch: &mut Vec<f32>, out: &mut [f32]) {
     let (head_dim, keys) = (rows.head_dim, rows.slots.len());
-    let group = q.len() / head_dim;
-    // `scratch`: each head's scores `[group, keys]` (then its weights), then each head's weight
+    let heads = q.len() / head_dim;
+    let group = heads / rows.band;
+    // `scratch`: each head's scores `[heads, keys]` (then its weights), then each head's weight
     // sum. Head-major, so that each head's softmax walks its scores in order.
     scratch.clear();
-    scratch.resize(group * keys + group, 0.0);
-    let (weights, totals) = scratch.split_at_mut(group * keys);
-    // The rows are scattered over the pool a page at a time, so each row's cache lines are
-    // asked for a few rows ahead of their use (the hardware prefetcher follows one stride, not a
-    // block table).
+    scratch.resize(heads * keys + heads, 0.0);
+    let (weights, totals) = scratch.split_at_mut(heads * keys);
+    // The pages are scattered over the pool, so each row's cache lines are asked for a few rows
+    // ahead of their use (the hardware prefetcher follows runs in order, not a block table).
     for j in 0..keys {
-        if j + PREFETCH_ROWS_AHEAD < keys {
+        if rows.jumps_at(j + PREFETCH_ROWS_AHEAD) {
             prefetch_row::<I>(&rows.k[rows.at(j + PREFETCH_ROWS_AHEAD)]);
         }
         let k = &rows.k[rows.at(j)];
-        for (h, qh) in q.chunks_exact(head_dim).enumerate() {
-            weights[h * keys + j] = dot::<I>(qh, k) * scale;
+        for (b, kh) in k.chunks_exact(head_dim).enumerate() {
+            for h in b * group..(b + 1) * group {
+                weights[h * keys + j] = dot::<I>(&q[h * head_dim..][..head_dim], kh) * scale;
+            }
         }
     }
     for (scores, total) in weights.chunks_exact_mut(keys.max(1)).zip(totals.iter_mut()) {
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
+        let max = lanes_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
         for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s = exp_nonpositive(*s - max);
         }
-        *total = sum;
+        *total = lanes_fold(scores, 0.0, |sum, x| sum + x);
     }
     out.fill(0.0);
     for j in 0..keys {
-        if j + PREFETCH_ROWS_AHEAD < keys {
+        if rows.jumps_at(j + PREFETCH_ROWS_AHEAD) {
             prefetch_row::<I>(&rows.v[rows.at(j + PREFETCH_ROWS_AHEAD)]);
         }
         let v = &rows.v[rows.at(j)];
-        for (h, oh) in out.chunks_exact_mut(head_dim).enumerate() {
-            let p = weights[h * keys + j];
-            for (o, x) in oh.iter_mut().zip(v) {
-                *o = I::mul_add(p, *x, *o);
+        for (b, vh) in v.chunks_exact(head_dim).enumerate() {
+            for h in b * group..(b + 1) * group {
+                let p = weights[h * keys + j];
+                for (o, x) in out[h * head_dim..][..head_dim].iter_mut().zip(vh) {
+                    *o = I::mul_add(p, *x, *o);
+                }
             }
         }
     }
@@ -197,7 +233,7 @@ fn attend_group_with<I: Isa>(
     }
 }
 
-/// How many rows ahead [`attend_group_with`] asks for a row's cache lines.
+/// How many rows ahead [`attend_band_with`] asks for a row's cache lines.
 const PREFETCH_ROWS_AHEAD: usize = 8;
 
 /// Asks for every cache line of `row`.
@@ -226,6 +262,23 @@ fn dot<I: Isa>(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// `xs` folded by `f` in sixteen interleaved lanes, then across them: a loop the compiler keeps in
+/// vector registers, where one running value is a chain of scalar steps (float folds are not
+/// reordered for it).
+#[inline(always)]
+fn lanes_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
+    let mut lanes = [init; LANES];
+    for chunk in chunks {
+        for i in 0..LANES {
+            lanes[i] = f(lanes[i], chunk[i]);
+        }
+    }
+    lanes.iter().fold(tail, |a, &x| f(a, x))
 }
 
 /// A prompt chunk's queries and the context they attend over.
@@ -707,15 +760,32 @@ mod tests {
             let pool = Pool::new(1024, kv_heads * head_dim, 0);
             let scale = (head_dim as f32).powf(-0.5) * 4.0;
             for lens in [vec![1, 5, 40], vec![300, 17, 700]] {
-                // Slot 37 j mod the pool: scattered over the pages, as a free list hands them out.
+                // Slot 37 j mod the pool: scattered over the pages, as a free list hands them out;
+                // the last sequence's slots in runs of 16 (a page's), a page's rows one run.
                 let contexts: Vec<Vec<i32>> = lens
                     .iter()
                     .enumerate()
-                    .map(|(s, &len)| (0..len).map(|j| ((37 * j + 101 * s) % 1024) as i32).collect())
+                    .map(|(s, &len)| {
+                        let step = if s + 1 == lens.len() { 1 } else { 37 };
+                        let slot = |j: usize| (step * (j % 16) + 37 * 16 * (j / 16) + 101 * s) % 1024;
+                        (0..len).map(|j| slot(j) as i32).collect()
+                    })
                     .collect();
                 let q: Vec<f32> = (0..lens.len() * heads * head_dim).map(|i| value(i, 3)).collect();
-                for kernel in Kernel::available() {
-                    let got = attend_decodes(kernel, pool.layer(), &q, &contexts, [heads, head_dim], scale);
+                for (kernel, bands) in Kernel::available()
+                    .into_iter()
+                    .flat_map(|k| [(k, 1), (k, kv_heads)])
+                {
+                    let layer = pool.layer();
+                    let got = attend_decodes_in_bands(
+                        kernel,
+                        layer,
+                        &q,
+                        &contexts,
+                        [heads, head_dim],
+                        scale,
+                        bands,
+                    );
                     for (i, out) in got.chunks(head_dim).enumerate() {
                         let (ctx, h) = (&contexts[i / heads], i % heads);
                         let qrow = &q[i * head_dim..][..head_dim];
@@ -723,7 +793,7 @@ mod tests {
                         for (d, (g, w)) in out.iter().zip(want).enumerate() {
                             assert!(
                                 (*g as f64 - w).abs() <= 1e-5,
-                                "{kernel:?}, lens {lens:?}, query head {i}, {d}: {g} vs {w}"
+                                "{kernel:?}, {bands} bands, lens {lens:?}, query head {i}, {d}: {g} vs {w}"
                             );
                         }
                     }
