@@ -193,16 +193,7 @@ fn measure(model: &Llama<Flex>, case: &Case, batch: usize) -> Row {
             })
             .collect(),
     );
-    let decode = |pos: usize, rng: &mut StdRng| -> Vec<SequenceChunk> {
-        (0..batch)
-            .map(|s| SequenceChunk {
-                tokens: vec![rng.random_range(0..vocab)],
-                start_pos: pos,
-                block_table: table(s),
-                wants_logits: true,
-            })
-            .collect()
-    };
+    let decode = |pos: usize, rng: &mut StdRng| decode_step(batch, pos, &table, vocab, rng);
     model
         .forward(&mut cache, &decode(case.prompt_len, &mut rng))
         .into_data();
@@ -226,6 +217,25 @@ fn measure(model: &Llama<Flex>, case: &Case, batch: usize) -> Row {
         decode_tok_s: tok_per_s(batch, decode_step),
         decode_step_ms: decode_step.as_secs_f64() * 1000.0,
     }
+}
+
+/// One decode step's chunks: a random token for each of `batch` sequences at position `pos`,
+/// sequence `s` on the pages `table(s)`.
+fn decode_step(
+    batch: usize,
+    pos: usize,
+    table: &dyn Fn(usize) -> Vec<u32>,
+    vocab: u32,
+    rng: &mut StdRng,
+) -> Vec<SequenceChunk> {
+    (0..batch)
+        .map(|s| SequenceChunk {
+            tokens: vec![rng.random_range(0..vocab)],
+            start_pos: pos,
+            block_table: table(s),
+            wants_logits: true,
+        })
+        .collect()
 }
 
 /// Tokens of the long prompt that [`long_prefill`] feeds in chunks of [`LONG_PROMPT_CHUNK`].
@@ -328,16 +338,7 @@ fn long_decode(model: &Llama<Flex>, steps: usize) -> Duration {
         cache.write(layer, &cache.write_slots(slots.clone()), k, v);
     }
     let vocab = cfg.vocab_size as u32;
-    let decode = |pos: usize, rng: &mut StdRng| -> Vec<SequenceChunk> {
-        (0..batch)
-            .map(|s| SequenceChunk {
-                tokens: vec![rng.random_range(0..vocab)],
-                start_pos: pos,
-                block_table: table(s),
-                wants_logits: true,
-            })
-            .collect()
-    };
+    let decode = |pos: usize, rng: &mut StdRng| decode_step(batch, pos, &table, vocab, rng);
     // One untimed step first: the allocator's first-use costs.
     model.forward(&mut cache, &decode(filled, &mut rng)).into_data();
     median(
