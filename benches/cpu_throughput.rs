@@ -18,6 +18,7 @@ use half::bf16;
 use inferflux::model::{cpu_fused, cpu_gemm};
 use inferflux::model::{
     CheckpointBytes, KvStorage, Llama, LlamaConfig, ModelFiles, ModelSource, PagedKvCache, SequenceChunk,
+    WeightLayout,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -393,12 +394,23 @@ fn main() {
     );
     for case in &cases {
         let index = case.checkpoint.index().expect("checkpoint index");
-        let flex = Llama::<Flex>::load(&case.config, &index, &Default::default(), DType::F32).expect("load");
+        let load = |layout| {
+            Llama::<Flex>::load_shard_in(
+                &case.config,
+                &index,
+                (&Default::default(), DType::F32),
+                None,
+                layout,
+            )
+            .expect("load")
+            .with_fused_ops(Some(cpu_fused::fused_ops()))
+        };
         // The skinny GEMM's baseline: RoPE, RMSNorm and the activation over host rows as in the
-        // server (`model::cpu_fused`), and Flex's `matmul` for every projection.
-        let flex = flex.with_fused_ops(Some(cpu_fused::fused_ops()));
-        // As the server runs it: the same, with the skinny GEMM for 2 to 16 rows (`model::cpu_gemm`).
-        let server = flex.clone().with_projection(Some(cpu_gemm::projection()));
+        // server (`model::cpu_fused`), and Flex's `matmul` for every projection, weights `[in, out]`.
+        let flex = load(WeightLayout::InOut);
+        // As the server runs it: weights as the checkpoint's `[out, in]`, and the skinny GEMM for
+        // 1 to 16 rows (`model::cpu_gemm`).
+        let server = load(WeightLayout::OutIn).with_projection(Some(cpu_gemm::projection()));
         let runs = [
             ("server", &server, 1),
             ("server", &server, 2),

@@ -26,7 +26,9 @@ use crate::model::cuda_gemm::CudaCube;
 use crate::model::draw::DeviceSampling;
 use crate::model::serving_kernels::ServingKernels;
 use crate::model::{cpu_fused, cpu_gemm};
-use crate::model::{KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache, WeightIndex};
+use crate::model::{
+    KvStorage, Llama, ModelError, ModelFiles, ModelSource, PagedKvCache, WeightIndex, WeightLayout,
+};
 use crate::parallel::{Communicator, LocalCommunicator};
 use crate::scheduler::SchedulerCore;
 
@@ -178,6 +180,8 @@ pub fn start(
             backend,
             (vec![Default::default(); dp], DType::F32),
             ServingKernels {
+                // Each output's weights contiguous: `cpu_gemm` streams them (`skinny_gemm_t`).
+                layout: WeightLayout::OutIn,
                 project: Some(cpu_gemm::projection()),
                 fused: Some(cpu_fused::fused_ops()),
                 ..ServingKernels::default()

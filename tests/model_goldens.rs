@@ -5,7 +5,9 @@
 
 use burn::backend::Flex;
 use burn::tensor::DType;
-use inferflux::model::{ChatMessage, KvStorage, Llama, ModelFiles, PagedKvCache, SequenceChunk};
+use inferflux::model::{
+    ChatMessage, KvStorage, Llama, ModelFiles, PagedKvCache, SequenceChunk, WeightLayout,
+};
 
 type B = Flex;
 
@@ -17,9 +19,21 @@ mod goldens;
 use goldens::{assert_close, greedy_batched, new_cache, prompt_logits, read_fixture, GoldenPrompt, Goldens};
 
 fn fixture(name: &str) -> (Llama<B>, ModelFiles, Goldens) {
+    fixture_in(name, WeightLayout::InOut)
+}
+
+/// [`fixture`] with the projection weights kept as `layout` says.
+fn fixture_in(name: &str, layout: WeightLayout) -> (Llama<B>, ModelFiles, Goldens) {
     let (files, goldens) = read_fixture(name);
     let index = files.checkpoint.index().unwrap();
-    let model = Llama::<B>::load(&files.config, &index, &Default::default(), DType::F32).unwrap();
+    let model = Llama::<B>::load_shard_in(
+        &files.config,
+        &index,
+        (&Default::default(), DType::F32),
+        None,
+        layout,
+    )
+    .unwrap();
     drop(index);
     (model, files, goldens)
 }
@@ -67,13 +81,12 @@ fn steps_without_logits(cases: &[&GoldenPrompt], chunk: usize) -> (usize, usize)
 }
 
 fn check_fixture(name: &str) {
-    check_fixture_through(name, |model| model);
+    check_fixture_through(name, WeightLayout::InOut, |model| model);
 }
 
-/// [`check_fixture`] with `project` as the model's projection hook.
-/// [`check_fixture`] of the model as `setup` leaves it.
-fn check_fixture_through(name: &str, setup: fn(Llama<B>) -> Llama<B>) {
-    let (model, files, goldens) = fixture(name);
+/// [`check_fixture`] of the model loaded with `layout`, as `setup` leaves it.
+fn check_fixture_through(name: &str, layout: WeightLayout, setup: fn(Llama<B>) -> Llama<B>) {
+    let (model, files, goldens) = fixture_in(name, layout);
     let model = setup(model);
     let cases: Vec<&GoldenPrompt> = goldens.prompts.iter().chain(&goldens.chat).collect();
     for p in &cases {
@@ -159,10 +172,12 @@ fn paged_kv_llama_f32_matches_transformers() {
     check_fixture("tiny-llama");
 }
 
-/// The model as the server runs it on the CPU: `model::cpu_gemm`'s skinny GEMM serves the steps
-/// that decode the five prompts at once (5 rows), and the later steps of the chunked prefill (one
-/// 7-token chunk beside the others' decodes); Flex's `matmul` the single rows and the longer
-/// steps. `model::cpu_fused` runs every RoPE, RMSNorm (Qwen3's q/k norms too) and activation.
+/// The model as the server runs it on the CPU: weights as the checkpoint's `[out, in]`;
+/// `model::cpu_gemm`'s skinny GEMM for them serves the steps that decode the five prompts at
+/// once (5 rows), and the later steps of the chunked prefill (one 7-token chunk beside the
+/// others' decodes); Flex's `matmul` the single rows and the longer steps. `model::cpu_fused`
+/// runs every RoPE, RMSNorm (Qwen3's q/k norms too) and activation. The row-major `[in, out]`
+/// kernel is checked the same way.
 #[test]
 fn model_cpu_server_kernels_match_transformers() {
     fn as_the_server_runs_it(model: Llama<B>) -> Llama<B> {
@@ -177,8 +192,9 @@ fn model_cpu_server_kernels_match_transformers() {
         "tiny-qwen2",
         "tiny-qwen3",
     ] {
-        check_fixture_through(name, as_the_server_runs_it);
+        check_fixture_through(name, WeightLayout::OutIn, as_the_server_runs_it);
     }
+    check_fixture_through("tiny-llama3", WeightLayout::InOut, as_the_server_runs_it);
 }
 
 #[test]
@@ -308,7 +324,7 @@ fn model_out_in_weights_through_a_projection_hook_match_transformers() {
             &index,
             (&Default::default(), DType::F32),
             None,
-            inferflux::model::WeightLayout::OutIn,
+            WeightLayout::OutIn,
         )
         .unwrap()
         .with_projection(Some(hook));
